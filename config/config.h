@@ -1,0 +1,70 @@
+/*
+ * config: the one read-only configuration of fanoutd and fanoutctl.
+ *
+ * Built once at start from defaults, then FANOUT_* environment variables, then command-line
+ * flags (flags win), and validated as a whole. Every setting has one row in a table in
+ * config.c (name, variable, flag, type, range, default, meaning); docs/configuration.md
+ * lists the same rows. Unknown FANOUT_* variables and unknown flags are errors, so a typo
+ * never silently falls back to a default. Modules receive a `const cfg_t *` and never read
+ * the environment themselves.
+ */
+#ifndef FANOUT_CONFIG_H
+#define FANOUT_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct cfg {
+    /* PostgreSQL: a libpq connection string; empty means libpq's PG* variables alone. */
+    char *pg_dsn;
+    /* The contract view fanoutd reads followers from, schema and name. */
+    char *contract_schema;
+    char *contract_view;
+    int statement_timeout_ms;
+
+    /* Redis: an IP address (no DNS on the loop), a port and an optional password. */
+    char *redis_host;
+    int redis_port;
+    char *redis_password; /* secret: never printed */
+    char *key_prefix;     /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
+    int shards;
+
+    /* The fan-out itself. */
+    int page_size;   /* follower ids read per keyset page and written per atomic unit */
+    int window;      /* pages of one job in flight to Redis at once */
+    int max_jobs;    /* jobs a worker runs at once; their pages are interleaved */
+    int lease_ms;    /* a claimed job's lease; renewed every lease_ms / 3 */
+    int poll_ms;     /* polling fallback when no NOTIFY wake-up arrives */
+    int stop_timeout_ms; /* graceful stop bound */
+    int progress_ttl_s;  /* how long a finished job's progress mark stays in Redis */
+    int reconnect_max_ms; /* cap of the jittered exponential reconnect backoff */
+    char *worker_id;      /* lease owner name; a restarted worker takes back its own leases */
+    char *log_level;
+} cfg_t;
+
+/*
+ * Fills *cfg from defaults, the FANOUT_* entries of envp and argv[first..argc) flags.
+ * Flags of the form --name=value or --name value; names are the table's flag names.
+ * Non-setting arguments are an error unless `rest` is non-NULL, in which case the index of
+ * the first non-flag argument is stored there and parsing stops.
+ * On error returns FO_EINVAL and writes one line naming the setting and what it accepts
+ * into err; *cfg is then left freed. On success the caller owns *cfg (cfg_free).
+ */
+int cfg_load(cfg_t *cfg, int argc, char **argv, int first, char **envp, int *rest, char *err,
+             size_t errsize);
+
+/* Frees the strings of *cfg. */
+void cfg_free(cfg_t *cfg);
+
+/* A copy of a libpq connection string (keyword or URI form) with any password replaced by
+ * "***", for logs and --check-config. The caller frees it. */
+char *cfg_redact_dsn(const char *dsn);
+
+/* Prints every setting as `name=value` lines with secrets redacted. */
+void cfg_print(const cfg_t *cfg, FILE *out);
+
+/* Prints the settings table (flag, variable, default, meaning) for --help. */
+void cfg_usage(FILE *out);
+
+#endif

@@ -1,0 +1,37 @@
+/*
+ * fanout: the daemon, fanoutd.
+ *
+ * One fo_daemon_t runs on the caller's libuv loop. It holds two PostgreSQL connections (a
+ * control connection that LISTENs for wake-ups and claims, renews and finishes jobs, and a
+ * read-only pages connection that reads follower pages from the contract view), one Redis
+ * client, and up to cfg->max_jobs running jobs whose pages it interleaves. Nothing it does
+ * blocks the loop. See docs/ARCHITECTURE.md for the job life cycle and the guarantees.
+ */
+#ifndef FANOUT_FANOUT_H
+#define FANOUT_FANOUT_H
+
+#include <uv.h>
+
+#include "config/config.h"
+
+typedef struct fo_daemon fo_daemon_t;
+
+/* Creates the daemon on loop; cfg must outlive it. Nothing connects until fo_daemon_start. */
+fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg);
+
+/* Connects to PostgreSQL and Redis (retrying with backoff) and starts claiming jobs. */
+void fo_daemon_start(fo_daemon_t *d);
+
+/*
+ * Graceful stop: claims no more jobs, lets the pages in flight finish, records progress and
+ * releases the leases so another worker can take the jobs at once, then closes every
+ * connection and handle and calls done(d, data). If that takes longer than
+ * cfg->stop_timeout_ms, it stops anyway (the leases then expire; the progress marks in Redis
+ * keep the work exact). After done, the caller runs the loop until it empties and calls
+ * fo_daemon_free.
+ */
+void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), void *data);
+
+void fo_daemon_free(fo_daemon_t *d);
+
+#endif

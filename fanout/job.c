@@ -1,0 +1,400 @@
+/*
+ * job.c: one job's state machine, from its progress mark to done.
+ *
+ * The job reads follower pages one at a time into its single page buffer and writes each
+ * page to Redis as one atomic unit that also advances the progress mark. Up to cfg->window
+ * writes are in flight; each carries the cursor it expects, so pipelined pages apply in
+ * order and a page that was applied already can never apply again. Reading the next page
+ * overlaps the writes in flight (the notifier copies a page into its command when sent, so
+ * the buffer is free again at once).
+ *
+ * Whenever the job loses track of what Redis applied (a lost connection, a refused write,
+ * a mark that moved), it forgets its pipeline and fences again: Redis's mark is the truth,
+ * and the job resumes right after it. The `epoch` counter makes the replies of a forgotten
+ * pipeline harmless: they still arrive (and are counted in `outstanding`, which must reach
+ * zero before the job reports itself finished), but change nothing.
+ *
+ * Memory: one page buffer of cfg->page_size ids, whatever the follower count.
+ */
+#include "fanout/fo_int.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct fo_job {
+    fo_job_io_t io;
+    const cfg_t *cfg;
+    int64_t job_id, event_id, author, token, range_lo, range_hi;
+    char *kind, *payload, *created_at;
+
+    fo_job_state_t state;
+    unsigned epoch;
+    int outstanding; /* io calls whose callback has not run yet, of any epoch */
+    unsigned failures;
+    uint64_t retry_at;
+
+    /* confirmed by Redis */
+    int64_t acked_cursor, delivered;
+
+    /* the pipeline of the current epoch */
+    int64_t read_cursor; /* the next page starts after this id */
+    int64_t sent_cursor; /* the expect_cursor of the next write */
+    int eof;             /* the last page has been read */
+    int reading;         /* a read is in flight (possibly of an older epoch) */
+    int ready;           /* the buffer holds a page not yet sent */
+    size_t ready_n;
+    int inflight; /* writes of this epoch not yet answered */
+    int64_t *page;
+};
+
+typedef struct job_call {
+    fo_job_t *job;
+    unsigned epoch;
+} job_call_t;
+
+static const char *const state_names[] = {"fencing", "running", "waiting", "draining",
+                                          "done",    "fenced",  "stopped"};
+
+static void pump(fo_job_t *j);
+static void fence(fo_job_t *j);
+
+static ntf_job_t ntf_view(const fo_job_t *j)
+{
+    return (ntf_job_t){.job_id = j->job_id,
+                       .event_id = j->event_id,
+                       .author = j->author,
+                       .token = j->token,
+                       .kind = j->kind,
+                       .payload = j->payload,
+                       .created_at = j->created_at};
+}
+
+static job_call_t *call_new(fo_job_t *j)
+{
+    job_call_t *c = fo_xmalloc(sizeof *c);
+    c->job = j;
+    c->epoch = j->epoch;
+    return c;
+}
+
+static int terminal(fo_job_state_t s)
+{
+    return s == FO_JOB_DONE || s == FO_JOB_FENCED || s == FO_JOB_STOPPED;
+}
+
+/* Reports the job finished once nothing of it is in flight; must be the caller's last act. */
+static void maybe_finish(fo_job_t *j)
+{
+    if (j->outstanding > 0)
+        return;
+    if (j->state == FO_JOB_DRAINING)
+        j->state = FO_JOB_STOPPED;
+    if (terminal(j->state))
+        j->io.finished(j->io.ctx, j);
+}
+
+/* Takes back a call's context; returns 1 if the reply belongs to the current epoch. */
+static int call_done(job_call_t *c, fo_job_t **out)
+{
+    fo_job_t *j = c->job;
+    int current = c->epoch == j->epoch;
+    free(c);
+    j->outstanding--;
+    *out = j;
+    return current;
+}
+
+/* Forget the pipeline: replies still in flight will be ignored. */
+static void reset_pipeline(fo_job_t *j, int64_t cursor)
+{
+    j->epoch++;
+    j->read_cursor = j->sent_cursor = cursor;
+    j->eof = 0;
+    j->ready = 0;
+    j->inflight = 0;
+}
+
+static void go_wait(fo_job_t *j, const char *why)
+{
+    reset_pipeline(j, j->acked_cursor);
+    j->state = FO_JOB_WAITING;
+    unsigned shift = j->failures < 10 ? j->failures : 10;
+    uint64_t ceiling = 100u << shift;
+    if (ceiling > (uint64_t)j->cfg->reconnect_max_ms)
+        ceiling = (uint64_t)j->cfg->reconnect_max_ms;
+    j->retry_at = fo_now_ms() + 50 + (uint64_t)rand() % (ceiling + 1);
+    j->failures++;
+    fo_log(j->failures == 1 ? FO_LOG_WARN : FO_LOG_DEBUG, "job waiting to retry",
+           "job=%" PRId64 " event=%" PRId64 " reason=\"%s\" attempt=%u", j->job_id, j->event_id,
+           why, j->failures);
+}
+
+/* Adopt Redis's mark as the truth and carry on from it. */
+static void resume_from(fo_job_t *j, const ntf_progress_t *p)
+{
+    reset_pipeline(j, p->cursor);
+    j->acked_cursor = p->cursor;
+    j->delivered = p->delivered;
+    j->state = p->done ? FO_JOB_DONE : FO_JOB_RUNNING;
+}
+
+/* --- writes --- */
+
+static void on_write(int status, const ntf_progress_t *p, void *data)
+{
+    fo_job_t *j;
+    int current = call_done(data, &j);
+    if (current && j->state != FO_JOB_WAITING) {
+        j->inflight--;
+        switch (status) {
+        case 0:
+            j->acked_cursor = p->cursor;
+            j->delivered = p->delivered;
+            j->failures = 0;
+            if (p->done)
+                j->state = FO_JOB_DONE;
+            break;
+        case NTF_EMOVED:
+            fo_log(FO_LOG_INFO, "progress mark moved; resuming from it",
+                   "job=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64, j->job_id,
+                   p->cursor, p->delivered);
+            if (j->state == FO_JOB_RUNNING)
+                resume_from(j, p);
+            break;
+        case FO_EFENCED:
+            fo_log(FO_LOG_WARN, "job taken over by a newer lease; stopping it",
+                   "job=%" PRId64 " token=%" PRId64, j->job_id, j->token);
+            j->state = FO_JOB_FENCED;
+            j->epoch++;
+            break;
+        case FO_ESTOP:
+            j->state = FO_JOB_DRAINING;
+            j->epoch++;
+            break;
+        default:
+            if (j->state == FO_JOB_RUNNING)
+                go_wait(j, "redis write failed");
+            else
+                j->epoch++; /* draining: give up on the rest, the mark is exact anyway */
+            break;
+        }
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+static void send_ready(fo_job_t *j)
+{
+    ntf_job_t view = ntf_view(j);
+    job_call_t *c = call_new(j);
+    int rc = j->io.write(j->io.ctx, &view, j->sent_cursor, j->page, j->ready_n, j->eof,
+                         on_write, c);
+    if (rc < 0) {
+        free(c);
+        go_wait(j, "redis not ready");
+        return;
+    }
+    j->outstanding++;
+    j->inflight++;
+    if (j->ready_n > 0)
+        j->sent_cursor = j->page[j->ready_n - 1];
+    j->ready = 0;
+}
+
+/* --- reads --- */
+
+static void on_page(int status, const int64_t *ids, size_t n, void *data)
+{
+    fo_job_t *j;
+    int current = call_done(data, &j);
+    j->reading = 0;
+    if (current && j->state == FO_JOB_RUNNING) {
+        if (status < 0) {
+            go_wait(j, "follower page read failed");
+        } else {
+            (void)ids; /* they are in j->page */
+            j->ready = 1;
+            j->ready_n = n;
+            if (n > 0)
+                j->read_cursor = j->page[n - 1];
+            if (n < (size_t)j->cfg->page_size)
+                j->eof = 1;
+        }
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+static void start_read(fo_job_t *j)
+{
+    job_call_t *c = call_new(j);
+    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->cfg->page_size,
+                         j->page, on_page, c);
+    if (rc < 0) {
+        free(c);
+        go_wait(j, "postgresql not ready");
+        return;
+    }
+    j->outstanding++;
+    j->reading = 1;
+}
+
+/* Moves the pipeline as far as it can: send the ready page, then read the next one. */
+static void pump(fo_job_t *j)
+{
+    if (j->state != FO_JOB_RUNNING)
+        return;
+    if (j->ready && j->inflight < j->cfg->window)
+        send_ready(j);
+    if (j->state == FO_JOB_RUNNING && !j->reading && !j->ready && !j->eof)
+        start_read(j);
+}
+
+/* --- fencing --- */
+
+static void on_fence(int status, const ntf_progress_t *p, void *data)
+{
+    fo_job_t *j;
+    int current = call_done(data, &j);
+    if (current && j->state == FO_JOB_FENCING) {
+        switch (status) {
+        case 0:
+            if (p->cursor != j->range_lo || p->delivered > 0)
+                fo_log(FO_LOG_INFO, "job resumes from its progress mark",
+                       "job=%" PRId64 " event=%" PRId64 " cursor=%" PRId64
+                       " delivered=%" PRId64,
+                       j->job_id, j->event_id, p->cursor, p->delivered);
+            resume_from(j, p);
+            break;
+        case FO_EFENCED:
+            fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64,
+                   j->job_id);
+            j->state = FO_JOB_FENCED;
+            break;
+        case FO_ESTOP:
+            j->state = FO_JOB_STOPPED;
+            break;
+        default:
+            go_wait(j, "redis fence failed");
+            break;
+        }
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+static void fence(fo_job_t *j)
+{
+    ntf_job_t view = ntf_view(j);
+    j->state = FO_JOB_FENCING;
+    job_call_t *c = call_new(j);
+    if (j->io.fence(j->io.ctx, &view, j->range_lo, on_fence, c) < 0) {
+        free(c);
+        go_wait(j, "redis not ready");
+        return;
+    }
+    j->outstanding++;
+}
+
+/* --- public --- */
+
+fo_job_t *fo_job_new(const fo_job_io_t *io, const cfg_t *cfg, const fo_claim_t *claim)
+{
+    fo_job_t *j = fo_xcalloc(1, sizeof *j);
+    j->io = *io;
+    j->cfg = cfg;
+    j->job_id = claim->job_id;
+    j->event_id = claim->event_id;
+    j->author = claim->author;
+    j->token = claim->token;
+    j->range_lo = claim->range_lo;
+    j->range_hi = claim->range_hi;
+    j->kind = fo_xstrdup(claim->kind);
+    j->payload = fo_xstrdup(claim->payload);
+    j->created_at = fo_xstrdup(claim->created_at);
+    j->acked_cursor = j->read_cursor = j->sent_cursor = claim->range_lo;
+    j->page = fo_xmalloc((size_t)cfg->page_size * sizeof *j->page);
+    j->state = FO_JOB_WAITING;
+    return j;
+}
+
+void fo_job_free(fo_job_t *j)
+{
+    if (!j)
+        return;
+    free(j->kind);
+    free(j->payload);
+    free(j->created_at);
+    free(j->page);
+    free(j);
+}
+
+void fo_job_start(fo_job_t *j, uint64_t now_ms)
+{
+    (void)now_ms;
+    fence(j);
+    maybe_finish(j);
+}
+
+void fo_job_kick(fo_job_t *j, uint64_t now_ms, int force)
+{
+    if (j->state != FO_JOB_WAITING || (!force && now_ms < j->retry_at))
+        return;
+    if (j->reading) {
+        /* a read of a forgotten epoch still fills the buffer: wait for it */
+        return;
+    }
+    fence(j);
+    maybe_finish(j);
+}
+
+void fo_job_stop(fo_job_t *j)
+{
+    if (terminal(j->state) || j->state == FO_JOB_DRAINING)
+        return;
+    if (j->state == FO_JOB_WAITING || j->state == FO_JOB_FENCING)
+        j->epoch++; /* nothing of this epoch needs its answer any more */
+    j->state = FO_JOB_DRAINING;
+    maybe_finish(j);
+}
+
+fo_job_state_t fo_job_state(const fo_job_t *j)
+{
+    return j->state;
+}
+
+const char *fo_job_state_name(fo_job_state_t s)
+{
+    return state_names[s];
+}
+
+int64_t fo_job_id(const fo_job_t *j)
+{
+    return j->job_id;
+}
+
+int64_t fo_job_event_id(const fo_job_t *j)
+{
+    return j->event_id;
+}
+
+int64_t fo_job_token(const fo_job_t *j)
+{
+    return j->token;
+}
+
+int64_t fo_job_cursor(const fo_job_t *j)
+{
+    return j->acked_cursor;
+}
+
+int64_t fo_job_delivered(const fo_job_t *j)
+{
+    return j->delivered;
+}
+
+uint64_t fo_job_retry_at(const fo_job_t *j)
+{
+    return j->retry_at;
+}

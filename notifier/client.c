@@ -1,0 +1,605 @@
+/*
+ * client.c: ntf_client_t, one self-healing hiredis async connection on the daemon's loop.
+ *
+ * Life of a connection: IDLE --(timer)--> CONNECTING --(TCP up)--> HANDSHAKE (AUTH if a
+ * password is set, SCRIPT LOAD of both scripts, all pipelined) --> READY. Any failure, a
+ * deadline, an auth refusal or NOSCRIPT leads back to IDLE through conn_lost(), which arms
+ * the reconnect backoff: full jitter over min(reconnect_max_ms, 100 ms * 2^attempts).
+ * ntf_client_close moves to CLOSED from any state.
+ *
+ * Invariants:
+ *   - c->ac is the only hiredis context and is non-NULL until hiredis has freed it; it is
+ *     cleared before anything that can run the owner's code (on_state, callbacks), so owner
+ *     code never sees a dying context. Only state READY accepts commands.
+ *   - Every command sent has one ntf_req_t in the FIFO head..tail; hiredis calls on_reply
+ *     exactly once per command, in order (with NULL when the context is freed), and that
+ *     call unlinks and frees it. inflight counts the owner's commands among them.
+ *   - We never free the context inside a hiredis callback on our own initiative: conn_drop
+ *     marks the state and a 0 ms timer frees it (hiredis 0.14 frees memory still in use if
+ *     redisAsyncFree runs inside its connect callback). ntf_client_close may be called from
+ *     the owner's callbacks, which hiredis runs with its in-callback flag set, so there
+ *     redisAsyncFree is deferred by hiredis itself until the callback returns.
+ *   - The struct is freed when both timers are closed and the context is gone.
+ *   - on_state reports changes only: 1 when READY is reached, 0 when a READY connection is
+ *     lost and once when the very first attempts fail. The password is never logged.
+ */
+#include "notifier/notifier.h"
+
+#include <arpa/inet.h>
+#include <assert.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "notifier/ntf_int.h"
+
+#define NTF_CONNECT_TIMEOUT_MS 5000  /* TCP connect plus handshake */
+#define NTF_COMMAND_TIMEOUT_MS 15000 /* oldest unanswered command; then reconnect */
+#define NTF_WATCHDOG_MS 1000         /* at most this long between checks of that deadline */
+#define NTF_BACKOFF_START_MS 100
+#define NTF_ERR_LOG_INTERVAL_MS 10000 /* identical Redis errors are logged once per interval */
+
+typedef enum {
+    ST_IDLE,       /* no context; c->timer starts the next connect */
+    ST_CONNECTING, /* TCP connect in flight; c->timer is the deadline */
+    ST_HANDSHAKE,  /* AUTH / SCRIPT LOAD in flight; c->timer is still the deadline */
+    ST_READY,      /* commands accepted; c->timer is the command watchdog */
+    ST_DROPPING,   /* the context is being abandoned and takes nothing new */
+    ST_CLOSED,     /* ntf_client_close was called */
+} ntf_state_t;
+
+typedef enum { REQ_AUTH, REQ_LOAD_FENCE, REQ_LOAD_PAGE, REQ_FENCE, REQ_PAGE } ntf_req_kind_t;
+
+typedef struct ntf_req {
+    struct ntf_req *next;
+    ntf_client_t *c;
+    ntf_req_kind_t kind;
+    ntf_progress_cb cb;
+    void *data;
+    int64_t job_id;   /* for log lines */
+    uint64_t sent_ms; /* for the command deadline */
+} ntf_req_t;
+
+struct ntf_client {
+    uv_loop_t *loop;
+    const cfg_t *cfg;
+    ntf_state_cb on_state;
+    void *data;
+    redisAsyncContext *ac;
+    ntf_state_t state;
+    int connected;        /* ac passed its TCP connect, so hiredis will call on_disconnect */
+    int freeing;          /* we already called redisAsyncFree(ac) */
+    int reported;         /* last value given to on_state; -1 before the first */
+    const char *drop_why; /* why we abandon the context, for the log */
+    uv_timer_t timer;     /* backoff, deadline or watchdog, by state */
+    uv_timer_t defer;     /* frees an abandoned context outside hiredis callbacks */
+    uint64_t connect_timeout_ms;
+    uint64_t command_timeout_ms;
+    int open_handles;
+    unsigned attempts; /* connects that failed since the last READY */
+    uint64_t rng;      /* xorshift state for the backoff jitter */
+    int handshake_left;
+    char fence_sha[41];
+    char page_sha[41];
+    ntf_req_t *head, *tail;
+    size_t inflight;
+    ntf_enc_t enc;
+    char last_err[128]; /* rate limit of identical error replies */
+    uint64_t last_err_ms;
+    unsigned err_suppressed;
+};
+
+static void on_timer(uv_timer_t *t);
+
+/* ---- owner notifications and logging ---- */
+
+static void report(ntf_client_t *c, int up)
+{
+    if (c->reported == up)
+        return;
+    c->reported = up;
+    if (c->on_state)
+        c->on_state(c, up, c->data);
+}
+
+/* Logs an error reply once per interval per distinct text. */
+static void log_reply_error(ntf_client_t *c, const char *op, const char *text)
+{
+    uint64_t now = fo_now_ms();
+    int same = strncmp(text, c->last_err, sizeof c->last_err - 1) == 0;
+    if (same && now - c->last_err_ms < NTF_ERR_LOG_INTERVAL_MS) {
+        c->err_suppressed++;
+        return;
+    }
+    char q[256];
+    fo_log(FO_LOG_ERROR, "redis refused a command", "server=redis op=%s error=%s suppressed=%u", op,
+           fo_log_quote(q, sizeof q, text), same ? c->err_suppressed : 0u);
+    snprintf(c->last_err, sizeof c->last_err, "%s", text);
+    c->last_err_ms = now;
+    c->err_suppressed = 0;
+}
+
+/* ---- connection life cycle ---- */
+
+static uint64_t next_random(ntf_client_t *c)
+{
+    c->rng ^= c->rng << 13;
+    c->rng ^= c->rng >> 7;
+    c->rng ^= c->rng << 17;
+    return c->rng;
+}
+
+static void schedule_retry(ntf_client_t *c)
+{
+    uint64_t cap =
+        c->cfg->reconnect_max_ms > 0 ? (uint64_t)c->cfg->reconnect_max_ms : NTF_BACKOFF_START_MS;
+    unsigned shift = c->attempts < 20 ? c->attempts : 20;
+    uint64_t base = (uint64_t)NTF_BACKOFF_START_MS << shift;
+    if (base > cap)
+        base = cap;
+    uint64_t delay = next_random(c) % (base + 1);
+    c->attempts++;
+    c->state = ST_IDLE;
+    uv_timer_start(&c->timer, on_timer, delay, 0);
+}
+
+/* Failed attempts are logged on attempts 1, 2, 4, 8, ... so a long outage or a wrong
+ * password costs a few lines, not one per retry. */
+static int attempt_logged(const ntf_client_t *c)
+{
+    return (c->attempts & (c->attempts - 1)) == 0;
+}
+
+/* A connect attempt ended without a usable connection. */
+static void connect_failed(ntf_client_t *c, const char *why)
+{
+    if (attempt_logged(c)) {
+        char q[256];
+        fo_log(FO_LOG_WARN, "redis connect failed",
+               "server=redis host=%s port=%d error=%s attempt=%u", c->cfg->redis_host,
+               c->cfg->redis_port, fo_log_quote(q, sizeof q, why), c->attempts + 1);
+    }
+    schedule_retry(c);
+    report(c, 0);
+}
+
+static void client_maybe_free(ntf_client_t *c)
+{
+    if (c->state != ST_CLOSED || c->open_handles || c->ac)
+        return;
+    assert(!c->head && c->inflight == 0);
+    ntf__enc_free(&c->enc);
+    free(c);
+}
+
+/* hiredis has freed, or is about to free, the context: forget it and plan the next one. */
+static void conn_lost(ntf_client_t *c, const char *why)
+{
+    c->ac = NULL;
+    c->connected = 0;
+    c->freeing = 0;
+    if (c->state == ST_CLOSED) {
+        client_maybe_free(c);
+        return;
+    }
+    uv_timer_stop(&c->defer);
+    uv_timer_stop(&c->timer);
+    if (c->reported != 1) {
+        connect_failed(c, why); /* never became ready: refused, timed out, handshake failed */
+        return;
+    }
+    char q[256];
+    fo_log(FO_LOG_WARN, "redis connection lost", "server=redis host=%s port=%d error=%s",
+           c->cfg->redis_host, c->cfg->redis_port, fo_log_quote(q, sizeof q, why));
+    schedule_retry(c);
+    report(c, 0);
+}
+
+/* Frees the context now; only from a timer (outside hiredis). Pending callbacks run with a
+ * NULL reply, then on_disconnect if the TCP connect had completed. */
+static void conn_free_now(ntf_client_t *c)
+{
+    int connected = c->connected;
+    c->freeing = 1;
+    redisAsyncFree(c->ac);
+    if (!connected && c->ac)
+        conn_lost(c, c->drop_why ? c->drop_why : "abandoned");
+}
+
+static void on_defer(uv_timer_t *t)
+{
+    ntf_client_t *c = t->data;
+    if (c->ac && !c->freeing && c->state == ST_DROPPING)
+        conn_free_now(c);
+}
+
+/* Abandons the connection from inside a hiredis callback: no new commands from now on, the
+ * context is freed from the loop right after. */
+static void conn_drop(ntf_client_t *c, const char *why)
+{
+    if (!c->ac || c->state == ST_DROPPING || c->state == ST_CLOSED)
+        return;
+    c->state = ST_DROPPING;
+    c->drop_why = why;
+    uv_timer_start(&c->defer, on_defer, 0, 0);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    (void)status;
+    ntf_client_t *c = ac->data;
+    const char *why = ac->c.errstr[0] ? ac->c.errstr : c->drop_why ? c->drop_why : "closed";
+    conn_lost(c, why);
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
+static int send_req(ntf_client_t *c, ntf_req_kind_t kind, ntf_progress_cb cb, void *data,
+                    int64_t job_id, int argc, const char **argv, const size_t *argvlen)
+{
+    ntf_req_t *r = fo_xmalloc(sizeof *r);
+    *r = (ntf_req_t){
+        .c = c, .kind = kind, .cb = cb, .data = data, .job_id = job_id, .sent_ms = uv_now(c->loop)};
+    /* Fails only when hiredis is already disconnecting; the callback then never runs. */
+    if (redisAsyncCommandArgv(c->ac, on_reply, r, argc, argv, argvlen) != REDIS_OK) {
+        free(r);
+        return FO_EREDIS;
+    }
+    if (c->tail)
+        c->tail->next = r;
+    else
+        c->head = r;
+    c->tail = r;
+    if (kind == REQ_FENCE || kind == REQ_PAGE)
+        c->inflight++;
+    return 0;
+}
+
+static void send_handshake(ntf_client_t *c)
+{
+    const char *pw = c->cfg->redis_password;
+    c->handshake_left = 2;
+    int rc = 0;
+    if (pw && *pw) {
+        const char *argv[] = {"AUTH", pw};
+        size_t len[] = {4, strlen(pw)};
+        rc |= send_req(c, REQ_AUTH, NULL, NULL, 0, 2, argv, len);
+        c->handshake_left++;
+    }
+    const char *fargv[] = {"SCRIPT", "LOAD", ntf__fence_lua};
+    size_t flen[] = {6, 4, strlen(ntf__fence_lua)};
+    rc |= send_req(c, REQ_LOAD_FENCE, NULL, NULL, 0, 3, fargv, flen);
+    const char *pargv[] = {"SCRIPT", "LOAD", ntf__page_lua};
+    size_t plen[] = {6, 4, strlen(ntf__page_lua)};
+    rc |= send_req(c, REQ_LOAD_PAGE, NULL, NULL, 0, 3, pargv, plen);
+    if (rc)
+        conn_drop(c, "could not queue the handshake");
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    ntf_client_t *c = ac->data;
+    if (status != REDIS_OK) {
+        /* hiredis frees the context when we return; there is no on_disconnect for it. */
+        c->ac = NULL;
+        c->connected = 0;
+        c->freeing = 0;
+        uv_timer_stop(&c->timer);
+        if (c->state == ST_CLOSED)
+            client_maybe_free(c);
+        else
+            connect_failed(c, ac->c.errstr[0] ? ac->c.errstr : "connect failed");
+        return;
+    }
+    c->connected = 1;
+    c->state = ST_HANDSHAKE;
+    fo_log(FO_LOG_DEBUG, "redis connected", "server=redis host=%s port=%d", c->cfg->redis_host,
+           c->cfg->redis_port);
+    send_handshake(c);
+}
+
+static void connect_start(ntf_client_t *c)
+{
+    const char *why = "out of memory";
+    /* redisAsyncConnect resolves names with a blocking getaddrinfo: redis_host is an IP
+     * (checked in ntf_client_new), so this never blocks. */
+    redisAsyncContext *ac = redisAsyncConnect(c->cfg->redis_host, c->cfg->redis_port);
+    if (!ac)
+        goto failed;
+    why = ac->c.errstr;
+    if (ac->err)
+        goto failed_ac;
+    if (ntf__uv_attach(ac, c->loop) < 0) {
+        why = "could not poll the socket";
+        goto failed_ac;
+    }
+    redisEnableKeepAlive(&ac->c); /* notice a dead server on an idle connection */
+    ac->data = c;
+    c->ac = ac;
+    c->state = ST_CONNECTING;
+    c->connected = 0;
+    c->freeing = 0;
+    c->drop_why = NULL;
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    uv_timer_start(&c->timer, on_timer, c->connect_timeout_ms, 0);
+    return;
+
+failed_ac:
+    connect_failed(c, why); /* before the free: why may point into ac */
+    redisAsyncFree(ac);
+    return;
+failed:
+    connect_failed(c, why);
+}
+
+static void become_ready(ntf_client_t *c)
+{
+    uv_timer_stop(&c->timer);
+    c->state = ST_READY;
+    fo_log(FO_LOG_INFO, "redis ready", "server=redis host=%s port=%d attempts=%u",
+           c->cfg->redis_host, c->cfg->redis_port, c->attempts + 1);
+    c->attempts = 0;
+    uint64_t every = c->command_timeout_ms / 4;
+    every = every < 10 ? 10 : every > NTF_WATCHDOG_MS ? NTF_WATCHDOG_MS : every;
+    uv_timer_start(&c->timer, on_timer, every, every);
+    report(c, 1);
+}
+
+/* Deadline (CONNECTING, HANDSHAKE), command watchdog (READY) or backoff expiry (IDLE). */
+static void on_timer(uv_timer_t *t)
+{
+    ntf_client_t *c = t->data;
+    switch (c->state) {
+    case ST_IDLE:
+        connect_start(c);
+        break;
+    case ST_CONNECTING:
+    case ST_HANDSHAKE:
+        c->state = ST_DROPPING;
+        c->drop_why = "connect timed out";
+        conn_free_now(c);
+        break;
+    case ST_READY:
+        if (c->head && uv_now(c->loop) - c->head->sent_ms > c->command_timeout_ms) {
+            fo_log(FO_LOG_WARN, "redis did not answer in time, reconnecting",
+                   "server=redis host=%s port=%d timeout_ms=%llu inflight=%zu", c->cfg->redis_host,
+                   c->cfg->redis_port, (unsigned long long)c->command_timeout_ms, c->inflight);
+            c->state = ST_DROPPING;
+            c->drop_why = "command timed out";
+            uv_timer_stop(&c->timer);
+            conn_free_now(c);
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---- replies ---- */
+
+static void handshake_error(ntf_client_t *c, ntf_req_kind_t kind, const char *text)
+{
+    if (!attempt_logged(c))
+        return;
+    char q[256];
+    fo_log_quote(q, sizeof q, text);
+    if (kind == REQ_AUTH)
+        fo_log(FO_LOG_ERROR,
+               "redis refused the password: set FANOUT_REDIS_PASSWORD to the server's password "
+               "(or leave it empty if the server has none)",
+               "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
+    else if (strncmp(text, "NOAUTH", 6) == 0)
+        fo_log(FO_LOG_ERROR, "redis requires a password: set FANOUT_REDIS_PASSWORD",
+               "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
+    else
+        fo_log(FO_LOG_ERROR, "redis refused to load the fanout scripts (Redis 7 or newer needed)",
+               "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
+}
+
+static void handshake_reply(ntf_client_t *c, ntf_req_kind_t kind, const redisReply *rep)
+{
+    if (!rep || c->state != ST_HANDSHAKE)
+        return; /* the connection is already going away */
+    if (rep->type == REDIS_REPLY_ERROR) {
+        const char *text = rep->str ? rep->str : "";
+        handshake_error(c, kind, text);
+        if (kind == REQ_AUTH)
+            conn_drop(c, "password refused");
+        else if (strncmp(text, "NOAUTH", 6) == 0)
+            conn_drop(c, "password required");
+        else
+            conn_drop(c, "SCRIPT LOAD refused");
+        return;
+    }
+    if (kind != REQ_AUTH) {
+        if (rep->type != REDIS_REPLY_STRING || rep->len != 40) {
+            fo_log(FO_LOG_ERROR, "redis sent an unexpected SCRIPT LOAD reply", "server=redis");
+            conn_drop(c, "bad SCRIPT LOAD reply");
+            return;
+        }
+        memcpy(kind == REQ_LOAD_FENCE ? c->fence_sha : c->page_sha, rep->str, 40);
+    }
+    if (--c->handshake_left == 0)
+        become_ready(c);
+}
+
+/* Status for the owner's callback from one reply of the fence or page script. */
+static int user_status(ntf_client_t *c, const ntf_req_t *r, const redisReply *rep,
+                       ntf_progress_t *p)
+{
+    if (!rep) {
+        /* The context is being freed: everything still pending shares this fate. */
+        if (c->state == ST_CLOSED)
+            return FO_ESTOP;
+        c->state = ST_DROPPING;
+        return FO_EREDIS;
+    }
+    const char *op = r->kind == REQ_FENCE ? "fence" : "page";
+    if (rep->type == REDIS_REPLY_ERROR) {
+        const char *text = rep->str ? rep->str : "";
+        log_reply_error(c, op, text);
+        /* The script cache was flushed (SCRIPT FLUSH, a restart behind a proxy): reconnect,
+         * which loads the scripts again. */
+        if (strncmp(text, "NOSCRIPT", 8) == 0)
+            conn_drop(c, "scripts missing on the server");
+        return FO_EREDIS;
+    }
+    int st = ntf__parse_reply(rep, p);
+    if (st == NTF_ENOMARK) {
+        fo_log(FO_LOG_WARN, "progress mark missing, the job must be fenced again",
+               "server=redis job=%lld", (long long)r->job_id);
+        return FO_EREDIS;
+    }
+    if (st == FO_EREDIS)
+        fo_log(FO_LOG_ERROR, "redis sent an unexpected script reply", "server=redis op=%s job=%lld",
+               op, (long long)r->job_id);
+    return st;
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    ntf_req_t *r = privdata;
+    ntf_client_t *c = r->c;
+    assert(c->head == r);
+    c->head = r->next;
+    if (!c->head)
+        c->tail = NULL;
+    if (r->kind != REQ_FENCE && r->kind != REQ_PAGE) {
+        ntf_req_kind_t kind = r->kind;
+        free(r);
+        handshake_reply(c, kind, reply);
+        return;
+    }
+    c->inflight--;
+    ntf_progress_t p = {0};
+    int st = user_status(c, r, reply, &p);
+    ntf_progress_cb cb = r->cb;
+    void *data = r->data;
+    free(r);
+    if (cb)
+        cb(st, (st == 0 || st == NTF_EMOVED) ? &p : NULL, data);
+}
+
+/* ---- public API ---- */
+
+static int is_ip(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    return host && (inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1);
+}
+
+ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state, void *data)
+{
+    if (!is_ip(cfg->redis_host)) {
+        fo_log(FO_LOG_ERROR, "redis host must be an IP address (no DNS on the loop)",
+               "server=redis setting=FANOUT_REDIS_HOST");
+        return NULL;
+    }
+    if (cfg->shards < 1 || !cfg->key_prefix) {
+        fo_log(FO_LOG_ERROR, "notifier needs shards >= 1 and a key prefix", "server=redis");
+        return NULL;
+    }
+    ntf_client_t *c = fo_xcalloc(1, sizeof *c);
+    c->loop = loop;
+    c->cfg = cfg;
+    c->on_state = on_state;
+    c->data = data;
+    c->reported = -1;
+    c->connect_timeout_ms = NTF_CONNECT_TIMEOUT_MS;
+    c->command_timeout_ms = NTF_COMMAND_TIMEOUT_MS;
+    c->rng = uv_hrtime() ^ (uint64_t)(uintptr_t)c ^ 0x9e3779b97f4a7c15u;
+    if (!c->rng)
+        c->rng = 1;
+    ntf__enc_init(&c->enc);
+    uv_timer_init(loop, &c->timer);
+    uv_timer_init(loop, &c->defer);
+    c->timer.data = c;
+    c->defer.data = c;
+    c->open_handles = 2;
+    /* Connect from the loop, so on_state can never run before we return. */
+    c->state = ST_IDLE;
+    uv_timer_start(&c->timer, on_timer, 0, 0);
+    return c;
+}
+
+void ntf__client_set_deadlines(ntf_client_t *c, uint64_t connect_ms, uint64_t command_ms)
+{
+    c->connect_timeout_ms = connect_ms;
+    c->command_timeout_ms = command_ms;
+}
+
+int ntf_client_ready(const ntf_client_t *c)
+{
+    return c->state == ST_READY;
+}
+
+size_t ntf_client_inflight(const ntf_client_t *c)
+{
+    return c->inflight;
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    ntf_client_t *c = h->data;
+    c->open_handles--;
+    client_maybe_free(c);
+}
+
+void ntf_client_close(ntf_client_t *c)
+{
+    if (!c || c->state == ST_CLOSED)
+        return;
+    c->state = ST_CLOSED;
+    c->on_state = NULL;
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->defer, on_handle_closed);
+    if (c->ac && !c->freeing) {
+        int connected = c->connected;
+        c->freeing = 1;
+        /* Runs the pending callbacks (FO_ESTOP) and on_disconnect now, or, inside one of
+         * our reply callbacks, right after it returns. */
+        redisAsyncFree(c->ac);
+        if (!connected)
+            c->ac = NULL; /* no on_disconnect for a context that never connected */
+    }
+}
+
+int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
+              void *data)
+{
+    if (!job)
+        return FO_EINVAL;
+    if (c->state != ST_READY)
+        return FO_EREDIS;
+    int argc = ntf__encode_fence(&c->enc, c->fence_sha, c->cfg->key_prefix, job, start_cursor);
+    return send_req(c, REQ_FENCE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
+}
+
+static int page_valid(const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
+                      int last)
+{
+    if (!job || !job->kind || !job->payload || !job->created_at)
+        return 0;
+    if (n == 0)
+        return last != 0;
+    if (!ids || ids[0] <= expect_cursor)
+        return 0;
+    for (size_t i = 1; i < n; i++) {
+        if (ids[i] <= ids[i - 1])
+            return 0;
+    }
+    return 1;
+}
+
+int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
+                   size_t n, int last, ntf_progress_cb cb, void *data)
+{
+    if (!page_valid(job, expect_cursor, ids, n, last))
+        return FO_EINVAL;
+    if (c->state != ST_READY)
+        return FO_EREDIS;
+    int argc = ntf__encode_page(&c->enc, c->page_sha, c->cfg->key_prefix, c->cfg->shards, job,
+                                expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s);
+    return send_req(c, REQ_PAGE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
+}

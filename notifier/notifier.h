@@ -1,0 +1,119 @@
+/*
+ * notifier: fanoutd's writer into Redis.
+ *
+ * One ntf_client_t owns one hiredis async connection driven by the daemon's libuv loop
+ * through the project's own adapter (hiredis 0.14's bundled libuv adapter hangs on a refused
+ * connect; see ../shared/LIBRARIES.md). The client connects, authenticates, loads the two
+ * server-side scripts, and reconnects by itself with capped, jittered exponential backoff.
+ *
+ * A job's state in Redis is its progress mark, the hash <prefix>:progress:<job>, with fields
+ * token (the newest lease token seen), cursor (the last follower id written), delivered and
+ * done. Both operations below run as one server-side script, so each is atomic:
+ *   - ntf_fence registers a job's lease token and returns the mark (where to resume);
+ *   - ntf_write_page writes one page of entries to the shard streams AND advances the mark,
+ *     only if the caller's token is still the newest and the mark is where the caller
+ *     expects it. A page that was already applied (its reply lost with the connection) is
+ *     therefore never applied twice, and a worker whose lease was taken over writes nothing.
+ *
+ * Queue format (docs/queue-format.md): stream <prefix>:stream:<recipient % shards>, fields
+ * id (<event>:<recipient>), event, author, recipient, kind, payload, created_at.
+ */
+#ifndef FANOUT_NOTIFIER_H
+#define FANOUT_NOTIFIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config/config.h"
+
+typedef struct ntf_client ntf_client_t;
+
+/* Called when the client becomes usable (up = 1: connected, authenticated, scripts loaded)
+ * or stops being usable (up = 0: the connection was lost or refused; it will retry).
+ * Only changes are reported: up = 0 comes once when a ready connection is lost, and once
+ * when the very first connect attempt fails (not again for each retry). */
+typedef void (*ntf_state_cb)(ntf_client_t *c, int up, void *data);
+
+/*
+ * Creates a client on `loop` for cfg's redis_host, redis_port, redis_password, key_prefix,
+ * shards and reconnect_max_ms, and starts connecting at once. cfg must outlive the client.
+ * on_state may run only from the loop, never before this returns.
+ * Returns NULL, after logging why, if redis_host is not an IP address (hiredis would
+ * resolve a name with a blocking getaddrinfo) or shards < 1.
+ */
+ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state,
+                             void *data);
+
+/* 1 when commands can be sent (connected, authenticated, scripts loaded), else 0. */
+int ntf_client_ready(const ntf_client_t *c);
+
+/* Commands sent and not yet answered. */
+size_t ntf_client_inflight(const ntf_client_t *c);
+
+/*
+ * Closes the connection and every handle; pending callbacks run with FO_ESTOP before this
+ * returns or from the loop soon after. The memory is released once libuv has closed the
+ * handles, so the loop must run on (uv_run) for the close to complete. on_state is not
+ * called again.
+ */
+void ntf_client_close(ntf_client_t *c);
+
+/* What a job writes: the event it fans out and the lease it holds. Strings are borrowed for
+ * the duration of the call only (they are copied into the command). */
+typedef struct ntf_job {
+    int64_t job_id;
+    int64_t event_id;
+    int64_t author;
+    int64_t token;          /* lease token from the claim; higher is newer */
+    const char *kind;
+    const char *payload;    /* the event's JSON, written unchanged */
+    const char *created_at; /* ISO 8601 UTC, e.g. 2026-11-27T09:50:00.123456Z */
+} ntf_job_t;
+
+/* The progress mark as Redis holds it after the operation. */
+typedef struct ntf_progress {
+    int64_t cursor;    /* last follower id written (the job's start cursor if none yet) */
+    int64_t delivered; /* entries written for this job so far */
+    int done;          /* 1 once the last page was written */
+} ntf_progress_t;
+
+/*
+ * Status passed to callbacks:
+ *   0            applied; *p is the mark after it
+ *   NTF_EMOVED   the mark is not where the caller expected (a page was already applied, or
+ *                the job is already done); *p says where it is, resume from there
+ *   FO_EFENCED   a newer token holds the job: stop working on it, write nothing more
+ *   FO_EREDIS    the connection was lost or Redis refused the command (out of memory,
+ *                read-only, auth): the outcome is unknown; fence again once ready
+ *   FO_ESTOP     the client is closing
+ * p is NULL unless status is 0 or NTF_EMOVED; it is borrowed until the callback returns.
+ */
+enum { NTF_EMOVED = -1100 };
+typedef void (*ntf_progress_cb)(int status, const ntf_progress_t *p, void *data);
+
+/*
+ * Registers job->token as the job's newest lease token (unless a newer one is there:
+ * FO_EFENCED) and reports the mark, creating it at start_cursor if the job has none.
+ * Returns 0 if sent (cb runs later, from the loop), FO_EREDIS if not ready (cb never runs).
+ */
+int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
+              void *data);
+
+/*
+ * Writes one page atomically: for each id in ids[0..n) (ascending, all > expect_cursor) one
+ * stream entry, the mark's cursor set to ids[n-1] and delivered increased by n; with last = 1
+ * the mark is also flagged done and given an expiry of cfg->progress_ttl_s. n may be 0 only
+ * with last = 1 (finishing a job whose final page was full). Applied only if the mark's
+ * token is still job->token and its cursor equals expect_cursor. Pages may be pipelined: a
+ * second page sent with expect_cursor = the first page's last id is applied after it.
+ * Returns 0 if sent, FO_EREDIS if not ready, FO_EINVAL for a bad page (cb never runs).
+ */
+int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
+                   const int64_t *ids, size_t n, int last, ntf_progress_cb cb, void *data);
+
+/* The shard stream a recipient's notifications go to: recipient mod shards, in 0..shards-1,
+ * so that every consumer language can compute it and one recipient's entries stay ordered. */
+int ntf_shard_of(int64_t recipient, int shards);
+
+#endif

@@ -1,0 +1,89 @@
+/*
+ * ntf_int.h: declarations shared by the notifier's own files and its tests, never by other
+ * folders. Three parts: the libuv adapter for hiredis (ntf_uv.c), the two server-side
+ * scripts (scripts.c), and the pure encoders and reply parser (encode.c) that turn a page
+ * into EVALSHA arguments and a script reply into a status.
+ */
+#ifndef FANOUT_NTF_INT_H
+#define FANOUT_NTF_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+#include <uv.h>
+
+#include "notifier/notifier.h"
+
+/*
+ * Attaches `ac` to `loop` through ac->ev. Returns 0, or a negative libuv code if the poll
+ * handle could not be created (ac is then left unattached; the caller frees it). The
+ * adapter's memory is released by libuv after hiredis calls the cleanup hook.
+ */
+int ntf__uv_attach(redisAsyncContext *ac, uv_loop_t *loop);
+
+/* Tests only: replaces the connect-plus-handshake deadline (5 s) and the deadline of the
+ * oldest unanswered command (15 s). Call before the client becomes ready. */
+void ntf__client_set_deadlines(ntf_client_t *c, uint64_t connect_ms, uint64_t command_ms);
+
+/* The Lua bodies of the two scripts; both start with "#!lua" (see scripts.c). */
+extern const char ntf__fence_lua[];
+extern const char ntf__page_lua[];
+
+/* ARGV of the page script before the per-shard groups (see scripts.c). */
+enum { NTF_PAGE_FIXED_ARGS = 10 };
+
+/*
+ * Reusable scratch for one command's arguments. argv[i] points either into buf, at a
+ * static string, or at a caller's string (sha, kind, payload, created_at), so the arrays are
+ * valid only until the next encode call and while those strings live. Every string the
+ * encoder writes into buf is also NUL-terminated (tests compare with strcmp). Capacities only
+ * grow, so a steady stream of pages allocates nothing.
+ */
+typedef struct ntf_enc {
+    const char **argv;
+    size_t *argvlen;
+    size_t argv_cap;
+    char *buf;
+    size_t buf_cap;
+    int *shard; /* per id of the page: its shard */
+    size_t ids_cap;
+    size_t *slot; /* per shard: id count, then the next argv slot of its group */
+    size_t shards_cap;
+    int argc;
+} ntf_enc_t;
+
+void ntf__enc_init(ntf_enc_t *e);
+void ntf__enc_free(ntf_enc_t *e);
+
+/* EVALSHA sha 1 <prefix>:progress:<job> token start_cursor. Returns argc. */
+int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const ntf_job_t *job,
+                      int64_t start_cursor);
+
+/*
+ * EVALSHA sha numkeys <progress key> <stream key per present shard, ascending> token
+ * expect_cursor new_cursor last ttl event author kind payload created_at, then per present
+ * shard in the same order: count, then its ids in input order. ids must already be valid
+ * (ascending); new_cursor is ids[n-1], or expect_cursor when n is 0. Returns argc.
+ */
+int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shards,
+                     const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
+                     int last, int ttl_s);
+
+/* Writes v in decimal at out (at most 20 bytes, no NUL); returns the length. */
+size_t ntf__fmt_i64(char *out, int64_t v);
+
+/* Returned by ntf__parse_reply when the progress mark does not exist (never fenced, or
+ * expired after the job finished): the client reports it as FO_EREDIS, "fence again". */
+enum { NTF_ENOMARK = -1101 };
+
+/*
+ * Maps a fence or page script reply to 0 (applied), NTF_EMOVED, FO_EFENCED, NTF_ENOMARK or
+ * FO_EREDIS (an error reply, or anything malformed: wrong types, short arrays, bad
+ * numbers). *p is filled only for 0 and NTF_EMOVED. Never dereferences beyond what the
+ * reply's own counts say.
+ */
+int ntf__parse_reply(const redisReply *r, ntf_progress_t *p);
+
+#endif

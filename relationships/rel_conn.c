@@ -1,0 +1,558 @@
+/*
+ * rel_conn.c: one PostgreSQL connection on the libuv loop.
+ *
+ * Life cycle: DOWN -> CONNECTING (PQconnectdbParams in the thread pool) -> SETTING_UP
+ * (prepares and session set-up sent through the same queue) -> UP -> back to DOWN on any
+ * loss, with a jittered backoff timer before the next attempt; CLOSING is final.
+ *
+ * Invariants: at most one query is on the wire (`current`); its results are gathered until
+ * PQgetResult returns NULL, then its callback runs and the next queued query is sent. The
+ * poll handle exists only while a PGconn is open, and is closed the moment libpq reports the
+ * connection lost, because libpq has already closed the socket and its fd number may be
+ * reused by the next connect (uv_poll_init would then fail with UV_EEXIST). NOTIFYs are
+ * drained after every PQconsumeInput.
+ */
+#include "relationships/rel_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { ST_DOWN, ST_CONNECTING, ST_SETTING_UP, ST_UP, ST_CLOSING } rel_state_t;
+typedef enum { Q_PREPARE, Q_SETUP, Q_EXEC } rel_qkind_t;
+
+typedef struct rel_query {
+    struct rel_query *next;
+    rel_qkind_t kind;
+    const char *stmt;        /* Q_PREPARE / Q_EXEC: statement name (borrowed from the list) */
+    const char *sql;         /* Q_PREPARE / Q_SETUP: borrowed from the registered lists */
+    int nparams;
+    char **params;           /* Q_EXEC: copies, owned */
+    int binary;
+    rel_result_cb cb;
+    void *data;
+    PGresult *result;        /* the result kept for the callback: the first error, else last */
+} rel_query_t;
+
+typedef struct rel_stmt {
+    struct rel_stmt *next;
+    char *name;     /* NULL for a set-up entry */
+    char *sql;      /* with idents: a format with one %s per identifier */
+    char *ident[2]; /* identifiers from configuration, escaped on each connect */
+    char *built;    /* sql with the escaped identifiers, rebuilt on each connect */
+    int nparams;
+} rel_stmt_t;
+
+struct rel_conn {
+    uv_loop_t *loop;
+    const cfg_t *cfg;
+    char *dsn, *name;
+    rel_state_cb on_state;
+    rel_notify_cb on_notify;
+    void *data;
+
+    rel_state_t state;
+    PGconn *pg;
+    uv_poll_t *poll;
+    int poll_events;
+    uv_work_t work;
+    int work_busy;
+    PGconn *work_conn; /* the thread pool's connect result */
+    uv_timer_t timer;  /* reconnect backoff */
+    unsigned attempt;
+    uint64_t rng;
+    int open_handles; /* timer + poll handles not yet closed; freed at 0 when closing */
+
+    rel_stmt_t *stmts, *stmts_tail; /* prepares and set-up, in registration order */
+    rel_query_t *head, *tail;       /* queued, not sent */
+    rel_query_t *current;           /* on the wire */
+};
+
+static void send_next(rel_conn_t *c);
+static void conn_lost(rel_conn_t *c, const char *why);
+static void start_connect(rel_conn_t *c);
+
+rel_conn_t *rel_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, const char *name,
+                         rel_state_cb on_state, rel_notify_cb on_notify, void *data)
+{
+    rel_conn_t *c = fo_xcalloc(1, sizeof *c);
+    c->loop = loop;
+    c->cfg = cfg;
+    c->dsn = fo_xstrdup(dsn);
+    c->name = fo_xstrdup(name);
+    c->on_state = on_state;
+    c->on_notify = on_notify;
+    c->data = data;
+    c->rng = (uint64_t)uv_hrtime() ^ ((uint64_t)(uintptr_t)c << 17) ^ 0x9e3779b97f4a7c15ull;
+    uv_timer_init(loop, &c->timer);
+    c->timer.data = c;
+    c->open_handles = 1;
+    return c;
+}
+
+static void add_stmt(rel_conn_t *c, const char *name, const char *sql, int nparams)
+{
+    rel_stmt_t *s = fo_xcalloc(1, sizeof *s);
+    s->name = name ? fo_xstrdup(name) : NULL;
+    s->sql = fo_xstrdup(sql);
+    s->nparams = nparams;
+    if (c->stmts_tail)
+        c->stmts_tail->next = s;
+    else
+        c->stmts = s;
+    c->stmts_tail = s;
+}
+
+void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int nparams)
+{
+    add_stmt(c, stmt_name, sql, nparams);
+}
+
+void rel__conn_prepare_idents(rel_conn_t *c, const char *stmt_name, const char *sql_fmt,
+                              int nparams, const char *ident0, const char *ident1)
+{
+    add_stmt(c, stmt_name, sql_fmt, nparams);
+    c->stmts_tail->ident[0] = fo_xstrdup(ident0);
+    c->stmts_tail->ident[1] = fo_xstrdup(ident1);
+}
+
+/* The statement's SQL for this connection: identifiers quoted by libpq itself. */
+static const char *stmt_sql(rel_conn_t *c, rel_stmt_t *s)
+{
+    if (!s->ident[0])
+        return s->sql;
+    char *e0 = PQescapeIdentifier(c->pg, s->ident[0], strlen(s->ident[0]));
+    char *e1 = PQescapeIdentifier(c->pg, s->ident[1], strlen(s->ident[1]));
+    free(s->built);
+    s->built = (e0 && e1) ? fo_xasprintf(s->sql, e0, e1) : fo_xstrdup("SELECT 1/0");
+    PQfreemem(e0);
+    PQfreemem(e1);
+    return s->built;
+}
+
+void rel_conn_setup(rel_conn_t *c, const char *sql)
+{
+    add_stmt(c, NULL, sql, 0);
+}
+
+int rel_conn_ready(const rel_conn_t *c)
+{
+    return c->state == ST_UP;
+}
+
+/* --- the query queue --- */
+
+static void query_free(rel_query_t *q)
+{
+    if (q->params) {
+        for (int i = 0; i < q->nparams; i++)
+            free(q->params[i]);
+        free(q->params);
+    }
+    if (q->result)
+        PQclear(q->result);
+    free(q);
+}
+
+static void enqueue(rel_conn_t *c, rel_query_t *q)
+{
+    if (c->tail)
+        c->tail->next = q;
+    else
+        c->head = q;
+    c->tail = q;
+    if (!c->current)
+        send_next(c);
+}
+
+int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
+                  int binary_result, rel_result_cb cb, void *data)
+{
+    if (c->state != ST_UP)
+        return FO_EPG;
+    rel_query_t *q = fo_xcalloc(1, sizeof *q);
+    q->kind = Q_EXEC;
+    q->stmt = stmt_name;
+    q->nparams = nparams;
+    q->params = fo_xcalloc((size_t)nparams, sizeof *q->params);
+    for (int i = 0; i < nparams; i++)
+        q->params[i] = params[i] ? fo_xstrdup(params[i]) : NULL;
+    q->binary = binary_result;
+    q->cb = cb;
+    q->data = data;
+    enqueue(c, q);
+    return 0;
+}
+
+/* Fails every query (current and queued) with `status`; callbacks may enqueue or close. */
+static void fail_all(rel_conn_t *c, int status)
+{
+    rel_query_t *list = c->current;
+    if (list)
+        list->next = c->head;
+    else
+        list = c->head;
+    c->current = c->head = c->tail = NULL;
+    while (list) {
+        rel_query_t *q = list;
+        list = q->next;
+        if (q->cb)
+            q->cb(status, NULL, q->data);
+        query_free(q);
+    }
+}
+
+/* --- the poll handle --- */
+
+/* Frees the connection once it is closing and libuv holds nothing of it any more. */
+static void maybe_free(rel_conn_t *c)
+{
+    if (c->state != ST_CLOSING || c->open_handles > 0 || c->work_busy)
+        return;
+    free(c->dsn);
+    free(c->name);
+    while (c->stmts) {
+        rel_stmt_t *s = c->stmts;
+        c->stmts = s->next;
+        free(s->name);
+        free(s->sql);
+        free(s->ident[0]);
+        free(s->ident[1]);
+        free(s->built);
+        free(s);
+    }
+    free(c);
+}
+
+static void on_poll_closed(uv_handle_t *h)
+{
+    rel_conn_t *c = h->data;
+    free(h);
+    c->open_handles--;
+    maybe_free(c);
+}
+
+static void close_poll(rel_conn_t *c)
+{
+    if (!c->poll)
+        return;
+    uv_poll_stop(c->poll);
+    uv_close((uv_handle_t *)c->poll, on_poll_closed);
+    c->poll = NULL;
+}
+
+static void want_events(rel_conn_t *c, int events);
+
+static void on_poll(uv_poll_t *h, int status, int events);
+
+static void want_events(rel_conn_t *c, int events)
+{
+    if (!c->poll || c->poll_events == events)
+        return;
+    c->poll_events = events;
+    uv_poll_start(c->poll, events, on_poll);
+}
+
+/* After a PQsend*: flush what fits; watch WRITABLE too while libpq still holds data. */
+static int flush_out(rel_conn_t *c)
+{
+    int rc = PQflush(c->pg);
+    if (rc < 0)
+        return -1;
+    want_events(c, rc == 1 ? (UV_READABLE | UV_WRITABLE) : UV_READABLE);
+    return 0;
+}
+
+static void send_next(rel_conn_t *c)
+{
+    while (!c->current && c->head && c->pg) {
+        rel_query_t *q = c->head;
+        c->head = q->next;
+        if (!c->head)
+            c->tail = NULL;
+        q->next = NULL;
+        c->current = q;
+        int ok;
+        switch (q->kind) {
+        case Q_PREPARE:
+            ok = PQsendPrepare(c->pg, q->stmt, q->sql, q->nparams, NULL);
+            break;
+        case Q_SETUP:
+            ok = PQsendQuery(c->pg, q->sql);
+            break;
+        default:
+            ok = PQsendQueryPrepared(c->pg, q->stmt, q->nparams, (const char *const *)q->params,
+                                     NULL, NULL, q->binary);
+            break;
+        }
+        if (!ok || flush_out(c) < 0) {
+            conn_lost(c, PQerrorMessage(c->pg));
+            return;
+        }
+    }
+}
+
+static void drain_notifies(rel_conn_t *c)
+{
+    PGnotify *n;
+    while (c->pg && (n = PQnotifies(c->pg)) != NULL) {
+        if (c->on_notify && c->state == ST_UP)
+            c->on_notify(c, n->relname, n->extra, c->data);
+        PQfreemem(n);
+    }
+}
+
+static void setup_done(rel_conn_t *c)
+{
+    c->state = ST_UP;
+    c->attempt = 0;
+    fo_log(FO_LOG_INFO, "connected", "server=postgresql conn=%s", c->name);
+    if (c->on_state)
+        c->on_state(c, 1, c->data);
+}
+
+/* The current query's results are complete: report, then send the next one. */
+static void complete_current(rel_conn_t *c)
+{
+    rel_query_t *q = c->current;
+    c->current = NULL;
+    ExecStatusType st = q->result ? PQresultStatus(q->result) : PGRES_FATAL_ERROR;
+    int ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
+    if (q->kind != Q_EXEC) {
+        if (!ok) {
+            char what[512];
+            fo_log_quote(what, sizeof what,
+                         q->result ? PQresultErrorMessage(q->result) : "no result");
+            fo_log(FO_LOG_ERROR, "session set-up failed; fix the database or the settings",
+                   "server=postgresql conn=%s error=%s", c->name, what);
+            query_free(q);
+            conn_lost(c, "set-up failed");
+            return;
+        }
+        query_free(q);
+        if (!c->head && c->state == ST_SETTING_UP)
+            setup_done(c);
+    } else {
+        if (q->cb)
+            q->cb(ok ? 0 : FO_EPG, q->result, q->data);
+        query_free(q);
+    }
+    if (c->state != ST_CLOSING && c->state != ST_DOWN)
+        send_next(c);
+}
+
+static void read_results(rel_conn_t *c)
+{
+    if (!PQconsumeInput(c->pg)) {
+        conn_lost(c, PQerrorMessage(c->pg));
+        return;
+    }
+    drain_notifies(c);
+    while (c->pg && c->current && !PQisBusy(c->pg)) {
+        PGresult *r = PQgetResult(c->pg);
+        if (!r) {
+            complete_current(c);
+            continue;
+        }
+        rel_query_t *q = c->current;
+        ExecStatusType st = PQresultStatus(r);
+        int is_error = st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK;
+        int kept_error = q->result && PQresultStatus(q->result) != PGRES_TUPLES_OK &&
+                         PQresultStatus(q->result) != PGRES_COMMAND_OK;
+        if (kept_error && !is_error) {
+            PQclear(r); /* keep the first error of a multi-statement set-up */
+        } else {
+            if (q->result)
+                PQclear(q->result);
+            q->result = r;
+        }
+    }
+}
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    rel_conn_t *c = h->data;
+    if (c->state == ST_CLOSING || c->poll != h)
+        return;
+    if (status < 0) {
+        conn_lost(c, uv_strerror(status));
+        return;
+    }
+    if (events & UV_WRITABLE) {
+        if (flush_out(c) < 0) {
+            conn_lost(c, PQerrorMessage(c->pg));
+            return;
+        }
+    }
+    if (events & UV_READABLE)
+        read_results(c);
+}
+
+/* --- connect and reconnect --- */
+
+static void on_notice(void *arg, const PGresult *res)
+{
+    rel_conn_t *c = arg;
+    char what[512];
+    fo_log_quote(what, sizeof what, PQresultErrorMessage(res));
+    fo_log(FO_LOG_INFO, "postgresql notice", "conn=%s notice=%s", c->name, what);
+}
+
+static void connect_work(uv_work_t *w)
+{
+    rel_conn_t *c = w->data;
+    /* fallback_application_name: the DSN's own application_name, if any, wins. */
+    const char *keys[] = {"dbname", "fallback_application_name", "connect_timeout",
+                          "keepalives", "keepalives_idle", "keepalives_interval",
+                          "keepalives_count", "tcp_user_timeout", NULL};
+    const char *vals[] = {c->dsn, c->name, "10", "1", "10", "5", "3", "30000", NULL};
+    c->work_conn = PQconnectdbParams(keys, vals, 1);
+}
+
+static void on_backoff_timer(uv_timer_t *t)
+{
+    start_connect(t->data);
+}
+
+static void schedule_reconnect(rel_conn_t *c)
+{
+    uint64_t cap = (uint64_t)c->cfg->reconnect_max_ms;
+    uint64_t ceiling = 100u << (c->attempt < 16 ? c->attempt : 16);
+    if (ceiling > cap)
+        ceiling = cap;
+    c->rng ^= c->rng << 13;
+    c->rng ^= c->rng >> 7;
+    c->rng ^= c->rng << 17;
+    uint64_t delay = 50 + c->rng % (ceiling + 1); /* full jitter over [50, ceiling + 50] */
+    c->attempt++;
+    uv_timer_start(&c->timer, on_backoff_timer, delay, 0);
+}
+
+static void queue_setup(rel_conn_t *c)
+{
+    for (rel_stmt_t *s = c->stmts; s; s = s->next) {
+        rel_query_t *q = fo_xcalloc(1, sizeof *q);
+        q->kind = s->name ? Q_PREPARE : Q_SETUP;
+        q->stmt = s->name;
+        q->sql = stmt_sql(c, s);
+        q->nparams = s->nparams;
+        if (c->tail)
+            c->tail->next = q;
+        else
+            c->head = q;
+        c->tail = q;
+    }
+}
+
+static void connect_done(uv_work_t *w, int status)
+{
+    rel_conn_t *c = w->data;
+    c->work_busy = 0;
+    PGconn *pg = c->work_conn;
+    c->work_conn = NULL;
+    if (c->state == ST_CLOSING) {
+        PQfinish(pg);
+        maybe_free(c);
+        return;
+    }
+    if (status < 0 || !pg || PQstatus(pg) != CONNECTION_OK) {
+        char what[512];
+        fo_log_quote(what, sizeof what, pg ? PQerrorMessage(pg) : "out of memory");
+        fo_log(FO_LOG_WARN, "cannot connect; retrying", "server=postgresql conn=%s error=%s",
+               c->name, what);
+        PQfinish(pg);
+        c->state = ST_DOWN;
+        schedule_reconnect(c);
+        return;
+    }
+    PQsetNoticeReceiver(pg, on_notice, c);
+    if (PQsetnonblocking(pg, 1) != 0) {
+        PQfinish(pg);
+        c->state = ST_DOWN;
+        schedule_reconnect(c);
+        return;
+    }
+    c->pg = pg;
+    c->poll = fo_xcalloc(1, sizeof *c->poll);
+    c->poll->data = c;
+    int rc = uv_poll_init_socket(c->loop, c->poll, PQsocket(pg));
+    if (rc < 0) {
+        free(c->poll);
+        c->poll = NULL;
+        conn_lost(c, uv_strerror(rc));
+        return;
+    }
+    c->open_handles++;
+    c->poll_events = 0;
+    want_events(c, UV_READABLE);
+    c->state = ST_SETTING_UP;
+    queue_setup(c);
+    if (!c->head)
+        setup_done(c);
+    else
+        send_next(c);
+}
+
+static void start_connect(rel_conn_t *c)
+{
+    if (c->state == ST_CLOSING || c->work_busy)
+        return;
+    c->state = ST_CONNECTING;
+    c->work.data = c;
+    c->work_busy = 1;
+    int rc = uv_queue_work(c->loop, &c->work, connect_work, connect_done);
+    if (rc < 0) {
+        c->work_busy = 0;
+        c->state = ST_DOWN;
+        schedule_reconnect(c);
+    }
+}
+
+void rel_conn_start(rel_conn_t *c)
+{
+    start_connect(c);
+}
+
+static void conn_lost(rel_conn_t *c, const char *why)
+{
+    int was_up = c->state == ST_UP;
+    char what[512];
+    fo_log_quote(what, sizeof what, why ? why : "unknown");
+    fo_log(FO_LOG_WARN, "connection lost; reconnecting", "server=postgresql conn=%s error=%s",
+           c->name, what);
+    close_poll(c);
+    if (c->pg) {
+        PQfinish(c->pg);
+        c->pg = NULL;
+    }
+    c->state = ST_DOWN;
+    fail_all(c, FO_EPG);
+    if (c->state == ST_CLOSING)
+        return;
+    if (was_up && c->on_state)
+        c->on_state(c, 0, c->data);
+    if (c->state == ST_DOWN)
+        schedule_reconnect(c);
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    rel_conn_t *c = h->data;
+    c->open_handles--;
+    maybe_free(c);
+}
+
+void rel_conn_close(rel_conn_t *c)
+{
+    if (c->state == ST_CLOSING)
+        return;
+    c->state = ST_CLOSING;
+    fail_all(c, FO_ESTOP);
+    close_poll(c);
+    if (c->pg) {
+        PQfinish(c->pg);
+        c->pg = NULL;
+    }
+    if (c->work_busy)
+        uv_cancel((uv_req_t *)&c->work);
+    uv_close((uv_handle_t *)&c->timer, on_timer_closed);
+}

@@ -1,0 +1,82 @@
+/*
+ * rel_followers.c: keyset pages of follower ids from the contract view.
+ *
+ * The statement is prepared on every connect with the view's identifiers quoted by
+ * PQescapeIdentifier (they come from configuration). Results come back in binary, so a page
+ * of ids is parsed without text conversion straight into the caller's buffer. The session is
+ * read-only: fanoutd cannot modify anything through this connection even by mistake.
+ */
+#include "relationships/rel_int.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAGE_STMT "fo_followers_page"
+
+typedef struct page_req {
+    int64_t *out;
+    int limit;
+    rel_page_cb cb;
+    void *data;
+} page_req_t;
+
+int64_t rel__int8_from_binary(const char *v)
+{
+    const unsigned char *b = (const unsigned char *)v;
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++)
+        x = (x << 8) | b[i];
+    return (int64_t)x;
+}
+
+void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg)
+{
+    rel_conn_setup(c, "SET default_transaction_read_only = on");
+    rel__conn_prepare_idents(c, PAGE_STMT,
+                             "SELECT follower FROM %s.%s WHERE author = $1 AND follower > $2 "
+                             "AND follower <= $3 ORDER BY follower LIMIT $4",
+                             4, cfg->contract_schema, cfg->contract_view);
+}
+
+static void on_page(int status, const PGresult *res, void *data)
+{
+    page_req_t *r = data;
+    size_t n = 0;
+    if (status == 0) {
+        int rows = PQntuples(res);
+        if (PQnfields(res) != 1 || PQftype(res, 0) != 20 /* int8 */ || rows > r->limit) {
+            fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
+                   "fields=%d rows=%d; the follower column must be bigint", PQnfields(res),
+                   rows);
+            status = FO_EPG;
+        } else {
+            for (int i = 0; i < rows; i++)
+                r->out[n++] = rel__int8_from_binary(PQgetvalue(res, i, 0));
+        }
+    } else if (res) {
+        char what[512];
+        fo_log_quote(what, sizeof what, PQresultErrorMessage(res));
+        fo_log(FO_LOG_WARN, "follower page query failed", "error=%s", what);
+    }
+    r->cb(status, r->out, status == 0 ? n : 0, r->data);
+    free(r);
+}
+
+int rel_followers_fetch(rel_conn_t *c, int64_t author, int64_t after, int64_t upto, int limit,
+                        int64_t *out, rel_page_cb cb, void *data)
+{
+    char a[24], lo[24], hi[24], lim[16];
+    snprintf(a, sizeof a, "%" PRId64, author);
+    snprintf(lo, sizeof lo, "%" PRId64, after);
+    snprintf(hi, sizeof hi, "%" PRId64, upto);
+    snprintf(lim, sizeof lim, "%d", limit);
+    const char *params[] = {a, lo, hi, lim};
+    page_req_t *r = fo_xmalloc(sizeof *r);
+    *r = (page_req_t){.out = out, .limit = limit, .cb = cb, .data = data};
+    int rc = rel_conn_exec(c, PAGE_STMT, 4, params, 1, on_page, r);
+    if (rc < 0)
+        free(r);
+    return rc;
+}

@@ -1,0 +1,95 @@
+/*
+ * relationships: fanoutd's PostgreSQL side.
+ *
+ * rel_conn_t is one non-blocking libpq connection driven by the daemon's libuv loop. It
+ * connects in libuv's thread pool (PQconnectdbParams blocks on DNS and the handshake, so it
+ * must not run on the loop), then runs every query non-blocking on a uv_poll_t over
+ * PQsocket(). Queries are queued and sent one at a time; each callback receives its result.
+ * After every (re)connect it re-prepares the registered statements and re-runs the
+ * registered session set-up (SET, LISTEN) before it reports itself up, because all of those
+ * are lost with the connection. A lost connection is never fatal: pending queries fail with
+ * FO_EPG, the state callback says "down", and it reconnects with jittered backoff.
+ *
+ * The follower reader is built on it: keyset pages of follower ids from the contract view,
+ *   SELECT follower FROM <view> WHERE author = $1 AND follower > $2 AND follower <= $3
+ *   ORDER BY follower LIMIT $4
+ * which the view's owner keeps an index range scan. Never OFFSET, never the whole list.
+ */
+#ifndef FANOUT_RELATIONSHIPS_H
+#define FANOUT_RELATIONSHIPS_H
+
+#include <libpq-fe.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config/config.h"
+
+typedef struct rel_conn rel_conn_t;
+
+/* up = 1 once connected and set up; up = 0 when the connection was lost (it will retry). */
+typedef void (*rel_state_cb)(rel_conn_t *c, int up, void *data);
+/* A NOTIFY on a LISTENed channel; strings are borrowed until return. */
+typedef void (*rel_notify_cb)(rel_conn_t *c, const char *channel, const char *payload,
+                              void *data);
+/*
+ * A query's outcome. status 0: res is the PGRES_TUPLES_OK / PGRES_COMMAND_OK result.
+ * FO_EPG: the server reported an error (res holds it: PQresultErrorMessage) or the
+ * connection was lost (res is NULL). FO_ESTOP: the connection is closing (res NULL).
+ * res is borrowed: it is cleared when the callback returns.
+ */
+typedef void (*rel_result_cb)(int status, const PGresult *res, void *data);
+
+/*
+ * Creates a connection for `dsn` (a libpq connection string, empty for PG* variables) named
+ * `name` in logs and in application_name (unless the DSN sets one). Nothing happens until
+ * rel_conn_start. cfg must outlive the connection.
+ */
+rel_conn_t *rel_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, const char *name,
+                         rel_state_cb on_state, rel_notify_cb on_notify, void *data);
+
+/* Registers a statement prepared on every (re)connect, before the state turns up. */
+void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int nparams);
+
+/* Registers session set-up SQL (may hold several statements) run on every (re)connect. */
+void rel_conn_setup(rel_conn_t *c, const char *sql);
+
+/* Starts connecting. */
+void rel_conn_start(rel_conn_t *c);
+
+/* 1 when up. */
+int rel_conn_ready(const rel_conn_t *c);
+
+/*
+ * Queues a prepared statement with text parameters (copied; NULL entries are SQL NULL).
+ * binary_result = 1 asks for binary columns. Returns 0 (cb runs later, from the loop) or
+ * FO_EPG when not up (cb never runs).
+ */
+int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
+                  int binary_result, rel_result_cb cb, void *data);
+
+/*
+ * Fails pending queries with FO_ESTOP, closes the connection and the handles. The memory is
+ * released once libuv has closed them, so the loop must run on. Callbacks do not run after.
+ */
+void rel_conn_close(rel_conn_t *c);
+
+/* --- the follower reader --- */
+
+/*
+ * Registers the page statement for cfg's contract view on c (identifiers quoted with
+ * PQescapeIdentifier) and makes c's sessions read-only. Call before rel_conn_start.
+ */
+void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg);
+
+/* Receives a page: ids[0..n) ascending, borrowed (they live in the caller's buffer). */
+typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, void *data);
+
+/*
+ * Reads up to `limit` follower ids of `author` in (after, upto], ascending, into out[] (room
+ * for limit ids). Returns 0 (cb runs later) or FO_EPG when not up (cb never runs).
+ */
+int rel_followers_fetch(rel_conn_t *c, int64_t author, int64_t after, int64_t upto, int limit,
+                        int64_t *out, rel_page_cb cb, void *data);
+
+#endif

@@ -1,0 +1,38 @@
+# Shared by scripts/test, scripts/demo and bench/: install the Debian packages fanout needs
+# (only those missing) and build a tree. Sourced, not run.
+
+FANOUT_PACKAGES=(
+  build-essential cmake pkg-config
+  libuv1-dev libhiredis-dev libpq-dev libcmocka-dev
+  postgresql-15 redis-server redis-tools
+  python3 python3-redis python3-psycopg2
+)
+
+fanout_install_deps() {
+  local missing=() p
+  for p in "${FANOUT_PACKAGES[@]}" "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "fanout: missing Debian packages: ${missing[*]}; run this script as root or install them with apt-get" >&2
+    return 1
+  fi
+  echo "fanout: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # policy-rc.d keeps the packages' own system services from starting: fanout's tests and
+  # demo start throwaway servers of their own on free ports.
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created=1; fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$created" -eq 1 ] && rm -f "$policy"
+  return 0
+}
+
+# fanout_build DIR [cmake args...]: configure (once) and build with both cores.
+fanout_build() {
+  local dir=$1; shift
+  cmake -S "$FANOUT_ROOT" -B "$dir" "$@" >/dev/null
+  cmake --build "$dir" -j"$(nproc)" -- --no-print-directory >/dev/null
+}

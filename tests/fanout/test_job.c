@@ -1,0 +1,451 @@
+/*
+ * test_job.c: the job state machine against fake PostgreSQL and Redis.
+ *
+ * The fakes record every call with its arguments and callback; each test answers them in the
+ * order and with the outcomes it wants (success, lost connection, fenced, moved mark), then
+ * checks what the job asked for next and how it finished.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "fanout/fo_int.h"
+
+#define MAXCALLS 64
+
+typedef enum { C_FETCH, C_FENCE, C_WRITE } call_kind_t;
+
+typedef struct call {
+    call_kind_t kind;
+    int64_t after, upto, expect, start;
+    int limit, last;
+    size_t n;
+    int64_t ids[16];
+    int64_t *out;
+    rel_page_cb page_cb;
+    ntf_progress_cb prog_cb;
+    void *data;
+    int answered;
+} call_t;
+
+typedef struct fake {
+    call_t calls[MAXCALLS];
+    int ncalls;
+    int finished;
+    fo_job_state_t final_state;
+    int64_t final_cursor, final_delivered;
+    int refuse_redis; /* io returns FO_EREDIS as if the client were not ready */
+    /* the simulated follower list and Redis mark */
+    int64_t followers[64];
+    int nfollowers;
+} fake_t;
+
+static fake_t F;
+static cfg_t cfg;
+
+static int fake_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
+                      int64_t *out, rel_page_cb cb, void *data)
+{
+    call_t *c = &F.calls[F.ncalls++];
+    *c = (call_t){.kind = C_FETCH, .after = after, .upto = upto, .limit = limit, .out = out,
+                  .page_cb = cb, .data = data};
+    return 0;
+}
+
+static int fake_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb,
+                      void *data)
+{
+    if (F.refuse_redis)
+        return FO_EREDIS;
+    call_t *c = &F.calls[F.ncalls++];
+    *c = (call_t){.kind = C_FENCE, .start = start, .prog_cb = cb, .data = data};
+    return 0;
+}
+
+static int fake_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids,
+                      size_t n, int last, ntf_progress_cb cb, void *data)
+{
+    if (F.refuse_redis)
+        return FO_EREDIS;
+    call_t *c = &F.calls[F.ncalls++];
+    *c = (call_t){.kind = C_WRITE, .expect = expect, .n = n, .last = last, .prog_cb = cb,
+                  .data = data};
+    assert_true(n <= 16);
+    memcpy(c->ids, ids, n * sizeof *ids);
+    return 0;
+}
+
+static void fake_finished(void *ctx, fo_job_t *j)
+{
+    F.finished++;
+    F.final_state = fo_job_state(j);
+    F.final_cursor = fo_job_cursor(j);
+    F.final_delivered = fo_job_delivered(j);
+}
+
+static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, NULL};
+
+/* The oldest unanswered call of a kind. */
+static call_t *next_call(call_kind_t kind)
+{
+    for (int i = 0; i < F.ncalls; i++)
+        if (!F.calls[i].answered && F.calls[i].kind == kind)
+            return &F.calls[i];
+    return NULL;
+}
+
+static int pending(call_kind_t kind)
+{
+    int n = 0;
+    for (int i = 0; i < F.ncalls; i++)
+        n += !F.calls[i].answered && F.calls[i].kind == kind;
+    return n;
+}
+
+/* Answers the oldest fetch from the simulated follower list. */
+static void answer_fetch(void)
+{
+    call_t *c = next_call(C_FETCH);
+    assert_non_null(c);
+    c->answered = 1;
+    size_t n = 0;
+    for (int i = 0; i < F.nfollowers && n < (size_t)c->limit; i++)
+        if (F.followers[i] > c->after && F.followers[i] <= c->upto)
+            c->out[n++] = F.followers[i];
+    c->page_cb(0, c->out, n, c->data);
+}
+
+static void answer_fetch_error(void)
+{
+    call_t *c = next_call(C_FETCH);
+    assert_non_null(c);
+    c->answered = 1;
+    c->page_cb(FO_EPG, c->out, 0, c->data);
+}
+
+static void answer_progress(call_kind_t kind, int status, int64_t cursor, int64_t delivered,
+                            int done)
+{
+    call_t *c = next_call(kind);
+    assert_non_null(c);
+    c->answered = 1;
+    ntf_progress_t p = {cursor, delivered, done};
+    c->prog_cb(status, (status == 0 || status == NTF_EMOVED) ? &p : NULL, c->data);
+}
+
+/* Answers the oldest write as Redis would: applied, with the mark after it. */
+static int64_t redis_delivered;
+static void apply_write(void)
+{
+    call_t *c = next_call(C_WRITE);
+    assert_non_null(c);
+    redis_delivered += (int64_t)c->n;
+    answer_progress(C_WRITE, 0, c->n ? c->ids[c->n - 1] : c->expect, redis_delivered,
+                    c->last);
+}
+
+static void set_followers(int n)
+{
+    F.nfollowers = n;
+    for (int i = 0; i < n; i++)
+        F.followers[i] = (i + 1) * 10;
+}
+
+static fo_job_t *start_job(int64_t range_lo)
+{
+    fo_claim_t claim = {.job_id = 7, .event_id = 70, .author = 5, .token = 2,
+                        .range_lo = range_lo, .range_hi = INT64_MAX, .kind = "post",
+                        .payload = "{}", .created_at = "2026-11-27T00:00:00.000000Z"};
+    fo_job_t *j = fo_job_new(&io, &cfg, &claim);
+    fo_job_start(j, 0);
+    return j;
+}
+
+static int setup(void **state)
+{
+    memset(&F, 0, sizeof F);
+    redis_delivered = 0;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.page_size = 3;
+    cfg.window = 2;
+    cfg.reconnect_max_ms = 1000;
+    return 0;
+}
+
+/* Runs the job to completion answering everything successfully. */
+static void run_to_end(void)
+{
+    for (int guard = 0; guard < 100 && !F.finished; guard++) {
+        if (pending(C_FETCH))
+            answer_fetch();
+        else if (pending(C_WRITE))
+            apply_write();
+        else
+            break;
+    }
+}
+
+static void test_no_followers_finishes_with_empty_last_page(void **state)
+{
+    fo_job_t *j = start_job(0);
+    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    call_t *w = next_call(C_WRITE);
+    assert_non_null(w);
+    assert_int_equal(w->n, 0);
+    assert_int_equal(w->last, 1);
+    apply_write();
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 0);
+    fo_job_free(j);
+}
+
+static void test_pages_are_pipelined_in_order(void **state)
+{
+    set_followers(7);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch(); /* page 10,20,30 -> sent, next read starts */
+    assert_int_equal(pending(C_WRITE), 1);
+    assert_int_equal(pending(C_FETCH), 1);
+    answer_fetch(); /* page 40,50,60 -> sent (window 2) */
+    assert_int_equal(pending(C_WRITE), 2);
+    answer_fetch(); /* page 70 (short: last) -> waits for the window */
+    assert_int_equal(pending(C_WRITE), 2);
+    assert_int_equal(pending(C_FETCH), 0);
+    call_t *w1 = next_call(C_WRITE);
+    assert_int_equal(w1->expect, 0);
+    assert_int_equal(w1->ids[2], 30);
+    apply_write();
+    call_t *w3 = &F.calls[F.ncalls - 1];
+    assert_int_equal(w3->kind, C_WRITE);
+    assert_int_equal(w3->expect, 60);
+    assert_int_equal(w3->n, 1);
+    assert_int_equal(w3->last, 1);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 7);
+    assert_int_equal(F.final_cursor, 70);
+    fo_job_free(j);
+}
+
+static void test_full_last_page_is_followed_by_empty_finish(void **state)
+{
+    set_followers(6);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    run_to_end();
+    call_t *last = &F.calls[F.ncalls - 1];
+    assert_int_equal(last->kind, C_WRITE);
+    assert_int_equal(last->n, 0);
+    assert_int_equal(last->expect, 60);
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 6);
+    fo_job_free(j);
+}
+
+static void test_resumes_after_the_progress_mark(void **state)
+{
+    set_followers(7);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 40, 4, 0); /* a previous worker wrote 4 */
+    redis_delivered = 4;
+    call_t *f = next_call(C_FETCH);
+    assert_int_equal(f->after, 40);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 7);
+    fo_job_free(j);
+}
+
+static void test_done_mark_finishes_without_writing(void **state)
+{
+    set_followers(7);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 70, 7, 1);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0);
+    fo_job_free(j);
+}
+
+static void test_lost_redis_refences_and_resumes_from_redis(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    answer_fetch(); /* two writes in flight */
+    apply_write();  /* first applied: mark at 30 */
+    /* the connection drops: the second write's outcome is unknown */
+    answer_progress(C_WRITE, FO_EREDIS, 0, 0, 0);
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    assert_int_equal(F.finished, 0);
+    /* a read of the forgotten pipeline may still be in flight: it changes nothing */
+    if (pending(C_FETCH))
+        answer_fetch();
+    int writes_before = pending(C_WRITE);
+    assert_int_equal(writes_before, 0);
+    fo_job_kick(j, fo_job_retry_at(j), 0);
+    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    /* Redis had in fact applied the second page: the mark is at 60 */
+    redis_delivered = 6;
+    answer_progress(C_FENCE, 0, 60, 6, 0);
+    call_t *f = next_call(C_FETCH);
+    assert_non_null(f);
+    assert_int_equal(f->after, 60);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 9);
+    fo_job_free(j);
+}
+
+static void test_redis_not_ready_waits_then_retries(void **state)
+{
+    F.refuse_redis = 1;
+    fo_job_t *j = start_job(0);
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    fo_job_kick(j, 0, 0); /* not due yet */
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    F.refuse_redis = 0;
+    fo_job_kick(j, 0, 1); /* forced: Redis came back */
+    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    fo_job_free(j);
+}
+
+static void test_moved_mark_resumes_from_it(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    answer_fetch();
+    /* Redis says the mark is elsewhere (e.g. 60 after an earlier lost reply) */
+    redis_delivered = 6;
+    answer_progress(C_WRITE, NTF_EMOVED, 60, 6, 0);
+    /* the second write of the forgotten pipeline is answered as moved too: ignored */
+    answer_progress(C_WRITE, NTF_EMOVED, 60, 6, 0);
+    if (pending(C_FETCH)) {
+        call_t *f = next_call(C_FETCH);
+        if (f->after != 60)
+            answer_fetch(); /* stale read */
+    }
+    call_t *f = next_call(C_FETCH);
+    assert_non_null(f);
+    assert_int_equal(f->after, 60);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 9);
+    fo_job_free(j);
+}
+
+static void test_fenced_job_stops_writing(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    answer_fetch();
+    answer_progress(C_WRITE, FO_EFENCED, 0, 0, 0);
+    int calls = F.ncalls;
+    answer_progress(C_WRITE, FO_EFENCED, 0, 0, 0);
+    while (pending(C_FETCH))
+        answer_fetch();
+    assert_int_equal(pending(C_WRITE), 0);
+    assert_int_equal(F.ncalls, calls); /* nothing new was sent */
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_FENCED);
+    fo_job_free(j);
+}
+
+static void test_fenced_at_start(void **state)
+{
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, FO_EFENCED, 0, 0, 0);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_FENCED);
+    fo_job_free(j);
+}
+
+static void test_stop_drains_the_writes_in_flight(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    answer_fetch();
+    fo_job_stop(j);
+    assert_int_equal(fo_job_state(j), FO_JOB_DRAINING);
+    int calls = F.ncalls;
+    apply_write();
+    apply_write();
+    if (pending(C_FETCH))
+        answer_fetch();
+    assert_int_equal(F.ncalls, calls);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_STOPPED);
+    assert_int_equal(F.final_cursor, 60);
+    assert_int_equal(F.final_delivered, 6);
+    fo_job_free(j);
+}
+
+static void test_read_failure_waits_and_rereads(void **state)
+{
+    set_followers(4);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch_error();
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    fo_job_kick(j, fo_job_retry_at(j), 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 4);
+    fo_job_free(j);
+}
+
+static void test_range_bounds_are_passed_to_reads(void **state)
+{
+    set_followers(9);
+    fo_claim_t claim = {.job_id = 1, .event_id = 1, .author = 5, .token = 1, .range_lo = 20,
+                        .range_hi = 50, .kind = "k", .payload = "{}", .created_at = "t"};
+    fo_job_t *j = fo_job_new(&io, &cfg, &claim);
+    fo_job_start(j, 0);
+    call_t *fe = next_call(C_FENCE);
+    assert_int_equal(fe->start, 20);
+    answer_progress(C_FENCE, 0, 20, 0, 0);
+    assert_int_equal(next_call(C_FETCH)->upto, 50);
+    run_to_end();
+    assert_int_equal(F.final_delivered, 3); /* 30, 40, 50 */
+    fo_job_free(j);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup(test_no_followers_finishes_with_empty_last_page, setup),
+        cmocka_unit_test_setup(test_pages_are_pipelined_in_order, setup),
+        cmocka_unit_test_setup(test_full_last_page_is_followed_by_empty_finish, setup),
+        cmocka_unit_test_setup(test_resumes_after_the_progress_mark, setup),
+        cmocka_unit_test_setup(test_done_mark_finishes_without_writing, setup),
+        cmocka_unit_test_setup(test_lost_redis_refences_and_resumes_from_redis, setup),
+        cmocka_unit_test_setup(test_redis_not_ready_waits_then_retries, setup),
+        cmocka_unit_test_setup(test_moved_mark_resumes_from_it, setup),
+        cmocka_unit_test_setup(test_fenced_job_stops_writing, setup),
+        cmocka_unit_test_setup(test_fenced_at_start, setup),
+        cmocka_unit_test_setup(test_stop_drains_the_writes_in_flight, setup),
+        cmocka_unit_test_setup(test_read_failure_waits_and_rereads, setup),
+        cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
+    };
+    return cmocka_run_group_tests_name("fanout/job", tests, NULL, NULL);
+}

@@ -1,0 +1,869 @@
+"""Integration test harness: throwaway PostgreSQL 15 and Redis servers, the built fanoutd and
+fanoutctl, and a tiny test runner.
+
+    from harness import Servers, Suite
+
+    suite = Suite("test_example")
+
+    @suite.test
+    def event_reaches_every_follower(s):          # s is a started, migrated Servers
+        s.seed_followers(author=7, n=100)
+        d = s.start_daemon(FANOUT_PAGE_SIZE=10)
+        ev = s.publish(7)
+        s.wait_event_done(ev, timeout=30)
+        assert sorted(s.recipients_of(ev)) == list(range(1, 101))
+
+    if __name__ == "__main__":
+        suite.main()
+
+Servers (a context manager) starts, in a fresh temp dir, a PostgreSQL cluster copied from a
+template made once per test run by initdb (FANOUT_PG_TEMPLATE, under a file lock) and a
+redis-server, each on a free loopback port; it runs `fanoutctl migrate` as the superuser and
+creates the login roles fanoutd (IN ROLE fanout_worker) and producer (IN ROLE
+fanout_publisher). Everything it started is stopped and the dir removed at exit, also on an
+exception, SIGTERM, SIGHUP or SIGINT (try/finally plus atexit). As root, PostgreSQL runs as
+the `postgres` system user (or a `fanout-test` user created on demand) via runuser.
+
+Run one file directly: FANOUT_BUILD_DIR=build python3 tests/integration/test_x.py [NAME...]
+Build the template alone: python3 tests/integration/harness.py make-template
+"""
+
+import atexit
+import ctypes
+import fcntl
+import glob
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+try:
+    import psycopg2
+    import redis
+except ImportError as e:  # the usual cause: a python3 other than Debian's first on PATH
+    sys.exit("harness: %s; install python3-psycopg2 and python3-redis (apt-get install -y "
+             "python3-redis python3-psycopg2) and run Debian's /usr/bin/python3" % e)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE_DIR = os.path.dirname(os.path.dirname(HERE))
+PG_BIN = os.environ.get("FANOUT_PG_BIN", "/usr/lib/postgresql/15/bin")
+BUILD_DIR = os.path.abspath(os.environ.get("FANOUT_BUILD_DIR") or os.path.join(SOURCE_DIR, "build"))
+FANOUTD = os.path.join(BUILD_DIR, "fanout", "fanoutd")
+FANOUTCTL = os.path.join(BUILD_DIR, "fanoutctl", "fanoutctl")
+PG_TEMPLATE = os.path.abspath(
+    os.environ.get("FANOUT_PG_TEMPLATE")
+    or os.path.join(BUILD_DIR, "tests", "integration", "pg-template"))
+DB_NAME = "fanout"
+SUPERUSER = "postgres"
+TEMPLATE_FORMAT = "fanout-pg-template 1"  # bump when the template's contents change
+TEST_USER = "fanout-test"
+
+
+class HarnessError(Exception):
+    """A server or tool did not start or behave; the message carries the relevant log tail."""
+
+
+# --------------------------------------------------------------------------------------------
+# processes, users, ports
+# --------------------------------------------------------------------------------------------
+
+def _tail(path, lines=40):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return "(no log: %s)" % e
+    text = data.decode("utf-8", "replace").rstrip("\n").split("\n")
+    return "\n".join(text[-lines:])
+
+
+def free_port():
+    """A port that was free on 127.0.0.1 a moment ago (the kernel picks it: bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_os_user():
+    """The unprivileged user PostgreSQL runs as when we are root; None when we are not."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", TEST_USER):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            pass
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                    "--shell", "/usr/sbin/nologin", TEST_USER],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    pwd.getpwnam(TEST_USER)  # raises if it still does not exist
+    return TEST_USER
+
+
+def _as_pg(cmd):
+    user = _pg_os_user()
+    return ["runuser", "-u", user, "--"] + list(cmd) if user else list(cmd)
+
+
+def _chown_pg(path):
+    user = _pg_os_user()
+    if user:
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_us(sig):
+    """preexec_fn: the child gets sig when this process dies, even by SIGKILL (a CTest
+    timeout), so no server or daemon outlives the test that started it."""
+    def set_pdeathsig():
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    return set_pdeathsig
+
+
+def _clean_env():
+    """The caller's environment without FANOUT_* and PG* variables."""
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith("FANOUT_") or k.startswith("PG"))}
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# the initdb template, made once per test run
+# --------------------------------------------------------------------------------------------
+
+def _template_stamp():
+    out = subprocess.run([os.path.join(PG_BIN, "postgres"), "--version"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    return "%s\n%s\n" % (TEMPLATE_FORMAT, out)
+
+
+def ensure_template(path=PG_TEMPLATE):
+    """Makes <path>/data (an initdb'ed cluster holding an empty database `fanout`) unless it
+    is already there for this PostgreSQL version. Safe to call from parallel tests: the first
+    one builds it under an exclusive file lock, the others wait and reuse it."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp_path = os.path.join(path, "STAMP")
+        want = _template_stamp()
+        try:
+            with open(stamp_path) as f:
+                if f.read() == want and os.path.isdir(os.path.join(path, "data")):
+                    return path
+        except OSError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+        work = tempfile.mkdtemp(prefix="fanout-pgtpl-")
+        try:
+            os.chmod(work, 0o755)
+            _chown_pg(work)
+            data = os.path.join(work, "data")
+            log = os.path.join(work, "initdb.log")
+            with open(log, "w") as out:
+                r = subprocess.run(_as_pg([os.path.join(PG_BIN, "initdb"), "-D", data,
+                                           "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
+                                           "--locale=C", "--no-sync", "--no-instructions"]),
+                                   stdout=out, stderr=subprocess.STDOUT, timeout=120)
+                if r.returncode != 0:
+                    raise HarnessError("initdb failed:\n" + _tail(log))
+                # Single-user mode: no port, no socket, no waiting for a server to start.
+                r = subprocess.run(_as_pg([os.path.join(PG_BIN, "postgres"), "--single",
+                                           "-D", data, "-c", "fsync=off", "postgres"]),
+                                   input="CREATE DATABASE %s;\n" % DB_NAME, text=True,
+                                   stdout=out, stderr=subprocess.STDOUT, timeout=120)
+                if r.returncode != 0:
+                    raise HarnessError("CREATE DATABASE failed:\n" + _tail(log))
+            staging = path + ".tmp%d" % os.getpid()
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+            subprocess.run(["cp", "-a", data, os.path.join(staging, "data")], check=True)
+            with open(os.path.join(staging, "STAMP"), "w") as f:
+                f.write(want)
+            os.rename(staging, path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# teardown on every exit path
+# --------------------------------------------------------------------------------------------
+
+_LIVE = []
+_HANDLERS_INSTALLED = False
+
+
+def _close_all():
+    for s in list(_LIVE):
+        try:
+            s.close()
+        except Exception:  # teardown must go on for the others
+            traceback.print_exc()
+
+
+def _on_signal(signum, frame):
+    # Unwind through every finally (and then atexit) instead of dying with servers running.
+    raise SystemExit(128 + signum)
+
+
+def _install_handlers():
+    global _HANDLERS_INSTALLED
+    if _HANDLERS_INSTALLED:
+        return
+    _HANDLERS_INSTALLED = True
+    atexit.register(_close_all)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread: atexit and finally still apply
+        pass
+
+
+def _remove_orphaned_dirs():
+    """Removes the temp dirs of earlier runs that were killed before they could (SIGKILL, a
+    CTest timeout); their servers died with them (see _die_with_us)."""
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "fanout-it-*")):
+        try:
+            with open(os.path.join(d, "owner.pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# a running fanoutd
+# --------------------------------------------------------------------------------------------
+
+class Daemon:
+    """One fanoutd process. .proc is the Popen; stdout and stderr go to .log_path."""
+
+    def __init__(self, proc, log_path, name):
+        self.proc = proc
+        self.log_path = log_path
+        self.name = name
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def log_tail(self, lines=40):
+        return _tail(self.log_path, lines)
+
+    def kill(self, sig=signal.SIGKILL):
+        """Sends sig (default SIGKILL) if the process is still running."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout=10):
+        """Waits for the exit; returns the exit code (negative: killed by that signal)."""
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout=15):
+        """SIGTERM, then waits up to timeout seconds; returns the exit code. On timeout the
+        process is killed and AssertionError carries the log tail."""
+        self.kill(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError("%s did not stop within %ss of SIGTERM; log tail:\n%s"
+                                 % (self.name, timeout, self.log_tail()))
+
+    def wait_log(self, pattern, timeout=10):
+        """Waits until the log matches the regex pattern; returns the match. Fails early if
+        the process exits."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.log())
+            if m:
+                return m
+            if not self.alive():
+                raise AssertionError("%s exited (%s) before logging /%s/; log tail:\n%s"
+                                     % (self.name, self.proc.returncode, pattern, self.log_tail()))
+            if time.monotonic() > deadline:
+                raise AssertionError("%s did not log /%s/ within %ss; log tail:\n%s"
+                                     % (self.name, pattern, timeout, self.log_tail()))
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# the servers
+# --------------------------------------------------------------------------------------------
+
+class Servers:
+    """A throwaway PostgreSQL cluster and redis-server on free loopback ports.
+
+    Attributes after start: dir, pg_port, redis_port, pg_params (superuser, db fanout),
+    key_prefix, shards (None: the daemon's default), daemons.
+    """
+
+    def __init__(self, migrate=True, aof=True, key_prefix="fanout", shards=None):
+        self.migrate_on_start = migrate
+        self.aof = aof
+        self.key_prefix = key_prefix
+        self.shards = shards
+        self.dir = None
+        self.pg_port = None
+        self.redis_port = None
+        self.daemons = []
+        self._pg_proc = None
+        self._redis_proc = None
+        self._conns = {}
+        self._redis = None
+        self._closed = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def start(self):
+        _install_handlers()
+        _LIVE.append(self)
+        _remove_orphaned_dirs()
+        self.dir = tempfile.mkdtemp(prefix="fanout-it-")
+        os.chmod(self.dir, 0o755)  # the PostgreSQL user must reach its data dir inside
+        with open(self.path("owner.pid"), "w") as f:
+            f.write("%d\n" % os.getpid())
+        try:
+            self._start_pg()
+            self._start_redis()
+            if self.migrate_on_start:
+                self.migrate()
+                self.create_roles()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self):
+        """Kills every daemon, stops both servers and removes the temp dir. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.kill_daemons()
+            for c in self._conns.values():
+                try:
+                    c.close()
+                except Exception:
+                    pass
+            self._conns.clear()
+            if self._redis is not None:
+                try:
+                    self._redis.close()
+                except Exception:
+                    pass
+            self._stop_redis()
+            self._stop_pg()
+        finally:
+            if self.dir and not os.environ.get("FANOUT_KEEP_TMP"):
+                shutil.rmtree(self.dir, ignore_errors=True)
+            if self in _LIVE:
+                _LIVE.remove(self)
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    # -- PostgreSQL ---------------------------------------------------------------------------
+
+    @property
+    def pg_log_path(self):
+        return self.path("postgres.log")
+
+    def _start_pg(self):
+        ensure_template()
+        data = self.path("pgdata")
+        subprocess.run(["cp", "-a", os.path.join(PG_TEMPLATE, "data"), data], check=True)
+        sock = self.path("pgsock")
+        os.mkdir(sock)
+        _chown_pg(sock)
+        for attempt in range(5):
+            self.pg_port = free_port()
+            try:
+                self.pg_start()
+                return
+            except HarnessError:
+                if attempt == 4 or "already in use" not in _tail(self.pg_log_path, 20):
+                    raise
+
+    def pg_start(self, timeout=30):
+        """Starts the cluster on self.pg_port (again, after pg_stop) and waits until it
+        accepts connections."""
+        cmd = [os.path.join(PG_BIN, "postgres"), "-D", self.path("pgdata"),
+               "-c", "port=%d" % self.pg_port,
+               "-c", "listen_addresses=127.0.0.1",
+               "-c", "unix_socket_directories=%s" % self.path("pgsock"),
+               "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+               "-c", "shared_buffers=128MB", "-c", "max_connections=50"]
+        log = open(self.pg_log_path, "ab")
+        try:
+            # runuser turns SIGTERM into SIGTERM, then SIGKILL 2 s later, for postgres;
+            # without runuser, SIGQUIT is postgres's own immediate shutdown.
+            death = signal.SIGTERM if _pg_os_user() else signal.SIGQUIT
+            self._pg_proc = subprocess.Popen(_as_pg(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_die_with_us(death))
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg2.connect(connect_timeout=2, **self.pg_params).close()
+                return
+            except psycopg2.OperationalError:
+                pass
+            if self._pg_proc.poll() is not None:
+                raise HarnessError("postgres exited with %s; log tail:\n%s"
+                                   % (self._pg_proc.returncode, _tail(self.pg_log_path)))
+            if time.monotonic() > deadline:
+                raise HarnessError("postgres did not accept connections within %ss:\n%s"
+                                   % (timeout, _tail(self.pg_log_path)))
+            time.sleep(0.05)
+
+    def _postmaster_pid(self):
+        try:
+            with open(self.path("pgdata", "postmaster.pid")) as f:
+                return int(f.readline().strip())
+        except (OSError, ValueError):
+            return None
+
+    def pg_stop(self, mode="fast", timeout=30):
+        """Stops the cluster: mode "fast" (SIGINT), "immediate" (SIGQUIT, like a crash) or
+        "smart" (SIGTERM). Connections the harness holds are dropped."""
+        for c in self._conns.values():
+            try:
+                c.close()
+            except Exception:
+                pass
+        self._conns.clear()
+        self._stop_pg(mode, timeout)
+
+    def _stop_pg(self, mode="immediate", timeout=30):
+        if self._pg_proc is None:
+            return
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT,
+               "immediate": signal.SIGQUIT}[mode]
+        pid = self._postmaster_pid()
+        if self._pg_proc.poll() is None:
+            # Signal the postmaster itself: runuser would turn any signal into a SIGTERM.
+            if pid and _pid_alive(pid):
+                os.kill(pid, sig)
+            else:
+                self._pg_proc.terminate()
+            try:
+                self._pg_proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                if pid and _pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+                self._pg_proc.kill()
+                self._pg_proc.wait()
+        self._pg_proc = None
+
+    def pg_restart(self, mode="fast"):
+        self.pg_stop(mode)
+        self.pg_start()
+
+    @property
+    def pg_params(self):
+        """Superuser connection parameters (psycopg2.connect(**s.pg_params))."""
+        return dict(host="127.0.0.1", port=self.pg_port, user=SUPERUSER, dbname=DB_NAME)
+
+    def pg_env(self, user=SUPERUSER):
+        """libpq environment for `user` (merge into a clean environment)."""
+        return {"PGHOST": "127.0.0.1", "PGPORT": str(self.pg_port), "PGUSER": user,
+                "PGDATABASE": DB_NAME}
+
+    def dsn(self, user="fanoutd", application_name=None):
+        return "host=127.0.0.1 port=%d dbname=%s user=%s application_name=%s" % (
+            self.pg_port, DB_NAME, user, application_name or user)
+
+    def connect(self, user=SUPERUSER, autocommit=True):
+        """A new psycopg2 connection as `user`; the caller closes it."""
+        c = psycopg2.connect(host="127.0.0.1", port=self.pg_port, user=user, dbname=DB_NAME,
+                             connect_timeout=5)
+        c.autocommit = autocommit
+        return c
+
+    def sql(self, query, params=None, user=SUPERUSER):
+        """Runs one statement on a cached autocommit connection as `user`; returns the rows
+        (a list of tuples; [] when the statement returns none). Errors propagate."""
+        conn = self._conns.get(user)
+        if conn is None or conn.closed:
+            conn = self._conns[user] = self.connect(user)
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
+
+    def sql_value(self, query, params=None, user=SUPERUSER):
+        rows = self.sql(query, params, user)
+        return rows[0][0] if rows else None
+
+    def migrate(self):
+        r = self.fanoutctl("migrate", user=SUPERUSER)
+        if r.returncode != 0:
+            raise HarnessError("fanoutctl migrate failed (%d): %s%s"
+                               % (r.returncode, r.stdout, r.stderr))
+        return r
+
+    def create_roles(self):
+        """Login roles for the tests: fanoutd (the worker) and producer (a publisher)."""
+        for role, group in (("fanoutd", "fanout_worker"), ("producer", "fanout_publisher")):
+            if not self.sql("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)):
+                self.sql("CREATE ROLE %s LOGIN IN ROLE %s" % (role, group))
+
+    # -- Redis --------------------------------------------------------------------------------
+
+    @property
+    def redis_log_path(self):
+        return self.path("redis.log")
+
+    def _start_redis(self):
+        os.mkdir(self.path("redis"))
+        for attempt in range(5):
+            self.redis_port = free_port()
+            try:
+                self.redis_start()
+                return
+            except HarnessError:
+                if attempt == 4 or "in use" not in _tail(self.redis_log_path, 20):
+                    raise
+
+    def redis_start(self, timeout=20):
+        """Starts redis-server on self.redis_port with its dir (and AOF) kept across restarts."""
+        cmd = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+               "--dir", self.path("redis"), "--save", "", "--daemonize", "no",
+               "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
+               "--logfile", ""]
+        log = open(self.redis_log_path, "ab")
+        try:
+            self._redis_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                                preexec_fn=_die_with_us(signal.SIGTERM))
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        probe = redis.Redis(host="127.0.0.1", port=self.redis_port, socket_timeout=2)
+        try:
+            while True:
+                try:
+                    if probe.ping():
+                        return
+                except redis.exceptions.RedisError:
+                    pass
+                if self._redis_proc.poll() is not None:
+                    raise HarnessError("redis-server exited with %s; log tail:\n%s"
+                                       % (self._redis_proc.returncode,
+                                          _tail(self.redis_log_path)))
+                if time.monotonic() > deadline:
+                    raise HarnessError("redis-server did not answer within %ss:\n%s"
+                                       % (timeout, _tail(self.redis_log_path)))
+                time.sleep(0.05)
+        finally:
+            probe.close()
+
+    def redis_stop(self, timeout=20):
+        """SIGTERM (Redis flushes the AOF and exits) and waits."""
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        self._stop_redis(timeout)
+
+    def _stop_redis(self, timeout=20):
+        if self._redis_proc is None:
+            return
+        if self._redis_proc.poll() is None:
+            self._redis_proc.terminate()
+            try:
+                self._redis_proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._redis_proc.kill()
+                self._redis_proc.wait()
+        self._redis_proc = None
+
+    def redis_restart(self):
+        """Stops and starts redis-server on the same port and dir; with AOF on (the default)
+        the data survives."""
+        self.redis_stop()
+        self.redis_start()
+
+    @property
+    def redis(self):
+        """A redis-py client with str replies (decode_responses=True)."""
+        if self._redis is None:
+            self._redis = redis.Redis(host="127.0.0.1", port=self.redis_port,
+                                      decode_responses=True, socket_timeout=10)
+        return self._redis
+
+    def stream_keys(self):
+        """Every existing shard stream <prefix>:stream:<n>, ordered by n."""
+        pat = re.compile(r"^%s:stream:(\d+)$" % re.escape(self.key_prefix))
+        keys = [k for k in self.redis.scan_iter(match="%s:stream:*" % self.key_prefix,
+                                                count=1000, _type="STREAM") if pat.match(k)]
+        return sorted(keys, key=lambda k: int(pat.match(k).group(1)))
+
+    def stream_entries(self, event_id=None, chunk=1000):
+        """All entries of all shard streams (XRANGE in chunks), each a dict of its fields plus
+        `_stream` (the key) and `_entry` (the entry id); only those of event_id if given."""
+        out = []
+        for key in self.stream_keys():
+            start = "-"
+            while True:
+                batch = self.redis.xrange(key, min=start, max="+", count=chunk)
+                for entry_id, fields in batch:
+                    if event_id is None or fields.get("event") == str(event_id):
+                        d = dict(fields)
+                        d["_stream"] = key
+                        d["_entry"] = entry_id
+                        out.append(d)
+                if len(batch) < chunk:
+                    break
+                start = "(" + batch[-1][0]
+        return out
+
+    def recipients_of(self, event_id):
+        """Recipient ids of the event's entries, duplicates kept (check with Counter)."""
+        return [int(e["recipient"]) for e in self.stream_entries(event_id)]
+
+    # -- the relationship graph ---------------------------------------------------------------
+
+    def seed_followers(self, author, n, first_id=1):
+        """Followers first_id .. first_id+n-1 of author, in one set-based INSERT."""
+        self.sql("INSERT INTO relationships.follows (followee_id, follower_id)"
+                 " SELECT %s, g FROM generate_series(%s::bigint, %s::bigint) g"
+                 " ON CONFLICT DO NOTHING", (author, first_id, first_id + n - 1))
+
+    def mute(self, follower, author):
+        self.sql("INSERT INTO relationships.mutes (muter_id, muted_id) VALUES (%s, %s)"
+                 " ON CONFLICT DO NOTHING", (follower, author))
+
+    def block(self, a, b):
+        """a blocks b (the contract view drops notifications in both directions)."""
+        self.sql("INSERT INTO relationships.blocks (blocker_id, blocked_id) VALUES (%s, %s)"
+                 " ON CONFLICT DO NOTHING", (a, b))
+
+    # -- tools and daemons --------------------------------------------------------------------
+
+    def env_for_daemon(self, **overrides):
+        """Environment for fanoutd/fanoutctl: the caller's minus FANOUT_*/PG*, plus the DSN
+        (user fanoutd), Redis address, key prefix and shards of these servers, plus overrides
+        (FANOUT_NAME=value, or name=value for FANOUT_NAME; None removes a variable)."""
+        env = _clean_env()
+        env["FANOUT_PG_DSN"] = self.dsn("fanoutd")
+        env["FANOUT_REDIS_HOST"] = "127.0.0.1"
+        env["FANOUT_REDIS_PORT"] = str(self.redis_port)
+        if self.key_prefix != "fanout":
+            env["FANOUT_KEY_PREFIX"] = self.key_prefix
+        if self.shards is not None:
+            env["FANOUT_SHARDS"] = str(self.shards)
+        for k, v in overrides.items():
+            name = k if k.startswith("FANOUT_") else "FANOUT_" + k.upper()
+            if v is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(v)
+        return env
+
+    def fanoutctl(self, *args, user="producer", timeout=60, input=None, **overrides):
+        """Runs fanoutctl ARGS with FANOUT_PG_DSN for `user` (default producer); returns the
+        CompletedProcess (text stdout/stderr). Does not check the exit code."""
+        overrides.setdefault("FANOUT_PG_DSN", self.dsn(user, "fanoutctl"))
+        env = self.env_for_daemon(**overrides)
+        return subprocess.run([FANOUTCTL] + [str(a) for a in args], env=env, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def publish(self, author, kind="post", payload='{"text":"hi"}'):
+        """Publishes through `fanoutctl publish` as producer; returns the event id."""
+        r = self.fanoutctl("publish", "--author", author, "--kind", kind, "--payload", payload)
+        if r.returncode != 0:
+            raise AssertionError("fanoutctl publish failed (%d): %s" % (r.returncode, r.stderr))
+        return int(r.stdout.strip())
+
+    def start_daemon(self, args=(), **overrides):
+        """Starts fanoutd with env_for_daemon(**overrides); stdout and stderr go to
+        <dir>/fanoutd-<n>.log. Every daemon is killed at teardown."""
+        if not os.access(FANOUTD, os.X_OK):
+            raise HarnessError("fanoutd not built at %s (set FANOUT_BUILD_DIR)" % FANOUTD)
+        n = len(self.daemons) + 1
+        log_path = self.path("fanoutd-%d.log" % n)
+        log = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen([FANOUTD] + [str(a) for a in args],
+                                    env=self.env_for_daemon(**overrides), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_us(signal.SIGKILL))
+        finally:
+            log.close()
+        d = Daemon(proc, log_path, "fanoutd-%d" % n)
+        self.daemons.append(d)
+        return d
+
+    def kill_daemons(self):
+        for d in self.daemons:
+            if d.alive():
+                d.kill(signal.SIGKILL)
+                try:
+                    d.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def daemon_logs(self, lines=40, daemons=None):
+        """The log tails of the given (default: all) daemons, for failure messages."""
+        parts = []
+        for d in (self.daemons if daemons is None else daemons):
+            state = "running" if d.alive() else "exit %s" % d.proc.returncode
+            parts.append("--- %s (pid %d, %s) log tail:\n%s"
+                         % (d.name, d.pid, state, d.log_tail(lines)))
+        return "\n".join(parts) if parts else "(no daemon was started)"
+
+    def job_states(self, event_id):
+        """{state: count} of the event's jobs."""
+        return dict(self.sql("SELECT state, count(*) FROM fanout.jobs WHERE event_id = %s"
+                             " GROUP BY state", (event_id,)))
+
+    def wait_event_done(self, event_id, timeout=30):
+        """Polls fanout.jobs until every job of the event is done. Fails (AssertionError with
+        the daemon log tails) on timeout, on a dead job, or when no daemon is left running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.job_states(event_id)
+            if states and set(states) == {"done"}:
+                return
+            why = None
+            if states.get("dead"):
+                why = "a job died"
+            elif self.daemons and not any(d.alive() for d in self.daemons):
+                why = "no fanoutd is running"
+            elif time.monotonic() > deadline:
+                why = "timed out after %ss" % timeout
+            if why:
+                raise AssertionError("event %s not done (%s); jobs %s\n%s"
+                                     % (event_id, why, states, self.daemon_logs()))
+            time.sleep(0.05)
+
+    def reset(self):
+        """Empties fanout's and the graph's tables and Redis between tests sharing servers."""
+        self.kill_daemons()
+        self.daemons = []
+        if self._pg_proc is None:  # a test stopped it
+            self.pg_start()
+        if self._redis_proc is None:
+            self.redis_start()
+        if self.sql("SELECT 1 FROM pg_namespace WHERE nspname = 'fanout'"):
+            self.sql("TRUNCATE fanout.events, fanout.jobs, relationships.follows,"
+                     " relationships.mutes, relationships.blocks RESTART IDENTITY CASCADE")
+        self.redis.flushall()
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny test runner
+# --------------------------------------------------------------------------------------------
+
+class Suite:
+    """Registers test functions f(servers) and runs them in order.
+
+    Tests share one Servers (reset between tests: tables emptied, Redis flushed, daemons
+    killed) unless registered with options, e.g. @suite.test(servers=dict(migrate=False)),
+    which gives that test its own fresh Servers(**options). A failure prints the traceback
+    and the tails of the daemon logs; the last line is "<name>: N passed, M failed" and the
+    exit status is 1 if any test failed. Command-line arguments select tests by substring.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.tests = []
+
+    def test(self, fn=None, servers=None):
+        def register(f):
+            self.tests.append((f, servers))
+            return f
+        return register(fn) if fn is not None else register
+
+    def run(self, selectors=()):
+        chosen = [(f, o) for f, o in self.tests
+                  if not selectors or any(sel in f.__name__ for sel in selectors)]
+        passed = failed = 0
+        shared = None
+        try:
+            for fn, options in chosen:
+                started = time.monotonic()
+                s = None
+                try:
+                    if options is not None:
+                        s = Servers(**options).start()
+                    else:
+                        if shared is None:
+                            shared = Servers().start()
+                        else:
+                            shared.reset()
+                        s = shared
+                    fn(s)
+                    passed += 1
+                    print("ok   %s (%.1fs)" % (fn.__name__, time.monotonic() - started),
+                          flush=True)
+                except Exception:
+                    failed += 1
+                    print("FAIL %s (%.1fs)" % (fn.__name__, time.monotonic() - started),
+                          flush=True)
+                    traceback.print_exc(file=sys.stdout)
+                    if s is not None and s.daemons:
+                        print(s.daemon_logs(), flush=True)
+                finally:
+                    if s is not None and s is not shared:
+                        s.close()
+                    elif s is not None:
+                        s.kill_daemons()
+        finally:
+            if shared is not None:
+                shared.close()
+            print("%s: %d passed, %d failed" % (self.name, passed, failed), flush=True)
+        return 1 if failed or not chosen else 0
+
+    def main(self):
+        sys.exit(self.run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["make-template"]:
+        print(ensure_template())
+        sys.exit(0)
+    print("usage: harness.py make-template", file=sys.stderr)
+    sys.exit(2)

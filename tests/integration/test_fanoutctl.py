@@ -1,0 +1,302 @@
+"""fanoutctl against real PostgreSQL and Redis: migrate, publish, status, consume, the roles'
+least privilege, and the command line's error contract (one stderr line, exit 1 or 2)."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+
+# harness first: it explains a missing psycopg2
+from harness import FANOUTCTL, SOURCE_DIR, SUPERUSER, Suite
+
+import psycopg2
+import psycopg2.errors
+
+suite = Suite("test_fanoutctl")
+
+
+def expect_eq(got, want, what):
+    if got != want:
+        raise AssertionError("%s: got %r, want %r" % (what, got, want))
+
+
+def one_line_error(r, rc, *words):
+    """r failed with exit code rc and exactly one stderr line that holds every word."""
+    lines = r.stderr.splitlines()
+    if r.returncode != rc or len(lines) != 1:
+        raise AssertionError("want exit %d and one stderr line, got exit %d, stderr %r"
+                             % (rc, r.returncode, r.stderr))
+    for w in words:
+        if w.lower() not in lines[0].lower():
+            raise AssertionError("stderr %r does not mention %r" % (lines[0], w))
+    if not lines[0].startswith("fanoutctl: "):
+        raise AssertionError("stderr %r does not start with 'fanoutctl: '" % lines[0])
+    expect_eq(r.stdout, "", "stdout of a failed command")
+
+
+def migrations_in_tree():
+    """[(version, name)] of sql/NNN_name.sql, what fanoutctl embeds."""
+    out = []
+    for path in glob.glob(os.path.join(SOURCE_DIR, "sql", "[0-9]*.sql")):
+        m = re.match(r"^(\d+)_(\w+)\.sql$", os.path.basename(path))
+        out.append((int(m.group(1)), m.group(2)))
+    return sorted(out)
+
+
+@suite.test(servers=dict(migrate=False))
+def migrate_concurrent_then_idempotent(s):
+    want = migrations_in_tree()
+    env = s.env_for_daemon(FANOUT_PG_DSN=s.dsn(SUPERUSER, "fanoutctl"))
+    # Two migrates at once on an empty database: the advisory lock lets each migration run
+    # exactly once between them.
+    procs = [subprocess.Popen([FANOUTCTL, "migrate"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    applied = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        expect_eq((p.returncode, err), (0, ""), "concurrent migrate exit and stderr")
+        applied += [line for line in out.splitlines() if line.startswith("applied ")]
+        last = out.splitlines()[-1]
+        expect_eq(last.split(" (")[0], "schema version %d" % want[-1][0], "final line")
+    expect_eq(sorted(applied), ["applied %03d_%s" % v for v in want], "applied lines")
+
+    rows = s.sql("SELECT version, name FROM fanout.schema_migrations ORDER BY version")
+    expect_eq(rows, want, "recorded migrations")
+
+    r = s.fanoutctl("migrate", user=SUPERUSER)
+    expect_eq((r.returncode, r.stderr), (0, ""), "second migrate exit and stderr")
+    expect_eq(r.stdout, "schema version %d (0 applied now)\n" % want[-1][0], "second migrate")
+    expect_eq(s.sql("SELECT count(*) FROM fanout.schema_migrations")[0][0], len(want),
+              "rows after the second migrate")
+
+
+@suite.test
+def publish_validation(s):
+    ok = ["--kind", "post", "--payload", '{"text":"hi"}']
+    cases = [
+        (["--author", "0"] + ok, 2, ["--author", "0"]),
+        (["--author", "-5"] + ok, 2, ["--author", "-5"]),
+        (["--author", "abc"] + ok, 2, ["--author", "abc"]),
+        (["--author", "12x"] + ok, 2, ["--author", "12x"]),
+        (["--author", " 12"] + ok, 2, ["--author"]),
+        (["--author", "9223372036854775808"] + ok, 2, ["--author", "9223372036854775807"]),
+        (["--author", "7", "--payload", "{}"], 2, ["--kind", "missing"]),
+        (["--author", "7", "--kind", "post"], 2, ["--payload", "missing"]),
+        (ok, 2, ["--author", "missing"]),
+        (["--author"], 2, ["--author", "value"]),
+        (["--author", "7", "--kind", "post", "--payload", "{}", "--color", "red"], 2,
+         ["--color"]),
+        (["--author", "7", "--kind", "post", "--payload", "not json"], 1, ["json"]),
+        (["--author", "7", "--kind", "bad kind!", "--payload", "{}"], 1, ["kind"]),
+        (["--author", "7", "--kind", "post", "--payload",
+          json.dumps({"text": "x" * 70000})], 1, ["65536"]),
+    ]
+    for args, rc, words in cases:
+        r = s.fanoutctl("publish", *args)
+        try:
+            one_line_error(r, rc, *words)
+        except AssertionError as e:
+            raise AssertionError("publish %s: %s" % (" ".join(args)[:80], e))
+    expect_eq(s.sql("SELECT count(*) FROM fanout.events")[0][0], 0, "events inserted")
+    expect_eq(s.sql("SELECT count(*) FROM fanout.jobs")[0][0], 0, "jobs inserted")
+
+
+@suite.test
+def publish_creates_event_and_pending_job(s):
+    payload = '{"text": "héllo \\"you\\"", "n": [1, 2.5]}'
+    r = s.fanoutctl("publish", "--author", "9223372036854775807", "--kind", "post.v2",
+                    "--payload", payload)
+    expect_eq((r.returncode, r.stderr), (0, ""), "publish exit and stderr")
+    assert re.fullmatch(r"[1-9][0-9]*\n", r.stdout), "stdout %r is not an id" % r.stdout
+    ev = int(r.stdout)
+    row = s.sql("SELECT author, kind, payload FROM fanout.events WHERE id = %s", (ev,))
+    expect_eq(row, [(9223372036854775807, "post.v2", json.loads(payload))], "event row")
+    jobs = s.sql("SELECT state, delivered, attempts FROM fanout.jobs WHERE event_id = %s", (ev,))
+    expect_eq(jobs, [("pending", 0, 0)], "jobs of the event")
+    # --name=value works too, and ids keep increasing
+    ev2 = int(s.fanoutctl("publish", "--author=3", "--kind=post", "--payload={}").stdout)
+    assert ev2 > ev, (ev, ev2)
+
+
+def denied(user, s, statement):
+    conn = s.connect(user)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    except psycopg2.errors.InsufficientPrivilege:
+        return
+    finally:
+        conn.close()
+    raise AssertionError("%s was allowed to run: %s" % (user, statement))
+
+
+@suite.test
+def roles_are_least_privilege(s):
+    s.seed_followers(author=1, n=3)
+    # the producer publishes but cannot read the graph or the jobs
+    denied("producer", s, "SELECT * FROM relationships.follows")
+    denied("producer", s, "SELECT * FROM relationships.notification_recipients")
+    denied("producer", s, "SELECT * FROM fanout.jobs")
+    # the worker reads the contract view only and cannot change the owner's data
+    expect_eq(s.sql("SELECT count(*) FROM relationships.notification_recipients"
+                    " WHERE author = 1", user="fanoutd"), [(3,)], "fanoutd reads the view")
+    denied("fanoutd", s, "SELECT * FROM relationships.follows")
+    denied("fanoutd", s, "INSERT INTO relationships.follows VALUES (1, 99)")
+    denied("fanoutd", s, "UPDATE relationships.follows SET follower_id = 98")
+    denied("fanoutd", s, "DELETE FROM relationships.follows")
+    denied("fanoutd", s, "TRUNCATE relationships.follows")
+    denied("fanoutd", s, "DELETE FROM relationships.mutes")
+    denied("fanoutd", s, "INSERT INTO fanout.events (author, kind) VALUES (1, 'x')")
+    expect_eq(s.sql("SELECT count(*) FROM relationships.follows")[0][0], 3, "follows intact")
+
+
+def status_of(s, ev):
+    r = s.fanoutctl("status", ev, user="fanoutd")
+    expect_eq((r.returncode, r.stderr), (0, ""), "status exit and stderr")
+    out = {}
+    for line in r.stdout.splitlines():
+        k, sep, v = line.partition(": ")
+        assert sep or line.endswith(":"), "not a key: value line: %r" % line
+        out[k.rstrip(":")] = v
+    return out
+
+
+@suite.test
+def status_reports_an_event(s):
+    s.seed_followers(author=9, n=5)
+    s.mute(follower=2, author=9)
+    s.block(9, 3)
+    ev = s.publish(9, kind="post", payload='{"text":"hi"}')
+    st = status_of(s, ev)
+    for key in ("event", "author", "kind", "state", "delivered", "expected", "attempts",
+                "last_error", "age_seconds"):
+        assert key in st, "status lacks %r: %r" % (key, st)
+    expect_eq((st["event"], st["author"], st["kind"], st["state"]),
+              (str(ev), "9", "post", "pending"), "status of a new event")
+    expect_eq((st["delivered"], st["expected"], st["attempts"], st["last_error"]),
+              ("0", "3", "0", ""), "counts of a new event")
+    assert 0 <= int(st["age_seconds"]) < 60, st
+
+    # One job done, a second one (the design allows several per event) still pending.
+    s.sql("UPDATE fanout.jobs SET state = 'done', delivered = 2, attempts = 1,"
+          " range_hi = 4 WHERE event_id = %s", (ev,))
+    s.sql("INSERT INTO fanout.jobs (event_id, range_lo, delivered, attempts, last_error)"
+          " VALUES (%s, 4, 1, 2, 'redis: connection lost')", (ev,))
+    st = status_of(s, ev)
+    expect_eq((st["state"], st["delivered"], st["attempts"], st["last_error"]),
+              ("running", "3", "2", "redis: connection lost"), "status, one of two jobs done")
+    s.sql("UPDATE fanout.jobs SET state = 'done' WHERE event_id = %s", (ev,))
+    expect_eq(status_of(s, ev)["state"], "done", "state once every job is done")
+
+    r = s.fanoutctl("status", user="fanoutd")
+    expect_eq(r.returncode, 0, "status (recent) exit")
+    rows = [line.split() for line in r.stdout.splitlines()]
+    expect_eq(rows[0][:4], ["EVENT", "AUTHOR", "KIND", "STATE"], "table header")
+    expect_eq(rows[1][:5], [str(ev), "9", "post", "done", "3"], "table row")
+    assert "jobs: pending=0 running=0 done=2 dead=0" in r.stdout, r.stdout
+
+    one_line_error(s.fanoutctl("status", 999999, user="fanoutd"), 1, "no event", "999999")
+    one_line_error(s.fanoutctl("status", "x1", user="fanoutd"), 2, "x1")
+    # the producer may not read jobs: a runtime error, one line
+    one_line_error(s.fanoutctl("status", ev, user="producer"), 1, "permission denied")
+
+
+def xadd_notification(s, event, author, recipient, payload, shards=16):
+    fields = {"id": "%d:%d" % (event, recipient), "event": str(event), "author": str(author),
+              "recipient": str(recipient), "kind": "post", "payload": payload,
+              "created_at": "2026-11-27T09:50:00.123456Z"}
+    key = "fanout:stream:%d" % (recipient % shards)
+    return key, s.redis.xadd(key, fields), fields
+
+
+def consume(s, *extra):
+    r = s.fanoutctl("consume", "--group", "g", "--consumer", "c", "--block", "200", *extra)
+    expect_eq((r.returncode, r.stderr), (0, ""), "consume exit and stderr")
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def pending_total(s):
+    return sum(s.redis.xpending(k, "g")["pending"] for k in s.stream_keys())
+
+
+@suite.test
+def consume_prints_json_and_acks(s):
+    payloads = ['{"text":"hi"}',
+                '{"text": "h\\u00e9 \\"q\\" \\\\ é\\n", "n": [1, -2.5e3, null, true]}',
+                '{\n  "pretty": {"nested": []}\n}', "[]", "not json"]
+    written = {}
+    for i, p in enumerate(payloads):
+        key, entry, fields = xadd_notification(s, 41, 7, 100 + i * 17, p)
+        written[(key, entry)] = fields
+    out = consume(s)
+    expect_eq(len(out), len(payloads), "entries printed")
+    for obj in out:
+        fields = written.pop((obj["stream"], obj["entry"]))
+        for k in ("id", "event", "author", "recipient", "kind", "created_at"):
+            expect_eq(obj[k], fields[k], "field %s" % k)
+        if fields["payload"] == "not json":
+            expect_eq(obj["payload"], "not json", "a non-JSON payload comes out as a string")
+        else:
+            expect_eq(obj["payload"], json.loads(fields["payload"]), "payload embedded raw")
+    expect_eq(written, {}, "entries not printed")
+    expect_eq(len(s.stream_keys()), 16, "streams (MKSTREAM creates every shard)")
+    expect_eq(pending_total(s), 0, "XPENDING after consume")
+    expect_eq(consume(s), [], "a second consume finds nothing new")
+
+    # --count stops early; what it did not print stays for the next run
+    for i in range(3):
+        xadd_notification(s, 42, 7, 500 + i, '{"i":%d}' % i)
+    expect_eq(len(consume(s, "--count", "2")), 2, "entries with --count 2")
+    rest = consume(s)
+    expect_eq([o["payload"] for o in rest], [{"i": 2}], "the remaining entry")
+    expect_eq(pending_total(s), 0, "XPENDING after --count")
+
+    # A run that died between reading and acknowledging: its entries come first next time;
+    # one deleted from the stream meanwhile is acknowledged without being printed.
+    keep_key, keep, _ = xadd_notification(s, 43, 7, 600, '{"keep":1}')
+    gone_key, gone, _ = xadd_notification(s, 43, 7, 601, '{"keep":0}')
+    s.redis.xreadgroup("g", "c", {keep_key: ">", gone_key: ">"})
+    s.redis.xdel(gone_key, gone)
+    expect_eq(pending_total(s), 2, "XPENDING before the rerun")
+    again = consume(s)
+    expect_eq([(o["entry"], o["payload"]) for o in again], [(keep, {"keep": 1})],
+              "re-delivered entries")
+    expect_eq(pending_total(s), 0, "XPENDING at the end")
+
+
+@suite.test
+def command_line_errors(s):
+    r = s.fanoutctl("--help")
+    expect_eq(r.returncode, 0, "--help exit")
+    assert "usage: fanoutctl" in r.stdout and "--pg-dsn" in r.stdout, r.stdout
+    expect_eq(s.fanoutctl("help").returncode, 0, "help exit")
+    expect_eq(s.fanoutctl("consume", "--help").returncode, 0, "consume --help exit")
+    one_line_error(s.fanoutctl("frobnicate"), 2, "unknown command", "frobnicate")
+    one_line_error(s.fanoutctl(), 2, "no command")
+    one_line_error(s.fanoutctl("--shards", "0", "consume"), 2, "shards")
+    one_line_error(s.fanoutctl("consume", "--consumer", "c"), 2, "--group")
+    one_line_error(s.fanoutctl("consume", "--group", "g", "--consumer", "c", "--count", "0"),
+                   2, "--count")
+    one_line_error(s.fanoutctl("status", "1", "2"), 2, "2")
+    one_line_error(s.fanoutctl("migrate", "now"), 2, "now")
+
+
+@suite.test
+def runtime_errors_are_one_line_without_secrets(s):
+    closed = "host=127.0.0.1 port=1 dbname=fanout user=producer password=hunter2"
+    r = s.fanoutctl("publish", "--author", "1", "--kind", "post", "--payload", "{}",
+                    FANOUT_PG_DSN=closed)
+    one_line_error(r, 1, "publish", "postgresql")
+    assert "hunter2" not in r.stderr, r.stderr
+    r = s.fanoutctl("consume", "--group", "g", "--consumer", "c", FANOUT_REDIS_PORT=1)
+    one_line_error(r, 1, "consume", "redis")
+    # a password the server does not expect: AUTH fails, the password is not shown
+    r = s.fanoutctl("consume", "--group", "g", "--consumer", "c",
+                    FANOUT_REDIS_PASSWORD="hunter2")
+    one_line_error(r, 1, "AUTH")
+    assert "hunter2" not in r.stderr, r.stderr
+
+
+if __name__ == "__main__":
+    suite.main()

@@ -1,0 +1,306 @@
+/*
+ * test_ntf_encode.c: the notifier's pure parts (notifier/encode.c): shard choice, the
+ * EVALSHA argument layout of fence and page commands, and the script reply parser fed with
+ * good and malformed replies built by hand.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "common/common.h"
+#include "notifier/ntf_int.h"
+
+#define SHA "0123456789abcdef0123456789abcdef01234567"
+
+static const ntf_job_t job = {
+    .job_id = 42,
+    .event_id = 9001,
+    .author = 7,
+    .token = 3,
+    .kind = "post",
+    .payload = "{\"a\": 1}",
+    .created_at = "2026-11-27T09:50:00.123456Z",
+};
+
+/* argv[i] equals s, by length and bytes (argv strings need not end in NUL). */
+static void assert_arg(const ntf_enc_t *e, int i, const char *s)
+{
+    assert_true(i < e->argc);
+    assert_int_equal(e->argvlen[i], strlen(s));
+    if (memcmp(e->argv[i], s, e->argvlen[i]) != 0)
+        fail_msg("argv[%d] = '%.*s', want '%s'", i, (int)e->argvlen[i], e->argv[i], s);
+}
+
+static void test_shard_of(void **state)
+{
+    (void)state;
+    assert_int_equal(ntf_shard_of(0, 16), 0);
+    assert_int_equal(ntf_shard_of(1, 16), 1);
+    assert_int_equal(ntf_shard_of(17, 16), 1);
+    assert_int_equal(ntf_shard_of(-1, 16), 15);
+    assert_int_equal(ntf_shard_of(-16, 16), 0);
+    assert_int_equal(ntf_shard_of(INT64_MAX, 16), 15); /* 2^63-1 = 16k + 15 */
+    assert_int_equal(ntf_shard_of(INT64_MIN, 16), 0);
+    assert_int_equal(ntf_shard_of(INT64_MAX, 10), 7);
+    assert_int_equal(ntf_shard_of(INT64_MIN, 10), 2); /* -...808 mod 10 = 2 */
+    assert_int_equal(ntf_shard_of(INT64_MAX, 1), 0);
+    assert_int_equal(ntf_shard_of(-5, 1), 0);
+    assert_int_equal(ntf_shard_of(9007199254740993LL, 1000), 993);
+}
+
+static void test_fmt_i64(void **state)
+{
+    (void)state;
+    char buf[32];
+    struct {
+        int64_t v;
+        const char *s;
+    } cases[] = {{0, "0"},
+                 {7, "7"},
+                 {-7, "-7"},
+                 {1234567890123LL, "1234567890123"},
+                 {INT64_MAX, "9223372036854775807"},
+                 {INT64_MIN, "-9223372036854775808"}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        size_t n = ntf__fmt_i64(buf, cases[i].v);
+        buf[n] = '\0';
+        assert_string_equal(buf, cases[i].s);
+    }
+}
+
+static void test_fence_layout(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    int argc = ntf__encode_fence(&e, SHA, "fo", &job, 9007199254740993LL);
+    assert_int_equal(argc, 6);
+    assert_arg(&e, 0, "EVALSHA");
+    assert_arg(&e, 1, SHA);
+    assert_arg(&e, 2, "1");
+    assert_arg(&e, 3, "fo:progress:42");
+    assert_arg(&e, 4, "3");
+    assert_arg(&e, 5, "9007199254740993");
+    ntf__enc_free(&e);
+}
+
+/* A page over shards 4: ids land in groups for shards 0, 1 and 3 (none in 2). */
+static void test_page_layout_several_shards(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    const int64_t ids[] = {11, 12, 13, 16, 17, 19, 24, INT64_MAX};
+    /* shards: 11->3 12->0 13->1 16->0 17->1 19->3 24->0 MAX->3 */
+    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 8, 0, 86400);
+    /* 3 + keys (1 + 3) + 10 fixed + 3 counts + 8 ids */
+    assert_int_equal(argc, 3 + 4 + NTF_PAGE_FIXED_ARGS + 3 + 8);
+    const char *want[] = {
+        "EVALSHA", SHA, "4", "fo:progress:42", "fo:stream:0", "fo:stream:1", "fo:stream:3",
+        /* ARGV */
+        "3", "10", "9223372036854775807", "0", "86400", "9001", "7", "post", "{\"a\": 1}",
+        "2026-11-27T09:50:00.123456Z",
+        /* groups, ascending shard, ids ascending inside */
+        "3", "12", "16", "24", "2", "13", "17", "3", "11", "19", "9223372036854775807"};
+    assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want[i]);
+    ntf__enc_free(&e);
+}
+
+static void test_page_one_shard_and_reuse(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    /* A big page first, then a small one in the same scratch: no stale arguments. */
+    int64_t big[1000];
+    for (int i = 0; i < 1000; i++)
+        big[i] = 100 + i;
+    int argc = ntf__encode_page(&e, SHA, "p", 1, &job, 99, big, 1000, 0, 60);
+    assert_int_equal(argc, 3 + 2 + NTF_PAGE_FIXED_ARGS + 1 + 1000);
+    assert_arg(&e, 2, "2");
+    assert_arg(&e, 4, "p:stream:0");
+    assert_arg(&e, 7, "1099"); /* new cursor */
+    assert_arg(&e, 15, "1000");
+    assert_arg(&e, 16, "100");
+    assert_arg(&e, argc - 1, "1099");
+
+    const int64_t small[] = {-5, 3};
+    argc = ntf__encode_page(&e, SHA, "p", 1, &job, -10, small, 2, 1, 60);
+    assert_int_equal(argc, 3 + 2 + NTF_PAGE_FIXED_ARGS + 1 + 2);
+    assert_arg(&e, 6, "-10");
+    assert_arg(&e, 7, "3");
+    assert_arg(&e, 8, "1");
+    assert_arg(&e, 15, "2");
+    assert_arg(&e, 16, "-5");
+    assert_arg(&e, 17, "3");
+    ntf__enc_free(&e);
+}
+
+static void test_page_empty_last(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    int argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30);
+    assert_int_equal(argc, 3 + 1 + NTF_PAGE_FIXED_ARGS);
+    assert_arg(&e, 2, "1");
+    assert_arg(&e, 3, "fo:progress:42");
+    assert_arg(&e, 4, "3");
+    assert_arg(&e, 5, "555");
+    assert_arg(&e, 6, "555"); /* the cursor stays */
+    assert_arg(&e, 7, "1");
+    assert_arg(&e, 8, "30");
+    assert_arg(&e, argc - 1, "2026-11-27T09:50:00.123456Z");
+    ntf__enc_free(&e);
+}
+
+/* ---- reply parsing: replies built by hand, no server ---- */
+
+static redisReply *r_int(long long v)
+{
+    redisReply *r = calloc(1, sizeof *r);
+    r->type = REDIS_REPLY_INTEGER;
+    r->integer = v;
+    return r;
+}
+
+static redisReply *r_str(int type, const char *s)
+{
+    redisReply *r = calloc(1, sizeof *r);
+    r->type = type;
+    r->str = strdup(s);
+    r->len = strlen(s);
+    return r;
+}
+
+static redisReply *r_nil(void)
+{
+    redisReply *r = calloc(1, sizeof *r);
+    r->type = REDIS_REPLY_NIL;
+    return r;
+}
+
+static redisReply *r_arr(size_t n, ...)
+{
+    redisReply *r = calloc(1, sizeof *r);
+    r->type = REDIS_REPLY_ARRAY;
+    r->elements = n;
+    r->element = n ? calloc(n, sizeof *r->element) : NULL;
+    va_list ap;
+    va_start(ap, n);
+    for (size_t i = 0; i < n; i++)
+        r->element[i] = va_arg(ap, redisReply *);
+    va_end(ap);
+    return r;
+}
+
+static int parse_and_free(redisReply *r, ntf_progress_t *p)
+{
+    int st = ntf__parse_reply(r, p);
+    freeReplyObject(r);
+    return st;
+}
+
+static void test_parse_good(void **state)
+{
+    (void)state;
+    ntf_progress_t p = {0};
+    assert_int_equal(
+        parse_and_free(r_arr(4, r_int(1), r_str(REDIS_REPLY_STRING, "9223372036854775807"),
+                             r_int(12), r_int(1)),
+                       &p),
+        0);
+    assert_true(p.cursor == INT64_MAX);
+    assert_int_equal(p.delivered, 12);
+    assert_int_equal(p.done, 1);
+
+    memset(&p, 0, sizeof p);
+    assert_int_equal(parse_and_free(r_arr(4, r_int(-2), r_str(REDIS_REPLY_STRING, "-40"),
+                                          r_str(REDIS_REPLY_STRING, "5"), r_int(0)),
+                                    &p),
+                     NTF_EMOVED);
+    assert_true(p.cursor == -40);
+    assert_int_equal(p.delivered, 5);
+    assert_int_equal(p.done, 0);
+
+    assert_int_equal(parse_and_free(r_arr(1, r_int(-1)), &p), FO_EFENCED);
+    assert_int_equal(
+        parse_and_free(r_arr(4, r_int(-2), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(0)), &p),
+        NTF_ENOMARK);
+}
+
+static void test_parse_malformed(void **state)
+{
+    (void)state;
+    ntf_progress_t p = {.cursor = 77, .delivered = 88, .done = 0};
+    assert_int_equal(ntf__parse_reply(NULL, &p), FO_EREDIS);
+    assert_int_equal(parse_and_free(r_str(REDIS_REPLY_ERROR, "OOM command not allowed"), &p),
+                     FO_EREDIS);
+    assert_int_equal(parse_and_free(r_str(REDIS_REPLY_STATUS, "OK"), &p), FO_EREDIS);
+    assert_int_equal(parse_and_free(r_int(1), &p), FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(0), &p), FO_EREDIS);
+    /* short arrays */
+    assert_int_equal(parse_and_free(r_arr(1, r_int(1)), &p), FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(3, r_int(1), r_int(2), r_int(3)), &p), FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(1, r_int(-2)), &p), FO_EREDIS);
+    /* wrong status types and values */
+    assert_int_equal(
+        parse_and_free(r_arr(4, r_str(REDIS_REPLY_STRING, "1"), r_int(1), r_int(1), r_int(0)), &p),
+        FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(4, r_int(7), r_int(1), r_int(1), r_int(0)), &p),
+                     FO_EREDIS);
+    /* bad numbers: not decimal, overflow, done not 0/1, negative count, nested array */
+    const char *bad[] = {
+        "", "12a", "-", "+5", " 5", "9223372036854775808", "1e5", "123456789012345678901"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(
+            parse_and_free(
+                r_arr(4, r_int(1), r_str(REDIS_REPLY_STRING, bad[i]), r_int(1), r_int(0)), &p),
+            FO_EREDIS);
+    }
+    assert_int_equal(parse_and_free(r_arr(4, r_int(1), r_int(5), r_int(1), r_int(2)), &p),
+                     FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(4, r_int(1), r_int(5), r_int(-1), r_int(0)), &p),
+                     FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(4, r_int(1), r_arr(1, r_int(5)), r_int(1), r_int(0)), &p),
+                     FO_EREDIS);
+    assert_int_equal(parse_and_free(r_arr(4, r_int(1), r_int(5), r_nil(), r_int(0)), &p),
+                     FO_EREDIS);
+    /* a NULL element pointer, as a broken reader could leave */
+    redisReply *holes = r_arr(4, r_int(1), NULL, r_int(1), r_int(0));
+    assert_int_equal(ntf__parse_reply(holes, &p), FO_EREDIS);
+    freeReplyObject(holes);
+    /* *p untouched by failures */
+    assert_int_equal(p.cursor, 77);
+    assert_int_equal(p.delivered, 88);
+    /* INT64_MIN is a valid cursor */
+    assert_int_equal(
+        parse_and_free(r_arr(4, r_int(1), r_str(REDIS_REPLY_STRING, "-9223372036854775808"),
+                             r_int(0), r_int(0)),
+                       &p),
+        0);
+    assert_true(p.cursor == INT64_MIN);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_shard_of),
+        cmocka_unit_test(test_fmt_i64),
+        cmocka_unit_test(test_fence_layout),
+        cmocka_unit_test(test_page_layout_several_shards),
+        cmocka_unit_test(test_page_one_shard_and_reuse),
+        cmocka_unit_test(test_page_empty_last),
+        cmocka_unit_test(test_parse_good),
+        cmocka_unit_test(test_parse_malformed),
+    };
+    return cmocka_run_group_tests_name("ntf_encode", tests, NULL, NULL);
+}
