@@ -403,6 +403,12 @@ class Servers:
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
 
+    def pg_where(self):
+        return "127.0.0.1:%d (throwaway)" % self.pg_port
+
+    def redis_where(self):
+        return "127.0.0.1:%d (throwaway)" % self.redis_port
+
     # -- PostgreSQL ---------------------------------------------------------------------------
 
     @property
@@ -791,6 +797,81 @@ class Servers:
             self.sql("TRUNCATE fanout.events, fanout.jobs, relationships.follows,"
                      " relationships.mutes, relationships.blocks RESTART IDENTITY CASCADE")
         self.redis.flushall()
+
+
+class External(Servers):
+    """Servers given by the environment instead of started here (scripts/demo, bench/):
+    PostgreSQL from FANOUT_PG_DSN (or libpq's PG* variables), Redis from FANOUT_REDIS_HOST
+    and FANOUT_REDIS_PORT. One role does everything (migrate, seed, run fanoutd), so it
+    must be allowed to. Nothing is stopped at exit but the daemons started here."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pg_dsn = os.environ.get("FANOUT_PG_DSN", "")
+        self.redis_host = os.environ.get("FANOUT_REDIS_HOST", "127.0.0.1")
+        self.redis_port = int(os.environ.get("FANOUT_REDIS_PORT", "6379"))
+        self.key_prefix = os.environ.get("FANOUT_KEY_PREFIX", "fanout")
+
+    def start(self):
+        _install_handlers()
+        _LIVE.append(self)
+        self.dir = tempfile.mkdtemp(prefix="fanout-ext-")
+        try:
+            if self.migrate_on_start:
+                self.migrate()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def pg_where(self):
+        return "(FANOUT_PG_DSN / PG* settings)"
+
+    def redis_where(self):
+        return "%s:%d" % (self.redis_host, self.redis_port)
+
+    def connect(self, user=None, autocommit=True):
+        c = psycopg2.connect(self.pg_dsn, connect_timeout=5)
+        c.autocommit = autocommit
+        return c
+
+    @property
+    def redis(self):
+        if self._redis is None:
+            self._redis = redis.Redis(host=self.redis_host, port=self.redis_port,
+                                      password=os.environ.get("FANOUT_REDIS_PASSWORD") or None,
+                                      decode_responses=True, socket_timeout=10)
+        return self._redis
+
+    def env_for_daemon(self, **overrides):
+        env = dict(os.environ)
+        for k, v in overrides.items():
+            name = k if k.startswith("FANOUT_") else "FANOUT_" + k.upper()
+            if v is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(v)
+        return env
+
+    def fanoutctl(self, *args, user=None, timeout=60, input=None, **overrides):
+        return subprocess.run([FANOUTCTL] + [str(a) for a in args],
+                              env=self.env_for_daemon(**overrides), input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.kill_daemons()
+            for c in self._conns.values():
+                c.close()
+            self._conns.clear()
+        finally:
+            if self.dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            if self in _LIVE:
+                _LIVE.remove(self)
 
 
 # --------------------------------------------------------------------------------------------
