@@ -23,6 +23,8 @@ enum {
     FO_EREDIS = -1002, /* Redis reported an error or the connection is down */
     FO_EFENCED = -1003, /* another worker holds a newer lease token for this job */
     FO_ESTOP = -1004,  /* the operation was cancelled because the daemon is stopping */
+    FO_EQUERY = -1005, /* PostgreSQL refused this query (an error of the query, not of the
+                          connection): retrying at once would fail the same way */
 };
 
 void *fo_xmalloc(size_t n);

@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-typedef enum { T_STR, T_INT, T_LEVEL } cfg_type_t;
+typedef enum { T_STR, T_INT, T_INT64, T_LEVEL } cfg_type_t;
 
 typedef struct cfg_row {
     const char *name;
@@ -32,6 +32,7 @@ typedef struct cfg_row {
 
 #define STR(f) T_STR, offsetof(cfg_t, f)
 #define INT(f) T_INT, offsetof(cfg_t, f)
+#define INT64(f) T_INT64, offsetof(cfg_t, f)
 
 static const cfg_row_t rows[] = {
     {"pg_dsn", STR(pg_dsn), 0, 0, "", 2,
@@ -67,6 +68,22 @@ static const cfg_row_t rows[] = {
      "cap of the jittered exponential reconnect backoff"},
     {"worker_id", STR(worker_id), 0, 0, "", 0,
      "lease owner name, unique per running fanoutd; empty: the host name"},
+    {"max_attempts", INT(max_attempts), 1, 1000000, "10", 0,
+     "claims of one job (failed, crashed or timed out) before it is declared dead"},
+    {"retry_base_ms", INT(retry_base_ms), 10, 86400000, "1000", 0,
+     "delay before a failed job is claimed again; doubles with each attempt"},
+    {"retry_max_ms", INT(retry_max_ms), 10, 86400000, "300000", 0, "cap of that delay"},
+    {"split_min_span", INT64(split_min_span), 0, 9223372036854775807LL, "100000", 0,
+     "follower-id span (max - min) from which a new job is split into id ranges that "
+     "several workers run in parallel; 0: never split"},
+    {"split_parts", INT(split_parts), 2, 1024, "4", 0, "ranges a split job becomes"},
+    {"backlog_high", INT64(backlog_high), 0, 9223372036854775807LL, "0", 0,
+     "pause fan-out while a shard stream holds more entries than this that a consumer group "
+     "has not read or acknowledged; 0: never pause"},
+    {"backlog_low", INT64(backlog_low), 0, 9223372036854775807LL, "0", 0,
+     "resume when every shard's backlog is at or below this (at most backlog_high)"},
+    {"backlog_check_ms", INT(backlog_check_ms), 10, 3600000, "500", 0,
+     "how often the consumer backlog is measured while backlog_high is set"},
     {"log_level", T_LEVEL, offsetof(cfg_t, log_level), 0, 0, "info", 0,
      "error, warn, info or debug"},
 };
@@ -81,6 +98,11 @@ static char **str_field(cfg_t *cfg, const cfg_row_t *r)
 static int *int_field(cfg_t *cfg, const cfg_row_t *r)
 {
     return (int *)((char *)cfg + r->offset);
+}
+
+static long long *int64_field(cfg_t *cfg, const cfg_row_t *r)
+{
+    return (long long *)((char *)cfg + r->offset);
 }
 
 static void errf(char *err, size_t size, const char *fmt, ...)
@@ -114,12 +136,16 @@ static int set_value(cfg_t *cfg, const cfg_row_t *r, const char *value, const ch
     fo_log_level_t level;
     switch (r->type) {
     case T_INT:
+    case T_INT64:
         if (parse_int(value, r->min, r->max, &v) < 0) {
             errf(err, errsize, "%s: %s is \"%s\"; expected a whole number from %lld to %lld",
                  source, r->name, value, r->min, r->max);
             return FO_EINVAL;
         }
-        *int_field(cfg, r) = (int)v;
+        if (r->type == T_INT)
+            *int_field(cfg, r) = (int)v;
+        else
+            *int64_field(cfg, r) = v;
         return 0;
     case T_LEVEL:
         if (fo_log_level_parse(value, &level) < 0) {
@@ -230,6 +256,16 @@ static int load_flags(cfg_t *cfg, int argc, char **argv, int first, int *rest, c
 
 static int validate(cfg_t *cfg, char *err, size_t errsize)
 {
+    if (cfg->backlog_low > cfg->backlog_high) {
+        errf(err, errsize, "backlog_low (%lld) is above backlog_high (%lld); set it lower",
+             cfg->backlog_low, cfg->backlog_high);
+        return FO_EINVAL;
+    }
+    if (cfg->retry_base_ms > cfg->retry_max_ms) {
+        errf(err, errsize, "retry_base_ms (%d) is above retry_max_ms (%d); set it lower",
+             cfg->retry_base_ms, cfg->retry_max_ms);
+        return FO_EINVAL;
+    }
     if (!cfg->worker_id[0]) {
         char host[256] = "fanoutd";
         if (gethostname(host, sizeof host - 1) < 0)
@@ -270,7 +306,7 @@ int cfg_load(cfg_t *cfg, int argc, char **argv, int first, char **envp, int *res
 void cfg_free(cfg_t *cfg)
 {
     for (size_t i = 0; i < NROWS; i++) {
-        if (rows[i].type != T_INT) {
+        if (rows[i].type == T_STR || rows[i].type == T_LEVEL) {
             free(*str_field(cfg, &rows[i]));
             *str_field(cfg, &rows[i]) = NULL;
         }
@@ -330,6 +366,10 @@ void cfg_print(const cfg_t *cfg, FILE *out)
         const cfg_row_t *r = &rows[i];
         if (r->type == T_INT) {
             fprintf(out, "%s=%d\n", r->name, *int_field((cfg_t *)cfg, r));
+            continue;
+        }
+        if (r->type == T_INT64) {
+            fprintf(out, "%s=%lld\n", r->name, *int64_field((cfg_t *)cfg, r));
             continue;
         }
         const char *v = *str_field((cfg_t *)cfg, r);

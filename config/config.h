@@ -40,6 +40,14 @@ typedef struct cfg {
     int progress_ttl_s;  /* how long a finished job's progress mark stays in Redis */
     int reconnect_max_ms; /* cap of the jittered exponential reconnect backoff */
     char *worker_id;      /* lease owner name; a restarted worker takes back its own leases */
+    int max_attempts;     /* claims of one job before it is declared dead */
+    int retry_base_ms;    /* first delay before a failed job is claimed again; doubles */
+    int retry_max_ms;     /* cap of that delay */
+    long long split_min_span; /* follower-id span from which a new job is split; 0: never */
+    int split_parts;      /* ranges a split job becomes */
+    long long backlog_high; /* pause when a shard's unread backlog exceeds this; 0: off */
+    long long backlog_low;  /* resume when every shard's backlog is at or below this */
+    int backlog_check_ms;   /* how often the backlog is measured */
     char *log_level;
 } cfg_t;
 

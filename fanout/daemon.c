@@ -1,15 +1,16 @@
 /*
- * daemon.c: fanoutd's scheduler: connections, claims, leases and the running jobs.
+ * daemon.c: fanoutd's scheduler: connections, wake-ups, timers and the running jobs.
  *
- * The control connection LISTENs on fanout_events and runs the job-store statements
- * (claim, renew, finish, release); the pages connection, read-only, reads follower pages.
- * A claim is attempted on every wake-up: a NOTIFY, the poll timer (NOTIFY is only a hint),
- * the control connection coming (back) up, and a job finishing. Claims run one at a time
- * and take one job each, until max_jobs run or nothing is claimable.
+ * The control connection LISTENs on fanout_events and runs the job store's statements
+ * (store.c); the pages connection, read-only, reads follower pages. A claim is attempted on
+ * every wake-up: a NOTIFY, the poll timer (NOTIFY is only a hint), the control connection
+ * coming (back) up, and a job finishing. Jobs are interleaved on the shared connections:
+ * each has at most one page read and `window` page writes in flight.
  *
- * A finished job leaves a small "store record" (finish or release) that is written to the
- * jobs table and retried on the tick timer until PostgreSQL takes it. Losing one is safe:
- * the lease then expires, the next claim fences, finds the mark done in Redis, and finishes.
+ * Backpressure: with backlog_high set, a timer measures the consumers' backlog in Redis;
+ * above the high-water mark jobs write nothing new (they keep their read-ahead page), and
+ * they resume at or below the low-water mark. The pause and its reason are logged and kept
+ * in this worker's fanout.workers row for fanoutctl status.
  */
 #include "fanout/fanout.h"
 #include "fanout/fo_int.h"
@@ -20,74 +21,6 @@
 #include <string.h>
 
 #define TICK_MS 100
-
-typedef enum { REC_FINISH, REC_RELEASE } rec_kind_t;
-
-typedef struct store_rec {
-    struct store_rec *next;
-    struct fo_daemon *d;
-    rec_kind_t kind;
-    int64_t job_id, event_id, token, cursor, delivered;
-    uint64_t started_ms, retry_at;
-    int sending;
-} store_rec_t;
-
-struct fo_daemon {
-    uv_loop_t *loop;
-    const cfg_t *cfg;
-    rel_conn_t *ctl, *pages;
-    ntf_client_t *redis;
-    fo_job_io_t io;
-
-    fo_job_t **jobs;      /* cfg->max_jobs slots */
-    uint64_t *started_ms; /* when each job was claimed, for the done line */
-    int njobs;
-    store_rec_t *recs;
-
-    int claiming, claim_again;
-    int renewing;
-    int stopping;
-    void (*stop_done)(fo_daemon_t *d, void *data);
-    void *stop_data;
-
-    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer;
-    int closed;
-};
-
-static void claim(fo_daemon_t *d);
-static void check_stopped(fo_daemon_t *d);
-
-/* --- statements of the control connection --- */
-
-static const char SQL_CLAIM[] =
-    "WITH c AS ("
-    " SELECT id FROM fanout.jobs"
-    " WHERE state IN ('pending', 'running') AND next_attempt_at <= now()"
-    "   AND (state = 'pending' OR lease_until < now()"
-    "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
-    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1)"
-    " UPDATE fanout.jobs j SET state = 'running', lease_owner = $1,"
-    "   lease_until = now() + $2::bigint * interval '1 millisecond', token = j.token + 1,"
-    "   attempts = j.attempts + 1, started_at = coalesce(j.started_at, now())"
-    " FROM c, fanout.events e WHERE j.id = c.id AND e.id = j.event_id"
-    " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
-    "   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-    "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807)";
-
-static const char SQL_RENEW[] =
-    "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
-    " progress = $4, delivered = $5"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
-
-static const char SQL_FINISH[] =
-    "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
-    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
-
-static const char SQL_RELEASE[] =
-    "UPDATE fanout.jobs SET state = 'pending', progress = $3, delivered = $4,"
-    " lease_owner = NULL, lease_until = NULL"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 /* --- job I/O, bound to this daemon's connections --- */
 
@@ -112,79 +45,6 @@ static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64
     return ntf_write_page(d->redis, job, expect, ids, n, last, cb, data);
 }
 
-/* --- store records: finish and release --- */
-
-static void rec_send(store_rec_t *r);
-
-static void rec_free(store_rec_t *r)
-{
-    fo_daemon_t *d = r->d;
-    for (store_rec_t **p = &d->recs; *p; p = &(*p)->next) {
-        if (*p == r) {
-            *p = r->next;
-            break;
-        }
-    }
-    free(r);
-}
-
-static void on_rec(int status, const PGresult *res, void *data)
-{
-    store_rec_t *r = data;
-    fo_daemon_t *d = r->d;
-    r->sending = 0;
-    if (status == FO_ESTOP)
-        return; /* closing: records are freed with the daemon */
-    if (status < 0) {
-        r->retry_at = fo_now_ms() + 500; /* the tick timer sends it again */
-        return;
-    }
-    const char *what = r->kind == REC_FINISH ? "event done" : "job released";
-    if (atoi(PQcmdTuples((PGresult *)res)) == 0)
-        fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
-               "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
-               r->token);
-    else
-        fo_log(FO_LOG_INFO, what,
-               "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f",
-               r->job_id, r->event_id, r->delivered,
-               (double)(fo_now_ms() - r->started_ms) / 1000.0);
-    rec_free(r);
-    check_stopped(d);
-    claim(d);
-}
-
-static void rec_send(store_rec_t *r)
-{
-    char id[24], token[24], cursor[24], delivered[24];
-    snprintf(id, sizeof id, "%" PRId64, r->job_id);
-    snprintf(token, sizeof token, "%" PRId64, r->token);
-    snprintf(cursor, sizeof cursor, "%" PRId64, r->cursor);
-    snprintf(delivered, sizeof delivered, "%" PRId64, r->delivered);
-    const char *params[] = {id, token, cursor, delivered};
-    const char *stmt = r->kind == REC_FINISH ? "fo_finish" : "fo_release";
-    if (rel_conn_exec(r->d->ctl, stmt, 4, params, 0, on_rec, r) == 0)
-        r->sending = 1;
-    else
-        r->retry_at = fo_now_ms() + 500;
-}
-
-static void rec_add(fo_daemon_t *d, rec_kind_t kind, fo_job_t *j, uint64_t started_ms)
-{
-    store_rec_t *r = fo_xcalloc(1, sizeof *r);
-    r->d = d;
-    r->kind = kind;
-    r->job_id = fo_job_id(j);
-    r->event_id = fo_job_event_id(j);
-    r->token = fo_job_token(j);
-    r->cursor = fo_job_cursor(j);
-    r->delivered = fo_job_delivered(j);
-    r->started_ms = started_ms;
-    r->next = d->recs;
-    d->recs = r;
-    rec_send(r);
-}
-
 /* --- jobs --- */
 
 static int job_slot(fo_daemon_t *d, fo_job_t *j)
@@ -200,145 +60,63 @@ static void on_job_finished(void *ctx, fo_job_t *j)
 {
     fo_daemon_t *d = ctx;
     int slot = job_slot(d, j);
-    uint64_t started = d->started_ms[slot];
-    switch (fo_job_state(j)) {
-    case FO_JOB_DONE:
-        rec_add(d, REC_FINISH, j, started);
-        break;
-    case FO_JOB_STOPPED:
-        rec_add(d, REC_RELEASE, j, started);
-        break;
-    default:
-        fo_log(FO_LOG_INFO, "job left to its new owner", "job=%" PRId64 " event=%" PRId64,
-               fo_job_id(j), fo_job_event_id(j));
-        break;
-    }
+    fo__store_record(d, j, d->started_ms[slot]);
     d->jobs[slot] = d->jobs[d->njobs - 1];
     d->started_ms[slot] = d->started_ms[d->njobs - 1];
     d->njobs--;
     fo_job_free(j);
-    check_stopped(d);
-    claim(d);
+    fo__daemon_check_stopped(d);
+    fo__store_claim(d);
 }
 
-static int row_int64(const PGresult *res, int col, int64_t *out)
+void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim)
 {
-    char *end;
-    const char *v = PQgetvalue(res, 0, col);
-    long long x = strtoll(v, &end, 10);
-    if (*v == '\0' || *end)
-        return -1;
-    *out = x;
-    return 0;
+    fo_job_t *j = fo_job_new(&d->io, d->cfg, claim);
+    d->started_ms[d->njobs] = fo_now_ms();
+    d->jobs[d->njobs++] = j;
+    fo_job_start(j, fo_now_ms());
 }
 
-static void on_claim(int status, const PGresult *res, void *data)
+static int io_may_write(void *ctx)
+{
+    fo_daemon_t *d = ctx;
+    return !d->paused;
+}
+
+/* --- backpressure --- */
+
+static void on_backlog(int status, long long backlog, int shard, void *data)
 {
     fo_daemon_t *d = data;
-    d->claiming = 0;
-    if (status == FO_ESTOP)
-        return;
-    if (status < 0) {
-        if (res) {
-            char what[512];
-            fo_log_quote(what, sizeof what, PQresultErrorMessage(res));
-            fo_log(FO_LOG_WARN, "claim failed", "error=%s", what);
-        }
-        return; /* the poll timer tries again */
+    d->backlog_busy = 0;
+    if (status < 0)
+        return; /* measured again on the next tick; the pause state stays as it was */
+    const cfg_t *cfg = d->cfg;
+    if (!d->paused && backlog > cfg->backlog_high) {
+        d->paused = 1;
+        snprintf(d->paused_reason, sizeof d->paused_reason,
+                 "consumers behind: %s:stream:%d has %lld entries unread or unacknowledged "
+                 "(backlog_high %lld)",
+                 cfg->key_prefix, shard, backlog, cfg->backlog_high);
+        fo_log(FO_LOG_WARN, "pausing fan-out: consumers are behind",
+               "shard=%d backlog=%lld backlog_high=%lld", shard, backlog, cfg->backlog_high);
+        fo__store_renew(d); /* publish the reason now */
+    } else if (d->paused && backlog <= cfg->backlog_low) {
+        d->paused = 0;
+        d->paused_reason[0] = '\0';
+        fo_log(FO_LOG_INFO, "resuming fan-out: consumers caught up",
+               "backlog=%lld backlog_low=%lld", backlog, cfg->backlog_low);
+        fo__store_renew(d);
+        for (int i = 0; i < d->njobs; i++)
+            fo_job_pump(d->jobs[i]);
     }
-    int again = d->claim_again;
-    d->claim_again = 0;
-    if (PQntuples(res) == 1) {
-        fo_claim_t c = {0};
-        if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
-            row_int64(res, 2, &c.author) || row_int64(res, 6, &c.token) ||
-            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi)) {
-            fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
-            return;
-        }
-        c.kind = PQgetvalue(res, 0, 3);
-        c.payload = PQgetvalue(res, 0, 4);
-        c.created_at = PQgetvalue(res, 0, 5);
-        fo_log(FO_LOG_INFO, "job claimed",
-               "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64, c.job_id,
-               c.event_id, c.author, c.token);
-        fo_job_t *j = fo_job_new(&d->io, d->cfg, &c);
-        d->started_ms[d->njobs] = fo_now_ms();
-        d->jobs[d->njobs++] = j;
-        fo_job_start(j, fo_now_ms());
-        again = 1; /* there may be more */
-    }
-    if (again)
-        claim(d);
 }
 
-static void claim(fo_daemon_t *d)
-{
-    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl))
-        return;
-    if (d->claiming) {
-        d->claim_again = 1;
-        return;
-    }
-    /* the jobs this process runs, so that it never claims its own running job again */
-    size_t cap = 3 + (size_t)d->njobs * 21;
-    char *running = fo_xmalloc(cap);
-    size_t o = (size_t)snprintf(running, cap, "{");
-    for (int i = 0; i < d->njobs; i++)
-        o += (size_t)snprintf(running + o, cap - o, "%s%" PRId64, i ? "," : "",
-                              fo_job_id(d->jobs[i]));
-    snprintf(running + o, cap - o, "}");
-    char lease[16];
-    snprintf(lease, sizeof lease, "%d", d->cfg->lease_ms);
-    const char *params[] = {d->cfg->worker_id, lease, running};
-    if (rel_conn_exec(d->ctl, "fo_claim", 3, params, 0, on_claim, d) == 0)
-        d->claiming = 1;
-    free(running);
-}
-
-/* --- lease renewal --- */
-
-typedef struct renew_call {
-    fo_daemon_t *d;
-    int64_t job_id, token;
-} renew_call_t;
-
-static void on_renew(int status, const PGresult *res, void *data)
-{
-    renew_call_t *rc = data;
-    fo_daemon_t *d = rc->d;
-    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0) {
-        for (int i = 0; i < d->njobs; i++) {
-            fo_job_t *j = d->jobs[i];
-            if (fo_job_id(j) == rc->job_id && fo_job_token(j) == rc->token) {
-                fo_log(FO_LOG_WARN, "lease lost; stopping the job",
-                       "job=%" PRId64 " token=%" PRId64, rc->job_id, rc->token);
-                fo_job_stop(j);
-                break;
-            }
-        }
-    }
-    free(rc);
-}
-
-static void on_renew_timer(uv_timer_t *t)
+static void on_backlog_timer(uv_timer_t *t)
 {
     fo_daemon_t *d = t->data;
-    char lease[16];
-    snprintf(lease, sizeof lease, "%d", d->cfg->lease_ms);
-    for (int i = 0; i < d->njobs; i++) {
-        fo_job_t *j = d->jobs[i];
-        char id[24], token[24], cursor[24], delivered[24];
-        snprintf(id, sizeof id, "%" PRId64, fo_job_id(j));
-        snprintf(token, sizeof token, "%" PRId64, fo_job_token(j));
-        snprintf(cursor, sizeof cursor, "%" PRId64, fo_job_cursor(j));
-        snprintf(delivered, sizeof delivered, "%" PRId64, fo_job_delivered(j));
-        const char *params[] = {id, token, lease, cursor, delivered};
-        renew_call_t *rc = fo_xmalloc(sizeof *rc);
-        *rc = (renew_call_t){d, fo_job_id(j), fo_job_token(j)};
-        if (rel_conn_exec(d->ctl, "fo_renew", 5, params, 0, on_renew, rc) < 0)
-            free(rc);
-    }
+    if (!d->backlog_busy && ntf_backlog(d->redis, on_backlog, d) == 0)
+        d->backlog_busy = 1;
 }
 
 /* --- timers and wake-ups --- */
@@ -349,19 +127,22 @@ static void on_tick(uv_timer_t *t)
     uint64_t now = fo_now_ms();
     for (int i = 0; i < d->njobs; i++)
         fo_job_kick(d->jobs[i], now, 0);
-    for (store_rec_t *r = d->recs; r; r = r->next)
-        if (!r->sending && now >= r->retry_at)
-            rec_send(r);
+    fo__store_retry(d, now);
+}
+
+static void on_renew_timer(uv_timer_t *t)
+{
+    fo__store_renew(t->data);
 }
 
 static void on_poll_timer(uv_timer_t *t)
 {
-    claim(t->data);
+    fo__store_claim(t->data);
 }
 
 static void on_notify(rel_conn_t *c, const char *channel, const char *payload, void *data)
 {
-    claim(data);
+    fo__store_claim(data);
 }
 
 static void kick_all(fo_daemon_t *d)
@@ -375,8 +156,9 @@ static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
     if (up) {
-        claim(d); /* catch up on wake-ups missed while down */
+        fo__store_claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
+        fo__store_renew(d);
     }
 }
 
@@ -401,9 +183,10 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->cfg = cfg;
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
-    d->io = (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, d};
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer};
-    for (size_t i = 0; i < 4; i++) {
+    d->io = (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, io_may_write, d};
+    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer,
+                            &d->backlog_timer};
+    for (size_t i = 0; i < 5; i++) {
         uv_timer_init(loop, timers[i]);
         timers[i]->data = d;
     }
@@ -428,10 +211,7 @@ void fo_daemon_start(fo_daemon_t *d)
     d->ctl = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
     session_setup(d->ctl, cfg);
     rel_conn_setup(d->ctl, "LISTEN fanout_events");
-    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 3);
-    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
-    rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
-    rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
+    fo__store_prepare(d);
 
     d->pages = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd-pages", on_pages_state, NULL, d);
     session_setup(d->pages, cfg);
@@ -445,6 +225,9 @@ void fo_daemon_start(fo_daemon_t *d)
     uv_timer_start(&d->tick_timer, on_tick, TICK_MS, TICK_MS);
     uint64_t renew = (uint64_t)cfg->lease_ms / 3;
     uv_timer_start(&d->renew_timer, on_renew_timer, renew, renew);
+    if (cfg->backlog_high > 0)
+        uv_timer_start(&d->backlog_timer, on_backlog_timer, (uint64_t)cfg->backlog_check_ms,
+                       (uint64_t)cfg->backlog_check_ms);
     fo_log(FO_LOG_INFO, "fanoutd started", "worker=%s max_jobs=%d page_size=%d window=%d",
            cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window);
 }
@@ -454,8 +237,9 @@ static void close_all(fo_daemon_t *d)
     if (d->closed)
         return;
     d->closed = 1;
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer};
-    for (size_t i = 0; i < 4; i++)
+    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer,
+                            &d->backlog_timer};
+    for (size_t i = 0; i < 5; i++)
         uv_close((uv_handle_t *)timers[i], NULL);
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
@@ -473,7 +257,7 @@ static void close_all(fo_daemon_t *d)
         d->stop_done(d, d->stop_data);
 }
 
-static void check_stopped(fo_daemon_t *d)
+void fo__daemon_check_stopped(fo_daemon_t *d)
 {
     if (d->stopping && d->njobs == 0 && !d->recs)
         close_all(d);
@@ -497,7 +281,7 @@ void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), vo
     for (int i = d->njobs - 1; i >= 0; i--)
         if (i < d->njobs)
             fo_job_stop(d->jobs[i]);
-    check_stopped(d);
+    fo__daemon_check_stopped(d);
 }
 
 void fo_daemon_free(fo_daemon_t *d)
@@ -507,11 +291,7 @@ void fo_daemon_free(fo_daemon_t *d)
     /* after close_all: callbacks of closed connections ran with FO_ESTOP */
     for (int i = 0; i < d->njobs; i++)
         fo_job_free(d->jobs[i]);
-    while (d->recs) {
-        store_rec_t *r = d->recs;
-        d->recs = r->next;
-        free(r);
-    }
+    fo__store_free_records(d);
     free(d->jobs);
     free(d->started_ms);
     free(d);

@@ -20,7 +20,9 @@
  *   WAITING   Redis or PostgreSQL failed; retried at retry_at (fo_job_kick), by fencing
  *             again, since after a lost reply only Redis knows which pages were applied
  *   DRAINING  stopping: no new reads or writes; waits for the replies in flight
- *   DONE, FENCED, STOPPED   terminal, reported once through io->finished
+ *   DONE, FENCED, STOPPED, FAILED   terminal, reported once through io->finished. FAILED:
+ *             PostgreSQL refused this job's page query (fo_job_error says why); the daemon
+ *             records the failed attempt and the job is retried later, or declared dead.
  */
 typedef enum {
     FO_JOB_FENCING,
@@ -30,6 +32,7 @@ typedef enum {
     FO_JOB_DONE,
     FO_JOB_FENCED,
     FO_JOB_STOPPED,
+    FO_JOB_FAILED,
 } fo_job_state_t;
 
 typedef struct fo_job fo_job_t;
@@ -41,9 +44,11 @@ typedef struct fo_job_io {
                  void *data);
     int (*write)(void *ctx, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
                  size_t n, int last, ntf_progress_cb cb, void *data);
-    /* The job reached DONE, FENCED or STOPPED and has no callback outstanding: the daemon
-     * may free it from here on (the job touches nothing after calling this). */
+    /* The job reached a terminal state and has no callback outstanding: the daemon may
+     * free it from here on (the job touches nothing after calling this). */
     void (*finished)(void *ctx, fo_job_t *job);
+    /* 0 while writes must wait (backpressure); NULL means always 1. */
+    int (*may_write)(void *ctx);
     void *ctx;
 } fo_job_io_t;
 
@@ -59,6 +64,8 @@ void fo_job_free(fo_job_t *j);
 void fo_job_start(fo_job_t *j, uint64_t now_ms);
 /* Retries a WAITING job whose retry time has come (or at once with force = 1). */
 void fo_job_kick(fo_job_t *j, uint64_t now_ms, int force);
+/* Sends what waits, e.g. when backpressure ends. */
+void fo_job_pump(fo_job_t *j);
 /* Stops after the replies in flight (graceful stop or lost lease). */
 void fo_job_stop(fo_job_t *j);
 
@@ -70,7 +77,58 @@ int64_t fo_job_token(const fo_job_t *j);
 /* Redis-confirmed progress: the last follower id written and the entries written. */
 int64_t fo_job_cursor(const fo_job_t *j);
 int64_t fo_job_delivered(const fo_job_t *j);
+/* Why a FAILED job failed (a copy of the server's message), else NULL. */
+const char *fo_job_error(const fo_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fo_job_retry_at(const fo_job_t *j);
+
+/* --- the daemon's internals, shared by daemon.c and store.c --- */
+
+#include <uv.h>
+
+typedef struct fo_daemon fo_daemon_t;
+typedef struct store_rec store_rec_t;
+
+struct fo_daemon {
+    uv_loop_t *loop;
+    const cfg_t *cfg;
+    rel_conn_t *ctl, *pages;
+    ntf_client_t *redis;
+    fo_job_io_t io;
+
+    fo_job_t **jobs;      /* cfg->max_jobs slots, njobs used */
+    uint64_t *started_ms; /* when each job was claimed, for the done line */
+    int njobs;
+    store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
+
+    int claiming, claim_again;
+    int paused; /* backpressure: jobs write nothing new */
+    char paused_reason[160];
+    int backlog_busy;
+    int stopping;
+    void (*stop_done)(fo_daemon_t *d, void *data);
+    void *stop_data;
+
+    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer;
+    int closed;
+};
+
+/* store.c: the job store in fanout.jobs, through the control connection. */
+void fo__store_prepare(fo_daemon_t *d);
+/* Claims jobs until max_jobs run or none is claimable (one claim query at a time). */
+void fo__store_claim(fo_daemon_t *d);
+/* Records a finished job's outcome (done, released, failed) and retries until written. */
+void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms);
+/* Sends the records whose retry time has come. */
+void fo__store_retry(fo_daemon_t *d, uint64_t now);
+/* Renews every running job's lease (and checkpoints its progress); stops jobs that lost it.
+ * Also refreshes this worker's row in fanout.workers. */
+void fo__store_renew(fo_daemon_t *d);
+void fo__store_free_records(fo_daemon_t *d);
+
+/* daemon.c: starts a claimed job in a free slot. */
+void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim);
+/* Called when a record was written or a job left: the stop may be complete. */
+void fo__daemon_check_stopped(fo_daemon_t *d);
 
 #endif

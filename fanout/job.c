@@ -46,6 +46,7 @@ struct fo_job {
     size_t ready_n;
     int inflight; /* writes of this epoch not yet answered */
     int64_t *page;
+    char *error; /* FAILED: the server's message */
 };
 
 typedef struct job_call {
@@ -54,7 +55,7 @@ typedef struct job_call {
 } job_call_t;
 
 static const char *const state_names[] = {"fencing", "running", "waiting", "draining",
-                                          "done",    "fenced",  "stopped"};
+                                          "done",    "fenced",  "stopped", "failed"};
 
 static void pump(fo_job_t *j);
 static void fence(fo_job_t *j);
@@ -80,7 +81,7 @@ static job_call_t *call_new(fo_job_t *j)
 
 static int terminal(fo_job_state_t s)
 {
-    return s == FO_JOB_DONE || s == FO_JOB_FENCED || s == FO_JOB_STOPPED;
+    return s == FO_JOB_DONE || s == FO_JOB_FENCED || s == FO_JOB_STOPPED || s == FO_JOB_FAILED;
 }
 
 /* Reports the job finished once nothing of it is in flight; must be the caller's last act. */
@@ -204,13 +205,18 @@ static void send_ready(fo_job_t *j)
 
 /* --- reads --- */
 
-static void on_page(int status, const int64_t *ids, size_t n, void *data)
+static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
 {
     fo_job_t *j;
     int current = call_done(data, &j);
     j->reading = 0;
     if (current && j->state == FO_JOB_RUNNING) {
-        if (status < 0) {
+        if (status == FO_EQUERY) {
+            /* the query itself is refused: this attempt fails once the writes in flight
+             * are answered (their progress is kept); the daemon schedules the next one */
+            j->error = fo_xstrdup(err ? err : "query failed");
+            j->state = FO_JOB_FAILED;
+        } else if (status < 0) {
             go_wait(j, "follower page read failed");
         } else {
             (void)ids; /* they are in j->page */
@@ -245,7 +251,7 @@ static void pump(fo_job_t *j)
 {
     if (j->state != FO_JOB_RUNNING)
         return;
-    if (j->ready && j->inflight < j->cfg->window)
+    if (j->ready && j->inflight < j->cfg->window && (!j->io.may_write || j->io.may_write(j->io.ctx)))
         send_ready(j);
     if (j->state == FO_JOB_RUNNING && !j->reading && !j->ready && !j->eof)
         start_read(j);
@@ -327,6 +333,7 @@ void fo_job_free(fo_job_t *j)
     free(j->payload);
     free(j->created_at);
     free(j->page);
+    free(j->error);
     free(j);
 }
 
@@ -347,6 +354,11 @@ void fo_job_kick(fo_job_t *j, uint64_t now_ms, int force)
     }
     fence(j);
     maybe_finish(j);
+}
+
+void fo_job_pump(fo_job_t *j)
+{
+    pump(j);
 }
 
 void fo_job_stop(fo_job_t *j)
@@ -392,6 +404,11 @@ int64_t fo_job_cursor(const fo_job_t *j)
 int64_t fo_job_delivered(const fo_job_t *j)
 {
     return j->delivered;
+}
+
+const char *fo_job_error(const fo_job_t *j)
+{
+    return j->error;
 }
 
 uint64_t fo_job_retry_at(const fo_job_t *j)

@@ -7,6 +7,7 @@
  *   status    one event's progress, or the recent events and the job counts
  *   consume   reads the shard streams with a consumer group, prints one JSON object per
  *             entry and acknowledges it after it was printed and flushed
+ *   retry     queues the dead jobs of an event again
  *
  * Unlike fanoutd this is a short-lived, blocking program: libpq's PQexec* and hiredis's
  * synchronous API are the right tools here. Every failure is one line on stderr naming the
@@ -503,6 +504,26 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
     return fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
 }
 
+/* The workers seen in the last minute, and why any of them pauses (backpressure). */
+static void status_workers(PGconn *conn)
+{
+    PGresult *w = pg_run(conn, "status", "workers",
+                         "SELECT worker_id, jobs, coalesce(paused_reason, ''),"
+                         " floor(extract(epoch FROM now() - seen_at))::bigint"
+                         " FROM fanout.workers WHERE seen_at > now() - interval '1 minute'"
+                         " ORDER BY worker_id",
+                         0, NULL);
+    if (!w)
+        return;
+    for (int r = 0; r < PQntuples(w); r++) {
+        const char *why = PQgetvalue(w, r, 2);
+        printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0),
+               PQgetvalue(w, r, 1), PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running",
+               why);
+    }
+    PQclear(w);
+}
+
 static int status_recent(PGconn *conn)
 {
     PGresult *res =
@@ -533,6 +554,7 @@ static int status_recent(PGconn *conn)
                PQgetvalue(res, r, 4), PQgetvalue(res, r, 5), PQgetvalue(res, r, 6));
     printf("\njobs: pending=%s running=%s done=%s dead=%s\n", PQgetvalue(counts, 0, 0),
            PQgetvalue(counts, 0, 1), PQgetvalue(counts, 0, 2), PQgetvalue(counts, 0, 3));
+    status_workers(conn);
     PQclear(counts);
     PQclear(res);
     return fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
@@ -1164,6 +1186,57 @@ static int cmd_consume(const cfg_t *cfg, int argc, char **argv)
 }
 
 /* ---------------------------------------------------------------------------------------
+ * retry: requeue a dead event
+ * ------------------------------------------------------------------------------------- */
+
+static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
+{
+    const char *event = NULL;
+    int r = parse_opts("retry", argc, argv, NULL, 0, &event);
+    if (r == 1) {
+        printf("usage: fanoutctl [SETTINGS] retry EVENT\n"
+               "Queues the dead jobs of EVENT again with fresh attempts; their progress marks\n"
+               "in Redis make them resume where they stopped, so nothing is sent twice.\n");
+        return EXIT_OK;
+    }
+    if (r)
+        return r;
+    int64_t id;
+    if (!event || parse_id(event, &id) < 0) {
+        fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64,
+             INT64_MAX);
+        return EXIT_USAGE;
+    }
+    PGconn *conn = pg_connect(cfg, "retry");
+    if (!conn)
+        return EXIT_RUNTIME;
+    const char *params[] = {event};
+    PGresult *res = pg_run(conn, "retry", NULL,
+                           "WITH r AS (UPDATE fanout.jobs SET state = 'pending', attempts = 0,"
+                           " next_attempt_at = now(), finished_at = NULL"
+                           " WHERE event_id = $1 AND state = 'dead' RETURNING id)"
+                           " SELECT (SELECT count(*) FROM r),"
+                           " (SELECT count(*) FROM fanout.events WHERE id = $1),"
+                           " (SELECT count(pg_notify('fanout_events', $1)) FROM r LIMIT 1)",
+                           1, params);
+    int status = EXIT_RUNTIME;
+    if (res) {
+        if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
+            fail("retry", "no event %s", event);
+        } else if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
+            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state",
+                 event, event);
+        } else {
+            printf("requeued %s dead job(s) of event %s\n", PQgetvalue(res, 0, 0), event);
+            status = EXIT_OK;
+        }
+        PQclear(res);
+    }
+    PQfinish(conn);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------
  * main
  * ------------------------------------------------------------------------------------- */
 
@@ -1179,6 +1252,7 @@ static void usage(FILE *out)
             "  status [EVENT]                       one event's progress, or the recent ones\n"
             "  consume --group G --consumer C [--count N] [--block MS]\n"
             "                                       read the streams as JSON lines\n"
+            "  retry EVENT                          queue a dead event again\n"
             "  help                                 this text; COMMAND --help for one command\n"
             "\n"
             "Exit status: 0 ok, 1 runtime failure, 2 usage error.\n"
@@ -1196,6 +1270,7 @@ static const command_t commands[] = {
     {"publish", cmd_publish},
     {"status", cmd_status},
     {"consume", cmd_consume},
+    {"retry", cmd_retry},
 };
 
 int main(int argc, char **argv, char **envp)
@@ -1234,7 +1309,7 @@ int main(int argc, char **argv, char **envp)
         } else {
             fail(NULL,
                  "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
-                 "help",
+                 "retry, help",
                  argv[rest]);
             status = EXIT_USAGE;
         }

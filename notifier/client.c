@@ -48,13 +48,21 @@ typedef enum {
     ST_CLOSED,     /* ntf_client_close was called */
 } ntf_state_t;
 
-typedef enum { REQ_AUTH, REQ_LOAD_FENCE, REQ_LOAD_PAGE, REQ_FENCE, REQ_PAGE } ntf_req_kind_t;
+typedef enum {
+    REQ_AUTH,
+    REQ_LOAD_FENCE,
+    REQ_LOAD_PAGE,
+    REQ_FENCE,
+    REQ_PAGE,
+    REQ_RAW, /* a command of another notifier file (ntf__command), with its own callback */
+} ntf_req_kind_t;
 
 typedef struct ntf_req {
     struct ntf_req *next;
     ntf_client_t *c;
     ntf_req_kind_t kind;
     ntf_progress_cb cb;
+    ntf_raw_cb raw_cb; /* REQ_RAW */
     void *data;
     int64_t job_id;   /* for log lines */
     uint64_t sent_ms; /* for the command deadline */
@@ -465,6 +473,16 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     c->head = r->next;
     if (!c->head)
         c->tail = NULL;
+    if (r->kind == REQ_RAW) {
+        ntf_raw_cb cb = r->raw_cb;
+        void *data = r->data;
+        free(r);
+        int st = reply ? 0 : c->state == ST_CLOSED ? FO_ESTOP : FO_EREDIS;
+        if (!reply && st == FO_EREDIS)
+            c->state = ST_DROPPING;
+        cb(st, reply, data);
+        return;
+    }
     if (r->kind != REQ_FENCE && r->kind != REQ_PAGE) {
         ntf_req_kind_t kind = r->kind;
         free(r);
@@ -563,6 +581,31 @@ void ntf_client_close(ntf_client_t *c)
         if (!connected)
             c->ac = NULL; /* no on_disconnect for a context that never connected */
     }
+}
+
+int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen,
+                 ntf_raw_cb cb, void *data)
+{
+    if (c->state != ST_READY)
+        return FO_EREDIS;
+    ntf_req_t *r = fo_xmalloc(sizeof *r);
+    *r = (ntf_req_t){.c = c, .kind = REQ_RAW, .raw_cb = cb, .data = data,
+                     .sent_ms = uv_now(c->loop)};
+    if (redisAsyncCommandArgv(c->ac, on_reply, r, argc, argv, argvlen) != REDIS_OK) {
+        free(r);
+        return FO_EREDIS;
+    }
+    if (c->tail)
+        c->tail->next = r;
+    else
+        c->head = r;
+    c->tail = r;
+    return 0;
+}
+
+const cfg_t *ntf__client_cfg(const ntf_client_t *c)
+{
+    return c->cfg;
 }
 
 int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,

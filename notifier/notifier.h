@@ -112,6 +112,16 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
 int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
                    const int64_t *ids, size_t n, int last, ntf_progress_cb cb, void *data);
 
+/*
+ * Measures how far consumers are behind: for every shard stream, the largest backlog over
+ * its consumer groups, where a group's backlog is the entries it has not read yet (lag, or
+ * the stream length when Redis cannot tell) plus those read and not acknowledged
+ * (pending). Streams without groups count 0. cb gets the largest backlog and its shard.
+ * Returns 0 if sent (cb runs later), FO_EREDIS if not ready (cb never runs).
+ */
+typedef void (*ntf_backlog_cb)(int status, long long backlog, int shard, void *data);
+int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data);
+
 /* The shard stream a recipient's notifications go to: recipient mod shards, in 0..shards-1,
  * so that every consumer language can compute it and one recipient's entries stay ordered. */
 int ntf_shard_of(int64_t recipient, int shards);

@@ -86,4 +86,19 @@ enum { NTF_ENOMARK = -1101 };
  */
 int ntf__parse_reply(const redisReply *r, ntf_progress_t *p);
 
+/*
+ * Sends one command for another notifier file through the client's connection and FIFO.
+ * cb gets status 0 with the reply (borrowed until return; it may be an error reply),
+ * FO_EREDIS with NULL when the connection was lost, FO_ESTOP with NULL when closing.
+ * Returns 0, or FO_EREDIS when not ready (cb never runs).
+ */
+typedef void (*ntf_raw_cb)(int status, const redisReply *reply, void *data);
+int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen,
+                 ntf_raw_cb cb, void *data);
+const cfg_t *ntf__client_cfg(const ntf_client_t *c);
+
+/* The backlog script's reply, {backlog, shard}, as ntf_backlog reports it: 0 or FO_EREDIS
+ * for an error or malformed reply. */
+int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard);
+
 #endif

@@ -107,12 +107,12 @@ void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int
     add_stmt(c, stmt_name, sql, nparams);
 }
 
-void rel__conn_prepare_idents(rel_conn_t *c, const char *stmt_name, const char *sql_fmt,
-                              int nparams, const char *ident0, const char *ident1)
+void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt,
+                           int nparams, const cfg_t *cfg)
 {
     add_stmt(c, stmt_name, sql_fmt, nparams);
-    c->stmts_tail->ident[0] = fo_xstrdup(ident0);
-    c->stmts_tail->ident[1] = fo_xstrdup(ident1);
+    c->stmts_tail->ident[0] = fo_xstrdup(cfg->contract_schema);
+    c->stmts_tail->ident[1] = fo_xstrdup(cfg->contract_view);
 }
 
 /* The statement's SQL for this connection: identifiers quoted by libpq itself. */

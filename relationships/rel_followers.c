@@ -34,33 +34,39 @@ int64_t rel__int8_from_binary(const char *v)
 void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg)
 {
     rel_conn_setup(c, "SET default_transaction_read_only = on");
-    rel__conn_prepare_idents(c, PAGE_STMT,
-                             "SELECT follower FROM %s.%s WHERE author = $1 AND follower > $2 "
-                             "AND follower <= $3 ORDER BY follower LIMIT $4",
-                             4, cfg->contract_schema, cfg->contract_view);
+    rel_conn_prepare_view(c, PAGE_STMT,
+                          "SELECT follower FROM %s.%s WHERE author = $1 AND follower > $2 "
+                          "AND follower <= $3 ORDER BY follower LIMIT $4",
+                          4, cfg);
 }
 
 static void on_page(int status, const PGresult *res, void *data)
 {
     page_req_t *r = data;
     size_t n = 0;
+    const char *err = NULL;
     if (status == 0) {
         int rows = PQntuples(res);
         if (PQnfields(res) != 1 || PQftype(res, 0) != 20 /* int8 */ || rows > r->limit) {
             fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
                    "fields=%d rows=%d; the follower column must be bigint", PQnfields(res),
                    rows);
-            status = FO_EPG;
+            status = FO_EQUERY;
+            err = "the contract view's follower column is not bigint";
         } else {
             for (int i = 0; i < rows; i++)
                 r->out[n++] = rel__int8_from_binary(PQgetvalue(res, i, 0));
         }
     } else if (res) {
+        status = FO_EQUERY;
+        err = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+        if (!err)
+            err = "unknown error";
         char what[512];
-        fo_log_quote(what, sizeof what, PQresultErrorMessage(res));
+        fo_log_quote(what, sizeof what, err);
         fo_log(FO_LOG_WARN, "follower page query failed", "error=%s", what);
     }
-    r->cb(status, r->out, status == 0 ? n : 0, r->data);
+    r->cb(status, r->out, status == 0 ? n : 0, err, r->data);
     free(r);
 }
 

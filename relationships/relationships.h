@@ -51,6 +51,13 @@ rel_conn_t *rel_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, con
 /* Registers a statement prepared on every (re)connect, before the state turns up. */
 void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int nparams);
 
+/* Like rel_conn_prepare for a statement that reads the contract view: sql_fmt holds
+ * "%s.%s" (or, to name the view more than once, "%1$s.%2$s" each time) that receives cfg's
+ * contract schema and view, quoted by PQescapeIdentifier on every connect (identifiers from
+ * configuration are never pasted into SQL unquoted). */
+void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt,
+                           int nparams, const cfg_t *cfg);
+
 /* Registers session set-up SQL (may hold several statements) run on every (re)connect. */
 void rel_conn_setup(rel_conn_t *c, const char *sql);
 
@@ -82,8 +89,11 @@ void rel_conn_close(rel_conn_t *c);
  */
 void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg);
 
-/* Receives a page: ids[0..n) ascending, borrowed (they live in the caller's buffer). */
-typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, void *data);
+/* Receives a page: ids[0..n) ascending, borrowed (they live in the caller's buffer).
+ * status 0; FO_EPG when the connection was lost; FO_EQUERY when the server refused the query
+ * (err then holds its message, borrowed until return; otherwise err is NULL). */
+typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, const char *err,
+                            void *data);
 
 /*
  * Reads up to `limit` follower ids of `author` in (after, upto], ascending, into out[] (room

@@ -88,7 +88,14 @@ static void fake_finished(void *ctx, fo_job_t *j)
     F.final_delivered = fo_job_delivered(j);
 }
 
-static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, NULL};
+static int paused;
+static int fake_may_write(void *ctx)
+{
+    return !paused;
+}
+
+static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, fake_may_write,
+                               NULL};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
@@ -117,7 +124,7 @@ static void answer_fetch(void)
     for (int i = 0; i < F.nfollowers && n < (size_t)c->limit; i++)
         if (F.followers[i] > c->after && F.followers[i] <= c->upto)
             c->out[n++] = F.followers[i];
-    c->page_cb(0, c->out, n, c->data);
+    c->page_cb(0, c->out, n, NULL, c->data);
 }
 
 static void answer_fetch_error(void)
@@ -125,7 +132,15 @@ static void answer_fetch_error(void)
     call_t *c = next_call(C_FETCH);
     assert_non_null(c);
     c->answered = 1;
-    c->page_cb(FO_EPG, c->out, 0, c->data);
+    c->page_cb(FO_EPG, c->out, 0, NULL, c->data);
+}
+
+static void answer_fetch_refused(const char *why)
+{
+    call_t *c = next_call(C_FETCH);
+    assert_non_null(c);
+    c->answered = 1;
+    c->page_cb(FO_EQUERY, c->out, 0, why, c->data);
 }
 
 static void answer_progress(call_kind_t kind, int status, int64_t cursor, int64_t delivered,
@@ -169,6 +184,7 @@ static fo_job_t *start_job(int64_t range_lo)
 static int setup(void **state)
 {
     memset(&F, 0, sizeof F);
+    paused = 0;
     redis_delivered = 0;
     memset(&cfg, 0, sizeof cfg);
     cfg.page_size = 3;
@@ -414,6 +430,44 @@ static void test_read_failure_waits_and_rereads(void **state)
     fo_job_free(j);
 }
 
+static void test_refused_query_fails_after_the_writes_in_flight(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch(); /* page 1 sent, page 2 read in flight */
+    answer_fetch_refused("division by zero");
+    assert_int_equal(F.finished, 0); /* page 1 is still unanswered */
+    int calls = F.ncalls;
+    apply_write();
+    assert_int_equal(F.ncalls, calls); /* nothing new after the failure */
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_FAILED);
+    assert_int_equal(F.final_cursor, 30); /* the progress made is kept */
+    assert_string_equal(fo_job_error(j), "division by zero");
+    fo_job_free(j);
+}
+
+static void test_backpressure_holds_writes_until_pumped(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    paused = 1;
+    answer_fetch(); /* read, but may not be written */
+    assert_int_equal(pending(C_WRITE), 0);
+    assert_int_equal(pending(C_FETCH), 0); /* and no further read: the buffer is full */
+    fo_job_pump(j);
+    assert_int_equal(pending(C_WRITE), 0);
+    paused = 0;
+    fo_job_pump(j);
+    assert_int_equal(pending(C_WRITE), 1);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 9);
+    fo_job_free(j);
+}
+
 static void test_range_bounds_are_passed_to_reads(void **state)
 {
     set_followers(9);
@@ -445,6 +499,8 @@ int main(void)
         cmocka_unit_test_setup(test_fenced_at_start, setup),
         cmocka_unit_test_setup(test_stop_drains_the_writes_in_flight, setup),
         cmocka_unit_test_setup(test_read_failure_waits_and_rereads, setup),
+        cmocka_unit_test_setup(test_refused_query_fails_after_the_writes_in_flight, setup),
+        cmocka_unit_test_setup(test_backpressure_holds_writes_until_pumped, setup),
         cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
     };
     return cmocka_run_group_tests_name("fanout/job", tests, NULL, NULL);

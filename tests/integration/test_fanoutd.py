@@ -128,9 +128,13 @@ def polling_finds_events_without_notify(s):
 
 
 def job_progress(s, ev):
-    job = s.sql_value("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,))
-    v = s.redis.hget("fanout:progress:%d" % job, "delivered")
-    return int(v) if v else 0
+    """Entries written for the event so far, from the progress marks of all its jobs (a
+    large event is split into follower-id ranges)."""
+    total = 0
+    for (job,) in s.sql("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,)):
+        v = s.redis.hget("fanout:progress:%d" % job, "delivered")
+        total += int(v) if v else 0
+    return total
 
 
 @suite.test
@@ -156,7 +160,7 @@ def sigkill_mid_fanout_then_restart_is_exact(s):
     s.start_daemon(**env)
     s.wait_event_done(ev, timeout=120)
     assert_exactly_once(s, ev, range(1, n + 1))
-    assert s.sql_value("SELECT attempts FROM fanout.jobs WHERE event_id = %s", (ev,)) >= 2
+    assert s.sql_value("SELECT max(attempts) FROM fanout.jobs WHERE event_id = %s", (ev,)) >= 2
 
 
 @suite.test

@@ -1,0 +1,467 @@
+/*
+ * store.c: the job store, fanout.jobs, as fanoutd uses it through the control connection.
+ *
+ * Claims: one job per query (FOR UPDATE SKIP LOCKED, token + 1, lease), one query at a time,
+ * repeated until max_jobs run or nothing is claimable. A job claimed for the first time may be
+ * split into follower-id ranges first (SQL_SPLIT), before anything of it reaches Redis.
+ *
+ * Records: a finished job leaves a small record of its outcome (done, released on a graceful
+ * stop, or a failed attempt) that is written with a token check and retried on the tick
+ * timer until PostgreSQL takes it. Losing one is safe: the lease expires, the next claim
+ * fences, and Redis's progress mark says where the job stands.
+ */
+#include "fanout/fo_int.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL } rec_kind_t;
+
+struct store_rec {
+    store_rec_t *next;
+    fo_daemon_t *d;
+    rec_kind_t kind;
+    int64_t job_id, event_id, token, cursor, delivered;
+    uint64_t started_ms, retry_at;
+    int sending;
+    char *error; /* REC_FAIL */
+};
+
+/*
+ * One claimable job: pending, or running under an expired lease, or under this worker's own
+ * name but not running here (this worker restarted). Never a second job of an event this
+ * worker already runs, so the ranges of one big fan-out spread over workers and leave this
+ * worker's other slots to other events. A job whose attempts are used up (the last one ended
+ * with no outcome: a crash, a kill, a lost lease) is declared dead instead of claimed.
+ * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts.
+ */
+static const char SQL_CLAIM[] =
+    "WITH c AS ("
+    " SELECT id FROM fanout.jobs"
+    " WHERE state IN ('pending', 'running') AND next_attempt_at <= now()"
+    "   AND (state = 'pending' OR lease_until < now()"
+    "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
+    "   AND NOT (event_id = ANY ($4::bigint[]))"
+    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1)"
+    " UPDATE fanout.jobs j SET"
+    "   state = CASE WHEN j.attempts >= $5 THEN 'dead' ELSE 'running' END,"
+    "   lease_owner = CASE WHEN j.attempts >= $5 THEN NULL ELSE $1 END,"
+    "   lease_until = CASE WHEN j.attempts >= $5 THEN NULL"
+    "                 ELSE now() + $2::bigint * interval '1 millisecond' END,"
+    "   last_error = CASE WHEN j.attempts >= $5 THEN 'no outcome after ' || j.attempts ||"
+    "     ' attempts (worker crashed, was killed or lost its lease)'"
+    "     || coalesce('; earlier: ' || j.last_error, '') ELSE j.last_error END,"
+    "   finished_at = CASE WHEN j.attempts >= $5 THEN now() END,"
+    "   token = j.token + 1,"
+    "   attempts = CASE WHEN j.attempts >= $5 THEN j.attempts ELSE j.attempts + 1 END,"
+    "   started_at = coalesce(j.started_at, now())"
+    " FROM c, fanout.events e WHERE j.id = c.id AND e.id = j.event_id"
+    " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
+    "   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+    "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
+    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error";
+
+/*
+ * Splits a job claimed for the first time (token 1, the whole range, nothing written yet)
+ * into $4 follower-id ranges of equal id span, when the author's followers span at least $5
+ * ids: this job keeps the first range, the others become pending jobs, and a NOTIFY wakes
+ * the other workers. One statement, so a crash splits all or nothing.
+ * $1 job, $2 token, $3 author. Returns the job's new range_hi (NULL when not split) and the
+ * number of jobs added.
+ */
+static const char SQL_SPLIT[] =
+    "WITH mm AS (SELECT (SELECT follower FROM %1$s.%2$s WHERE author = $3"
+    "                    ORDER BY follower LIMIT 1) AS lo,"
+    "                   (SELECT follower FROM %1$s.%2$s WHERE author = $3"
+    "                    ORDER BY follower DESC LIMIT 1) AS hi),"
+    " cuts AS (SELECT i, mm.lo + ((mm.hi - mm.lo)::numeric * i / $4::int)::bigint AS b"
+    "          FROM mm, generate_series(1, $4::int - 1) AS i"
+    "          WHERE mm.hi - mm.lo >= $5::bigint),"
+    " me AS (UPDATE fanout.jobs SET range_hi = (SELECT b FROM cuts WHERE i = 1)"
+    "        WHERE id = $1 AND token = $2 AND range_hi IS NULL AND EXISTS (SELECT 1 FROM cuts)"
+    "        RETURNING event_id, range_hi),"
+    " ins AS (INSERT INTO fanout.jobs (event_id, range_lo, range_hi)"
+    "         SELECT me.event_id, c.b, (SELECT c2.b FROM cuts c2 WHERE c2.i = c.i + 1)"
+    "         FROM me, cuts c RETURNING id)"
+    " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
+    "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
+
+static const char SQL_RENEW[] =
+    "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
+    " progress = $4, delivered = $5"
+    " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+static const char SQL_FINISH[] =
+    "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
+    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
+    " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+/* A graceful stop is no failed attempt: the attempt is given back. */
+static const char SQL_RELEASE[] =
+    "UPDATE fanout.jobs SET state = 'pending', progress = $3, delivered = $4,"
+    " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)"
+    " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+/* A failed attempt: dead when the attempts are used up, else pending again after
+ * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts. */
+static const char SQL_FAIL[] =
+    "UPDATE fanout.jobs SET state = CASE WHEN attempts >= $6 THEN 'dead' ELSE 'pending' END,"
+    " progress = $3, delivered = $4, last_error = $5, lease_owner = NULL, lease_until = NULL,"
+    " next_attempt_at = now() + least($8::bigint,"
+    "   $7::bigint * power(2, least(attempts - 1, 40))::bigint) * interval '1 millisecond',"
+    " finished_at = CASE WHEN attempts >= $6 THEN now() END"
+    " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+/* This worker's row for fanoutctl status. $1 worker, $2 jobs, $3 paused reason or NULL. */
+static const char SQL_WORKER[] =
+    "INSERT INTO fanout.workers (worker_id, jobs, paused_reason) VALUES ($1, $2, $3)"
+    " ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), jobs = $2, paused_reason = $3";
+
+void fo__store_prepare(fo_daemon_t *d)
+{
+    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 5);
+    rel_conn_prepare_view(d->ctl, "fo_split", SQL_SPLIT, 5, d->cfg);
+    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
+    rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
+    rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
+    rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
+    rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 3);
+}
+
+static void log_pg_error(const char *msg, const PGresult *res)
+{
+    char what[512];
+    fo_log_quote(what, sizeof what, res ? PQresultErrorMessage(res) : "connection lost");
+    fo_log(FO_LOG_WARN, msg, "error=%s", what);
+}
+
+#define I64(buf, v) snprintf(buf, sizeof buf, "%" PRId64, (int64_t)(v))
+
+/* --- records --- */
+
+static void rec_send(store_rec_t *r);
+
+static void rec_free(store_rec_t *r)
+{
+    fo_daemon_t *d = r->d;
+    for (store_rec_t **p = &d->recs; *p; p = &(*p)->next) {
+        if (*p == r) {
+            *p = r->next;
+            break;
+        }
+    }
+    free(r->error);
+    free(r);
+}
+
+static void on_rec(int status, const PGresult *res, void *data)
+{
+    store_rec_t *r = data;
+    fo_daemon_t *d = r->d;
+    r->sending = 0;
+    if (status == FO_ESTOP)
+        return; /* closing: records are freed with the daemon */
+    if (status < 0) {
+        if (res)
+            log_pg_error("job record not written; retrying", res);
+        r->retry_at = fo_now_ms() + 500; /* the tick timer sends it again */
+        return;
+    }
+    static const char *const what[] = {"job done", "job released", "job attempt failed"};
+    char err[512] = "";
+    if (r->error)
+        fo_log_quote(err, sizeof err, r->error);
+    if (atoi(PQcmdTuples((PGresult *)res)) == 0)
+        fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
+               "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
+               r->token);
+    else
+        fo_log(r->kind == REC_FAIL ? FO_LOG_WARN : FO_LOG_INFO, what[r->kind],
+               "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
+               r->job_id, r->event_id, r->delivered,
+               (double)(fo_now_ms() - r->started_ms) / 1000.0, err[0] ? " error=" : "", err);
+    rec_free(r);
+    fo__daemon_check_stopped(d);
+    fo__store_claim(d);
+}
+
+static void rec_send(store_rec_t *r)
+{
+    const cfg_t *cfg = r->d->cfg;
+    char id[24], token[24], cursor[24], delivered[24], max[16], base[16], cap[16];
+    I64(id, r->job_id);
+    I64(token, r->token);
+    I64(cursor, r->cursor);
+    I64(delivered, r->delivered);
+    I64(max, cfg->max_attempts);
+    I64(base, cfg->retry_base_ms);
+    I64(cap, cfg->retry_max_ms);
+    const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
+    static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail"};
+    int nparams = r->kind == REC_FAIL ? 8 : 4;
+    if (rel_conn_exec(r->d->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
+        r->sending = 1;
+    else
+        r->retry_at = fo_now_ms() + 500;
+}
+
+void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms)
+{
+    rec_kind_t kind;
+    switch (fo_job_state(j)) {
+    case FO_JOB_DONE:
+        kind = REC_FINISH;
+        break;
+    case FO_JOB_STOPPED:
+        kind = REC_RELEASE;
+        break;
+    case FO_JOB_FAILED:
+        kind = REC_FAIL;
+        break;
+    default:
+        fo_log(FO_LOG_INFO, "job left to its new owner", "job=%" PRId64 " event=%" PRId64,
+               fo_job_id(j), fo_job_event_id(j));
+        return;
+    }
+    store_rec_t *r = fo_xcalloc(1, sizeof *r);
+    r->d = d;
+    r->kind = kind;
+    r->job_id = fo_job_id(j);
+    r->event_id = fo_job_event_id(j);
+    r->token = fo_job_token(j);
+    r->cursor = fo_job_cursor(j);
+    r->delivered = fo_job_delivered(j);
+    r->started_ms = started_ms;
+    if (fo_job_error(j))
+        r->error = fo_xstrdup(fo_job_error(j));
+    r->next = d->recs;
+    d->recs = r;
+    rec_send(r);
+}
+
+void fo__store_retry(fo_daemon_t *d, uint64_t now)
+{
+    for (store_rec_t *r = d->recs; r; r = r->next)
+        if (!r->sending && now >= r->retry_at)
+            rec_send(r);
+}
+
+void fo__store_free_records(fo_daemon_t *d)
+{
+    while (d->recs) {
+        store_rec_t *r = d->recs;
+        d->recs = r->next;
+        free(r->error);
+        free(r);
+    }
+}
+
+/* --- claims and splits --- */
+
+static int row_int64(const PGresult *res, int col, int64_t *out)
+{
+    char *end;
+    const char *v = PQgetvalue(res, 0, col);
+    long long x = strtoll(v, &end, 10);
+    if (*v == '\0' || *end)
+        return -1;
+    *out = x;
+    return 0;
+}
+
+/* A claim being split: the claim's strings are copied until the split answers. */
+typedef struct split_call {
+    fo_daemon_t *d;
+    fo_claim_t claim;
+    char *kind, *payload, *created_at;
+} split_call_t;
+
+static void split_free(split_call_t *sc)
+{
+    free(sc->kind);
+    free(sc->payload);
+    free(sc->created_at);
+    free(sc);
+}
+
+static void on_split(int status, const PGresult *res, void *data)
+{
+    split_call_t *sc = data;
+    fo_daemon_t *d = sc->d;
+    d->claiming = 0;
+    if (status == FO_ESTOP) {
+        split_free(sc);
+        return;
+    }
+    if (status == 0 && !PQgetisnull(res, 0, 0)) {
+        sc->claim.range_hi = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        fo_log(FO_LOG_INFO, "job split into follower-id ranges",
+               "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64,
+               sc->claim.job_id, sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)),
+               sc->claim.range_hi);
+    } else if (status != 0) {
+        log_pg_error("split failed; the job runs whole", res);
+    }
+    /* whole or first range: exact either way, since nothing was written before the split */
+    fo__daemon_start_job(d, &sc->claim);
+    split_free(sc);
+    fo__store_claim(d);
+}
+
+/* Splits a fresh job if it is worth it; returns 1 when the split query was sent. */
+static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
+{
+    if (d->cfg->split_min_span <= 0)
+        return 0;
+    split_call_t *sc = fo_xcalloc(1, sizeof *sc);
+    sc->d = d;
+    sc->claim = *c;
+    sc->claim.kind = sc->kind = fo_xstrdup(c->kind);
+    sc->claim.payload = sc->payload = fo_xstrdup(c->payload);
+    sc->claim.created_at = sc->created_at = fo_xstrdup(c->created_at);
+    char id[24], token[24], author[24], parts[16], span[24];
+    I64(id, c->job_id);
+    I64(token, c->token);
+    I64(author, c->author);
+    I64(parts, d->cfg->split_parts);
+    I64(span, d->cfg->split_min_span);
+    const char *params[] = {id, token, author, parts, span};
+    if (rel_conn_exec(d->ctl, "fo_split", 5, params, 0, on_split, sc) == 0) {
+        d->claiming = 1; /* no other claim until this job runs */
+        return 1;
+    }
+    split_free(sc);
+    return 0;
+}
+
+static void on_claim(int status, const PGresult *res, void *data)
+{
+    fo_daemon_t *d = data;
+    d->claiming = 0;
+    if (status == FO_ESTOP)
+        return;
+    if (status < 0) {
+        if (res)
+            log_pg_error("claim failed", res);
+        return; /* the poll timer tries again */
+    }
+    int again = d->claim_again;
+    d->claim_again = 0;
+    if (PQntuples(res) == 1) {
+        fo_claim_t c = {0};
+        if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
+            row_int64(res, 2, &c.author) || row_int64(res, 6, &c.token) ||
+            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi)) {
+            fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
+            return;
+        }
+        c.kind = PQgetvalue(res, 0, 3);
+        c.payload = PQgetvalue(res, 0, 4);
+        c.created_at = PQgetvalue(res, 0, 5);
+        again = 1; /* there may be more */
+        if (strcmp(PQgetvalue(res, 0, 9), "dead") == 0) {
+            char what[512];
+            fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
+            fo_log(FO_LOG_ERROR, "job is dead: its attempts are used up; fanoutctl retry EVENT",
+                   "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
+        } else {
+            fo_log(FO_LOG_INFO, "job claimed",
+                   "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
+                   " range_lo=%" PRId64,
+                   c.job_id, c.event_id, c.author, c.token, c.range_lo);
+            if (strcmp(PQgetvalue(res, 0, 10), "1") == 0 && maybe_split(d, &c))
+                return; /* on_split starts the job and claims on */
+            fo__daemon_start_job(d, &c);
+        }
+    }
+    if (again)
+        fo__store_claim(d);
+}
+
+/* "{1,2,3}": a bigint[] literal of the jobs (or their events) running here. */
+static char *running_array(fo_daemon_t *d, int events)
+{
+    size_t cap = 3 + (size_t)d->njobs * 21;
+    char *out = fo_xmalloc(cap);
+    size_t o = (size_t)snprintf(out, cap, "{");
+    for (int i = 0; i < d->njobs; i++)
+        o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, i ? "," : "",
+                              events ? fo_job_event_id(d->jobs[i]) : fo_job_id(d->jobs[i]));
+    snprintf(out + o, cap - o, "}");
+    return out;
+}
+
+void fo__store_claim(fo_daemon_t *d)
+{
+    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl))
+        return;
+    if (d->claiming) {
+        d->claim_again = 1;
+        return;
+    }
+    char *jobs = running_array(d, 0);
+    char *events = running_array(d, 1);
+    char lease[16], max[16];
+    I64(lease, d->cfg->lease_ms);
+    I64(max, d->cfg->max_attempts);
+    const char *params[] = {d->cfg->worker_id, lease, jobs, events, max};
+    if (rel_conn_exec(d->ctl, "fo_claim", 5, params, 0, on_claim, d) == 0)
+        d->claiming = 1;
+    free(jobs);
+    free(events);
+}
+
+/* --- lease renewal --- */
+
+typedef struct renew_call {
+    fo_daemon_t *d;
+    int64_t job_id, token;
+} renew_call_t;
+
+static void on_renew(int status, const PGresult *res, void *data)
+{
+    renew_call_t *rc = data;
+    fo_daemon_t *d = rc->d;
+    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0) {
+        for (int i = 0; i < d->njobs; i++) {
+            fo_job_t *j = d->jobs[i];
+            if (fo_job_id(j) == rc->job_id && fo_job_token(j) == rc->token) {
+                fo_log(FO_LOG_WARN, "lease lost; stopping the job",
+                       "job=%" PRId64 " token=%" PRId64, rc->job_id, rc->token);
+                fo_job_stop(j);
+                break;
+            }
+        }
+    }
+    free(rc);
+}
+
+static void on_worker_row(int status, const PGresult *res, void *data)
+{
+    if (status == FO_EPG && res)
+        log_pg_error("worker row not written", res);
+}
+
+void fo__store_renew(fo_daemon_t *d)
+{
+    char lease[16], njobs[16];
+    I64(lease, d->cfg->lease_ms);
+    for (int i = 0; i < d->njobs; i++) {
+        fo_job_t *j = d->jobs[i];
+        char id[24], token[24], cursor[24], delivered[24];
+        I64(id, fo_job_id(j));
+        I64(token, fo_job_token(j));
+        I64(cursor, fo_job_cursor(j));
+        I64(delivered, fo_job_delivered(j));
+        const char *params[] = {id, token, lease, cursor, delivered};
+        renew_call_t *rc = fo_xmalloc(sizeof *rc);
+        *rc = (renew_call_t){d, fo_job_id(j), fo_job_token(j)};
+        if (rel_conn_exec(d->ctl, "fo_renew", 5, params, 0, on_renew, rc) < 0)
+            free(rc);
+    }
+    I64(njobs, d->njobs);
+    const char *wparams[] = {d->cfg->worker_id, njobs, d->paused ? d->paused_reason : NULL};
+    rel_conn_exec(d->ctl, "fo_worker", 3, wparams, 0, on_worker_row, NULL);
+}

@@ -1,0 +1,97 @@
+/*
+ * backlog.c: how far behind the consumers are, for backpressure.
+ *
+ * One EVAL over all shard streams (a read-only script, so it runs even when Redis is out of
+ * memory) returns the largest per-group backlog and the shard it is in. XINFO GROUPS gives
+ * each group's lag (entries not yet delivered to it; Redis 7 reports nil when it cannot
+ * tell, after deletions, and then the stream length stands in: an over-estimate is the safe
+ * side) and pending (delivered, not acknowledged). Nothing here trims anything.
+ */
+#include "common/common.h"
+#include "notifier/ntf_int.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char backlog_lua[] =
+    "#!lua flags=no-writes\n"
+    "local worst, shard = 0, -1\n"
+    "for i, key in ipairs(KEYS) do\n"
+    "  if redis.call('EXISTS', key) == 1 then\n"
+    "    local len = nil\n"
+    "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
+    "      local f = {}\n"
+    "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
+    "      local lag = f['lag']\n"
+    "      if type(lag) ~= 'number' then\n"
+    "        len = len or redis.call('XLEN', key)\n"
+    "        lag = len\n"
+    "      end\n"
+    "      local b = lag + (tonumber(f['pending']) or 0)\n"
+    "      if b > worst then worst, shard = b, i - 1 end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return {worst, shard}\n";
+
+typedef struct backlog_req {
+    ntf_backlog_cb cb;
+    void *data;
+} backlog_req_t;
+
+int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_INTEGER)
+        return FO_EREDIS;
+    *backlog = r->element[0]->integer;
+    *shard = (int)r->element[1]->integer;
+    return 0;
+}
+
+static void on_backlog(int status, const redisReply *reply, void *data)
+{
+    backlog_req_t *q = data;
+    long long backlog = 0;
+    int shard = -1;
+    if (status == 0 && ntf__parse_backlog(reply, &backlog, &shard) < 0) {
+        fo_log(FO_LOG_WARN, "backlog query failed", "server=redis error=\"%s\"",
+               reply && reply->type == REDIS_REPLY_ERROR && reply->str ? reply->str
+                                                                      : "unexpected reply");
+        status = FO_EREDIS;
+    }
+    q->cb(status, backlog, shard, q->data);
+    free(q);
+}
+
+int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
+{
+    const cfg_t *cfg = ntf__client_cfg(c);
+    size_t argc = 3 + (size_t)cfg->shards;
+    const char **argv = fo_xcalloc(argc, sizeof *argv);
+    size_t *argvlen = fo_xcalloc(argc, sizeof *argvlen);
+    char **keys = fo_xcalloc((size_t)cfg->shards, sizeof *keys);
+    char numkeys[16];
+    snprintf(numkeys, sizeof numkeys, "%d", cfg->shards);
+    argv[0] = "EVAL";
+    argv[1] = backlog_lua;
+    argv[2] = numkeys;
+    for (int i = 0; i < cfg->shards; i++) {
+        keys[i] = fo_xasprintf("%s:stream:%d", cfg->key_prefix, i);
+        argv[3 + i] = keys[i];
+    }
+    for (size_t i = 0; i < argc; i++)
+        argvlen[i] = strlen(argv[i]);
+    backlog_req_t *q = fo_xmalloc(sizeof *q);
+    *q = (backlog_req_t){cb, data};
+    int rc = ntf__command(c, (int)argc, argv, argvlen, on_backlog, q);
+    if (rc < 0)
+        free(q);
+    for (int i = 0; i < cfg->shards; i++)
+        free(keys[i]);
+    free(keys);
+    free(argv);
+    free(argvlen);
+    return rc;
+}
