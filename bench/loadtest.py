@@ -626,9 +626,10 @@ def print_report(results, m, v):
     print()
     for r in results:
         print("%s followers (%s): end to end %.3f s / Redis ceiling %.3f s = ratio %.2f;"
-              " exactly %s notifications, %s distinct recipients, none twice" % (
+              " verified: %s notifications, each of the %d event(s) reached every follower"
+              " exactly once" % (
                   fmt_int(r["n"]), r["mode"][0], r["e2e_s"], r["ceiling_s"], r["ratio"],
-                  fmt_int(r["n"]), fmt_int(r["n"])))
+                  fmt_int(r["n"]), r["fan"]["events"]))
         if "small" in r["fan"]:
             sm = r["fan"]["small"]
             print("   small events during it: %d at %d/s, publish -> delivered p50 %d ms,"
