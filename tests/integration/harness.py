@@ -327,11 +327,14 @@ class Servers:
     """A throwaway PostgreSQL cluster and redis-server on free loopback ports.
 
     Attributes after start: dir, pg_port, redis_port, pg_params (superuser, db fanout),
-    key_prefix, shards (None: the daemon's default), daemons.
+    key_prefix, shards (None: the daemon's default), daemons. pg_settings: extra
+    postgres -c settings, e.g. {"shared_preload_libraries": "pg_stat_statements"}.
     """
 
-    def __init__(self, migrate=True, aof=True, key_prefix="fanout", shards=None):
+    def __init__(self, migrate=True, aof=True, key_prefix="fanout", shards=None,
+                 pg_settings=None):
         self.migrate_on_start = migrate
+        self.pg_settings = dict(pg_settings or {})
         self.aof = aof
         self.key_prefix = key_prefix
         self.shards = shards
@@ -440,6 +443,8 @@ class Servers:
                "-c", "unix_socket_directories=%s" % self.path("pgsock"),
                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                "-c", "shared_buffers=128MB", "-c", "max_connections=50"]
+        for k, v in self.pg_settings.items():
+            cmd += ["-c", "%s=%s" % (k, v)]
         log = open(self.pg_log_path, "ab")
         try:
             # runuser turns SIGTERM into SIGTERM, then SIGKILL 2 s later, for postgres;

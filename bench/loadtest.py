@@ -1,0 +1,852 @@
+"""bench/loadtest's body: a fan-out measured against this machine's own ceilings.
+
+For each follower count N it seeds one author with N followers (plus noise rows for other
+authors, default 2 x N, so the index has a realistic size), then, on the same servers:
+  1. PostgreSQL ceiling: the same N ids read with COPY (...) TO STDOUT through psql, and by
+     keyset pages of page_size inside the server (a DO block: no transfer);
+  2. Redis ceiling: bench/redis_ceiling writes N entries of fanoutd's exact layout (16 shard
+     streams, same fields and sizes) with deep pipelining under a key prefix of its own,
+     and once more as Lua pages (one redis.call('XADD') per entry, like fanoutd's script);
+  3. the fan-out: fanoutd runs, the author publishes, and bench/stream_check verifies exactly
+     N entries, N distinct recipients, none twice, and reads the entry ids' clock.
+It prints a table with the ratio "end to end / Redis ceiling" and, with --results, writes
+bench/results/<name>.md (and a gnuplot PNG when several N were run).
+
+Servers: throwaway ones (tests/integration/harness.py) unless FANOUT_PG_DSN or PGHOST is set
+(then FANOUT_REDIS_HOST/PORT/PASSWORD name Redis): see bench/README section in README.md.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import harness
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD = harness.BUILD_DIR
+REDIS_CEILING = os.path.join(BUILD, "bench", "redis_ceiling")
+STREAM_CHECK = os.path.join(BUILD, "bench", "stream_check")
+CEILING_PREFIX = "fanout-bench-ceiling"
+PAYLOAD = '{"text": "hello, followers"}'  # as jsonb renders it: same bytes in both phases
+TICK = os.sysconf("SC_CLK_TCK")
+MIB = 1024.0 * 1024.0
+
+
+class BenchError(Exception):
+    """A failed verification or a broken run: printed as one line, exit status 1."""
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# process and server figures
+# ------------------------------------------------------------------------------------------
+
+def proc_cpu_s(pid):
+    """utime + stime of pid in seconds (/proc/<pid>/stat fields 14 and 15)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_hwm_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def redis_info(r, section):
+    return r.info(section)
+
+
+def redis_cpu(r):
+    i = r.info("cpu")
+    return {k: float(i.get(k, 0.0)) for k in (
+        "used_cpu_user_main_thread", "used_cpu_sys_main_thread", "used_cpu_user",
+        "used_cpu_sys")}
+
+
+def redis_cmdstats(r):
+    """{command: (calls, usec)} since the last CONFIG RESETSTAT."""
+    out = {}
+    for k, v in r.info("commandstats").items():
+        name = k[len("cmdstat_"):] if k.startswith("cmdstat_") else k
+        out[name] = (int(v["calls"]), int(v["usec"]))
+    return out
+
+
+class RedisPhase:
+    """Redis main-thread CPU, command time and memory over one phase."""
+
+    def __init__(self, r):
+        self.r = r
+
+    def __enter__(self):
+        self.r.config_resetstat()
+        self.cpu0 = redis_cpu(self.r)
+        self.mem0 = int(self.r.info("memory")["used_memory"])
+        self.aof0 = int(self.r.info("persistence").get("aof_current_size", 0))
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.monotonic() - self.t0
+        cpu1 = redis_cpu(self.r)
+        self.cpu = {k: cpu1[k] - self.cpu0[k] for k in cpu1}
+        self.cmds = redis_cmdstats(self.r)
+        self.mem = int(self.r.info("memory")["used_memory"]) - self.mem0
+        self.aof = int(self.r.info("persistence").get("aof_current_size", 0)) - self.aof0
+        return False
+
+    def summary(self):
+        main = self.cpu["used_cpu_user_main_thread"] + self.cpu["used_cpu_sys_main_thread"]
+        cmd_usec = {k: v[1] for k, v in self.cmds.items()}
+        return {
+            "main_cpu_s": main,
+            "main_user_s": self.cpu["used_cpu_user_main_thread"],
+            "main_sys_s": self.cpu["used_cpu_sys_main_thread"],
+            "all_cpu_s": self.cpu["used_cpu_user"] + self.cpu["used_cpu_sys"],
+            "xadd_calls": self.cmds.get("xadd", (0, 0))[0],
+            "xadd_s": cmd_usec.get("xadd", 0) / 1e6,
+            "evalsha_calls": self.cmds.get("evalsha", (0, 0))[0],
+            "evalsha_s": cmd_usec.get("evalsha", 0) / 1e6,
+            "other_cmd_s": sum(v for k, v in cmd_usec.items() if k not in ("xadd", "evalsha"))
+            / 1e6,
+            "mem_bytes": self.mem,
+            "aof_bytes": self.aof,
+            "wall_s": self.wall,
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# the bench on one set of servers
+# ------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, s, args):
+        self.s = s
+        self.args = args
+        self.external = isinstance(s, harness.External)
+        self.base = int(os.environ.get("FANOUT_BENCH_AUTHOR_BASE", "0"))
+        self.page_size = int(args.daemon_env.get("FANOUT_PAGE_SIZE",
+                                                 os.environ.get("FANOUT_PAGE_SIZE", "2000")))
+        self.shards = int(args.daemon_env.get("FANOUT_SHARDS",
+                                              os.environ.get("FANOUT_SHARDS", "16")))
+        self.prefix = s.key_prefix
+        self.daemon = None
+        self.statements = self._setup_pg_stat_statements()
+
+    # -- identities ---------------------------------------------------------------------
+    def author(self, i):
+        """The i-th bench author (even ids from 1000); noise authors have odd ids < 2000."""
+        return self.base + 1000 + 2 * i
+
+    def small_author(self, i):
+        return self.base + 100000 + i
+
+    # -- environment for the tools -----------------------------------------------------
+    def redis_addr(self):
+        if self.external:
+            return self.s.redis_host, self.s.redis_port
+        return "127.0.0.1", self.s.redis_port
+
+    def tool_env(self):
+        env = dict(os.environ)
+        pw = os.environ.get("FANOUT_REDIS_PASSWORD")
+        if pw:
+            env["REDIS_PASSWORD"] = pw
+        return env
+
+    def psql_cmd(self):
+        if self.external:
+            dsn = os.environ.get("FANOUT_PG_DSN", "")
+            return ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"] + ([dsn] if dsn else [])
+        return ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", self.s.dsn("postgres", "bench")]
+
+    # -- PostgreSQL -----------------------------------------------------------------------
+    def _setup_pg_stat_statements(self):
+        try:
+            self.s.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            self.s.sql("SELECT pg_stat_statements_reset()")
+            return True
+        except Exception as e:  # not preloaded on a given server: report n/a
+            log("note: pg_stat_statements unavailable (%s); statements shown as n/a"
+                % str(e).strip().splitlines()[0])
+            return False
+
+    def seed(self, followers_each, authors, noise, small_authors=0, small_followers=0):
+        s = self.s
+        t = time.monotonic()
+        ids = [self.author(i) for i in range(authors)]
+        ids += [self.small_author(i) for i in range(small_authors)]
+        noise_authors = [self.base + 2 * i + 1 for i in range(1000)]
+        s.sql("DELETE FROM relationships.follows WHERE followee_id = ANY(%s)",
+              (ids + noise_authors,))
+        for a in range(authors):
+            s.seed_followers(self.author(a), followers_each)
+        for a in range(small_authors):
+            s.seed_followers(self.small_author(a), small_followers)
+        if noise:
+            # 1,000 noise authors around the bench authors in the index, follower ids spread.
+            s.sql("INSERT INTO relationships.follows (followee_id, follower_id)"
+                  " SELECT %s + 2 * (g %% 1000) + 1, g FROM generate_series(1, %s::bigint) g"
+                  " ON CONFLICT DO NOTHING", (self.base, noise))
+        s.sql("VACUUM (ANALYZE) relationships.follows")
+        return time.monotonic() - t
+
+    def pg_copy_s(self, author):
+        q = ("COPY (SELECT follower FROM relationships.notification_recipients"
+             " WHERE author = %d ORDER BY follower) TO STDOUT" % author)
+        # psql's own \timing: from sending the query until the last row reached psql, so
+        # process start-up and connecting are not counted.
+        r = subprocess.run(self.psql_cmd() + ["-c", "\\timing on", "-c", q],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._psql_env())
+        m = re.search(rb"\nTime: ([0-9.]+) ms", r.stdout)
+        if r.returncode != 0 or not m:
+            raise BenchError("psql COPY failed: %s" % r.stderr.decode().strip())
+        return float(m.group(1)) / 1000.0, r.stdout.count(b"\n") - 1
+
+    def _psql_env(self):
+        if self.external:
+            return dict(os.environ)
+        return harness._clean_env()
+
+    def pg_keyset_s(self, author):
+        """Keyset pages of page_size, as fanoutd reads them, timed inside the server."""
+        q = """
+DO $$
+DECLARE c bigint := 0; n bigint; m bigint; t timestamptz := clock_timestamp();
+BEGIN
+  LOOP
+    SELECT count(*), max(follower) INTO n, m FROM (
+      SELECT follower FROM relationships.notification_recipients
+       WHERE author = %d AND follower > c ORDER BY follower LIMIT %d) p;
+    EXIT WHEN n = 0;
+    c := m;
+  END LOOP;
+  RAISE NOTICE 'keyset_s=%%', extract(epoch FROM clock_timestamp() - t);
+END $$;""" % (author, self.page_size)
+        r = subprocess.run(self.psql_cmd() + ["-c", q], capture_output=True, text=True,
+                           env=self._psql_env())
+        m = re.search(r"keyset_s=([0-9.]+)", r.stderr)
+        if r.returncode != 0 or not m:
+            raise BenchError("keyset page timing failed: %s" % r.stderr.strip())
+        return float(m.group(1))
+
+    def pg_reset_statements(self):
+        if self.statements:
+            self.s.sql("SELECT pg_stat_statements_reset()")
+
+    def pg_statements(self):
+        """(statements issued by fanoutd, rows its page queries returned, their buffer hits
+        and reads), since the last reset."""
+        if not self.statements:
+            return None
+        if self.external:
+            who = "query NOT LIKE '%%/* bench */%%' AND query NOT LIKE '%%pg_stat_statements%%'"
+        else:
+            who = "userid = (SELECT oid FROM pg_roles WHERE rolname = 'fanoutd')"
+        row = self.s.sql(
+            "/* bench */ SELECT coalesce(sum(calls), 0),"
+            " coalesce(sum(rows) FILTER (WHERE query LIKE '%%notification_recipients%%'), 0),"
+            " coalesce(sum(calls) FILTER (WHERE query LIKE '%%notification_recipients%%'), 0),"
+            " coalesce(sum(shared_blks_hit + shared_blks_read)"
+            "   FILTER (WHERE query LIKE '%%notification_recipients%%'), 0)"
+            " FROM pg_stat_statements WHERE " + who)[0]
+        return {"statements": int(row[0]), "page_rows": int(row[1]),
+                "page_queries": int(row[2]), "page_buffers": int(row[3])}
+
+    # -- Redis ----------------------------------------------------------------------------
+    def ceiling_keys(self):
+        return ["%s:stream:%d" % (CEILING_PREFIX, i) for i in range(self.shards)]
+
+    def redis_ceiling(self, n, author, event, lua_page=0):
+        host, port = self.redis_addr()
+        cmd = [REDIS_CEILING, "--host", host, "--port", str(port), "--prefix", CEILING_PREFIX,
+               "--shards", str(self.shards), "--n", str(n), "--event", str(event),
+               "--author", str(author), "--kind", "post", "--payload", PAYLOAD,
+               "--created-at", "2026-01-01T00:00:00.000000Z"]
+        if lua_page:
+            cmd += ["--lua-page", str(lua_page)]
+        r = self.s.redis
+        r.unlink(*self.ceiling_keys())
+        with RedisPhase(r) as ph:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=self.tool_env())
+        if out.returncode != 0:
+            raise BenchError("redis_ceiling failed: %s" % out.stderr.strip())
+        secs = float(re.search(r"seconds=([0-9.]+)", out.stdout).group(1))
+        r.unlink(*self.ceiling_keys())
+        return secs, ph.summary()
+
+    def clear_streams(self):
+        """Throwaway servers only: drop the fan-out streams between runs so that every run
+        starts from the same Redis state (memory, AOF size)."""
+        if not self.external:
+            keys = self.s.stream_keys()
+            if keys:
+                self.s.redis.unlink(*keys)
+            self.s.redis.execute_command("BGREWRITEAOF")
+            self.wait_no_rewrite()
+
+    def wait_no_rewrite(self):
+        r = self.s.redis
+        for _ in range(600):
+            p = r.info("persistence")
+            if not p.get("aof_rewrite_in_progress") and not p.get("aof_rewrite_scheduled") \
+                    and not r.info("memory").get("lazyfree_pending_objects"):
+                return
+            time.sleep(0.1)
+
+    def stream_check(self, start_ms, checks):
+        host, port = self.redis_addr()
+        cmd = [STREAM_CHECK, host, str(port), self.prefix, str(self.shards), str(start_ms)]
+        cmd += ["%d:%d:%d" % c for c in checks]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=self.tool_env())
+        if out.returncode != 0:
+            raise BenchError("stream_check failed: %s" % out.stderr.strip())
+        res = {}
+        for line in out.stdout.splitlines():
+            d = dict(kv.split("=", 1) for kv in line.split())
+            res[int(d["event"])] = {k: int(v) for k, v in d.items()}
+        return res
+
+    # -- fanoutd --------------------------------------------------------------------------
+    def ensure_daemon(self):
+        if self.daemon is None or not self.daemon.alive():
+            self.daemon = self.s.start_daemon(**self.args.daemon_env)
+            self.daemon.wait_log("connected", timeout=60)
+        return self.daemon
+
+    def jobs_left(self, events):
+        return self.s.sql_value(
+            "/* bench */ SELECT count(*) FROM fanout.jobs WHERE event_id = ANY(%s)"
+            " AND state <> 'done'", (list(events),))
+
+    def wait_done(self, events, timeout):
+        deadline = time.monotonic() + timeout
+        while self.jobs_left(events):
+            dead = self.s.sql_value("/* bench */ SELECT count(*) FROM fanout.jobs"
+                                    " WHERE event_id = ANY(%s) AND state = 'dead'",
+                                    (list(events),))
+            if dead:
+                raise BenchError("a fan-out job died; fanoutd log:\n%s"
+                                 % self.daemon.log_tail())
+            if not self.daemon.alive():
+                raise BenchError("fanoutd exited; log:\n%s" % self.daemon.log_tail())
+            if time.monotonic() > deadline:
+                raise BenchError("fan-out not done after %d s" % timeout)
+            time.sleep(0.02)
+
+    def publish_many(self, authors, kind="post", payload=PAYLOAD):
+        """One transaction as the producer: every event gets the same created_at."""
+        conn = self.s.connect(None if self.external else "producer", autocommit=False)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("/* bench */ SELECT fanout.publish(a, %s, %s::jsonb)"
+                            " FROM unnest(%s::bigint[]) a", (kind, payload, list(authors)))
+                ids = [row[0] for row in cur.fetchall()]
+            conn.commit()
+        finally:
+            conn.close()
+        return ids
+
+    def created_ms(self, events):
+        return dict(self.s.sql(
+            "/* bench */ SELECT id, (extract(epoch FROM created_at) * 1000)::bigint"
+            " FROM fanout.events WHERE id = ANY(%s)", (list(events),)))
+
+    def redis_now_ms(self):
+        sec, usec = self.s.redis.time()
+        return sec * 1000 + usec // 1000
+
+    def fanout_run(self, n_each, authors, steady_rate=0, small_followers=10, small_authors=0):
+        """One measured fan-out: publish, wait, verify. Returns the figures."""
+        d = self.ensure_daemon()
+        self.clear_streams()
+        self.pg_reset_statements()
+        r = self.s.redis
+        start_ms = self.redis_now_ms() - 1
+        cpu0 = proc_cpu_s(d.pid)
+        small = []
+        with RedisPhase(r) as ph:
+            if authors == 1 and not self.external:
+                events = [self.s.publish(self.author(0), kind="post", payload=PAYLOAD)]
+            else:
+                events = self.publish_many([self.author(i) for i in range(authors)])
+            if steady_rate:
+                small = self.steady(events, steady_rate, small_authors)
+            self.wait_done(events + small, timeout=3600)
+        cpu = proc_cpu_s(d.pid) - cpu0
+        pg = self.pg_statements()
+        checks = [(e, 1, n_each) for e in events] + [(e, 1, small_followers) for e in small]
+        got = self.stream_check(start_ms, checks)
+        created = self.created_ms(events + small)
+        for e, _, n in checks:
+            g = got.get(e, {"entries": 0, "distinct": 0, "duplicates": 0, "outside": 0})
+            if not (g["entries"] == n == g["distinct"] and g["duplicates"] == 0
+                    and g["outside"] == 0):
+                raise BenchError(
+                    "VERIFICATION FAILED for event %d: expected %d entries, got %d entries,"
+                    " %d distinct recipients, %d duplicates, %d outside the follower range"
+                    % (e, n, g["entries"], g.get("distinct", 0), g.get("duplicates", 0),
+                       g.get("outside", 0)))
+        t_pub = min(created[e] for e in events)
+        first = min(got[e]["first_ms"] for e in events) - t_pub
+        last = max(got[e]["last_ms"] for e in events) - t_pub
+        total = n_each * len(events)
+        res = {
+            "events": len(events), "notifications": total, "verified": True,
+            "first_s": first / 1000.0, "e2e_s": last / 1000.0,
+            "rate": total / (last / 1000.0) if last > 0 else float("inf"),
+            "cpu_s": cpu, "rss_kib": proc_hwm_kib(d.pid), "pg": pg, "redis": ph.summary(),
+        }
+        if small:
+            lat = sorted(got[e]["last_ms"] - created[e] for e in small)
+            res["small"] = {"count": len(lat), "rate": steady_rate,
+                            "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
+                            "p99_ms": pct(lat, 99), "max_ms": lat[-1]}
+        return res
+
+    def steady(self, big_events, rate, small_authors):
+        """Publishes `rate` small events per second (round robin over the small authors) for
+        as long as the big fan-out runs; returns their event ids."""
+        conn = self.s.connect(None if self.external else "producer")
+        ids, i = [], 0
+        period = 1.0 / rate
+        next_t = time.monotonic()
+        try:
+            with conn.cursor() as cur:
+                while self.jobs_left(big_events):
+                    now = time.monotonic()
+                    if now < next_t:
+                        time.sleep(min(next_t - now, 0.01))
+                        continue
+                    cur.execute("/* bench */ SELECT fanout.publish(%s, 'small', '{}')",
+                                (self.small_author(i % small_authors),))
+                    ids.append(cur.fetchone()[0])
+                    i += 1
+                    next_t += period
+        finally:
+            conn.close()
+        return ids
+
+
+def pct(sorted_vals, p):
+    if not sorted_vals:
+        return 0
+    k = max(0, min(len(sorted_vals) - 1, int(round(p / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def median(xs):
+    return statistics.median(xs) if xs else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# one follower count, end to end
+# ------------------------------------------------------------------------------------------
+
+def bench_size(s, args, n, mode):
+    """mode: ("single",), ("authors", M) or ("steady", R). Returns a result dict."""
+    b = Bench(s, args)
+    authors = mode[1] if mode[0] == "authors" else 1
+    if n % authors:
+        raise BenchError("--followers must be a multiple of --authors")
+    n_each = n // authors
+    small_authors = 100 if mode[0] == "steady" else 0
+    noise = int(n * args.noise)
+    log("\n== %s followers%s: seeding (%d noise rows)" % (
+        fmt_int(n), "" if authors == 1 else " (%d authors x %s)" % (authors, fmt_int(n_each)),
+        noise))
+    seed_s = b.seed(n_each, authors, noise, small_authors, 10)
+    log("   seeded in %.1f s" % seed_s)
+    r = s.redis
+    old_pct = r.config_get("auto-aof-rewrite-percentage").get("auto-aof-rewrite-percentage")
+    r.config_set("auto-aof-rewrite-percentage", 0)
+    try:
+        runs = args.runs if args.runs else (3 if n <= 1000000 else 1)
+        copy, keyset, ceil, ceil_ph, fan = [], [], [], [], []
+        for i in range(runs):
+            copy.append(b.pg_copy_s(b.author(0))[0])
+        keyset.append(b.pg_keyset_s(b.author(0)))
+        log("   PostgreSQL: COPY %s ids %.3f s, keyset pages %.3f s"
+            % (fmt_int(n_each), median(copy), keyset[0]))
+        lua_s, lua_ph = b.redis_ceiling(n, b.author(0), 1, lua_page=b.page_size)
+        b.wait_no_rewrite()
+        for i in range(runs):
+            b.clear_streams()
+            secs, ph = b.redis_ceiling(n, b.author(0), 1)
+            ceil.append(secs)
+            ceil_ph.append(ph)
+            rf = b.fanout_run(n_each, authors, steady_rate=mode[1] if mode[0] == "steady" else 0,
+                              small_authors=small_authors)
+            fan.append(rf)
+            log("   run %d: Redis ceiling %.3f s | fan-out: first %.3f s, last %.3f s (%.2f x"
+                " ceiling), fanoutd CPU %.2f s, RSS %.1f MiB%s"
+                % (i + 1, secs, rf["first_s"], rf["e2e_s"], rf["e2e_s"] / secs, rf["cpu_s"],
+                   rf["rss_kib"] / 1024.0,
+                   "" if "small" not in rf else ", small events p99 %d ms (%d events)"
+                   % (rf["small"]["p99_ms"], rf["small"]["count"])))
+        if b.daemon is not None:
+            rc = b.daemon.stop(timeout=30)
+            if rc != 0:
+                raise BenchError("fanoutd exited with %d on SIGTERM; log:\n%s"
+                                 % (rc, b.daemon.log_tail()))
+    finally:
+        if old_pct is not None:
+            r.config_set("auto-aof-rewrite-percentage", old_pct)
+    # The run with the median end-to-end time stands for the size (its profile goes along).
+    mid = sorted(range(len(fan)), key=lambda i: fan[i]["e2e_s"])[len(fan) // 2]
+    res = {
+        "n": n, "mode": mode, "page": b.page_size, "authors": authors, "noise": noise, "runs": runs, "seed_s": seed_s,
+        "copy_s": median(copy), "keyset_s": keyset[0], "ceiling_s": median(ceil),
+        "ceilings": ceil, "ceiling_redis": ceil_ph[mid], "lua_s": lua_s, "lua_redis": lua_ph,
+        "e2es": [f["e2e_s"] for f in fan], "fan": fan[mid],
+        "e2e_s": median([f["e2e_s"] for f in fan]),
+        "first_s": median([f["first_s"] for f in fan]),
+        "cpu_s": median([f["cpu_s"] for f in fan]),
+        "rss_kib": max(f["rss_kib"] for f in fan),
+    }
+    res["ratio"] = res["e2e_s"] / res["ceiling_s"] if res["ceiling_s"] else float("inf")
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# reporting
+# ------------------------------------------------------------------------------------------
+
+def fmt_int(n):
+    return "{:,}".format(n)
+
+
+def machine():
+    def cmd(*c):
+        try:
+            return subprocess.run(c, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return "?"
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = cmd("git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD") or "?"
+    if cmd("git", "-C", os.path.dirname(HERE), "status", "--porcelain", "--untracked-files=no"):
+        commit += " (with local changes)"
+    return {
+        "cores": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+        "mem_gib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024.0 ** 3,
+        "libuv": cmd("pkg-config", "--modversion", "libuv"),
+        "hiredis": cmd("pkg-config", "--modversion", "hiredis"),
+        "commit": commit, "load": "%.2f %.2f %.2f" % os.getloadavg(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def server_versions(s):
+    return {"postgresql": s.sql_value("SHOW server_version"),
+            "redis": s.redis.info("server")["redis_version"]}
+
+
+def mode_name(r):
+    kind = r["mode"][0]
+    if kind == "authors":
+        return "%d authors" % r["authors"]
+    if kind == "steady":
+        return "1 author + %d small events/s" % r["mode"][1]
+    return "1 author"
+
+
+def table(results):
+    rows = ["| followers | mode | PG COPY | PG keyset pages | Redis ceiling | Lua-page ceiling"
+            " | publish → first | publish → last | **ratio** | notifications/s | fanoutd CPU"
+            " (per 1M) | fanoutd peak RSS | PG statements | PG rows | Redis memory | verified |",
+            "|" + "---:|" * 16]
+    for r in results:
+        f = r["fan"]
+        pg = f["pg"]
+        mode = mode_name(r)
+        rows.append("| %s | %s | %.3f s | %.3f s | %.3f s | %.3f s | %.3f s | %.3f s | **%.2f**"
+                    " | %s | %.2f s (%.2f s) | %.1f MiB | %s | %s | %.1f MiB | %s |" % (
+                        fmt_int(r["n"]), mode, r["copy_s"], r["keyset_s"], r["ceiling_s"],
+                        r["lua_s"], r["first_s"], r["e2e_s"], r["ratio"],
+                        fmt_int(int(r["n"] / r["e2e_s"])), r["cpu_s"],
+                        r["cpu_s"] * 1e6 / r["n"], r["rss_kib"] / 1024.0,
+                        fmt_int(pg["statements"]) if pg else "n/a",
+                        fmt_int(pg["page_rows"]) if pg else "n/a",
+                        f["redis"]["mem_bytes"] / MIB, "yes" if f["verified"] else "NO"))
+    return "\n".join(rows)
+
+
+def profile_table(results):
+    rows = ["| followers | phase | wall | Redis main thread CPU (user + sys) | XADD time"
+            " (calls) | EVALSHA time incl. its XADDs (calls) | Lua + script overhead"
+            " | outside commands (I/O, AOF write, event loop) | AOF growth |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        for name, ph, wall in (("XADD pipeline (ceiling)", r["ceiling_redis"], None),
+                               ("Lua pages (ceiling)", r["lua_redis"], None),
+                               ("fanoutd", r["fan"]["redis"], r["fan"]["e2e_s"])):
+            scripted = ph["evalsha_calls"] > 0
+            top = ph["evalsha_s"] if scripted else ph["xadd_s"]
+            rows.append("| %s | %s | %.2f s | %.2f s (%.2f + %.2f) | %.2f s (%s) | %s | %s |"
+                        " %.2f s | %.0f MiB |" % (
+                            fmt_int(r["n"]), name, wall if wall else ph["wall_s"],
+                            ph["main_cpu_s"], ph["main_user_s"], ph["main_sys_s"], ph["xadd_s"],
+                            fmt_int(ph["xadd_calls"]),
+                            "%.2f s (%s)" % (ph["evalsha_s"], fmt_int(ph["evalsha_calls"]))
+                            if scripted else "-",
+                            "%.2f s" % (ph["evalsha_s"] - ph["xadd_s"]) if scripted else "-",
+                            max(0.0, ph["main_cpu_s"] - top), ph["aof_bytes"] / MIB))
+    return "\n".join(rows)
+
+
+def print_report(results, m, v):
+    print()
+    print("machine: %d cores, %s, kernel %s, load average at start %s" % (
+        m["cores"], m["cpu"], m["kernel"], m["load"]))
+    print("versions: PostgreSQL %s, Redis %s, libuv %s, hiredis %s, fanout %s" % (
+        v["postgresql"], v["redis"], m["libuv"], m["hiredis"], m["commit"]))
+    print()
+    print(table(results))
+    print()
+    print(profile_table(results))
+    print()
+    for r in results:
+        print("%s followers (%s): end to end %.3f s / Redis ceiling %.3f s = ratio %.2f;"
+              " verified: %s notifications, each of the %d event(s) reached every follower"
+              " exactly once" % (
+                  fmt_int(r["n"]), r["mode"][0], r["e2e_s"], r["ceiling_s"], r["ratio"],
+                  fmt_int(r["n"]), r["fan"]["events"]))
+        if "small" in r["fan"]:
+            sm = r["fan"]["small"]
+            print("   small events during it: %d at %d/s, publish -> delivered p50 %d ms,"
+                  " p95 %d ms, p99 %d ms, max %d ms" % (sm["count"], sm["rate"], sm["p50_ms"],
+                                                        sm["p95_ms"], sm["p99_ms"],
+                                                        sm["max_ms"]))
+
+
+def pg_raw(pg):
+    if not pg:
+        return "statements n/a"
+    return ("%d statements by fanoutd, %d of them page queries returning %d rows"
+            " (%d shared buffers touched)" % (pg["statements"], pg["page_queries"],
+                                              pg["page_rows"], pg["page_buffers"]))
+
+
+def write_results(name, results, m, v, args, chart):
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", name + ".md")
+    fair = [r for r in results if "small" in r["fan"]]
+    with open(path, "w") as f:
+        f.write("# fanout load test: %s\n\n" % name)
+        f.write("Produced by `%s` on %s.\n\n" % (args.command_line, m["date"]))
+        f.write("| machine | |\n|---|---|\n")
+        f.write("| cores | %d |\n| CPU | %s |\n| memory | %.1f GiB |\n| kernel | %s |\n" % (
+            m["cores"], m["cpu"], m["mem_gib"], m["kernel"]))
+        f.write("| load average at start | %s |\n" % m["load"])
+        f.write("| PostgreSQL | %s |\n| Redis | %s (appendonly yes, appendfsync everysec,"
+                " auto-aof-rewrite-percentage 0 during the run) |\n" % (
+                    v["postgresql"], v["redis"]))
+        f.write("| libuv | %s |\n| hiredis | %s |\n| fanout | %s |\n\n" % (
+            m["libuv"], m["hiredis"], m["commit"]))
+        f.write("## Results\n\nMedians of the runs per size (the run count is in the raw"
+                " figures below). **ratio** = publish → last notification divided by the Redis"
+                " ceiling measured in the same run, on the same server.\n\n")
+        f.write(table(results) + "\n\n")
+        if chart:
+            f.write("![end to end, ceilings and peak RSS against followers](%s)\n\n"
+                    % os.path.basename(chart))
+        if fair:
+            f.write("## Small events during a large fan-out (fairness)\n\n"
+                    "| large fan-out | small events | rate | p50 | p95 | p99 | max |\n"
+                    "|---:|---:|---:|---:|---:|---:|---:|\n")
+            for r in fair:
+                sm = r["fan"]["small"]
+                f.write("| %s | %d | %d/s | %d ms | %d ms | %d ms | %d ms |\n" % (
+                    fmt_int(r["n"]), sm["count"], sm["rate"], sm["p50_ms"], sm["p95_ms"],
+                    sm["p99_ms"], sm["max_ms"]))
+            f.write("\n")
+        f.write("## Where Redis's time goes\n\nRedis executes commands on one thread. From"
+                " `INFO commandstats` (after `CONFIG RESETSTAT`) and `INFO cpu` deltas over"
+                " each phase: the XADD pipeline is the ceiling; the Lua-page phase sends the"
+                " same entries as pages of %d ids, each one EVALSHA doing one"
+                " `redis.call('XADD')` per entry (what fanoutd's page script does, without"
+                " its fencing and progress mark); the fanoutd phase is the real fan-out."
+                " EVALSHA time includes the XADDs it calls.\n\n" % results[0].get("page", 2000))
+        f.write(profile_table(results) + "\n\n")
+        f.write("## Raw figures\n\n")
+        for r in results:
+            f.write("- %s followers (%s, %d runs): seed %.1f s; Redis ceiling runs %s s;"
+                    " end-to-end runs %s s; fanoutd CPU %.3f s; PostgreSQL %s\n" % (
+                        fmt_int(r["n"]), r["mode"][0], r["runs"], r["seed_s"],
+                        ", ".join("%.3f" % x for x in r["ceilings"]),
+                        ", ".join("%.3f" % x for x in r["e2es"]), r["cpu_s"],
+                        pg_raw(r["fan"]["pg"])))
+        f.write("\nReproduce: `%s`\n" % args.command_line)
+    return path
+
+
+def chart(name, results):
+    pts = sorted([r for r in results if r["mode"][0] == "single"], key=lambda r: r["n"])
+    if len(pts) < 2 or not shutil.which("gnuplot"):
+        return None
+    data = os.path.join(HERE, "results", name + ".dat")
+    png = os.path.join(HERE, "results", name + ".png")
+    with open(data, "w") as f:
+        for r in pts:
+            f.write("%d %.4f %.4f %.4f %.2f\n" % (r["n"], r["e2e_s"], r["ceiling_s"],
+                                                  r["copy_s"], r["rss_kib"] / 1024.0))
+    script = """
+set terminal pngcairo size 900,540 font ",10" noenhanced
+set output '%s'
+set title 'fanout: one author, N followers (%s)'
+set logscale xy
+set xlabel 'followers'
+set ylabel 'seconds'
+set y2label 'fanoutd peak RSS (MiB)'
+set y2range [0:32]
+set y2tics
+set ytics nomirror
+set key top left
+set grid
+set format x '%%.0s%%c'
+plot '%s' using 1:2 with linespoints lw 2 title 'fanoutd: publish to last notification', \\
+     '' using 1:3 with linespoints lw 2 title 'Redis ceiling (XADD, deep pipeline)', \\
+     '' using 1:4 with linespoints lw 1 title 'PostgreSQL ceiling (COPY through psql)', \\
+     '' using 1:5 axes x1y2 with linespoints lw 1 dt 2 title 'fanoutd peak RSS (right axis)'
+""" % (png, name, data)
+    r = subprocess.run(["gnuplot"], input=script, capture_output=True, text=True)
+    os.unlink(data)
+    if r.returncode != 0:
+        # pngcairo missing: the plain png terminal of gnuplot-nox.
+        script = script.replace("pngcairo size 900,540 font \",10\"", "png size 900,540")
+        with open(data, "w") as f:
+            for p in pts:
+                f.write("%d %.4f %.4f %.4f %.2f\n" % (p["n"], p["e2e_s"], p["ceiling_s"],
+                                                      p["copy_s"], p["rss_kib"] / 1024.0))
+        r = subprocess.run(["gnuplot"], input=script, capture_output=True, text=True)
+        os.unlink(data)
+        if r.returncode != 0:
+            log("gnuplot failed: %s" % r.stderr.strip())
+            return None
+    return png
+
+
+# ------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="bench/loadtest",
+        description="fanout's load test: seeds followers, measures the PostgreSQL and Redis"
+        " ceilings and the fan-out on the same servers, verifies exact delivery.")
+    ap.add_argument("--followers", type=int, default=1000000, metavar="N",
+                    help="followers of the bench author (default 1,000,000)")
+    ap.add_argument("--authors", type=int, default=1, metavar="M",
+                    help="M authors publish at once, N/M followers each (N notifications in"
+                    " total, compared with the same N-entry ceiling)")
+    ap.add_argument("--steady", type=int, default=0, metavar="R",
+                    help="also publish R small events per second (100 small authors, 10"
+                    " followers each) while the fan-out runs; report their latency")
+    ap.add_argument("--noise", type=float, default=2.0, metavar="F",
+                    help="noise rows for other authors, as a multiple of N (default 2)")
+    ap.add_argument("--runs", type=int, default=0, metavar="K",
+                    help="runs per size, medians reported (default 3 up to 1M, else 1)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="10k, 100k and 1M followers, then at 1M 4 authors and --steady 50;"
+                    " writes bench/results/<name>.md and .png")
+    ap.add_argument("--with-10m", action="store_true",
+                    help="with --sweep: also 10M followers (30M rows seeded; skipped when"
+                    " the 1M figures predict more than --max-minutes)")
+    ap.add_argument("--max-minutes", type=float, default=10.0,
+                    help="time budget for the 10M size (default 10)")
+    ap.add_argument("--results", metavar="NAME",
+                    help="write bench/results/NAME.md (default with --sweep: DATE-Ncore)")
+    ap.add_argument("--no-chart", action="store_true", help="no gnuplot chart")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="fanoutd setting for the run, e.g. --set PAGE_SIZE=5000")
+    args = ap.parse_args(argv)
+    if args.followers < 1 or args.authors < 1 or args.steady < 0 or args.runs < 0:
+        ap.error("--followers and --authors must be positive, --steady and --runs >= 0")
+    args.daemon_env = {}
+    for kv in args.set:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            ap.error("--set takes NAME=VALUE, got %r" % kv)
+        k = k.upper()
+        args.daemon_env[k if k.startswith("FANOUT_") else "FANOUT_" + k] = v
+    args.command_line = " ".join(["bench/loadtest"] + list(argv))
+    return args
+
+
+def main(argv):
+    args = parse_args(argv)
+    for tool in (REDIS_CEILING, STREAM_CHECK, harness.FANOUTD):
+        if not os.access(tool, os.X_OK):
+            raise BenchError("%s is not built (build with -DFANOUT_BUILD_BENCH=ON, or run"
+                             " bench/loadtest, which builds it)" % tool)
+    external = bool(os.environ.get("FANOUT_PG_DSN") or os.environ.get("PGHOST"))
+    if args.sweep:
+        plan = [(n, ("single",)) for n in (10000, 100000, 1000000)]
+        plan += [(1000000, ("authors", 4)), (1000000, ("steady", 50))]
+    elif args.steady:
+        plan = [(args.followers, ("steady", args.steady))]
+    elif args.authors > 1:
+        plan = [(args.followers, ("authors", args.authors))]
+    else:
+        plan = [(args.followers, ("single",))]
+    m = machine()
+    results, v = [], None
+    if args.sweep and args.with_10m:
+        plan.append((10000000, ("single",)))
+    t_sweep = {}
+    for n, mode in plan:
+        if n == 10000000 and args.sweep:
+            r1 = next(r for r in results if r["n"] == 1000000 and r["mode"] == ("single",))
+            est = 10 * (t_sweep[(1000000, ("single",))]) * 1.2
+            if est > args.max_minutes * 60:
+                log("\n== 10,000,000 followers skipped: the 1M size took %.0f s, so 10M would"
+                    " take about %.0f min (> --max-minutes %.0f)" % (
+                        t_sweep[(1000000, ("single",))], est / 60, args.max_minutes))
+                continue
+            del r1
+        t0 = time.monotonic()
+        if external:
+            s = harness.External()
+        else:
+            s = harness.Servers(pg_settings={"shared_preload_libraries": "pg_stat_statements"})
+        with s:
+            if v is None:
+                log("servers: PostgreSQL on %s, Redis on %s" % (s.pg_where(), s.redis_where()))
+                v = server_versions(s)
+            results.append(bench_size(s, args, n, mode))
+        t_sweep[(n, mode)] = time.monotonic() - t0
+    print_report(results, m, v)
+    name = args.results or (None if not args.sweep else "%s-%dcore" % (
+        datetime.date.today().isoformat(), m["cores"]))
+    if name:
+        png = None if args.no_chart else chart(name, results)
+        path = write_results(name, results, m, v, args, png)
+        log("\nwrote %s%s" % (os.path.relpath(path), "" if not png else
+                              " and " + os.path.relpath(png)))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as e:
+        print("loadtest: FAILED: %s" % e, file=sys.stderr)
+        sys.exit(1)
