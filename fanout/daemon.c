@@ -7,6 +7,12 @@
  * the control connection coming (back) up, and a job finishing. Claims run one at a time
  * and take one job each, until max_jobs run or nothing is claimable.
  *
+ * Readiness (both PostgreSQL connections and Redis up; the pages connection is up only after
+ * its statement over the contract view was prepared, which checks that the view exists with
+ * the expected columns) is reported to the owner on every change, for sd_notify and
+ * /healthz. Counters go to one met_t, updated where things happen; a stats timer refreshes
+ * the gauges that need a query (oldest unfinished event, stream lengths).
+ *
  * A finished job leaves a small "store record" (finish or release) that is written to the
  * jobs table and retried on the tick timer until PostgreSQL takes it. Losing one is safe:
  * the lease then expires, the next claim fences, finds the mark done in Redis, and finishes.
@@ -20,6 +26,7 @@
 #include <string.h>
 
 #define TICK_MS 100
+#define STATS_MS 5000 /* oldest-event query and XLENs: cheap, and rarely enough */
 
 typedef enum { REC_FINISH, REC_RELEASE } rec_kind_t;
 
@@ -50,8 +57,15 @@ struct fo_daemon {
     void (*stop_done)(fo_daemon_t *d, void *data);
     void *stop_data;
 
-    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer;
+    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, stats_timer;
     int closed;
+
+    met_t metrics;
+    int ctl_up, pages_up, redis_up; /* 1: up now; 2: was up once, down now */
+    int ready;
+    int stats_busy; /* replies of the last stats round still outstanding */
+    void (*on_ready)(fo_daemon_t *d, int ready, void *data);
+    void *on_ready_data;
 };
 
 static void claim(fo_daemon_t *d);
@@ -82,7 +96,14 @@ static const char SQL_RENEW[] =
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
     " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
+    " WHERE id = $1 AND token = $2 AND state = 'running'"
+    " RETURNING extract(epoch FROM finished_at -"
+    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id))::float8";
+
+/* Served by the jobs_unfinished partial index: only pending and running jobs are read. */
+static const char SQL_OLDEST[] =
+    "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
+    " FROM fanout.jobs WHERE state IN ('pending', 'running')";
 
 static const char SQL_RELEASE[] =
     "UPDATE fanout.jobs SET state = 'pending', progress = $3, delivered = $4,"
@@ -136,8 +157,14 @@ static void on_rec(int status, const PGresult *res, void *data)
     if (status == FO_ESTOP)
         return; /* closing: records are freed with the daemon */
     if (status < 0) {
+        d->metrics.errors[MET_PG]++;
         r->retry_at = fo_now_ms() + 500; /* the tick timer sends it again */
         return;
+    }
+    if (r->kind == REC_FINISH && atoi(PQcmdTuples((PGresult *)res)) > 0) {
+        d->metrics.events_done++;
+        if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
+            met_hist_observe(&d->metrics.publish_to_done, atof(PQgetvalue(res, 0, 0)));
     }
     const char *what = r->kind == REC_FINISH ? "event done" : "job released";
     if (atoi(PQcmdTuples((PGresult *)res)) == 0)
@@ -216,6 +243,7 @@ static void on_job_finished(void *ctx, fo_job_t *j)
     d->jobs[slot] = d->jobs[d->njobs - 1];
     d->started_ms[slot] = d->started_ms[d->njobs - 1];
     d->njobs--;
+    d->metrics.jobs_running = d->njobs;
     fo_job_free(j);
     check_stopped(d);
     claim(d);
@@ -239,6 +267,7 @@ static void on_claim(int status, const PGresult *res, void *data)
     if (status == FO_ESTOP)
         return;
     if (status < 0) {
+        d->metrics.errors[MET_PG]++;
         if (res) {
             char what[512];
             fo_log_quote(what, sizeof what, PQresultErrorMessage(res));
@@ -265,6 +294,8 @@ static void on_claim(int status, const PGresult *res, void *data)
         fo_job_t *j = fo_job_new(&d->io, d->cfg, &c);
         d->started_ms[d->njobs] = fo_now_ms();
         d->jobs[d->njobs++] = j;
+        d->metrics.events_claimed++;
+        d->metrics.jobs_running = d->njobs;
         fo_job_start(j, fo_now_ms());
         again = 1; /* there may be more */
     }
@@ -307,6 +338,8 @@ static void on_renew(int status, const PGresult *res, void *data)
 {
     renew_call_t *rc = data;
     fo_daemon_t *d = rc->d;
+    if (status == FO_EPG)
+        d->metrics.errors[MET_PG]++;
     if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0) {
         for (int i = 0; i < d->njobs; i++) {
             fo_job_t *j = d->jobs[i];
@@ -371,25 +404,99 @@ static void kick_all(fo_daemon_t *d)
         fo_job_kick(d->jobs[i], now, 1);
 }
 
+/* Tracks one server's state for readiness and the reconnect and error counters. */
+static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server)
+{
+    if (up) {
+        if (*st == 2)
+            d->metrics.reconnects[server]++;
+        *st = 1;
+    } else {
+        if (*st == 1)
+            d->metrics.errors[server]++; /* a lost connection */
+        *st = *st ? 2 : 0;
+    }
+    int ready = d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1;
+    d->metrics.ready = ready;
+    if (ready != d->ready) {
+        d->ready = ready;
+        if (d->on_ready && !d->stopping)
+            d->on_ready(d, ready, d->on_ready_data);
+    }
+}
+
+static void on_stats_timer(uv_timer_t *t);
+
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
+    note_state(d, &d->ctl_up, up, MET_PG);
     if (up) {
         claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
+        on_stats_timer(&d->stats_timer);
     }
 }
 
 static void on_pages_state(rel_conn_t *c, int up, void *data)
 {
+    fo_daemon_t *d = data;
+    note_state(d, &d->pages_up, up, MET_PG);
     if (up)
         kick_all(data);
 }
 
 static void on_redis_state(ntf_client_t *c, int up, void *data)
 {
+    fo_daemon_t *d = data;
+    note_state(d, &d->redis_up, up, MET_REDIS);
     if (up)
         kick_all(data);
+}
+
+/* --- gauges that need a query: oldest unfinished event, stream lengths --- */
+
+static void on_oldest(int status, const PGresult *res, void *data)
+{
+    fo_daemon_t *d = data;
+    d->stats_busy--;
+    if (status == 0 && PQntuples(res) == 1)
+        d->metrics.oldest_pending_age_s = atof(PQgetvalue(res, 0, 0));
+}
+
+typedef struct xlen_call {
+    fo_daemon_t *d;
+    int shard;
+} xlen_call_t;
+
+static void on_xlen(int status, int64_t len, void *data)
+{
+    xlen_call_t *x = data;
+    fo_daemon_t *d = x->d;
+    d->stats_busy--;
+    if (status == 0 && x->shard < d->metrics.nshards)
+        d->metrics.stream_length[x->shard] = len;
+    free(x);
+}
+
+static void on_stats_timer(uv_timer_t *t)
+{
+    fo_daemon_t *d = t->data;
+    if (d->stats_busy > 0 || d->stopping)
+        return; /* the last round is still out: never pile up */
+    if (rel_conn_ready(d->ctl) && rel_conn_exec(d->ctl, "fo_oldest", 0, NULL, 0, on_oldest, d) == 0)
+        d->stats_busy++;
+    if (!d->redis || !ntf_client_ready(d->redis))
+        return;
+    for (int i = 0; i < d->metrics.nshards; i++) {
+        xlen_call_t *x = fo_xmalloc(sizeof *x);
+        *x = (xlen_call_t){d, i};
+        if (ntf_stream_length(d->redis, i, on_xlen, x) < 0) {
+            free(x);
+            break;
+        }
+        d->stats_busy++;
+    }
 }
 
 /* --- life cycle --- */
@@ -401,9 +508,11 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->cfg = cfg;
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
-    d->io = (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, d};
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer};
-    for (size_t i = 0; i < 4; i++) {
+    met_init(&d->metrics, cfg->shards);
+    d->io = (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, d, &d->metrics};
+    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer,
+                            &d->stats_timer};
+    for (size_t i = 0; i < 5; i++) {
         uv_timer_init(loop, timers[i]);
         timers[i]->data = d;
     }
@@ -432,6 +541,7 @@ void fo_daemon_start(fo_daemon_t *d)
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
+    rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
 
     d->pages = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd-pages", on_pages_state, NULL, d);
     session_setup(d->pages, cfg);
@@ -445,6 +555,7 @@ void fo_daemon_start(fo_daemon_t *d)
     uv_timer_start(&d->tick_timer, on_tick, TICK_MS, TICK_MS);
     uint64_t renew = (uint64_t)cfg->lease_ms / 3;
     uv_timer_start(&d->renew_timer, on_renew_timer, renew, renew);
+    uv_timer_start(&d->stats_timer, on_stats_timer, STATS_MS, STATS_MS);
     fo_log(FO_LOG_INFO, "fanoutd started", "worker=%s max_jobs=%d page_size=%d window=%d",
            cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window);
 }
@@ -454,8 +565,9 @@ static void close_all(fo_daemon_t *d)
     if (d->closed)
         return;
     d->closed = 1;
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer};
-    for (size_t i = 0; i < 4; i++)
+    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer,
+                            &d->stats_timer};
+    for (size_t i = 0; i < 5; i++)
         uv_close((uv_handle_t *)timers[i], NULL);
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
@@ -514,5 +626,35 @@ void fo_daemon_free(fo_daemon_t *d)
     }
     free(d->jobs);
     free(d->started_ms);
+    met_free(&d->metrics);
     free(d);
+}
+
+void fo_daemon_on_ready(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, int ready, void *data),
+                        void *data)
+{
+    d->on_ready = cb;
+    d->on_ready_data = data;
+}
+
+int fo_daemon_ready(const fo_daemon_t *d)
+{
+    return d->ready && !d->stopping;
+}
+
+met_t *fo_daemon_metrics(fo_daemon_t *d)
+{
+    d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
+    d->metrics.jobs_running = d->njobs;
+    d->metrics.ready = fo_daemon_ready(d);
+    return &d->metrics;
+}
+
+void fo_daemon_reconfigured(fo_daemon_t *d)
+{
+    if (d->stopping)
+        return;
+    uint64_t poll = (uint64_t)d->cfg->poll_ms;
+    if (uv_timer_get_repeat(&d->poll_timer) != poll)
+        uv_timer_start(&d->poll_timer, on_poll_timer, poll, poll);
 }

@@ -4,6 +4,7 @@
 
 #include "common/common.h"
 #include "config/config.h"
+#include "metrics/metrics.h"
 #include "notifier/notifier.h"
 #include "relationships/relationships.h"
 
@@ -45,6 +46,7 @@ typedef struct fo_job_io {
      * may free it from here on (the job touches nothing after calling this). */
     void (*finished)(void *ctx, fo_job_t *job);
     void *ctx;
+    met_t *metrics; /* counters the job adds to (pages, rows, entries, latencies); may be NULL */
 } fo_job_io_t;
 
 /* What a claim returned. Strings are copied. */
@@ -72,5 +74,19 @@ int64_t fo_job_cursor(const fo_job_t *j);
 int64_t fo_job_delivered(const fo_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fo_job_retry_at(const fo_job_t *j);
+
+/*
+ * The systemd notification protocol (sd_notify.c), for fanoutd.c. fo_sd_open reads nothing
+ * from the environment itself: the caller passes NOTIFY_SOCKET's value (NULL or empty: every
+ * notify is a no-op). fo_sd_notify sends one datagram without ever blocking.
+ */
+typedef struct fo_sd fo_sd_t;
+fo_sd_t *fo_sd_open(const char *notify_socket);
+int fo_sd_enabled(const fo_sd_t *sd);
+void fo_sd_notify(fo_sd_t *sd, const char *msg);
+/* The watchdog interval in microseconds from WATCHDOG_USEC and WATCHDOG_PID's values;
+ * 0 when off, malformed, or meant for another process. */
+uint64_t fo_sd_watchdog_usec(const char *usec, const char *pid);
+void fo_sd_close(fo_sd_t *sd);
 
 #endif

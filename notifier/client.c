@@ -48,13 +48,21 @@ typedef enum {
     ST_CLOSED,     /* ntf_client_close was called */
 } ntf_state_t;
 
-typedef enum { REQ_AUTH, REQ_LOAD_FENCE, REQ_LOAD_PAGE, REQ_FENCE, REQ_PAGE } ntf_req_kind_t;
+typedef enum {
+    REQ_AUTH,
+    REQ_LOAD_FENCE,
+    REQ_LOAD_PAGE,
+    REQ_FENCE,
+    REQ_PAGE,
+    REQ_XLEN
+} ntf_req_kind_t;
 
 typedef struct ntf_req {
     struct ntf_req *next;
     ntf_client_t *c;
     ntf_req_kind_t kind;
     ntf_progress_cb cb;
+    ntf_length_cb len_cb; /* REQ_XLEN */
     void *data;
     int64_t job_id;   /* for log lines */
     uint64_t sent_ms; /* for the command deadline */
@@ -465,6 +473,17 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     c->head = r->next;
     if (!c->head)
         c->tail = NULL;
+    if (r->kind == REQ_XLEN) {
+        const redisReply *rep = reply;
+        int st = rep && rep->type == REDIS_REPLY_INTEGER ? 0
+                 : c->state == ST_CLOSED                 ? FO_ESTOP
+                                                         : FO_EREDIS;
+        ntf_length_cb cb = r->len_cb;
+        void *data = r->data;
+        free(r);
+        cb(st, st == 0 ? (int64_t)rep->integer : -1, data);
+        return;
+    }
     if (r->kind != REQ_FENCE && r->kind != REQ_PAGE) {
         ntf_req_kind_t kind = r->kind;
         free(r);
@@ -602,4 +621,25 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
     int argc = ntf__encode_page(&c->enc, c->page_sha, c->cfg->key_prefix, c->cfg->shards, job,
                                 expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s);
     return send_req(c, REQ_PAGE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
+}
+
+int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data)
+{
+    if (shard < 0 || shard >= c->cfg->shards)
+        return FO_EINVAL;
+    if (c->state != ST_READY)
+        return FO_EREDIS;
+    char key[256];
+    int n = snprintf(key, sizeof key, "%s:stream:%d", c->cfg->key_prefix, shard);
+    if (n < 0 || (size_t)n >= sizeof key)
+        return FO_EINVAL;
+    const char *argv[] = {"XLEN", key};
+    size_t len[] = {4, (size_t)n};
+    ntf_req_t *r = NULL;
+    int rc = send_req(c, REQ_XLEN, NULL, data, 0, 2, argv, len);
+    if (rc == 0) {
+        r = c->tail; /* send_req appended it */
+        r->len_cb = cb;
+    }
+    return rc;
 }

@@ -88,7 +88,7 @@ static void fake_finished(void *ctx, fo_job_t *j)
     F.final_delivered = fo_job_delivered(j);
 }
 
-static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, NULL};
+static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, NULL, NULL};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
