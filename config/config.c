@@ -16,6 +16,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 typedef enum { T_STR, T_INT, T_INT64, T_LEVEL } cfg_type_t;
@@ -86,9 +87,33 @@ static const cfg_row_t rows[] = {
      "how often the consumer backlog is measured while backlog_high is set"},
     {"log_level", T_LEVEL, offsetof(cfg_t, log_level), 0, 0, "info", 0,
      "error, warn, info or debug"},
+    {"metrics_host", STR(metrics_host), 1, 0, "127.0.0.1", 0,
+     "IP address of the /metrics and /healthz HTTP listener (loopback by default)"},
+    {"metrics_port", INT(metrics_port), 0, 65535, "9466", 0,
+     "TCP port of the /metrics and /healthz HTTP listener; 0: no listener"},
+    {"config_file", STR(config_file), 0, 0, "", 0,
+     "file of FANOUT_NAME=value lines read at start and on SIGHUP (environment and flags "
+     "win over it); empty: none"},
 };
 
 #define NROWS (sizeof rows / sizeof rows[0])
+
+/*
+ * Settings SIGHUP applies to a running fanoutd (cfg_apply_reload). Each is read afresh where
+ * it is used, never baked into an allocation or a timer that outlives the change: a job keeps
+ * the page size it was created with (its buffer), poll_ms re-arms the poll timer.
+ */
+static const char *const reloadable[] = {"log_level",       "page_size",      "window",
+                                         "poll_ms",         "stop_timeout_ms", "progress_ttl_s",
+                                         "reconnect_max_ms"};
+
+static int row_reloads(const cfg_row_t *r)
+{
+    for (size_t i = 0; i < sizeof reloadable / sizeof reloadable[0]; i++)
+        if (strcmp(reloadable[i], r->name) == 0)
+            return 1;
+    return 0;
+}
 
 static char **str_field(cfg_t *cfg, const cfg_row_t *r)
 {
@@ -285,22 +310,199 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
     return 0;
 }
 
+/* Larger than any sane configuration; stops a mistaken path (/dev/zero) from eating memory. */
+#define CFG_FILE_MAX (1u << 20)
+
+/*
+ * Reads FANOUT_NAME=value lines from path: blank lines and lines starting with '#' are
+ * skipped, leading blanks ignored, the value is everything after the first '=' up to the end
+ * of the line (verbatim: no quotes are removed, so a libpq connection string keeps its own
+ * quoting). Lines may be of any length (getline). Unknown names, a name given twice, a
+ * missing '=' and bad values are errors naming the file and the line.
+ */
+static int load_file(cfg_t *cfg, const char *path, char *err, size_t errsize)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        errf(err, errsize, "config_file \"%.200s\": %s; give a readable file or leave it empty",
+             path, strerror(errno));
+        return FO_EINVAL;
+    }
+    unsigned line_no[NROWS] = {0};
+    char *line = NULL;
+    size_t cap = 0, total = 0;
+    unsigned no = 0;
+    ssize_t len;
+    int rc = 0;
+    while (rc == 0 && (len = getline(&line, &cap, f)) >= 0) {
+        no++;
+        total += (size_t)len;
+        if (total > CFG_FILE_MAX) {
+            errf(err, errsize, "config file %.200s is larger than %u bytes", path, CFG_FILE_MAX);
+            rc = FO_EINVAL;
+            break;
+        }
+        if (strlen(line) != (size_t)len) {
+            errf(err, errsize, "config file %.200s line %u holds a NUL byte", path, no);
+            rc = FO_EINVAL;
+            break;
+        }
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        const char *p = line;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (*p == '\0' || *p == '#')
+            continue;
+        const char *eq = strchr(p, '=');
+        if (strncmp(p, "FANOUT_", 7) != 0 || !eq) {
+            errf(err, errsize,
+                 "config file %.200s line %u: expected FANOUT_NAME=value, got \"%.40s\"", path,
+                 no, p);
+            rc = FO_EINVAL;
+            break;
+        }
+        const char *name = p + 7;
+        int nlen = (int)(eq - name);
+        const cfg_row_t *r = find_row(name, (size_t)nlen, 1);
+        if (!r || strcmp(r->name, "config_file") == 0) {
+            errf(err, errsize,
+                 "config file %.200s line %u: %s FANOUT_%.*s; see fanoutd --help for the "
+                 "settings",
+                 path, no, r ? "a config file cannot name" : "unknown setting", nlen, name);
+            rc = FO_EINVAL;
+            break;
+        }
+        if (line_no[r - rows]) {
+            errf(err, errsize, "config file %.200s line %u: FANOUT_%.*s is already set on line %u",
+                 path, no, nlen, name, line_no[r - rows]);
+            rc = FO_EINVAL;
+            break;
+        }
+        line_no[r - rows] = no;
+        char source[320];
+        snprintf(source, sizeof source, "config file %.200s line %u: FANOUT_%.*s", path, no,
+                 nlen > 64 ? 64 : nlen, name);
+        rc = set_value(cfg, r, eq + 1, source, err, errsize);
+    }
+    if (rc == 0 && ferror(f)) {
+        errf(err, errsize, "config file %.200s: read error", path);
+        rc = FO_EINVAL;
+    }
+    free(line);
+    fclose(f);
+    return rc;
+}
+
+static void set_defaults(cfg_t *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    for (size_t i = 0; i < NROWS; i++) {
+        char e[16];
+        if (set_value(cfg, &rows[i], rows[i].def, "default", e, sizeof e) < 0)
+            abort(); /* a default outside its own range is our bug */
+    }
+}
+
 int cfg_load(cfg_t *cfg, int argc, char **argv, int first, char **envp, int *rest, char *err,
              size_t errsize)
 {
-    memset(cfg, 0, sizeof *cfg);
     err[0] = '\0';
-    for (size_t i = 0; i < NROWS; i++) {
-        if (set_value(cfg, &rows[i], rows[i].def, "default", err, errsize) < 0)
-            abort(); /* a default outside its own range is our bug */
+    set_defaults(cfg);
+    /* The file's place is between the defaults and the environment, but its name comes from
+     * the environment or a flag: find the name first, then build again in order. */
+    int rc = load_env(cfg, envp, err, errsize);
+    if (rc == 0)
+        rc = load_flags(cfg, argc, argv, first, rest, err, errsize);
+    if (rc == 0 && cfg->config_file[0]) {
+        char *path = fo_xstrdup(cfg->config_file);
+        cfg_free(cfg);
+        set_defaults(cfg);
+        rc = load_file(cfg, path, err, errsize);
+        free(path);
+        if (rc == 0)
+            rc = load_env(cfg, envp, err, errsize);
+        if (rc == 0)
+            rc = load_flags(cfg, argc, argv, first, rest, err, errsize);
     }
-    if (load_env(cfg, envp, err, errsize) < 0 ||
-        load_flags(cfg, argc, argv, first, rest, err, errsize) < 0 ||
-        validate(cfg, err, errsize) < 0) {
+    if (rc == 0)
+        rc = validate(cfg, err, errsize);
+    if (rc < 0) {
         cfg_free(cfg);
         return FO_EINVAL;
     }
     return 0;
+}
+
+/* Appends to a bounded, always terminated string. */
+static void append(char *buf, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void append(char *buf, size_t size, const char *fmt, ...)
+{
+    size_t len = strlen(buf);
+    if (len + 1 >= size)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf + len, size - len, fmt, ap);
+    va_end(ap);
+}
+
+int cfg_apply_reload(cfg_t *live, cfg_t *fresh, char *changed, size_t csize, char *ignored,
+                     size_t isize)
+{
+    int n = 0;
+    changed[0] = ignored[0] = '\0';
+    for (size_t i = 0; i < NROWS; i++) {
+        const cfg_row_t *r = &rows[i];
+        int differs;
+        char was[64] = "", now[64] = "";
+        if (r->type == T_INT) {
+            int *a = int_field(live, r), *b = int_field(fresh, r);
+            differs = *a != *b;
+            snprintf(was, sizeof was, "%d", *a);
+            snprintf(now, sizeof now, "%d", *b);
+            if (differs && row_reloads(r))
+                *a = *b;
+        } else if (r->type == T_INT64) {
+            long long *a = int64_field(live, r), *b = int64_field(fresh, r);
+            differs = *a != *b;
+            snprintf(was, sizeof was, "%lld", *a);
+            snprintf(now, sizeof now, "%lld", *b);
+            if (differs && row_reloads(r))
+                *a = *b;
+        } else {
+            char **a = str_field(live, r), **b = str_field(fresh, r);
+            differs = strcmp(*a, *b) != 0;
+            snprintf(was, sizeof was, "%s", *a);
+            snprintf(now, sizeof now, "%s", *b);
+            if (differs && row_reloads(r)) {
+                char *t = *a; /* swap: fresh frees the old value with cfg_free */
+                *a = *b;
+                *b = t;
+            }
+        }
+        if (!differs)
+            continue;
+        if (row_reloads(r)) {
+            append(changed, csize, "%s%s=%s->%s", n ? "," : "", r->name, was, now);
+            n++;
+        } else {
+            /* names only: a secret's value must not reach the log */
+            append(ignored, isize, "%s%s", ignored[0] ? "," : "", r->name);
+        }
+    }
+    return n;
+}
+
+int cfg_is_reloadable(const char *name)
+{
+    char flag[64];
+    size_t n = 0;
+    for (; name[n] && n < sizeof flag - 1; n++)
+        flag[n] = name[n] == '_' ? '-' : name[n];
+    const cfg_row_t *r = find_row(flag, n, 0);
+    return r && row_reloads(r);
 }
 
 void cfg_free(cfg_t *cfg)
@@ -397,7 +599,8 @@ void cfg_usage(FILE *out)
             var[k] = (char)toupper((unsigned char)r->name[k]);
         }
         flag[k] = var[k] = '\0';
-        fprintf(out, "  --%-22s FANOUT_%-22s default: %s\n      %s\n", flag, var,
-                r->def[0] ? r->def : "(empty)", r->meaning);
+        fprintf(out, "  --%-22s FANOUT_%-22s default: %s%s\n      %s\n", flag, var,
+                r->def[0] ? r->def : "(empty)", row_reloads(r) ? "  (SIGHUP reloads it)" : "",
+                r->meaning);
     }
 }

@@ -1,8 +1,10 @@
 /*
  * config: the one read-only configuration of fanoutd and fanoutctl.
  *
- * Built once at start from defaults, then FANOUT_* environment variables, then command-line
- * flags (flags win), and validated as a whole. Every setting has one row in a table in
+ * Built once at start from defaults, then the optional config file (config_file: lines of
+ * FANOUT_NAME=value), then FANOUT_* environment variables, then command-line flags (flags
+ * win), and validated as a whole. On SIGHUP fanoutd builds a fresh one the same way and
+ * applies only the settings marked reloadable (cfg_apply_reload). Every setting has one row in a table in
  * config.c (name, variable, flag, type, range, default, meaning); docs/configuration.md
  * lists the same rows. Unknown FANOUT_* variables and unknown flags are errors, so a typo
  * never silently falls back to a default. Modules receive a `const cfg_t *` and never read
@@ -49,6 +51,11 @@ typedef struct cfg {
     long long backlog_low;  /* resume when every shard's backlog is at or below this */
     int backlog_check_ms;   /* how often the backlog is measured */
     char *log_level;
+
+    /* Running as a service. */
+    char *metrics_host; /* IP address of the HTTP listener for /metrics and /healthz */
+    int metrics_port;   /* 0: no listener */
+    char *config_file;  /* FANOUT_NAME=value lines, re-read on SIGHUP; empty: none */
 } cfg_t;
 
 /*
@@ -61,6 +68,19 @@ typedef struct cfg {
  */
 int cfg_load(cfg_t *cfg, int argc, char **argv, int first, char **envp, int *rest, char *err,
              size_t errsize);
+
+/*
+ * SIGHUP: copies into *live the settings marked reloadable (log level, page size, window,
+ * poll interval, stop bound, progress TTL, reconnect cap) whose value in *fresh differs, and
+ * leaves the others alone. Writes "name=old->new" pairs, comma-separated, into changed, and
+ * the names of differing settings that need a restart into ignored (names only: secrets
+ * never leave). Returns the number of settings changed. The caller still frees *fresh.
+ */
+int cfg_apply_reload(cfg_t *live, cfg_t *fresh, char *changed, size_t csize, char *ignored,
+                     size_t isize);
+
+/* 1 if the setting (by name, e.g. "page_size" or "page-size") is applied on SIGHUP. */
+int cfg_is_reloadable(const char *name);
 
 /* Frees the strings of *cfg. */
 void cfg_free(cfg_t *cfg);

@@ -7,6 +7,12 @@
  * coming (back) up, and a job finishing. Jobs are interleaved on the shared connections:
  * each has at most one page read and `window` page writes in flight.
  *
+ * Readiness (both PostgreSQL connections and Redis up; the pages connection is up only after
+ * its statement over the contract view was prepared, which checks that the view exists with
+ * the expected columns) is reported to the owner on every change, for sd_notify and
+ * /healthz. Counters go to one met_t, updated where things happen; a stats timer refreshes
+ * the gauges that need a query (oldest unfinished event, stream lengths).
+ *
  * Backpressure: with backlog_high set, a timer measures the consumers' backlog in Redis;
  * above the high-water mark jobs write nothing new (they keep their read-ahead page), and
  * they resume at or below the low-water mark. The pause and its reason are logged and kept
@@ -21,6 +27,7 @@
 #include <string.h>
 
 #define TICK_MS 100
+#define STATS_MS 5000 /* oldest-event query and XLENs: cheap, and rarely enough */
 
 /* --- job I/O, bound to this daemon's connections --- */
 
@@ -64,6 +71,7 @@ static void on_job_finished(void *ctx, fo_job_t *j)
     d->jobs[slot] = d->jobs[d->njobs - 1];
     d->started_ms[slot] = d->started_ms[d->njobs - 1];
     d->njobs--;
+    d->metrics.jobs_running = d->njobs;
     fo_job_free(j);
     fo__daemon_check_stopped(d);
     fo__store_claim(d);
@@ -74,6 +82,8 @@ void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim)
     fo_job_t *j = fo_job_new(&d->io, d->cfg, claim);
     d->started_ms[d->njobs] = fo_now_ms();
     d->jobs[d->njobs++] = j;
+    d->metrics.events_claimed++;
+    d->metrics.jobs_running = d->njobs;
     fo_job_start(j, fo_now_ms());
 }
 
@@ -94,6 +104,7 @@ static void on_backlog(int status, long long backlog, int shard, void *data)
     const cfg_t *cfg = d->cfg;
     if (!d->paused && backlog > cfg->backlog_high) {
         d->paused = 1;
+        d->metrics.paused_backpressure = 1;
         snprintf(d->paused_reason, sizeof d->paused_reason,
                  "consumers behind: %s:stream:%d has %lld entries unread or unacknowledged "
                  "(backlog_high %lld)",
@@ -103,6 +114,7 @@ static void on_backlog(int status, long long backlog, int shard, void *data)
         fo__store_renew(d); /* publish the reason now */
     } else if (d->paused && backlog <= cfg->backlog_low) {
         d->paused = 0;
+        d->metrics.paused_backpressure = 0;
         d->paused_reason[0] = '\0';
         fo_log(FO_LOG_INFO, "resuming fan-out: consumers caught up",
                "backlog=%lld backlog_low=%lld", backlog, cfg->backlog_low);
@@ -152,26 +164,100 @@ static void kick_all(fo_daemon_t *d)
         fo_job_kick(d->jobs[i], now, 1);
 }
 
+/* Tracks one server's state for readiness and the reconnect and error counters. */
+static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server)
+{
+    if (up) {
+        if (*st == 2)
+            d->metrics.reconnects[server]++;
+        *st = 1;
+    } else {
+        if (*st == 1)
+            d->metrics.errors[server]++; /* a lost connection */
+        *st = *st ? 2 : 0;
+    }
+    int ready = d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1;
+    d->metrics.ready = ready;
+    if (ready != d->ready) {
+        d->ready = ready;
+        if (d->on_ready && !d->stopping)
+            d->on_ready(d, ready, d->on_ready_data);
+    }
+}
+
+static void on_stats_timer(uv_timer_t *t);
+
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
+    note_state(d, &d->ctl_up, up, MET_PG);
     if (up) {
         fo__store_claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
         fo__store_renew(d);
+        on_stats_timer(&d->stats_timer);
     }
 }
 
 static void on_pages_state(rel_conn_t *c, int up, void *data)
 {
+    fo_daemon_t *d = data;
+    note_state(d, &d->pages_up, up, MET_PG);
     if (up)
         kick_all(data);
 }
 
 static void on_redis_state(ntf_client_t *c, int up, void *data)
 {
+    fo_daemon_t *d = data;
+    note_state(d, &d->redis_up, up, MET_REDIS);
     if (up)
         kick_all(data);
+}
+
+/* --- gauges that need a query: oldest unfinished event, stream lengths --- */
+
+static void on_oldest(int status, const PGresult *res, void *data)
+{
+    fo_daemon_t *d = data;
+    d->stats_busy--;
+    if (status == 0 && PQntuples(res) == 1)
+        d->metrics.oldest_pending_age_s = atof(PQgetvalue(res, 0, 0));
+}
+
+typedef struct xlen_call {
+    fo_daemon_t *d;
+    int shard;
+} xlen_call_t;
+
+static void on_xlen(int status, int64_t len, void *data)
+{
+    xlen_call_t *x = data;
+    fo_daemon_t *d = x->d;
+    d->stats_busy--;
+    if (status == 0 && x->shard < d->metrics.nshards)
+        d->metrics.stream_length[x->shard] = len;
+    free(x);
+}
+
+static void on_stats_timer(uv_timer_t *t)
+{
+    fo_daemon_t *d = t->data;
+    if (d->stats_busy > 0 || d->stopping)
+        return; /* the last round is still out: never pile up */
+    if (rel_conn_ready(d->ctl) && rel_conn_exec(d->ctl, "fo_oldest", 0, NULL, 0, on_oldest, d) == 0)
+        d->stats_busy++;
+    if (!d->redis || !ntf_client_ready(d->redis))
+        return;
+    for (int i = 0; i < d->metrics.nshards; i++) {
+        xlen_call_t *x = fo_xmalloc(sizeof *x);
+        *x = (xlen_call_t){d, i};
+        if (ntf_stream_length(d->redis, i, on_xlen, x) < 0) {
+            free(x);
+            break;
+        }
+        d->stats_busy++;
+    }
 }
 
 /* --- life cycle --- */
@@ -183,10 +269,12 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->cfg = cfg;
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
-    d->io = (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, io_may_write, d};
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer,
-                            &d->backlog_timer};
-    for (size_t i = 0; i < 5; i++) {
+    met_init(&d->metrics, cfg->shards);
+    d->io = (fo_job_io_t){io_fetch,        io_fence, io_write, on_job_finished,
+                          io_may_write,    d,        &d->metrics};
+    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
+                            &d->stop_timer, &d->backlog_timer, &d->stats_timer};
+    for (size_t i = 0; i < 6; i++) {
         uv_timer_init(loop, timers[i]);
         timers[i]->data = d;
     }
@@ -225,6 +313,7 @@ void fo_daemon_start(fo_daemon_t *d)
     uv_timer_start(&d->tick_timer, on_tick, TICK_MS, TICK_MS);
     uint64_t renew = (uint64_t)cfg->lease_ms / 3;
     uv_timer_start(&d->renew_timer, on_renew_timer, renew, renew);
+    uv_timer_start(&d->stats_timer, on_stats_timer, STATS_MS, STATS_MS);
     if (cfg->backlog_high > 0)
         uv_timer_start(&d->backlog_timer, on_backlog_timer, (uint64_t)cfg->backlog_check_ms,
                        (uint64_t)cfg->backlog_check_ms);
@@ -237,9 +326,9 @@ static void close_all(fo_daemon_t *d)
     if (d->closed)
         return;
     d->closed = 1;
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer, &d->renew_timer, &d->stop_timer,
-                            &d->backlog_timer};
-    for (size_t i = 0; i < 5; i++)
+    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
+                            &d->stop_timer, &d->backlog_timer, &d->stats_timer};
+    for (size_t i = 0; i < 6; i++)
         uv_close((uv_handle_t *)timers[i], NULL);
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
@@ -294,5 +383,35 @@ void fo_daemon_free(fo_daemon_t *d)
     fo__store_free_records(d);
     free(d->jobs);
     free(d->started_ms);
+    met_free(&d->metrics);
     free(d);
 }
+void fo_daemon_on_ready(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, int ready, void *data),
+                        void *data)
+{
+    d->on_ready = cb;
+    d->on_ready_data = data;
+}
+
+int fo_daemon_ready(const fo_daemon_t *d)
+{
+    return d->ready && !d->stopping;
+}
+
+met_t *fo_daemon_metrics(fo_daemon_t *d)
+{
+    d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
+    d->metrics.jobs_running = d->njobs;
+    d->metrics.ready = fo_daemon_ready(d);
+    return &d->metrics;
+}
+
+void fo_daemon_reconfigured(fo_daemon_t *d)
+{
+    if (d->stopping)
+        return;
+    uint64_t poll = (uint64_t)d->cfg->poll_ms;
+    if (uv_timer_get_repeat(&d->poll_timer) != poll)
+        uv_timer_start(&d->poll_timer, on_poll_timer, poll, poll);
+}
+

@@ -13,6 +13,7 @@
 #include <uv.h>
 
 #include "config/config.h"
+#include "metrics/metrics.h"
 
 typedef struct fo_daemon fo_daemon_t;
 
@@ -33,5 +34,23 @@ void fo_daemon_start(fo_daemon_t *d);
 void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), void *data);
 
 void fo_daemon_free(fo_daemon_t *d);
+
+/*
+ * Registers cb, called on the loop whenever readiness changes: ready = 1 once both PostgreSQL
+ * connections (the pages one has prepared its query over the contract view) and Redis are
+ * up, 0 when one of them is lost. Not called once stopping.
+ */
+void fo_daemon_on_ready(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, int ready, void *data),
+                        void *data);
+
+/* 1 when ready (see fo_daemon_on_ready) and not stopping. */
+int fo_daemon_ready(const fo_daemon_t *d);
+
+/* The daemon's counters, with the gauges refreshed now; owned by the daemon, valid until
+ * fo_daemon_free. */
+met_t *fo_daemon_metrics(fo_daemon_t *d);
+
+/* The reloadable settings in cfg changed (SIGHUP): re-arm what depends on them. */
+void fo_daemon_reconfigured(fo_daemon_t *d);
 
 #endif

@@ -1,34 +1,115 @@
 /*
- * fanoutd.c: the daemon's entry point.
+ * fanoutd.c: the daemon's entry point and its life as a service.
  *
  * Reads the configuration (an error there is the only reason fanoutd exits non-zero at
  * start), installs signal watchers on the loop (SIGTERM and SIGINT stop gracefully; a
- * second one stops at once), runs the loop until the daemon has closed everything, and
- * closes the loop so that leak checkers see every handle released.
+ * second one stops at once; SIGHUP reloads the settings that can change at run time), speaks
+ * the systemd notification protocol (READY=1 when connected, STATUS= with progress, WATCHDOG=1
+ * from a loop timer, STOPPING=1), serves /metrics and /healthz, runs the loop until the
+ * daemon has closed everything, and closes the loop so that leak checkers see every handle
+ * released.
+ *
+ * A reload parses the configuration afresh in libuv's thread pool (it reads a file), then,
+ * back on the loop, applies only the reloadable settings to the live cfg_t that every module
+ * reads through its const pointer; a bad new configuration changes nothing.
  */
 #include "common/common.h"
 #include "config/config.h"
 #include "fanout/fanout.h"
+#include "fanout/fo_int.h"
+#include "metrics/metrics.h"
 
+#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
+#define STATUS_MS 2000 /* how often STATUS= is refreshed (only when it changed) */
+
 extern char **environ;
 
 typedef struct app {
+    uv_loop_t *loop;
+    cfg_t *cfg;
+    int argc;
+    char **argv;
     fo_daemon_t *daemon;
-    uv_signal_t sigterm, sigint;
+    met_server_t *metrics;
+    fo_sd_t *sd;
+    uint64_t watchdog_usec;
+    uv_signal_t sigterm, sigint, sighup;
+    uv_timer_t watchdog_timer, status_timer;
     int signals;
+    char last_status[256];
+
+    /* a reload in flight */
+    uv_work_t reload;
+    int reloading;
+    int reload_rc;
+    cfg_t fresh;
+    char reload_err[512];
 } app_t;
+
+/* STATUS= line: what systemctl status shows under the unit. */
+static void send_status(app_t *a, int force)
+{
+    if (!fo_sd_enabled(a->sd))
+        return;
+    met_t *m = fo_daemon_metrics(a->daemon);
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "STATUS=%s: jobs running %" PRId64 ", events done %llu, notifications %llu",
+             m->ready ? "ready" : "waiting for PostgreSQL and Redis", m->jobs_running,
+             (unsigned long long)m->events_done, (unsigned long long)m->notifications);
+    if (!force && strcmp(msg, a->last_status) == 0)
+        return;
+    snprintf(a->last_status, sizeof a->last_status, "%s", msg);
+    fo_sd_notify(a->sd, msg);
+}
+
+static void on_ready(fo_daemon_t *d, int ready, void *data)
+{
+    app_t *a = data;
+    if (ready)
+        fo_sd_notify(a->sd, "READY=1");
+    send_status(a, 1);
+}
+
+static void on_status_timer(uv_timer_t *t)
+{
+    send_status(t->data, 0);
+}
+
+static void on_watchdog_timer(uv_timer_t *t)
+{
+    app_t *a = t->data;
+    fo_sd_notify(a->sd, "WATCHDOG=1"); /* the loop turns: that is what systemd watches */
+}
+
+static void render_metrics(met_buf_t *b, void *data)
+{
+    app_t *a = data;
+    met_render(fo_daemon_metrics(a->daemon), b);
+}
+
+static int health(void *data)
+{
+    app_t *a = data;
+    return fo_daemon_ready(a->daemon);
+}
 
 static void on_stopped(fo_daemon_t *d, void *data)
 {
     app_t *a = data;
     uv_close((uv_handle_t *)&a->sigterm, NULL);
     uv_close((uv_handle_t *)&a->sigint, NULL);
+    uv_close((uv_handle_t *)&a->sighup, NULL);
+    uv_close((uv_handle_t *)&a->watchdog_timer, NULL);
+    uv_close((uv_handle_t *)&a->status_timer, NULL);
+    met_server_close(a->metrics);
+    a->metrics = NULL;
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -39,13 +120,65 @@ static void on_signal(uv_signal_t *s, int signum)
         _Exit(1); /* the progress marks keep the work exact; leases expire */
     }
     fo_log(FO_LOG_INFO, "signal received", "signal=%s", signum == SIGTERM ? "TERM" : "INT");
+    fo_sd_notify(a->sd, "STOPPING=1\nSTATUS=stopping: finishing the pages in flight");
     fo_daemon_stop(a->daemon, on_stopped, a);
+}
+
+/* --- SIGHUP --- */
+
+static void reload_work(uv_work_t *w)
+{
+    app_t *a = w->data;
+    a->reload_rc = cfg_load(&a->fresh, a->argc, a->argv, 1, environ, NULL, a->reload_err,
+                            sizeof a->reload_err);
+}
+
+static void reload_done(uv_work_t *w, int status)
+{
+    app_t *a = w->data;
+    a->reloading = 0;
+    met_t *m = fo_daemon_metrics(a->daemon);
+    if (status < 0 || a->reload_rc < 0) {
+        m->reload_errors++;
+        char q[600];
+        fo_log(FO_LOG_ERROR, "configuration reload failed; keeping the current settings",
+               "error=%s", fo_log_quote(q, sizeof q, status < 0 ? uv_strerror(status)
+                                                                : a->reload_err));
+        return;
+    }
+    char changed[1024], ignored[512];
+    int n = cfg_apply_reload(a->cfg, &a->fresh, changed, sizeof changed, ignored, sizeof ignored);
+    cfg_free(&a->fresh);
+    m->reloads++;
+    fo_log_level_t level;
+    if (fo_log_level_parse(a->cfg->log_level, &level) == 0)
+        fo_log_set_level(level);
+    if (a->signals == 0)
+        fo_daemon_reconfigured(a->daemon);
+    char qc[1100], qi[600];
+    fo_log(FO_LOG_INFO, n ? "configuration reloaded" : "configuration reloaded; nothing changed",
+           "changed=%s restart_needed=%s", fo_log_quote(qc, sizeof qc, changed),
+           fo_log_quote(qi, sizeof qi, ignored));
+}
+
+static void on_sighup(uv_signal_t *s, int signum)
+{
+    app_t *a = s->data;
+    if (a->reloading || a->signals) {
+        fo_log(FO_LOG_WARN, "SIGHUP ignored: a reload or a stop is in progress", NULL);
+        return;
+    }
+    fo_log(FO_LOG_INFO, "signal received; reloading the configuration", "signal=HUP");
+    a->reload.data = a;
+    if (uv_queue_work(a->loop, &a->reload, reload_work, reload_done) == 0)
+        a->reloading = 1;
 }
 
 static void usage(FILE *out)
 {
     fprintf(out, "Usage: fanoutd [--check-config] [--help] [--setting=value ...]\n"
-                 "Fans published events out to one Redis Stream entry per follower.\n\n");
+                 "Fans published events out to one Redis Stream entry per follower.\n"
+                 "SIGTERM/SIGINT stop gracefully, SIGHUP reloads the settings marked below.\n\n");
     cfg_usage(out);
 }
 
@@ -83,19 +216,52 @@ int main(int argc, char **argv)
     uv_loop_t loop;
     uv_loop_init(&loop);
     app_t app = {0};
-    app.daemon = fo_daemon_new(&loop, &cfg);
-    uv_signal_init(&loop, &app.sigterm);
-    uv_signal_init(&loop, &app.sigint);
-    app.sigterm.data = app.sigint.data = &app;
-    uv_signal_start(&app.sigterm, on_signal, SIGTERM);
-    uv_signal_start(&app.sigint, on_signal, SIGINT);
-    fo_daemon_start(app.daemon);
+    app.loop = &loop;
+    app.cfg = &cfg;
+    app.argc = argc;
+    app.argv = argv;
+    app.sd = fo_sd_open(getenv("NOTIFY_SOCKET"));
+    app.watchdog_usec = fo_sd_watchdog_usec(getenv("WATCHDOG_USEC"), getenv("WATCHDOG_PID"));
+    int rc = 0;
+    if (cfg.metrics_port > 0) {
+        /* scrapes are served from the loop only, so the daemon is there before the first */
+        app.metrics =
+            met_server_new(&loop, cfg.metrics_host, cfg.metrics_port, render_metrics, health, &app);
+        if (!app.metrics)
+            rc = 1; /* logged; a port clash is a start-up configuration error */
+    }
+    if (rc == 0) {
+        app.daemon = fo_daemon_new(&loop, &cfg);
+        uv_signal_init(&loop, &app.sigterm);
+        uv_signal_init(&loop, &app.sigint);
+        uv_signal_init(&loop, &app.sighup);
+        app.sigterm.data = app.sigint.data = app.sighup.data = &app;
+        uv_signal_start(&app.sigterm, on_signal, SIGTERM);
+        uv_signal_start(&app.sigint, on_signal, SIGINT);
+        uv_signal_start(&app.sighup, on_sighup, SIGHUP);
+        uv_timer_init(&loop, &app.watchdog_timer);
+        uv_timer_init(&loop, &app.status_timer);
+        app.watchdog_timer.data = app.status_timer.data = &app;
+        if (fo_sd_enabled(app.sd)) {
+            uv_timer_start(&app.status_timer, on_status_timer, STATUS_MS, STATUS_MS);
+            send_status(&app, 1);
+            if (app.watchdog_usec > 0) {
+                /* half the interval, as systemd asks; at least 1 ms */
+                uint64_t every = app.watchdog_usec / 2000 ? app.watchdog_usec / 2000 : 1;
+                uv_timer_start(&app.watchdog_timer, on_watchdog_timer, every, every);
+                fo_log(FO_LOG_INFO, "systemd watchdog on", "interval_ms=%" PRIu64, every);
+            }
+        }
+        fo_daemon_on_ready(app.daemon, on_ready, &app);
+        fo_daemon_start(app.daemon);
+    }
 
     uv_run(&loop, UV_RUN_DEFAULT);
     fo_daemon_free(app.daemon);
-    int rc = uv_loop_close(&loop);
-    if (rc != 0)
-        fo_log(FO_LOG_WARN, "loop closed with handles open", "error=%s", uv_strerror(rc));
+    int lrc = uv_loop_close(&loop);
+    if (lrc != 0)
+        fo_log(FO_LOG_WARN, "loop closed with handles open", "error=%s", uv_strerror(lrc));
+    fo_sd_close(app.sd);
     cfg_free(&cfg);
-    return 0;
+    return rc;
 }

@@ -4,6 +4,7 @@
 
 #include "common/common.h"
 #include "config/config.h"
+#include "metrics/metrics.h"
 #include "notifier/notifier.h"
 #include "relationships/relationships.h"
 
@@ -50,6 +51,7 @@ typedef struct fo_job_io {
     /* 0 while writes must wait (backpressure); NULL means always 1. */
     int (*may_write)(void *ctx);
     void *ctx;
+    met_t *metrics; /* counters the job adds to (pages, rows, entries, latencies); may be NULL */
 } fo_job_io_t;
 
 /* What a claim returned. Strings are copied. */
@@ -109,8 +111,15 @@ struct fo_daemon {
     void (*stop_done)(fo_daemon_t *d, void *data);
     void *stop_data;
 
-    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer;
+    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer, stats_timer;
     int closed;
+
+    met_t metrics;
+    int ctl_up, pages_up, redis_up; /* 1: up now; 2: was up once, down now */
+    int ready;
+    int stats_busy; /* replies of the last stats round still outstanding */
+    void (*on_ready)(fo_daemon_t *d, int ready, void *data);
+    void *on_ready_data;
 };
 
 /* store.c: the job store in fanout.jobs, through the control connection. */
@@ -130,5 +139,18 @@ void fo__store_free_records(fo_daemon_t *d);
 void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim);
 /* Called when a record was written or a job left: the stop may be complete. */
 void fo__daemon_check_stopped(fo_daemon_t *d);
+/*
+ * The systemd notification protocol (sd_notify.c), for fanoutd.c. fo_sd_open reads nothing
+ * from the environment itself: the caller passes NOTIFY_SOCKET's value (NULL or empty: every
+ * notify is a no-op). fo_sd_notify sends one datagram without ever blocking.
+ */
+typedef struct fo_sd fo_sd_t;
+fo_sd_t *fo_sd_open(const char *notify_socket);
+int fo_sd_enabled(const fo_sd_t *sd);
+void fo_sd_notify(fo_sd_t *sd, const char *msg);
+/* The watchdog interval in microseconds from WATCHDOG_USEC and WATCHDOG_PID's values;
+ * 0 when off, malformed, or meant for another process. */
+uint64_t fo_sd_watchdog_usec(const char *usec, const char *pid);
+void fo_sd_close(fo_sd_t *sd);
 
 #endif

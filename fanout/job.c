@@ -47,11 +47,15 @@ struct fo_job {
     int inflight; /* writes of this epoch not yet answered */
     int64_t *page;
     char *error; /* FAILED: the server's message */
+    int page_size; /* the buffer's size: cfg->page_size when created (SIGHUP may change it) */
+    int64_t counted; /* delivered entries already added to metrics->notifications */
+    int have_base;   /* counted holds the mark found by the first fence (earlier owners') */
 };
 
 typedef struct job_call {
     fo_job_t *job;
     unsigned epoch;
+    uint64_t sent_ns; /* for the latency histograms */
 } job_call_t;
 
 static const char *const state_names[] = {"fencing", "running", "waiting", "draining",
@@ -76,6 +80,7 @@ static job_call_t *call_new(fo_job_t *j)
     job_call_t *c = fo_xmalloc(sizeof *c);
     c->job = j;
     c->epoch = j->epoch;
+    c->sent_ns = uv_hrtime();
     return c;
 }
 
@@ -93,6 +98,31 @@ static void maybe_finish(fo_job_t *j)
         j->state = FO_JOB_STOPPED;
     if (terminal(j->state))
         j->io.finished(j->io.ctx, j);
+}
+
+/*
+ * Counts entries Redis confirmed: the growth of the mark's delivered count since last seen.
+ * The first mark a job sees (its first fence) is its base: entries written before this claim
+ * (by a crashed worker, say) are not this process's work. Later adoptions of a mark (after a
+ * lost reply) count what this process wrote but never saw acknowledged.
+ */
+static void note_delivered(fo_job_t *j, int64_t delivered)
+{
+    if (!j->have_base) {
+        j->have_base = 1;
+        j->counted = delivered;
+        return;
+    }
+    if (delivered > j->counted) {
+        if (j->io.metrics)
+            j->io.metrics->notifications += (uint64_t)(delivered - j->counted);
+        j->counted = delivered;
+    }
+}
+
+static double seconds_since(uint64_t ns)
+{
+    return (double)(uv_hrtime() - ns) / 1e9;
 }
 
 /* Takes back a call's context; returns 1 if the reply belongs to the current epoch. */
@@ -137,6 +167,7 @@ static void resume_from(fo_job_t *j, const ntf_progress_t *p)
     reset_pipeline(j, p->cursor);
     j->acked_cursor = p->cursor;
     j->delivered = p->delivered;
+    note_delivered(j, p->delivered);
     j->state = p->done ? FO_JOB_DONE : FO_JOB_RUNNING;
 }
 
@@ -144,7 +175,13 @@ static void resume_from(fo_job_t *j, const ntf_progress_t *p)
 
 static void on_write(int status, const ntf_progress_t *p, void *data)
 {
-    fo_job_t *j;
+    job_call_t *call = data;
+    fo_job_t *j = call->job;
+    if (j->io.metrics) {
+        met_hist_observe(&j->io.metrics->redis_write, seconds_since(call->sent_ns));
+        if (status != 0 && status != NTF_EMOVED && status != FO_EFENCED && status != FO_ESTOP)
+            j->io.metrics->errors[MET_REDIS]++;
+    }
     int current = call_done(data, &j);
     if (current && j->state != FO_JOB_WAITING) {
         j->inflight--;
@@ -152,6 +189,7 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
         case 0:
             j->acked_cursor = p->cursor;
             j->delivered = p->delivered;
+            note_delivered(j, p->delivered);
             j->failures = 0;
             if (p->done)
                 j->state = FO_JOB_DONE;
@@ -207,7 +245,18 @@ static void send_ready(fo_job_t *j)
 
 static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
 {
-    fo_job_t *j;
+    job_call_t *call = data;
+    fo_job_t *j = call->job;
+    met_t *m = j->io.metrics;
+    if (m && status != FO_ESTOP) {
+        met_hist_observe(&m->page_read, seconds_since(call->sent_ns));
+        if (status < 0) {
+            m->errors[MET_PG]++;
+        } else {
+            m->pages_read++;
+            m->rows_read += n;
+        }
+    }
     int current = call_done(data, &j);
     j->reading = 0;
     if (current && j->state == FO_JOB_RUNNING) {
@@ -224,7 +273,7 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
             j->ready_n = n;
             if (n > 0)
                 j->read_cursor = j->page[n - 1];
-            if (n < (size_t)j->cfg->page_size)
+            if (n < (size_t)j->page_size)
                 j->eof = 1;
         }
     }
@@ -235,7 +284,7 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
 static void start_read(fo_job_t *j)
 {
     job_call_t *c = call_new(j);
-    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->cfg->page_size,
+    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size,
                          j->page, on_page, c);
     if (rc < 0) {
         free(c);
@@ -320,7 +369,8 @@ fo_job_t *fo_job_new(const fo_job_io_t *io, const cfg_t *cfg, const fo_claim_t *
     j->payload = fo_xstrdup(claim->payload);
     j->created_at = fo_xstrdup(claim->created_at);
     j->acked_cursor = j->read_cursor = j->sent_cursor = claim->range_lo;
-    j->page = fo_xmalloc((size_t)cfg->page_size * sizeof *j->page);
+    j->page_size = cfg->page_size;
+    j->page = fo_xmalloc((size_t)j->page_size * sizeof *j->page);
     j->state = FO_JOB_WAITING;
     return j;
 }

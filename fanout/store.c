@@ -96,7 +96,9 @@ static const char SQL_RENEW[] =
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
     " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
+    " WHERE id = $1 AND token = $2 AND state = 'running'"
+    " RETURNING extract(epoch FROM finished_at -"
+    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id))::float8";
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
@@ -112,7 +114,12 @@ static const char SQL_FAIL[] =
     " next_attempt_at = now() + least($8::bigint,"
     "   $7::bigint * power(2, least(attempts - 1, 40))::bigint) * interval '1 millisecond',"
     " finished_at = CASE WHEN attempts >= $6 THEN now() END"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
+    " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
+
+/* Served by the jobs_unfinished partial index: only pending and running jobs are read. */
+static const char SQL_OLDEST[] =
+    "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
+    " FROM fanout.jobs WHERE state IN ('pending', 'running')";
 
 /* This worker's row for fanoutctl status. $1 worker, $2 jobs, $3 paused reason or NULL. */
 static const char SQL_WORKER[] =
@@ -128,6 +135,7 @@ void fo__store_prepare(fo_daemon_t *d)
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
     rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 3);
+    rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
 }
 
 static void log_pg_error(const char *msg, const PGresult *res)
@@ -164,6 +172,7 @@ static void on_rec(int status, const PGresult *res, void *data)
     if (status == FO_ESTOP)
         return; /* closing: records are freed with the daemon */
     if (status < 0) {
+        d->metrics.errors[MET_PG]++;
         if (res)
             log_pg_error("job record not written; retrying", res);
         r->retry_at = fo_now_ms() + 500; /* the tick timer sends it again */
@@ -173,7 +182,17 @@ static void on_rec(int status, const PGresult *res, void *data)
     char err[512] = "";
     if (r->error)
         fo_log_quote(err, sizeof err, r->error);
-    if (atoi(PQcmdTuples((PGresult *)res)) == 0)
+    int written = atoi(PQcmdTuples((PGresult *)res)) > 0;
+    if (written && r->kind == REC_FINISH) {
+        d->metrics.events_done++;
+        if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
+            met_hist_observe(&d->metrics.publish_to_done, atof(PQgetvalue(res, 0, 0)));
+    } else if (written && r->kind == REC_FAIL) {
+        d->metrics.events_failed++;
+        if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
+            d->metrics.events_dead++;
+    }
+    if (!written)
         fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
                "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
                r->token);
@@ -343,6 +362,7 @@ static void on_claim(int status, const PGresult *res, void *data)
     if (status == FO_ESTOP)
         return;
     if (status < 0) {
+        d->metrics.errors[MET_PG]++;
         if (res)
             log_pg_error("claim failed", res);
         return; /* the poll timer tries again */
@@ -364,6 +384,7 @@ static void on_claim(int status, const PGresult *res, void *data)
         if (strcmp(PQgetvalue(res, 0, 9), "dead") == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
+            d->metrics.events_dead++;
             fo_log(FO_LOG_ERROR, "job is dead: its attempts are used up; fanoutctl retry EVENT",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
@@ -424,6 +445,8 @@ static void on_renew(int status, const PGresult *res, void *data)
 {
     renew_call_t *rc = data;
     fo_daemon_t *d = rc->d;
+    if (status == FO_EPG)
+        d->metrics.errors[MET_PG]++;
     if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0) {
         for (int i = 0; i < d->njobs; i++) {
             fo_job_t *j = d->jobs[i];

@@ -425,6 +425,7 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
     " count(*) FILTER (WHERE state = 'pending') AS n_pending,"                                     \
     " coalesce(sum(delivered), 0) AS delivered,"                                                   \
     " coalesce(max(attempts), 0) AS attempts,"                                                     \
+    " min(started_at) AS started_at,"                                                              \
     " (array_agg(last_error ORDER BY id DESC) FILTER (WHERE last_error IS NOT NULL))[1]"           \
     "   AS last_error"                                                                             \
     " FROM fanout.jobs WHERE event_id = e.id) j "
@@ -440,7 +441,8 @@ static void status_usage(FILE *out)
 {
     fprintf(out, "usage: fanoutctl [SETTINGS] status [EVENT]\n"
                  "With EVENT: that event's state as key: value lines.\n"
-                 "Without: the 20 most recent events and the job counts by state.\n");
+                 "Without: running events (progress delivered/expected, rate), pending and dead\n"
+                 "ones, the 20 most recent events, and the job counts by state.\n");
 }
 
 /* Replaces line breaks so a value cannot break the key: value layout. */
@@ -524,16 +526,45 @@ static void status_workers(PGconn *conn)
     PQclear(w);
 }
 
-static int status_recent(PGconn *conn)
+/*
+ * The overview: every running and pending event (up to 100), dead ones (up to 20) and the
+ * 20 most recent, one row each, running first. "expected" counts the contract view's rows
+ * for the author now, only for running and pending events (an index-only count).
+ */
+static int status_recent(const cfg_t *cfg, PGconn *conn)
 {
-    PGresult *res =
-        pg_run(conn, "status", NULL,
-               "SELECT e.id, e.author, e.kind, " EVENT_STATE ", j.delivered,"
-               " j.attempts,"
-               " floor(extract(epoch FROM now() - e.created_at))::bigint"
-               " FROM (SELECT * FROM fanout.events ORDER BY id DESC LIMIT 20) e " JOBS_AGGREGATE
-               "ORDER BY e.id DESC",
-               0, NULL);
+    char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
+    char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
+    if (!schema || !view) {
+        fail("status", "contract view name: %s", PQerrorMessage(conn));
+        PQfreemem(schema);
+        PQfreemem(view);
+        return EXIT_RUNTIME;
+    }
+    char *sql = fo_xasprintf(
+        "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
+        " CASE WHEN s.state IN ('running', 'pending')"
+        "   THEN (SELECT count(*) FROM %s.%s v WHERE v.author = e.author) END,"
+        " CASE WHEN s.state = 'running' AND now() > j.started_at"
+        "   THEN round((j.delivered / extract(epoch FROM now() - j.started_at))::numeric, 1)"
+        " END,"
+        " j.attempts, floor(extract(epoch FROM now() - e.created_at))::bigint,"
+        " coalesce(j.last_error, '')"
+        " FROM (SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
+        "        WHERE state IN ('pending', 'running') ORDER BY event_id LIMIT 100) a"
+        "       UNION SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
+        "        WHERE state = 'dead' ORDER BY event_id DESC LIMIT 20) b"
+        "       UNION SELECT * FROM (SELECT id FROM fanout.events ORDER BY id DESC LIMIT 20) c"
+        "      ) ids(id)"
+        " JOIN fanout.events e ON e.id = ids.id " JOBS_AGGREGATE
+        " CROSS JOIN LATERAL (SELECT " EVENT_STATE " AS state) s"
+        " ORDER BY array_position(ARRAY['running', 'pending', 'dead', 'done', 'none'], s.state),"
+        "   e.id DESC",
+        schema, view);
+    PQfreemem(schema);
+    PQfreemem(view);
+    PGresult *res = pg_run(conn, "status", NULL, sql, 0, NULL);
+    free(sql);
     if (!res)
         return EXIT_RUNTIME;
     PGresult *counts = pg_run(conn, "status", NULL,
@@ -546,12 +577,22 @@ static int status_recent(PGconn *conn)
         PQclear(res);
         return EXIT_RUNTIME;
     }
-    printf("%-12s %-20s %-16s %-8s %12s %8s %10s\n", "EVENT", "AUTHOR", "KIND", "STATE",
-           "DELIVERED", "ATTEMPTS", "AGE_S");
-    for (int r = 0; r < PQntuples(res); r++)
-        printf("%-12s %-20s %-16s %-8s %12s %8s %10s\n", PQgetvalue(res, r, 0),
-               PQgetvalue(res, r, 1), PQgetvalue(res, r, 2), PQgetvalue(res, r, 3),
-               PQgetvalue(res, r, 4), PQgetvalue(res, r, 5), PQgetvalue(res, r, 6));
+    printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", "EVENT", "AUTHOR", "KIND",
+           "STATE", "PROGRESS", "RATE/S", "ATTEMPTS", "AGE_S", "LAST_ERROR");
+    for (int r = 0; r < PQntuples(res); r++) {
+        char progress[64];
+        if (PQgetisnull(res, r, 5))
+            snprintf(progress, sizeof progress, "%s", PQgetvalue(res, r, 4));
+        else
+            snprintf(progress, sizeof progress, "%s/%s", PQgetvalue(res, r, 4),
+                     PQgetvalue(res, r, 5));
+        const char *rate = PQgetisnull(res, r, 6) ? "-" : PQgetvalue(res, r, 6);
+        char err[120];
+        first_line(err, sizeof err, PQgetvalue(res, r, 9));
+        printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", PQgetvalue(res, r, 0),
+               PQgetvalue(res, r, 1), PQgetvalue(res, r, 2), PQgetvalue(res, r, 3), progress, rate,
+               PQgetvalue(res, r, 7), PQgetvalue(res, r, 8), err);
+    }
     printf("\njobs: pending=%s running=%s done=%s dead=%s\n", PQgetvalue(counts, 0, 0),
            PQgetvalue(counts, 0, 1), PQgetvalue(counts, 0, 2), PQgetvalue(counts, 0, 3));
     status_workers(conn);
@@ -579,7 +620,7 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
     PGconn *conn = pg_connect(cfg, "status");
     if (!conn)
         return EXIT_RUNTIME;
-    int status = event ? status_event(cfg, conn, event_id) : status_recent(conn);
+    int status = event ? status_event(cfg, conn, event_id) : status_recent(cfg, conn);
     PQfinish(conn);
     return status;
 }
@@ -1249,7 +1290,8 @@ static void usage(FILE *out)
             "  migrate                              apply the embedded SQL migrations\n"
             "  publish --author ID --kind K --payload JSON\n"
             "                                       publish one event, print its id\n"
-            "  status [EVENT]                       one event's progress, or the recent ones\n"
+            "  status [EVENT]                       one event's progress, or running, pending,\n"
+            "                                       dead and recent events\n"
             "  consume --group G --consumer C [--count N] [--block MS]\n"
             "                                       read the streams as JSON lines\n"
             "  retry EVENT                          queue a dead event again\n"

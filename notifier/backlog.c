@@ -1,5 +1,6 @@
 /*
- * backlog.c: how far behind the consumers are, for backpressure.
+ * backlog.c: what fanoutd reads back from Redis: how far behind the consumers are (for
+ * backpressure) and the stream lengths (for metrics).
  *
  * One EVAL over all shard streams (a read-only script, so it runs even when Redis is out of
  * memory) returns the largest per-group backlog and the shard it is in. XINFO GROUPS gives
@@ -93,5 +94,39 @@ int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
     free(keys);
     free(argv);
     free(argvlen);
+    return rc;
+}
+
+typedef struct length_req {
+    ntf_length_cb cb;
+    void *data;
+} length_req_t;
+
+static void on_length(int status, const redisReply *reply, void *data)
+{
+    length_req_t *q = data;
+    int64_t len = -1;
+    if (status == 0 && reply->type == REDIS_REPLY_INTEGER)
+        len = reply->integer;
+    else if (status == 0)
+        status = FO_EREDIS;
+    q->cb(status, len, q->data);
+    free(q);
+}
+
+int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data)
+{
+    const cfg_t *cfg = ntf__client_cfg(c);
+    if (shard < 0 || shard >= cfg->shards)
+        return FO_EINVAL;
+    char *key = fo_xasprintf("%s:stream:%d", cfg->key_prefix, shard);
+    const char *argv[] = {"XLEN", key};
+    size_t len[] = {4, strlen(key)};
+    length_req_t *q = fo_xmalloc(sizeof *q);
+    *q = (length_req_t){cb, data};
+    int rc = ntf__command(c, 2, argv, len, on_length, q);
+    if (rc < 0)
+        free(q);
+    free(key);
     return rc;
 }

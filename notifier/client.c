@@ -646,3 +646,4 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
                                 expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s);
     return send_req(c, REQ_PAGE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }
+

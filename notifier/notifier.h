@@ -122,6 +122,14 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
 typedef void (*ntf_backlog_cb)(int status, long long backlog, int shard, void *data);
 int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data);
 
+/*
+ * Reads the length (XLEN) of shard stream <prefix>:stream:<shard>, for metrics. cb gets
+ * status 0 and the length (0 for a stream not created yet), FO_EREDIS, or FO_ESTOP.
+ * Returns 0 if sent (cb runs later), FO_EREDIS if not ready, FO_EINVAL for a bad shard.
+ */
+typedef void (*ntf_length_cb)(int status, int64_t len, void *data);
+int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data);
+
 /* The shard stream a recipient's notifications go to: recipient mod shards, in 0..shards-1,
  * so that every consumer language can compute it and one recipient's entries stay ordered. */
 int ntf_shard_of(int64_t recipient, int shards);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -145,6 +146,120 @@ static void test_redact_uri(void **state)
     free(r);
 }
 
+/* Writes text to a fresh temporary file; returns its path (static buffer per call site). */
+static void write_file(char *path, const char *text)
+{
+    strcpy(path, "/tmp/fanout-test-config-XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_file_between_defaults_and_env(void **state)
+{
+    char path[64];
+    write_file(path, "# fanoutd settings\n\n  FANOUT_SHARDS=8\r\nFANOUT_PAGE_SIZE=100\n"
+                     "FANOUT_WINDOW=5\n");
+    char var[128];
+    snprintf(var, sizeof var, "FANOUT_CONFIG_FILE=%s", path);
+    char *env[] = {var, "FANOUT_PAGE_SIZE=200", NULL};
+    char *argv[] = {"fanoutd", "--window=7", NULL};
+    cfg_t c;
+    assert_int_equal(load(env, 2, argv, &c), 0);
+    assert_int_equal(c.shards, 8);      /* file over default */
+    assert_int_equal(c.page_size, 200); /* environment over file */
+    assert_int_equal(c.window, 7);      /* flag over file */
+    assert_string_equal(c.config_file, path);
+    cfg_free(&c);
+    /* the file named by a flag */
+    char flag[128];
+    snprintf(flag, sizeof flag, "--config-file=%s", path);
+    char *none[] = {NULL};
+    char *argv2[] = {"fanoutd", flag, NULL};
+    assert_int_equal(load(none, 2, argv2, &c), 0);
+    assert_int_equal(c.page_size, 100);
+    cfg_free(&c);
+    unlink(path);
+}
+
+static void test_file_long_line_kept_whole(void **state)
+{
+    /* inih would split this silently; a connection string must arrive whole */
+    char dsn[5000];
+    memset(dsn, 'x', sizeof dsn);
+    memcpy(dsn, "host=db application_name=", 25);
+    dsn[sizeof dsn - 1] = '\0';
+    char *text = fo_xasprintf("FANOUT_PG_DSN=%s\nFANOUT_SHARDS=3", dsn); /* no final newline */
+    char path[64];
+    write_file(path, text);
+    free(text);
+    char var[128];
+    snprintf(var, sizeof var, "FANOUT_CONFIG_FILE=%s", path);
+    char *env[] = {var, NULL};
+    char *argv[] = {"fanoutd", NULL};
+    cfg_t c;
+    assert_int_equal(load(env, 1, argv, &c), 0);
+    assert_string_equal(c.pg_dsn, dsn);
+    assert_int_equal(c.shards, 3);
+    cfg_free(&c);
+    unlink(path);
+}
+
+static void file_error(const char *text, const char *needle)
+{
+    char path[64];
+    write_file(path, text);
+    char var[128];
+    snprintf(var, sizeof var, "FANOUT_CONFIG_FILE=%s", path);
+    char *env[] = {var, NULL};
+    char *argv[] = {"fanoutd", NULL};
+    expect_error(env, 1, argv, needle);
+    assert_non_null(strstr(err, path));
+    unlink(path);
+}
+
+static void test_file_errors_name_the_line(void **state)
+{
+    file_error("FANOUT_SHARDS=2\nFANOUT_SHARDZ=3\n", "line 2: unknown setting FANOUT_SHARDZ");
+    file_error("\n# c\nFANOUT_SHARDS=x\n",
+               "line 3: FANOUT_SHARDS: shards is \"x\"; expected a whole number from 1 to 4096");
+    file_error("shards=3\n", "line 1: expected FANOUT_NAME=value");
+    file_error("FANOUT_SHARDS\n", "line 1: expected FANOUT_NAME=value");
+    file_error("FANOUT_SHARDS=2\nFANOUT_SHARDS=3\n", "line 2: FANOUT_SHARDS is already set on line 1");
+    file_error("FANOUT_CONFIG_FILE=/x\n", "line 1: a config file cannot name FANOUT_CONFIG_FILE");
+    char *env[] = {"FANOUT_CONFIG_FILE=/nonexistent/fanoutd.conf", NULL};
+    char *argv[] = {"fanoutd", NULL};
+    expect_error(env, 1, argv, "config_file \"/nonexistent/fanoutd.conf\": No such file");
+}
+
+static void test_reload_applies_only_reloadable(void **state)
+{
+    char *env1[] = {"FANOUT_PAGE_SIZE=100", "FANOUT_SHARDS=4", "FANOUT_REDIS_PASSWORD=old", NULL};
+    char *env2[] = {"FANOUT_PAGE_SIZE=50", "FANOUT_SHARDS=8", "FANOUT_REDIS_PASSWORD=new",
+                    "FANOUT_LOG_LEVEL=debug", NULL};
+    char *argv[] = {"fanoutd", NULL};
+    cfg_t live, fresh;
+    assert_int_equal(load(env1, 1, argv, &live), 0);
+    assert_int_equal(load(env2, 1, argv, &fresh), 0);
+    char changed[256], ignored[256];
+    assert_int_equal(cfg_apply_reload(&live, &fresh, changed, sizeof changed, ignored,
+                                      sizeof ignored),
+                     2);
+    assert_string_equal(changed, "page_size=100->50,log_level=info->debug");
+    assert_string_equal(ignored, "redis_password,shards");
+    assert_int_equal(live.page_size, 50);
+    assert_string_equal(live.log_level, "debug");
+    assert_int_equal(live.shards, 4);
+    assert_string_equal(live.redis_password, "old");
+    cfg_free(&fresh);
+    cfg_free(&live);
+    assert_true(cfg_is_reloadable("page_size"));
+    assert_true(cfg_is_reloadable("log-level"));
+    assert_false(cfg_is_reloadable("shards"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -152,6 +267,10 @@ int main(void)
         cmocka_unit_test(test_bad_numbers),       cmocka_unit_test(test_unknown_names),
         cmocka_unit_test(test_bad_strings),       cmocka_unit_test(test_rest_stops_at_command),
         cmocka_unit_test(test_print_redacts_secrets), cmocka_unit_test(test_redact_uri),
+        cmocka_unit_test(test_file_between_defaults_and_env),
+        cmocka_unit_test(test_file_long_line_kept_whole),
+        cmocka_unit_test(test_file_errors_name_the_line),
+        cmocka_unit_test(test_reload_applies_only_reloadable),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }

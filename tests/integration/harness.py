@@ -695,7 +695,8 @@ class Servers:
 
     def env_for_daemon(self, **overrides):
         """Environment for fanoutd/fanoutctl: the caller's minus FANOUT_*/PG*, plus the DSN
-        (user fanoutd), Redis address, key prefix and shards of these servers, plus overrides
+        (user fanoutd), Redis address, key prefix and shards of these servers, metrics off
+        (FANOUT_METRICS_PORT=0), plus overrides
         (FANOUT_NAME=value, or name=value for FANOUT_NAME; None removes a variable)."""
         env = _clean_env()
         env["FANOUT_PG_DSN"] = self.dsn("fanoutd")
@@ -705,6 +706,8 @@ class Servers:
             env["FANOUT_KEY_PREFIX"] = self.key_prefix
         if self.shards is not None:
             env["FANOUT_SHARDS"] = str(self.shards)
+        # no metrics listener unless a test asks for one: parallel daemons would share a port
+        env["FANOUT_METRICS_PORT"] = "0"
         for k, v in overrides.items():
             name = k if k.startswith("FANOUT_") else "FANOUT_" + k.upper()
             if v is None:
@@ -728,17 +731,24 @@ class Servers:
             raise AssertionError("fanoutctl publish failed (%d): %s" % (r.returncode, r.stderr))
         return int(r.stdout.strip())
 
-    def start_daemon(self, args=(), **overrides):
-        """Starts fanoutd with env_for_daemon(**overrides); stdout and stderr go to
-        <dir>/fanoutd-<n>.log. Every daemon is killed at teardown."""
-        if not os.access(FANOUTD, os.X_OK):
-            raise HarnessError("fanoutd not built at %s (set FANOUT_BUILD_DIR)" % FANOUTD)
+    def start_daemon(self, args=(), extra_env=None, binary=None, **overrides):
+        """Starts fanoutd with env_for_daemon(**overrides) plus extra_env (other variables,
+        set verbatim: NOTIFY_SOCKET, WATCHDOG_USEC, ...); stdout and stderr go to
+        <dir>/fanoutd-<n>.log. binary: another fanoutd (an installed one). Every daemon is
+        killed at teardown."""
+        binary = binary or FANOUTD
+        if not os.access(binary, os.X_OK):
+            raise HarnessError("fanoutd not built at %s (set FANOUT_BUILD_DIR)" % binary)
         n = len(self.daemons) + 1
+        while os.path.exists(self.path("fanoutd-%d.log" % n)):
+            n += 1  # a fresh log: tests sharing these servers must not see older lines
         log_path = self.path("fanoutd-%d.log" % n)
+        env = self.env_for_daemon(**overrides)
+        env.update(extra_env or {})
         log = open(log_path, "ab")
         try:
-            proc = subprocess.Popen([FANOUTD] + [str(a) for a in args],
-                                    env=self.env_for_daemon(**overrides), stdout=log,
+            proc = subprocess.Popen([binary] + [str(a) for a in args],
+                                    env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=_die_with_us(signal.SIGKILL))
         finally:

@@ -1,0 +1,101 @@
+/*
+ * metrics: fanoutd's counters and their Prometheus exposition over HTTP.
+ *
+ * met_t is one plain struct of counters, gauges and fixed-bucket histograms. The daemon and
+ * its jobs update it in place on the loop thread (an add per page, never per notification;
+ * no locks: one loop, one thread). met_render writes it in the Prometheus text format
+ * (version 0.0.4) with # HELP and # TYPE lines.
+ *
+ * met_server_t is a deliberately small HTTP/1.x responder on a uv_tcp_t: GET /metrics and
+ * GET /healthz, one request per connection (Connection: close), a read deadline, a cap on
+ * open connections and on the request size. It is meant for a loopback or private address
+ * scraped by Prometheus, not for the open internet.
+ */
+#ifndef FANOUT_METRICS_H
+#define FANOUT_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+/* Upper bounds in seconds of the histogram buckets (+Inf is implicit), shared by all. */
+#define MET_BUCKETS 17
+
+typedef struct met_hist {
+    uint64_t bucket[MET_BUCKETS + 1]; /* observations <= bound i (not cumulative); last: +Inf */
+    uint64_t count;
+    double sum;
+} met_hist_t;
+
+/* The servers a connection or an error belongs to. */
+typedef enum { MET_PG = 0, MET_REDIS = 1, MET_NSERVERS = 2 } met_server_kind_t;
+
+typedef struct met {
+    /* counters */
+    uint64_t events_claimed;  /* jobs claimed (an event may be claimed again after a crash) */
+    uint64_t events_done;     /* jobs recorded done */
+    uint64_t events_failed;   /* attempts that ended in an error (0 until retries land) */
+    uint64_t events_dead;     /* jobs given up (0 until dead-lettering lands) */
+    uint64_t notifications;   /* stream entries Redis confirmed */
+    uint64_t pages_read;      /* keyset pages read from the contract view */
+    uint64_t rows_read;       /* follower ids in those pages */
+    uint64_t reconnects[MET_NSERVERS]; /* connections that came back after being lost */
+    uint64_t errors[MET_NSERVERS];     /* failed queries or commands, lost connections */
+    uint64_t reloads, reload_errors;   /* SIGHUP outcomes */
+
+    /* gauges, refreshed by their owner */
+    int64_t jobs_running;
+    int64_t pages_in_flight;     /* page and fence scripts sent to Redis, not yet answered */
+    int64_t paused_backpressure; /* jobs paused because consumers lag (0: not implemented) */
+    int64_t ready;               /* 1: both PostgreSQL connections and Redis are up */
+    double oldest_pending_age_s; /* age of the oldest unfinished event; -1: unknown */
+    int nshards;
+    int64_t *stream_length; /* nshards entries, -1: not read yet; owned (met_init/met_free) */
+
+    /* histograms, in seconds */
+    met_hist_t page_read;       /* one keyset page query */
+    met_hist_t redis_write;     /* one page script, sent to answered */
+    met_hist_t publish_to_done; /* event created_at to its job recorded done */
+} met_t;
+
+/* Zeroes *m and allocates the per-shard gauges; met_free releases them. */
+void met_init(met_t *m, int nshards);
+void met_free(met_t *m);
+
+/* Adds one observation (seconds, negative counts as 0). */
+void met_hist_observe(met_hist_t *h, double seconds);
+
+/* A growable output buffer; the owner frees p. */
+typedef struct met_buf {
+    char *p;
+    size_t len, cap;
+} met_buf_t;
+
+void met_buf_printf(met_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Appends the Prometheus text exposition of *m to b. */
+void met_render(const met_t *m, met_buf_t *b);
+
+/* --- the HTTP responder --- */
+
+typedef struct met_server met_server_t;
+
+/* Fills the /metrics body (called per scrape, on the loop). */
+typedef void (*met_render_cb)(met_buf_t *b, void *data);
+/* 1 when ready: /healthz answers 200 "ready", else 503 "not ready". */
+typedef int (*met_health_cb)(void *data);
+
+/*
+ * Listens on host (an IP address) and port. Returns NULL after logging one line naming the
+ * address and the reason (bad address, port in use). Callbacks run on the loop only.
+ */
+met_server_t *met_server_new(uv_loop_t *loop, const char *host, int port, met_render_cb render,
+                             met_health_cb health, void *data);
+
+/* The port actually bound (useful with port 0). */
+int met_server_port(const met_server_t *s);
+
+/* Closes the listener and every connection; memory is released once libuv closed them. */
+void met_server_close(met_server_t *s);
+
+#endif
