@@ -459,6 +459,11 @@ static void connect_done(uv_work_t *w, int status)
         fo_log_quote(what, sizeof what, pg ? PQerrorMessage(pg) : "out of memory");
         fo_log(FO_LOG_WARN, "cannot connect; retrying", "server=postgresql conn=%s error=%s",
                c->name, what);
+        if (c->attempt == 4 || (c->attempt > 4 && c->attempt % 50 == 0))
+            fo_log(FO_LOG_ERROR,
+                   "postgresql unreachable: check FANOUT_PG_DSN (or PG* variables), the "
+                   "server and the network; retrying",
+                   "conn=%s attempts=%u error=%s", c->name, c->attempt + 1, what);
         PQfinish(pg);
         c->state = ST_DOWN;
         schedule_reconnect(c);
