@@ -85,12 +85,17 @@ static int *int_field(cfg_t *cfg, const cfg_row_t *r)
 
 static void errf(char *err, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* The message quotes what the user gave, which may hold line breaks or other control
+ * characters (an environment variable can): they become '?', so the error stays one line. */
 static void errf(char *err, size_t size, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, size, fmt, ap);
     va_end(ap);
+    for (char *c = err; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = '?';
 }
 
 /* Whole-string decimal integer within [min, max]; no sign tricks, no trailing junk. */

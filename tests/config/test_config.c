@@ -100,6 +100,21 @@ static void test_bad_strings(void **state)
     expect_error(e3, 1, argv, "key_prefix");
 }
 
+/* Found by tests/fuzz/fuzz_config: a line break in a variable's name or value was copied
+ * into the message, which then was not one line. */
+static void test_errors_stay_one_line(void **state)
+{
+    char *argv[] = {"fanoutd", NULL};
+    char *e1[] = {"FANOUT_REDIS\nPORT=1", NULL};
+    expect_error(e1, 1, argv, "unknown variable FANOUT_REDIS?PORT");
+    assert_null(strpbrk(err, "\r\n"));
+    char *e2[] = {"FANOUT_SHARDS=1\r\nFANOUT_X=2", NULL};
+    expect_error(e2, 1, argv, "shards is \"1??FANOUT_X=2\"");
+    char *none[] = {NULL};
+    char *argv2[] = {"fanoutd", "--bad\tflag", NULL};
+    expect_error(none, 2, argv2, "unknown flag --bad?flag");
+}
+
 static void test_rest_stops_at_command(void **state)
 {
     char *env[] = {NULL};
@@ -152,6 +167,7 @@ int main(void)
         cmocka_unit_test(test_bad_numbers),       cmocka_unit_test(test_unknown_names),
         cmocka_unit_test(test_bad_strings),       cmocka_unit_test(test_rest_stops_at_command),
         cmocka_unit_test(test_print_redacts_secrets), cmocka_unit_test(test_redact_uri),
+        cmocka_unit_test(test_errors_stay_one_line),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
