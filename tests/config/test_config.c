@@ -160,6 +160,34 @@ static void test_redact_uri(void **state)
     free(r);
 }
 
+/* Found by tests/fuzz/fuzz_redact_dsn: each of these showed a password libpq would use. */
+static void test_redact_follows_libpq(void **state)
+{
+    static const char *const cases[][2] = {
+        {"password = postgres://x host=h", "password = *** host=h"},
+        {"dbname=mypassword password=secret", "dbname=mypassword password=***"},
+        {"password\t=secret host=h", "password\t=*** host=h"},
+        {"application_name='password=x' password=secret",
+         "application_name='password=x' password=***"},
+        {"password=first password=second", "password=*** password=***"},
+        {"host=h password=\\ secret", "host=h password=***"},
+        {"postgresql://h/db?pass%77ord=secret", "postgresql://h/db?pass%77ord=***"},
+        {"postgres://h/db?application_name=password&password=secret",
+         "postgres://h/db?application_name=password&password=***"},
+        {"postgresql://u:p?w@h/db", "postgresql://u:***@h/db"},
+        {"postgresql://h/a:b@c", "postgresql://h/a:b@c"},
+        {"host=h junk password=secret", "host=h ***"},
+        {"password='unterminated", "***"},
+        {"", ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *r = cfg_redact_dsn(cases[i][0]);
+        if (strcmp(r, cases[i][1]) != 0)
+            fail_msg("redact(\"%s\") = \"%s\", want \"%s\"", cases[i][0], r, cases[i][1]);
+        free(r);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -167,7 +195,7 @@ int main(void)
         cmocka_unit_test(test_bad_numbers),       cmocka_unit_test(test_unknown_names),
         cmocka_unit_test(test_bad_strings),       cmocka_unit_test(test_rest_stops_at_command),
         cmocka_unit_test(test_print_redacts_secrets), cmocka_unit_test(test_redact_uri),
-        cmocka_unit_test(test_errors_stay_one_line),
+        cmocka_unit_test(test_errors_stay_one_line), cmocka_unit_test(test_redact_follows_libpq),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
