@@ -7,6 +7,7 @@
  */
 #include "fanoutctl/ctl_int.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -208,8 +209,8 @@ static int jstring(jcur_t *j)
             c = j->s[j->i];
             if (c == 'u') {
                 for (int k = 1; k <= 4; k++) {
-                    if (j->i + (size_t)k >= j->n ||
-                        !strchr("0123456789abcdefABCDEF", j->s[j->i + (size_t)k]))
+                    /* isxdigit, not strchr: strchr finds a NUL byte (the terminator). */
+                    if (j->i + (size_t)k >= j->n || !isxdigit(j->s[j->i + (size_t)k]))
                         return -1;
                 }
                 j->i += 5;
