@@ -655,7 +655,9 @@ static long long consume_reply(consumer_t *c, const redisReply *reply, int pendi
         int k = 0;
         while (k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
             k++;
-        if (k == c->nkeys) {
+        /* Each stream at most once: a second list for it would replace the first one's
+         * acknowledgements while their count carries on. */
+        if (k == c->nkeys || acks[k]) {
             status = -1;
             break;
         }
