@@ -132,12 +132,17 @@ static long long *int64_field(cfg_t *cfg, const cfg_row_t *r)
 
 static void errf(char *err, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* The message quotes what the user gave, which may hold line breaks or other control
+ * characters (an environment variable can): they become '?', so the error stays one line. */
 static void errf(char *err, size_t size, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, size, fmt, ap);
     va_end(ap);
+    for (char *c = err; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = '?';
 }
 
 /* Whole-string decimal integer within [min, max]; no sign tricks, no trailing junk. */
@@ -515,51 +520,164 @@ void cfg_free(cfg_t *cfg)
     }
 }
 
+/*
+ * Redaction follows libpq's own grammar (fe-connect.c, PostgreSQL 15), so that whatever
+ * password libpq would read from a string is exactly what gets hidden:
+ *   - a URI only when the string starts with "postgresql://" or "postgres://"; then the
+ *     password of the user info (between the first ':' and the first '@', if an '@' comes
+ *     before any '/'), and the value of every query parameter whose percent-decoded name is
+ *     "password";
+ *   - otherwise keyword=value pairs separated by white space (isspace), values unquoted or
+ *     in single quotes, backslash escaping the next byte in both; every pair named
+ *     "password" has its value hidden. Where the string stops following the grammar (libpq
+ *     would refuse it), the rest is hidden, since it could hold a password.
+ * Each "***" adds at most 3 bytes: once for the user info, once for an unparsable rest, and
+ * once per "password=" (9 bytes of input), so 2 * len + 4 bytes always suffice.
+ */
+typedef struct redact_out {
+    char *p;
+    size_t len;
+} redact_out_t;
+
+static void redact_put(redact_out_t *o, const char *s, size_t n)
+{
+    memcpy(o->p + o->len, s, n);
+    o->len += n;
+    o->p[o->len] = '\0';
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c = (char)tolower((unsigned char)c);
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* 1 if s[0..n), percent-decoded as libpq decodes URI parameter names, is "password". */
+static int uri_name_is_password(const char *s, size_t n)
+{
+    static const char want[] = "password";
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++, k++) {
+        char c = s[i];
+        if (c == '%' && i + 2 < n && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0) {
+            c = (char)(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
+            i += 2;
+        }
+        if (k >= sizeof want - 1 || c != want[k])
+            return 0;
+    }
+    return k == sizeof want - 1;
+}
+
+static void redact_uri(redact_out_t *o, const char *dsn, size_t prefix)
+{
+    const char *p = dsn + prefix;
+    redact_put(o, dsn, prefix);
+    size_t userinfo = strcspn(p, "@/");
+    if (p[userinfo] == '@') {
+        size_t user = strcspn(p, ":@");
+        redact_put(o, p, user);
+        if (p[user] == ':')
+            redact_put(o, ":***", 4);
+        p += userinfo;
+    }
+    size_t rest = strcspn(p, "?");
+    redact_put(o, p, rest);
+    p += rest;
+    if (!*p)
+        return;
+    redact_put(o, "?", 1);
+    p++;
+    /* name=value pairs separated by '&' */
+    for (;;) {
+        size_t pair = strcspn(p, "&");
+        size_t name = strcspn(p, "=&");
+        if (name < pair && uri_name_is_password(p, name)) {
+            redact_put(o, p, name + 1);
+            redact_put(o, "***", 3);
+        } else {
+            redact_put(o, p, pair);
+        }
+        p += pair;
+        if (!*p)
+            return;
+        redact_put(o, "&", 1);
+        p++;
+    }
+}
+
+/* Past one keyword-form value at v (quoted or not), as libpq reads it; NULL if a quote is
+ * never closed. */
+static const char *kw_value_end(const char *v)
+{
+    if (*v != '\'') {
+        while (*v && !isspace((unsigned char)*v))
+            v += (*v == '\\' && v[1]) ? 2 : 1;
+        return v;
+    }
+    for (v++; *v; v++) {
+        if (*v == '\\' && v[1])
+            v++;
+        else if (*v == '\'')
+            return v + 1;
+    }
+    return NULL;
+}
+
+static void redact_keywords(redact_out_t *o, const char *dsn)
+{
+    const char *p = dsn;
+    for (;;) {
+        const char *name = p;
+        while (isspace((unsigned char)*name))
+            name++;
+        if (!*name) {
+            redact_put(o, p, strlen(p));
+            return;
+        }
+        size_t nlen = 0;
+        while (name[nlen] && name[nlen] != '=' && !isspace((unsigned char)name[nlen]))
+            nlen++;
+        const char *eq = name + nlen;
+        while (isspace((unsigned char)*eq))
+            eq++;
+        if (*eq != '=')
+            break; /* libpq: missing "=" */
+        const char *v = eq + 1;
+        while (isspace((unsigned char)*v))
+            v++;
+        const char *end = kw_value_end(v);
+        if (!end)
+            break; /* libpq: unterminated quoted string */
+        if (nlen == 8 && memcmp(name, "password", 8) == 0) {
+            redact_put(o, p, (size_t)(v - p));
+            redact_put(o, "***", 3);
+        } else {
+            redact_put(o, p, (size_t)(end - p));
+        }
+        p = end;
+    }
+    /* Not libpq's grammar from here on: show what parsed, hide the rest. */
+    while (isspace((unsigned char)*p))
+        redact_put(o, p++, 1);
+    redact_put(o, "***", 3);
+}
+
 char *cfg_redact_dsn(const char *dsn)
 {
-    /* URI form: postgresql://user:secret@host/db -> postgresql://user:***@host/db */
-    const char *scheme = strstr(dsn, "://");
-    if (scheme) {
-        const char *at = strchr(scheme + 3, '@');
-        const char *colon = strchr(scheme + 3, ':');
-        char *out = fo_xstrdup(dsn);
-        if (at && colon && colon < at) {
-            free(out);
-            out = fo_xasprintf("%.*s:***%s", (int)(colon - dsn), dsn, at);
-        }
-        char *pw = strstr(out, "password=");
-        if (pw) {
-            const char *end = strchr(pw + 9, '&');
-            char *full = fo_xasprintf("%.*s***%s", (int)(pw + 9 - out), out, end ? end : "");
-            free(out);
-            out = full;
-        }
-        return out;
-    }
-    /* keyword form: ... password=secret ... or password='sec ret' */
-    const char *pw = strstr(dsn, "password");
-    if (!pw)
-        return fo_xstrdup(dsn);
-    const char *v = pw + 8;
-    while (*v == ' ')
-        v++;
-    if (*v != '=')
-        return fo_xstrdup(dsn);
-    v++;
-    while (*v == ' ')
-        v++;
-    const char *end = v;
-    if (*end == '\'') {
-        for (end++; *end && *end != '\''; end++)
-            if (*end == '\\' && end[1])
-                end++;
-        if (*end)
-            end++;
-    } else {
-        while (*end && *end != ' ')
-            end++;
-    }
-    return fo_xasprintf("%.*s***%s", (int)(v - dsn), dsn, end);
+    size_t len = strlen(dsn);
+    redact_out_t o = {fo_xmalloc(2 * len + 4), 0};
+    o.p[0] = '\0';
+    size_t prefix = strncmp(dsn, "postgresql://", 13) == 0 ? 13
+                    : strncmp(dsn, "postgres://", 11) == 0 ? 11
+                                                           : 0;
+    if (prefix)
+        redact_uri(&o, dsn, prefix);
+    else
+        redact_keywords(&o, dsn);
+    return o.p;
 }
 
 void cfg_print(const cfg_t *cfg, FILE *out)

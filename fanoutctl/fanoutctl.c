@@ -16,6 +16,7 @@
  */
 #include "common/common.h"
 #include "config/config.h"
+#include "fanoutctl/ctl_int.h"
 #include "sql/migrations.h"
 
 #include <errno.h>
@@ -66,42 +67,6 @@ static void fail(const char *cmd, const char *fmt, ...)
         fprintf(stderr, "fanoutctl: %s: %s\n", cmd, first_line(line, sizeof line, msg));
     else
         fprintf(stderr, "fanoutctl: %s\n", first_line(line, sizeof line, msg));
-}
-
-/*
- * A positive int64 in plain decimal: digits only (no sign, blanks or trailing junk), from 1
- * to INT64_MAX. Returns 0 or -1.
- */
-static int parse_id(const char *s, int64_t *out)
-{
-    if (!s || !*s)
-        return -1;
-    for (const char *c = s; *c; c++)
-        if (*c < '0' || *c > '9')
-            return -1;
-    errno = 0;
-    char *end;
-    long long v = strtoll(s, &end, 10);
-    if (errno || *end || v <= 0)
-        return -1;
-    *out = (int64_t)v;
-    return 0;
-}
-
-static int parse_int_range(const char *s, long long min, long long max, long long *out)
-{
-    if (!s || !*s)
-        return -1;
-    for (const char *c = s; *c; c++)
-        if (*c < '0' || *c > '9')
-            return -1;
-    errno = 0;
-    char *end;
-    long long v = strtoll(s, &end, 10);
-    if (errno || *end || v < min || v > max)
-        return -1;
-    *out = v;
-    return 0;
 }
 
 /* A command's own options: --name VALUE or --name=VALUE, each at most once. */
@@ -368,7 +333,7 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
         fail("publish", "--author is missing; give the author's id, e.g. --author 42");
         return EXIT_USAGE;
     }
-    if (parse_id(author, &author_id) < 0) {
+    if (ctl__parse_id(author, &author_id) < 0) {
         fail("publish",
              "--author \"%.40s\" is not a valid id; give a whole number from 1 to %" PRId64, author,
              INT64_MAX);
@@ -615,7 +580,7 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
     if (r)
         return r;
     int64_t event_id = 0;
-    if (event && parse_id(event, &event_id) < 0) {
+    if (event && ctl__parse_id(event, &event_id) < 0) {
         fail("status", "event \"%.40s\" is not a valid id; give a whole number from 1 to %" PRId64,
              event, INT64_MAX);
         return EXIT_USAGE;
@@ -626,278 +591,6 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
     int status = event ? status_event(cfg, conn, event_id) : status_recent(cfg, conn);
     PQfinish(conn);
     return status;
-}
-
-/* ---------------------------------------------------------------------------------------
- * consume: JSON output
- * ------------------------------------------------------------------------------------- */
-
-typedef struct buf {
-    char *p;
-    size_t len, cap;
-} buf_t;
-
-static void buf_put(buf_t *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (b->len + n + 1 > cap)
-            cap *= 2;
-        b->p = fo_xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void buf_puts(buf_t *b, const char *s)
-{
-    buf_put(b, s, strlen(s));
-}
-
-/* Length of the valid UTF-8 sequence at s (at most n bytes), or 0 if it is not one. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    if (s[0] < 0x80)
-        return 1;
-    size_t len;
-    unsigned min;
-    unsigned cp;
-    if ((s[0] & 0xe0) == 0xc0) {
-        len = 2, min = 0x80, cp = s[0] & 0x1f;
-    } else if ((s[0] & 0xf0) == 0xe0) {
-        len = 3, min = 0x800, cp = s[0] & 0x0f;
-    } else if ((s[0] & 0xf8) == 0xf0) {
-        len = 4, min = 0x10000, cp = s[0] & 0x07;
-    } else {
-        return 0;
-    }
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
-
-/* s[0..n) as a JSON string: quotes, backslashes and controls escaped, invalid UTF-8 as
- * U+FFFD, so the output is valid JSON whatever bytes a producer wrote. */
-static void json_string(buf_t *b, const char *s, size_t n)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    buf_put(b, "\"", 1);
-    for (size_t i = 0; i < n;) {
-        unsigned char c = u[i];
-        char esc[8];
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\', esc[1] = (char)c;
-            buf_put(b, esc, 2);
-            i++;
-        } else if (c < 0x20) {
-            const char *named = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r" : NULL;
-            if (named) {
-                buf_puts(b, named);
-            } else {
-                snprintf(esc, sizeof esc, "\\u%04x", c);
-                buf_puts(b, esc);
-            }
-            i++;
-        } else {
-            size_t len = utf8_len(u + i, n - i);
-            if (len == 0) {
-                buf_puts(b, "\\ufffd");
-                i++;
-            } else {
-                buf_put(b, s + i, len);
-                i += len;
-            }
-        }
-    }
-    buf_put(b, "\"", 1);
-}
-
-/* A strict JSON syntax check (RFC 8259), enough to decide whether a payload can be embedded
- * raw. Each function advances *i past what it accepted and returns 0, or -1. */
-typedef struct jcur {
-    const unsigned char *s;
-    size_t n, i;
-    int depth;
-} jcur_t;
-
-static int jvalue(jcur_t *j);
-
-static void jws(jcur_t *j)
-{
-    while (j->i < j->n &&
-           (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' || j->s[j->i] == '\r'))
-        j->i++;
-}
-
-static int jlit(jcur_t *j, const char *lit)
-{
-    size_t len = strlen(lit);
-    if (j->n - j->i < len || memcmp(j->s + j->i, lit, len) != 0)
-        return -1;
-    j->i += len;
-    return 0;
-}
-
-static int jdigits(jcur_t *j)
-{
-    size_t start = j->i;
-    while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9')
-        j->i++;
-    return j->i > start ? 0 : -1;
-}
-
-static int jnumber(jcur_t *j)
-{
-    if (j->i < j->n && j->s[j->i] == '-')
-        j->i++;
-    if (j->i < j->n && j->s[j->i] == '0')
-        j->i++;
-    else if (jdigits(j) < 0)
-        return -1;
-    if (j->i < j->n && j->s[j->i] == '.') {
-        j->i++;
-        if (jdigits(j) < 0)
-            return -1;
-    }
-    if (j->i < j->n && (j->s[j->i] == 'e' || j->s[j->i] == 'E')) {
-        j->i++;
-        if (j->i < j->n && (j->s[j->i] == '+' || j->s[j->i] == '-'))
-            j->i++;
-        if (jdigits(j) < 0)
-            return -1;
-    }
-    return 0;
-}
-
-static int jstring(jcur_t *j)
-{
-    j->i++; /* opening quote */
-    while (j->i < j->n) {
-        unsigned char c = j->s[j->i];
-        if (c == '"') {
-            j->i++;
-            return 0;
-        }
-        if (c < 0x20)
-            return -1;
-        if (c == '\\') {
-            if (++j->i >= j->n)
-                return -1;
-            c = j->s[j->i];
-            if (c == 'u') {
-                for (int k = 1; k <= 4; k++) {
-                    if (j->i + (size_t)k >= j->n ||
-                        !strchr("0123456789abcdefABCDEF", j->s[j->i + (size_t)k]))
-                        return -1;
-                }
-                j->i += 5;
-            } else if (strchr("\"\\/bfnrt", c) && c) {
-                j->i++;
-            } else {
-                return -1;
-            }
-            continue;
-        }
-        size_t len = utf8_len(j->s + j->i, j->n - j->i);
-        if (len == 0)
-            return -1;
-        j->i += len;
-    }
-    return -1;
-}
-
-static int jcontainer(jcur_t *j, char close, int object)
-{
-    if (++j->depth > 128)
-        return -1;
-    j->i++;
-    jws(j);
-    if (j->i < j->n && j->s[j->i] == (unsigned char)close) {
-        j->i++;
-        j->depth--;
-        return 0;
-    }
-    for (;;) {
-        if (object) {
-            jws(j);
-            if (j->i >= j->n || j->s[j->i] != '"' || jstring(j) < 0)
-                return -1;
-            jws(j);
-            if (j->i >= j->n || j->s[j->i] != ':')
-                return -1;
-            j->i++;
-        }
-        if (jvalue(j) < 0)
-            return -1;
-        jws(j);
-        if (j->i >= j->n)
-            return -1;
-        if (j->s[j->i] == ',') {
-            j->i++;
-            continue;
-        }
-        if (j->s[j->i] != (unsigned char)close)
-            return -1;
-        j->i++;
-        j->depth--;
-        return 0;
-    }
-}
-
-static int jvalue(jcur_t *j)
-{
-    jws(j);
-    if (j->i >= j->n)
-        return -1;
-    switch (j->s[j->i]) {
-    case '{':
-        return jcontainer(j, '}', 1);
-    case '[':
-        return jcontainer(j, ']', 0);
-    case '"':
-        return jstring(j);
-    case 't':
-        return jlit(j, "true");
-    case 'f':
-        return jlit(j, "false");
-    case 'n':
-        return jlit(j, "null");
-    default:
-        return jnumber(j);
-    }
-}
-
-static int json_valid(const char *s, size_t n)
-{
-    jcur_t j = {(const unsigned char *)s, n, 0, 0};
-    if (jvalue(&j) < 0)
-        return 0;
-    jws(&j);
-    return j.i == n;
-}
-
-/* A valid JSON text embedded as is, its whitespace (the only place a valid text can hold a
- * line break) flattened so that one entry stays one line; anything else as a string. */
-static void json_raw_or_string(buf_t *b, const char *s, size_t n)
-{
-    if (!json_valid(s, n)) {
-        json_string(b, s, n);
-        return;
-    }
-    size_t start = b->len;
-    buf_put(b, s, n);
-    for (size_t i = start; i < b->len; i++)
-        if (b->p[i] == '\n' || b->p[i] == '\r' || b->p[i] == '\t')
-            b->p[i] = ' ';
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -958,7 +651,7 @@ typedef struct consumer {
     int nkeys;
     long long limit; /* stop after this many entries; 0: until a read returns nothing */
     long long seen;
-    buf_t out;
+    ctl_buf_t out;
 } consumer_t;
 
 /* One stream entry [id, [field, value, ...]] as one JSON line into c->out. */
@@ -966,23 +659,23 @@ static int entry_json(consumer_t *c, const char *stream, const redisReply *e)
 {
     const redisReply *id = e->element[0];
     const redisReply *fields = e->element[1];
-    buf_puts(&c->out, "{\"stream\":");
-    json_string(&c->out, stream, strlen(stream));
-    buf_puts(&c->out, ",\"entry\":");
-    json_string(&c->out, id->str, id->len);
+    ctl__buf_puts(&c->out, "{\"stream\":");
+    ctl__json_string(&c->out, stream, strlen(stream));
+    ctl__buf_puts(&c->out, ",\"entry\":");
+    ctl__json_string(&c->out, id->str, id->len);
     for (size_t k = 0; k + 1 < fields->elements; k += 2) {
         const redisReply *f = fields->element[k], *v = fields->element[k + 1];
         if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
             return -1;
-        buf_puts(&c->out, ",");
-        json_string(&c->out, f->str, f->len);
-        buf_puts(&c->out, ":");
+        ctl__buf_puts(&c->out, ",");
+        ctl__json_string(&c->out, f->str, f->len);
+        ctl__buf_puts(&c->out, ":");
         if (f->len == 7 && memcmp(f->str, "payload", 7) == 0)
-            json_raw_or_string(&c->out, v->str, v->len);
+            ctl__json_raw_or_string(&c->out, v->str, v->len);
         else
-            json_string(&c->out, v->str, v->len);
+            ctl__json_string(&c->out, v->str, v->len);
     }
-    buf_puts(&c->out, "}\n");
+    ctl__buf_puts(&c->out, "}\n");
     return 0;
 }
 
@@ -1028,7 +721,9 @@ static long long consume_reply(consumer_t *c, const redisReply *reply, int pendi
         int k = 0;
         while (k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
             k++;
-        if (k == c->nkeys) {
+        /* Each stream at most once: a second list for it would replace the first one's
+         * acknowledgements while their count carries on. */
+        if (k == c->nkeys || acks[k]) {
             status = -1;
             break;
         }
@@ -1194,11 +889,11 @@ static int cmd_consume(const cfg_t *cfg, int argc, char **argv)
         return EXIT_USAGE;
     }
     long long limit = 0, block_ms = 1000;
-    if (count && parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
+    if (count && ctl__parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
         fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
         return EXIT_USAGE;
     }
-    if (block && parse_int_range(block, 0, 86400000, &block_ms) < 0) {
+    if (block && ctl__parse_int_range(block, 0, 86400000, &block_ms) < 0) {
         fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
              block);
         return EXIT_USAGE;
@@ -1246,7 +941,7 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     if (r)
         return r;
     int64_t id;
-    if (!event || parse_id(event, &id) < 0) {
+    if (!event || ctl__parse_id(event, &id) < 0) {
         fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64,
              INT64_MAX);
         return EXIT_USAGE;

@@ -6,6 +6,7 @@ FANOUT_PACKAGES=(
   libuv1-dev libhiredis-dev libpq-dev libcmocka-dev
   postgresql-15 redis-server redis-tools
   python3 python3-redis python3-psycopg2
+  valgrind clang libclang-rt-14-dev
 )
 
 fanout_install_deps() {

@@ -101,6 +101,21 @@ static void test_bad_strings(void **state)
     expect_error(e3, 1, argv, "key_prefix");
 }
 
+/* Found by tests/fuzz/fuzz_config: a line break in a variable's name or value was copied
+ * into the message, which then was not one line. */
+static void test_errors_stay_one_line(void **state)
+{
+    char *argv[] = {"fanoutd", NULL};
+    char *e1[] = {"FANOUT_REDIS\nPORT=1", NULL};
+    expect_error(e1, 1, argv, "unknown variable FANOUT_REDIS?PORT");
+    assert_null(strpbrk(err, "\r\n"));
+    char *e2[] = {"FANOUT_SHARDS=1\r\nFANOUT_X=2", NULL};
+    expect_error(e2, 1, argv, "shards is \"1??FANOUT_X=2\"");
+    char *none[] = {NULL};
+    char *argv2[] = {"fanoutd", "--bad\tflag", NULL};
+    expect_error(none, 2, argv2, "unknown flag --bad?flag");
+}
+
 static void test_rest_stops_at_command(void **state)
 {
     char *env[] = {NULL};
@@ -260,6 +275,34 @@ static void test_reload_applies_only_reloadable(void **state)
     assert_false(cfg_is_reloadable("shards"));
 }
 
+/* Found by tests/fuzz/fuzz_redact_dsn: each of these showed a password libpq would use. */
+static void test_redact_follows_libpq(void **state)
+{
+    static const char *const cases[][2] = {
+        {"password = postgres://x host=h", "password = *** host=h"},
+        {"dbname=mypassword password=secret", "dbname=mypassword password=***"},
+        {"password\t=secret host=h", "password\t=*** host=h"},
+        {"application_name='password=x' password=secret",
+         "application_name='password=x' password=***"},
+        {"password=first password=second", "password=*** password=***"},
+        {"host=h password=\\ secret", "host=h password=***"},
+        {"postgresql://h/db?pass%77ord=secret", "postgresql://h/db?pass%77ord=***"},
+        {"postgres://h/db?application_name=password&password=secret",
+         "postgres://h/db?application_name=password&password=***"},
+        {"postgresql://u:p?w@h/db", "postgresql://u:***@h/db"},
+        {"postgresql://h/a:b@c", "postgresql://h/a:b@c"},
+        {"host=h junk password=secret", "host=h ***"},
+        {"password='unterminated", "***"},
+        {"", ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *r = cfg_redact_dsn(cases[i][0]);
+        if (strcmp(r, cases[i][1]) != 0)
+            fail_msg("redact(\"%s\") = \"%s\", want \"%s\"", cases[i][0], r, cases[i][1]);
+        free(r);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -271,6 +314,7 @@ int main(void)
         cmocka_unit_test(test_file_long_line_kept_whole),
         cmocka_unit_test(test_file_errors_name_the_line),
         cmocka_unit_test(test_reload_applies_only_reloadable),
+        cmocka_unit_test(test_errors_stay_one_line), cmocka_unit_test(test_redact_follows_libpq),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }

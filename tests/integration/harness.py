@@ -66,6 +66,12 @@ TEMPLATE_FORMAT = "fanout-pg-template 1"  # bump when the template's contents ch
 TEST_USER = "fanout-test"
 
 
+# A report of ASan/LSan ("==123==ERROR: AddressSanitizer: ...", "ERROR: LeakSanitizer: ...")
+# or UBSan ("file.c:12:5: runtime error: ..."), as the sanitizer build writes to stderr.
+SANITIZER_REPORT = re.compile(r"^.*(ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:).*$",
+                              re.M)
+
+
 class HarnessError(Exception):
     """A server or tool did not start or behave; the message carries the relevant log tail."""
 
@@ -342,6 +348,7 @@ class Servers:
         self.pg_port = None
         self.redis_port = None
         self.daemons = []
+        self.daemons_started = 0  # numbers fanoutd-<n>.log: one fresh log per daemon
         self._pg_proc = None
         self._redis_proc = None
         self._conns = {}
@@ -731,15 +738,17 @@ class Servers:
             raise AssertionError("fanoutctl publish failed (%d): %s" % (r.returncode, r.stderr))
         return int(r.stdout.strip())
 
-    def start_daemon(self, args=(), extra_env=None, binary=None, **overrides):
+    def start_daemon(self, args=(), extra_env=None, binary=None, wrapper=(), **overrides):
         """Starts fanoutd with env_for_daemon(**overrides) plus extra_env (other variables,
         set verbatim: NOTIFY_SOCKET, WATCHDOG_USEC, ...); stdout and stderr go to
-        <dir>/fanoutd-<n>.log. binary: another fanoutd (an installed one). Every daemon is
-        killed at teardown."""
+        <dir>/fanoutd-<n>.log. binary: another fanoutd (an installed one). wrapper: a command
+        line to run fanoutd under (e.g. ["valgrind", ...]); the pid is then the wrapper's.
+        Every daemon is killed at teardown."""
         binary = binary or FANOUTD
         if not os.access(binary, os.X_OK):
             raise HarnessError("fanoutd not built at %s (set FANOUT_BUILD_DIR)" % binary)
-        n = len(self.daemons) + 1
+        self.daemons_started += 1
+        n = self.daemons_started
         while os.path.exists(self.path("fanoutd-%d.log" % n)):
             n += 1  # a fresh log: tests sharing these servers must not see older lines
         log_path = self.path("fanoutd-%d.log" % n)
@@ -747,8 +756,8 @@ class Servers:
         env.update(extra_env or {})
         log = open(log_path, "ab")
         try:
-            proc = subprocess.Popen([binary] + [str(a) for a in args],
-                                    env=env, stdout=log,
+            cmd = [str(w) for w in wrapper] + [binary] + [str(a) for a in args]
+            proc = subprocess.Popen(cmd, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     preexec_fn=_die_with_us(signal.SIGKILL))
         finally:
@@ -774,6 +783,20 @@ class Servers:
             parts.append("--- %s (pid %d, %s) log tail:\n%s"
                          % (d.name, d.pid, state, d.log_tail(lines)))
         return "\n".join(parts) if parts else "(no daemon was started)"
+
+    def sanitizer_reports(self):
+        """[(daemon name, first report line)] for every daemon whose log holds an
+        AddressSanitizer, LeakSanitizer or UndefinedBehaviorSanitizer report."""
+        found = []
+        for d in self.daemons:
+            try:
+                text = d.log()
+            except OSError:
+                continue
+            m = SANITIZER_REPORT.search(text)
+            if m:
+                found.append((d.name, m.group(0).strip()))
+        return found
 
     def job_states(self, event_id):
         """{state: count} of the event's jobs."""
@@ -901,6 +924,7 @@ class Suite:
     which gives that test its own fresh Servers(**options). A failure prints the traceback
     and the tails of the daemon logs; the last line is "<name>: N passed, M failed" and the
     exit status is 1 if any test failed. Command-line arguments select tests by substring.
+    A test whose daemons logged a sanitizer report fails, whatever it asserted itself.
     """
 
     def __init__(self, name):
@@ -932,6 +956,7 @@ class Suite:
                             shared.reset()
                         s = shared
                     fn(s)
+                    self.check_sanitizers(s)
                     passed += 1
                     print("ok   %s (%.1fs)" % (fn.__name__, time.monotonic() - started),
                           flush=True)
@@ -952,6 +977,16 @@ class Suite:
                 shared.close()
             print("%s: %d passed, %d failed" % (self.name, passed, failed), flush=True)
         return 1 if failed or not chosen else 0
+
+    @staticmethod
+    def check_sanitizers(s):
+        """Raises AssertionError naming each daemon of s whose log holds a sanitizer report
+        (under ASan+UBSan a report can come from a daemon the test never checked, e.g. at
+        exit after a SIGTERM the test did not wait for)."""
+        reports = s.sanitizer_reports()
+        if reports:
+            raise AssertionError("sanitizer report in the daemon log: " + "; ".join(
+                "%s: %s" % r for r in reports))
 
     def main(self):
         sys.exit(self.run(sys.argv[1:]))

@@ -298,5 +298,60 @@ def runtime_errors_are_one_line_without_secrets(s):
     assert "hunter2" not in r.stderr, r.stderr
 
 
+def fake_redis(reply_for_xreadgroup):
+    """A one-connection Redis stand-in on a free port: +OK to everything, the given raw
+    RESP bytes to XREADGROUP. Returns (port, thread)."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        buf = b""
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                buf += data
+                # Each command is *N then N bulk strings; answer per complete command.
+                while buf.startswith(b"*"):
+                    parts = buf.split(b"\r\n")
+                    n = int(parts[0][1:])
+                    if len(parts) < 1 + 2 * n + 1:
+                        break
+                    name = parts[2].upper()
+                    buf = b"\r\n".join(parts[1 + 2 * n:])
+                    conn.sendall(reply_for_xreadgroup if name == b"XREADGROUP" else b"+OK\r\n")
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv.getsockname()[1], t
+
+
+def resp(v):
+    if isinstance(v, list):
+        return b"*%d\r\n" % len(v) + b"".join(resp(x) for x in v)
+    v = v.encode()
+    return b"$%d\r\n%s\r\n" % (len(v), v)
+
+
+@suite.test
+def consume_rejects_a_stream_listed_twice(s):
+    # The same stream twice in one XREADGROUP reply, with more entries the first time: the
+    # acknowledgement list of the first was overwritten by a shorter one and then written
+    # past its end (a heap overflow under ASan).
+    entries = [["%d-0" % i, ["id", "1:%d" % i]] for i in range(1, 6)]
+    reply = resp([["fanout:stream:0", entries], ["fanout:stream:0", entries[:1]]])
+    port, t = fake_redis(reply)
+    r = s.fanoutctl("consume", "--group", "g", "--consumer", "c", "--count", "100",
+                    FANOUT_REDIS_PORT=port, FANOUT_SHARDS=1)
+    one_line_error(r, 1, "unexpected XREADGROUP reply")
+    expect_eq(r.stdout, "", "nothing printed from a malformed reply")
+
+
 if __name__ == "__main__":
     suite.main()

@@ -1,0 +1,315 @@
+/*
+ * ctl_text.c: fanoutctl's pure text functions, apart from its I/O so that tests and fuzzers
+ * link them: strict parsing of ids and counts given on the command line, and the JSON writer
+ * of `consume`, which turns whatever bytes a producer put into a stream entry into one line
+ * of valid JSON (strings escaped, invalid UTF-8 replaced, a payload embedded raw only when a
+ * strict RFC 8259 check accepts it).
+ */
+#include "fanoutctl/ctl_int.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+
+/*
+ * A positive int64 in plain decimal: digits only (no sign, blanks or trailing junk), from 1
+ * to INT64_MAX. Returns 0 or -1.
+ */
+int ctl__parse_id(const char *s, int64_t *out)
+{
+    if (!s || !*s)
+        return -1;
+    for (const char *c = s; *c; c++)
+        if (*c < '0' || *c > '9')
+            return -1;
+    errno = 0;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || v <= 0)
+        return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
+int ctl__parse_int_range(const char *s, long long min, long long max, long long *out)
+{
+    if (!s || !*s)
+        return -1;
+    for (const char *c = s; *c; c++)
+        if (*c < '0' || *c > '9')
+            return -1;
+    errno = 0;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+void ctl__buf_put(ctl_buf_t *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (b->len + n + 1 > cap)
+            cap *= 2;
+        b->p = fo_xrealloc(b->p, cap);
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+void ctl__buf_puts(ctl_buf_t *b, const char *s)
+{
+    ctl__buf_put(b, s, strlen(s));
+}
+
+/* Length of the valid UTF-8 sequence at s (at most n bytes), or 0 if it is not one. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    if (s[0] < 0x80)
+        return 1;
+    size_t len;
+    unsigned min;
+    unsigned cp;
+    if ((s[0] & 0xe0) == 0xc0) {
+        len = 2, min = 0x80, cp = s[0] & 0x1f;
+    } else if ((s[0] & 0xf0) == 0xe0) {
+        len = 3, min = 0x800, cp = s[0] & 0x0f;
+    } else if ((s[0] & 0xf8) == 0xf0) {
+        len = 4, min = 0x10000, cp = s[0] & 0x07;
+    } else {
+        return 0;
+    }
+    if (len > n)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+        return 0;
+    return len;
+}
+
+/* s[0..n) as a JSON string: quotes, backslashes and controls escaped, invalid UTF-8 as
+ * U+FFFD, so the output is valid JSON whatever bytes a producer wrote. */
+void ctl__json_string(ctl_buf_t *b, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    ctl__buf_put(b, "\"", 1);
+    for (size_t i = 0; i < n;) {
+        unsigned char c = u[i];
+        char esc[8];
+        if (c == '"' || c == '\\') {
+            esc[0] = '\\', esc[1] = (char)c;
+            ctl__buf_put(b, esc, 2);
+            i++;
+        } else if (c < 0x20) {
+            const char *named = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r" : NULL;
+            if (named) {
+                ctl__buf_puts(b, named);
+            } else {
+                snprintf(esc, sizeof esc, "\\u%04x", c);
+                ctl__buf_puts(b, esc);
+            }
+            i++;
+        } else {
+            size_t len = utf8_len(u + i, n - i);
+            if (len == 0) {
+                ctl__buf_puts(b, "\\ufffd");
+                i++;
+            } else {
+                ctl__buf_put(b, s + i, len);
+                i += len;
+            }
+        }
+    }
+    ctl__buf_put(b, "\"", 1);
+}
+
+/* A strict JSON syntax check (RFC 8259), enough to decide whether a payload can be embedded
+ * raw. Each function advances *i past what it accepted and returns 0, or -1. */
+typedef struct jcur {
+    const unsigned char *s;
+    size_t n, i;
+    int depth;
+} jcur_t;
+
+static int jvalue(jcur_t *j);
+
+static void jws(jcur_t *j)
+{
+    while (j->i < j->n &&
+           (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' || j->s[j->i] == '\r'))
+        j->i++;
+}
+
+static int jlit(jcur_t *j, const char *lit)
+{
+    size_t len = strlen(lit);
+    if (j->n - j->i < len || memcmp(j->s + j->i, lit, len) != 0)
+        return -1;
+    j->i += len;
+    return 0;
+}
+
+static int jdigits(jcur_t *j)
+{
+    size_t start = j->i;
+    while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9')
+        j->i++;
+    return j->i > start ? 0 : -1;
+}
+
+static int jnumber(jcur_t *j)
+{
+    if (j->i < j->n && j->s[j->i] == '-')
+        j->i++;
+    if (j->i < j->n && j->s[j->i] == '0')
+        j->i++;
+    else if (jdigits(j) < 0)
+        return -1;
+    if (j->i < j->n && j->s[j->i] == '.') {
+        j->i++;
+        if (jdigits(j) < 0)
+            return -1;
+    }
+    if (j->i < j->n && (j->s[j->i] == 'e' || j->s[j->i] == 'E')) {
+        j->i++;
+        if (j->i < j->n && (j->s[j->i] == '+' || j->s[j->i] == '-'))
+            j->i++;
+        if (jdigits(j) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int jstring(jcur_t *j)
+{
+    j->i++; /* opening quote */
+    while (j->i < j->n) {
+        unsigned char c = j->s[j->i];
+        if (c == '"') {
+            j->i++;
+            return 0;
+        }
+        if (c < 0x20)
+            return -1;
+        if (c == '\\') {
+            if (++j->i >= j->n)
+                return -1;
+            c = j->s[j->i];
+            if (c == 'u') {
+                for (int k = 1; k <= 4; k++) {
+                    /* isxdigit, not strchr: strchr finds a NUL byte (the terminator). */
+                    if (j->i + (size_t)k >= j->n || !isxdigit(j->s[j->i + (size_t)k]))
+                        return -1;
+                }
+                j->i += 5;
+            } else if (strchr("\"\\/bfnrt", c) && c) {
+                j->i++;
+            } else {
+                return -1;
+            }
+            continue;
+        }
+        size_t len = utf8_len(j->s + j->i, j->n - j->i);
+        if (len == 0)
+            return -1;
+        j->i += len;
+    }
+    return -1;
+}
+
+static int jcontainer(jcur_t *j, char close, int object)
+{
+    if (++j->depth > 128)
+        return -1;
+    j->i++;
+    jws(j);
+    if (j->i < j->n && j->s[j->i] == (unsigned char)close) {
+        j->i++;
+        j->depth--;
+        return 0;
+    }
+    for (;;) {
+        if (object) {
+            jws(j);
+            if (j->i >= j->n || j->s[j->i] != '"' || jstring(j) < 0)
+                return -1;
+            jws(j);
+            if (j->i >= j->n || j->s[j->i] != ':')
+                return -1;
+            j->i++;
+        }
+        if (jvalue(j) < 0)
+            return -1;
+        jws(j);
+        if (j->i >= j->n)
+            return -1;
+        if (j->s[j->i] == ',') {
+            j->i++;
+            continue;
+        }
+        if (j->s[j->i] != (unsigned char)close)
+            return -1;
+        j->i++;
+        j->depth--;
+        return 0;
+    }
+}
+
+static int jvalue(jcur_t *j)
+{
+    jws(j);
+    if (j->i >= j->n)
+        return -1;
+    switch (j->s[j->i]) {
+    case '{':
+        return jcontainer(j, '}', 1);
+    case '[':
+        return jcontainer(j, ']', 0);
+    case '"':
+        return jstring(j);
+    case 't':
+        return jlit(j, "true");
+    case 'f':
+        return jlit(j, "false");
+    case 'n':
+        return jlit(j, "null");
+    default:
+        return jnumber(j);
+    }
+}
+
+int ctl__json_valid(const char *s, size_t n)
+{
+    jcur_t j = {(const unsigned char *)s, n, 0, 0};
+    if (jvalue(&j) < 0)
+        return 0;
+    jws(&j);
+    return j.i == n;
+}
+
+/* A valid JSON text embedded as is, its whitespace (the only place a valid text can hold a
+ * line break) flattened so that one entry stays one line; anything else as a string. */
+void ctl__json_raw_or_string(ctl_buf_t *b, const char *s, size_t n)
+{
+    if (!ctl__json_valid(s, n)) {
+        ctl__json_string(b, s, n);
+        return;
+    }
+    size_t start = b->len;
+    ctl__buf_put(b, s, n);
+    for (size_t i = start; i < b->len; i++)
+        if (b->p[i] == '\n' || b->p[i] == '\r' || b->p[i] == '\t')
+            b->p[i] = ' ';
+}
