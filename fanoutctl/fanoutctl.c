@@ -6,7 +6,9 @@
  *   publish   calls fanout.publish() with bound parameters and prints the event id
  *   status    one event's progress, or the recent events and the job counts
  *   consume   reads the shard streams with a consumer group, prints one JSON object per
- *             entry and acknowledges it after it was printed and flushed
+ *             entry and acknowledges it after it was printed and flushed (consume.c)
+ *   trim      trims each shard stream up to what every consumer group has acknowledged
+ *             (trim.c)
  *
  * Unlike fanoutd this is a short-lived, blocking program: libpq's PQexec* and hiredis's
  * synchronous API are the right tools here. Every failure is one line on stderr naming the
@@ -15,6 +17,7 @@
  */
 #include "common/common.h"
 #include "config/config.h"
+#include "fanoutctl/fctl_int.h"
 #include "sql/migrations.h"
 
 #include <errno.h>
@@ -28,7 +31,6 @@
 #include <string.h>
 #include <sys/time.h>
 
-enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
 
 /* Held by migrate for the life of each transaction: "fanout" in ASCII. */
 #define MIGRATE_LOCK_KEY "112568712869236"
@@ -52,8 +54,7 @@ static const char *first_line(char *buf, size_t size, const char *msg)
     return buf;
 }
 
-static void fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail(const char *cmd, const char *fmt, ...)
+void fail(const char *cmd, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
@@ -87,7 +88,7 @@ static int parse_id(const char *s, int64_t *out)
     return 0;
 }
 
-static int parse_int_range(const char *s, long long min, long long max, long long *out)
+int parse_int_range(const char *s, long long min, long long max, long long *out)
 {
     if (!s || !*s)
         return -1;
@@ -103,22 +104,12 @@ static int parse_int_range(const char *s, long long min, long long max, long lon
     return 0;
 }
 
-/* A command's own options: --name VALUE or --name=VALUE, each at most once. */
-typedef struct opt {
-    const char *name; /* without the leading dashes */
-    const char **value;
-} opt_t;
-
-static int is_help(const char *a)
+int is_help(const char *a)
 {
     return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0 || strcmp(a, "help") == 0;
 }
 
-/*
- * Fills the options from args; returns 0, 1 when --help was asked for, or EXIT_USAGE after
- * printing one line about an unknown option, a missing value or a stray argument.
- */
-static int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
+int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
                       const char **positional)
 {
     for (int i = 0; i < argc; i++) {
@@ -146,6 +137,13 @@ static int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_
             return EXIT_USAGE;
         }
         const char *value = eq ? eq + 1 : NULL;
+        if (o->flag) {
+            if (value) {
+                fail(cmd, "--%s takes no value; give it alone", o->name);
+                return EXIT_USAGE;
+            }
+            value = "1";
+        }
         if (!value) {
             if (i + 1 >= argc) {
                 fail(cmd, "--%s needs a value", o->name);
@@ -354,7 +352,7 @@ static void publish_usage(FILE *out)
 static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
 {
     const char *author = NULL, *kind = NULL, *payload = NULL;
-    opt_t opts[] = {{"author", &author}, {"kind", &kind}, {"payload", &payload}};
+    opt_t opts[] = {{"author", &author, 0}, {"kind", &kind, 0}, {"payload", &payload, 0}};
     int r = parse_opts("publish", argc, argv, opts, 3, NULL);
     if (r == 1) {
         publish_usage(stdout);
@@ -563,607 +561,6 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
 }
 
 /* ---------------------------------------------------------------------------------------
- * consume: JSON output
- * ------------------------------------------------------------------------------------- */
-
-typedef struct buf {
-    char *p;
-    size_t len, cap;
-} buf_t;
-
-static void buf_put(buf_t *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (b->len + n + 1 > cap)
-            cap *= 2;
-        b->p = fo_xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void buf_puts(buf_t *b, const char *s)
-{
-    buf_put(b, s, strlen(s));
-}
-
-/* Length of the valid UTF-8 sequence at s (at most n bytes), or 0 if it is not one. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    if (s[0] < 0x80)
-        return 1;
-    size_t len;
-    unsigned min;
-    unsigned cp;
-    if ((s[0] & 0xe0) == 0xc0) {
-        len = 2, min = 0x80, cp = s[0] & 0x1f;
-    } else if ((s[0] & 0xf0) == 0xe0) {
-        len = 3, min = 0x800, cp = s[0] & 0x0f;
-    } else if ((s[0] & 0xf8) == 0xf0) {
-        len = 4, min = 0x10000, cp = s[0] & 0x07;
-    } else {
-        return 0;
-    }
-    if (len > n)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
-
-/* s[0..n) as a JSON string: quotes, backslashes and controls escaped, invalid UTF-8 as
- * U+FFFD, so the output is valid JSON whatever bytes a producer wrote. */
-static void json_string(buf_t *b, const char *s, size_t n)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    buf_put(b, "\"", 1);
-    for (size_t i = 0; i < n;) {
-        unsigned char c = u[i];
-        char esc[8];
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\', esc[1] = (char)c;
-            buf_put(b, esc, 2);
-            i++;
-        } else if (c < 0x20) {
-            const char *named = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r" : NULL;
-            if (named) {
-                buf_puts(b, named);
-            } else {
-                snprintf(esc, sizeof esc, "\\u%04x", c);
-                buf_puts(b, esc);
-            }
-            i++;
-        } else {
-            size_t len = utf8_len(u + i, n - i);
-            if (len == 0) {
-                buf_puts(b, "\\ufffd");
-                i++;
-            } else {
-                buf_put(b, s + i, len);
-                i += len;
-            }
-        }
-    }
-    buf_put(b, "\"", 1);
-}
-
-/* A strict JSON syntax check (RFC 8259), enough to decide whether a payload can be embedded
- * raw. Each function advances *i past what it accepted and returns 0, or -1. */
-typedef struct jcur {
-    const unsigned char *s;
-    size_t n, i;
-    int depth;
-} jcur_t;
-
-static int jvalue(jcur_t *j);
-
-static void jws(jcur_t *j)
-{
-    while (j->i < j->n &&
-           (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' || j->s[j->i] == '\r'))
-        j->i++;
-}
-
-static int jlit(jcur_t *j, const char *lit)
-{
-    size_t len = strlen(lit);
-    if (j->n - j->i < len || memcmp(j->s + j->i, lit, len) != 0)
-        return -1;
-    j->i += len;
-    return 0;
-}
-
-static int jdigits(jcur_t *j)
-{
-    size_t start = j->i;
-    while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9')
-        j->i++;
-    return j->i > start ? 0 : -1;
-}
-
-static int jnumber(jcur_t *j)
-{
-    if (j->i < j->n && j->s[j->i] == '-')
-        j->i++;
-    if (j->i < j->n && j->s[j->i] == '0')
-        j->i++;
-    else if (jdigits(j) < 0)
-        return -1;
-    if (j->i < j->n && j->s[j->i] == '.') {
-        j->i++;
-        if (jdigits(j) < 0)
-            return -1;
-    }
-    if (j->i < j->n && (j->s[j->i] == 'e' || j->s[j->i] == 'E')) {
-        j->i++;
-        if (j->i < j->n && (j->s[j->i] == '+' || j->s[j->i] == '-'))
-            j->i++;
-        if (jdigits(j) < 0)
-            return -1;
-    }
-    return 0;
-}
-
-static int jstring(jcur_t *j)
-{
-    j->i++; /* opening quote */
-    while (j->i < j->n) {
-        unsigned char c = j->s[j->i];
-        if (c == '"') {
-            j->i++;
-            return 0;
-        }
-        if (c < 0x20)
-            return -1;
-        if (c == '\\') {
-            if (++j->i >= j->n)
-                return -1;
-            c = j->s[j->i];
-            if (c == 'u') {
-                for (int k = 1; k <= 4; k++) {
-                    if (j->i + (size_t)k >= j->n ||
-                        !strchr("0123456789abcdefABCDEF", j->s[j->i + (size_t)k]))
-                        return -1;
-                }
-                j->i += 5;
-            } else if (strchr("\"\\/bfnrt", c) && c) {
-                j->i++;
-            } else {
-                return -1;
-            }
-            continue;
-        }
-        size_t len = utf8_len(j->s + j->i, j->n - j->i);
-        if (len == 0)
-            return -1;
-        j->i += len;
-    }
-    return -1;
-}
-
-static int jcontainer(jcur_t *j, char close, int object)
-{
-    if (++j->depth > 128)
-        return -1;
-    j->i++;
-    jws(j);
-    if (j->i < j->n && j->s[j->i] == (unsigned char)close) {
-        j->i++;
-        j->depth--;
-        return 0;
-    }
-    for (;;) {
-        if (object) {
-            jws(j);
-            if (j->i >= j->n || j->s[j->i] != '"' || jstring(j) < 0)
-                return -1;
-            jws(j);
-            if (j->i >= j->n || j->s[j->i] != ':')
-                return -1;
-            j->i++;
-        }
-        if (jvalue(j) < 0)
-            return -1;
-        jws(j);
-        if (j->i >= j->n)
-            return -1;
-        if (j->s[j->i] == ',') {
-            j->i++;
-            continue;
-        }
-        if (j->s[j->i] != (unsigned char)close)
-            return -1;
-        j->i++;
-        j->depth--;
-        return 0;
-    }
-}
-
-static int jvalue(jcur_t *j)
-{
-    jws(j);
-    if (j->i >= j->n)
-        return -1;
-    switch (j->s[j->i]) {
-    case '{':
-        return jcontainer(j, '}', 1);
-    case '[':
-        return jcontainer(j, ']', 0);
-    case '"':
-        return jstring(j);
-    case 't':
-        return jlit(j, "true");
-    case 'f':
-        return jlit(j, "false");
-    case 'n':
-        return jlit(j, "null");
-    default:
-        return jnumber(j);
-    }
-}
-
-static int json_valid(const char *s, size_t n)
-{
-    jcur_t j = {(const unsigned char *)s, n, 0, 0};
-    if (jvalue(&j) < 0)
-        return 0;
-    jws(&j);
-    return j.i == n;
-}
-
-/* A valid JSON text embedded as is, its whitespace (the only place a valid text can hold a
- * line break) flattened so that one entry stays one line; anything else as a string. */
-static void json_raw_or_string(buf_t *b, const char *s, size_t n)
-{
-    if (!json_valid(s, n)) {
-        json_string(b, s, n);
-        return;
-    }
-    size_t start = b->len;
-    buf_put(b, s, n);
-    for (size_t i = start; i < b->len; i++)
-        if (b->p[i] == '\n' || b->p[i] == '\r' || b->p[i] == '\t')
-            b->p[i] = ' ';
-}
-
-/* ---------------------------------------------------------------------------------------
- * consume: Redis
- * ------------------------------------------------------------------------------------- */
-
-static redisContext *redis_connect(const cfg_t *cfg, const char *cmd)
-{
-    struct timeval tv = {5, 0};
-    redisContext *c = redisConnectWithTimeout(cfg->redis_host, cfg->redis_port, tv);
-    if (!c) {
-        fail(cmd, "redis: out of memory");
-        return NULL;
-    }
-    if (c->err) {
-        fail(cmd, "redis %s:%d: %s", cfg->redis_host, cfg->redis_port, c->errstr);
-        redisFree(c);
-        return NULL;
-    }
-    if (cfg->redis_password[0]) {
-        const char *argv[] = {"AUTH", cfg->redis_password};
-        redisReply *r = redisCommandArgv(c, 2, argv, NULL);
-        if (!r || r->type == REDIS_REPLY_ERROR) {
-            fail(cmd, "redis %s:%d: AUTH failed: %s", cfg->redis_host, cfg->redis_port,
-                 r ? r->str : c->errstr);
-            if (r)
-                freeReplyObject(r);
-            redisFree(c);
-            return NULL;
-        }
-        freeReplyObject(r);
-    }
-    return c;
-}
-
-/* Runs one command; returns the reply (caller frees) or NULL after one line on stderr.
- * A Redis error reply is returned as is when keep_error is set. */
-static redisReply *redis_run(redisContext *c, int argc, const char **argv, int keep_error)
-{
-    redisReply *r = redisCommandArgv(c, argc, argv, NULL);
-    if (!r) {
-        fail("consume", "redis: %s: %s", argv[0], c->errstr[0] ? c->errstr : "connection lost");
-        return NULL;
-    }
-    if (r->type == REDIS_REPLY_ERROR && !keep_error) {
-        fail("consume", "redis: %s: %s", argv[0], r->str);
-        freeReplyObject(r);
-        return NULL;
-    }
-    return r;
-}
-
-typedef struct consumer {
-    redisContext *redis;
-    const char *group, *name;
-    char **keys;   /* the shard streams */
-    char **cursor; /* per stream: ">" for new entries, or the last pending id seen */
-    int nkeys;
-    long long limit; /* stop after this many entries; 0: until a read returns nothing */
-    long long seen;
-    buf_t out;
-} consumer_t;
-
-/* One stream entry [id, [field, value, ...]] as one JSON line into c->out. */
-static int entry_json(consumer_t *c, const char *stream, const redisReply *e)
-{
-    const redisReply *id = e->element[0];
-    const redisReply *fields = e->element[1];
-    buf_puts(&c->out, "{\"stream\":");
-    json_string(&c->out, stream, strlen(stream));
-    buf_puts(&c->out, ",\"entry\":");
-    json_string(&c->out, id->str, id->len);
-    for (size_t k = 0; k + 1 < fields->elements; k += 2) {
-        const redisReply *f = fields->element[k], *v = fields->element[k + 1];
-        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
-            return -1;
-        buf_puts(&c->out, ",");
-        json_string(&c->out, f->str, f->len);
-        buf_puts(&c->out, ":");
-        if (f->len == 7 && memcmp(f->str, "payload", 7) == 0)
-            json_raw_or_string(&c->out, v->str, v->len);
-        else
-            json_string(&c->out, v->str, v->len);
-    }
-    buf_puts(&c->out, "}\n");
-    return 0;
-}
-
-static int xack(consumer_t *c, const char *key, const char **ids, size_t n)
-{
-    if (n == 0)
-        return 0;
-    const char **argv = fo_xcalloc(n + 3, sizeof *argv);
-    argv[0] = "XACK", argv[1] = key, argv[2] = c->group;
-    memcpy(argv + 3, ids, n * sizeof *ids);
-    redisReply *r = redis_run(c->redis, (int)n + 3, argv, 0);
-    free(argv);
-    if (!r)
-        return -1;
-    freeReplyObject(r);
-    return 0;
-}
-
-/*
- * Prints the entries of one XREADGROUP reply, flushes stdout, then acknowledges them; an
- * entry is acknowledged only after it was written out. Entries past the limit are neither
- * printed nor acknowledged: they stay pending for this consumer, which reads its pending
- * entries first on the next run. Returns the number of entries printed, or -1.
- */
-static long long consume_reply(consumer_t *c, const redisReply *reply, int pending_phase)
-{
-    long long printed = 0;
-    if (reply->type == REDIS_REPLY_NIL)
-        return 0;
-    if (reply->type != REDIS_REPLY_ARRAY)
-        goto malformed;
-    const char ***acks = fo_xcalloc((size_t)c->nkeys, sizeof *acks);
-    size_t *nacks = fo_xcalloc((size_t)c->nkeys, sizeof *nacks);
-    int status = 0;
-    for (size_t s = 0; s < reply->elements && status == 0; s++) {
-        const redisReply *st = reply->element[s];
-        if (st->type != REDIS_REPLY_ARRAY || st->elements != 2 ||
-            st->element[0]->type != REDIS_REPLY_STRING ||
-            st->element[1]->type != REDIS_REPLY_ARRAY) {
-            status = -1;
-            break;
-        }
-        int k = 0;
-        while (k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
-            k++;
-        if (k == c->nkeys) {
-            status = -1;
-            break;
-        }
-        const redisReply *entries = st->element[1];
-        acks[k] = fo_xcalloc(entries->elements + 1, sizeof **acks);
-        for (size_t i = 0; i < entries->elements; i++) {
-            const redisReply *e = entries->element[i];
-            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
-                e->element[0]->type != REDIS_REPLY_STRING) {
-                status = -1;
-                break;
-            }
-            if (pending_phase) {
-                free(c->cursor[k]);
-                c->cursor[k] = fo_xstrdup(e->element[0]->str);
-            }
-            /* A pending entry deleted from the stream since: nothing to print, ack it. */
-            if (e->element[1]->type == REDIS_REPLY_NIL) {
-                acks[k][nacks[k]++] = e->element[0]->str;
-                continue;
-            }
-            if (e->element[1]->type != REDIS_REPLY_ARRAY) {
-                status = -1;
-                break;
-            }
-            if (c->limit && c->seen >= c->limit)
-                break;
-            if (entry_json(c, c->keys[k], e) < 0) {
-                status = -1;
-                break;
-            }
-            c->seen++;
-            printed++;
-            acks[k][nacks[k]++] = e->element[0]->str;
-        }
-    }
-    if (status == 0 && c->out.len) {
-        if (fwrite(c->out.p, 1, c->out.len, stdout) != c->out.len || fflush(stdout) != 0) {
-            fail("consume", "writing the entries: %s", strerror(errno));
-            status = -2;
-        }
-        c->out.len = 0;
-    }
-    for (int k = 0; k < c->nkeys; k++) {
-        if (status == 0 && xack(c, c->keys[k], acks[k], nacks[k]) < 0)
-            status = -2;
-        free(acks[k]);
-    }
-    free(acks);
-    free(nacks);
-    c->out.len = 0;
-    if (status == -1)
-        goto malformed;
-    return status < 0 ? -1 : printed;
-
-malformed:
-    fail("consume", "redis: unexpected XREADGROUP reply; are the keys streams?");
-    return -1;
-}
-
-/* XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS keys... cursors... */
-static redisReply *xreadgroup(consumer_t *c, long long count, long long block_ms)
-{
-    int argc = 0;
-    const char **argv = fo_xcalloc((size_t)(2 * c->nkeys + 10), sizeof *argv);
-    char countbuf[24], blockbuf[24];
-    snprintf(countbuf, sizeof countbuf, "%lld", count);
-    snprintf(blockbuf, sizeof blockbuf, "%lld", block_ms);
-    argv[argc++] = "XREADGROUP";
-    argv[argc++] = "GROUP";
-    argv[argc++] = c->group;
-    argv[argc++] = c->name;
-    argv[argc++] = "COUNT";
-    argv[argc++] = countbuf;
-    if (block_ms >= 0) {
-        argv[argc++] = "BLOCK";
-        argv[argc++] = blockbuf;
-    }
-    argv[argc++] = "STREAMS";
-    for (int k = 0; k < c->nkeys; k++)
-        argv[argc++] = c->keys[k];
-    for (int k = 0; k < c->nkeys; k++)
-        argv[argc++] = c->cursor[k];
-    redisReply *r = redis_run(c->redis, argc, argv, 0);
-    free(argv);
-    return r;
-}
-
-static void consume_usage(FILE *out)
-{
-    fprintf(out,
-            "usage: fanoutctl [SETTINGS] consume --group G --consumer C [--count N] [--block MS]\n"
-            "Reads every shard stream <key-prefix>:stream:0..shards-1 as consumer C of group G\n"
-            "(created at the stream start if missing), prints one JSON object per entry and\n"
-            "acknowledges it once printed. Entries left pending by an earlier run of C come\n"
-            "first.\n"
-            "  --count N    stop after N entries (default: when a read returns nothing)\n"
-            "  --block MS   how long one read waits for new entries (default 1000)\n");
-}
-
-static int consume_run(consumer_t *c, long long block_ms)
-{
-    /* The group, once per stream; BUSYGROUP means it is already there. */
-    for (int k = 0; k < c->nkeys; k++) {
-        const char *argv[] = {"XGROUP", "CREATE", c->keys[k], c->group, "0", "MKSTREAM"};
-        redisReply *r = redis_run(c->redis, 6, argv, 1);
-        if (!r)
-            return EXIT_RUNTIME;
-        if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
-            fail("consume", "redis: XGROUP CREATE %s: %s", c->keys[k], r->str);
-            freeReplyObject(r);
-            return EXIT_RUNTIME;
-        }
-        freeReplyObject(r);
-    }
-    /* First what this consumer was given before and never acknowledged, then new entries. */
-    for (int pending = 1; pending >= 0; pending--) {
-        for (int k = 0; k < c->nkeys; k++) {
-            free(c->cursor[k]);
-            c->cursor[k] = fo_xstrdup(pending ? "0" : ">");
-        }
-        while (!c->limit || c->seen < c->limit) {
-            long long want = c->limit ? c->limit - c->seen : 100;
-            if (want > 100)
-                want = 100;
-            redisReply *r = xreadgroup(c, want, pending ? -1 : block_ms);
-            if (!r)
-                return EXIT_RUNTIME;
-            /* entries in the reply, deleted ones included: a pending read ends on none */
-            size_t total = 0;
-            if (r->type == REDIS_REPLY_ARRAY)
-                for (size_t s = 0; s < r->elements; s++)
-                    if (r->element[s]->type == REDIS_REPLY_ARRAY && r->element[s]->elements == 2)
-                        total += r->element[s]->element[1]->elements;
-            long long n = consume_reply(c, r, pending);
-            freeReplyObject(r);
-            if (n < 0)
-                return EXIT_RUNTIME;
-            if (total == 0 && (pending || !c->limit))
-                break;
-        }
-    }
-    return EXIT_OK;
-}
-
-static int cmd_consume(const cfg_t *cfg, int argc, char **argv)
-{
-    const char *group = NULL, *name = NULL, *count = NULL, *block = NULL;
-    opt_t opts[] = {{"group", &group}, {"consumer", &name}, {"count", &count}, {"block", &block}};
-    int r = parse_opts("consume", argc, argv, opts, 4, NULL);
-    if (r == 1) {
-        consume_usage(stdout);
-        return EXIT_OK;
-    }
-    if (r)
-        return r;
-    if (!group || !*group) {
-        fail("consume", "--group is missing; give the consumer group, e.g. --group mailer");
-        return EXIT_USAGE;
-    }
-    if (!name || !*name) {
-        fail("consume", "--consumer is missing; give this consumer's name, e.g. --consumer c1");
-        return EXIT_USAGE;
-    }
-    long long limit = 0, block_ms = 1000;
-    if (count && parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
-        fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
-        return EXIT_USAGE;
-    }
-    if (block && parse_int_range(block, 0, 86400000, &block_ms) < 0) {
-        fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
-             block);
-        return EXIT_USAGE;
-    }
-
-    consumer_t c = {.group = group, .name = name, .nkeys = cfg->shards, .limit = limit};
-    c.redis = redis_connect(cfg, "consume");
-    if (!c.redis)
-        return EXIT_RUNTIME;
-    /* A blocked read must not trip the socket timeout; BLOCK 0 waits for ever. */
-    struct timeval tv = {block_ms / 1000 + 30, 0};
-    if (block_ms == 0)
-        tv.tv_sec = 0;
-    redisSetTimeout(c.redis, tv);
-    c.keys = fo_xcalloc((size_t)c.nkeys, sizeof *c.keys);
-    c.cursor = fo_xcalloc((size_t)c.nkeys, sizeof *c.cursor);
-    for (int k = 0; k < c.nkeys; k++)
-        c.keys[k] = fo_xasprintf("%s:stream:%d", cfg->key_prefix, k);
-    int status = consume_run(&c, block_ms);
-    for (int k = 0; k < c.nkeys; k++) {
-        free(c.keys[k]);
-        free(c.cursor[k]);
-    }
-    free(c.keys);
-    free(c.cursor);
-    free(c.out.p);
-    redisFree(c.redis);
-    return status;
-}
-
-/* ---------------------------------------------------------------------------------------
  * main
  * ------------------------------------------------------------------------------------- */
 
@@ -1177,8 +574,11 @@ static void usage(FILE *out)
             "  publish --author ID --kind K --payload JSON\n"
             "                                       publish one event, print its id\n"
             "  status [EVENT]                       one event's progress, or the recent ones\n"
-            "  consume --group G --consumer C [--count N] [--block MS]\n"
+            "  consume --group G --consumer C [--count N] [--block MS] [--follow]\n"
+            "          [--min-idle MS] [--seen-ttl S]\n"
             "                                       read the streams as JSON lines\n"
+            "  trim                                 trim the streams up to what every\n"
+            "                                       consumer group has acknowledged\n"
             "  help                                 this text; COMMAND --help for one command\n"
             "\n"
             "Exit status: 0 ok, 1 runtime failure, 2 usage error.\n"
@@ -1196,6 +596,7 @@ static const command_t commands[] = {
     {"publish", cmd_publish},
     {"status", cmd_status},
     {"consume", cmd_consume},
+    {"trim", cmd_trim},
 };
 
 int main(int argc, char **argv, char **envp)
@@ -1234,7 +635,7 @@ int main(int argc, char **argv, char **envp)
         } else {
             fail(NULL,
                  "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
-                 "help",
+                 "trim, help",
                  argv[rest]);
             status = EXIT_USAGE;
         }
