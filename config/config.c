@@ -279,8 +279,7 @@ int cfg_parse_layouts(const char *list, int *mask, char *err, size_t errsize)
 
 /* Sidekiq names: a queue name goes into a key and a JSON string, a class name must be a
  * Ruby constant path (Foo::BarJob); neither may hold spaces, quotes or braces. */
-static int check_name(const char *v, const char *name, int ruby_const, char *err,
-                      size_t errsize)
+static int check_name(const char *v, const char *name, int ruby_const, char *err, size_t errsize)
 {
     int ok = *v != '\0';
     for (const char *c = v; *c && ok; c++) {

@@ -299,7 +299,6 @@ static void json_raw_or_string(buf_t *b, const char *s, size_t n)
             b->p[i] = ' ';
 }
 
-
 /* ---------------------------------------------------------------------------------------
  * The consumer
  * ------------------------------------------------------------------------------------- */
@@ -813,8 +812,7 @@ int cmd_consume(const cfg_t *cfg, int argc, char **argv)
         return EXIT_USAGE;
     }
     if (stall && parse_int_range(stall, 1, INT64_MAX, &stall_after) < 0) {
-        fail("consume", "--stall-after \"%.40s\" is not valid; give a whole number from 1",
-             stall);
+        fail("consume", "--stall-after \"%.40s\" is not valid; give a whole number from 1", stall);
         return EXIT_USAGE;
     }
 

@@ -70,12 +70,13 @@ static const char trim_lua[] =
 
 static void trim_usage(FILE *out)
 {
-    fprintf(out,
-            "usage: fanoutctl [SETTINGS] trim\n"
-            "Trims each shard stream <key-prefix>:stream:0..shards-1 up to the oldest entry that\n"
-            "some consumer group has not yet read or not yet acknowledged (XTRIM MINID). Entries\n"
-            "not yet read are never removed; a stream without consumer groups is left alone.\n"
-            "Prints one line per stream and a total. Safe to run at any time, e.g. from a timer.\n");
+    fprintf(
+        out,
+        "usage: fanoutctl [SETTINGS] trim\n"
+        "Trims each shard stream <key-prefix>:stream:0..shards-1 up to the oldest entry that\n"
+        "some consumer group has not yet read or not yet acknowledged (XTRIM MINID). Entries\n"
+        "not yet read are never removed; a stream without consumer groups is left alone.\n"
+        "Prints one line per stream and a total. Safe to run at any time, e.g. from a timer.\n");
 }
 
 int cmd_trim(const cfg_t *cfg, int argc, char **argv)
@@ -107,8 +108,8 @@ int cmd_trim(const cfg_t *cfg, int argc, char **argv)
         } else if (rep->element[0]->integer == 0) {
             printf("%s: no consumer group, nothing trimmed\n", key);
         } else {
-            printf("%s: %lld groups, kept from %s, trimmed %lld\n", key,
-                   rep->element[0]->integer, rep->element[1]->str, rep->element[2]->integer);
+            printf("%s: %lld groups, kept from %s, trimmed %lld\n", key, rep->element[0]->integer,
+                   rep->element[1]->str, rep->element[2]->integer);
             total += rep->element[2]->integer;
         }
         if (rep)

@@ -230,8 +230,8 @@ static char *put_layout_tail(ntf_enc_t *e, char *pos, const ntf_layout_t *lay)
 }
 
 /* "<prefix>:inbox:<id>" into pos, at argv slot `slot`. */
-static char *put_inbox_key_at(ntf_enc_t *e, char *pos, size_t slot, const char *prefix,
-                              size_t plen, int64_t id)
+static char *put_inbox_key_at(ntf_enc_t *e, char *pos, size_t slot, const char *prefix, size_t plen,
+                              int64_t id)
 {
     memcpy(pos, prefix, plen);
     memcpy(pos + plen, ":inbox:", 7);

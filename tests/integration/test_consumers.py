@@ -295,9 +295,29 @@ def trim_keeps_what_any_group_still_needs(s):
     assert "%s: 1 groups, kept from 6-0, trimmed 2\n" % edge in out, out
     assert [e[0] for e in r.xrange(edge)] == ["6-0"]
 
-    # usage errors are one line
-    bad = s.fanoutctl("trim", "--all")
-    assert bad.returncode == 2 and bad.stderr.startswith("fanoutctl: trim: unknown option"), bad
+
+
+def one_line_usage_error(r, *words):
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and r.stdout == "", (r.returncode, r.stderr)
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@suite.test
+def new_options_fail_with_one_line(s):
+    one_line_usage_error(s.fanoutctl("trim", "--all"), "fanoutctl: trim:", "--all")
+    base = ["consume", "--group", "g", "--consumer", "c"]
+    one_line_usage_error(s.fanoutctl(*base, "--min-idle", "soon"), "--min-idle", "soon")
+    one_line_usage_error(s.fanoutctl(*base, "--seen-ttl", "-1"), "--seen-ttl")
+    one_line_usage_error(s.fanoutctl(*base, "--stall-after", "0"), "--stall-after")
+    one_line_usage_error(s.fanoutctl(*base, "--follow=yes"), "--follow takes no value")
+    r = s.fanoutctl("consume", "--help")
+    assert r.returncode == 0 and "--min-idle" in r.stdout and "--seen-ttl" in r.stdout
+    # fanoutd refuses a bad layout list with one line naming the setting
+    d = s.start_daemon(FANOUT_LAYOUTS="stream,mailbox")
+    assert d.wait() == 2, d.log_tail()
+    assert 'layouts is "stream,mailbox"' in d.log(), d.log_tail()
 
 
 if __name__ == "__main__":
