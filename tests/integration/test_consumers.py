@@ -84,7 +84,6 @@ class Consumer:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
-        s.daemons_extra = getattr(s, "daemons_extra", []) + [self]
 
     def stderr(self):
         with open(self.err_path, errors="replace") as f:
