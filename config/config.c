@@ -67,6 +67,19 @@ static const cfg_row_t rows[] = {
      "how long a finished job's progress mark stays in Redis"},
     {"reconnect_max_ms", INT(reconnect_max_ms), 10, 600000, "5000", 0,
      "cap of the jittered exponential reconnect backoff"},
+    {"layouts", STR(layouts), 1, 0, "stream", 0,
+     "what each notification is written as, comma-separated: stream (the shard streams), "
+     "inbox (a capped list per recipient), sidekiq (a Sidekiq job); see docs/queue-format.md"},
+    {"inbox_cap", INT(inbox_cap), 1, 100000, "100", 0,
+     "layout inbox: newest notifications kept in each <prefix>:inbox:<recipient> list"},
+    {"inbox_ttl_s", INT(inbox_ttl_s), 0, 315360000, "0", 0,
+     "layout inbox: expiry of an inbox list, renewed on every write (0: none)"},
+    {"sidekiq_queue", STR(sidekiq_queue), 1, 0, "default", 0,
+     "layout sidekiq: the queue, i.e. keys queues (set) and queue:<name> (list)"},
+    {"sidekiq_class", STR(sidekiq_class), 1, 0, "FanoutNotificationJob", 0,
+     "layout sidekiq: the job class (a Ruby constant name) the workers run"},
+    {"sidekiq_retry", INT(sidekiq_retry), 0, 1000, "25", 0,
+     "layout sidekiq: the job's retry count (Sidekiq's own default is 25)"},
     {"worker_id", STR(worker_id), 0, 0, "", 0,
      "lease owner name, unique per running fanoutd; empty: the host name"},
     {"max_attempts", INT(max_attempts), 1, 1000000, "10", 0,
@@ -284,6 +297,64 @@ static int load_flags(cfg_t *cfg, int argc, char **argv, int first, int *rest, c
     return 0;
 }
 
+int cfg_parse_layouts(const char *list, int *mask, char *err, size_t errsize)
+{
+    static const struct {
+        const char *name;
+        int bit;
+    } names[] = {{"stream", CFG_LAYOUT_STREAM},
+                 {"inbox", CFG_LAYOUT_INBOX},
+                 {"sidekiq", CFG_LAYOUT_SIDEKIQ}};
+    int m = 0;
+    for (const char *p = list; *p;) {
+        size_t len = strcspn(p, ",");
+        size_t k = 0;
+        while (k < 3 && (strlen(names[k].name) != len || strncmp(names[k].name, p, len) != 0))
+            k++;
+        if (k == 3 || (m & names[k].bit)) {
+            errf(err, errsize,
+                 "layouts is \"%s\"; expected a comma-separated list of stream, inbox, sidekiq, "
+                 "each at most once (\"%.*s\" is %s)",
+                 list, (int)(len > 32 ? 32 : len), p, k == 3 ? "unknown" : "repeated");
+            return FO_EINVAL;
+        }
+        m |= names[k].bit;
+        p += len;
+        if (*p == ',' && *++p == '\0') {
+            errf(err, errsize, "layouts is \"%s\"; it ends with a comma, remove it", list);
+            return FO_EINVAL;
+        }
+    }
+    if (!m) {
+        errf(err, errsize, "layouts is empty; give at least one of stream, inbox, sidekiq");
+        return FO_EINVAL;
+    }
+    *mask = m;
+    return 0;
+}
+
+/* Sidekiq names: a queue name goes into a key and a JSON string, a class name must be a
+ * Ruby constant path (Foo::BarJob); neither may hold spaces, quotes or braces. */
+static int check_name(const char *v, const char *name, int ruby_const, char *err, size_t errsize)
+{
+    int ok = *v != '\0';
+    for (const char *c = v; *c && ok; c++) {
+        if (ruby_const)
+            ok = isalnum((unsigned char)*c) || *c == '_' || *c == ':';
+        else
+            ok = isalnum((unsigned char)*c) || *c == '_' || *c == '-' || *c == '.' || *c == ':';
+    }
+    if (ok && ruby_const)
+        ok = isupper((unsigned char)v[0]);
+    if (!ok) {
+        errf(err, errsize, "%s is \"%.64s\"; use %s", name, v,
+             ruby_const ? "a Ruby class name such as NotificationJob or Fanout::NotifyJob"
+                        : "letters, digits, '_', '-', '.' or ':'");
+        return FO_EINVAL;
+    }
+    return 0;
+}
+
 static int validate(cfg_t *cfg, char *err, size_t errsize)
 {
     if (cfg->backlog_low > cfg->backlog_high) {
@@ -304,6 +375,11 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
         free(cfg->worker_id);
         cfg->worker_id = fo_xstrdup(host);
     }
+    if (cfg_parse_layouts(cfg->layouts, &cfg->layout_mask, err, errsize) < 0)
+        return FO_EINVAL;
+    if (check_name(cfg->sidekiq_queue, "sidekiq_queue", 0, err, errsize) < 0 ||
+        check_name(cfg->sidekiq_class, "sidekiq_class", 1, err, errsize) < 0)
+        return FO_EINVAL;
     for (const char *c = cfg->key_prefix; *c; c++) {
         if (isspace((unsigned char)*c) || *c == '{' || *c == '}') {
             errf(err, errsize,

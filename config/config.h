@@ -41,6 +41,15 @@ typedef struct cfg {
     int stop_timeout_ms; /* graceful stop bound */
     int progress_ttl_s;  /* how long a finished job's progress mark stays in Redis */
     int reconnect_max_ms; /* cap of the jittered exponential reconnect backoff */
+    /* What each notification is written as (docs/queue-format.md): layout_mask holds
+     * CFG_LAYOUT_* bits parsed from the layouts list; the rest configure the optional ones. */
+    char *layouts;
+    int layout_mask;
+    int inbox_cap;       /* newest entries kept per <prefix>:inbox:<recipient> */
+    int inbox_ttl_s;     /* expiry of an inbox, renewed on each write; 0: none */
+    char *sidekiq_queue; /* keys queues and queue:<name> */
+    char *sidekiq_class; /* the job's class */
+    int sidekiq_retry;   /* the job's retry field */
     char *worker_id;      /* lease owner name; a restarted worker takes back its own leases */
     int max_attempts;     /* claims of one job before it is declared dead */
     int retry_base_ms;    /* first delay before a failed job is claimed again; doubles */
@@ -57,6 +66,13 @@ typedef struct cfg {
     int metrics_port;   /* 0: no listener */
     char *config_file;  /* FANOUT_NAME=value lines, re-read on SIGHUP; empty: none */
 } cfg_t;
+
+/* Bits of cfg_t.layout_mask. */
+enum { CFG_LAYOUT_STREAM = 1, CFG_LAYOUT_INBOX = 2, CFG_LAYOUT_SIDEKIQ = 4 };
+
+/* Parses a layouts list ("stream,inbox") into CFG_LAYOUT_* bits. Returns 0, or FO_EINVAL
+ * with one line in err naming the bad item. */
+int cfg_parse_layouts(const char *list, int *mask, char *err, size_t errsize);
 
 /*
  * Fills *cfg from defaults, the FANOUT_* entries of envp and argv[first..argc) flags.

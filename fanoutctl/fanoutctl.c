@@ -6,7 +6,9 @@
  *   publish   calls fanout.publish() with bound parameters and prints the event id
  *   status    one event's progress, or the recent events and the job counts
  *   consume   reads the shard streams with a consumer group, prints one JSON object per
- *             entry and acknowledges it after it was printed and flushed
+ *             entry and acknowledges it after it was printed and flushed (consume.c)
+ *   trim      trims each shard stream up to what every consumer group has acknowledged
+ *             (trim.c)
  *   retry     queues the dead jobs of an event again
  *
  * Unlike fanoutd this is a short-lived, blocking program: libpq's PQexec* and hiredis's
@@ -17,6 +19,7 @@
 #include "common/common.h"
 #include "config/config.h"
 #include "fanoutctl/ctl_int.h"
+#include "fanoutctl/fctl_int.h"
 #include "sql/migrations.h"
 
 #include <errno.h>
@@ -30,7 +33,6 @@
 #include <string.h>
 #include <sys/time.h>
 
-enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
 
 /* Held by migrate for the life of each transaction: "fanout" in ASCII. */
 #define MIGRATE_LOCK_KEY "112568712869236"
@@ -54,8 +56,7 @@ static const char *first_line(char *buf, size_t size, const char *msg)
     return buf;
 }
 
-static void fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail(const char *cmd, const char *fmt, ...)
+void fail(const char *cmd, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
@@ -69,22 +70,12 @@ static void fail(const char *cmd, const char *fmt, ...)
         fprintf(stderr, "fanoutctl: %s\n", first_line(line, sizeof line, msg));
 }
 
-/* A command's own options: --name VALUE or --name=VALUE, each at most once. */
-typedef struct opt {
-    const char *name; /* without the leading dashes */
-    const char **value;
-} opt_t;
-
-static int is_help(const char *a)
+int is_help(const char *a)
 {
     return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0 || strcmp(a, "help") == 0;
 }
 
-/*
- * Fills the options from args; returns 0, 1 when --help was asked for, or EXIT_USAGE after
- * printing one line about an unknown option, a missing value or a stray argument.
- */
-static int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
+int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
                       const char **positional)
 {
     for (int i = 0; i < argc; i++) {
@@ -112,6 +103,13 @@ static int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_
             return EXIT_USAGE;
         }
         const char *value = eq ? eq + 1 : NULL;
+        if (o->flag) {
+            if (value) {
+                fail(cmd, "--%s takes no value; give it alone", o->name);
+                return EXIT_USAGE;
+            }
+            value = "1";
+        }
         if (!value) {
             if (i + 1 >= argc) {
                 fail(cmd, "--%s needs a value", o->name);
@@ -320,7 +318,7 @@ static void publish_usage(FILE *out)
 static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
 {
     const char *author = NULL, *kind = NULL, *payload = NULL;
-    opt_t opts[] = {{"author", &author}, {"kind", &kind}, {"payload", &payload}};
+    opt_t opts[] = {{"author", &author, 0}, {"kind", &kind, 0}, {"payload", &payload, 0}};
     int r = parse_opts("publish", argc, argv, opts, 3, NULL);
     if (r == 1) {
         publish_usage(stdout);
@@ -594,337 +592,6 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
 }
 
 /* ---------------------------------------------------------------------------------------
- * consume: Redis
- * ------------------------------------------------------------------------------------- */
-
-static redisContext *redis_connect(const cfg_t *cfg, const char *cmd)
-{
-    struct timeval tv = {5, 0};
-    redisContext *c = redisConnectWithTimeout(cfg->redis_host, cfg->redis_port, tv);
-    if (!c) {
-        fail(cmd, "redis: out of memory");
-        return NULL;
-    }
-    if (c->err) {
-        fail(cmd, "redis %s:%d: %s", cfg->redis_host, cfg->redis_port, c->errstr);
-        redisFree(c);
-        return NULL;
-    }
-    if (cfg->redis_password[0]) {
-        const char *argv[] = {"AUTH", cfg->redis_password};
-        redisReply *r = redisCommandArgv(c, 2, argv, NULL);
-        if (!r || r->type == REDIS_REPLY_ERROR) {
-            fail(cmd, "redis %s:%d: AUTH failed: %s", cfg->redis_host, cfg->redis_port,
-                 r ? r->str : c->errstr);
-            if (r)
-                freeReplyObject(r);
-            redisFree(c);
-            return NULL;
-        }
-        freeReplyObject(r);
-    }
-    return c;
-}
-
-/* Runs one command; returns the reply (caller frees) or NULL after one line on stderr.
- * A Redis error reply is returned as is when keep_error is set. */
-static redisReply *redis_run(redisContext *c, int argc, const char **argv, int keep_error)
-{
-    redisReply *r = redisCommandArgv(c, argc, argv, NULL);
-    if (!r) {
-        fail("consume", "redis: %s: %s", argv[0], c->errstr[0] ? c->errstr : "connection lost");
-        return NULL;
-    }
-    if (r->type == REDIS_REPLY_ERROR && !keep_error) {
-        fail("consume", "redis: %s: %s", argv[0], r->str);
-        freeReplyObject(r);
-        return NULL;
-    }
-    return r;
-}
-
-typedef struct consumer {
-    redisContext *redis;
-    const char *group, *name;
-    char **keys;   /* the shard streams */
-    char **cursor; /* per stream: ">" for new entries, or the last pending id seen */
-    int nkeys;
-    long long limit; /* stop after this many entries; 0: until a read returns nothing */
-    long long seen;
-    ctl_buf_t out;
-} consumer_t;
-
-/* One stream entry [id, [field, value, ...]] as one JSON line into c->out. */
-static int entry_json(consumer_t *c, const char *stream, const redisReply *e)
-{
-    const redisReply *id = e->element[0];
-    const redisReply *fields = e->element[1];
-    ctl__buf_puts(&c->out, "{\"stream\":");
-    ctl__json_string(&c->out, stream, strlen(stream));
-    ctl__buf_puts(&c->out, ",\"entry\":");
-    ctl__json_string(&c->out, id->str, id->len);
-    for (size_t k = 0; k + 1 < fields->elements; k += 2) {
-        const redisReply *f = fields->element[k], *v = fields->element[k + 1];
-        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
-            return -1;
-        ctl__buf_puts(&c->out, ",");
-        ctl__json_string(&c->out, f->str, f->len);
-        ctl__buf_puts(&c->out, ":");
-        if (f->len == 7 && memcmp(f->str, "payload", 7) == 0)
-            ctl__json_raw_or_string(&c->out, v->str, v->len);
-        else
-            ctl__json_string(&c->out, v->str, v->len);
-    }
-    ctl__buf_puts(&c->out, "}\n");
-    return 0;
-}
-
-static int xack(consumer_t *c, const char *key, const char **ids, size_t n)
-{
-    if (n == 0)
-        return 0;
-    const char **argv = fo_xcalloc(n + 3, sizeof *argv);
-    argv[0] = "XACK", argv[1] = key, argv[2] = c->group;
-    memcpy(argv + 3, ids, n * sizeof *ids);
-    redisReply *r = redis_run(c->redis, (int)n + 3, argv, 0);
-    free(argv);
-    if (!r)
-        return -1;
-    freeReplyObject(r);
-    return 0;
-}
-
-/*
- * Prints the entries of one XREADGROUP reply, flushes stdout, then acknowledges them; an
- * entry is acknowledged only after it was written out. Entries past the limit are neither
- * printed nor acknowledged: they stay pending for this consumer, which reads its pending
- * entries first on the next run. Returns the number of entries printed, or -1.
- */
-static long long consume_reply(consumer_t *c, const redisReply *reply, int pending_phase)
-{
-    long long printed = 0;
-    if (reply->type == REDIS_REPLY_NIL)
-        return 0;
-    if (reply->type != REDIS_REPLY_ARRAY)
-        goto malformed;
-    const char ***acks = fo_xcalloc((size_t)c->nkeys, sizeof *acks);
-    size_t *nacks = fo_xcalloc((size_t)c->nkeys, sizeof *nacks);
-    int status = 0;
-    for (size_t s = 0; s < reply->elements && status == 0; s++) {
-        const redisReply *st = reply->element[s];
-        if (st->type != REDIS_REPLY_ARRAY || st->elements != 2 ||
-            st->element[0]->type != REDIS_REPLY_STRING ||
-            st->element[1]->type != REDIS_REPLY_ARRAY) {
-            status = -1;
-            break;
-        }
-        int k = 0;
-        while (k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
-            k++;
-        /* Each stream at most once: a second list for it would replace the first one's
-         * acknowledgements while their count carries on. */
-        if (k == c->nkeys || acks[k]) {
-            status = -1;
-            break;
-        }
-        const redisReply *entries = st->element[1];
-        acks[k] = fo_xcalloc(entries->elements + 1, sizeof **acks);
-        for (size_t i = 0; i < entries->elements; i++) {
-            const redisReply *e = entries->element[i];
-            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
-                e->element[0]->type != REDIS_REPLY_STRING) {
-                status = -1;
-                break;
-            }
-            if (pending_phase) {
-                free(c->cursor[k]);
-                c->cursor[k] = fo_xstrdup(e->element[0]->str);
-            }
-            /* A pending entry deleted from the stream since: nothing to print, ack it. */
-            if (e->element[1]->type == REDIS_REPLY_NIL) {
-                acks[k][nacks[k]++] = e->element[0]->str;
-                continue;
-            }
-            if (e->element[1]->type != REDIS_REPLY_ARRAY) {
-                status = -1;
-                break;
-            }
-            if (c->limit && c->seen >= c->limit)
-                break;
-            if (entry_json(c, c->keys[k], e) < 0) {
-                status = -1;
-                break;
-            }
-            c->seen++;
-            printed++;
-            acks[k][nacks[k]++] = e->element[0]->str;
-        }
-    }
-    if (status == 0 && c->out.len) {
-        if (fwrite(c->out.p, 1, c->out.len, stdout) != c->out.len || fflush(stdout) != 0) {
-            fail("consume", "writing the entries: %s", strerror(errno));
-            status = -2;
-        }
-        c->out.len = 0;
-    }
-    for (int k = 0; k < c->nkeys; k++) {
-        if (status == 0 && xack(c, c->keys[k], acks[k], nacks[k]) < 0)
-            status = -2;
-        free(acks[k]);
-    }
-    free(acks);
-    free(nacks);
-    c->out.len = 0;
-    if (status == -1)
-        goto malformed;
-    return status < 0 ? -1 : printed;
-
-malformed:
-    fail("consume", "redis: unexpected XREADGROUP reply; are the keys streams?");
-    return -1;
-}
-
-/* XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS keys... cursors... */
-static redisReply *xreadgroup(consumer_t *c, long long count, long long block_ms)
-{
-    int argc = 0;
-    const char **argv = fo_xcalloc((size_t)(2 * c->nkeys + 10), sizeof *argv);
-    char countbuf[24], blockbuf[24];
-    snprintf(countbuf, sizeof countbuf, "%lld", count);
-    snprintf(blockbuf, sizeof blockbuf, "%lld", block_ms);
-    argv[argc++] = "XREADGROUP";
-    argv[argc++] = "GROUP";
-    argv[argc++] = c->group;
-    argv[argc++] = c->name;
-    argv[argc++] = "COUNT";
-    argv[argc++] = countbuf;
-    if (block_ms >= 0) {
-        argv[argc++] = "BLOCK";
-        argv[argc++] = blockbuf;
-    }
-    argv[argc++] = "STREAMS";
-    for (int k = 0; k < c->nkeys; k++)
-        argv[argc++] = c->keys[k];
-    for (int k = 0; k < c->nkeys; k++)
-        argv[argc++] = c->cursor[k];
-    redisReply *r = redis_run(c->redis, argc, argv, 0);
-    free(argv);
-    return r;
-}
-
-static void consume_usage(FILE *out)
-{
-    fprintf(out,
-            "usage: fanoutctl [SETTINGS] consume --group G --consumer C [--count N] [--block MS]\n"
-            "Reads every shard stream <key-prefix>:stream:0..shards-1 as consumer C of group G\n"
-            "(created at the stream start if missing), prints one JSON object per entry and\n"
-            "acknowledges it once printed. Entries left pending by an earlier run of C come\n"
-            "first.\n"
-            "  --count N    stop after N entries (default: when a read returns nothing)\n"
-            "  --block MS   how long one read waits for new entries (default 1000)\n");
-}
-
-static int consume_run(consumer_t *c, long long block_ms)
-{
-    /* The group, once per stream; BUSYGROUP means it is already there. */
-    for (int k = 0; k < c->nkeys; k++) {
-        const char *argv[] = {"XGROUP", "CREATE", c->keys[k], c->group, "0", "MKSTREAM"};
-        redisReply *r = redis_run(c->redis, 6, argv, 1);
-        if (!r)
-            return EXIT_RUNTIME;
-        if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
-            fail("consume", "redis: XGROUP CREATE %s: %s", c->keys[k], r->str);
-            freeReplyObject(r);
-            return EXIT_RUNTIME;
-        }
-        freeReplyObject(r);
-    }
-    /* First what this consumer was given before and never acknowledged, then new entries. */
-    for (int pending = 1; pending >= 0; pending--) {
-        for (int k = 0; k < c->nkeys; k++) {
-            free(c->cursor[k]);
-            c->cursor[k] = fo_xstrdup(pending ? "0" : ">");
-        }
-        while (!c->limit || c->seen < c->limit) {
-            long long want = c->limit ? c->limit - c->seen : 100;
-            if (want > 100)
-                want = 100;
-            redisReply *r = xreadgroup(c, want, pending ? -1 : block_ms);
-            if (!r)
-                return EXIT_RUNTIME;
-            /* entries in the reply, deleted ones included: a pending read ends on none */
-            size_t total = 0;
-            if (r->type == REDIS_REPLY_ARRAY)
-                for (size_t s = 0; s < r->elements; s++)
-                    if (r->element[s]->type == REDIS_REPLY_ARRAY && r->element[s]->elements == 2)
-                        total += r->element[s]->element[1]->elements;
-            long long n = consume_reply(c, r, pending);
-            freeReplyObject(r);
-            if (n < 0)
-                return EXIT_RUNTIME;
-            if (total == 0 && (pending || !c->limit))
-                break;
-        }
-    }
-    return EXIT_OK;
-}
-
-static int cmd_consume(const cfg_t *cfg, int argc, char **argv)
-{
-    const char *group = NULL, *name = NULL, *count = NULL, *block = NULL;
-    opt_t opts[] = {{"group", &group}, {"consumer", &name}, {"count", &count}, {"block", &block}};
-    int r = parse_opts("consume", argc, argv, opts, 4, NULL);
-    if (r == 1) {
-        consume_usage(stdout);
-        return EXIT_OK;
-    }
-    if (r)
-        return r;
-    if (!group || !*group) {
-        fail("consume", "--group is missing; give the consumer group, e.g. --group mailer");
-        return EXIT_USAGE;
-    }
-    if (!name || !*name) {
-        fail("consume", "--consumer is missing; give this consumer's name, e.g. --consumer c1");
-        return EXIT_USAGE;
-    }
-    long long limit = 0, block_ms = 1000;
-    if (count && ctl__parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
-        fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
-        return EXIT_USAGE;
-    }
-    if (block && ctl__parse_int_range(block, 0, 86400000, &block_ms) < 0) {
-        fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
-             block);
-        return EXIT_USAGE;
-    }
-
-    consumer_t c = {.group = group, .name = name, .nkeys = cfg->shards, .limit = limit};
-    c.redis = redis_connect(cfg, "consume");
-    if (!c.redis)
-        return EXIT_RUNTIME;
-    /* A blocked read must not trip the socket timeout; BLOCK 0 waits for ever. */
-    struct timeval tv = {block_ms / 1000 + 30, 0};
-    if (block_ms == 0)
-        tv.tv_sec = 0;
-    redisSetTimeout(c.redis, tv);
-    c.keys = fo_xcalloc((size_t)c.nkeys, sizeof *c.keys);
-    c.cursor = fo_xcalloc((size_t)c.nkeys, sizeof *c.cursor);
-    for (int k = 0; k < c.nkeys; k++)
-        c.keys[k] = fo_xasprintf("%s:stream:%d", cfg->key_prefix, k);
-    int status = consume_run(&c, block_ms);
-    for (int k = 0; k < c.nkeys; k++) {
-        free(c.keys[k]);
-        free(c.cursor[k]);
-    }
-    free(c.keys);
-    free(c.cursor);
-    free(c.out.p);
-    redisFree(c.redis);
-    return status;
-}
-
-/* ---------------------------------------------------------------------------------------
  * retry: requeue a dead event
  * ------------------------------------------------------------------------------------- */
 
@@ -990,8 +657,11 @@ static void usage(FILE *out)
             "                                       publish one event, print its id\n"
             "  status [EVENT]                       one event's progress, or running, pending,\n"
             "                                       dead and recent events\n"
-            "  consume --group G --consumer C [--count N] [--block MS]\n"
+            "  consume --group G --consumer C [--count N] [--block MS] [--follow]\n"
+            "          [--min-idle MS] [--seen-ttl S]\n"
             "                                       read the streams as JSON lines\n"
+            "  trim                                 trim the streams up to what every\n"
+            "                                       consumer group has acknowledged\n"
             "  retry EVENT                          queue a dead event again\n"
             "  help                                 this text; COMMAND --help for one command\n"
             "\n"
@@ -1011,6 +681,7 @@ static const command_t commands[] = {
     {"status", cmd_status},
     {"consume", cmd_consume},
     {"retry", cmd_retry},
+    {"trim", cmd_trim},
 };
 
 int main(int argc, char **argv, char **envp)
@@ -1049,7 +720,7 @@ int main(int argc, char **argv, char **envp)
         } else {
             fail(NULL,
                  "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
-                 "retry, help",
+                 "trim, retry, help",
                  argv[rest]);
             status = EXIT_USAGE;
         }

@@ -92,6 +92,7 @@ struct ntf_client {
     ntf_req_t *head, *tail;
     size_t inflight;
     ntf_enc_t enc;
+    ntf_layout_t layout; /* from cfg: what each page is written as */
     char last_err[128]; /* rate limit of identical error replies */
     uint64_t last_err_ms;
     unsigned err_suppressed;
@@ -521,6 +522,13 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     ntf_client_t *c = fo_xcalloc(1, sizeof *c);
     c->loop = loop;
     c->cfg = cfg;
+    /* A cfg_t built by hand (tests) has no layouts: the stream alone. */
+    c->layout = (ntf_layout_t){.mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM,
+                               .inbox_cap = cfg->inbox_cap,
+                               .inbox_ttl_s = cfg->inbox_ttl_s,
+                               .sidekiq_queue = cfg->sidekiq_queue,
+                               .sidekiq_class = cfg->sidekiq_class,
+                               .sidekiq_retry = cfg->sidekiq_retry};
     c->on_state = on_state;
     c->data = data;
     c->reported = -1;
@@ -643,7 +651,8 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
     if (c->state != ST_READY)
         return FO_EREDIS;
     int argc = ntf__encode_page(&c->enc, c->page_sha, c->cfg->key_prefix, c->cfg->shards, job,
-                                expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s);
+                                expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s,
+                                &c->layout);
     return send_req(c, REQ_PAGE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }
 

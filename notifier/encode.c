@@ -59,6 +59,7 @@ void ntf__enc_free(ntf_enc_t *e)
     free(e->buf);
     free(e->shard);
     free(e->slot);
+    free(e->kslot);
     ntf__enc_init(e);
 }
 
@@ -79,6 +80,7 @@ static void enc_reserve(ntf_enc_t *e, size_t argc, size_t bytes, size_t ids, siz
     }
     if (shards > e->shards_cap) {
         e->slot = fo_xrealloc(e->slot, shards * sizeof *e->slot);
+        e->kslot = fo_xrealloc(e->kslot, shards * sizeof *e->kslot);
         e->shards_cap = shards;
     }
 }
@@ -156,19 +158,42 @@ static size_t count_groups(ntf_enc_t *e, int shards, const int64_t *ids, size_t 
     return groups;
 }
 
-/* The fixed part of the page command, up to and including created_at. */
-static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const char *prefix,
-                           size_t plen, int shards, size_t groups, const ntf_job_t *job,
-                           int64_t expect_cursor, int64_t new_cursor, int last, int ttl_s)
+/* Whether a layout adds anything to the plain stream page command. */
+static int layout_extended(const ntf_layout_t *lay)
 {
+    return lay && lay->mask != CFG_LAYOUT_STREAM;
+}
+
+/*
+ * The page command up to and including created_at. With inbox, the n inbox key slots after
+ * the other keys are left for pass two; *kbase gets the first of them.
+ */
+static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const char *prefix,
+                           size_t plen, int shards, size_t groups, size_t n,
+                           const ntf_layout_t *lay, const ntf_job_t *job, int64_t expect_cursor,
+                           int64_t new_cursor, int last, int ttl_s, size_t *kbase)
+{
+    int sq = layout_extended(lay) && (lay->mask & CFG_LAYOUT_SIDEKIQ);
+    int inbox = layout_extended(lay) && (lay->mask & CFG_LAYOUT_INBOX);
     put_str(e, "EVALSHA");
     put_str(e, sha);
-    pos = put_i64(e, pos, (int64_t)(1 + groups));
+    pos = put_i64(e, pos, (int64_t)(1 + groups + (sq ? 2 : 0) + (inbox ? n : 0)));
     pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
     for (int s = 0; s < shards; s++) {
         if (e->slot[s])
             pos = put_key(e, pos, prefix, plen, ":stream:", s);
     }
+    if (sq) {
+        put_str(e, "queues"); /* Sidekiq's own names, not under the key prefix */
+        size_t qlen = strlen(lay->sidekiq_queue);
+        memcpy(pos, "queue:", 6);
+        memcpy(pos + 6, lay->sidekiq_queue, qlen + 1);
+        put_ref(e, pos, 6 + qlen);
+        pos += 6 + qlen + 1;
+    }
+    *kbase = (size_t)e->argc;
+    if (inbox)
+        e->argc += (int)n;
     pos = put_i64(e, pos, job->token);
     pos = put_i64(e, pos, expect_cursor);
     pos = put_i64(e, pos, new_cursor);
@@ -182,41 +207,93 @@ static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const char 
     return pos;
 }
 
+/* The layout tail after the groups (see scripts.c). */
+static char *put_layout_tail(ntf_enc_t *e, char *pos, const ntf_layout_t *lay)
+{
+    put_str(e, "+layouts");
+    char *flags = pos;
+    size_t k = 0;
+    if (lay->mask & CFG_LAYOUT_STREAM)
+        flags[k++] = 's';
+    if (lay->mask & CFG_LAYOUT_INBOX)
+        flags[k++] = 'i';
+    if (lay->mask & CFG_LAYOUT_SIDEKIQ)
+        flags[k++] = 'q';
+    flags[k] = '\0';
+    put_ref(e, flags, k);
+    pos += k + 1;
+    pos = put_i64(e, pos, lay->inbox_cap);
+    pos = put_i64(e, pos, lay->inbox_ttl_s);
+    put_str(e, lay->sidekiq_queue);
+    put_str(e, lay->sidekiq_class);
+    return put_i64(e, pos, lay->sidekiq_retry);
+}
+
+/* "<prefix>:inbox:<id>" into pos, at argv slot `slot`. */
+static char *put_inbox_key_at(ntf_enc_t *e, char *pos, size_t slot, const char *prefix, size_t plen,
+                              int64_t id)
+{
+    memcpy(pos, prefix, plen);
+    memcpy(pos + plen, ":inbox:", 7);
+    size_t len = plen + 7 + ntf__fmt_i64(pos + plen + 7, id);
+    pos[len] = '\0';
+    e->argv[slot] = pos;
+    e->argvlen[slot] = len;
+    return pos + len + 1;
+}
+
 int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shards,
                      const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
-                     int last, int ttl_s)
+                     int last, int ttl_s, const ntf_layout_t *lay)
 {
     assert(shards > 0);
+    int extended = layout_extended(lay);
+    int inbox = extended && (lay->mask & CFG_LAYOUT_INBOX);
     size_t plen = strlen(prefix);
     /* Upper bounds: groups <= min(n, shards); keys are prefix + ":progress:"/":stream:" +
-     * a number; every other written string is one int64 and its NUL. */
+     * a number; every other written string is one int64 and its NUL. The layouts add at
+     * most 2 + n keys (queue:<name>, one inbox key per id) and the tail. */
     size_t maxg = n < (size_t)shards ? n : (size_t)shards;
     size_t argc = 3 + (1 + maxg) + NTF_PAGE_FIXED_ARGS + maxg + n;
     size_t bytes = (1 + maxg) * (plen + sizeof ":progress:" + NTF_I64_MAX_LEN) +
                    (8 + maxg + n) * NTF_I64_MAX_LEN;
+    if (extended) {
+        argc += 2 + n + NTF_PAGE_TAIL_ARGS;
+        bytes += sizeof "queue:" + strlen(lay->sidekiq_queue) + 4 + 3 * NTF_I64_MAX_LEN +
+                 (inbox ? n * (plen + sizeof ":inbox:" + NTF_I64_MAX_LEN) : 0);
+    }
     enc_reserve(e, argc, bytes, n, (size_t)shards);
 
     size_t groups = count_groups(e, shards, ids, n);
     int64_t new_cursor = n ? ids[n - 1] : expect_cursor;
     e->argc = 0;
-    char *pos = put_page_head(e, e->buf, sha, prefix, plen, shards, groups, job, expect_cursor,
-                              new_cursor, last, ttl_s);
+    size_t kbase;
+    char *pos = put_page_head(e, e->buf, sha, prefix, plen, shards, groups, n, lay, job,
+                              expect_cursor, new_cursor, last, ttl_s, &kbase);
 
-    /* Each group's count goes in its first slot; slot[s] becomes the next id slot. */
-    size_t next = (size_t)e->argc;
+    /* Each group's count goes in its first slot; slot[s] becomes the next id slot and
+     * kslot[s] the next inbox key slot, both in group order. */
+    size_t next = (size_t)e->argc, knext = kbase;
     for (int s = 0; s < shards; s++) {
         size_t k = e->slot[s];
         if (!k)
             continue;
         pos = put_i64_at(e, pos, next, (int64_t)k);
         e->slot[s] = next + 1;
+        e->kslot[s] = knext;
         next += 1 + k;
+        knext += k;
     }
     /* Pass two: ids in input order, so each group keeps them ascending. */
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         pos = put_i64_at(e, pos, e->slot[e->shard[i]]++, ids[i]);
+        if (inbox)
+            pos = put_inbox_key_at(e, pos, e->kslot[e->shard[i]]++, prefix, plen, ids[i]);
+    }
     e->argc = (int)next;
-    assert(next <= e->argv_cap && (size_t)(pos - e->buf) <= e->buf_cap);
+    if (extended)
+        pos = put_layout_tail(e, pos, lay);
+    assert((size_t)e->argc <= e->argv_cap && (size_t)(pos - e->buf) <= e->buf_cap);
     return e->argc;
 }
 

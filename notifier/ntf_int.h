@@ -34,6 +34,24 @@ extern const char ntf__page_lua[];
 /* ARGV of the page script before the per-shard groups (see scripts.c). */
 enum { NTF_PAGE_FIXED_ARGS = 10 };
 
+/* ARGV after the groups when a layout other than the stream alone is on: the marker
+ * "+layouts", flags, inbox_cap, inbox_ttl_s, sidekiq queue, sidekiq class, sidekiq retry. */
+enum { NTF_PAGE_TAIL_ARGS = 7 };
+
+/*
+ * What a page is written as (cfg->layouts and their settings): mask holds CFG_LAYOUT_*
+ * bits. The strings are borrowed (they live in the cfg_t) and must outlive the encoded
+ * arguments. With mask == CFG_LAYOUT_STREAM the page command is the plain stream layout.
+ */
+typedef struct ntf_layout {
+    int mask;
+    int inbox_cap;
+    int inbox_ttl_s;
+    const char *sidekiq_queue;
+    const char *sidekiq_class;
+    int sidekiq_retry;
+} ntf_layout_t;
+
 /*
  * Reusable scratch for one command's arguments. argv[i] points either into buf, at a
  * static string, or at a caller's string (sha, kind, payload, created_at), so the arrays are
@@ -50,6 +68,7 @@ typedef struct ntf_enc {
     int *shard; /* per id of the page: its shard */
     size_t ids_cap;
     size_t *slot; /* per shard: id count, then the next argv slot of its group */
+    size_t *kslot; /* per shard: the next argv slot of its ids' inbox keys */
     size_t shards_cap;
     int argc;
 } ntf_enc_t;
@@ -66,10 +85,15 @@ int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const n
  * expect_cursor new_cursor last ttl event author kind payload created_at, then per present
  * shard in the same order: count, then its ids in input order. ids must already be valid
  * (ascending); new_cursor is ids[n-1], or expect_cursor when n is 0. Returns argc.
+ *
+ * lay NULL or stream-only gives exactly that. Any other layout adds keys after the stream
+ * keys (with sidekiq: "queues" and "queue:<name>"; with inbox: <prefix>:inbox:<id> for each
+ * id, in the order the ids appear in the groups) and the NTF_PAGE_TAIL_ARGS tail after the
+ * groups.
  */
 int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shards,
                      const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
-                     int last, int ttl_s);
+                     int last, int ttl_s, const ntf_layout_t *lay);
 
 /* Writes v in decimal at out (at most 20 bytes, no NUL); returns the length. */
 size_t ntf__fmt_i64(char *out, int64_t v);

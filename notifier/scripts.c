@@ -42,21 +42,63 @@ const char ntf__fence_lua[] =
     "return {1, m[2], tonumber(m[3]) or 0, tonumber(m[4]) or 0}\n";
 
 /*
- * KEYS[1] progress hash, KEYS[2..] the stream of each shard group, in group order.
+ * KEYS[1] progress hash, KEYS[2..1+G] the stream of each of the G shard groups, in group
+ * order; with the layout tail, then "queues" and "queue:<name>" (flag q), then one inbox
+ * key per id in the order the ids appear in the groups (flag i).
  * ARGV token, expect_cursor, new_cursor, last, ttl_s, event, author, kind, payload,
- * created_at, then per group: k and k recipient ids.
+ * created_at, then per group: k and k recipient ids; then optionally the layout tail:
+ * "+layouts", flags (letters: s stream, i inbox, q sidekiq), inbox_cap, inbox_ttl_s,
+ * sidekiq queue, sidekiq class, sidekiq retry. Without the tail the page is stream only:
+ * the plain layout is the same command it always was.
  * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark; {-2, cursor, delivered, done}
  * if the mark is elsewhere or done; else {1, new_cursor, delivered, done} after writing.
+ *
+ * The inbox element and the job's args[0] are one JSON object built by concatenation: the
+ * ids are decimal digits, kind and created_at go through cjson.encode (escaping), and the
+ * payload is embedded raw because PostgreSQL rendered it from jsonb, so it is valid JSON.
+ * Timestamps of a job are Redis's TIME (seconds with microseconds, as Sidekiq writes them);
+ * its jid is the first 24 hex digits of SHA-1 of the notification id, stable across retries.
+ * Keys of the optional layouts are type-checked before the first write: a wrong-typed key
+ * would otherwise fail an LPUSH half-way through the page.
  */
 const char ntf__page_lua[] =
     "#!lua\n" NTF_LUA_NEWER "local pk, tok = KEYS[1], ARGV[1]\n"
-    "local a = 11\n"
-    "for g = 2, #KEYS do\n"
+    "local a, ng, nids = 11, 0, 0\n"
+    "while a <= #ARGV and ARGV[a] ~= '+layouts' do\n"
     "  local k = tonumber(ARGV[a])\n"
     "  if not k or k < 1 then return redis.error_reply('ERR fanout page: bad group') end\n"
-    "  a = a + 1 + k\n"
+    "  a, ng, nids = a + 1 + k, ng + 1, nids + k\n"
     "end\n"
-    "if a ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad arity') end\n"
+    "local st, inb, sq = true, false, false\n"
+    "local extra = 0\n"
+    "if a <= #ARGV then\n"
+    "  if a + 7 ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad tail') end\n"
+    "  local f = ARGV[a + 1]\n"
+    "  st, inb, sq = f:find('s', 1, true) ~= nil, f:find('i', 1, true) ~= nil,\n"
+    "                f:find('q', 1, true) ~= nil\n"
+    "  if sq then extra = extra + 2 end\n"
+    "  if inb then extra = extra + nids end\n"
+    "elseif a ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad arity') end\n"
+    "if #KEYS ~= 1 + ng + extra then return redis.error_reply('ERR fanout page: bad keys') end\n"
+    "local tail = a\n"
+    "local function want(k, t)\n"
+    "  local have = redis.call('TYPE', k).ok\n"
+    "  if have ~= 'none' and have ~= t then\n"
+    "    return redis.error_reply('ERR fanout page: key ' .. k .. ' is a ' .. have ..\n"
+    "      ', not a ' .. t .. '; delete or rename it')\n"
+    "  end\n"
+    "end\n"
+    "if sq then\n"
+    "  local e = want(KEYS[2 + ng], 'set') or want(KEYS[3 + ng], 'list')\n"
+    "  if e then return e end\n"
+    "end\n"
+    "local ib = 2 + ng + (sq and 2 or 0)\n"
+    "if inb then\n"
+    "  for i = ib, ib + nids - 1 do\n"
+    "    local e = want(KEYS[i], 'list')\n"
+    "    if e then return e end\n"
+    "  end\n"
+    "end\n"
     "local m = redis.call('HMGET', pk, 'token', 'cursor', 'delivered', 'done')\n"
     "if m[1] and newer(m[1], tok) then return {-1} end\n"
     "if not m[2] then return {-2, '', 0, 0} end\n"
@@ -65,13 +107,47 @@ const char ntf__page_lua[] =
     "  return {-2, m[2], delivered, tonumber(m[4]) or 0}\n"
     "end\n"
     "local ev, author, kind, payload, created = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]\n"
+    "local n1, n2, n3, cap, ittl, qk, qpre, qpost\n"
+    "if inb or sq then\n"
+    "  n1 = '{\"id\":\"' .. ev .. ':'\n"
+    "  n2 = '\",\"event\":\"' .. ev .. '\",\"author\":\"' .. author .. '\",\"recipient\":\"'\n"
+    "  n3 = '\",\"kind\":' .. cjson.encode(kind) .. ',\"payload\":' .. payload ..\n"
+    "       ',\"created_at\":' .. cjson.encode(created) .. '}'\n"
+    "  cap, ittl = tonumber(ARGV[tail + 2]), tonumber(ARGV[tail + 3])\n"
+    "end\n"
+    "if sq and nids > 0 then\n"
+    "  local q = ARGV[tail + 4]\n"
+    "  local t = redis.call('TIME')\n"
+    "  local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))\n"
+    "  qk = KEYS[3 + ng]\n"
+    "  qpre = '{\"class\":' .. cjson.encode(ARGV[tail + 5]) .. ',\"args\":['\n"
+    "  qpost = '],\"queue\":' .. cjson.encode(q) .. ',\"retry\":' .. ARGV[tail + 6] ..\n"
+    "          ',\"created_at\":' .. now .. ',\"enqueued_at\":' .. now .. ',\"jid\":\"'\n"
+    "  redis.call('SADD', KEYS[2 + ng], q)\n"
+    "end\n"
     "a = 11\n"
-    "for g = 2, #KEYS do\n"
+    "for g = 2, 1 + ng do\n"
     "  local sk, k = KEYS[g], tonumber(ARGV[a])\n"
     "  for i = a + 1, a + k do\n"
     "    local r = ARGV[i]\n"
-    "    redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author', author,\n"
-    "               'recipient', r, 'kind', kind, 'payload', payload, 'created_at', created)\n"
+    "    local id = ev .. ':' .. r\n"
+    "    if st then\n"
+    "      redis.call('XADD', sk, '*', 'id', id, 'event', ev, 'author', author,\n"
+    "                 'recipient', r, 'kind', kind, 'payload', payload, 'created_at', created)\n"
+    "    end\n"
+    "    if inb or sq then\n"
+    "      local note = n1 .. r .. n2 .. r .. n3\n"
+    "      if inb then\n"
+    "        redis.call('LPUSH', KEYS[ib], note)\n"
+    "        redis.call('LTRIM', KEYS[ib], 0, cap - 1)\n"
+    "        if ittl > 0 then redis.call('EXPIRE', KEYS[ib], ittl) end\n"
+    "        ib = ib + 1\n"
+    "      end\n"
+    "      if sq then\n"
+    "        redis.call('LPUSH', qk, qpre .. note .. qpost ..\n"
+    "                   string.sub(redis.sha1hex(id), 1, 24) .. '\"}')\n"
+    "      end\n"
+    "    end\n"
     "  end\n"
     "  a = a + 1 + k\n"
     "  delivered = delivered + k\n"

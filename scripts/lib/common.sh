@@ -7,6 +7,8 @@ FANOUT_PACKAGES=(
   postgresql-15 redis-server redis-tools
   python3 python3-redis python3-psycopg2
   valgrind clang libclang-rt-14-dev
+  # the reference consumers in examples/consumers/ (tests/integration/test_consumers.py)
+  ruby ruby-redis nodejs
 )
 
 fanout_install_deps() {
@@ -14,6 +16,8 @@ fanout_install_deps() {
   for p in "${FANOUT_PACKAGES[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
+  # Debian ships npm apart from nodejs; some nodejs builds bundle it (and conflict with it).
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then
     echo "fanout: missing Debian packages: ${missing[*]}; run this script as root or install them with apt-get" >&2

@@ -116,6 +116,43 @@ static void test_errors_stay_one_line(void **state)
     expect_error(none, 2, argv2, "unknown flag --bad?flag");
 }
 
+static void test_layouts(void **state)
+{
+    char *none[] = {NULL};
+    char *argv[] = {"fanoutd", NULL};
+    cfg_t c;
+    assert_int_equal(load(none, 1, argv, &c), 0);
+    assert_int_equal(c.layout_mask, CFG_LAYOUT_STREAM); /* the default: the stream alone */
+    assert_int_equal(c.inbox_cap, 100);
+    assert_string_equal(c.sidekiq_queue, "default");
+    cfg_free(&c);
+    char *env[] = {"FANOUT_LAYOUTS=sidekiq,stream,inbox", "FANOUT_SIDEKIQ_CLASS=App::NotifyJob",
+                   NULL};
+    assert_int_equal(load(env, 1, argv, &c), 0);
+    assert_int_equal(c.layout_mask, CFG_LAYOUT_STREAM | CFG_LAYOUT_INBOX | CFG_LAYOUT_SIDEKIQ);
+    assert_string_equal(c.sidekiq_class, "App::NotifyJob");
+    cfg_free(&c);
+    char *env2[] = {"FANOUT_LAYOUTS=inbox", NULL};
+    assert_int_equal(load(env2, 1, argv, &c), 0);
+    assert_int_equal(c.layout_mask, CFG_LAYOUT_INBOX);
+    cfg_free(&c);
+
+    char *e1[] = {"FANOUT_LAYOUTS=stream,mailbox", NULL};
+    expect_error(e1, 1, argv, "\"mailbox\" is unknown");
+    char *e2[] = {"FANOUT_LAYOUTS=inbox,inbox", NULL};
+    expect_error(e2, 1, argv, "\"inbox\" is repeated");
+    char *e3[] = {"FANOUT_LAYOUTS=stream,", NULL};
+    expect_error(e3, 1, argv, "ends with a comma");
+    char *e4[] = {"FANOUT_LAYOUTS=", NULL};
+    expect_error(e4, 1, argv, "layouts is empty");
+    char *e5[] = {"FANOUT_SIDEKIQ_CLASS=notify_job", NULL};
+    expect_error(e5, 1, argv, "sidekiq_class");
+    char *e6[] = {"FANOUT_SIDEKIQ_QUEUE=a b", NULL};
+    expect_error(e6, 1, argv, "sidekiq_queue");
+    char *e7[] = {"FANOUT_INBOX_CAP=0", NULL};
+    expect_error(e7, 1, argv, "inbox_cap");
+}
+
 static void test_rest_stops_at_command(void **state)
 {
     char *env[] = {NULL};
@@ -315,6 +352,7 @@ int main(void)
         cmocka_unit_test(test_file_errors_name_the_line),
         cmocka_unit_test(test_reload_applies_only_reloadable),
         cmocka_unit_test(test_errors_stay_one_line), cmocka_unit_test(test_redact_follows_libpq),
+        cmocka_unit_test(test_layouts),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }

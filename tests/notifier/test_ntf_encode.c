@@ -98,7 +98,7 @@ static void test_page_layout_several_shards(void **state)
     ntf__enc_init(&e);
     const int64_t ids[] = {11, 12, 13, 16, 17, 19, 24, INT64_MAX};
     /* shards: 11->3 12->0 13->1 16->0 17->1 19->3 24->0 MAX->3 */
-    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 8, 0, 86400);
+    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 8, 0, 86400, NULL);
     /* 3 + keys (1 + 3) + 10 fixed + 3 counts + 8 ids */
     assert_int_equal(argc, 3 + 4 + NTF_PAGE_FIXED_ARGS + 3 + 8);
     const char *want[] = {
@@ -123,7 +123,7 @@ static void test_page_one_shard_and_reuse(void **state)
     int64_t big[1000];
     for (int i = 0; i < 1000; i++)
         big[i] = 100 + i;
-    int argc = ntf__encode_page(&e, SHA, "p", 1, &job, 99, big, 1000, 0, 60);
+    int argc = ntf__encode_page(&e, SHA, "p", 1, &job, 99, big, 1000, 0, 60, NULL);
     assert_int_equal(argc, 3 + 2 + NTF_PAGE_FIXED_ARGS + 1 + 1000);
     assert_arg(&e, 2, "2");
     assert_arg(&e, 4, "p:stream:0");
@@ -133,7 +133,7 @@ static void test_page_one_shard_and_reuse(void **state)
     assert_arg(&e, argc - 1, "1099");
 
     const int64_t small[] = {-5, 3};
-    argc = ntf__encode_page(&e, SHA, "p", 1, &job, -10, small, 2, 1, 60);
+    argc = ntf__encode_page(&e, SHA, "p", 1, &job, -10, small, 2, 1, 60, NULL);
     assert_int_equal(argc, 3 + 2 + NTF_PAGE_FIXED_ARGS + 1 + 2);
     assert_arg(&e, 6, "-10");
     assert_arg(&e, 7, "3");
@@ -149,7 +149,7 @@ static void test_page_empty_last(void **state)
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
-    int argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30);
+    int argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30, NULL);
     assert_int_equal(argc, 3 + 1 + NTF_PAGE_FIXED_ARGS);
     assert_arg(&e, 2, "1");
     assert_arg(&e, 3, "fo:progress:42");
@@ -159,6 +159,62 @@ static void test_page_empty_last(void **state)
     assert_arg(&e, 7, "1");
     assert_arg(&e, 8, "30");
     assert_arg(&e, argc - 1, "2026-11-27T09:50:00.123456Z");
+    ntf__enc_free(&e);
+}
+
+/* Stream + inbox + sidekiq over shards 4: extra keys after the streams, the tail after the
+ * groups, inbox keys in the order the ids take in the groups. */
+static void test_page_layouts_all(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    const ntf_layout_t lay = {.mask = CFG_LAYOUT_STREAM | CFG_LAYOUT_INBOX | CFG_LAYOUT_SIDEKIQ,
+                              .inbox_cap = 50,
+                              .inbox_ttl_s = 3600,
+                              .sidekiq_queue = "notify",
+                              .sidekiq_class = "App::NotifyJob",
+                              .sidekiq_retry = 5};
+    const int64_t ids[] = {11, 12, 13, 16};
+    /* shards: 11->3 12->0 13->1 16->0 */
+    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 4, 1, 60, &lay);
+    const char *want[] = {
+        "EVALSHA", SHA, "10", "fo:progress:42", "fo:stream:0", "fo:stream:1", "fo:stream:3",
+        "queues", "queue:notify", "fo:inbox:12", "fo:inbox:16", "fo:inbox:13", "fo:inbox:11",
+        /* ARGV */
+        "3", "10", "16", "1", "60", "9001", "7", "post", "{\"a\": 1}",
+        "2026-11-27T09:50:00.123456Z", "2", "12", "16", "1", "13", "1", "11",
+        /* tail */
+        "+layouts", "siq", "50", "3600", "notify", "App::NotifyJob", "5"};
+    assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want[i]);
+
+    /* inbox alone; then the stream alone gives the plain command again, same scratch */
+    const ntf_layout_t inbox = {.mask = CFG_LAYOUT_INBOX, .inbox_cap = 1,
+                                .sidekiq_queue = "default", .sidekiq_class = "J"};
+    argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &inbox);
+    const char *want2[] = {"EVALSHA", SHA, "4", "p:progress:42", "p:stream:0", "p:inbox:11",
+                           "p:inbox:12", "3", "1", "12", "0", "60", "9001", "7", "post",
+                           "{\"a\": 1}", "2026-11-27T09:50:00.123456Z", "2", "11", "12",
+                           "+layouts", "i", "1", "0", "default", "J", "25"};
+    want2[26] = "0"; /* sidekiq_retry left 0 */
+    assert_int_equal(argc, (int)(sizeof want2 / sizeof want2[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want2[i]);
+
+    const ntf_layout_t plain = {.mask = CFG_LAYOUT_STREAM};
+    argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30, &plain);
+    assert_int_equal(argc, 3 + 1 + NTF_PAGE_FIXED_ARGS);
+    assert_arg(&e, 2, "1");
+    assert_arg(&e, argc - 1, "2026-11-27T09:50:00.123456Z");
+
+    /* an empty last page with layouts: no inbox keys, the tail still there */
+    argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30, &lay);
+    assert_int_equal(argc, 3 + 1 + 2 + NTF_PAGE_FIXED_ARGS + NTF_PAGE_TAIL_ARGS);
+    assert_arg(&e, 2, "3");
+    assert_arg(&e, 4, "queues");
+    assert_arg(&e, 3 + 3 + NTF_PAGE_FIXED_ARGS, "+layouts");
     ntf__enc_free(&e);
 }
 
@@ -299,6 +355,7 @@ int main(void)
         cmocka_unit_test(test_page_layout_several_shards),
         cmocka_unit_test(test_page_one_shard_and_reuse),
         cmocka_unit_test(test_page_empty_last),
+        cmocka_unit_test(test_page_layouts_all),
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_parse_malformed),
     };

@@ -1,0 +1,153 @@
+#!/usr/bin/env node
+// fanout reference consumer in Node.js (ioredis, from the npm registry; npm ci installs it
+// from package-lock.json).
+//
+// Reads every shard stream <prefix>:stream:0..shards-1 as one consumer of a consumer group,
+// hands each notification to handle(), and only then acknowledges it. Entries that another
+// consumer of the group left pending for --min-idle-ms (it died, or hangs) are taken over
+// with XAUTOCLAIM. Duplicates are dropped by the notification's `id` (<event>:<recipient>)
+// through a mark in Redis shared by the group's consumers, <prefix>:seen:<group>:<id>:
+// claimed with SET NX PX <min-idle> before handling, set to "done" with an expiry
+// (--seen-ttl) after handling. A consumer that takes over drops what the dead one had done.
+//
+// Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
+// per handled notification (the payload parsed); replace handle() with your own work.
+//
+//   node consumer.js --port 6379 --group mailer --consumer mailer-1
+'use strict';
+
+const { parseArgs } = require('node:util');
+const Redis = require('ioredis');
+
+const { values: o } = parseArgs({
+  options: {
+    host: { type: 'string', default: '127.0.0.1' },
+    port: { type: 'string', default: '6379' },
+    password: { type: 'string' },
+    prefix: { type: 'string', default: 'fanout' }, // FANOUT_KEY_PREFIX
+    shards: { type: 'string', default: '16' }, // FANOUT_SHARDS
+    group: { type: 'string' },
+    consumer: { type: 'string' },
+    count: { type: 'string', default: '100' }, // entries per read
+    'block-ms': { type: 'string', default: '1000' },
+    'min-idle-ms': { type: 'string', default: '60000' }, // take over entries pending this long
+    'seen-ttl': { type: 'string', default: '86400' }, // dedupe marks' expiry, s
+    'stall-after': { type: 'string', default: '0' }, // for tests: hold the batch after N
+  },
+});
+if (!o.group || !o.consumer) {
+  console.error('consumer.js: --group and --consumer are required');
+  process.exit(2);
+}
+const shards = Number(o.shards);
+const count = Number(o.count);
+const minIdle = Number(o['min-idle-ms']);
+const seenTtl = Number(o['seen-ttl']);
+const stallAfter = Number(o['stall-after']);
+const keys = Array.from({ length: shards }, (_, n) => `${o.prefix}:stream:${n}`);
+const seenKey = (id) => `${o.prefix}:seen:${o.group}:${id}`;
+const claim = `claim:${o.consumer}`;
+const r = new Redis({ host: o.host, port: Number(o.port), password: o.password });
+
+let stop = false;
+let handled = 0;
+process.on('SIGTERM', () => { stop = true; });
+process.on('SIGINT', () => { stop = true; });
+
+// Your work goes here. This one prints the notification as one JSON line.
+function handle(note) {
+  process.stdout.write(JSON.stringify({ ...note, payload: JSON.parse(note.payload) }) + '\n');
+}
+
+// [f1, v1, f2, v2, ...] -> {f1: v1, ...}; null stays null (an entry deleted meanwhile).
+function fields(flat) {
+  if (!flat) return null;
+  const out = {};
+  for (let i = 0; i + 1 < flat.length; i += 2) out[flat[i]] = flat[i + 1];
+  return out;
+}
+
+// Test aid: a crash while holding unacknowledged entries (see --stall-after).
+async function stall(held, handledHere) {
+  process.stderr.write(`stalled after ${handled}: holding ${held} unacknowledged entries, ` +
+                       `${handledHere} of them handled\n`);
+  for (;;) await new Promise((resolve) => setTimeout(resolve, 3600 * 1000));
+}
+
+// One batch of one stream (see docs/queue-format.md, "Consumers"): claim each
+// notification's mark, handle what is ours, mark it done, acknowledge.
+async function processBatch(key, raw) {
+  if (raw.length === 0) return;
+  const entries = raw.map(([id, flat]) => [id, fields(flat)]);
+  const live = entries.filter(([, f]) => f && f.id);
+  const pipe = r.pipeline(); // claim: one consumer at a time handles a notification
+  for (const [, f] of live) pipe.set(seenKey(f.id), claim, 'PX', minIdle, 'NX');
+  const claimed = live.length ? await pipe.exec() : [];
+  const others = live.filter((_, i) => claimed[i][1] !== 'OK').map(([, f]) => f.id);
+  const marks = new Map();
+  if (others.length) {
+    const values = await r.mget(others.map(seenKey));
+    others.forEach((id, i) => marks.set(id, values[i]));
+  }
+  const ack = [];
+  let handledHere = 0;
+  for (const [id, f] of entries) {
+    const mark = f && f.id && marks.has(f.id) ? marks.get(f.id) : claim;
+    if (mark !== claim) {
+      if (mark === 'done') ack.push(id); // handled before (by a consumer that died): drop it
+      continue; // else another live consumer is handling it and will acknowledge it
+    }
+    if (f) { // (an entry deleted from the stream meanwhile is only acknowledged)
+      handle(f);
+      if (f.id) await r.set(seenKey(f.id), 'done', 'EX', seenTtl);
+      handled += 1;
+      handledHere += 1;
+      if (stallAfter > 0 && handled >= stallAfter) await stall(entries.length, handledHere);
+    }
+    ack.push(id);
+  }
+  if (ack.length) await r.xack(key, o.group, ...ack);
+}
+
+// Takes over entries idle for min-idle-ms in any consumer's hands.
+async function sweep() {
+  for (const key of keys) {
+    let start = '0-0';
+    while (!stop) {
+      const [next, claimed] = await r.xautoclaim(key, o.group, o.consumer, minIdle, start,
+                                                 'COUNT', count);
+      await processBatch(key, claimed);
+      start = next;
+      if (start === '0-0') break;
+    }
+  }
+}
+
+async function main() {
+  for (const key of keys) {
+    try {
+      await r.xgroup('CREATE', key, o.group, '0', 'MKSTREAM');
+    } catch (e) {
+      if (!String(e.message).includes('BUSYGROUP')) throw e;
+    }
+  }
+  const every = Math.min(Math.max(minIdle / 2, 10), 1000);
+  let lastSweep = -Infinity;
+  while (!stop) {
+    if (Date.now() - lastSweep >= every) {
+      await sweep();
+      lastSweep = Date.now();
+    }
+    const block = Math.max(1, Math.min(Number(o['block-ms']), every));
+    const got = await r.xreadgroup('GROUP', o.group, o.consumer, 'COUNT', count, 'BLOCK', block,
+                                   'STREAMS', ...keys, ...keys.map(() => '>'));
+    for (const [key, entries] of got || []) await processBatch(key, entries);
+  }
+  process.stderr.write(`handled ${handled}\n`);
+  r.disconnect();
+}
+
+main().catch((e) => {
+  console.error(`consumer.js: ${e.message}`);
+  process.exit(1);
+});

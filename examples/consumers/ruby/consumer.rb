@@ -1,0 +1,150 @@
+#!/usr/bin/env ruby
+# frozen_string_literal: true
+
+# fanout reference consumer in Ruby (redis-rb; Debian: ruby-redis).
+#
+# Reads every shard stream <prefix>:stream:0..shards-1 as one consumer of a consumer group,
+# hands each notification to handle, and only then acknowledges it. Entries that another
+# consumer of the group left pending for --min-idle-ms (it died, or hangs) are taken over
+# with XAUTOCLAIM. Duplicates are dropped by the notification's `id` (<event>:<recipient>)
+# through a mark in Redis shared by the group's consumers, <prefix>:seen:<group>:<id>:
+# claimed with SET NX PX <min-idle> before handling, set to "done" with an expiry
+# (--seen-ttl) after handling. A consumer that takes over drops what the dead one had done.
+#
+# Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
+# per handled notification (the payload parsed); replace handle with your own work.
+#
+#   consumer.rb --port 6379 --group mailer --consumer mailer-1
+
+require 'json'
+require 'optparse'
+require 'redis'
+
+# Your work goes here. This one prints the notification as one JSON line.
+def handle(note)
+  $stdout.write(JSON.generate(note.merge('payload' => JSON.parse(note['payload']))) + "\n")
+  $stdout.flush
+end
+
+class Consumer
+  attr_reader :handled
+
+  def initialize(opts)
+    @o = opts
+    @r = Redis.new(host: opts[:host], port: opts[:port], password: opts[:password])
+    @keys = (0...opts[:shards]).map { |n| "#{opts[:prefix]}:stream:#{n}" }
+    @handled = 0
+    @claim = "claim:#{opts[:consumer]}"
+    @stop = false
+  end
+
+  def stop!
+    @stop = true
+  end
+
+  def seen_key(id)
+    "#{@o[:prefix]}:seen:#{@o[:group]}:#{id}"
+  end
+
+  def create_groups
+    @keys.each do |key|
+      @r.xgroup(:create, key, @o[:group], '0', mkstream: true)
+    rescue Redis::CommandError => e
+      raise unless e.message.include?('BUSYGROUP')
+    end
+  end
+
+  # One batch of one stream (see docs/queue-format.md, "Consumers"): claim each
+  # notification's mark, handle what is ours, mark it done, acknowledge.
+  def process(key, entries)
+    return if entries.empty?
+
+    live = entries.select { |_, f| f && f['id'] }
+    claimed = @r.pipelined do |pipe| # claim: one consumer at a time handles a notification
+      live.each { |_, f| pipe.set(seen_key(f['id']), @claim, nx: true, px: @o[:min_idle_ms]) }
+    end
+    others = live.zip(claimed).reject { |_, ok| ok }.map { |(_, f), _| f['id'] }
+    marks = others.empty? ? {} : others.zip(@r.mget(*others.map { |i| seen_key(i) })).to_h
+    ack = []
+    done_here = 0
+    entries.each do |id, f|
+      mark = f && f['id'] ? marks.fetch(f['id'], @claim) : @claim
+      if mark != @claim
+        ack << id if mark == 'done' # handled before (by a consumer that died): drop it
+        next # else another live consumer is handling it and will acknowledge it
+      end
+      if f # (an entry deleted from the stream meanwhile is only acknowledged)
+        handle(f)
+        @r.set(seen_key(f['id']), 'done', ex: @o[:seen_ttl]) if f['id']
+        @handled += 1
+        done_here += 1
+        stall(entries.size, done_here) if @o[:stall_after].positive? && @handled >= @o[:stall_after]
+      end
+      ack << id
+    end
+    @r.xack(key, @o[:group], *ack) unless ack.empty?
+  end
+
+  # Test aid: a crash while holding unacknowledged entries (see --stall-after).
+  def stall(held, handled_here)
+    warn "stalled after #{@handled}: holding #{held} unacknowledged entries, " \
+         "#{handled_here} of them handled"
+    $stderr.flush
+    sleep
+  end
+
+  # Takes over entries idle for min-idle-ms in any consumer's hands.
+  def sweep
+    @keys.each do |key|
+      start = '0-0'
+      until @stop
+        got = @r.xautoclaim(key, @o[:group], @o[:consumer], @o[:min_idle_ms], start,
+                            count: @o[:count])
+        process(key, got['entries'])
+        start = got['next']
+        break if start == '0-0'
+      end
+    end
+  end
+
+  def run
+    create_groups
+    every = (@o[:min_idle_ms] / 2000.0).clamp(0.01, 1.0)
+    last_sweep = -every
+    until @stop
+      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      if now - last_sweep >= every
+        sweep
+        last_sweep = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      end
+      block = [@o[:block_ms], (every * 1000).to_i].min.clamp(1, nil)
+      got = @r.xreadgroup(@o[:group], @o[:consumer], @keys, ['>'] * @keys.size,
+                          count: @o[:count], block: block)
+      got.each { |key, entries| process(key, entries) }
+    end
+  end
+end
+
+opts = { host: '127.0.0.1', port: 6379, password: nil, prefix: 'fanout', shards: 16,
+         count: 100, block_ms: 1000, min_idle_ms: 60_000, seen_ttl: 86_400, stall_after: 0 }
+OptionParser.new do |p|
+  p.banner = 'usage: consumer.rb --group G --consumer C [options]'
+  p.on('--host H') { |v| opts[:host] = v }
+  p.on('--port N', Integer) { |v| opts[:port] = v }
+  p.on('--password P') { |v| opts[:password] = v }
+  p.on('--prefix P', 'FANOUT_KEY_PREFIX') { |v| opts[:prefix] = v }
+  p.on('--shards N', Integer, 'FANOUT_SHARDS') { |v| opts[:shards] = v }
+  p.on('--group G') { |v| opts[:group] = v }
+  p.on('--consumer C') { |v| opts[:consumer] = v }
+  p.on('--count N', Integer, 'entries per read') { |v| opts[:count] = v }
+  p.on('--block-ms N', Integer) { |v| opts[:block_ms] = v }
+  p.on('--min-idle-ms N', Integer, 'take over entries pending this long') { |v| opts[:min_idle_ms] = v }
+  p.on('--seen-ttl S', Integer, "dedupe marks' expiry") { |v| opts[:seen_ttl] = v }
+  p.on('--stall-after N', Integer, 'for tests: hold the batch after N') { |v| opts[:stall_after] = v }
+end.parse!
+abort 'consumer.rb: --group and --consumer are required' unless opts[:group] && opts[:consumer]
+
+consumer = Consumer.new(opts)
+%w[TERM INT].each { |sig| Signal.trap(sig) { consumer.stop! } }
+consumer.run
+warn "handled #{consumer.handled}"

@@ -1,0 +1,590 @@
+/*
+ * consume.c: `fanoutctl consume`, the C reference consumer of the shard streams.
+ *
+ * It reads every shard stream as one consumer of a group and, per batch: claims each
+ * notification's dedupe mark <prefix>:seen:<group>:<id> (SET claim:<me> NX PX <min-idle>),
+ * so that two consumers never handle one notification at once; drops the entries whose
+ * mark says "done" (handled before, by a consumer that died before acknowledging) and
+ * leaves those another live consumer claimed; prints the rest as JSON lines and flushes
+ * stdout; sets their marks to "done" with an expiry (--seen-ttl, which bounds the marks'
+ * memory); and only then acknowledges the batch (XACK). Entries left pending by a consumer
+ * that died are taken over with XAUTOCLAIM once idle for --min-idle.
+ *
+ * Order of effects per entry: claim -> print -> mark done -> ack. A crash between print and
+ * "done" can print an entry twice after the claim expires (at least once, never lost);
+ * anywhere else it cannot. That window is the price of a handler (stdout) whose effect is
+ * not in Redis; docs/queue-format.md says how to close it when the effect lives in Redis.
+ */
+#include "fanoutctl/ctl_int.h"
+#include "fanoutctl/fctl_int.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/common.h"
+
+/* ---------------------------------------------------------------------------------------
+ * The consumer
+ * ------------------------------------------------------------------------------------- */
+
+/* Set by SIGTERM/SIGINT: finish the batch in hand (print, mark, ack), then exit 0. */
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+typedef struct consumer {
+    redisContext *redis;
+    const char *group, *name, *prefix;
+    char **keys;   /* the shard streams */
+    char **cursor; /* per stream: ">" for new entries, or the last pending id seen */
+    int nkeys;
+    long long limit;       /* stop after this many printed entries; 0: no limit */
+    long long stall_after; /* test aid: after this many, hold the batch unacknowledged */
+    long long min_idle_ms; /* take over entries pending this long elsewhere; 0: never */
+    long long seen_ttl_s;  /* expiry of the dedupe marks; 0: no dedupe */
+    int follow;            /* run until SIGTERM/SIGINT instead of until a read is empty */
+    long long printed;
+    ctl_buf_t out;
+} consumer_t;
+
+/* One entry of a batch; the pointers borrow from the reply the batch was built from. */
+typedef struct centry {
+    int k;                    /* its stream */
+    const redisReply *id;     /* the stream entry id */
+    const redisReply *fields; /* NULL: deleted from the stream since it was delivered */
+    const redisReply *note;   /* the notification id (field "id"), NULL if absent */
+    enum { ACT_LEAVE, ACT_ACK, ACT_PRINT } action;
+} centry_t;
+
+typedef struct batch {
+    centry_t *e;
+    size_t n, cap;
+} batch_t;
+
+/* Appends the entries [[id, [f, v, ...] or nil], ...] of stream k; -1 if malformed. */
+static int batch_add(batch_t *b, int k, const redisReply *entries)
+{
+    if (entries->type != REDIS_REPLY_ARRAY)
+        return -1;
+    for (size_t i = 0; i < entries->elements; i++) {
+        const redisReply *e = entries->element[i];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+            e->element[0]->type != REDIS_REPLY_STRING)
+            return -1;
+        const redisReply *f = e->element[1];
+        if (f->type != REDIS_REPLY_NIL && f->type != REDIS_REPLY_ARRAY)
+            return -1;
+        if (b->n == b->cap) {
+            b->cap = b->cap ? 2 * b->cap : 64;
+            b->e = fo_xrealloc(b->e, b->cap * sizeof *b->e);
+        }
+        centry_t *c = &b->e[b->n++];
+        *c = (centry_t){.k = k, .id = e->element[0], .action = ACT_LEAVE};
+        if (f->type == REDIS_REPLY_ARRAY) {
+            c->fields = f;
+            for (size_t j = 0; j + 1 < f->elements; j += 2) {
+                const redisReply *name = f->element[j], *v = f->element[j + 1];
+                if (name->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
+                    return -1;
+                if (name->len == 2 && memcmp(name->str, "id", 2) == 0)
+                    c->note = v;
+            }
+        }
+    }
+    return 0;
+}
+
+/* One stream entry as one JSON line into c->out. */
+static void entry_json(consumer_t *c, const centry_t *e)
+{
+    const char *stream = c->keys[e->k];
+    ctl__buf_puts(&c->out, "{\"stream\":");
+    ctl__json_string(&c->out, stream, strlen(stream));
+    ctl__buf_puts(&c->out, ",\"entry\":");
+    ctl__json_string(&c->out, e->id->str, e->id->len);
+    for (size_t k = 0; k + 1 < e->fields->elements; k += 2) {
+        const redisReply *f = e->fields->element[k], *v = e->fields->element[k + 1];
+        ctl__buf_puts(&c->out, ",");
+        ctl__json_string(&c->out, f->str, f->len);
+        ctl__buf_puts(&c->out, ":");
+        if (f->len == 7 && memcmp(f->str, "payload", 7) == 0)
+            ctl__json_raw_or_string(&c->out, v->str, v->len);
+        else
+            ctl__json_string(&c->out, v->str, v->len);
+    }
+    ctl__buf_puts(&c->out, "}\n");
+}
+
+static char *seen_key(const consumer_t *c, const redisReply *note)
+{
+    return fo_xasprintf("%s:seen:%s:%.*s", c->prefix, c->group, (int)note->len, note->str);
+}
+
+/* Sends one command per entry of b that passes `want` (pipelined) and collects the replies:
+ * SET <mark> <value> <opts...> for each. replies[i] is NULL for entries not sent. */
+static int set_marks(consumer_t *c, const batch_t *b, const char *value, const char **opts,
+                     int nopts, int claims, redisReply **replies)
+{
+    size_t sent = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        const centry_t *e = &b->e[i];
+        if (!e->fields || !e->note || (claims ? 0 : e->action != ACT_PRINT))
+            continue;
+        char *key = seen_key(c, e->note);
+        const char *argv[8] = {"SET", key, value};
+        for (int k = 0; k < nopts; k++)
+            argv[3 + k] = opts[k];
+        redisAppendCommandArgv(c->redis, 3 + nopts, argv, NULL);
+        free(key);
+        sent++;
+    }
+    int status = 0;
+    for (size_t i = 0, got = 0; got < sent; i++) {
+        const centry_t *e = &b->e[i];
+        if (!e->fields || !e->note || (claims ? 0 : e->action != ACT_PRINT))
+            continue;
+        got++;
+        redisReply *r = NULL;
+        if (redisGetReply(c->redis, (void **)&r) != REDIS_OK || !r) {
+            fail("consume", "redis: SET: %s",
+                 c->redis->errstr[0] ? c->redis->errstr : "connection lost");
+            return -1;
+        }
+        if (r->type == REDIS_REPLY_ERROR && status == 0) {
+            fail("consume", "redis: SET: %s", r->str);
+            status = -1;
+        }
+        if (replies)
+            replies[i] = r;
+        else
+            freeReplyObject(r);
+    }
+    return status;
+}
+
+/*
+ * The dedupe marks (docs/queue-format.md, "Consumers"): claims every notification of the
+ * batch with SET <mark> claim:<me> NX PX <lease>; for those another consumer holds, reads
+ * the mark. mine[i] becomes 1 (ours to handle), 0 (already done: acknowledge only) or -1
+ * (another live consumer is handling it: leave it, that consumer acknowledges it).
+ */
+static int claim_marks(consumer_t *c, const batch_t *b, signed char *mine)
+{
+    char lease[24];
+    snprintf(lease, sizeof lease, "%lld", c->min_idle_ms ? c->min_idle_ms : 60000);
+    char *claim = fo_xasprintf("claim:%s", c->name);
+    const char *opts[] = {"NX", "PX", lease};
+    redisReply **rep = fo_xcalloc(b->n, sizeof *rep);
+    int status = set_marks(c, b, claim, opts, 3, 1, rep);
+    const char **argv = fo_xcalloc(b->n + 1, sizeof *argv);
+    size_t *map = fo_xcalloc(b->n + 1, sizeof *map);
+    int argc = 0;
+    argv[argc++] = "MGET";
+    for (size_t i = 0; i < b->n; i++) {
+        mine[i] = 1;
+        if (status == 0 && rep[i] && rep[i]->type == REDIS_REPLY_NIL) {
+            map[argc] = i;
+            argv[argc++] = seen_key(c, b->e[i].note);
+        }
+    }
+    if (status == 0 && argc > 1) {
+        redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
+        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != (size_t)argc - 1) {
+            if (r)
+                fail("consume", "redis: unexpected MGET reply");
+            status = -1;
+        } else {
+            for (int a = 1; a < argc; a++) {
+                const redisReply *v = r->element[a - 1];
+                if (v->type != REDIS_REPLY_STRING)
+                    continue; /* expired meanwhile: handle it */
+                if (strcmp(v->str, "done") == 0)
+                    mine[map[a]] = 0;
+                else if (strcmp(v->str, claim) != 0)
+                    mine[map[a]] = -1;
+            }
+        }
+        if (r)
+            freeReplyObject(r);
+    }
+    for (int a = 1; a < argc; a++)
+        free((char *)argv[a]);
+    for (size_t i = 0; i < b->n; i++)
+        if (rep[i])
+            freeReplyObject(rep[i]);
+    free(rep);
+    free(argv);
+    free(map);
+    free(claim);
+    return status;
+}
+
+static int xack(consumer_t *c, const batch_t *b)
+{
+    const char **argv = fo_xcalloc(b->n + 3, sizeof *argv);
+    int status = 0;
+    for (int k = 0; k < c->nkeys && status == 0; k++) {
+        int argc = 3;
+        for (size_t i = 0; i < b->n; i++)
+            if (b->e[i].k == k && b->e[i].action != ACT_LEAVE)
+                argv[argc++] = b->e[i].id->str;
+        if (argc == 3)
+            continue;
+        argv[0] = "XACK", argv[1] = c->keys[k], argv[2] = c->group;
+        redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
+        if (!r)
+            status = -1;
+        else
+            freeReplyObject(r);
+    }
+    free(argv);
+    return status;
+}
+
+/*
+ * Handles one batch: drops what was already handled, prints the rest and flushes stdout,
+ * marks the printed entries handled, then acknowledges the batch. Entries past --count are
+ * left pending (unprinted, unacknowledged). With --stall-after, once that many entries are
+ * printed the batch is marked but not acknowledged and the process waits to be killed: a
+ * crash while holding entries, made on purpose for tests and demonstrations.
+ * Returns 0, or -1 after one line on stderr.
+ */
+static int handle_batch(consumer_t *c, batch_t *b)
+{
+    if (b->n == 0)
+        return 0;
+    signed char *mine = fo_xcalloc(b->n, 1);
+    if (c->seen_ttl_s && claim_marks(c, b, mine) < 0) {
+        free(mine);
+        return -1;
+    }
+    int stalled = 0;
+    long long held_printed = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        centry_t *e = &b->e[i];
+        if (c->seen_ttl_s && mine[i] < 0) {
+            e->action = ACT_LEAVE; /* another consumer is on it */
+        } else if (!e->fields || (c->seen_ttl_s && mine[i] == 0)) {
+            e->action = ACT_ACK; /* deleted meanwhile, or already handled: nothing to do */
+        } else if (!stalled && (!c->limit || c->printed < c->limit)) {
+            entry_json(c, e);
+            e->action = ACT_PRINT;
+            c->printed++;
+            held_printed++;
+            stalled = c->stall_after && c->printed >= c->stall_after;
+        }
+    }
+    free(mine);
+    if (c->out.len) {
+        size_t len = c->out.len;
+        c->out.len = 0;
+        if (fwrite(c->out.p, 1, len, stdout) != len || fflush(stdout) != 0) {
+            fail("consume", "writing the entries: %s", strerror(errno));
+            return -1;
+        }
+    }
+    if (c->seen_ttl_s) {
+        char ttl[24];
+        snprintf(ttl, sizeof ttl, "%lld", c->seen_ttl_s);
+        const char *opts[] = {"EX", ttl};
+        if (set_marks(c, b, "done", opts, 2, 0, NULL) < 0)
+            return -1;
+    }
+    if (stalled) {
+        fprintf(stderr,
+                "fanoutctl: consume: stalled after %lld: holding %zu unacknowledged entries, "
+                "%lld of them handled (--stall-after); waiting to be killed\n",
+                c->printed, b->n, held_printed);
+        fflush(stderr);
+        while (!stop_requested)
+            pause();
+        return -1;
+    }
+    return xack(c, b);
+}
+
+/* XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS keys... cursors... */
+static redisReply *xreadgroup(consumer_t *c, long long count, long long block_ms)
+{
+    int argc = 0;
+    const char **argv = fo_xcalloc((size_t)(2 * c->nkeys + 10), sizeof *argv);
+    char countbuf[24], blockbuf[24];
+    snprintf(countbuf, sizeof countbuf, "%lld", count);
+    snprintf(blockbuf, sizeof blockbuf, "%lld", block_ms);
+    argv[argc++] = "XREADGROUP";
+    argv[argc++] = "GROUP";
+    argv[argc++] = c->group;
+    argv[argc++] = c->name;
+    argv[argc++] = "COUNT";
+    argv[argc++] = countbuf;
+    if (block_ms >= 0) {
+        argv[argc++] = "BLOCK";
+        argv[argc++] = blockbuf;
+    }
+    argv[argc++] = "STREAMS";
+    for (int k = 0; k < c->nkeys; k++)
+        argv[argc++] = c->keys[k];
+    for (int k = 0; k < c->nkeys; k++)
+        argv[argc++] = c->cursor[k];
+    redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
+    free(argv);
+    return r;
+}
+
+/* Reads once and handles what came; returns the number of entries read, or -1. */
+static long long read_once(consumer_t *c, long long count, long long block_ms, int pending)
+{
+    redisReply *r = xreadgroup(c, count, block_ms);
+    if (!r)
+        return -1;
+    batch_t b = {0};
+    int bad = r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_ARRAY;
+    /* Each stream at most once per reply: a stream listed twice is a malformed reply, not a
+     * reason to handle its entries twice. */
+    unsigned char *seen = fo_xcalloc((size_t)c->nkeys, 1);
+    for (size_t s = 0; !bad && r->type == REDIS_REPLY_ARRAY && s < r->elements; s++) {
+        const redisReply *st = r->element[s];
+        bad = st->type != REDIS_REPLY_ARRAY || st->elements != 2 ||
+              st->element[0]->type != REDIS_REPLY_STRING;
+        int k = 0;
+        while (!bad && k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
+            k++;
+        size_t before = b.n;
+        bad = bad || k == c->nkeys || seen[k]++ || batch_add(&b, k, st->element[1]) < 0;
+        /* Own pending entries are paged by id: go on after the last one seen. */
+        if (!bad && pending && b.n > before) {
+            free(c->cursor[k]);
+            c->cursor[k] = fo_xstrdup(b.e[b.n - 1].id->str);
+        }
+    }
+    long long n = (long long)b.n;
+    if (bad) {
+        fail("consume", "redis: unexpected XREADGROUP reply; are the keys streams?");
+        n = -1;
+    } else if (handle_batch(c, &b) < 0) {
+        n = -1;
+    }
+    free(b.e);
+    free(seen);
+    freeReplyObject(r);
+    return n;
+}
+
+/* XAUTOCLAIM over every stream: takes over entries idle for min_idle_ms in other
+ * consumers' hands (a consumer that died) and handles them like new ones. */
+static int sweep(consumer_t *c)
+{
+    char idle[24];
+    snprintf(idle, sizeof idle, "%lld", c->min_idle_ms);
+    for (int k = 0; k < c->nkeys; k++) {
+        char *start = fo_xstrdup("0-0");
+        for (;;) {
+            if (stop_requested || (c->limit && c->printed >= c->limit))
+                break;
+            const char *argv[] = {"XAUTOCLAIM", c->keys[k], c->group, c->name,
+                                  idle,         start,      "COUNT",  "100"};
+            redisReply *r = fctl_redis_run(c->redis, "consume", 8, argv, 0);
+            if (!r) {
+                free(start);
+                return -1;
+            }
+            batch_t b = {0};
+            if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 ||
+                r->element[0]->type != REDIS_REPLY_STRING || batch_add(&b, k, r->element[1])) {
+                fail("consume", "redis: unexpected XAUTOCLAIM reply");
+                free(b.e);
+                freeReplyObject(r);
+                free(start);
+                return -1;
+            }
+            int status = handle_batch(c, &b);
+            free(start);
+            start = fo_xstrdup(r->element[0]->str);
+            free(b.e);
+            freeReplyObject(r);
+            if (status < 0) {
+                free(start);
+                return -1;
+            }
+            if (strcmp(start, "0-0") == 0)
+                break;
+        }
+        free(start);
+    }
+    return 0;
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static int consume_run(consumer_t *c, long long block_ms)
+{
+    /* The group, once per stream; BUSYGROUP means it is already there. */
+    for (int k = 0; k < c->nkeys; k++) {
+        const char *argv[] = {"XGROUP", "CREATE", c->keys[k], c->group, "0", "MKSTREAM"};
+        redisReply *r = fctl_redis_run(c->redis, "consume", 6, argv, 1);
+        if (!r)
+            return EXIT_RUNTIME;
+        if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
+            fail("consume", "redis: XGROUP CREATE %s: %s", c->keys[k], r->str);
+            freeReplyObject(r);
+            return EXIT_RUNTIME;
+        }
+        freeReplyObject(r);
+    }
+    /* Sweep for abandoned entries at most twice per min-idle period (and once a second at
+     * least): often enough that a takeover waits about min-idle, rarely enough to cost
+     * little. */
+    uint64_t every = c->min_idle_ms / 2 < 1000 ? (uint64_t)c->min_idle_ms / 2 : 1000;
+    if (every < 10)
+        every = 10; /* and never BLOCK 0, which would wait for ever */
+    uint64_t last_sweep = 0;
+    /* First what this consumer was given before and never acknowledged, then new entries. */
+    for (int pending = 1; pending >= 0; pending--) {
+        for (int k = 0; k < c->nkeys; k++) {
+            free(c->cursor[k]);
+            c->cursor[k] = fo_xstrdup(pending ? "0" : ">");
+        }
+        while (!stop_requested && (!c->limit || c->printed < c->limit)) {
+            if (!pending && c->min_idle_ms && (last_sweep == 0 || now_ms() - last_sweep >= every)) {
+                if (sweep(c) < 0)
+                    return EXIT_RUNTIME;
+                last_sweep = now_ms();
+            }
+            long long want = c->limit ? c->limit - c->printed : 100;
+            if (want > 100)
+                want = 100;
+            long long block = pending ? -1 : block_ms;
+            if (!pending && c->min_idle_ms && (long long)every < block)
+                block = (long long)every; /* come back in time for the next sweep */
+            long long n = read_once(c, want, block, pending);
+            if (n < 0)
+                return EXIT_RUNTIME;
+            if (n == 0 && (pending || (!c->follow && !c->limit)))
+                break;
+        }
+    }
+    return EXIT_OK;
+}
+
+static void consume_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: fanoutctl [SETTINGS] consume --group G --consumer C [--count N] [--block MS]\n"
+            "                 [--follow] [--min-idle MS] [--seen-ttl S]\n"
+            "Reads every shard stream <key-prefix>:stream:0..shards-1 as consumer C of group G\n"
+            "(created at the stream start if missing), prints one JSON object per entry, marks\n"
+            "it handled (<key-prefix>:seen:G:<id>) and acknowledges it. Entries left pending by\n"
+            "an earlier run of C come first; entries idle that long in another consumer's hands\n"
+            "are taken over (XAUTOCLAIM); an entry whose notification id was already handled is\n"
+            "acknowledged without being printed again.\n"
+            "  --count N        stop after N entries (default: when a read returns nothing)\n"
+            "  --block MS       how long one read waits for new entries (default 1000)\n"
+            "  --follow         run until SIGTERM or SIGINT, which finish the batch in hand\n"
+            "  --min-idle MS    take over entries pending this long elsewhere (default 60000;\n"
+            "                   0: never)\n"
+            "  --seen-ttl S     keep the dedupe marks S seconds (default 86400; 0: no dedupe)\n"
+            "  --stall-after N  for tests: after N entries, hold the batch unacknowledged\n"
+            "                   and wait to be killed\n");
+}
+
+int cmd_consume(const cfg_t *cfg, int argc, char **argv)
+{
+    const char *group = NULL, *name = NULL, *count = NULL, *block = NULL, *follow = NULL;
+    const char *min_idle = NULL, *seen_ttl = NULL, *stall = NULL;
+    opt_t opts[] = {{"group", &group, 0},       {"consumer", &name, 0},
+                    {"count", &count, 0},       {"block", &block, 0},
+                    {"follow", &follow, 1},     {"min-idle", &min_idle, 0},
+                    {"seen-ttl", &seen_ttl, 0}, {"stall-after", &stall, 0}};
+    int r = parse_opts("consume", argc, argv, opts, sizeof opts / sizeof opts[0], NULL);
+    if (r == 1) {
+        consume_usage(stdout);
+        return EXIT_OK;
+    }
+    if (r)
+        return r;
+    if (!group || !*group) {
+        fail("consume", "--group is missing; give the consumer group, e.g. --group mailer");
+        return EXIT_USAGE;
+    }
+    if (!name || !*name) {
+        fail("consume", "--consumer is missing; give this consumer's name, e.g. --consumer c1");
+        return EXIT_USAGE;
+    }
+    long long limit = 0, block_ms = 1000, idle_ms = 60000, ttl_s = 86400, stall_after = 0;
+    if (count && ctl__parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
+        fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
+        return EXIT_USAGE;
+    }
+    if (block && ctl__parse_int_range(block, 0, 86400000, &block_ms) < 0) {
+        fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
+             block);
+        return EXIT_USAGE;
+    }
+    if (min_idle && ctl__parse_int_range(min_idle, 0, 86400000, &idle_ms) < 0) {
+        fail("consume", "--min-idle \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
+             min_idle);
+        return EXIT_USAGE;
+    }
+    if (seen_ttl && ctl__parse_int_range(seen_ttl, 0, 31536000, &ttl_s) < 0) {
+        fail("consume", "--seen-ttl \"%.40s\" is not valid; give seconds from 0 to 31536000",
+             seen_ttl);
+        return EXIT_USAGE;
+    }
+    if (stall && ctl__parse_int_range(stall, 1, INT64_MAX, &stall_after) < 0) {
+        fail("consume", "--stall-after \"%.40s\" is not valid; give a whole number from 1", stall);
+        return EXIT_USAGE;
+    }
+
+    consumer_t c = {.group = group,
+                    .name = name,
+                    .prefix = cfg->key_prefix,
+                    .nkeys = cfg->shards,
+                    .limit = limit,
+                    .stall_after = stall_after,
+                    .min_idle_ms = idle_ms,
+                    .seen_ttl_s = ttl_s,
+                    .follow = follow != NULL};
+    c.redis = fctl_redis_connect(cfg, "consume");
+    if (!c.redis)
+        return EXIT_RUNTIME;
+    /* A blocked read must not trip the socket timeout; BLOCK 0 waits for ever. */
+    struct timeval tv = {block_ms / 1000 + 30, 0};
+    if (block_ms == 0)
+        tv.tv_sec = 0;
+    redisSetTimeout(c.redis, tv);
+    /* No SA_RESTART needed: hiredis retries a read interrupted by the signal, and the flag is
+     * looked at after each read, whose BLOCK bounds how long a stop waits. */
+    struct sigaction sa = {0};
+    sa.sa_handler = on_stop;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    c.keys = fo_xcalloc((size_t)c.nkeys, sizeof *c.keys);
+    c.cursor = fo_xcalloc((size_t)c.nkeys, sizeof *c.cursor);
+    for (int k = 0; k < c.nkeys; k++)
+        c.keys[k] = fo_xasprintf("%s:stream:%d", cfg->key_prefix, k);
+    int status = consume_run(&c, block_ms);
+    for (int k = 0; k < c.nkeys; k++) {
+        free(c.keys[k]);
+        free(c.cursor[k]);
+    }
+    free(c.keys);
+    free(c.cursor);
+    free(c.out.p);
+    redisFree(c.redis);
+    return status;
+}
