@@ -21,15 +21,8 @@
  */
 int ctl__parse_id(const char *s, int64_t *out)
 {
-    if (!s || !*s)
-        return -1;
-    for (const char *c = s; *c; c++)
-        if (*c < '0' || *c > '9')
-            return -1;
-    errno = 0;
-    char *end;
-    long long v = strtoll(s, &end, 10);
-    if (errno || *end || v <= 0)
+    long long v;
+    if (ctl__parse_int_range(s, 1, INT64_MAX, &v) < 0)
         return -1;
     *out = (int64_t)v;
     return 0;

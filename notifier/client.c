@@ -596,19 +596,10 @@ int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *arg
 {
     if (c->state != ST_READY)
         return FO_EREDIS;
-    ntf_req_t *r = fo_xmalloc(sizeof *r);
-    *r = (ntf_req_t){.c = c, .kind = REQ_RAW, .raw_cb = cb, .data = data,
-                     .sent_ms = uv_now(c->loop)};
-    if (redisAsyncCommandArgv(c->ac, on_reply, r, argc, argv, argvlen) != REDIS_OK) {
-        free(r);
-        return FO_EREDIS;
-    }
-    if (c->tail)
-        c->tail->next = r;
-    else
-        c->head = r;
-    c->tail = r;
-    return 0;
+    int rc = send_req(c, REQ_RAW, NULL, data, 0, argc, argv, argvlen);
+    if (rc == 0)
+        c->tail->raw_cb = cb; /* send_req appended it */
+    return rc;
 }
 
 const cfg_t *ntf__client_cfg(const ntf_client_t *c)
