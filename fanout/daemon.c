@@ -2,7 +2,12 @@
  * daemon.c: fanoutd's scheduler: connections, claims, leases and the running jobs.
  *
  * The control connection LISTENs on fanout_events and runs the job-store statements
- * (claim, renew, finish, release); the pages connection, read-only, reads follower pages.
+ * (claim, renew, finish, release); the reader (relationships/rel_reader.c) owns the
+ * read-only connections follower pages come from, paced by the read budget.
+ *
+ * Nothing is claimed before the contract check (relationships/rel_contract.c) has passed on
+ * the control connection; a check that finds the contract broken reports each finding and
+ * calls the fatal callback, and fanoutd exits non-zero.
  * A claim is attempted on every wake-up: a NOTIFY, the poll timer (NOTIFY is only a hint),
  * the control connection coming (back) up, and a job finishing. Claims run one at a time
  * and take one job each, until max_jobs run or nothing is claimable.
@@ -21,6 +26,8 @@
 
 #define TICK_MS 100
 
+enum { CONTRACT_UNCHECKED, CONTRACT_CHECKING, CONTRACT_OK, CONTRACT_BROKEN };
+
 typedef enum { REC_FINISH, REC_RELEASE } rec_kind_t;
 
 typedef struct store_rec {
@@ -35,7 +42,12 @@ typedef struct store_rec {
 struct fo_daemon {
     uv_loop_t *loop;
     const cfg_t *cfg;
-    rel_conn_t *ctl, *pages;
+    rel_conn_t *ctl;
+    rel_reader_t *reader;
+    int contract; /* CONTRACT_* */
+    uint64_t contract_retry_at;
+    void (*fatal)(fo_daemon_t *d, void *data);
+    void *fatal_data;
     ntf_client_t *redis;
     fo_job_io_t io;
 
@@ -56,6 +68,7 @@ struct fo_daemon {
 
 static void claim(fo_daemon_t *d);
 static void check_stopped(fo_daemon_t *d);
+static void check_contract(fo_daemon_t *d);
 
 /* --- statements of the control connection --- */
 
@@ -95,7 +108,7 @@ static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int 
                     int64_t *out, rel_page_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
-    return rel_followers_fetch(d->pages, author, after, upto, limit, out, cb, data);
+    return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
 static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb,
@@ -274,7 +287,8 @@ static void on_claim(int status, const PGresult *res, void *data)
 
 static void claim(fo_daemon_t *d)
 {
-    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl))
+    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
+        d->contract != CONTRACT_OK)
         return;
     if (d->claiming) {
         d->claim_again = 1;
@@ -352,6 +366,8 @@ static void on_tick(uv_timer_t *t)
     for (store_rec_t *r = d->recs; r; r = r->next)
         if (!r->sending && now >= r->retry_at)
             rec_send(r);
+    if (rel_conn_ready(d->ctl))
+        check_contract(d);
 }
 
 static void on_poll_timer(uv_timer_t *t)
@@ -371,16 +387,60 @@ static void kick_all(fo_daemon_t *d)
         fo_job_kick(d->jobs[i], now, 1);
 }
 
+static void on_contract(int status, const rel_contract_t *k, void *data)
+{
+    fo_daemon_t *d = data;
+    if (status < 0 || rel_contract_transient(k)) {
+        /* checked again by the tick timer, or once the connection is back */
+        d->contract = CONTRACT_UNCHECKED;
+        d->contract_retry_at = fo_now_ms() + 1000;
+        if (status == 0) {
+            char what[512];
+            fo_log_quote(what, sizeof what, rel_contract_transient(k));
+            fo_log(FO_LOG_WARN, "contract check could not finish; retrying", "error=%s", what);
+        }
+        return;
+    }
+    for (size_t i = 0; i < rel_contract_count(k); i++) {
+        int refuse;
+        const char *line = rel_contract_finding(k, i, &refuse);
+        fo_log(refuse ? FO_LOG_ERROR : FO_LOG_WARN, line, "check=contract");
+    }
+    if (rel_contract_refusals(k) > 0) {
+        d->contract = CONTRACT_BROKEN;
+        fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
+               "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+        if (d->fatal)
+            d->fatal(d, d->fatal_data);
+        return;
+    }
+    d->contract = CONTRACT_OK;
+    fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
+           d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
+           rel_contract_indexes(k), rel_contract_count(k));
+    claim(d);
+}
+
+static void check_contract(fo_daemon_t *d)
+{
+    if (d->contract != CONTRACT_UNCHECKED || d->stopping || fo_now_ms() < d->contract_retry_at)
+        return;
+    if (rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
+        d->contract = CONTRACT_CHECKING;
+}
+
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
     if (up) {
+        d->contract_retry_at = 0;
+        check_contract(d);
         claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
     }
 }
 
-static void on_pages_state(rel_conn_t *c, int up, void *data)
+static void on_pages_state(rel_reader_t *r, int up, void *data)
 {
     if (up)
         kick_all(data);
@@ -410,43 +470,43 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     return d;
 }
 
-static void session_setup(rel_conn_t *c, const cfg_t *cfg)
+void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *data), void *data)
 {
-    /* A reader of a shared database bounds every statement and never idles in a
-     * transaction, so one slow query or forgotten transaction cannot hurt the owner. */
-    char *sql = fo_xasprintf("SET statement_timeout = %d; SET lock_timeout = %d;"
-                             " SET idle_in_transaction_session_timeout = %d",
-                             cfg->statement_timeout_ms, cfg->statement_timeout_ms,
-                             cfg->statement_timeout_ms ? cfg->statement_timeout_ms * 2 : 0);
-    rel_conn_setup(c, sql);
-    free(sql);
+    d->fatal = cb;
+    d->fatal_data = data;
+}
+
+int fo_daemon_failed(const fo_daemon_t *d)
+{
+    return d->contract == CONTRACT_BROKEN;
 }
 
 void fo_daemon_start(fo_daemon_t *d)
 {
     const cfg_t *cfg = d->cfg;
     d->ctl = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
-    session_setup(d->ctl, cfg);
+    rel_conn_setup_limits(d->ctl, cfg);
     rel_conn_setup(d->ctl, "LISTEN fanout_events");
     rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 3);
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
 
-    d->pages = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd-pages", on_pages_state, NULL, d);
-    session_setup(d->pages, cfg);
-    rel_followers_prepare(d->pages, cfg);
+    d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
 
     d->redis = ntf_client_new(d->loop, cfg, on_redis_state, d);
     rel_conn_start(d->ctl);
-    rel_conn_start(d->pages);
+    rel_reader_start(d->reader);
 
     uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)cfg->poll_ms, (uint64_t)cfg->poll_ms);
     uv_timer_start(&d->tick_timer, on_tick, TICK_MS, TICK_MS);
     uint64_t renew = (uint64_t)cfg->lease_ms / 3;
     uv_timer_start(&d->renew_timer, on_renew_timer, renew, renew);
-    fo_log(FO_LOG_INFO, "fanoutd started", "worker=%s max_jobs=%d page_size=%d window=%d",
-           cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window);
+    fo_log(FO_LOG_INFO, "fanoutd started",
+           "worker=%s max_jobs=%d page_size=%d window=%d read_budget_rows_s=%d"
+           " max_page_queries=%d replica=%s",
+           cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window, cfg->read_budget_rows_s,
+           cfg->max_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
 }
 
 static void close_all(fo_daemon_t *d)
@@ -466,8 +526,8 @@ static void close_all(fo_daemon_t *d)
         ntf_client_close(d->redis);
     if (d->ctl)
         rel_conn_close(d->ctl);
-    if (d->pages)
-        rel_conn_close(d->pages);
+    if (d->reader)
+        rel_reader_close(d->reader);
     fo_log(FO_LOG_INFO, "fanoutd stopped", NULL);
     if (d->stop_done)
         d->stop_done(d, d->stop_data);

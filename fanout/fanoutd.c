@@ -1,10 +1,10 @@
 /*
  * fanoutd.c: the daemon's entry point.
  *
- * Reads the configuration (an error there is the only reason fanoutd exits non-zero at
- * start), installs signal watchers on the loop (SIGTERM and SIGINT stop gracefully; a
+ * Reads the configuration (an error there exits 2), installs signal watchers on the loop (SIGTERM and SIGINT stop gracefully; a
  * second one stops at once), runs the loop until the daemon has closed everything, and
- * closes the loop so that leak checkers see every handle released.
+ * closes the loop so that leak checkers see every handle released. A broken contract with
+ * the Relationship database (found at start, see fo_daemon_set_fatal_cb) exits 1.
  */
 #include "common/common.h"
 #include "config/config.h"
@@ -29,6 +29,11 @@ static void on_stopped(fo_daemon_t *d, void *data)
     app_t *a = data;
     uv_close((uv_handle_t *)&a->sigterm, NULL);
     uv_close((uv_handle_t *)&a->sigint, NULL);
+}
+
+static void on_fatal(fo_daemon_t *d, void *data)
+{
+    fo_daemon_stop(d, on_stopped, data);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -84,6 +89,7 @@ int main(int argc, char **argv)
     uv_loop_init(&loop);
     app_t app = {0};
     app.daemon = fo_daemon_new(&loop, &cfg);
+    fo_daemon_set_fatal_cb(app.daemon, on_fatal, &app);
     uv_signal_init(&loop, &app.sigterm);
     uv_signal_init(&loop, &app.sigint);
     app.sigterm.data = app.sigint.data = &app;
@@ -92,10 +98,11 @@ int main(int argc, char **argv)
     fo_daemon_start(app.daemon);
 
     uv_run(&loop, UV_RUN_DEFAULT);
+    int status = fo_daemon_failed(app.daemon) ? 1 : 0;
     fo_daemon_free(app.daemon);
     int rc = uv_loop_close(&loop);
     if (rc != 0)
         fo_log(FO_LOG_WARN, "loop closed with handles open", "error=%s", uv_strerror(rc));
     cfg_free(&cfg);
-    return 0;
+    return status;
 }

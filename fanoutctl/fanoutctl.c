@@ -7,6 +7,8 @@
  *   status    one event's progress, or the recent events and the job counts
  *   consume   reads the shard streams with a consumer group, prints one JSON object per
  *             entry and acknowledges it after it was printed and flushed
+ *   check-db  runs fanoutd's contract check (relationships/rel_contract.c, the same SQL and
+ *             messages) as the configured role and prints each finding
  *
  * Unlike fanoutd this is a short-lived, blocking program: libpq's PQexec* and hiredis's
  * synchronous API are the right tools here. Every failure is one line on stderr naming the
@@ -15,6 +17,7 @@
  */
 #include "common/common.h"
 #include "config/config.h"
+#include "relationships/relationships.h"
 #include "sql/migrations.h"
 
 #include <errno.h>
@@ -1164,6 +1167,75 @@ static int cmd_consume(const cfg_t *cfg, int argc, char **argv)
 }
 
 /* ---------------------------------------------------------------------------------------
+ * check-db
+ * ------------------------------------------------------------------------------------- */
+
+static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
+{
+    int r = parse_opts("check-db", argc, argv, NULL, 0, NULL);
+    if (r == 1) {
+        printf("usage: fanoutctl [SETTINGS] check-db\n"
+               "Checks the contract with the Relationship database as fanoutd does at start:\n"
+               "the view and its columns, the page query's plan, the role's privileges.\n"
+               "Run it with fanoutd's settings (its role in FANOUT_PG_DSN). Each finding is one\n"
+               "line on stderr; exit 1 if fanoutd would refuse to start.\n");
+        return EXIT_OK;
+    }
+    if (r)
+        return r;
+    PGconn *conn = pg_connect(cfg, "check-db");
+    if (!conn)
+        return EXIT_RUNTIME;
+    int status = EXIT_RUNTIME;
+    rel_contract_t *k = rel_contract_new(cfg);
+    char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
+    char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
+    if (!schema || !view) {
+        char line[512];
+        fail("check-db", "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+        goto done;
+    }
+    for (int step = 0; step < rel_contract_steps(); step++) {
+        char *sql = rel_contract_step_sql(k, step, schema, view);
+        const char *params[4];
+        int n = rel_contract_step_params(k, step, params);
+        PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+        free(sql);
+        if (PQstatus(conn) != CONNECTION_OK) {
+            char line[512];
+            fail("check-db", "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+            PQclear(res);
+            goto done;
+        }
+        rel_contract_step_result(k, step, res);
+        PQclear(res);
+    }
+    for (size_t i = 0; i < rel_contract_count(k); i++) {
+        int refuse;
+        const char *line = rel_contract_finding(k, i, &refuse);
+        fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
+    }
+    if (rel_contract_refusals(k) > 0) {
+        printf("contract %s.%s for role %s: broken (%d problems); fanoutd would refuse to "
+               "start\n",
+               cfg->contract_schema, cfg->contract_view, rel_contract_role(k),
+               rel_contract_refusals(k));
+    } else {
+        printf("contract %s.%s for role %s: ok (page query uses %s; %zu warnings)\n",
+               cfg->contract_schema, cfg->contract_view, rel_contract_role(k),
+               rel_contract_indexes(k)[0] ? rel_contract_indexes(k) : "no index",
+               rel_contract_count(k));
+        status = EXIT_OK;
+    }
+done:
+    PQfreemem(schema);
+    PQfreemem(view);
+    rel_contract_free(k);
+    PQfinish(conn);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------
  * main
  * ------------------------------------------------------------------------------------- */
 
@@ -1179,6 +1251,8 @@ static void usage(FILE *out)
             "  status [EVENT]                       one event's progress, or the recent ones\n"
             "  consume --group G --consumer C [--count N] [--block MS]\n"
             "                                       read the streams as JSON lines\n"
+            "  check-db                             check the contract with the Relationship "
+            "database\n"
             "  help                                 this text; COMMAND --help for one command\n"
             "\n"
             "Exit status: 0 ok, 1 runtime failure, 2 usage error.\n"
@@ -1196,6 +1270,7 @@ static const command_t commands[] = {
     {"publish", cmd_publish},
     {"status", cmd_status},
     {"consume", cmd_consume},
+    {"check-db", cmd_check_db},
 };
 
 int main(int argc, char **argv, char **envp)
@@ -1234,7 +1309,7 @@ int main(int argc, char **argv, char **envp)
         } else {
             fail(NULL,
                  "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
-                 "help",
+                 "check-db, help",
                  argv[rest]);
             status = EXIT_USAGE;
         }
