@@ -108,6 +108,8 @@ static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int 
                     int64_t *out, rel_page_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
+    if (!d->reader)
+        return FO_EPG;
     return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
@@ -390,7 +392,7 @@ static void kick_all(fo_daemon_t *d)
 static void on_contract(int status, const rel_contract_t *k, void *data)
 {
     fo_daemon_t *d = data;
-    if (status < 0 || rel_contract_transient(k)) {
+    if (status < 0 || (rel_contract_transient(k) && rel_contract_refusals(k) == 0)) {
         /* checked again by the tick timer, or once the connection is back */
         d->contract = CONTRACT_UNCHECKED;
         d->contract_retry_at = fo_now_ms() + 1000;
@@ -476,6 +478,14 @@ void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *dat
     d->fatal_data = data;
 }
 
+void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out)
+{
+    if (d->reader)
+        rel_reader_stats(d->reader, out);
+    else
+        *out = (rel_reader_stats_t){.replica_lag_ms = -1};
+}
+
 int fo_daemon_failed(const fo_daemon_t *d)
 {
     return d->contract == CONTRACT_BROKEN;
@@ -528,6 +538,7 @@ static void close_all(fo_daemon_t *d)
         rel_conn_close(d->ctl);
     if (d->reader)
         rel_reader_close(d->reader);
+    d->reader = NULL; /* it frees itself once libuv has closed its handles */
     fo_log(FO_LOG_INFO, "fanoutd stopped", NULL);
     if (d->stop_done)
         d->stop_done(d, d->stop_data);

@@ -73,4 +73,9 @@ int64_t fo_job_delivered(const fo_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fo_job_retry_at(const fo_job_t *j);
 
+/* The daemon's follower-read counters (pages from the primary and the replica, fallbacks),
+ * for the metrics endpoint. */
+struct fo_daemon;
+void fo_daemon_read_stats(const struct fo_daemon *d, rel_reader_stats_t *out);
+
 #endif

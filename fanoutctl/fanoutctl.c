@@ -1215,7 +1215,10 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
         const char *line = rel_contract_finding(k, i, &refuse);
         fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
     }
-    if (rel_contract_refusals(k) > 0) {
+    if (rel_contract_refusals(k) == 0 && rel_contract_transient(k)) {
+        fail("check-db", "the check could not finish: %s; run it again",
+             rel_contract_transient(k));
+    } else if (rel_contract_refusals(k) > 0) {
         printf("contract %s.%s for role %s: broken (%d problems); fanoutd would refuse to "
                "start\n",
                cfg->contract_schema, cfg->contract_view, rel_contract_role(k),

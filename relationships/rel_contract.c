@@ -131,8 +131,10 @@ static void add(rel_contract_t *k, int refuse, const char *fmt, ...)
 static const char *error_line(char *buf, size_t size, const PGresult *res)
 {
     const char *m = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-    if (!m)
+    if (!m || !*m)
         m = res ? PQresultErrorMessage(res) : "connection lost";
+    if (!*m)
+        m = "no error message (connection lost?)";
     snprintf(buf, size, "%.*s", (int)strcspn(m, "\r\n"), m);
     return buf;
 }
