@@ -20,7 +20,8 @@ Servers (a context manager) starts, in a fresh temp dir, a PostgreSQL cluster co
 template made once per test run by initdb (FANOUT_PG_TEMPLATE, under a file lock) and a
 redis-server, each on a free loopback port; it runs `fanoutctl migrate` as the superuser and
 creates the login roles fanoutd (IN ROLE fanout_worker) and producer (IN ROLE
-fanout_publisher). Everything it started is stopped and the dir removed at exit, also on an
+fanout_publisher). pg_stat_statements is preloaded; start_replica() adds a streaming hot
+standby (pg_basebackup). Everything it started is stopped and the dir removed at exit, also on an
 exception, SIGTERM, SIGHUP or SIGINT (try/finally plus atexit). As root, PostgreSQL runs as
 the `postgres` system user (or a `fanout-test` user created on demand) via runuser.
 

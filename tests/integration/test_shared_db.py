@@ -495,6 +495,8 @@ def replica_serves_pages_and_the_primary_takes_over(s):
     # that is the accepted "as of up to max_lag ago").
     a = s.start_daemon(FANOUT_REPLICA_MAX_LAG_MS=120000, **env)
     a.wait_log("replica usable; reading follower pages from it", timeout=30)
+    assert r.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'fanoutd'"
+                 " AND application_name = 'fanoutd-replica'") == [(1,)]
     r.sql("SELECT pg_wal_replay_pause()")
     s.seed_followers(8, 50, first_id=101)
     ev = s.publish(8)
@@ -534,7 +536,9 @@ def replica_serves_pages_and_the_primary_takes_over(s):
     assert b.stop() == 0
     stats = reads_line(b)
     print("  replica run: %s" % stats, flush=True)
-    assert stats["fallback_pages"] >= 30 and stats["replica"] >= 15, stats
+    # B and the stopped standby: 2 x 16 pages from the primary; after the standby is back at
+    # least some from it (a loaded machine may delay a lag check and flip a page or two)
+    assert stats["fallback_pages"] >= 32 and stats["replica"] >= 1, stats
     assert stats["rows"] == 450, stats
 
 
