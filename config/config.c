@@ -43,7 +43,20 @@ static const cfg_row_t rows[] = {
     {"contract_view", STR(contract_view), 1, 0, "notification_recipients", 0,
      "contract view with columns author bigint, follower bigint"},
     {"statement_timeout_ms", INT(statement_timeout_ms), 0, 3600000, "5000", 0,
-     "statement_timeout of fanoutd's PostgreSQL sessions (0: none)"},
+     "statement_timeout of fanoutd's PostgreSQL sessions; lock_timeout is half of it,"
+     " idle_in_transaction_session_timeout twice (0: none)"},
+    {"contract_index", STR(contract_index), 1, 0, "refuse", 0,
+     "refuse or warn when the page query's plan reads a table by sequential scan at start"},
+    {"contract_privileges", STR(contract_privileges), 1, 0, "refuse", 0,
+     "refuse or warn when fanoutd's role may modify Relationship tables at start"},
+    {"read_budget_rows_s", INT(read_budget_rows_s), 0, 100000000, "0", 0,
+     "follower rows read per second, all jobs together (0: unlimited)"},
+    {"max_page_queries", INT(max_page_queries), 1, 64, "1", 0,
+     "follower page queries at once (one PostgreSQL connection each, per server)"},
+    {"replica_dsn", STR(replica_dsn), 0, 0, "", 2,
+     "hot standby for follower pages (libpq conninfo); empty: read from the primary"},
+    {"replica_max_lag_ms", INT(replica_max_lag_ms), 100, 3600000, "10000", 0,
+     "read from the replica only while its replay lag is below this; else the primary"},
     {"redis_host", STR(redis_host), 1, 0, "127.0.0.1", 0,
      "Redis server IP address (no DNS: resolving would block the loop)"},
     {"redis_port", INT(redis_port), 1, 65535, "6379", 0, "Redis server port"},
@@ -380,6 +393,15 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
     if (check_name(cfg->sidekiq_queue, "sidekiq_queue", 0, err, errsize) < 0 ||
         check_name(cfg->sidekiq_class, "sidekiq_class", 1, err, errsize) < 0)
         return FO_EINVAL;
+    const char *modes[][2] = {{"contract_index", cfg->contract_index},
+                              {"contract_privileges", cfg->contract_privileges}};
+    for (size_t i = 0; i < 2; i++) {
+        if (strcmp(modes[i][1], "refuse") != 0 && strcmp(modes[i][1], "warn") != 0) {
+            errf(err, errsize, "%s is \"%s\"; expected refuse or warn", modes[i][0],
+                 modes[i][1]);
+            return FO_EINVAL;
+        }
+    }
     for (const char *c = cfg->key_prefix; *c; c++) {
         if (isspace((unsigned char)*c) || *c == '{' || *c == '}') {
             errf(err, errsize,

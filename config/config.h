@@ -24,6 +24,18 @@ typedef struct cfg {
     char *contract_schema;
     char *contract_view;
     int statement_timeout_ms;
+    /* The contract check at start: "refuse" (exit) or "warn" when the page query's plan has
+     * a sequential scan / when the role holds more privileges than intended. */
+    char *contract_index;
+    char *contract_privileges;
+    /* Sharing the database politely: follower rows per second (0: unlimited) and the number
+     * of follower page queries at once (one connection each). */
+    int read_budget_rows_s;
+    int max_page_queries;
+    /* Optional hot standby for follower pages; empty: none. Used while its replay lag stays
+     * within replica_max_lag_ms, otherwise pages come from the primary. */
+    char *replica_dsn; /* secret: printed with its password hidden */
+    int replica_max_lag_ms;
 
     /* Redis: an IP address (no DNS on the loop), a port and an optional password. */
     char *redis_host;

@@ -2,14 +2,16 @@
  * daemon.c: fanoutd's scheduler: connections, wake-ups, timers and the running jobs.
  *
  * The control connection LISTENs on fanout_events and runs the job store's statements
- * (store.c); the pages connection, read-only, reads follower pages. A claim is attempted on
+ * (store.c); the reader (relationships/rel_reader.c) owns the read-only connections follower
+ * pages come from, paced by the read budget. Nothing is claimed before the contract check
+ * (relationships/rel_contract.c) has passed on the control connection; a check that finds the
+ * contract broken reports each finding and calls the fatal callback (fanoutd exits non-zero).
+ * A claim is attempted on
  * every wake-up: a NOTIFY, the poll timer (NOTIFY is only a hint), the control connection
  * coming (back) up, and a job finishing. Jobs are interleaved on the shared connections:
  * each has at most one page read and `window` page writes in flight.
  *
- * Readiness (both PostgreSQL connections and Redis up; the pages connection is up only after
- * its statement over the contract view was prepared, which checks that the view exists with
- * the expected columns) is reported to the owner on every change, for sd_notify and
+ * Readiness (the control connection, a page connection and Redis up) is reported to the owner on every change, for sd_notify and
  * /healthz. Counters go to one met_t, updated where things happen; a stats timer refreshes
  * the gauges that need a query (oldest unfinished event, stream lengths).
  *
@@ -29,13 +31,17 @@
 #define TICK_MS 100
 #define STATS_MS 5000 /* oldest-event query and XLENs: cheap, and rarely enough */
 
+static void check_contract(fo_daemon_t *d);
+
 /* --- job I/O, bound to this daemon's connections --- */
 
 static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
                     int64_t *out, rel_page_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
-    return rel_followers_fetch(d->pages, author, after, upto, limit, out, cb, data);
+    if (!d->reader)
+        return FO_EPG;
+    return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
 static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb,
@@ -140,6 +146,8 @@ static void on_tick(uv_timer_t *t)
     for (int i = 0; i < d->njobs; i++)
         fo_job_kick(d->jobs[i], now, 0);
     fo__store_retry(d, now);
+    if (rel_conn_ready(d->ctl))
+        check_contract(d);
 }
 
 static void on_renew_timer(uv_timer_t *t)
@@ -187,11 +195,56 @@ static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server
 
 static void on_stats_timer(uv_timer_t *t);
 
+static void on_contract(int status, const rel_contract_t *k, void *data)
+{
+    fo_daemon_t *d = data;
+    if (status < 0 || (rel_contract_transient(k) && rel_contract_refusals(k) == 0)) {
+        /* checked again by the tick timer, or once the connection is back */
+        d->contract = FO_CONTRACT_UNCHECKED;
+        d->contract_retry_at = fo_now_ms() + 1000;
+        if (status == 0) {
+            char what[512];
+            fo_log_quote(what, sizeof what, rel_contract_transient(k));
+            fo_log(FO_LOG_WARN, "contract check could not finish; retrying", "error=%s", what);
+        }
+        return;
+    }
+    for (size_t i = 0; i < rel_contract_count(k); i++) {
+        int refuse;
+        const char *line = rel_contract_finding(k, i, &refuse);
+        fo_log(refuse ? FO_LOG_ERROR : FO_LOG_WARN, line, "check=contract");
+    }
+    if (rel_contract_refusals(k) > 0) {
+        d->contract = FO_CONTRACT_BROKEN;
+        fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
+               "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+        if (d->fatal)
+            d->fatal(d, d->fatal_data);
+        return;
+    }
+    d->contract = FO_CONTRACT_OK;
+    fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
+           d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
+           rel_contract_indexes(k), rel_contract_count(k));
+    fo__store_claim(d);
+}
+
+static void check_contract(fo_daemon_t *d)
+{
+    if (d->contract != FO_CONTRACT_UNCHECKED || d->stopping || fo_now_ms() < d->contract_retry_at)
+        return;
+    if (rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
+        d->contract = FO_CONTRACT_CHECKING;
+}
+
+
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
     note_state(d, &d->ctl_up, up, MET_PG);
     if (up) {
+        d->contract_retry_at = 0;
+        check_contract(d);
         fo__store_claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
         fo__store_renew(d);
@@ -199,7 +252,7 @@ static void on_ctl_state(rel_conn_t *c, int up, void *data)
     }
 }
 
-static void on_pages_state(rel_conn_t *c, int up, void *data)
+static void on_pages_state(rel_reader_t *r, int up, void *data)
 {
     fo_daemon_t *d = data;
     note_state(d, &d->pages_up, up, MET_PG);
@@ -281,33 +334,38 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     return d;
 }
 
-static void session_setup(rel_conn_t *c, const cfg_t *cfg)
+void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *data), void *data)
 {
-    /* A reader of a shared database bounds every statement and never idles in a
-     * transaction, so one slow query or forgotten transaction cannot hurt the owner. */
-    char *sql = fo_xasprintf("SET statement_timeout = %d; SET lock_timeout = %d;"
-                             " SET idle_in_transaction_session_timeout = %d",
-                             cfg->statement_timeout_ms, cfg->statement_timeout_ms,
-                             cfg->statement_timeout_ms ? cfg->statement_timeout_ms * 2 : 0);
-    rel_conn_setup(c, sql);
-    free(sql);
+    d->fatal = cb;
+    d->fatal_data = data;
+}
+
+void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out)
+{
+    if (d->reader)
+        rel_reader_stats(d->reader, out);
+    else
+        *out = (rel_reader_stats_t){.replica_lag_ms = -1};
+}
+
+int fo_daemon_failed(const fo_daemon_t *d)
+{
+    return d->contract == FO_CONTRACT_BROKEN;
 }
 
 void fo_daemon_start(fo_daemon_t *d)
 {
     const cfg_t *cfg = d->cfg;
     d->ctl = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
-    session_setup(d->ctl, cfg);
+    rel_conn_setup_limits(d->ctl, cfg);
     rel_conn_setup(d->ctl, "LISTEN fanout_events");
     fo__store_prepare(d);
 
-    d->pages = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd-pages", on_pages_state, NULL, d);
-    session_setup(d->pages, cfg);
-    rel_followers_prepare(d->pages, cfg);
+    d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
 
     d->redis = ntf_client_new(d->loop, cfg, on_redis_state, d);
     rel_conn_start(d->ctl);
-    rel_conn_start(d->pages);
+    rel_reader_start(d->reader);
 
     uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)cfg->poll_ms, (uint64_t)cfg->poll_ms);
     uv_timer_start(&d->tick_timer, on_tick, TICK_MS, TICK_MS);
@@ -317,8 +375,11 @@ void fo_daemon_start(fo_daemon_t *d)
     if (cfg->backlog_high > 0)
         uv_timer_start(&d->backlog_timer, on_backlog_timer, (uint64_t)cfg->backlog_check_ms,
                        (uint64_t)cfg->backlog_check_ms);
-    fo_log(FO_LOG_INFO, "fanoutd started", "worker=%s max_jobs=%d page_size=%d window=%d",
-           cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window);
+    fo_log(FO_LOG_INFO, "fanoutd started",
+           "worker=%s max_jobs=%d page_size=%d window=%d read_budget_rows_s=%d"
+           " max_page_queries=%d replica=%s",
+           cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window, cfg->read_budget_rows_s,
+           cfg->max_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
 }
 
 static void close_all(fo_daemon_t *d)
@@ -339,8 +400,9 @@ static void close_all(fo_daemon_t *d)
         ntf_client_close(d->redis);
     if (d->ctl)
         rel_conn_close(d->ctl);
-    if (d->pages)
-        rel_conn_close(d->pages);
+    if (d->reader)
+        rel_reader_close(d->reader);
+    d->reader = NULL; /* it frees itself once libuv has closed its handles */
     fo_log(FO_LOG_INFO, "fanoutd stopped", NULL);
     if (d->stop_done)
         d->stop_done(d, d->stop_data);
@@ -403,6 +465,12 @@ met_t *fo_daemon_metrics(fo_daemon_t *d)
     d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
     d->metrics.jobs_running = d->njobs;
     d->metrics.ready = fo_daemon_ready(d);
+    rel_reader_stats_t rs;
+    fo_daemon_read_stats(d, &rs);
+    d->metrics.replica_pages = rs.replica_pages;
+    d->metrics.fallback_pages = rs.fallback_pages;
+    d->metrics.replica_fallbacks = rs.fallbacks;
+    d->metrics.replica_lag_ms = d->cfg->replica_dsn[0] ? rs.replica_lag_ms : -1;
     return &d->metrics;
 }
 

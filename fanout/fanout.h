@@ -1,9 +1,9 @@
 /*
  * fanout: the daemon, fanoutd.
  *
- * One fo_daemon_t runs on the caller's libuv loop. It holds two PostgreSQL connections (a
- * control connection that LISTENs for wake-ups and claims, renews and finishes jobs, and a
- * read-only pages connection that reads follower pages from the contract view), one Redis
+ * One fo_daemon_t runs on the caller's libuv loop. It holds a PostgreSQL control connection
+ * that LISTENs for wake-ups and claims, renews and finishes jobs, the reader's read-only
+ * connections that read follower pages from the contract view (primary or replica), one Redis
  * client, and up to cfg->max_jobs running jobs whose pages it interleaves. Nothing it does
  * blocks the loop. See docs/ARCHITECTURE.md for the job life cycle and the guarantees.
  */
@@ -32,6 +32,14 @@ void fo_daemon_start(fo_daemon_t *d);
  * fo_daemon_free.
  */
 void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), void *data);
+
+/*
+ * cb runs once if the daemon cannot run at all: the contract check found the Relationship
+ * database broken (each finding is logged). The caller then stops the daemon and exits
+ * non-zero (fo_daemon_failed says so).
+ */
+void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *data), void *data);
+int fo_daemon_failed(const fo_daemon_t *d);
 
 void fo_daemon_free(fo_daemon_t *d);
 

@@ -12,6 +12,10 @@
  * A reload parses the configuration afresh in libuv's thread pool (it reads a file), then,
  * back on the loop, applies only the reloadable settings to the live cfg_t that every module
  * reads through its const pointer; a bad new configuration changes nothing.
+ *
+ * Exit status: 0 after a stop, 2 for a bad configuration, 1 when the metrics port cannot be
+ * bound or the contract with the Relationship database is broken (found at start, see
+ * fo_daemon_set_fatal_cb).
  */
 #include "common/common.h"
 #include "config/config.h"
@@ -110,6 +114,13 @@ static void on_stopped(fo_daemon_t *d, void *data)
     uv_close((uv_handle_t *)&a->status_timer, NULL);
     met_server_close(a->metrics);
     a->metrics = NULL;
+}
+
+/* The contract with the Relationship database is broken (logged line by line): stop, and
+ * exit 1 once everything is closed. */
+static void on_fatal(fo_daemon_t *d, void *data)
+{
+    fo_daemon_stop(d, on_stopped, data);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -232,6 +243,7 @@ int main(int argc, char **argv)
     }
     if (rc == 0) {
         app.daemon = fo_daemon_new(&loop, &cfg);
+        fo_daemon_set_fatal_cb(app.daemon, on_fatal, &app);
         uv_signal_init(&loop, &app.sigterm);
         uv_signal_init(&loop, &app.sigint);
         uv_signal_init(&loop, &app.sighup);
@@ -257,6 +269,8 @@ int main(int argc, char **argv)
     }
 
     uv_run(&loop, UV_RUN_DEFAULT);
+    if (app.daemon && fo_daemon_failed(app.daemon))
+        rc = 1;
     fo_daemon_free(app.daemon);
     int lrc = uv_loop_close(&loop);
     if (lrc != 0)

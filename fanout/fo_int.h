@@ -91,10 +91,17 @@ uint64_t fo_job_retry_at(const fo_job_t *j);
 typedef struct fo_daemon fo_daemon_t;
 typedef struct store_rec store_rec_t;
 
+enum { FO_CONTRACT_UNCHECKED, FO_CONTRACT_CHECKING, FO_CONTRACT_OK, FO_CONTRACT_BROKEN };
+
 struct fo_daemon {
     uv_loop_t *loop;
     const cfg_t *cfg;
-    rel_conn_t *ctl, *pages;
+    rel_conn_t *ctl;
+    rel_reader_t *reader; /* the connections follower pages come from (budget, replica) */
+    int contract;         /* FO_CONTRACT_*: nothing is claimed before the check passed */
+    uint64_t contract_retry_at;
+    void (*fatal)(fo_daemon_t *d, void *data);
+    void *fatal_data;
     ntf_client_t *redis;
     fo_job_io_t io;
 
@@ -134,6 +141,9 @@ void fo__store_retry(fo_daemon_t *d, uint64_t now);
  * Also refreshes this worker's row in fanout.workers. */
 void fo__store_renew(fo_daemon_t *d);
 void fo__store_free_records(fo_daemon_t *d);
+
+/* The reader's counters (pages from the primary and the replica, fallbacks, lag). */
+void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out);
 
 /* daemon.c: starts a claimed job in a free slot. */
 void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim);

@@ -416,7 +416,8 @@ static char *running_array(fo_daemon_t *d, int events)
 
 void fo__store_claim(fo_daemon_t *d)
 {
-    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl))
+    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
+        d->contract != FO_CONTRACT_OK)
         return;
     if (d->claiming) {
         d->claim_again = 1;

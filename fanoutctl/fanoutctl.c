@@ -10,6 +10,8 @@
  *   trim      trims each shard stream up to what every consumer group has acknowledged
  *             (trim.c)
  *   retry     queues the dead jobs of an event again
+ *   check-db  runs fanoutd's contract check (relationships/rel_contract.c, the same SQL and
+ *             messages) as the configured role and prints each finding
  *
  * Unlike fanoutd this is a short-lived, blocking program: libpq's PQexec* and hiredis's
  * synchronous API are the right tools here. Every failure is one line on stderr naming the
@@ -20,6 +22,7 @@
 #include "config/config.h"
 #include "fanoutctl/ctl_int.h"
 #include "fanoutctl/fctl_int.h"
+#include "relationships/relationships.h"
 #include "sql/migrations.h"
 
 #include <errno.h>
@@ -643,6 +646,78 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
 }
 
 /* ---------------------------------------------------------------------------------------
+ * check-db
+ * ------------------------------------------------------------------------------------- */
+
+static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
+{
+    int r = parse_opts("check-db", argc, argv, NULL, 0, NULL);
+    if (r == 1) {
+        printf("usage: fanoutctl [SETTINGS] check-db\n"
+               "Checks the contract with the Relationship database as fanoutd does at start:\n"
+               "the view and its columns, the page query's plan, the role's privileges.\n"
+               "Run it with fanoutd's settings (its role in FANOUT_PG_DSN). Each finding is one\n"
+               "line on stderr; exit 1 if fanoutd would refuse to start.\n");
+        return EXIT_OK;
+    }
+    if (r)
+        return r;
+    PGconn *conn = pg_connect(cfg, "check-db");
+    if (!conn)
+        return EXIT_RUNTIME;
+    int status = EXIT_RUNTIME;
+    rel_contract_t *k = rel_contract_new(cfg);
+    char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
+    char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
+    if (!schema || !view) {
+        char line[512];
+        fail("check-db", "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+        goto done;
+    }
+    for (int step = 0; step < rel_contract_steps(); step++) {
+        char *sql = rel_contract_step_sql(k, step, schema, view);
+        const char *params[4];
+        int n = rel_contract_step_params(k, step, params);
+        PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+        free(sql);
+        if (PQstatus(conn) != CONNECTION_OK) {
+            char line[512];
+            fail("check-db", "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+            PQclear(res);
+            goto done;
+        }
+        rel_contract_step_result(k, step, res);
+        PQclear(res);
+    }
+    for (size_t i = 0; i < rel_contract_count(k); i++) {
+        int refuse;
+        const char *line = rel_contract_finding(k, i, &refuse);
+        fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
+    }
+    if (rel_contract_refusals(k) == 0 && rel_contract_transient(k)) {
+        fail("check-db", "the check could not finish: %s; run it again",
+             rel_contract_transient(k));
+    } else if (rel_contract_refusals(k) > 0) {
+        printf("contract %s.%s for role %s: broken (%d problems); fanoutd would refuse to "
+               "start\n",
+               cfg->contract_schema, cfg->contract_view, rel_contract_role(k),
+               rel_contract_refusals(k));
+    } else {
+        printf("contract %s.%s for role %s: ok (page query uses %s; %zu warnings)\n",
+               cfg->contract_schema, cfg->contract_view, rel_contract_role(k),
+               rel_contract_indexes(k)[0] ? rel_contract_indexes(k) : "no index",
+               rel_contract_count(k));
+        status = EXIT_OK;
+    }
+done:
+    PQfreemem(schema);
+    PQfreemem(view);
+    rel_contract_free(k);
+    PQfinish(conn);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------
  * main
  * ------------------------------------------------------------------------------------- */
 
@@ -663,6 +738,8 @@ static void usage(FILE *out)
             "  trim                                 trim the streams up to what every\n"
             "                                       consumer group has acknowledged\n"
             "  retry EVENT                          queue a dead event again\n"
+            "  check-db                             check the contract with the Relationship\n"
+            "                                       database, as fanoutd does at start\n"
             "  help                                 this text; COMMAND --help for one command\n"
             "\n"
             "Exit status: 0 ok, 1 runtime failure, 2 usage error.\n"
@@ -682,6 +759,7 @@ static const command_t commands[] = {
     {"consume", cmd_consume},
     {"retry", cmd_retry},
     {"trim", cmd_trim},
+    {"check-db", cmd_check_db},
 };
 
 int main(int argc, char **argv, char **envp)
@@ -720,7 +798,7 @@ int main(int argc, char **argv, char **envp)
         } else {
             fail(NULL,
                  "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
-                 "trim, retry, help",
+                 "trim, retry, check-db, help",
                  argv[rest]);
             status = EXIT_USAGE;
         }

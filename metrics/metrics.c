@@ -133,8 +133,16 @@ void met_render(const met_t *m, met_buf_t *b)
     gauge(b, "fanout_jobs_running", "Jobs this fanoutd runs now.", (double)m->jobs_running);
     gauge(b, "fanout_pages_in_flight", "Page and fence scripts sent to Redis, not yet answered.",
           (double)m->pages_in_flight);
-    gauge(b, "fanout_paused_by_backpressure", "Jobs paused because consumers lag.",
+    gauge(b, "fanout_paused_by_backpressure", "1 while fan-out is paused because consumers lag.",
           (double)m->paused_backpressure);
+    counter(b, "fanout_replica_pages_total", "Pages read from the replica.", m->replica_pages);
+    counter(b, "fanout_replica_fallback_pages_total",
+            "Pages read from the primary although a replica is configured.", m->fallback_pages);
+    counter(b, "fanout_replica_fallbacks_total",
+            "Times the replica became unusable (down or lagging past the bound).",
+            m->replica_fallbacks);
+    gauge(b, "fanout_replica_lag_ms", "Last measured replica lag (-1: unknown or no replica).",
+          (double)m->replica_lag_ms);
     gauge(b, "fanout_ready", "1 when both PostgreSQL connections and Redis are up.",
           (double)m->ready);
     gauge(b, "fanout_oldest_pending_event_age_seconds",

@@ -46,7 +46,11 @@ typedef struct met {
     /* gauges, refreshed by their owner */
     int64_t jobs_running;
     int64_t pages_in_flight;     /* page and fence scripts sent to Redis, not yet answered */
-    int64_t paused_backpressure; /* jobs paused because consumers lag (0: not implemented) */
+    int64_t paused_backpressure; /* 1 while fan-out is paused because consumers lag */
+    uint64_t replica_pages;      /* pages read from the replica (FANOUT_REPLICA_DSN) */
+    uint64_t fallback_pages;     /* pages read from the primary although a replica is set */
+    uint64_t replica_fallbacks;  /* times the replica became unusable (down, lagging) */
+    int64_t replica_lag_ms;      /* last measured replica lag; -1 unknown or no replica */
     int64_t ready;               /* 1: both PostgreSQL connections and Redis are up */
     double oldest_pending_age_s; /* age of the oldest unfinished event; -1: unknown */
     int nshards;

@@ -18,13 +18,14 @@
 #include <string.h>
 
 typedef enum { ST_DOWN, ST_CONNECTING, ST_SETTING_UP, ST_UP, ST_CLOSING } rel_state_t;
-typedef enum { Q_PREPARE, Q_SETUP, Q_EXEC } rel_qkind_t;
+typedef enum { Q_PREPARE, Q_SETUP, Q_EXEC, Q_QUERY } rel_qkind_t;
 
 typedef struct rel_query {
     struct rel_query *next;
     rel_qkind_t kind;
     const char *stmt;        /* Q_PREPARE / Q_EXEC: statement name (borrowed from the list) */
     const char *sql;         /* Q_PREPARE / Q_SETUP: borrowed from the registered lists */
+    char *own_sql;           /* Q_QUERY: a copy, owned */
     int nparams;
     char **params;           /* Q_EXEC: copies, owned */
     int binary;
@@ -143,6 +144,7 @@ int rel_conn_ready(const rel_conn_t *c)
 
 static void query_free(rel_query_t *q)
 {
+    free(q->own_sql);
     if (q->params) {
         for (int i = 0; i < q->nparams; i++)
             free(q->params[i]);
@@ -164,14 +166,11 @@ static void enqueue(rel_conn_t *c, rel_query_t *q)
         send_next(c);
 }
 
-int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
-                  int binary_result, rel_result_cb cb, void *data)
+static rel_query_t *query_new(rel_qkind_t kind, int nparams, const char *const *params,
+                              int binary_result, rel_result_cb cb, void *data)
 {
-    if (c->state != ST_UP)
-        return FO_EPG;
     rel_query_t *q = fo_xcalloc(1, sizeof *q);
-    q->kind = Q_EXEC;
-    q->stmt = stmt_name;
+    q->kind = kind;
     q->nparams = nparams;
     q->params = fo_xcalloc((size_t)nparams, sizeof *q->params);
     for (int i = 0; i < nparams; i++)
@@ -179,8 +178,55 @@ int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char 
     q->binary = binary_result;
     q->cb = cb;
     q->data = data;
+    return q;
+}
+
+int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
+                  int binary_result, rel_result_cb cb, void *data)
+{
+    if (c->state != ST_UP)
+        return FO_EPG;
+    rel_query_t *q = query_new(Q_EXEC, nparams, params, binary_result, cb, data);
+    q->stmt = stmt_name;
     enqueue(c, q);
     return 0;
+}
+
+int rel_conn_query(rel_conn_t *c, const char *sql, int nparams, const char *const *params,
+                   rel_result_cb cb, void *data)
+{
+    if (c->state != ST_UP)
+        return FO_EPG;
+    rel_query_t *q = query_new(Q_QUERY, nparams, params, 0, cb, data);
+    q->own_sql = fo_xstrdup(sql);
+    enqueue(c, q);
+    return 0;
+}
+
+char *rel__conn_escape_ident(rel_conn_t *c, const char *ident)
+{
+    if (!c->pg)
+        return NULL;
+    char *e = PQescapeIdentifier(c->pg, ident, strlen(ident));
+    if (!e)
+        return NULL;
+    char *out = fo_xstrdup(e);
+    PQfreemem(e);
+    return out;
+}
+
+void rel_conn_setup_limits(rel_conn_t *c, const cfg_t *cfg)
+{
+    /* A reader of a shared database bounds every statement and never idles in a
+     * transaction, so one slow query or forgotten transaction cannot hurt the owner. It
+     * gives up on a lock sooner than on a statement (half the time), so that waiting behind
+     * the owner's lock is reported as what it is instead of as a slow query. */
+    int st = cfg->statement_timeout_ms;
+    char *sql = fo_xasprintf("SET statement_timeout = %d; SET lock_timeout = %d;"
+                             " SET idle_in_transaction_session_timeout = %d",
+                             st, st > 1 ? st / 2 : st, st ? st * 2 : 0);
+    rel_conn_setup(c, sql);
+    free(sql);
 }
 
 /* Fails every query (current and queued) with `status`; callbacks may enqueue or close. */
@@ -279,6 +325,10 @@ static void send_next(rel_conn_t *c)
         case Q_SETUP:
             ok = PQsendQuery(c->pg, q->sql);
             break;
+        case Q_QUERY:
+            ok = PQsendQueryParams(c->pg, q->own_sql, q->nparams, NULL,
+                                   (const char *const *)q->params, NULL, NULL, 0);
+            break;
         default:
             ok = PQsendQueryPrepared(c->pg, q->stmt, q->nparams, (const char *const *)q->params,
                                      NULL, NULL, q->binary);
@@ -317,7 +367,7 @@ static void complete_current(rel_conn_t *c)
     c->current = NULL;
     ExecStatusType st = q->result ? PQresultStatus(q->result) : PGRES_FATAL_ERROR;
     int ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
-    if (q->kind != Q_EXEC) {
+    if (q->kind == Q_PREPARE || q->kind == Q_SETUP) {
         if (!ok) {
             char what[512];
             fo_log_quote(what, sizeof what,

@@ -8,4 +8,39 @@
 /* Parses one binary int8 column value (network byte order). */
 int64_t rel__int8_from_binary(const char *v);
 
+/* The identifier quoted for this connection (PQescapeIdentifier), malloc'ed; NULL when not
+ * connected. */
+char *rel__conn_escape_ident(rel_conn_t *c, const char *ident);
+
+/* --- rel_reader.c's arithmetic, pure so that unit tests can drive it --- */
+
+/* A token bucket of `rate` rows per second holding at most `cap`; tokens may go negative
+ * (a debt) because a page reserves its limit before its size is known. */
+typedef struct rel_bucket {
+    double tokens, cap, rate;
+    uint64_t last_ms;
+} rel_bucket_t;
+
+/* rows_per_s 0: unlimited (wait_ms always 0). Starts full. */
+void rel__bucket_init(rel_bucket_t *b, int rows_per_s, uint64_t now_ms);
+/* Refills up to now; returns 0 when a read may start, else the milliseconds to wait. */
+uint64_t rel__bucket_wait_ms(rel_bucket_t *b, uint64_t now_ms);
+void rel__bucket_take(rel_bucket_t *b, int rows);
+void rel__bucket_give(rel_bucket_t *b, int rows);
+
+/* Parses a pg_lsn's text ("16/B374D848"); returns 0 or -1. */
+int rel__lsn_parse(const char *s, uint64_t *out);
+
+#define REL_LAG_SAMPLES 64
+/* The primary's WAL positions with the times they were seen, oldest first (a ring). */
+typedef struct rel_lag {
+    uint64_t ms[REL_LAG_SAMPLES], lsn[REL_LAG_SAMPLES];
+    int head, n;
+} rel_lag_t;
+
+void rel__lag_sample(rel_lag_t *l, uint64_t now_ms, uint64_t lsn);
+/* How far behind a standby that replayed up to replay_lsn is: 0 when it has every sampled
+ * position, else the age of the oldest sample it lacks (a lower bound); -1 without samples. */
+int64_t rel__lag_ms(const rel_lag_t *l, uint64_t replay_lsn, uint64_t now_ms);
+
 #endif

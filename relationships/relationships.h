@@ -76,6 +76,18 @@ int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char 
                   int binary_result, rel_result_cb cb, void *data);
 
 /*
+ * Queues a one-off statement (not prepared) with text parameters (copied) and text results.
+ * Returns 0 (cb runs later) or FO_EPG when not up (cb never runs).
+ */
+int rel_conn_query(rel_conn_t *c, const char *sql, int nparams, const char *const *params,
+                   rel_result_cb cb, void *data);
+
+/* Registers the session limits every fanoutd connection sets: statement_timeout
+ * (cfg->statement_timeout_ms), lock_timeout (half of it) and
+ * idle_in_transaction_session_timeout (twice it); 0 means none for all three. */
+void rel_conn_setup_limits(rel_conn_t *c, const cfg_t *cfg);
+
+/*
  * Fails pending queries with FO_ESTOP, closes the connection and the handles. The memory is
  * released once libuv has closed them, so the loop must run on. Callbacks do not run after.
  */
@@ -101,5 +113,92 @@ typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, const char
  */
 int rel_followers_fetch(rel_conn_t *c, int64_t author, int64_t after, int64_t upto, int limit,
                         int64_t *out, rel_page_cb cb, void *data);
+
+/* --- the reader: budget, concurrency cap, replica --- */
+
+/*
+ * rel_reader_t owns the connections follower pages are read on: cfg->max_page_queries
+ * read-only connections to the primary (application_name fanoutd-pages) and, with
+ * cfg->replica_dsn, as many to a hot standby (fanoutd-replica), used while its lag stays
+ * within cfg->replica_max_lag_ms. Page reads queue in FIFO order, run at most one per
+ * connection, and are paced by a token bucket of cfg->read_budget_rows_s rows per second
+ * shared by all jobs (0: unlimited).
+ */
+typedef struct rel_reader rel_reader_t;
+
+/* up = 1: a connection came up (retry waiting reads); 0: one went down. */
+typedef void (*rel_reader_state_cb)(rel_reader_t *r, int up, void *data);
+
+typedef struct rel_reader_stats {
+    uint64_t rows;           /* follower ids read */
+    uint64_t primary_pages;  /* pages read from the primary */
+    uint64_t replica_pages;  /* pages read from the replica */
+    uint64_t fallback_pages; /* pages read from the primary although a replica is configured */
+    uint64_t fallbacks;      /* times the replica became unusable (down, lagging, unknown) */
+    int replica_usable;
+    int64_t replica_lag_ms;  /* last measured; -1 unknown */
+} rel_reader_stats_t;
+
+rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state_cb on_state,
+                             void *data);
+void rel_reader_start(rel_reader_t *r);
+
+/*
+ * Like rel_followers_fetch, on whichever connection the reader picks, once the budget
+ * allows. Returns 0 (cb runs later, never before the call returns) or FO_EPG when no
+ * connection is up (cb never runs). cb gets FO_EPG if the connection is lost meanwhile and
+ * FO_ESTOP if the reader closes first.
+ */
+int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upto, int limit,
+                     int64_t *out, rel_page_cb cb, void *data);
+
+void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out);
+
+/* Logs the stats, fails queued reads with FO_ESTOP and closes the connections; the memory
+ * is released once libuv has closed the handles, so the loop must run on. */
+void rel_reader_close(rel_reader_t *r);
+
+/* --- the contract check --- */
+
+/*
+ * The findings of one check of the contract (see rel_contract.c): the view and its columns
+ * author/follower bigint, the page query's plan free of sequential scans, fanoutd's role able
+ * to read the view and unable to write the Relationship tables. fanoutd runs it with
+ * rel_contract_run; fanoutctl check-db runs the same steps blocking:
+ *
+ *   for step in 0 .. rel_contract_steps(): sql = rel_contract_step_sql(k, step, quoted
+ *   schema, quoted view); n = rel_contract_step_params(k, step, params); run it;
+ *   rel_contract_step_result(k, step, result or NULL)
+ *
+ * Each finding is one line naming the object and the fix; `refuse` says whether fanoutd
+ * must not start (per cfg->contract_index and cfg->contract_privileges) or only warns.
+ */
+typedef struct rel_contract rel_contract_t;
+
+rel_contract_t *rel_contract_new(const cfg_t *cfg);
+void rel_contract_free(rel_contract_t *k);
+int rel_contract_steps(void);
+/* The step's SQL, malloc'ed; the identifiers are already quoted (PQescapeIdentifier). */
+char *rel_contract_step_sql(const rel_contract_t *k, int step, const char *schema_quoted,
+                            const char *view_quoted);
+/* Fills params (borrowed from k and cfg) and returns their number. */
+int rel_contract_step_params(const rel_contract_t *k, int step, const char *params[4]);
+void rel_contract_step_result(rel_contract_t *k, int step, const PGresult *res);
+int rel_contract_refusals(const rel_contract_t *k);
+/* Non-NULL (the error) when a step failed for a passing reason (a lock or statement timeout,
+ * a lost connection): the findings are incomplete and the check must run again later. */
+const char *rel_contract_transient(const rel_contract_t *k);
+size_t rel_contract_count(const rel_contract_t *k);
+const char *rel_contract_finding(const rel_contract_t *k, size_t i, int *refuse);
+/* The indexes the page query's plan uses ("" if none seen) and the role checked. */
+const char *rel_contract_indexes(const rel_contract_t *k);
+const char *rel_contract_role(const rel_contract_t *k);
+
+/* status 0: every step ran (k holds the findings, borrowed until return); FO_EPG: the
+ * connection failed before the end (run it again once up); FO_ESTOP: closing. */
+typedef void (*rel_contract_cb)(int status, const rel_contract_t *k, void *data);
+
+/* Runs the check on c. Returns 0 (cb runs later) or FO_EPG when c is not up. */
+int rel_contract_run(rel_conn_t *c, const cfg_t *cfg, rel_contract_cb cb, void *data);
 
 #endif

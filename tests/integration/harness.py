@@ -20,7 +20,8 @@ Servers (a context manager) starts, in a fresh temp dir, a PostgreSQL cluster co
 template made once per test run by initdb (FANOUT_PG_TEMPLATE, under a file lock) and a
 redis-server, each on a free loopback port; it runs `fanoutctl migrate` as the superuser and
 creates the login roles fanoutd (IN ROLE fanout_worker) and producer (IN ROLE
-fanout_publisher). Everything it started is stopped and the dir removed at exit, also on an
+fanout_publisher). pg_stat_statements is preloaded; start_replica() adds a streaming hot
+standby (pg_basebackup). Everything it started is stopped and the dir removed at exit, also on an
 exception, SIGTERM, SIGHUP or SIGINT (try/finally plus atexit). As root, PostgreSQL runs as
 the `postgres` system user (or a `fanout-test` user created on demand) via runuser.
 
@@ -213,6 +214,134 @@ def ensure_template(path=PG_TEMPLATE):
     return path
 
 
+def _start_postgres(data, port, sock, log_path, params, timeout, settings=None):
+    """Starts postgres on data and port, waits until it accepts connections with params;
+    returns the Popen. pg_stat_statements is preloaded so that tests can read PostgreSQL's
+    own per-statement figures; wal_level=replica (the default) lets a standby stream.
+    settings: more name=value server settings (the last of a name wins)."""
+    cmd = [os.path.join(PG_BIN, "postgres"), "-D", data,
+           "-c", "port=%d" % port,
+           "-c", "listen_addresses=127.0.0.1",
+           "-c", "unix_socket_directories=%s" % sock,
+           "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+           "-c", "shared_buffers=128MB", "-c", "max_connections=50",
+           "-c", "shared_preload_libraries=pg_stat_statements", "-c", "wal_level=replica"]
+    for k, v in (settings or {}).items():
+        cmd += ["-c", "%s=%s" % (k, v)]
+    log = open(log_path, "ab")
+    try:
+        # runuser turns SIGTERM into SIGTERM, then SIGKILL 2 s later, for postgres;
+        # without runuser, SIGQUIT is postgres's own immediate shutdown.
+        death = signal.SIGTERM if _pg_os_user() else signal.SIGQUIT
+        proc = subprocess.Popen(_as_pg(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_us(death))
+    finally:
+        log.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg2.connect(connect_timeout=2, **params).close()
+            return proc
+        except psycopg2.OperationalError:
+            pass
+        if proc.poll() is not None:
+            raise HarnessError("postgres exited with %s; log tail:\n%s"
+                               % (proc.returncode, _tail(log_path)))
+        if time.monotonic() > deadline:
+            raise HarnessError("postgres did not accept connections within %ss:\n%s"
+                               % (timeout, _tail(log_path)))
+        time.sleep(0.05)
+
+
+def _stop_postgres(proc, data, sig, timeout=30):
+    """Signals the postmaster of data (runuser would turn any signal into a SIGTERM) and
+    waits for proc; kills it after timeout."""
+    try:
+        with open(os.path.join(data, "postmaster.pid")) as f:
+            pid = int(f.readline().strip())
+    except (OSError, ValueError):
+        pid = None
+    if proc.poll() is None:
+        if pid and _pid_alive(pid):
+            os.kill(pid, sig)
+        else:
+            proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if pid and _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+
+
+class Replica:
+    """A hot standby of a Servers' cluster: pg_basebackup -R, then streaming replication on
+    its own free port. Made by Servers.start_replica(); stopped with the Servers."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.data = servers.path("replica")
+        self.sock = servers.path("replica-sock")
+        self.log_path = servers.path("replica.log")
+        self.port = None
+        self.proc = None
+
+    @property
+    def params(self):
+        return dict(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname=DB_NAME)
+
+    def dsn(self, user="fanoutd"):
+        return "host=127.0.0.1 port=%d dbname=%s user=%s" % (self.port, DB_NAME, user)
+
+    def create(self):
+        for d in (self.data, self.sock):
+            os.mkdir(d, 0o700)
+            _chown_pg(d)
+        with open(self.log_path, "ab") as log:
+            r = subprocess.run(_as_pg([os.path.join(PG_BIN, "pg_basebackup"), "-h", "127.0.0.1",
+                                       "-p", str(self.servers.pg_port), "-U", SUPERUSER,
+                                       "-D", self.data, "-R", "-X", "stream", "-c", "fast",
+                                       "--no-sync"]),
+                               stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        if r.returncode != 0:
+            raise HarnessError("pg_basebackup failed:\n" + _tail(self.log_path))
+        self.port = free_port()
+        self.start()
+
+    def start(self, timeout=30):
+        self.proc = _start_postgres(self.data, self.port, self.sock, self.log_path,
+                                    self.params, timeout)
+
+    def stop(self, mode="fast"):
+        if self.proc is not None:
+            _stop_postgres(self.proc, self.data,
+                           {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode])
+            self.proc = None
+
+    def sql(self, query, params=None):
+        """One statement as the superuser on a fresh connection; returns the rows."""
+        c = psycopg2.connect(connect_timeout=5, **self.params)
+        try:
+            c.autocommit = True
+            with c.cursor() as cur:
+                cur.execute(query, params)
+                return cur.fetchall() if cur.description is not None else []
+        finally:
+            c.close()
+
+    def wait_caught_up(self, timeout=30):
+        """Waits until the standby has replayed everything the primary has written now."""
+        target = self.servers.sql_value("SELECT pg_current_wal_lsn()")
+        deadline = time.monotonic() + timeout
+        while not self.sql("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,))[0][0]:
+            if time.monotonic() > deadline:
+                raise HarnessError("replica did not catch up within %ss:\n%s"
+                                   % (timeout, _tail(self.log_path)))
+            time.sleep(0.05)
+
+
 # --------------------------------------------------------------------------------------------
 # teardown on every exit path
 # --------------------------------------------------------------------------------------------
@@ -349,6 +478,7 @@ class Servers:
         self.redis_port = None
         self.daemons = []
         self.daemons_started = 0  # numbers fanoutd-<n>.log: one fresh log per daemon
+        self.replicas = []
         self._pg_proc = None
         self._redis_proc = None
         self._conns = {}
@@ -403,6 +533,8 @@ class Servers:
                 except Exception:
                     pass
             self._stop_redis()
+            for r in self.replicas:
+                r.stop("immediate")
             self._stop_pg()
         finally:
             if self.dir and not os.environ.get("FANOUT_KEEP_TMP"):
@@ -444,45 +576,9 @@ class Servers:
     def pg_start(self, timeout=30):
         """Starts the cluster on self.pg_port (again, after pg_stop) and waits until it
         accepts connections."""
-        cmd = [os.path.join(PG_BIN, "postgres"), "-D", self.path("pgdata"),
-               "-c", "port=%d" % self.pg_port,
-               "-c", "listen_addresses=127.0.0.1",
-               "-c", "unix_socket_directories=%s" % self.path("pgsock"),
-               "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-               "-c", "shared_buffers=128MB", "-c", "max_connections=50"]
-        for k, v in self.pg_settings.items():
-            cmd += ["-c", "%s=%s" % (k, v)]
-        log = open(self.pg_log_path, "ab")
-        try:
-            # runuser turns SIGTERM into SIGTERM, then SIGKILL 2 s later, for postgres;
-            # without runuser, SIGQUIT is postgres's own immediate shutdown.
-            death = signal.SIGTERM if _pg_os_user() else signal.SIGQUIT
-            self._pg_proc = subprocess.Popen(_as_pg(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=_die_with_us(death))
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                psycopg2.connect(connect_timeout=2, **self.pg_params).close()
-                return
-            except psycopg2.OperationalError:
-                pass
-            if self._pg_proc.poll() is not None:
-                raise HarnessError("postgres exited with %s; log tail:\n%s"
-                                   % (self._pg_proc.returncode, _tail(self.pg_log_path)))
-            if time.monotonic() > deadline:
-                raise HarnessError("postgres did not accept connections within %ss:\n%s"
-                                   % (timeout, _tail(self.pg_log_path)))
-            time.sleep(0.05)
-
-    def _postmaster_pid(self):
-        try:
-            with open(self.path("pgdata", "postmaster.pid")) as f:
-                return int(f.readline().strip())
-        except (OSError, ValueError):
-            return None
+        self._pg_proc = _start_postgres(self.path("pgdata"), self.pg_port, self.path("pgsock"),
+                                        self.pg_log_path, self.pg_params, timeout,
+                                        self.pg_settings)
 
     def pg_stop(self, mode="fast", timeout=30):
         """Stops the cluster: mode "fast" (SIGINT), "immediate" (SIGQUIT, like a crash) or
@@ -500,21 +596,16 @@ class Servers:
             return
         sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT,
                "immediate": signal.SIGQUIT}[mode]
-        pid = self._postmaster_pid()
-        if self._pg_proc.poll() is None:
-            # Signal the postmaster itself: runuser would turn any signal into a SIGTERM.
-            if pid and _pid_alive(pid):
-                os.kill(pid, sig)
-            else:
-                self._pg_proc.terminate()
-            try:
-                self._pg_proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                if pid and _pid_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-                self._pg_proc.kill()
-                self._pg_proc.wait()
+        _stop_postgres(self._pg_proc, self.path("pgdata"), sig, timeout)
         self._pg_proc = None
+
+    def start_replica(self):
+        """A streaming hot standby of this cluster (pg_basebackup), on its own free port;
+        returns the Replica. It is stopped when these servers close."""
+        r = Replica(self)
+        self.replicas.append(r)
+        r.create()
+        return r
 
     def pg_restart(self, mode="fast"):
         self.pg_stop(mode)
@@ -833,7 +924,8 @@ class Servers:
             self.redis_start()
         if self.sql("SELECT 1 FROM pg_namespace WHERE nspname = 'fanout'"):
             self.sql("TRUNCATE fanout.events, fanout.jobs, relationships.follows,"
-                     " relationships.mutes, relationships.blocks RESTART IDENTITY CASCADE")
+                     " relationships.mutes, relationships.blocks, relationships.accounts"
+                     " RESTART IDENTITY CASCADE")
         self.redis.flushall()
 
 

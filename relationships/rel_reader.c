@@ -1,0 +1,462 @@
+/*
+ * rel_reader.c: where follower pages are read, how many at once and how fast.
+ *
+ * The reader owns cfg->max_page_queries read-only connections to the primary and, with
+ * cfg->replica_dsn, as many to a hot standby. Each connection runs at most one page query
+ * at a time, so max_page_queries caps the follower queries fanoutd runs on each server.
+ * Requests wait in one FIFO queue (at most one per job: a job reads one page at a time), so
+ * jobs share the connections in arrival order.
+ *
+ * The budget is a token bucket of cfg->read_budget_rows_s rows per second, shared by every
+ * job. A page query may start when the bucket is not in debt; it reserves `limit` rows at
+ * start and the unread rest is given back when the page arrives, so concurrent queries can
+ * overdraw by at most one page and the rate over any longer stretch holds. Waiting is a
+ * uv timer, never a sleep.
+ *
+ * The replica is used while it is up and its lag is known to be at most
+ * cfg->replica_max_lag_ms. The lag is measured against the primary, not from the standby's
+ * own replay timestamp (which reads 0 while a disconnected standby falls behind): every
+ * check the primary's WAL position is sampled with its time, and the standby's replay
+ * position says which sample it has not reached; the age of that sample is its lag. Going
+ * back to the replica needs the lag under half the bound, so that a lag near the bound does
+ * not flap. Every page read from the primary while a replica is configured counts as a
+ * fallback (rel_reader_stats), and each switch is logged.
+ */
+#include "relationships/rel_int.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* --- the token bucket --- */
+
+void rel__bucket_init(rel_bucket_t *b, int rows_per_s, uint64_t now_ms)
+{
+    b->rate = rows_per_s;
+    /* a tenth of a second of burst: enough to start at once, too little to matter */
+    b->cap = rows_per_s / 10.0 > 1 ? rows_per_s / 10.0 : 1;
+    b->tokens = b->cap;
+    b->last_ms = now_ms;
+}
+
+uint64_t rel__bucket_wait_ms(rel_bucket_t *b, uint64_t now_ms)
+{
+    if (b->rate <= 0)
+        return 0;
+    if (now_ms > b->last_ms) {
+        b->tokens += (double)(now_ms - b->last_ms) * b->rate / 1000.0;
+        if (b->tokens > b->cap)
+            b->tokens = b->cap;
+        b->last_ms = now_ms;
+    }
+    if (b->tokens > 0)
+        return 0;
+    /* until the debt is paid and one row more is in the bucket */
+    return (uint64_t)((1.0 - b->tokens) * 1000.0 / b->rate) + 1;
+}
+
+void rel__bucket_take(rel_bucket_t *b, int rows)
+{
+    if (b->rate > 0)
+        b->tokens -= rows;
+}
+
+void rel__bucket_give(rel_bucket_t *b, int rows)
+{
+    if (b->rate > 0 && rows > 0) {
+        b->tokens += rows;
+        if (b->tokens > b->cap)
+            b->tokens = b->cap;
+    }
+}
+
+/* --- replica lag from WAL positions --- */
+
+int rel__lsn_parse(const char *s, uint64_t *out)
+{
+    unsigned hi, lo;
+    char tail;
+    if (!s || sscanf(s, "%X/%X%c", &hi, &lo, &tail) != 2)
+        return -1;
+    *out = ((uint64_t)hi << 32) | lo;
+    return 0;
+}
+
+void rel__lag_sample(rel_lag_t *l, uint64_t now_ms, uint64_t lsn)
+{
+    /* samples with the same position add nothing: keep the oldest time for it */
+    if (l->n > 0 && l->lsn[(l->head + l->n - 1) % REL_LAG_SAMPLES] == lsn)
+        return;
+    if (l->n == REL_LAG_SAMPLES) {
+        l->head = (l->head + 1) % REL_LAG_SAMPLES;
+        l->n--;
+    }
+    int i = (l->head + l->n) % REL_LAG_SAMPLES;
+    l->ms[i] = now_ms;
+    l->lsn[i] = lsn;
+    l->n++;
+}
+
+int64_t rel__lag_ms(const rel_lag_t *l, uint64_t replay_lsn, uint64_t now_ms)
+{
+    if (l->n == 0)
+        return -1;
+    /* the oldest primary position the standby has not replayed: it is at least that old */
+    for (int k = 0; k < l->n; k++) {
+        int i = (l->head + k) % REL_LAG_SAMPLES;
+        if (l->lsn[i] > replay_lsn)
+            return now_ms > l->ms[i] ? (int64_t)(now_ms - l->ms[i]) : 0;
+    }
+    return 0;
+}
+
+/* --- the reader --- */
+
+typedef struct req {
+    struct req *next;
+    rel_reader_t *r;
+    int64_t author, after, upto;
+    int limit;
+    int64_t *out;
+    rel_page_cb cb;
+    void *data;
+    int replica, slot;
+} req_t;
+
+typedef struct pool {
+    rel_conn_t **conns;
+    int *busy;
+    int n;
+} pool_t;
+
+struct rel_reader {
+    uv_loop_t *loop;
+    const cfg_t *cfg;
+    rel_reader_state_cb on_state;
+    void *data;
+    pool_t primary, replica;
+    req_t *head, *tail;
+    rel_bucket_t bucket;
+    uv_timer_t budget_timer, lag_timer;
+    int open_timers;
+    int closing;
+
+    rel_lag_t lag;
+    int lag_primary_busy, lag_replica_busy;
+    int replica_usable;
+    int64_t replica_lag_ms;
+    uint64_t lag_checked_ms; /* when the standby last answered a lag check */
+    int not_standby;         /* the replica DSN names a server not in recovery */
+    const char *why;         /* why the replica is not used now (a static string) */
+    rel_reader_stats_t stats;
+};
+
+static void dispatch(rel_reader_t *r);
+
+static int pool_ready(const pool_t *p)
+{
+    for (int i = 0; i < p->n; i++)
+        if (rel_conn_ready(p->conns[i]))
+            return 1;
+    return 0;
+}
+
+static int pool_idle(const pool_t *p)
+{
+    for (int i = 0; i < p->n; i++)
+        if (!p->busy[i] && rel_conn_ready(p->conns[i]))
+            return i;
+    return -1;
+}
+
+static int check_interval_ms(const cfg_t *cfg)
+{
+    int ms = cfg->replica_max_lag_ms / 4;
+    return ms < 50 ? 50 : ms > 1000 ? 1000 : ms;
+}
+
+/* Decides whether pages come from the replica now; logs each switch. */
+static void judge_replica(rel_reader_t *r)
+{
+    if (r->replica.n == 0)
+        return;
+    uint64_t now = fo_now_ms();
+    const char *why = NULL;
+    int64_t bound = r->cfg->replica_max_lag_ms;
+    if (!pool_ready(&r->replica))
+        why = "down";
+    else if (r->not_standby)
+        why = "not a hot standby";
+    else if (r->replica_lag_ms < 0 ||
+             now - r->lag_checked_ms > (uint64_t)(3 * check_interval_ms(r->cfg) + 2000))
+        why = "lag unknown";
+    else if (r->replica_lag_ms > (r->replica_usable == 1 ? bound : bound / 2))
+        why = "lagging";
+    int usable = why == NULL;
+    if (usable != r->replica_usable || (why && why != r->why)) {
+        if (usable)
+            fo_log(FO_LOG_INFO, "replica usable; reading follower pages from it",
+                   "lag_ms=%" PRId64 " fallback_pages=%" PRIu64, r->replica_lag_ms,
+                   r->stats.fallback_pages);
+        else
+            fo_log(FO_LOG_WARN, "replica unusable; reading follower pages from the primary",
+                   "reason=\"%s\" lag_ms=%" PRId64 " max_lag_ms=%" PRId64
+                   " fallback_pages=%" PRIu64,
+                   why, r->replica_lag_ms, bound, r->stats.fallback_pages);
+        r->stats.fallbacks += !usable && r->replica_usable == 1;
+    }
+    r->replica_usable = usable;
+    r->why = why;
+    r->stats.replica_usable = usable;
+    r->stats.replica_lag_ms = r->replica_lag_ms;
+    dispatch(r);
+}
+
+static void on_primary_lsn(int status, const PGresult *res, void *data)
+{
+    rel_reader_t *r = data;
+    r->lag_primary_busy = 0;
+    uint64_t lsn;
+    if (status == 0 && PQntuples(res) == 1 && rel__lsn_parse(PQgetvalue(res, 0, 0), &lsn) == 0)
+        rel__lag_sample(&r->lag, fo_now_ms(), lsn);
+}
+
+static void on_replica_lsn(int status, const PGresult *res, void *data)
+{
+    rel_reader_t *r = data;
+    r->lag_replica_busy = 0;
+    if (status == FO_ESTOP || r->closing)
+        return;
+    uint64_t lsn;
+    if (status == 0 && PQntuples(res) == 1) {
+        r->lag_checked_ms = fo_now_ms();
+        r->not_standby =
+            PQgetvalue(res, 0, 0)[0] != 't' || rel__lsn_parse(PQgetvalue(res, 0, 1), &lsn) < 0;
+        r->replica_lag_ms = r->not_standby ? -1 : rel__lag_ms(&r->lag, lsn, fo_now_ms());
+    }
+    judge_replica(r);
+}
+
+static void on_lag_timer(uv_timer_t *t)
+{
+    rel_reader_t *r = t->data;
+    if (!r->lag_primary_busy && pool_ready(&r->primary)) {
+        int i = 0;
+        while (!rel_conn_ready(r->primary.conns[i]))
+            i++;
+        if (rel_conn_query(r->primary.conns[i], "SELECT pg_current_wal_lsn()::text", 0, NULL,
+                           on_primary_lsn, r) == 0)
+            r->lag_primary_busy = 1;
+    }
+    if (!r->lag_replica_busy && pool_ready(&r->replica)) {
+        int i = 0;
+        while (!rel_conn_ready(r->replica.conns[i]))
+            i++;
+        if (rel_conn_query(r->replica.conns[i],
+                           "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text", 0, NULL,
+                           on_replica_lsn, r) == 0)
+            r->lag_replica_busy = 1;
+    }
+    judge_replica(r);
+}
+
+/* Fails the queued requests (none is on the wire) with status. */
+static void fail_queued(rel_reader_t *r, int status)
+{
+    req_t *list = r->head;
+    r->head = r->tail = NULL;
+    while (list) {
+        req_t *q = list;
+        list = q->next;
+        q->cb(status, q->out, 0, NULL, q->data);
+        free(q);
+    }
+}
+
+static int usable(const rel_reader_t *r)
+{
+    return pool_ready(&r->primary) || (r->replica_usable == 1 && pool_ready(&r->replica));
+}
+
+static void on_conn_state(rel_conn_t *c, int up, void *data)
+{
+    rel_reader_t *r = data;
+    if (!up && !usable(r))
+        fail_queued(r, FO_EPG);
+    judge_replica(r);
+    dispatch(r);
+    if (r->on_state)
+        r->on_state(r, up, r->data);
+}
+
+static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
+{
+    req_t *q = data;
+    rel_reader_t *r = q->r;
+    pool_t *p = q->replica ? &r->replica : &r->primary;
+    p->busy[q->slot] = 0;
+    rel__bucket_give(&r->bucket, q->limit - (int)n);
+    if (status == 0) {
+        r->stats.rows += n;
+        if (q->replica)
+            r->stats.replica_pages++;
+        else
+            r->stats.primary_pages++;
+        if (!q->replica && r->replica.n > 0)
+            r->stats.fallback_pages++;
+    }
+    q->cb(status, ids, n, err, q->data);
+    free(q);
+    if (!r->closing)
+        dispatch(r);
+}
+
+static void on_budget_timer(uv_timer_t *t)
+{
+    dispatch(t->data);
+}
+
+static void dispatch(rel_reader_t *r)
+{
+    while (r->head && !r->closing) {
+        uint64_t wait = rel__bucket_wait_ms(&r->bucket, fo_now_ms());
+        if (wait > 0) {
+            if (!uv_is_active((uv_handle_t *)&r->budget_timer))
+                uv_timer_start(&r->budget_timer, on_budget_timer, wait, 0);
+            return;
+        }
+        int replica = r->replica_usable == 1 && pool_ready(&r->replica);
+        pool_t *p = replica ? &r->replica : &r->primary;
+        int slot = pool_idle(p);
+        if (slot < 0)
+            return; /* all busy: the next page to arrive dispatches again */
+        req_t *q = r->head;
+        r->head = q->next;
+        if (!r->head)
+            r->tail = NULL;
+        q->replica = replica;
+        q->slot = slot;
+        p->busy[slot] = 1;
+        rel__bucket_take(&r->bucket, q->limit);
+        if (rel_followers_fetch(p->conns[slot], q->author, q->after, q->upto, q->limit, q->out,
+                                on_page, q) < 0) {
+            p->busy[slot] = 0;
+            rel__bucket_give(&r->bucket, q->limit);
+            q->cb(FO_EPG, q->out, 0, NULL, q->data);
+            free(q);
+        }
+    }
+}
+
+static void pool_open(rel_reader_t *r, pool_t *p, const char *dsn, const char *name)
+{
+    p->n = r->cfg->max_page_queries;
+    p->conns = fo_xcalloc((size_t)p->n, sizeof *p->conns);
+    p->busy = fo_xcalloc((size_t)p->n, sizeof *p->busy);
+    for (int i = 0; i < p->n; i++) {
+        p->conns[i] = rel_conn_new(r->loop, r->cfg, dsn, name, on_conn_state, NULL, r);
+        rel_conn_setup_limits(p->conns[i], r->cfg);
+        rel_followers_prepare(p->conns[i], r->cfg);
+    }
+}
+
+rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state_cb on_state,
+                             void *data)
+{
+    rel_reader_t *r = fo_xcalloc(1, sizeof *r);
+    r->loop = loop;
+    r->cfg = cfg;
+    r->on_state = on_state;
+    r->data = data;
+    r->replica_lag_ms = -1;
+    r->replica_usable = -1; /* unknown: the first judgement is logged */
+    rel__bucket_init(&r->bucket, cfg->read_budget_rows_s, fo_now_ms());
+    uv_timer_init(loop, &r->budget_timer);
+    uv_timer_init(loop, &r->lag_timer);
+    r->budget_timer.data = r->lag_timer.data = r;
+    r->open_timers = 2;
+    pool_open(r, &r->primary, cfg->pg_dsn, "fanoutd-pages");
+    if (cfg->replica_dsn[0])
+        pool_open(r, &r->replica, cfg->replica_dsn, "fanoutd-replica");
+    return r;
+}
+
+void rel_reader_start(rel_reader_t *r)
+{
+    for (int i = 0; i < r->primary.n; i++)
+        rel_conn_start(r->primary.conns[i]);
+    for (int i = 0; i < r->replica.n; i++)
+        rel_conn_start(r->replica.conns[i]);
+    if (r->replica.n > 0) {
+        uint64_t every = (uint64_t)check_interval_ms(r->cfg);
+        uv_timer_start(&r->lag_timer, on_lag_timer, every, every);
+        fo_log(FO_LOG_INFO, "follower pages from a replica while it keeps up",
+               "max_lag_ms=%d check_ms=%" PRIu64, r->cfg->replica_max_lag_ms, every);
+    }
+}
+
+int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upto, int limit,
+                     int64_t *out, rel_page_cb cb, void *data)
+{
+    if (r->closing || !usable(r))
+        return FO_EPG;
+    req_t *q = fo_xcalloc(1, sizeof *q);
+    *q = (req_t){.r = r,
+                 .author = author,
+                 .after = after,
+                 .upto = upto,
+                 .limit = limit,
+                 .out = out,
+                 .cb = cb,
+                 .data = data};
+    if (r->tail)
+        r->tail->next = q;
+    else
+        r->head = q;
+    r->tail = q;
+    dispatch(r);
+    return 0;
+}
+
+void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out)
+{
+    *out = r->stats;
+}
+
+static void maybe_free(rel_reader_t *r)
+{
+    if (r->open_timers > 0)
+        return;
+    free(r->primary.conns);
+    free(r->primary.busy);
+    free(r->replica.conns);
+    free(r->replica.busy);
+    free(r);
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    rel_reader_t *r = h->data;
+    r->open_timers--;
+    maybe_free(r);
+}
+
+void rel_reader_close(rel_reader_t *r)
+{
+    if (r->closing)
+        return;
+    r->closing = 1;
+    const rel_reader_stats_t *s = &r->stats;
+    fo_log(FO_LOG_INFO, "follower reads",
+           "rows=%" PRIu64 " primary_pages=%" PRIu64 " replica_pages=%" PRIu64
+           " fallback_pages=%" PRIu64 " fallbacks=%" PRIu64,
+           s->rows, s->primary_pages, s->replica_pages, s->fallback_pages, s->fallbacks);
+    fail_queued(r, FO_ESTOP);
+    for (int i = 0; i < r->primary.n; i++)
+        rel_conn_close(r->primary.conns[i]);
+    for (int i = 0; i < r->replica.n; i++)
+        rel_conn_close(r->replica.conns[i]);
+    uv_close((uv_handle_t *)&r->budget_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&r->lag_timer, on_timer_closed);
+}
