@@ -10,6 +10,7 @@
 
 #include "common/common.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -370,6 +371,15 @@ static int check_name(const char *v, const char *name, int ruby_const, char *err
 
 static int validate(cfg_t *cfg, char *err, size_t errsize)
 {
+    unsigned char addr[16];
+    if (inet_pton(AF_INET, cfg->redis_host, addr) != 1 &&
+        inet_pton(AF_INET6, cfg->redis_host, addr) != 1) {
+        errf(err, errsize,
+             "redis_host \"%s\" is not an IP address; give one (fanoutd resolves no names: "
+             "a lookup would block its loop)",
+             cfg->redis_host);
+        return FO_EINVAL;
+    }
     if (cfg->backlog_low > cfg->backlog_high) {
         errf(err, errsize, "backlog_low (%lld) is above backlog_high (%lld); set it lower",
              cfg->backlog_low, cfg->backlog_high);

@@ -48,14 +48,14 @@ static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress
                     void *data)
 {
     fo_daemon_t *d = ctx;
-    return ntf_fence(d->redis, job, start, cb, data);
+    return d->redis ? ntf_fence(d->redis, job, start, cb, data) : FO_EREDIS;
 }
 
 static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids,
                     size_t n, int last, ntf_progress_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
-    return ntf_write_page(d->redis, job, expect, ids, n, last, cb, data);
+    return d->redis ? ntf_write_page(d->redis, job, expect, ids, n, last, cb, data) : FO_EREDIS;
 }
 
 /* --- jobs --- */
@@ -91,6 +91,9 @@ void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim)
     d->metrics.events_claimed++;
     d->metrics.jobs_running = d->njobs;
     fo_job_start(j, fo_now_ms());
+    /* claimed by a query that was already out when the stop began: give it back at once */
+    if (d->stopping && job_slot(d, j) >= 0)
+        fo_job_stop(j);
 }
 
 static int io_may_write(void *ctx)
@@ -233,7 +236,7 @@ static void check_contract(fo_daemon_t *d)
 {
     if (d->contract != FO_CONTRACT_UNCHECKED || d->stopping || fo_now_ms() < d->contract_retry_at)
         return;
-    if (rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
+    if (rel_conn_ready(d->ctl) && rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
         d->contract = FO_CONTRACT_CHECKING;
 }
 
@@ -396,10 +399,14 @@ static void close_all(fo_daemon_t *d)
         fo_log(FO_LOG_WARN, "stop bound reached; job left to its lease",
                "job=%" PRId64 " cursor=%" PRId64, fo_job_id(d->jobs[i]),
                fo_job_cursor(d->jobs[i]));
+    /* each frees itself once libuv has closed its handles: forget them now, so that
+     * whatever still runs (job callbacks, a reload finishing) finds them gone */
     if (d->redis)
         ntf_client_close(d->redis);
+    d->redis = NULL;
     if (d->ctl)
         rel_conn_close(d->ctl);
+    d->ctl = NULL;
     if (d->reader)
         rel_reader_close(d->reader);
     d->reader = NULL; /* it frees itself once libuv has closed its handles */
@@ -410,7 +417,8 @@ static void close_all(fo_daemon_t *d)
 
 void fo__daemon_check_stopped(fo_daemon_t *d)
 {
-    if (d->stopping && d->njobs == 0 && !d->recs)
+    /* a claim (or split) still out may yet hand over a job that must be released */
+    if (d->stopping && d->njobs == 0 && !d->recs && !d->claiming)
         close_all(d);
 }
 

@@ -208,7 +208,8 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
             j->epoch++;
             break;
         case FO_ESTOP:
-            j->state = FO_JOB_DRAINING;
+            if (j->state != FO_JOB_FAILED)
+                j->state = FO_JOB_DRAINING;
             j->epoch++;
             break;
         default:

@@ -64,23 +64,26 @@ static const char SQL_CLAIM[] =
     "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error";
 
 /*
- * Splits a job claimed for the first time (token 1, the whole range, nothing written yet)
- * into $4 follower-id ranges of equal id span, when the author's followers span at least $5
- * ids: this job keeps the first range, the others become pending jobs, and a NOTIFY wakes
- * the other workers. One statement, so a crash splits all or nothing.
- * $1 job, $2 token, $3 author. Returns the job's new range_hi (NULL when not split) and the
- * number of jobs added.
+ * A job claimed for the first time (token 1, the whole range, nothing written yet) may be
+ * split into follower-id ranges. First the author's lowest and highest follower are read
+ * through the contract view on a read-only page connection (every read of the view is
+ * read-only); then, when they span at least split_min_span ids, one statement on the control
+ * connection cuts (lo, hi] into split_parts ranges of equal span: this job keeps the first,
+ * the others become pending jobs, and a NOTIFY wakes the other workers. One statement, so a
+ * crash splits all or nothing.
  */
+static const char SQL_BOUNDS[] =
+    "SELECT (SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower LIMIT 1),"
+    "       (SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower DESC LIMIT 1)";
+
+/* $1 job, $2 token, $3 parts, $4 lowest follower, $5 highest. Returns the job's new
+ * range_hi (NULL when it was not split: the lease moved on) and the jobs added. */
 static const char SQL_SPLIT[] =
-    "WITH mm AS (SELECT (SELECT follower FROM %1$s.%2$s WHERE author = $3"
-    "                    ORDER BY follower LIMIT 1) AS lo,"
-    "                   (SELECT follower FROM %1$s.%2$s WHERE author = $3"
-    "                    ORDER BY follower DESC LIMIT 1) AS hi),"
-    " cuts AS (SELECT i, mm.lo + ((mm.hi - mm.lo)::numeric * i / $4::int)::bigint AS b"
-    "          FROM mm, generate_series(1, $4::int - 1) AS i"
-    "          WHERE mm.hi - mm.lo >= $5::bigint),"
+    "WITH cuts AS (SELECT i, $4::bigint + (($5::bigint - $4::bigint)::numeric * i"
+    "                                       / $3::int)::bigint AS b"
+    "              FROM generate_series(1, $3::int - 1) AS i),"
     " me AS (UPDATE fanout.jobs SET range_hi = (SELECT b FROM cuts WHERE i = 1)"
-    "        WHERE id = $1 AND token = $2 AND range_hi IS NULL AND EXISTS (SELECT 1 FROM cuts)"
+    "        WHERE id = $1 AND token = $2 AND range_hi IS NULL"
     "        RETURNING event_id, range_hi),"
     " ins AS (INSERT INTO fanout.jobs (event_id, range_lo, range_hi)"
     "         SELECT me.event_id, c.b, (SELECT c2.b FROM cuts c2 WHERE c2.i = c.i + 1)"
@@ -90,7 +93,7 @@ static const char SQL_SPLIT[] =
 
 static const char SQL_RENEW[] =
     "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
-    " progress = $4, delivered = $5"
+    " progress = greatest(progress, $4), delivered = greatest(delivered, $5)"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 static const char SQL_FINISH[] =
@@ -102,7 +105,8 @@ static const char SQL_FINISH[] =
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
-    "UPDATE fanout.jobs SET state = 'pending', progress = $3, delivered = $4,"
+    "UPDATE fanout.jobs SET state = 'pending', progress = greatest(progress, $3),"
+    " delivered = greatest(delivered, $4),"
     " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
@@ -110,9 +114,11 @@ static const char SQL_RELEASE[] =
  * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts. */
 static const char SQL_FAIL[] =
     "UPDATE fanout.jobs SET state = CASE WHEN attempts >= $6 THEN 'dead' ELSE 'pending' END,"
-    " progress = $3, delivered = $4, last_error = $5, lease_owner = NULL, lease_until = NULL,"
-    " next_attempt_at = now() + least($8::bigint,"
-    "   $7::bigint * power(2, least(attempts - 1, 40))::bigint) * interval '1 millisecond',"
+    " progress = greatest(progress, $3), delivered = greatest(delivered, $4), last_error = $5,"
+    " lease_owner = NULL, lease_until = NULL,"
+    " next_attempt_at = now() + least($8::numeric,"
+    "   $7::numeric * power(2::numeric, least(attempts - 1, 40)))::float8"
+    "   * interval '1 millisecond',"
     " finished_at = CASE WHEN attempts >= $6 THEN now() END"
     " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
 
@@ -129,13 +135,13 @@ static const char SQL_WORKER[] =
 void fo__store_prepare(fo_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 5);
-    rel_conn_prepare_view(d->ctl, "fo_split", SQL_SPLIT, 5, d->cfg);
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
     rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 3);
     rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
+    rel_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
 }
 
 static void log_pg_error(const char *msg, const PGresult *res)
@@ -305,12 +311,22 @@ static void split_free(split_call_t *sc)
     free(sc);
 }
 
+/* The split is over, one way or the other: run the job (whole or its first range; exact
+ * either way, since nothing of it was written before) and claim on. */
+static void split_done(split_call_t *sc)
+{
+    fo_daemon_t *d = sc->d;
+    d->claiming = 0;
+    fo__daemon_start_job(d, &sc->claim);
+    split_free(sc);
+    fo__store_claim(d);
+}
+
 static void on_split(int status, const PGresult *res, void *data)
 {
     split_call_t *sc = data;
-    fo_daemon_t *d = sc->d;
-    d->claiming = 0;
     if (status == FO_ESTOP) {
+        sc->d->claiming = 0;
         split_free(sc);
         return;
     }
@@ -320,19 +336,60 @@ static void on_split(int status, const PGresult *res, void *data)
                "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64,
                sc->claim.job_id, sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)),
                sc->claim.range_hi);
+    } else if (status != 0 && !res) {
+        /* The connection died with the split's outcome unknown: it may have committed, and
+         * running the job whole would then repeat the other ranges. Leave the job to its
+         * lease: once the connection is back, this worker re-claims its own lease and gets
+         * the job with whatever range is committed. */
+        fo_log(FO_LOG_WARN, "split outcome unknown (connection lost); the job is re-claimed",
+               "job=%" PRId64, sc->claim.job_id);
+        sc->d->claiming = 0;
+        fo_daemon_t *d = sc->d;
+        split_free(sc);
+        fo__daemon_check_stopped(d);
+        return;
     } else if (status != 0) {
         log_pg_error("split failed; the job runs whole", res);
     }
-    /* whole or first range: exact either way, since nothing was written before the split */
-    fo__daemon_start_job(d, &sc->claim);
-    split_free(sc);
-    fo__store_claim(d);
+    split_done(sc);
 }
 
-/* Splits a fresh job if it is worth it; returns 1 when the split query was sent. */
+static void on_bounds(int status, const PGresult *res, void *data)
+{
+    split_call_t *sc = data;
+    fo_daemon_t *d = sc->d;
+    if (status == FO_ESTOP) {
+        d->claiming = 0;
+        split_free(sc);
+        return;
+    }
+    if (status != 0 || PQgetisnull(res, 0, 0) || PQgetisnull(res, 0, 1)) {
+        if (status != 0)
+            log_pg_error("follower bounds not read; the job runs whole", res);
+        split_done(sc);
+        return;
+    }
+    long long lo = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    long long hi = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    if (hi - lo < d->cfg->split_min_span) {
+        split_done(sc); /* not worth it */
+        return;
+    }
+    char id[24], token[24], parts[16], los[24], his[24];
+    I64(id, sc->claim.job_id);
+    I64(token, sc->claim.token);
+    I64(parts, d->cfg->split_parts);
+    I64(los, lo);
+    I64(his, hi);
+    const char *params[] = {id, token, parts, los, his};
+    if (rel_conn_exec(d->ctl, "fo_split", 5, params, 0, on_split, sc) < 0)
+        split_done(sc);
+}
+
+/* Splits a fresh job if it is worth it; returns 1 when the bounds query was sent. */
 static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
 {
-    if (d->cfg->split_min_span <= 0)
+    if (d->cfg->split_min_span <= 0 || !d->reader)
         return 0;
     split_call_t *sc = fo_xcalloc(1, sizeof *sc);
     sc->d = d;
@@ -340,14 +397,10 @@ static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
     sc->claim.kind = sc->kind = fo_xstrdup(c->kind);
     sc->claim.payload = sc->payload = fo_xstrdup(c->payload);
     sc->claim.created_at = sc->created_at = fo_xstrdup(c->created_at);
-    char id[24], token[24], author[24], parts[16], span[24];
-    I64(id, c->job_id);
-    I64(token, c->token);
+    char author[24];
     I64(author, c->author);
-    I64(parts, d->cfg->split_parts);
-    I64(span, d->cfg->split_min_span);
-    const char *params[] = {id, token, author, parts, span};
-    if (rel_conn_exec(d->ctl, "fo_split", 5, params, 0, on_split, sc) == 0) {
+    const char *params[] = {author};
+    if (rel_reader_query_view(d->reader, SQL_BOUNDS, 1, params, on_bounds, sc) == 0) {
         d->claiming = 1; /* no other claim until this job runs */
         return 1;
     }
@@ -355,12 +408,8 @@ static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
     return 0;
 }
 
-static void on_claim(int status, const PGresult *res, void *data)
+static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
 {
-    fo_daemon_t *d = data;
-    d->claiming = 0;
-    if (status == FO_ESTOP)
-        return;
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
         if (res)
@@ -401,15 +450,33 @@ static void on_claim(int status, const PGresult *res, void *data)
         fo__store_claim(d);
 }
 
-/* "{1,2,3}": a bigint[] literal of the jobs (or their events) running here. */
-static char *running_array(fo_daemon_t *d, int events)
+static void on_claim(int status, const PGresult *res, void *data)
 {
-    size_t cap = 3 + (size_t)d->njobs * 21;
+    fo_daemon_t *d = data;
+    d->claiming = 0;
+    if (status == FO_ESTOP)
+        return;
+    claim_result(d, status, res);
+    fo__daemon_check_stopped(d); /* a stop waiting for this claim may complete now */
+}
+
+/* "{1,2,3}": a bigint[] literal of the jobs (or their events) this worker holds: running
+ * here, or finished with their outcome not yet written (claiming one of those again would
+ * count an attempt that did not fail, or lose the outcome). */
+static char *held_array(fo_daemon_t *d, int events)
+{
+    size_t n = (size_t)d->njobs;
+    for (store_rec_t *r = d->recs; r; r = r->next)
+        n++;
+    size_t cap = 3 + n * 21, o = 1;
     char *out = fo_xmalloc(cap);
-    size_t o = (size_t)snprintf(out, cap, "{");
+    out[0] = '{';
     for (int i = 0; i < d->njobs; i++)
-        o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, i ? "," : "",
+        o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
                               events ? fo_job_event_id(d->jobs[i]) : fo_job_id(d->jobs[i]));
+    for (store_rec_t *r = d->recs; r; r = r->next)
+        o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
+                              events ? r->event_id : r->job_id);
     snprintf(out + o, cap - o, "}");
     return out;
 }
@@ -423,8 +490,8 @@ void fo__store_claim(fo_daemon_t *d)
         d->claim_again = 1;
         return;
     }
-    char *jobs = running_array(d, 0);
-    char *events = running_array(d, 1);
+    char *jobs = held_array(d, 0);
+    char *events = held_array(d, 1);
     char lease[16], max[16];
     I64(lease, d->cfg->lease_ms);
     I64(max, d->cfg->max_attempts);

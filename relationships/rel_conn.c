@@ -58,7 +58,8 @@ struct rel_conn {
     uv_work_t work;
     int work_busy;
     PGconn *work_conn; /* the thread pool's connect result */
-    uv_timer_t timer;  /* reconnect backoff */
+    uv_timer_t timer;  /* reconnect backoff; while up, defers a send failure to the loop */
+    int send_failed;   /* a send failed: nothing more is sent until on_send_failed runs */
     unsigned attempt;
     uint64_t rng;
     int open_handles; /* timer + poll handles not yet closed; freed at 0 when closing */
@@ -137,7 +138,7 @@ void rel_conn_setup(rel_conn_t *c, const char *sql)
 
 int rel_conn_ready(const rel_conn_t *c)
 {
-    return c->state == ST_UP;
+    return c && c->state == ST_UP;
 }
 
 /* --- the query queue --- */
@@ -184,7 +185,7 @@ static rel_query_t *query_new(rel_qkind_t kind, int nparams, const char *const *
 int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
                   int binary_result, rel_result_cb cb, void *data)
 {
-    if (c->state != ST_UP)
+    if (!rel_conn_ready(c))
         return FO_EPG;
     rel_query_t *q = query_new(Q_EXEC, nparams, params, binary_result, cb, data);
     q->stmt = stmt_name;
@@ -195,12 +196,30 @@ int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char 
 int rel_conn_query(rel_conn_t *c, const char *sql, int nparams, const char *const *params,
                    rel_result_cb cb, void *data)
 {
-    if (c->state != ST_UP)
+    if (!rel_conn_ready(c))
         return FO_EPG;
     rel_query_t *q = query_new(Q_QUERY, nparams, params, 0, cb, data);
     q->own_sql = fo_xstrdup(sql);
     enqueue(c, q);
     return 0;
+}
+
+int rel_conn_query_view(rel_conn_t *c, const char *sql_fmt, const cfg_t *cfg, int nparams,
+                        const char *const *params, rel_result_cb cb, void *data)
+{
+    if (c->state != ST_UP)
+        return FO_EPG;
+    char *schema = rel__conn_escape_ident(c, cfg->contract_schema);
+    char *view = rel__conn_escape_ident(c, cfg->contract_view);
+    int rc = FO_EPG;
+    if (schema && view) {
+        char *sql = fo_xasprintf(sql_fmt, schema, view);
+        rc = rel_conn_query(c, sql, nparams, params, cb, data);
+        free(sql);
+    }
+    free(schema);
+    free(view);
+    return rc;
 }
 
 char *rel__conn_escape_ident(rel_conn_t *c, const char *ident)
@@ -308,9 +327,17 @@ static int flush_out(rel_conn_t *c)
     return 0;
 }
 
+static void on_send_failed(uv_timer_t *t)
+{
+    rel_conn_t *c = t->data;
+    c->send_failed = 0;
+    if (c->pg && c->state != ST_CLOSING)
+        conn_lost(c, PQerrorMessage(c->pg));
+}
+
 static void send_next(rel_conn_t *c)
 {
-    while (!c->current && c->head && c->pg) {
+    while (!c->current && c->head && c->pg && !c->send_failed) {
         rel_query_t *q = c->head;
         c->head = q->next;
         if (!c->head)
@@ -335,7 +362,10 @@ static void send_next(rel_conn_t *c)
             break;
         }
         if (!ok || flush_out(c) < 0) {
-            conn_lost(c, PQerrorMessage(c->pg));
+            /* Report the loss from the loop, not from inside rel_conn_exec: callers rely on
+             * callbacks never running before the call that queued them returns. */
+            c->send_failed = 1;
+            uv_timer_start(&c->timer, on_send_failed, 0, 0);
             return;
         }
     }

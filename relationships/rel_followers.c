@@ -16,11 +16,20 @@
 #define PAGE_STMT "fo_followers_page"
 
 typedef struct page_req {
+    char why[160]; /* a message of our own, when err is not the server's */
     int64_t *out;
     int limit;
     rel_page_cb cb;
     void *data;
 } page_req_t;
+
+int rel__transient_sqlstate(const char *s)
+{
+    if (!s || strlen(s) != 5)
+        return 0;
+    return strncmp(s, "08", 2) == 0 || strncmp(s, "40", 2) == 0 || strncmp(s, "53", 2) == 0 ||
+           strncmp(s, "57P0", 4) == 0;
+}
 
 int64_t rel__int8_from_binary(const char *v)
 {
@@ -54,11 +63,29 @@ static void on_page(int status, const PGresult *res, void *data)
             status = FO_EQUERY;
             err = "the contract view's follower column is not bigint";
         } else {
-            for (int i = 0; i < rows; i++)
-                r->out[n++] = rel__int8_from_binary(PQgetvalue(res, i, 0));
+            for (int i = 0; i < rows; i++) {
+                int64_t id = rel__int8_from_binary(PQgetvalue(res, i, 0));
+                if (n > 0 && id <= r->out[n - 1]) {
+                    /* a join in the view that repeats a follower would make the page
+                     * unwritable forever: fail the attempt with a message for the owner */
+                    status = FO_EQUERY;
+                    snprintf(r->why, sizeof r->why,
+                             "the contract view returned follower %lld twice or out of order;"
+                             " it must return each follower once (fix the view)",
+                             (long long)id);
+                    err = r->why;
+                    n = 0;
+                    break;
+                }
+                r->out[n++] = id;
+            }
         }
     } else if (res) {
-        status = FO_EQUERY;
+        /* Errors of the moment (a standby's recovery conflict, lack of resources, a server
+         * shutting down or a lost connection) wait like a lost connection; anything else
+         * (a broken view, a statement or lock timeout) fails the attempt. */
+        status = rel__transient_sqlstate(PQresultErrorField(res, PG_DIAG_SQLSTATE)) ? FO_EPG
+                                                                                   : FO_EQUERY;
         err = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
         if (!err)
             err = "unknown error";

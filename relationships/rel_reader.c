@@ -136,6 +136,7 @@ struct rel_reader {
     rel_reader_state_cb on_state;
     void *data;
     pool_t primary, replica;
+    int reported_up; /* the last usable() given to on_state */
     req_t *head, *tail;
     rel_bucket_t bucket;
     uv_timer_t budget_timer, lag_timer;
@@ -286,8 +287,13 @@ static void on_conn_state(rel_conn_t *c, int up, void *data)
         fail_queued(r, FO_EPG);
     judge_replica(r);
     dispatch(r);
-    if (r->on_state)
-        r->on_state(r, up, r->data);
+    /* the owner hears "pages can be read" or not, once per change, whichever of the
+     * connections (primary or replica) came or went */
+    int now = usable(r);
+    if (r->on_state && now != r->reported_up) {
+        r->reported_up = now;
+        r->on_state(r, now, r->data);
+    }
 }
 
 static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
@@ -459,4 +465,15 @@ void rel_reader_close(rel_reader_t *r)
         rel_conn_close(r->replica.conns[i]);
     uv_close((uv_handle_t *)&r->budget_timer, on_timer_closed);
     uv_close((uv_handle_t *)&r->lag_timer, on_timer_closed);
+}
+
+int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
+                          const char *const *params, rel_result_cb cb, void *data)
+{
+    /* the primary: the freshest answer, and no budget (a query of a few index probes) */
+    for (int i = 0; i < r->primary.n; i++)
+        if (rel_conn_ready(r->primary.conns[i]))
+            return rel_conn_query_view(r->primary.conns[i], sql_fmt, r->cfg, nparams, params,
+                                       cb, data);
+    return FO_EPG;
 }

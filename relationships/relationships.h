@@ -64,13 +64,13 @@ void rel_conn_setup(rel_conn_t *c, const char *sql);
 /* Starts connecting. */
 void rel_conn_start(rel_conn_t *c);
 
-/* 1 when up. */
+/* 1 when up; a NULL connection (one its owner already closed) is never up. */
 int rel_conn_ready(const rel_conn_t *c);
 
 /*
  * Queues a prepared statement with text parameters (copied; NULL entries are SQL NULL).
- * binary_result = 1 asks for binary columns. Returns 0 (cb runs later, from the loop) or
- * FO_EPG when not up (cb never runs).
+ * binary_result = 1 asks for binary columns. Returns 0 (cb runs later, from the loop, never
+ * before this returns) or FO_EPG when not up or c is NULL (cb never runs).
  */
 int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
                   int binary_result, rel_result_cb cb, void *data);
@@ -81,6 +81,12 @@ int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char 
  */
 int rel_conn_query(rel_conn_t *c, const char *sql, int nparams, const char *const *params,
                    rel_result_cb cb, void *data);
+
+/* Like rel_conn_query for a statement that reads the contract view: sql_fmt names it as in
+ * rel_conn_prepare_view, quoted for this connection now. Unlike a prepared statement it does
+ * not make the connection's set-up fail when the view is broken; only this query fails. */
+int rel_conn_query_view(rel_conn_t *c, const char *sql_fmt, const cfg_t *cfg, int nparams,
+                        const char *const *params, rel_result_cb cb, void *data);
 
 /* Registers the session limits every fanoutd connection sets: statement_timeout
  * (cfg->statement_timeout_ms), lock_timeout (half of it) and
@@ -153,6 +159,15 @@ int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upt
                      int64_t *out, rel_page_cb cb, void *data);
 
 void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out);
+
+/*
+ * Runs one other read of the contract view (rel_conn_query_view) on a read-only page
+ * connection to the primary, queued behind its page query if one is running. For small
+ * reads only (they bypass the read budget). Returns 0 (cb runs later) or FO_EPG when no
+ * primary page connection is up (cb never runs).
+ */
+int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
+                          const char *const *params, rel_result_cb cb, void *data);
 
 /* Logs the stats, fails queued reads with FO_ESTOP and closes the connections; the memory
  * is released once libuv has closed the handles, so the loop must run on. */

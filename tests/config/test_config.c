@@ -97,6 +97,8 @@ static void test_bad_strings(void **state)
     expect_error(e1, 1, argv, "expected error, warn, info or debug");
     char *e2[] = {"FANOUT_REDIS_HOST=", NULL};
     expect_error(e2, 1, argv, "redis_host is empty");
+    char *e2b[] = {"FANOUT_REDIS_HOST=localhost", NULL};
+    expect_error(e2b, 1, argv, "redis_host \"localhost\" is not an IP address");
     char *e3[] = {"FANOUT_KEY_PREFIX=a b", NULL};
     expect_error(e3, 1, argv, "key_prefix");
 }

@@ -205,7 +205,9 @@ def run_consumers(s, lang):
     assert not missing, "never handled: %d, e.g. %s" % (len(missing), sorted(missing)[:5])
     assert set(seen) == want
     assert per_consumer["a"] == STALL_AFTER
-    assert per_consumer["b"] > 0 and per_consumer["c"] > 0, per_consumer
+    # B and C together took over what A held unhandled; how they shared the rest is up to
+    # the scheduler (one of them may take everything), so only their sum is asserted.
+    assert per_consumer["b"] + per_consumer["c"] == len(want) - STALL_AFTER, per_consumer
     # the dedupe marks: one per notification, each with an expiry
     marks = list(s.redis.scan_iter(match="fanout:seen:app:*", count=1000))
     assert len(marks) == len(want), len(marks)

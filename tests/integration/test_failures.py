@@ -237,6 +237,31 @@ def failing_event_is_retried_then_dead_then_requeued(s):
 
 
 @suite.test
+def a_view_repeating_followers_fails_clearly(s):
+    # A join in the owner's view that returns a follower twice must not stall the job
+    # forever (its page could never be written): the attempt fails with a message that says
+    # what is wrong with the view, and the event ends dead after its attempts.
+    s.seed_followers(68, 50)
+    view = s.sql_value("SELECT pg_get_viewdef('relationships.notification_recipients')")
+    s.sql("CREATE OR REPLACE VIEW relationships.notification_recipients AS"
+          " SELECT author, follower FROM (" + view.rstrip().rstrip(";") + ") v"
+          " CROSS JOIN (VALUES (1), (2)) twice(n)")
+    try:
+        s.start_daemon(FANOUT_MAX_ATTEMPTS=2, FANOUT_RETRY_BASE_MS=100,
+                       FANOUT_CONTRACT_INDEX="warn", **FAST)
+        ev = s.publish(68)
+        deadline = time.monotonic() + 30
+        while s.job_states(ev) != {"dead": 1}:
+            assert time.monotonic() < deadline, (s.job_states(ev), s.daemon_logs())
+            time.sleep(0.05)
+        error = s.sql_value("SELECT last_error FROM fanout.jobs WHERE event_id = %s", (ev,))
+        assert "returned follower" in error and "twice" in error, error
+        assert s.recipients_of(ev) == []
+    finally:
+        s.sql("CREATE OR REPLACE VIEW relationships.notification_recipients AS " + view)
+
+
+@suite.test
 def small_events_are_not_held_up_by_a_big_one(s):
     big_n = 300000
     s.seed_followers(10, big_n)
