@@ -42,14 +42,15 @@ struct met_server {
     met_health_cb health;
     void *data;
     met_conn_t *conns;
-    int nconns;
+    int nconns;  /* in the list (open) */
+    int nmemory; /* allocated: open or still closing; the server outlives them all */
     int closing;
     int port;
 };
 
 static void server_maybe_free(met_server_t *s)
 {
-    if (s->closing && !s->listener_open && !s->conns)
+    if (s->closing && !s->listener_open && s->nmemory == 0)
         free(s);
 }
 
@@ -61,6 +62,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
     met_server_t *s = c->s;
     free(c->out.p);
     free(c);
+    s->nmemory--;
     server_maybe_free(s);
 }
 
@@ -190,6 +192,7 @@ static void on_connection(uv_stream_t *listener, int status)
         s->conns->pprev = &c->next;
     s->conns = c;
     s->nconns++;
+    s->nmemory++;
     if (uv_accept(listener, (uv_stream_t *)&c->tcp) < 0 || s->nconns > MET_CONN_MAX) {
         conn_close(c);
         return;
