@@ -134,15 +134,21 @@ class RedisPhase:
 # ------------------------------------------------------------------------------------------
 
 class Bench:
+    @staticmethod
+    def _effective_settings(env):
+        out = subprocess.run([harness.FANOUTD, "--check-config"], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
     def __init__(self, s, args):
         self.s = s
         self.args = args
         self.external = isinstance(s, harness.External)
         self.base = int(os.environ.get("FANOUT_BENCH_AUTHOR_BASE", "0"))
-        self.page_size = int(args.daemon_env.get("FANOUT_PAGE_SIZE",
-                                                 os.environ.get("FANOUT_PAGE_SIZE", "2000")))
-        self.shards = int(args.daemon_env.get("FANOUT_SHARDS",
-                                              os.environ.get("FANOUT_SHARDS", "16")))
+        # the settings fanoutd will run with, as it reports them itself (its defaults included)
+        effective = self._effective_settings(s.env_for_daemon(**args.daemon_env))
+        self.page_size = int(effective["page_size"])
+        self.shards = int(effective["shards"])
         self.prefix = s.key_prefix
         self.daemon = None
         self.statements = self._setup_pg_stat_statements()
@@ -685,7 +691,7 @@ def write_results(name, results, m, v, args, chart):
                 " same entries as pages of %d ids, each one EVALSHA doing one"
                 " `redis.call('XADD')` per entry (what fanoutd's page script does, without"
                 " its fencing and progress mark); the fanoutd phase is the real fan-out."
-                " EVALSHA time includes the XADDs it calls.\n\n" % results[0].get("page", 2000))
+                " EVALSHA time includes the XADDs it calls.\n\n" % results[0]["page"])
         f.write(profile_table(results) + "\n\n")
         f.write("## Raw figures\n\n")
         for r in results:
