@@ -47,6 +47,7 @@ import traceback
 
 try:
     import psycopg2
+    import psycopg2.errors
     import redis
 except ImportError as e:  # the usual cause: a python3 other than Debian's first on PATH
     sys.exit("harness: %s; install python3-psycopg2 and python3-redis (apt-get install -y "
@@ -137,6 +138,18 @@ def _die_with_us(sig):
     def set_pdeathsig():
         _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     return set_pdeathsig
+
+
+def _with_overrides(env, overrides):
+    """env with FANOUT_NAME=value overrides (a key may omit the FANOUT_ prefix; None removes
+    the variable)."""
+    for k, v in overrides.items():
+        name = k if k.startswith("FANOUT_") else "FANOUT_" + k.upper()
+        if v is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(v)
+    return env
 
 
 def _clean_env():
@@ -642,6 +655,18 @@ class Servers:
             cur.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
 
+    def assert_denied(self, user, statement):
+        """Fails unless `user` is refused `statement` for lack of privilege."""
+        conn = self.connect(user)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+        except psycopg2.errors.InsufficientPrivilege:
+            return
+        finally:
+            conn.close()
+        raise AssertionError("%s was allowed to run: %s" % (user, statement))
+
     def sql_value(self, query, params=None, user=SUPERUSER):
         rows = self.sql(query, params, user)
         return rows[0][0] if rows else None
@@ -806,13 +831,7 @@ class Servers:
             env["FANOUT_SHARDS"] = str(self.shards)
         # no metrics listener unless a test asks for one: parallel daemons would share a port
         env["FANOUT_METRICS_PORT"] = "0"
-        for k, v in overrides.items():
-            name = k if k.startswith("FANOUT_") else "FANOUT_" + k.upper()
-            if v is None:
-                env.pop(name, None)
-            else:
-                env[name] = str(v)
-        return env
+        return _with_overrides(env, overrides)
 
     def fanoutctl(self, *args, user="producer", timeout=60, input=None, **overrides):
         """Runs fanoutctl ARGS with FANOUT_PG_DSN for `user` (default producer); returns the
@@ -974,14 +993,7 @@ class External(Servers):
         return self._redis
 
     def env_for_daemon(self, **overrides):
-        env = dict(os.environ)
-        for k, v in overrides.items():
-            name = k if k.startswith("FANOUT_") else "FANOUT_" + k.upper()
-            if v is None:
-                env.pop(name, None)
-            else:
-                env[name] = str(v)
-        return env
+        return _with_overrides(dict(os.environ), overrides)
 
     def fanoutctl(self, *args, user=None, timeout=60, input=None, **overrides):
         return subprocess.run([FANOUTCTL] + [str(a) for a in args],
