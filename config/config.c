@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <libpq-fe.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -62,8 +63,7 @@ static const cfg_row_t rows[] = {
      "Redis server IP address (no DNS: resolving would block the loop)"},
     {"redis_port", INT(redis_port), 1, 65535, "6379", 0, "Redis server port"},
     {"redis_password", STR(redis_password), 0, 0, "", 1, "Redis AUTH password; empty: none"},
-    {"key_prefix", STR(key_prefix), 1, 0, "fanout", 0,
-     "prefix of every Redis key fanout writes"},
+    {"key_prefix", STR(key_prefix), 1, 0, "fanout", 0, "prefix of every Redis key fanout writes"},
     {"shards", INT(shards), 1, 4096, "16", 0,
      "number of streams; a recipient's entries go to stream recipient mod shards"},
     {"page_size", INT(page_size), 1, 100000, "1000", 0,
@@ -125,12 +125,15 @@ static const cfg_row_t rows[] = {
 
 #define NROWS (sizeof rows / sizeof rows[0])
 
+/* How a connection string libpq cannot parse is shown: never echoed (see cfg_redact_dsn). */
+static const char dsn_unparsable[] = "(a connection string libpq cannot parse; not shown)";
+
 /*
  * Settings SIGHUP applies to a running fanoutd (cfg_apply_reload). Each is read afresh where
  * it is used, never baked into an allocation or a timer that outlives the change: a job keeps
  * the page size it was created with (its buffer), poll_ms re-arms the poll timer.
  */
-static const char *const reloadable[] = {"log_level",       "page_size",      "window",
+static const char *const reloadable[] = {"log_level",       "page_size",       "window",
                                          "poll_ms",         "stop_timeout_ms", "progress_ttl_s",
                                          "reconnect_max_ms"};
 
@@ -278,8 +281,7 @@ static int load_flags(cfg_t *cfg, int argc, char **argv, int first, int *rest, c
         if (strncmp(a, "--", 2) != 0 || a[2] == '\0') {
             if (rest)
                 break;
-            errf(err, errsize, "unexpected argument \"%s\"; settings are given as --name=value",
-                 a);
+            errf(err, errsize, "unexpected argument \"%s\"; settings are given as --name=value", a);
             return FO_EINVAL;
         }
         const char *name = a + 2;
@@ -289,8 +291,7 @@ static int load_flags(cfg_t *cfg, int argc, char **argv, int first, int *rest, c
         if (!r) {
             if (rest)
                 break; /* a command's own flag, or --help: the caller decides */
-            errf(err, errsize, "unknown flag --%.*s; see --help for the settings", (int)len,
-                 name);
+            errf(err, errsize, "unknown flag --%.*s; see --help for the settings", (int)len, name);
             return FO_EINVAL;
         }
         const char *value = eq ? eq + 1 : NULL;
@@ -369,8 +370,53 @@ static int check_name(const char *v, const char *name, int ruby_const, char *err
     return 0;
 }
 
+/*
+ * libpq's reason for refusing a connection string, without the text it quotes from the
+ * string (the token it stumbled on, or the whole URI): that text may be a password, and may
+ * itself hold quotes, so it is cut by the message's known shape (libpq 15 fe-connect.c), not
+ * by looking for quotes. A reason of unknown shape is left out.
+ */
+static const char *dsn_reason(const char *why, char *buf, size_t size)
+{
+    static const struct {
+        const char *prefix, *shown;
+    } fixed[] = {
+        {"missing \"=\" after \"", "a word without \"=\" after it"},
+        {"invalid connection option \"", "an unknown option name (keywords are lower case)"},
+        {"unterminated quoted string", "an unterminated quoted string"},
+        {"out of memory", "out of memory"},
+    };
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (why && strncmp(why, fixed[i].prefix, strlen(fixed[i].prefix)) == 0)
+            return fixed[i].shown;
+    const char *uri = why ? strstr(why, ": \"") : NULL; /* URI errors end in ': "<uri>"' */
+    if (!uri)
+        return "a malformed string";
+    snprintf(buf, size, "%.*s", (int)(uri - why), why);
+    return buf;
+}
+
+/* A connection string libpq cannot parse is refused at start, before anything could echo
+ * it. */
+static int check_dsn(const char *name, const char *dsn, char *err, size_t errsize)
+{
+    char *why = NULL, buf[160];
+    PQconninfoOption *opts = PQconninfoParse(dsn, &why);
+    if (opts) {
+        PQconninfoFree(opts);
+        return 0;
+    }
+    errf(err, errsize, "%s is %s: libpq: %s; fix its key=value pairs or its URI", name,
+         dsn_unparsable, dsn_reason(why, buf, sizeof buf));
+    PQfreemem(why);
+    return FO_EINVAL;
+}
+
 static int validate(cfg_t *cfg, char *err, size_t errsize)
 {
+    if (check_dsn("pg_dsn", cfg->pg_dsn, err, errsize) < 0 ||
+        check_dsn("replica_dsn", cfg->replica_dsn, err, errsize) < 0)
+        return FO_EINVAL;
     unsigned char addr[16];
     if (inet_pton(AF_INET, cfg->redis_host, addr) != 1 &&
         inet_pton(AF_INET6, cfg->redis_host, addr) != 1) {
@@ -407,8 +453,7 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
                               {"contract_privileges", cfg->contract_privileges}};
     for (size_t i = 0; i < 2; i++) {
         if (strcmp(modes[i][1], "refuse") != 0 && strcmp(modes[i][1], "warn") != 0) {
-            errf(err, errsize, "%s is \"%s\"; expected refuse or warn", modes[i][0],
-                 modes[i][1]);
+            errf(err, errsize, "%s is \"%s\"; expected refuse or warn", modes[i][0], modes[i][1]);
             return FO_EINVAL;
         }
     }
@@ -470,8 +515,8 @@ static int load_file(cfg_t *cfg, const char *path, char *err, size_t errsize)
         const char *eq = strchr(p, '=');
         if (strncmp(p, "FANOUT_", 7) != 0 || !eq) {
             errf(err, errsize,
-                 "config file %.200s line %u: expected FANOUT_NAME=value, got \"%.40s\"", path,
-                 no, p);
+                 "config file %.200s line %u: expected FANOUT_NAME=value, got \"%.40s\"", path, no,
+                 p);
             rc = FO_EINVAL;
             break;
         }
@@ -629,163 +674,64 @@ void cfg_free(cfg_t *cfg)
 }
 
 /*
- * Redaction follows libpq's own grammar (fe-connect.c, PostgreSQL 15), so that whatever
- * password libpq would read from a string is exactly what gets hidden:
- *   - a URI only when the string starts with "postgresql://" or "postgres://"; then the
- *     password of the user info (between the first ':' and the first '@', if an '@' comes
- *     before any '/'), and the value of every query parameter whose percent-decoded name is
- *     "password";
- *   - otherwise keyword=value pairs separated by white space (isspace), values unquoted or
- *     in single quotes, backslash escaping the next byte in both; every pair named
- *     "password" has its value hidden. Where the string stops following the grammar (libpq
- *     would refuse it), the rest is hidden, since it could hold a password.
- * Each "***" adds at most 3 bytes: once for the user info, once for an unparsable rest, and
- * once per "password=" (9 bytes of input), so 2 * len + 4 bytes always suffice.
+ * Redaction goes through libpq's own parser (PQconninfoParse), so what is hidden is exactly
+ * what libpq would read, whatever the form (key=value or URI), quoting or case. Every option
+ * given a value is printed back in key=value form, in libpq's option order, each separated
+ * by one space and quoted where libpq needs it, so a "***" can never run into the next
+ * keyword. Options libpq marks secret (dispchar "*": password and sslpassword in libpq 15)
+ * show as ***. A string libpq cannot parse is never echoed: it may hold a password in a
+ * place the parser gave up on.
  */
-typedef struct redact_out {
-    char *p;
-    size_t len;
-} redact_out_t;
-
-static void redact_put(redact_out_t *o, const char *s, size_t n)
+/* Copies s[0..n) to out + len when out is not NULL; returns n. Each writer below runs twice:
+ * once with out NULL to size the buffer, once to fill it. */
+static size_t put_bytes(char *out, size_t len, const char *s, size_t n)
 {
-    memcpy(o->p + o->len, s, n);
-    o->len += n;
-    o->p[o->len] = '\0';
+    if (out)
+        memcpy(out + len, s, n);
+    return n;
 }
 
-static int hex_value(char c)
+/* A libpq key=value value: bare when it is non-empty and holds no white space, quote or
+ * backslash, else in single quotes with ' and \ escaped by a backslash. */
+static size_t put_conninfo_value(char *out, size_t len, const char *s)
 {
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    c = (char)tolower((unsigned char)c);
-    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (*s && s[strcspn(s, " \t\n\r\f\v'\\")] == '\0')
+        return put_bytes(out, len, s, strlen(s));
+    size_t n = put_bytes(out, len, "'", 1);
+    for (const char *c = s; *c; c++) {
+        if (*c == '\'' || *c == '\\')
+            n += put_bytes(out, len + n, "\\", 1);
+        n += put_bytes(out, len + n, c, 1);
+    }
+    return n + put_bytes(out, len + n, "'", 1);
 }
 
-/* 1 if s[0..n), percent-decoded as libpq decodes URI parameter names, is "password". */
-static int uri_name_is_password(const char *s, size_t n)
+static size_t put_conninfo(char *out, const PQconninfoOption *opts)
 {
-    static const char want[] = "password";
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++, k++) {
-        char c = s[i];
-        if (c == '%' && i + 2 < n && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0) {
-            c = (char)(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
-            i += 2;
-        }
-        if (k >= sizeof want - 1 || c != want[k])
-            return 0;
+    size_t len = 0;
+    for (const PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val)
+            continue;
+        if (len)
+            len += put_bytes(out, len, " ", 1);
+        len += put_bytes(out, len, o->keyword, strlen(o->keyword));
+        len += put_bytes(out, len, "=", 1);
+        len += put_conninfo_value(out, len, o->dispchar[0] == '*' ? "***" : o->val);
     }
-    return k == sizeof want - 1;
-}
-
-static void redact_uri(redact_out_t *o, const char *dsn, size_t prefix)
-{
-    const char *p = dsn + prefix;
-    redact_put(o, dsn, prefix);
-    size_t userinfo = strcspn(p, "@/");
-    if (p[userinfo] == '@') {
-        size_t user = strcspn(p, ":@");
-        redact_put(o, p, user);
-        if (p[user] == ':')
-            redact_put(o, ":***", 4);
-        p += userinfo;
-    }
-    size_t rest = strcspn(p, "?");
-    redact_put(o, p, rest);
-    p += rest;
-    if (!*p)
-        return;
-    redact_put(o, "?", 1);
-    p++;
-    /* name=value pairs separated by '&' */
-    for (;;) {
-        size_t pair = strcspn(p, "&");
-        size_t name = strcspn(p, "=&");
-        if (name < pair && uri_name_is_password(p, name)) {
-            redact_put(o, p, name + 1);
-            redact_put(o, "***", 3);
-        } else {
-            redact_put(o, p, pair);
-        }
-        p += pair;
-        if (!*p)
-            return;
-        redact_put(o, "&", 1);
-        p++;
-    }
-}
-
-/* Past one keyword-form value at v (quoted or not), as libpq reads it; NULL if a quote is
- * never closed. */
-static const char *kw_value_end(const char *v)
-{
-    if (*v != '\'') {
-        while (*v && !isspace((unsigned char)*v))
-            v += (*v == '\\' && v[1]) ? 2 : 1;
-        return v;
-    }
-    for (v++; *v; v++) {
-        if (*v == '\\' && v[1])
-            v++;
-        else if (*v == '\'')
-            return v + 1;
-    }
-    return NULL;
-}
-
-static void redact_keywords(redact_out_t *o, const char *dsn)
-{
-    const char *p = dsn;
-    for (;;) {
-        const char *name = p;
-        while (isspace((unsigned char)*name))
-            name++;
-        if (!*name) {
-            redact_put(o, p, strlen(p));
-            return;
-        }
-        size_t nlen = 0;
-        while (name[nlen] && name[nlen] != '=' && !isspace((unsigned char)name[nlen]))
-            nlen++;
-        const char *eq = name + nlen;
-        while (isspace((unsigned char)*eq))
-            eq++;
-        if (*eq != '=')
-            break; /* libpq: missing "=" */
-        const char *v = eq + 1;
-        while (isspace((unsigned char)*v))
-            v++;
-        const char *end = kw_value_end(v);
-        if (!end)
-            break; /* libpq: unterminated quoted string */
-        if (nlen == 8 && memcmp(name, "password", 8) == 0) {
-            redact_put(o, p, (size_t)(v - p));
-            redact_put(o, "***", 3);
-        } else {
-            redact_put(o, p, (size_t)(end - p));
-        }
-        p = end;
-    }
-    /* Not libpq's grammar from here on: show what parsed, hide the rest. */
-    while (isspace((unsigned char)*p))
-        redact_put(o, p++, 1);
-    redact_put(o, "***", 3);
+    return len;
 }
 
 char *cfg_redact_dsn(const char *dsn)
 {
-    size_t len = strlen(dsn);
-    redact_out_t o = {fo_xmalloc(2 * len + 4), 0};
-    o.p[0] = '\0';
-    size_t prefix = strncmp(dsn, "postgresql://", 13) == 0 ? 13
-                    : strncmp(dsn, "postgres://", 11) == 0 ? 11
-                                                           : 0;
-    if (prefix)
-        redact_uri(&o, dsn, prefix);
-    else
-        redact_keywords(&o, dsn);
-    return o.p;
+    PQconninfoOption *opts = PQconninfoParse(dsn, NULL);
+    if (!opts)
+        return fo_xstrdup(dsn_unparsable);
+    size_t len = put_conninfo(NULL, opts);
+    char *shown = fo_xmalloc(len + 1);
+    put_conninfo(shown, opts);
+    shown[len] = '\0';
+    PQconninfoFree(opts);
+    return shown;
 }
 
 void cfg_print(const cfg_t *cfg, FILE *out)

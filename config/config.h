@@ -113,8 +113,11 @@ int cfg_is_reloadable(const char *name);
 /* Frees the strings of *cfg. */
 void cfg_free(cfg_t *cfg);
 
-/* A copy of a libpq connection string (keyword or URI form) with any password replaced by
- * "***", for logs and --check-config. The caller frees it. */
+/* A libpq connection string (key=value or URI form) as libpq parses it, for logs and
+ * --check-config: every option given a value, in key=value form and quoted where needed,
+ * with each option libpq marks secret (password, sslpassword) shown as "***". A string libpq
+ * cannot parse comes back as a fixed placeholder, never echoed (cfg_load refuses it anyway).
+ * The caller frees the result. */
 char *cfg_redact_dsn(const char *dsn);
 
 /* Prints every setting as `name=value` lines with secrets redacted. */

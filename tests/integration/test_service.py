@@ -341,6 +341,76 @@ def logs_are_logfmt_with_journald_priorities_and_no_secrets(s):
     assert len(lines) < 25, "%d lines for one 500-follower event" % len(lines)
 
 
+@suite.test
+def no_secret_in_any_output(s):
+    """Every form in which libpq reads a secret, and the Redis password, stay out of
+    --check-config, the log, /metrics, /healthz and fanoutctl's output and errors, for a
+    fan-out that runs and for strings that cannot connect or cannot be parsed."""
+    def secret():
+        return "TOPSECRET%s" % uuid.uuid4().hex[:8]
+    redis_pw = secret()
+    pg = "127.0.0.1:%d" % s.pg_port
+    k1, k2, u1, u2, u3 = (secret() for _ in range(5))
+    working = {  # connect for real (trust auth and no SSL: libpq sends neither secret)
+        "sslpassword, key=value": s.dsn("fanoutd") + " password=%s sslpassword=%s" % (k1, k2),
+        "user:pass@ and sslpassword, URI": "postgresql://fanoutd:%s@%s/fanout?sslpassword=%s"
+                                           % (u1, pg, u2),
+        "?password=, URI": "postgres://fanoutd@%s/fanout?password=%s&application_name=x"
+                           % (pg, u3),
+    }
+    g1, g2 = secret(), secret()
+    # libpq starts a keyword right after a closing quote (found by fuzz_redact_dsn)
+    glued = "password = 'sec rdbname=%s ypassx'password=%s&h host=127.0.0.1 port=1" % (g1, g2)
+    broken = {"glued to a quote": glued,
+              "unparsable, upper case": "host=127.0.0.1 PASSWORD=%s" % secret(),
+              "unparsable, bare word": "host=127.0.0.1 %s" % secret()}
+    secrets = [redis_pw, k1, k2, u1, u2, u3, g1, g2] + [d.split()[-1] for d in
+                                                       list(broken.values())[1:]]
+
+    def clean(what, text):
+        for sec in secrets:
+            assert sec not in text, "%s shows a secret: %s" % (what, text)
+
+    s.redis.config_set("requirepass", redis_pw)
+    import redis as redis_py
+    s._redis = redis_py.Redis(host="127.0.0.1", port=s.redis_port, password=redis_pw,
+                              decode_responses=True)
+    try:
+        s.seed_followers(21, 50)
+        for name, dsn in list(working.items()) + list(broken.items()):
+            env = {"FANOUT_PG_DSN": dsn, "FANOUT_REDIS_PASSWORD": redis_pw}
+            r = run_fanoutd(s, "--check-config", env=env)
+            clean("%s: --check-config" % name, r.stdout + r.stderr)
+            for args in (["status", "1"], ["check-db"],
+                         ["consume", "--group", "g", "--consumer", "c", "--block", "100"]):
+                r = s.fanoutctl(*args, **env)
+                clean("%s: fanoutctl %s" % (name, args[0]), r.stdout + r.stderr)
+            if name in broken:
+                d = s.start_daemon(**env)
+                if name == "glued to a quote":  # parses, and points at a closed port
+                    d.wait_log("cannot connect", timeout=30)
+                    d.stop()
+                else:
+                    assert d.proc.wait(timeout=30) != 0
+                    assert "cannot parse; not shown" in d.log(), d.log()
+                clean("%s: fanoutd's log" % name, d.log())
+                continue
+            port = free_port()
+            d = s.start_daemon(FANOUT_METRICS_PORT=port, FANOUT_PAGE_SIZE=10, **env)
+            ev = s.publish(21)
+            s.wait_event_done(ev)
+            for path in ("/metrics", "/healthz"):
+                clean("%s: %s" % (name, path), http_get(port, path)[2])
+            r = s.fanoutctl("status", ev, **env)
+            assert r.returncode == 0, r.stderr
+            clean("%s: fanoutctl status" % name, r.stdout + r.stderr)
+            assert d.stop() == 0
+            clean("%s: fanoutd's log" % name, d.log())
+            assert len(set(s.recipients_of(ev))) == 50
+    finally:
+        s.redis.config_set("requirepass", "")
+
+
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
@@ -368,7 +438,7 @@ def check_config_prints_the_effective_settings_redacted(s):
     assert got["shards"] == "16"          # default
     assert got["config_file"] == conf
     assert got["metrics_host"] == "127.0.0.1"
-    assert got["pg_dsn"] == "host=127.0.0.1 user=u password=***"
+    assert got["pg_dsn"] == "user=u password=*** host=127.0.0.1"
     assert got["redis_password"] == "(redacted)"
     assert "hunter2" not in r.stdout and "filepw" not in r.stdout
     help_names = re.findall(r"^  --([a-z0-9-]+)", run_fanoutd(s, "--help").stdout, re.M)
