@@ -759,6 +759,20 @@ class Servers:
         self.redis_stop()
         self.redis_start()
 
+    def redis_kill(self):
+        """SIGKILLs redis-server (no shutdown, no final AOF flush) and starts it again on the
+        same port and dir: what a crash of the Redis process does. A process kill loses no
+        acknowledged write with AOF on: each was in the AOF (the OS's cache) before its
+        reply."""
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._redis_proc is not None:
+            self._redis_proc.kill()
+            self._redis_proc.wait()
+            self._redis_proc = None
+        self.redis_start()
+
     @property
     def redis(self):
         """A redis-py client with str replies (decode_responses=True)."""
