@@ -759,11 +759,23 @@ void cfg_print(const cfg_t *cfg, FILE *out)
     }
 }
 
-void cfg_usage(FILE *out)
+static int listed(const char *name, const char *const *only)
+{
+    if (!only)
+        return 1;
+    for (; *only; only++)
+        if (strcmp(*only, name) == 0)
+            return 1;
+    return 0;
+}
+
+void cfg_usage(FILE *out, const char *const *only)
 {
     fprintf(out, "Settings (flag --name=value wins over variable FANOUT_NAME):\n");
     for (size_t i = 0; i < NROWS; i++) {
         const cfg_row_t *r = &rows[i];
+        if (!listed(r->name, only))
+            continue;
         char flag[64], var[64];
         size_t k = 0;
         for (; r->name[k] && k < sizeof flag - 1; k++) {

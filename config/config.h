@@ -4,8 +4,8 @@
  * Built once at start from defaults, then the optional config file (config_file: lines of
  * FANOUT_NAME=value), then FANOUT_* environment variables, then command-line flags (flags
  * win), and validated as a whole. On SIGHUP fanoutd builds a fresh one the same way and
- * applies only the settings marked reloadable (cfg_apply_reload). Every setting has one row in a table in
- * config.c (name, variable, flag, type, range, default, meaning); docs/configuration.md
+ * applies only the settings marked reloadable (cfg_apply_reload). Every setting has one row in a
+ * table in config.c (name, variable, flag, type, range, default, meaning); docs/configuration.md
  * lists the same rows. Unknown FANOUT_* variables and unknown flags are errors, so a typo
  * never silently falls back to a default. Modules receive a `const cfg_t *` and never read
  * the environment themselves.
@@ -45,32 +45,32 @@ typedef struct cfg {
     int shards;
 
     /* The fan-out itself. */
-    int page_size;   /* follower ids read per keyset page and written per atomic unit */
-    int window;      /* pages of one job in flight to Redis at once */
-    int max_jobs;    /* jobs a worker runs at once; their pages are interleaved */
-    int lease_ms;    /* a claimed job's lease; renewed every lease_ms / 3 */
-    int poll_ms;     /* polling fallback when no NOTIFY wake-up arrives */
-    int stop_timeout_ms; /* graceful stop bound */
-    int progress_ttl_s;  /* how long a finished job's progress mark stays in Redis */
+    int page_size;        /* follower ids read per keyset page and written per atomic unit */
+    int window;           /* pages of one job in flight to Redis at once */
+    int max_jobs;         /* jobs a worker runs at once; their pages are interleaved */
+    int lease_ms;         /* a claimed job's lease; renewed every lease_ms / 3 */
+    int poll_ms;          /* polling fallback when no NOTIFY wake-up arrives */
+    int stop_timeout_ms;  /* graceful stop bound */
+    int progress_ttl_s;   /* how long a finished job's progress mark stays in Redis */
     int reconnect_max_ms; /* cap of the jittered exponential reconnect backoff */
     /* What each notification is written as (docs/queue-format.md): layout_mask holds
      * CFG_LAYOUT_* bits parsed from the layouts list; the rest configure the optional ones. */
     char *layouts;
     int layout_mask;
-    int inbox_cap;       /* newest entries kept per <prefix>:inbox:<recipient> */
-    int inbox_ttl_s;     /* expiry of an inbox, renewed on each write; 0: none */
-    char *sidekiq_queue; /* keys queues and queue:<name> */
-    char *sidekiq_class; /* the job's class */
-    int sidekiq_retry;   /* the job's retry field */
-    char *worker_id;      /* lease owner name; a restarted worker takes back its own leases */
-    int max_attempts;     /* claims of one job before it is declared dead */
-    int retry_base_ms;    /* first delay before a failed job is claimed again; doubles */
-    int retry_max_ms;     /* cap of that delay */
+    int inbox_cap;            /* newest entries kept per <prefix>:inbox:<recipient> */
+    int inbox_ttl_s;          /* expiry of an inbox, renewed on each write; 0: none */
+    char *sidekiq_queue;      /* keys queues and queue:<name> */
+    char *sidekiq_class;      /* the job's class */
+    int sidekiq_retry;        /* the job's retry field */
+    char *worker_id;          /* lease owner name; a restarted worker takes back its own leases */
+    int max_attempts;         /* claims of one job before it is declared dead */
+    int retry_base_ms;        /* first delay before a failed job is claimed again; doubles */
+    int retry_max_ms;         /* cap of that delay */
     long long split_min_span; /* follower-id span from which a new job is split; 0: never */
-    int split_parts;      /* ranges a split job becomes */
-    long long backlog_high; /* pause when a shard's unread backlog exceeds this; 0: off */
-    long long backlog_low;  /* resume when every shard's backlog is at or below this */
-    int backlog_check_ms;   /* how often the backlog is measured */
+    int split_parts;          /* ranges a split job becomes */
+    long long backlog_high;   /* pause when a shard's unread backlog exceeds this; 0: off */
+    long long backlog_low;    /* resume when every shard's backlog is at or below this */
+    int backlog_check_ms;     /* how often the backlog is measured */
     char *log_level;
 
     /* Running as a service. */
@@ -123,7 +123,8 @@ char *cfg_redact_dsn(const char *dsn);
 /* Prints every setting as `name=value` lines with secrets redacted. */
 void cfg_print(const cfg_t *cfg, FILE *out);
 
-/* Prints the settings table (flag, variable, default, meaning) for --help. */
-void cfg_usage(FILE *out);
+/* Prints the settings table (flag, variable, default, meaning) for --help: every setting,
+ * or only those named in `only` (a NULL-terminated list of names such as "pg_dsn"). */
+void cfg_usage(FILE *out, const char *const *only);
 
 #endif

@@ -153,8 +153,8 @@ static void reload_done(uv_work_t *w, int status)
         m->reload_errors++;
         char q[600];
         fo_log(FO_LOG_ERROR, "configuration reload failed; keeping the current settings",
-               "error=%s", fo_log_quote(q, sizeof q, status < 0 ? uv_strerror(status)
-                                                                : a->reload_err));
+               "error=%s",
+               fo_log_quote(q, sizeof q, status < 0 ? uv_strerror(status) : a->reload_err));
         return;
     }
     char changed[1024], ignored[512];
@@ -187,10 +187,10 @@ static void on_sighup(uv_signal_t *s, int signum)
 
 static void usage(FILE *out)
 {
-    fprintf(out, "Usage: fanoutd [--check-config] [--help] [--setting=value ...]\n"
+    fprintf(out, "Usage: fanoutd [--check-config] [--help] [--version] [--setting=value ...]\n"
                  "Fans published events out to one Redis Stream entry per follower.\n"
                  "SIGTERM/SIGINT stop gracefully, SIGHUP reloads the settings marked below.\n\n");
-    cfg_usage(out);
+    cfg_usage(out, NULL);
 }
 
 int main(int argc, char **argv)
@@ -199,6 +199,10 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             usage(stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("fanoutd %s\n", FANOUT_VERSION);
             return 0;
         }
         if (strcmp(argv[i], "--check-config") == 0) {

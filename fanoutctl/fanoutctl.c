@@ -36,7 +36,6 @@
 #include <string.h>
 #include <sys/time.h>
 
-
 /* Held by migrate for the life of each transaction: "fanout" in ASCII. */
 #define MIGRATE_LOCK_KEY "112568712869236"
 
@@ -79,7 +78,7 @@ int is_help(const char *a)
 }
 
 int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
-                      const char **positional)
+               const char **positional)
 {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -455,8 +454,9 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
             snprintf(expected, sizeof expected, "%s", PQgetvalue(cnt, 0, 0));
         } else {
             char line[200];
-            snprintf(expected, sizeof expected, "unknown (the contract view failed: %s)",
-                     first_line(line, sizeof line, PQresultErrorField(cnt, PG_DIAG_MESSAGE_PRIMARY)));
+            snprintf(
+                expected, sizeof expected, "unknown (the contract view failed: %s)",
+                first_line(line, sizeof line, PQresultErrorField(cnt, PG_DIAG_MESSAGE_PRIMARY)));
         }
         PQclear(cnt);
         free(sql);
@@ -488,9 +488,8 @@ static void status_workers(PGconn *conn)
         return;
     for (int r = 0; r < PQntuples(w); r++) {
         const char *why = PQgetvalue(w, r, 2);
-        printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0),
-               PQgetvalue(w, r, 1), PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running",
-               why);
+        printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0), PQgetvalue(w, r, 1),
+               PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running", why);
     }
     PQclear(w);
 }
@@ -546,8 +545,8 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
         PQclear(res);
         return EXIT_RUNTIME;
     }
-    printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", "EVENT", "AUTHOR", "KIND",
-           "STATE", "PROGRESS", "RATE/S", "ATTEMPTS", "AGE_S", "LAST_ERROR");
+    printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", "EVENT", "AUTHOR", "KIND", "STATE",
+           "PROGRESS", "RATE/S", "ATTEMPTS", "AGE_S", "LAST_ERROR");
     for (int r = 0; r < PQntuples(res); r++) {
         char progress[64];
         if (PQgetisnull(res, r, 5))
@@ -612,8 +611,7 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
         return r;
     int64_t id;
     if (!event || ctl__parse_id(event, &id) < 0) {
-        fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64,
-             INT64_MAX);
+        fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64, INT64_MAX);
         return EXIT_USAGE;
     }
     PGconn *conn = pg_connect(cfg, "retry");
@@ -633,8 +631,8 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
         if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
             fail("retry", "no event %s", event);
         } else if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
-            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state",
-                 event, event);
+            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event,
+                 event);
         } else {
             printf("requeued %s dead job(s) of event %s\n", PQgetvalue(res, 0, 0), event);
             status = EXIT_OK;
@@ -695,8 +693,7 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
         fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
     }
     if (rel_contract_refusals(k) == 0 && rel_contract_transient(k)) {
-        fail("check-db", "the check could not finish: %s; run it again",
-             rel_contract_transient(k));
+        fail("check-db", "the check could not finish: %s; run it again", rel_contract_transient(k));
     } else if (rel_contract_refusals(k) > 0) {
         printf("contract %s.%s for role %s: broken (%d problems); fanoutd would refuse to "
                "start\n",
@@ -724,7 +721,7 @@ done:
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: fanoutctl [SETTINGS] COMMAND [ARGS]\n"
+            "Usage: fanoutctl [SETTINGS] COMMAND [ARGS]\n"
             "\n"
             "Commands:\n"
             "  migrate                              apply the embedded SQL migrations\n"
@@ -732,9 +729,9 @@ static void usage(FILE *out)
             "                                       publish one event, print its id\n"
             "  status [EVENT]                       one event's progress, or running, pending,\n"
             "                                       dead and recent events\n"
-            "  consume --group G --consumer C [--count N] [--block MS] [--follow]\n"
-            "          [--min-idle MS] [--seen-ttl S]\n"
-            "                                       read the streams as JSON lines\n"
+            "  consume --group G --consumer C [OPTIONS]\n"
+            "                                       read the streams as JSON lines (options:\n"
+            "                                       consume --help)\n"
             "  trim                                 trim the streams up to what every\n"
             "                                       consumer group has acknowledged\n"
             "  retry EVENT                          queue a dead event again\n"
@@ -742,9 +739,27 @@ static void usage(FILE *out)
             "                                       database, as fanoutd does at start\n"
             "  help                                 this text; COMMAND --help for one command\n"
             "\n"
+            "  --version                            print the version\n"
+            "\n"
             "Exit status: 0 ok, 1 runtime failure, 2 usage error.\n"
             "\n");
-    cfg_usage(out);
+    /* what fanoutctl reads of fanoutd's settings (fanoutd --help lists them all) */
+    static const char *const used[] = {"pg_dsn",
+                                       "contract_schema",
+                                       "contract_view",
+                                       "contract_index",
+                                       "contract_privileges",
+                                       "statement_timeout_ms",
+                                       "page_size",
+                                       "redis_host",
+                                       "redis_port",
+                                       "redis_password",
+                                       "key_prefix",
+                                       "shards",
+                                       "config_file",
+                                       NULL};
+    cfg_usage(out, used);
+    fprintf(out, "The other settings of fanoutd --help are accepted, and not used.\n");
 }
 
 typedef struct command {
@@ -753,12 +768,8 @@ typedef struct command {
 } command_t;
 
 static const command_t commands[] = {
-    {"migrate", cmd_migrate},
-    {"publish", cmd_publish},
-    {"status", cmd_status},
-    {"consume", cmd_consume},
-    {"retry", cmd_retry},
-    {"trim", cmd_trim},
+    {"migrate", cmd_migrate},   {"publish", cmd_publish}, {"status", cmd_status},
+    {"consume", cmd_consume},   {"retry", cmd_retry},     {"trim", cmd_trim},
     {"check-db", cmd_check_db},
 };
 
@@ -769,6 +780,10 @@ int main(int argc, char **argv, char **envp)
     signal(SIGPIPE, SIG_IGN);
     if (argc > 1 && is_help(argv[1])) {
         usage(stdout);
+        return EXIT_OK;
+    }
+    if (argc > 1 && strcmp(argv[1], "--version") == 0) {
+        printf("fanoutctl %s\n", FANOUT_VERSION);
         return EXIT_OK;
     }
     cfg_t cfg;

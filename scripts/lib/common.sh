@@ -7,6 +7,8 @@ FANOUT_PACKAGES=(
   postgresql-15 redis-server redis-tools
   python3 python3-redis python3-psycopg2
   valgrind clang libclang-rt-14-dev
+  # the package: manual pages from --help, and lintian on the built .deb (test_service.py)
+  help2man lintian
   # the reference consumers in examples/consumers/ (tests/integration/test_consumers.py)
   ruby ruby-redis nodejs
 )

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 
-from harness import FANOUTCTL, SOURCE_DIR, SUPERUSER, Suite
+from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite
 
 suite = Suite("test_fanoutctl")
 
@@ -253,7 +253,12 @@ def consume_prints_json_and_acks(s):
 def command_line_errors(s):
     r = s.fanoutctl("--help")
     expect_eq(r.returncode, 0, "--help exit")
-    assert "usage: fanoutctl" in r.stdout and "--pg-dsn" in r.stdout, r.stdout
+    assert "Usage: fanoutctl" in r.stdout and "--pg-dsn" in r.stdout, r.stdout
+    assert "--max-jobs" not in r.stdout, "fanoutctl --help lists settings only fanoutd uses"
+    for name, binary in (("fanoutctl", FANOUTCTL), ("fanoutd", FANOUTD)):
+        r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+        expect_eq(r.returncode, 0, name + " --version exit")
+        assert re.fullmatch(r"%s \d+\.\d+\.\d+\n" % name, r.stdout), r.stdout
     expect_eq(s.fanoutctl("help").returncode, 0, "help exit")
     expect_eq(s.fanoutctl("consume", "--help").returncode, 0, "consume --help exit")
     one_line_error(s.fanoutctl("frobnicate"), 2, "unknown command", "frobnicate")

@@ -6,6 +6,7 @@ The notification tests bind their own AF_UNIX datagram socket (a path, or an abs
 name) and point NOTIFY_SOCKET at it, the way systemd does.
 """
 
+import glob
 import http.client
 import os
 import re
@@ -542,7 +543,8 @@ def unit_file_verifies_and_is_hardened(s):
     with open(UNIT) as f:
         unit = f.read()
     for want in ("Type=notify", "WatchdogSec=", "Restart=on-failure",
-                 "EnvironmentFile=/etc/fanout/fanoutd.env", "DynamicUser=yes",
+                 "EnvironmentFile=-/etc/fanout/fanoutd.env",
+                 "Environment=FANOUT_CONFIG_FILE=/etc/fanout/fanoutd.conf", "DynamicUser=yes",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
                  "PrivateTmp=yes", "PrivateDevices=yes", "RestrictAddressFamilies=",
                  "MemoryMax=", "ExecReload=/bin/kill -HUP $MAINPID", "KillSignal=SIGTERM"):
@@ -573,11 +575,24 @@ def installed_tree_runs(s):
     root = dest + prefix
     expect = ["sbin/fanoutd", "bin/fanoutctl", "lib/systemd/system/fanoutd.service",
               "share/doc/fanout/fanoutd.env.example", "share/doc/fanout/fanoutd.conf.example",
-              "share/doc/fanout/configuration.md", "share/doc/fanout/ARCHITECTURE.md",
-              "share/doc/fanout/queue-format.md", "share/doc/fanout/README.md",
+              "share/doc/fanout/docs/configuration.md", "share/doc/fanout/docs/ARCHITECTURE.md",
+              "share/doc/fanout/docs/queue-format.md", "share/doc/fanout/README.md",
+              "share/doc/fanout/docs/shared-database.md", "share/doc/fanout/copyright",
+              "share/doc/fanout/changelog.gz", "share/doc/fanout/LICENSE",
+              "share/doc/fanout/examples/consumers/python/consumer.py",
+              "share/man/man8/fanoutd.8.gz", "share/man/man1/fanoutctl.1.gz",
               "share/fanout/sql/001_relationships.sql"]
     for p in expect:
         assert os.path.isfile(os.path.join(root, p)), "not installed: %s" % p
+    assert os.path.isfile(os.path.join(dest, "etc/fanout/fanoutd.conf")), "no conffile"
+    # every relative link of the installed docs leads to an installed file
+    for md in glob.glob(os.path.join(root, "share/doc/fanout/**/*.md"), recursive=True):
+        with open(md) as f:
+            for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", f.read()):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path = os.path.normpath(os.path.join(os.path.dirname(md), target))
+                assert os.path.exists(path), "%s links to %s, not installed" % (md, target)
     with open(os.path.join(root, "lib/systemd/system/fanoutd.service")) as f:
         assert "ExecStart=/usr/sbin/fanoutd" in f.read()
     fanoutd, fanoutctl = os.path.join(root, "sbin/fanoutd"), os.path.join(root, "bin/fanoutctl")
@@ -612,6 +627,22 @@ def installed_tree_runs(s):
         r.stdout
     assert d.stop() == 0
 
+
+
+@suite.test(servers=dict(migrate=False))
+def debian_package_is_lintian_clean(s):
+    out = s.path("deb")
+    r = subprocess.run(["cpack", "-G", "DEB", "--config",
+                        os.path.join(BUILD_DIR, "CPackConfig.cmake"), "-B", out],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (deb,) = glob.glob(os.path.join(out, "*.deb"))
+    r = subprocess.run(["dpkg-deb", "--ctrl-tarfile", deb], capture_output=True, timeout=60)
+    assert b"conffiles" in r.stdout, "no conffiles in the control archive"
+    r = subprocess.run(["lintian", "--fail-on", "error,warning", "--tag-display-limit", "0",
+                        deb], capture_output=True, text=True, timeout=600)
+    tags = [l for l in r.stdout.splitlines() if re.match(r"^[EW]: ", l)]
+    assert r.returncode == 0 and not tags, r.stdout + r.stderr
 
 if __name__ == "__main__":
     suite.main()
