@@ -321,5 +321,37 @@ def new_options_fail_with_one_line(s):
     assert 'layouts is "stream,mailbox"' in d.log(), d.log_tail()
 
 
+
+@suite.test(servers=dict(migrate=False))
+def help_prints_help_and_does_nothing_else(s):
+    """--help of every command a user runs prints its usage and exits 0 at once: it installs,
+    builds, connects and writes nothing (a bad option is one line and exit 2)."""
+    ensure_node_modules()
+    run = [["/usr/bin/python3", os.path.join(EXAMPLES, "python", "consumer.py")],
+           ["ruby", os.path.join(EXAMPLES, "ruby", "consumer.rb")],
+           ["node", os.path.join(NODE_DIR, "consumer.js")],
+           [FANOUTCTL], [os.path.join(SOURCE_DIR, "scripts", "test")],
+           [os.path.join(SOURCE_DIR, "scripts", "demo")],
+           [os.path.join(SOURCE_DIR, "scripts", "fuzz")],
+           [os.path.join(SOURCE_DIR, "bench", "loadtest")],
+           [os.path.join(SOURCE_DIR, "bench", "chaos")]]
+    for cmd in run:
+        # no PATH to apt-get, cmake or a server: a --help that tried to do work would fail
+        env = {"PATH": "/usr/bin:/bin", "HOME": s.path("."), "LC_ALL": "C.UTF-8"}
+        r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60,
+                           env=env)
+        assert r.returncode == 0 and r.stdout.strip(), (cmd, r.returncode, r.stdout, r.stderr)
+        assert r.stderr == "", (cmd, r.stderr)
+        assert re.search(r"usage|--", r.stdout, re.I), (cmd, r.stdout)
+        if cmd[0].endswith(("demo", "loadtest")):
+            continue  # their options are checked by Python after the install and build
+        r = subprocess.run(cmd + ["--no-such-option"], capture_output=True, text=True,
+                           timeout=60, env=env)
+        assert r.returncode == 2, (cmd, r.returncode, r.stdout, r.stderr)
+        # one line says what is wrong (argparse puts its usage above it)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert re.search(r"no-such-option|unknown|unrecognized|invalid|required|arguments",
+                         last, re.I), (cmd, r.stderr)
+
 if __name__ == "__main__":
     suite.main()

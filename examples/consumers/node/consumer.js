@@ -19,22 +19,45 @@
 const { parseArgs } = require('node:util');
 const Redis = require('ioredis');
 
-const { values: o } = parseArgs({
-  options: {
-    host: { type: 'string', default: '127.0.0.1' },
-    port: { type: 'string', default: '6379' },
-    password: { type: 'string' },
-    prefix: { type: 'string', default: 'fanout' }, // FANOUT_KEY_PREFIX
-    shards: { type: 'string', default: '16' }, // FANOUT_SHARDS
-    group: { type: 'string' },
-    consumer: { type: 'string' },
-    count: { type: 'string', default: '100' }, // entries per read
-    'block-ms': { type: 'string', default: '1000' },
-    'min-idle-ms': { type: 'string', default: '60000' }, // take over entries pending this long
-    'seen-ttl': { type: 'string', default: '86400' }, // dedupe marks' expiry, s
-    'stall-after': { type: 'string', default: '0' }, // for tests: hold the batch after N
-  },
-});
+const usage = `usage: node consumer.js --group G --consumer C [options]
+  --host H          Redis host (default 127.0.0.1)
+  --port P          Redis port (default 6379)
+  --password PW     Redis AUTH password
+  --prefix P        key prefix, as FANOUT_KEY_PREFIX (default fanout)
+  --shards N        shard streams, as FANOUT_SHARDS (default 16)
+  --count N         entries per read (default 100)
+  --block-ms MS     how long one read waits (default 1000)
+  --min-idle-ms MS  take over entries pending this long (default 60000)
+  --seen-ttl S      expiry of the duplicate marks (default 86400)
+  -h, --help        this text`;
+
+let o;
+try {
+  ({ values: o } = parseArgs({
+    options: {
+      help: { type: 'boolean', short: 'h' },
+      host: { type: 'string', default: '127.0.0.1' },
+      port: { type: 'string', default: '6379' },
+      password: { type: 'string' },
+      prefix: { type: 'string', default: 'fanout' }, // FANOUT_KEY_PREFIX
+      shards: { type: 'string', default: '16' }, // FANOUT_SHARDS
+      group: { type: 'string' },
+      consumer: { type: 'string' },
+      count: { type: 'string', default: '100' }, // entries per read
+      'block-ms': { type: 'string', default: '1000' },
+      'min-idle-ms': { type: 'string', default: '60000' }, // take over entries pending this long
+      'seen-ttl': { type: 'string', default: '86400' }, // dedupe marks' expiry, s
+      'stall-after': { type: 'string', default: '0' }, // for tests: hold the batch after N
+    },
+  }));
+} catch (e) {
+  console.error(`consumer.js: ${e.message}; see node consumer.js --help`);
+  process.exit(2);
+}
+if (o.help) {
+  console.log(usage);
+  process.exit(0);
+}
 if (!o.group || !o.consumer) {
   console.error('consumer.js: --group and --consumer are required');
   process.exit(2);

@@ -127,7 +127,7 @@ end
 
 opts = { host: '127.0.0.1', port: 6379, password: nil, prefix: 'fanout', shards: 16,
          count: 100, block_ms: 1000, min_idle_ms: 60_000, seen_ttl: 86_400, stall_after: 0 }
-OptionParser.new do |p|
+parser = OptionParser.new do |p|
   p.banner = 'usage: consumer.rb --group G --consumer C [options]'
   p.on('--host H') { |v| opts[:host] = v }
   p.on('--port N', Integer) { |v| opts[:port] = v }
@@ -141,8 +141,17 @@ OptionParser.new do |p|
   p.on('--min-idle-ms N', Integer, 'take over entries pending this long') { |v| opts[:min_idle_ms] = v }
   p.on('--seen-ttl S', Integer, "dedupe marks' expiry") { |v| opts[:seen_ttl] = v }
   p.on('--stall-after N', Integer, 'for tests: hold the batch after N') { |v| opts[:stall_after] = v }
-end.parse!
-abort 'consumer.rb: --group and --consumer are required' unless opts[:group] && opts[:consumer]
+end
+begin
+  parser.parse!
+rescue OptionParser::ParseError => e
+  warn "consumer.rb: #{e.message}; see consumer.rb --help"
+  exit 2
+end
+unless opts[:group] && opts[:consumer]
+  warn 'consumer.rb: --group and --consumer are required'
+  exit 2
+end
 
 consumer = Consumer.new(opts)
 %w[TERM INT].each { |sig| Signal.trap(sig) { consumer.stop! } }
