@@ -59,10 +59,7 @@ def main():
         s.sql("VACUUM (ANALYZE) relationships.follows")
         print("seeded %d followers of author %d in %.1f s (set-based INSERT ... SELECT)"
               % (n, author, time.monotonic() - t))
-        # Given servers: one role migrates, seeds and runs fanoutd, so it holds more than
-        # fanout_worker; the contract check says so as a warning instead of refusing.
-        d = s.start_daemon(**({"FANOUT_CONTRACT_PRIVILEGES": os.environ.get(
-            "FANOUT_CONTRACT_PRIVILEGES", "warn")} if external else {}))
+        d = s.start_daemon()
         d.wait_log("contract ok", timeout=30)
         ev = s.publish(author, kind="post", payload='{"text":"hello, followers"}')
         t0 = time.monotonic()

@@ -152,6 +152,20 @@ def _with_overrides(env, overrides):
     return env
 
 
+_SETTINGS = []
+
+
+def _setting_variables():
+    """The FANOUT_* variables fanoutd accepts, read once from `fanoutd --help`."""
+    if not _SETTINGS:
+        out = subprocess.run([FANOUTD, "--help"], capture_output=True, text=True,
+                             timeout=30).stdout
+        _SETTINGS.extend(re.findall(r"\b(FANOUT_[A-Z0-9_]+)\s+default:", out))
+        if not _SETTINGS:
+            raise HarnessError("no settings in `%s --help`" % FANOUTD)
+    return set(_SETTINGS)
+
+
 def _clean_env():
     """The caller's environment without FANOUT_* and PG* variables."""
     return {k: v for k, v in os.environ.items()
@@ -1007,7 +1021,16 @@ class External(Servers):
         return self._redis
 
     def env_for_daemon(self, **overrides):
-        return _with_overrides(dict(os.environ), overrides)
+        """The caller's environment less the FANOUT_* variables that are this harness's own
+        (FANOUT_BUILD_DIR, FANOUT_DEMO_AUTHOR, ...): fanoutd and fanoutctl refuse names they
+        do not know, so only their settings pass. One role migrates, seeds and runs fanoutd
+        here, so it holds more than fanout_worker: the contract check says so as a warning
+        instead of refusing, unless FANOUT_CONTRACT_PRIVILEGES says otherwise."""
+        known = _setting_variables()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FANOUT_") or k in known}
+        env.setdefault("FANOUT_CONTRACT_PRIVILEGES", "warn")
+        return _with_overrides(env, overrides)
 
     def fanoutctl(self, *args, user=None, timeout=60, input=None, **overrides):
         return subprocess.run([FANOUTCTL] + [str(a) for a in args],

@@ -7,9 +7,11 @@ hold each kind of report, through a wrapper that prints one and then execs fanou
 check that the same function the Suite calls rejects it, and accepts a clean log.
 """
 
+import os
 import re
+import subprocess
 
-from harness import Suite
+from harness import BUILD_DIR, HERE, SOURCE_DIR, SUPERUSER, Suite
 
 suite = Suite("test_harness")
 
@@ -53,6 +55,27 @@ def a_clean_log_passes(s):
     assert d.stop(timeout=60) == 0, d.log_tail()
     Suite.check_sanitizers(s)
 
+
+
+@suite.test
+def demo_and_loadtest_run_on_given_servers(s):
+    """The documented "use your own servers" mode: scripts/demo's body and bench/loadtest
+    with FANOUT_PG_DSN and FANOUT_REDIS_* naming servers that already run (here this test's
+    own), and the harness's own FANOUT_* variables still set."""
+    env = dict(os.environ, FANOUT_PG_DSN=s.dsn(SUPERUSER), FANOUT_REDIS_HOST="127.0.0.1",
+               FANOUT_REDIS_PORT=str(s.redis_port), FANOUT_BUILD_DIR=BUILD_DIR,
+               FANOUT_DEMO_AUTHOR="5", PYTHONPATH=HERE)
+    r = subprocess.run(["/usr/bin/python3", os.path.join(SOURCE_DIR, "scripts", "lib",
+                                                         "demo.py"), "--followers", "300"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "using the servers named by FANOUT_PG_DSN" in r.stdout, r.stdout
+    assert re.search(r"distinct recipients +300$", r.stdout, re.M), r.stdout
+    assert "OK: every follower got exactly one notification" in r.stdout, r.stdout
+    r = subprocess.run([os.path.join(SOURCE_DIR, "bench", "loadtest"), "--followers", "500",
+                        "--runs", "1", "--no-chart"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 if __name__ == "__main__":
     suite.main()
