@@ -132,9 +132,13 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_us(sig):
+def _die_with_us(sig, keep=False):
     """preexec_fn: the child gets sig when this process dies, even by SIGKILL (a CTest
-    timeout), so no server or daemon outlives the test that started it."""
+    timeout), so no server or daemon outlives the test that started it; None with keep (the
+    servers of `scripts/demo --keep` outlive it on purpose)."""
+    if keep:
+        return None
+
     def set_pdeathsig():
         _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     return set_pdeathsig
@@ -241,7 +245,7 @@ def ensure_template(path=PG_TEMPLATE):
     return path
 
 
-def _start_postgres(data, port, sock, log_path, params, timeout, settings=None):
+def _start_postgres(data, port, sock, log_path, params, timeout, settings=None, keep=False):
     """Starts postgres on data and port, waits until it accepts connections with params;
     returns the Popen. pg_stat_statements is preloaded so that tests can read PostgreSQL's
     own per-statement figures; wal_level=replica (the default) lets a standby stream.
@@ -262,7 +266,7 @@ def _start_postgres(data, port, sock, log_path, params, timeout, settings=None):
         death = signal.SIGTERM if _pg_os_user() else signal.SIGQUIT
         proc = subprocess.Popen(_as_pg(cmd), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_us(death))
+                                preexec_fn=_die_with_us(death, keep))
     finally:
         log.close()
     deadline = time.monotonic() + timeout
@@ -491,10 +495,13 @@ class Servers:
     Attributes after start: dir, pg_port, redis_port, pg_params (superuser, db fanout),
     key_prefix, shards (None: the daemon's default), daemons. pg_settings: extra
     postgres -c settings, e.g. {"shared_preload_libraries": "pg_stat_statements"}.
+    keep: close() leaves the servers and daemons running and the dir in place, and nothing
+    started dies with this process (`scripts/demo --keep`, which stops them itself later).
     """
 
     def __init__(self, migrate=True, aof=True, key_prefix="fanout", shards=None,
-                 pg_settings=None):
+                 pg_settings=None, keep=False):
+        self.keep = keep
         self.migrate_on_start = migrate
         self.pg_settings = dict(pg_settings or {})
         self.aof = aof
@@ -529,7 +536,7 @@ class Servers:
         self.dir = tempfile.mkdtemp(prefix="fanout-it-")
         os.chmod(self.dir, 0o755)  # the PostgreSQL user must reach its data dir inside
         with open(self.path("owner.pid"), "w") as f:
-            f.write("%d\n" % os.getpid())
+            f.write("kept\n" if self.keep else "%d\n" % os.getpid())  # kept: no orphan
         try:
             self._start_pg()
             self._start_redis()
@@ -542,10 +549,17 @@ class Servers:
         return self
 
     def close(self):
-        """Kills every daemon, stops both servers and removes the temp dir. Idempotent."""
+        """Kills every daemon, stops both servers and removes the temp dir (with keep: only
+        lets go of them). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self.keep:
+            for c in self._conns.values():
+                c.close()
+            if self in _LIVE:
+                _LIVE.remove(self)
+            return
         try:
             self.kill_daemons()
             for c in self._conns.values():
@@ -605,7 +619,7 @@ class Servers:
         accepts connections."""
         self._pg_proc = _start_postgres(self.path("pgdata"), self.pg_port, self.path("pgsock"),
                                         self.pg_log_path, self.pg_params, timeout,
-                                        self.pg_settings)
+                                        self.pg_settings, self.keep)
 
     def pg_stop(self, mode="fast", timeout=30):
         """Stops the cluster: mode "fast" (SIGINT), "immediate" (SIGQUIT, like a crash) or
@@ -725,7 +739,8 @@ class Servers:
         try:
             self._redis_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                                preexec_fn=_die_with_us(signal.SIGTERM))
+                                                preexec_fn=_die_with_us(signal.SIGTERM,
+                                                                        self.keep))
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -897,7 +912,7 @@ class Servers:
             cmd = [str(w) for w in wrapper] + [binary] + [str(a) for a in args]
             proc = subprocess.Popen(cmd, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_us(signal.SIGKILL))
+                                    preexec_fn=_die_with_us(signal.SIGKILL, self.keep))
         finally:
             log.close()
         d = Daemon(proc, log_path, "fanoutd-%d" % n)

@@ -7,11 +7,16 @@ hold each kind of report, through a wrapper that prints one and then execs fanou
 check that the same function the Suite calls rejects it, and accepts a clean log.
 """
 
+import json
 import os
 import re
 import subprocess
+import time
 
-from harness import BUILD_DIR, HERE, SOURCE_DIR, SUPERUSER, Suite
+import psycopg2
+
+from harness import (BUILD_DIR, FANOUTCTL, HERE, SOURCE_DIR, SUPERUSER, Suite,
+                     _clean_env, _pid_alive)
 
 suite = Suite("test_harness")
 
@@ -75,6 +80,70 @@ def demo_and_loadtest_run_on_given_servers(s):
     r = subprocess.run([os.path.join(SOURCE_DIR, "bench", "loadtest"), "--followers", "500",
                         "--runs", "1", "--no-chart"], env=env, capture_output=True, text=True,
                        timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@suite.test(servers=dict(migrate=False))
+def demo_keep_leaves_servers_up_and_stop_ends_them(s):
+    """scripts/demo --keep: the servers and a fanoutd outlive the demo, and the commands it
+    prints work; --stop ends them all and removes their dir."""
+    state_dir = s.path("run")
+    os.mkdir(state_dir)
+    env = dict(os.environ, FANOUT_BUILD_DIR=BUILD_DIR, PYTHONPATH=HERE,
+               XDG_RUNTIME_DIR=state_dir)
+    demo = [os.path.join(SOURCE_DIR, "scripts", "lib", "demo.py")]
+    r = subprocess.run(["/usr/bin/python3"] + demo + ["--followers", "200", "--keep"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK: every follower" in r.stdout, r.stdout + r.stderr
+    state = json.load(open(os.path.join(state_dir, "fanout-demo.json")))
+    try:
+        pids = [pid for _, pid, _ in state["stop"]]
+        assert all(_pid_alive(p) for p in pids), state
+        port = int(re.search(r"redis-cli -p (\d+)", r.stdout).group(1))
+        producer = re.search(r"FANOUT_PG_DSN='([^']*user=producer[^']*)'", r.stdout).group(1)
+        ctl = dict(_clean_env(), FANOUT_PG_DSN=producer, FANOUT_REDIS_PORT=str(port))
+        p = subprocess.run([FANOUTCTL, "publish", "--author", "1", "--kind", "post",
+                            "--payload", "{}"], env=ctl, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        ev = p.stdout.strip()
+        import redis as redis_py
+        rc = redis_py.Redis(port=port, decode_responses=True)
+        deadline = time.monotonic() + 60  # the kept fanoutd delivers it
+        while sum(1 for k in rc.scan_iter("fanout:stream:*") for _, f in rc.xrange(k)
+                  if f["event"] == ev) < 200:
+            assert time.monotonic() < deadline, "the kept fanoutd did not deliver"
+            time.sleep(0.1)
+        rc.close()
+    finally:
+        r = subprocess.run(["/usr/bin/python3"] + demo + ["--stop"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not any(_pid_alive(p) for p in pids), r.stdout
+    assert not os.path.exists(state["dir"]) and not os.listdir(state_dir)
+
+
+@suite.test(servers=dict(migrate=False))
+def readme_own_servers_sql_works(s):
+    """README's "On your own servers": its SQL, the migration as the superuser, then
+    fanoutd's contract check and a publish as the roles it creates."""
+    with open(os.path.join(SOURCE_DIR, "README.md")) as f:
+        section = f.read().split("### On your own servers", 1)[1].split("\n## ", 1)[0]
+    create_db, roles = re.findall(r"```sql\n(.*?)```", section, re.S)
+    s.sql(create_db)
+    base = "host=127.0.0.1 port=%d dbname=app" % s.pg_port
+    r = s.fanoutctl("migrate", FANOUT_PG_DSN=base + " user=" + SUPERUSER)
+    assert r.returncode == 0, r.stderr
+    c = psycopg2.connect(base + " user=" + SUPERUSER)
+    c.autocommit = True
+    c.cursor().execute(roles)
+    c.close()
+    r = s.fanoutctl("check-db", FANOUT_PG_DSN=base + " user=fanoutd")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = s.fanoutctl("publish", "--author", "1", "--kind", "post", "--payload", "{}",
+                    FANOUT_PG_DSN=base + " user=app_publisher")
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stdout + r.stderr
+    r = s.fanoutctl("status", FANOUT_PG_DSN=base + " user=fanoutd")
     assert r.returncode == 0, r.stdout + r.stderr
 
 if __name__ == "__main__":
