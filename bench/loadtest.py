@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import harness
@@ -50,6 +51,53 @@ def log(msg):
 # ------------------------------------------------------------------------------------------
 # process and server figures
 # ------------------------------------------------------------------------------------------
+
+class Progress:
+    """While a long phase runs, one line every `every` seconds: how far (count of total),
+    the rate and the ETA; or only the time so far when `count` is None (one SQL statement).
+    A phase shorter than `every` prints nothing. `count` runs on the progress thread: give it
+    its own connections, and let it raise when it cannot tell (the line is skipped)."""
+
+    def __init__(self, what, total=0, count=None, every=5.0):
+        self.what, self.total, self.count, self.every = what, total, count, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            elapsed = time.monotonic() - self._t0
+            if self.count is None:
+                log("   %s: %.0f s so far" % (self.what, elapsed))
+                continue
+            try:
+                n = self.count()
+            except Exception:
+                continue
+            rate = n / elapsed
+            eta = "ETA %.0f s" % ((self.total - n) / rate) if rate > 0 else "no progress yet"
+            log("   %s: %s of %s (%.0f%%), %s/s, %s" % (
+                self.what, fmt_int(n), fmt_int(self.total), 100.0 * n / max(self.total, 1),
+                fmt_int(int(rate)), eta))
+
+
+def stream_count(redis_client, keys):
+    """A callable for Progress: entries in `keys` now, over its own connection."""
+    import redis as redis_py
+    kw = redis_client.connection_pool.connection_kwargs
+    own = redis_py.Redis(host=kw.get("host"), port=kw.get("port"), password=kw.get("password"),
+                         socket_timeout=5)
+    return lambda: sum(own.xlen(k) for k in keys)
+
 
 def proc_cpu_s(pid):
     """utime + stime of pid in seconds (/proc/<pid>/stat fields 14 and 15)."""
@@ -192,6 +240,10 @@ class Bench:
             return False
 
     def seed(self, followers_each, authors, noise, small_authors=0, small_followers=0):
+        with Progress("seeding (set-based INSERTs, then VACUUM ANALYZE)"):
+            return self._seed(followers_each, authors, noise, small_authors, small_followers)
+
+    def _seed(self, followers_each, authors, noise, small_authors, small_followers):
         s = self.s
         t = time.monotonic()
         ids = [self.author(i) for i in range(authors)]
@@ -274,6 +326,9 @@ END $$;""" % (author, self.page_size)
                 "page_queries": int(row[2]), "page_buffers": int(row[3])}
 
     # -- Redis ----------------------------------------------------------------------------
+    def shard_keys(self):
+        return ["%s:stream:%d" % (self.prefix, i) for i in range(self.shards)]
+
     def ceiling_keys(self):
         return ["%s:stream:%d" % (CEILING_PREFIX, i) for i in range(self.shards)]
 
@@ -287,7 +342,8 @@ END $$;""" % (author, self.page_size)
             cmd += ["--lua-page", str(lua_page)]
         r = self.s.redis
         r.unlink(*self.ceiling_keys())
-        with RedisPhase(r) as ph:
+        with RedisPhase(r) as ph, Progress("Redis ceiling", n,
+                                            stream_count(r, self.ceiling_keys())):
             out = subprocess.run(cmd, capture_output=True, text=True, env=self.tool_env())
         if out.returncode != 0:
             raise BenchError("redis_ceiling failed: %s" % out.stderr.strip())
@@ -390,9 +446,10 @@ END $$;""" % (author, self.page_size)
                 events = [self.s.publish(self.author(0), kind="post", payload=PAYLOAD)]
             else:
                 events = self.publish_many([self.author(i) for i in range(authors)])
-            if steady_rate:
-                small = self.steady(events, steady_rate, small_authors)
-            self.wait_done(events + small, timeout=3600)
+            with Progress("fan-out", n_each * len(events), stream_count(r, self.shard_keys())):
+                if steady_rate:
+                    small = self.steady(events, steady_rate, small_authors)
+                self.wait_done(events + small, timeout=3600)
         cpu = proc_cpu_s(d.pid) - cpu0
         pg = self.pg_statements()
         checks = [(e, 1, n_each) for e in events] + [(e, 1, small_followers) for e in small]
