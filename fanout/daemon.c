@@ -11,9 +11,10 @@
  * coming (back) up, and a job finishing. Jobs are interleaved on the shared connections:
  * each has at most one page read and `window` page writes in flight.
  *
- * Readiness (the control connection, a page connection and Redis up) is reported to the owner on every change, for sd_notify and
- * /healthz. Counters go to one met_t, updated where things happen; a stats timer refreshes
- * the gauges that need a query (oldest unfinished event, stream lengths).
+ * Readiness (the control connection, a page connection and Redis up, and the contract
+ * checked) is reported to the owner on every change, for sd_notify and /healthz. Counters go to one
+ * met_t, updated where things happen; a stats timer refreshes the gauges that need a query (oldest
+ * unfinished event, stream lengths).
  *
  * Backpressure: with backlog_high set, a timer measures the consumers' backlog in Redis;
  * above the high-water mark jobs write nothing new (they keep their read-ahead page), and
@@ -35,8 +36,8 @@ static void check_contract(fo_daemon_t *d);
 
 /* --- job I/O, bound to this daemon's connections --- */
 
-static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
-                    int64_t *out, rel_page_cb cb, void *data)
+static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
+                    rel_page_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
     if (!d->reader)
@@ -44,15 +45,14 @@ static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int 
     return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
-static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb,
-                    void *data)
+static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
     return d->redis ? ntf_fence(d->redis, job, start, cb, data) : FO_EREDIS;
 }
 
-static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids,
-                    size_t n, int last, ntf_progress_cb cb, void *data)
+static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids, size_t n,
+                    int last, ntf_progress_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
     return d->redis ? ntf_write_page(d->redis, job, expect, ids, n, last, cb, data) : FO_EREDIS;
@@ -175,6 +175,20 @@ static void kick_all(fo_daemon_t *d)
         fo_job_kick(d->jobs[i], now, 1);
 }
 
+/* Ready: all three connections up and the contract checked, so that READY=1 (and /healthz)
+ * never claims a daemon that is about to refuse to run. */
+static void update_ready(fo_daemon_t *d)
+{
+    int ready =
+        d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1 && d->contract == FO_CONTRACT_OK;
+    d->metrics.ready = ready;
+    if (ready != d->ready) {
+        d->ready = ready;
+        if (d->on_ready && !d->stopping)
+            d->on_ready(d, ready, d->on_ready_data);
+    }
+}
+
 /* Tracks one server's state for readiness and the reconnect and error counters. */
 static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server)
 {
@@ -187,13 +201,7 @@ static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server
             d->metrics.errors[server]++; /* a lost connection */
         *st = *st ? 2 : 0;
     }
-    int ready = d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1;
-    d->metrics.ready = ready;
-    if (ready != d->ready) {
-        d->ready = ready;
-        if (d->on_ready && !d->stopping)
-            d->on_ready(d, ready, d->on_ready_data);
-    }
+    update_ready(d);
 }
 
 static void on_stats_timer(uv_timer_t *t);
@@ -229,6 +237,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
     fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
            d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
            rel_contract_indexes(k), rel_contract_count(k));
+    update_ready(d); /* after the line: "contract ok" comes before READY=1 */
     fo__store_claim(d);
 }
 
@@ -239,7 +248,6 @@ static void check_contract(fo_daemon_t *d)
     if (rel_conn_ready(d->ctl) && rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
         d->contract = FO_CONTRACT_CHECKING;
 }
-
 
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
@@ -326,8 +334,8 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
-    d->io = (fo_job_io_t){io_fetch,        io_fence, io_write, on_job_finished,
-                          io_may_write,    d,        &d->metrics};
+    d->io =
+        (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, io_may_write, d, &d->metrics};
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {
@@ -397,8 +405,7 @@ static void close_all(fo_daemon_t *d)
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
         fo_log(FO_LOG_WARN, "stop bound reached; job left to its lease",
-               "job=%" PRId64 " cursor=%" PRId64, fo_job_id(d->jobs[i]),
-               fo_job_cursor(d->jobs[i]));
+               "job=%" PRId64 " cursor=%" PRId64, fo_job_id(d->jobs[i]), fo_job_cursor(d->jobs[i]));
     /* each frees itself once libuv has closed its handles: forget them now, so that
      * whatever still runs (job callbacks, a reload finishing) finds them gone */
     if (d->redis)
@@ -490,4 +497,3 @@ void fo_daemon_reconfigured(fo_daemon_t *d)
     if (uv_timer_get_repeat(&d->poll_timer) != poll)
         uv_timer_start(&d->poll_timer, on_poll_timer, poll, poll);
 }
-

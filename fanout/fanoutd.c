@@ -215,7 +215,9 @@ int main(int argc, char **argv)
     cfg_t cfg;
     char err[512];
     if (cfg_load(&cfg, argc, argv, 1, environ, NULL, err, sizeof err) < 0) {
-        fprintf(stderr, "fanoutd: %s\n", err);
+        /* under systemd, <3> makes journald file the line at priority err, where
+         * `journalctl -p err` shows why the unit failed */
+        fprintf(stderr, "%sfanoutd: %s\n", getenv("JOURNAL_STREAM") ? "<3>" : "", err);
         return 2;
     }
     if (check_only) {

@@ -7,8 +7,9 @@ FANOUT_PACKAGES=(
   postgresql-15 redis-server redis-tools
   python3 python3-redis python3-psycopg2
   valgrind clang libclang-rt-14-dev
-  # the package: manual pages from --help, and lintian on the built .deb (test_service.py)
-  help2man lintian
+  # the package: manual pages from --help, lintian on the built .deb, and a minimal Debian 12
+  # booted with systemd to install it in (tests/integration/test_package.py)
+  help2man lintian debootstrap systemd-container
   # the reference consumers in examples/consumers/ (tests/integration/test_consumers.py)
   ruby ruby-redis nodejs
 )

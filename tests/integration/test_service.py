@@ -629,20 +629,5 @@ def installed_tree_runs(s):
 
 
 
-@suite.test(servers=dict(migrate=False))
-def debian_package_is_lintian_clean(s):
-    out = s.path("deb")
-    r = subprocess.run(["cpack", "-G", "DEB", "--config",
-                        os.path.join(BUILD_DIR, "CPackConfig.cmake"), "-B", out],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    (deb,) = glob.glob(os.path.join(out, "*.deb"))
-    r = subprocess.run(["dpkg-deb", "--ctrl-tarfile", deb], capture_output=True, timeout=60)
-    assert b"conffiles" in r.stdout, "no conffiles in the control archive"
-    r = subprocess.run(["lintian", "--fail-on", "error,warning", "--tag-display-limit", "0",
-                        deb], capture_output=True, text=True, timeout=600)
-    tags = [l for l in r.stdout.splitlines() if re.match(r"^[EW]: ", l)]
-    assert r.returncode == 0 and not tags, r.stdout + r.stderr
-
 if __name__ == "__main__":
     suite.main()
