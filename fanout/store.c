@@ -31,35 +31,52 @@ struct store_rec {
 
 /*
  * One claimable job: pending, or running under an expired lease, or under this worker's own
- * name but not running here (this worker restarted). Never a second job of an event this
- * worker already runs, so the ranges of one big fan-out spread over workers and leave this
- * worker's other slots to other events. A job whose attempts are used up (the last one ended
- * with no outcome: a crash, a kill, a lost lease) is declared dead instead of claimed.
- * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts.
+ * id but not running here (this worker restarted: identity.c holds the id's lock, so the
+ * previous holder of the id is gone). Never a second job of an event this worker already
+ * runs, so the ranges of one big fan-out spread over workers and leave this worker's other
+ * slots to other events.
+ *
+ * What a claim costs: taking a pending job starts an attempt (max_attempts of them may fail
+ * with an error); taking a running one means its holder vanished (crashed, killed, stalled
+ * past its lease), which says little about the event and counts in lease_losses instead,
+ * with its own, higher limit, reset by progress (SQL_RENEW): a healthy job survives any
+ * number of crashes that let it move on, while one that kills every worker holding it, at
+ * the same place, is declared dead after max_lease_losses.
+ * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts,
+ * $6 max lease losses.
  */
 static const char SQL_CLAIM[] =
     "WITH c AS ("
-    " SELECT id FROM fanout.jobs"
+    " SELECT id, state = 'running' AS lost FROM fanout.jobs"
     " WHERE state IN ('pending', 'running') AND next_attempt_at <= now()"
     "   AND (state = 'pending' OR lease_until < now()"
     "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
     "   AND NOT (event_id = ANY ($4::bigint[]))"
-    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1)"
+    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1),"
+    " v AS (SELECT c.id, c.lost, CASE WHEN c.lost THEN j.lease_losses + 1 > $6"
+    "                               ELSE j.attempts >= $5 END AS dead"
+    "       FROM c JOIN fanout.jobs j ON j.id = c.id)"
     " UPDATE fanout.jobs j SET"
-    "   state = CASE WHEN j.attempts >= $5 THEN 'dead' ELSE 'running' END,"
-    "   lease_owner = CASE WHEN j.attempts >= $5 THEN NULL ELSE $1 END,"
-    "   lease_until = CASE WHEN j.attempts >= $5 THEN NULL"
+    "   state = CASE WHEN v.dead THEN 'dead' ELSE 'running' END,"
+    "   lease_owner = CASE WHEN v.dead THEN NULL ELSE $1 END,"
+    "   lease_until = CASE WHEN v.dead THEN NULL"
     "                 ELSE now() + $2::bigint * interval '1 millisecond' END,"
-    "   last_error = CASE WHEN j.attempts >= $5 THEN 'no outcome after ' || j.attempts ||"
-    "     ' attempts (worker crashed, was killed or lost its lease)'"
+    "   last_error = CASE WHEN v.dead AND v.lost THEN 'its holder vanished ' ||"
+    "     j.lease_losses + 1 || ' times without progress (a worker crashed, was killed or"
+    " stalled past its lease while holding it; max_lease_losses ' || $6 || ')'"
+    "     || coalesce('; earlier: ' || j.last_error, '')"
+    "     WHEN v.dead THEN 'attempts used up (' || j.attempts || ', max_attempts ' || $5 || ')'"
     "     || coalesce('; earlier: ' || j.last_error, '') ELSE j.last_error END,"
-    "   finished_at = CASE WHEN j.attempts >= $5 THEN now() END,"
+    "   finished_at = CASE WHEN v.dead THEN now() END,"
     "   token = j.token + 1,"
-    "   attempts = CASE WHEN j.attempts >= $5 THEN j.attempts ELSE j.attempts + 1 END,"
+    "   attempts = CASE WHEN v.dead OR v.lost THEN j.attempts ELSE j.attempts + 1 END,"
+    "   lease_losses = CASE WHEN v.lost THEN j.lease_losses + 1 ELSE j.lease_losses END,"
     "   started_at = coalesce(j.started_at, now())"
-    " FROM c, fanout.events e WHERE j.id = c.id AND e.id = j.event_id"
+    " FROM v, fanout.events e WHERE j.id = v.id AND e.id = j.event_id"
     " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
-    "   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+    /* the server stamps created_at (sql/008); a row from before that may hold 'infinity' */
+    "   to_char(CASE WHEN isfinite(e.created_at) THEN e.created_at ELSE j.created_at END"
+    "           AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
     "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
     "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error";
 
@@ -91,8 +108,10 @@ static const char SQL_SPLIT[] =
     " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
     "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
 
+/* Progress since the last checkpoint clears the count of vanished holders (SQL_CLAIM). */
 static const char SQL_RENEW[] =
     "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
+    " lease_losses = CASE WHEN $4::bigint > progress THEN 0 ELSE lease_losses END,"
     " progress = greatest(progress, $4), delivered = greatest(delivered, $5)"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
@@ -101,7 +120,8 @@ static const char SQL_FINISH[] =
     " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
     " WHERE id = $1 AND token = $2 AND state = 'running'"
     " RETURNING extract(epoch FROM finished_at -"
-    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id))::float8";
+    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id"
+    "    AND isfinite(e.created_at)))::float8";
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
@@ -127,19 +147,13 @@ static const char SQL_OLDEST[] =
     "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM fanout.jobs WHERE state IN ('pending', 'running')";
 
-/* This worker's row for fanoutctl status. $1 worker, $2 jobs, $3 paused reason or NULL. */
-static const char SQL_WORKER[] =
-    "INSERT INTO fanout.workers (worker_id, jobs, paused_reason) VALUES ($1, $2, $3)"
-    " ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), jobs = $2, paused_reason = $3";
-
 void fo__store_prepare(fo_daemon_t *d)
 {
-    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 5);
+    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
-    rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 3);
     rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
     rel_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
 }
@@ -434,7 +448,7 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
             char what[512];
             fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
             d->metrics.events_dead++;
-            fo_log(FO_LOG_ERROR, "job is dead: its attempts are used up; fanoutctl retry EVENT",
+            fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
             fo_log(FO_LOG_INFO, "job claimed",
@@ -484,7 +498,7 @@ static char *held_array(fo_daemon_t *d, int events)
 void fo__store_claim(fo_daemon_t *d)
 {
     if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
-        d->contract != FO_CONTRACT_OK)
+        d->contract != FO_CONTRACT_OK || d->identity != FO_ID_HELD)
         return;
     if (d->claiming) {
         d->claim_again = 1;
@@ -492,11 +506,12 @@ void fo__store_claim(fo_daemon_t *d)
     }
     char *jobs = held_array(d, 0);
     char *events = held_array(d, 1);
-    char lease[16], max[16];
+    char lease[16], max[16], losses[16];
     I64(lease, d->cfg->lease_ms);
     I64(max, d->cfg->max_attempts);
-    const char *params[] = {d->cfg->worker_id, lease, jobs, events, max};
-    if (rel_conn_exec(d->ctl, "fo_claim", 5, params, 0, on_claim, d) == 0)
+    I64(losses, d->cfg->max_lease_losses);
+    const char *params[] = {d->worker_id, lease, jobs, events, max, losses};
+    if (rel_conn_exec(d->ctl, "fo_claim", 6, params, 0, on_claim, d) == 0)
         d->claiming = 1;
     free(jobs);
     free(events);
@@ -529,15 +544,9 @@ static void on_renew(int status, const PGresult *res, void *data)
     free(rc);
 }
 
-static void on_worker_row(int status, const PGresult *res, void *data)
-{
-    if (status == FO_EPG && res)
-        log_pg_error("worker row not written", res);
-}
-
 void fo__store_renew(fo_daemon_t *d)
 {
-    char lease[16], njobs[16];
+    char lease[16];
     I64(lease, d->cfg->lease_ms);
     for (int i = 0; i < d->njobs; i++) {
         fo_job_t *j = d->jobs[i];
@@ -552,7 +561,5 @@ void fo__store_renew(fo_daemon_t *d)
         if (rel_conn_exec(d->ctl, "fo_renew", 5, params, 0, on_renew, rc) < 0)
             free(rc);
     }
-    I64(njobs, d->njobs);
-    const char *wparams[] = {d->cfg->worker_id, njobs, d->paused ? d->paused_reason : NULL};
-    rel_conn_exec(d->ctl, "fo_worker", 3, wparams, 0, on_worker_row, NULL);
+    fo__identity_heartbeat(d);
 }

@@ -94,8 +94,8 @@ static int fake_may_write(void *ctx)
     return !paused;
 }
 
-static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, fake_may_write,
-                               NULL, NULL};
+static const fo_job_io_t io = {fake_fetch,     fake_fence, fake_write, fake_finished,
+                               fake_may_write, NULL,       NULL,       NULL};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
