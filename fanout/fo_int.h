@@ -134,6 +134,8 @@ struct fo_daemon {
     store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
 
     int claiming, claim_again;
+    unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
+    uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
     int paused; /* backpressure: jobs write nothing new */
     char paused_reason[160];
     int backlog_busy;

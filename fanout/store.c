@@ -422,14 +422,32 @@ static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
     return 0;
 }
 
+#define CLAIM_BACKOFF_MAX_MS 60000
+
 static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
 {
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
-        if (res)
-            log_pg_error("claim failed", res);
-        return; /* the poll timer tries again */
+        const char *fix = res ? rel_err_fix(res, 0) : NULL;
+        if (!fix) {
+            if (res)
+                log_pg_error("claim failed", res);
+            return; /* the poll timer tries again */
+        }
+        /* a missing grant or schema: someone must act; say how, rarely, and ask the server
+         * rarely too (its log holds every refusal) */
+        unsigned k = d->claim_refusals < 6 ? d->claim_refusals : 6;
+        uint64_t wait = 1000u << k;
+        d->claim_retry_at = fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
+        if (d->claim_refusals++ % 30 == 0) {
+            char what[512];
+            fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
+            fo_log(FO_LOG_ERROR, fix, "op=claim error=%s refusals=%u", what, d->claim_refusals);
+        }
+        return;
     }
+    d->claim_refusals = 0;
+    d->claim_retry_at = 0;
     int again = d->claim_again;
     d->claim_again = 0;
     if (PQntuples(res) == 1) {
@@ -498,7 +516,8 @@ static char *held_array(fo_daemon_t *d, int events)
 void fo__store_claim(fo_daemon_t *d)
 {
     if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
-        d->contract != FO_CONTRACT_OK || d->identity != FO_ID_HELD)
+        d->contract != FO_CONTRACT_OK || d->identity != FO_ID_HELD ||
+        fo_now_ms() < d->claim_retry_at)
         return;
     if (d->claiming) {
         d->claim_again = 1;

@@ -143,9 +143,10 @@ static void pg_notice(void *arg, const char *message)
 static PGconn *pg_connect(const cfg_t *cfg, const char *cmd)
 {
     /* dbname carries the whole conninfo (expand_dbname); an empty one leaves libpq to its
-     * PG* variables and defaults. */
-    const char *keys[] = {"dbname", "fallback_application_name", NULL};
-    const char *vals[] = {cfg->pg_dsn, "fanoutctl", NULL};
+     * PG* variables and defaults. connect_timeout comes first so that the DSN's own wins:
+     * without one, a port that accepts and never answers would hang the command. */
+    const char *keys[] = {"connect_timeout", "dbname", "fallback_application_name", NULL};
+    const char *vals[] = {"10", cfg->pg_dsn, "fanoutctl", NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (!conn) {
         fail(cmd, "postgresql: out of memory");

@@ -38,3 +38,19 @@ rel_err_kind_t rel_err_classify_result(const PGresult *res)
 {
     return rel_err_classify(res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL);
 }
+
+const char *rel_err_fix(const PGresult *res, int reads_view)
+{
+    rel_err_kind_t kind = rel_err_classify_result(res);
+    const char *code = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (kind == REL_ERR_CONTRACT && reads_view)
+        return "the contract view is broken: fanoutctl check-db names the finding and the fix";
+    if (code && strcmp(code, "42501") == 0)
+        return "fanoutd's role lacks a privilege on fanout's tables: GRANT fanout_worker TO "
+               "<the role in FANOUT_PG_DSN> (the grants are in sql/004_roles.sql and later, "
+               "applied by fanoutctl migrate)";
+    if (kind == REL_ERR_CONTRACT)
+        return "fanout's schema is missing or out of date in this database: run fanoutctl "
+               "migrate (as the database owner), or point FANOUT_PG_DSN at the right database";
+    return NULL;
+}

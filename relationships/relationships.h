@@ -117,6 +117,10 @@ typedef enum {
 rel_err_kind_t rel_err_classify(const char *sqlstate);
 /* The same for a failed result (NULL: the connection was lost). */
 rel_err_kind_t rel_err_classify_result(const PGresult *res);
+/* For an error of fanoutd's own statements that retrying cannot fix (fanout's schema missing
+ * or old, a privilege missing, the contract view broken when reads_view), the one line that
+ * names the fix; NULL for any other error. */
+const char *rel_err_fix(const PGresult *res, int reads_view);
 
 /* --- the follower reader --- */
 
