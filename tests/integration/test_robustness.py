@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 from harness import FANOUTD, Suite
@@ -307,6 +308,41 @@ def thirty_worker_kills_never_make_a_healthy_job_dead(s):
 # 5. permanent errors are named
 # --------------------------------------------------------------------------------------------
 
+class other_protocol_server:
+    """A loopback server that answers every connection with `reply` and closes it."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def __enter__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        return self.sock.getsockname()[1]
+
+    def _serve(self):
+        self.sock.settimeout(0.2)
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                conn.recv(1024)
+                conn.sendall(self.reply)
+            except OSError:
+                pass
+            conn.close()
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.sock.close()
+
+
 def fanoutd_says(s, pattern, timeout=30, **env):
     d = s.start_daemon(**env)
     m = d.wait_log(pattern, timeout=timeout)
@@ -343,12 +379,18 @@ def permanent_postgresql_errors_are_named_and_backed_off(s):
                                                  "exist: fix dbname="),
         (base + " dbname=fanout user=nosuchrole", "the role named in FANOUT_PG_DSN does not "
                                                   "exist: fix user="),
-        ("host=127.0.0.1 port=%d dbname=fanout user=fanoutd sslmode=disable" % s.redis_port,
-         "does not speak the PostgreSQL protocol: fix host= and port= in FANOUT_PG_DSN"),
     ]
     for dsn, line in cases:
         d, _ = fanoutd_says(s, re.escape(line), FANOUT_PG_DSN=dsn, **FAST)
         d.kill()
+    # a port that speaks another protocol (an HTTP server's answer to anything)
+    with other_protocol_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
+        for ssl in ("prefer", "disable"):
+            d, _ = fanoutd_says(s, re.escape("does not speak the PostgreSQL protocol: fix host= "
+                                             "and port= in FANOUT_PG_DSN"),
+                                FANOUT_PG_DSN="host=127.0.0.1 port=%d dbname=x user=y sslmode=%s"
+                                % (port, ssl), **FAST)
+            d.kill()
     # a database that was never migrated
     s.sql("CREATE DATABASE unmigrated")
     d, _ = fanoutd_says(s, re.escape("fanout's schema is missing or out of date in this "
