@@ -7,8 +7,12 @@
  *
  * Records: a finished job leaves a small record of its outcome (done, released on a graceful
  * stop, or a failed attempt) that is written with a token check and retried on the tick
- * timer until PostgreSQL takes it. Losing one is safe: the lease expires, the next claim
- * fences, and Redis's progress mark says where the job stands.
+ * timer, with a backoff, until PostgreSQL takes it. Losing one is safe: the lease expires,
+ * the next claim fences, and Redis's progress mark says where the job stands. A record the
+ * server keeps refusing (not a lost connection: an error of the statement or its data) is
+ * logged at most once per REC_LOG_MS with the reason, and after ten leases of refusals it
+ * is replaced by one that declares the job dead with that reason in last_error, so that no
+ * job holds its lease and its slot in the held list forever.
  */
 #include "fanout/fo_int.h"
 
@@ -17,7 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL } rec_kind_t;
+typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
+
+#define REC_RETRY_MS 500    /* first retry of a record not written; doubles, */
+#define REC_RETRY_MAX_MS 5000 /* up to this */
+#define REC_LOG_MS 30000    /* at most one "not written" line per record in this time */
+#define REC_GIVE_UP_LEASES 10 /* refused this many lease_ms in a row: the job is dead */
 
 struct store_rec {
     store_rec_t *next;
@@ -25,8 +34,10 @@ struct store_rec {
     rec_kind_t kind;
     int64_t job_id, event_id, token, cursor, delivered;
     uint64_t started_ms, retry_at;
+    uint64_t refused_since, logged_at; /* refusals by the server (0: none yet) */
+    unsigned tries;
     int sending;
-    char *error; /* REC_FAIL */
+    char *error; /* REC_FAIL, REC_DEAD */
 };
 
 /*
@@ -130,6 +141,14 @@ static const char SQL_RELEASE[] =
     " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
+/* A record refused too long (REC_GIVE_UP_LEASES): the job is dead with the reason.
+ * $5 the error. */
+static const char SQL_DEAD[] =
+    "UPDATE fanout.jobs SET state = 'dead', progress = greatest(progress, $3),"
+    " delivered = greatest(delivered, $4), last_error = $5, lease_owner = NULL,"
+    " lease_until = NULL, finished_at = now()"
+    " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
+
 /* A failed attempt: dead when the attempts are used up, else pending again after
  * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts. */
 static const char SQL_FAIL[] =
@@ -154,6 +173,7 @@ void fo__store_prepare(fo_daemon_t *d)
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
+    rel_conn_prepare(d->ctl, "fo_dead", SQL_DEAD, 5);
     rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
     rel_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
 }
@@ -184,6 +204,47 @@ static void rec_free(store_rec_t *r)
     free(r);
 }
 
+/* A record was not written: retry later; one the server keeps refusing becomes REC_DEAD. */
+static void rec_refused(store_rec_t *r, const PGresult *res)
+{
+    static const char *const names[] = {"done", "released", "failed attempt", "dead"};
+    uint64_t now = fo_now_ms();
+    unsigned k = r->tries < 4 ? r->tries : 4;
+    uint64_t delay = (uint64_t)REC_RETRY_MS << k;
+    r->tries++;
+    r->retry_at = now + (delay < REC_RETRY_MAX_MS ? delay : REC_RETRY_MAX_MS);
+    if (!res || rel_err_classify_result(res) == REL_ERR_TRANSIENT) {
+        r->refused_since = 0; /* the connection, not the record: wait for it */
+        return;
+    }
+    if (!r->refused_since)
+        r->refused_since = now;
+    const char *why = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    char what[512];
+    fo_log_quote(what, sizeof what, why ? why : PQresultErrorMessage(res));
+    if (!r->logged_at || now >= r->logged_at + REC_LOG_MS) {
+        r->logged_at = now;
+        fo_log(FO_LOG_WARN, "job record not written; retrying",
+               "job=%" PRId64 " event=%" PRId64 " record=%s tries=%u error=%s", r->job_id,
+               r->event_id, names[r->kind], r->tries, what);
+    }
+    uint64_t bound = (uint64_t)REC_GIVE_UP_LEASES * (uint64_t)r->d->cfg->lease_ms;
+    if (r->kind == REC_DEAD || now - r->refused_since < bound)
+        return;
+    char *error = fo_xasprintf("fanoutd could not record the job %s for %" PRIu64
+                               " s: the server refused it: %s",
+                               names[r->kind], (now - r->refused_since) / 1000,
+                               why ? why : "unknown error");
+    fo_log(FO_LOG_ERROR, "job record refused too long; declaring the job dead",
+           "job=%" PRId64 " event=%" PRId64 " record=%s error=%s", r->job_id, r->event_id,
+           names[r->kind], what);
+    free(r->error);
+    r->error = error;
+    r->kind = REC_DEAD;
+    r->refused_since = 0;
+    r->retry_at = now;
+}
+
 static void on_rec(int status, const PGresult *res, void *data)
 {
     store_rec_t *r = data;
@@ -193,12 +254,11 @@ static void on_rec(int status, const PGresult *res, void *data)
         return; /* closing: records are freed with the daemon */
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
-        if (res)
-            log_pg_error("job record not written; retrying", res);
-        r->retry_at = fo_now_ms() + 500; /* the tick timer sends it again */
+        rec_refused(r, res);
         return;
     }
-    static const char *const what[] = {"job done", "job released", "job attempt failed"};
+    static const char *const what[] = {"job done", "job released", "job attempt failed",
+                                       "job is dead: its outcome could not be recorded"};
     char err[512] = "";
     if (r->error)
         fo_log_quote(err, sizeof err, r->error);
@@ -207,6 +267,8 @@ static void on_rec(int status, const PGresult *res, void *data)
         d->metrics.events_done++;
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
             met_hist_observe(&d->metrics.publish_to_done, atof(PQgetvalue(res, 0, 0)));
+    } else if (written && r->kind == REC_DEAD) {
+        d->metrics.events_dead++;
     } else if (written && r->kind == REC_FAIL) {
         d->metrics.events_failed++;
         if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
@@ -217,7 +279,10 @@ static void on_rec(int status, const PGresult *res, void *data)
                "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
                r->token);
     else
-        fo_log(r->kind == REC_FAIL ? FO_LOG_WARN : FO_LOG_INFO, what[r->kind],
+        fo_log(r->kind == REC_DEAD   ? FO_LOG_ERROR
+               : r->kind == REC_FAIL ? FO_LOG_WARN
+                                     : FO_LOG_INFO,
+               what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
                r->job_id, r->event_id, r->delivered,
                (double)(fo_now_ms() - r->started_ms) / 1000.0, err[0] ? " error=" : "", err);
@@ -238,12 +303,12 @@ static void rec_send(store_rec_t *r)
     I64(base, cfg->retry_base_ms);
     I64(cap, cfg->retry_max_ms);
     const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
-    static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail"};
-    int nparams = r->kind == REC_FAIL ? 8 : 4;
+    static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail", "fo_dead"};
+    int nparams = r->kind == REC_FAIL ? 8 : r->kind == REC_DEAD ? 5 : 4;
     if (rel_conn_exec(r->d->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
         r->sending = 1;
     else
-        r->retry_at = fo_now_ms() + 500;
+        r->retry_at = fo_now_ms() + REC_RETRY_MS;
 }
 
 void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms)

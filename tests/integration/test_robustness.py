@@ -187,6 +187,41 @@ def producers_cannot_choose_ids_or_timestamps(s):
           % ids, flush=True)
 
 
+@suite.test
+def a_job_record_refused_for_ever_ends_dead_with_the_reason(s):
+    # Fault injection: the database refuses to record one event's job as done (a trigger of
+    # the superuser's); every other event goes on. The record is retried with a backoff,
+    # logged once per 30 s, and after ten leases the job is declared dead with the reason.
+    s.seed_followers(32, 100)
+    s.seed_followers(33, 100)
+    s.sql("CREATE FUNCTION fanout.refuse_done() RETURNS trigger LANGUAGE plpgsql AS $$"
+          " BEGIN IF NEW.state = 'done' AND NEW.event_id = (SELECT min(id) FROM fanout.events"
+          " WHERE author = 32) THEN RAISE EXCEPTION 'refused by the test'; END IF;"
+          " RETURN NEW; END $$;"
+          " CREATE TRIGGER refuse_done BEFORE UPDATE ON fanout.jobs FOR EACH ROW"
+          " EXECUTE FUNCTION fanout.refuse_done()")
+    try:
+        d = s.start_daemon(**FAST)  # lease 1.5 s: dead after about 15 s of refusals
+        bad = s.publish(32)
+        good = s.publish(33)
+        s.wait_event_done(good, timeout=30)
+        d.wait_log("job record refused too long; declaring the job dead", timeout=90)
+        deadline = time.monotonic() + 30
+        while s.job_states(bad) != {"dead": 1}:
+            assert time.monotonic() < deadline, (s.job_states(bad), d.log_tail())
+            time.sleep(0.05)
+    finally:
+        s.sql("DROP TRIGGER refuse_done ON fanout.jobs; DROP FUNCTION fanout.refuse_done()")
+    error = s.sql_value("SELECT last_error FROM fanout.jobs WHERE event_id = %s", (bad,))
+    assert "could not record the job done" in error and "refused by the test" in error, error
+    log = d.log()
+    lines = log.count("job record not written")
+    assert lines == 1, "logged %d times" % lines
+    assert_exactly_once(s, bad, 100)  # every follower got it; only the record failed
+    assert_exactly_once(s, good, 100)
+    print("  refused record: 1 log line, dead with last_error=%r" % error, flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # 3. a contract broken while running pauses the work
 # --------------------------------------------------------------------------------------------
