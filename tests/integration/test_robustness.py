@@ -450,6 +450,17 @@ def permanent_postgresql_errors_are_named_and_backed_off(s):
 
 
 @suite.test
+def redis_down_or_another_protocol_is_named(s):
+    d, _ = fanoutd_says(s, "redis unreachable: check FANOUT_REDIS_HOST and FANOUT_REDIS_PORT",
+                        FANOUT_REDIS_PORT="1", **FAST)
+    d.kill()
+    with other_protocol_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
+        d, _ = fanoutd_says(s, "does not speak the Redis protocol: fix FANOUT_REDIS_HOST and "
+                               "FANOUT_REDIS_PORT", FANOUT_REDIS_PORT=str(port), **FAST)
+        d.kill()
+
+
+@suite.test
 def broken_contract_at_start_exits_with_a_status_not_restarted(s):
     try:
         replace_view(s, "user_id")
