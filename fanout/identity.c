@@ -10,8 +10,10 @@
  *
  * When another session holds the lock, the workers row says whose it is (host, pid, since
  * when, last heartbeat):
- *   - same host and that pid is gone: the previous holder died and its session is closing;
- *     ask again shortly (a restarted worker takes its id back within moments);
+ *   - same host and that pid is gone, or that pid is this process (its previous control
+ *     connection, lost on this side but not yet on the server's): the previous holder is
+ *     provably gone, so its session is ended (pg_terminate_backend, allowed on the role's
+ *     own sessions) and the lock asked for again shortly;
  *   - a live process, or one that heartbeated within two leases: refused, one line naming
  *     it and the fix, and fanoutd exits with a status systemd does not restart;
  *   - otherwise (the holder stopped heartbeating on another host): not provably gone, so
@@ -49,6 +51,14 @@ static const char SQL_IDENTITY[] =
     "   coalesce((extract(epoch FROM now() - old.seen_at) * 1000)::bigint, -1)"
     " FROM l LEFT JOIN old ON true";
 
+/* Ends the sessions holding $1's lock, other than this one; the caller knows the process
+ * that opened them is gone. */
+static const char SQL_IDENTITY_FREE[] =
+    "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+    "   AND l.classid = hashtext('fanout.worker')::oid AND l.objid = hashtext($1)::oid"
+    "   AND l.pid <> pg_backend_pid()";
+
 /* The heartbeat: $1 worker, $2 jobs, $3 paused reason or NULL, $4 host, $5 pid. */
 static const char SQL_WORKER[] =
     "INSERT INTO fanout.workers (worker_id, jobs, paused_reason, host, pid)"
@@ -76,6 +86,7 @@ void fo__identity_init(fo_daemon_t *d)
 void fo__identity_prepare(fo_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_identity", SQL_IDENTITY, 3);
+    rel_conn_prepare(d->ctl, "fo_identity_free", SQL_IDENTITY_FREE, 1);
     rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 5);
 }
 
@@ -90,11 +101,21 @@ static void ask(fo_daemon_t *d)
         d->identity = FO_ID_ASKING;
 }
 
-/* 1 when the process holding the lock is provably gone (same host, no such pid). */
+/* 1 when the process holding the lock is provably gone: on this host, and no such pid or
+ * this very process (a session of a control connection it has since replaced). */
 static int holder_gone(const fo_daemon_t *d, const char *host, int pid)
 {
-    return pid > 0 && strcmp(host, d->host) == 0 && pid != d->pid && kill(pid, 0) < 0 &&
-           errno == ESRCH;
+    if (pid <= 0 || strcmp(host, d->host) != 0)
+        return 0;
+    return pid == d->pid || (kill(pid, 0) < 0 && errno == ESRCH);
+}
+
+static void on_identity_freed(int status, const PGresult *res, void *data)
+{
+    fo_daemon_t *d = data;
+    if (status == 0 && strcmp(PQgetvalue(res, 0, 0), "0") != 0)
+        fo_log(FO_LOG_INFO, "ended the session of the previous holder of this worker_id",
+               "worker=%s sessions=%s", d->worker_id, PQgetvalue(res, 0, 0));
 }
 
 static void on_identity(int status, const PGresult *res, void *data)
@@ -122,7 +143,9 @@ static void on_identity(int status, const PGresult *res, void *data)
     long long seen_ms = strtoll(PQgetvalue(res, 0, 5), NULL, 10);
     uint64_t now = fo_now_ms();
     if (holder_gone(d, host, pid)) {
-        d->identity_retry_at = now + ASK_AGAIN_MS; /* its session is closing */
+        const char *params[] = {d->worker_id};
+        rel_conn_exec(d->ctl, "fo_identity_free", 1, params, 0, on_identity_freed, d);
+        d->identity_retry_at = now + ASK_AGAIN_MS;
         return;
     }
     int alive_here = pid > 0 && strcmp(host, d->host) == 0 && kill(pid, 0) == 0;

@@ -23,9 +23,9 @@
 
 typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
 
-#define REC_RETRY_MS 500    /* first retry of a record not written; doubles, */
+#define REC_RETRY_MS 500      /* first retry of a record not written; doubles, */
 #define REC_RETRY_MAX_MS 5000 /* up to this */
-#define REC_LOG_MS 30000    /* at most one "not written" line per record in this time */
+#define REC_LOG_MS 30000      /* at most one "not written" line per record in this time */
 #define REC_GIVE_UP_LEASES 10 /* refused this many lease_ms in a row: the job is dead */
 
 struct store_rec {
@@ -231,10 +231,9 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
     uint64_t bound = (uint64_t)REC_GIVE_UP_LEASES * (uint64_t)r->d->cfg->lease_ms;
     if (r->kind == REC_DEAD || now - r->refused_since < bound)
         return;
-    char *error = fo_xasprintf("fanoutd could not record the job %s for %" PRIu64
-                               " s: the server refused it: %s",
-                               names[r->kind], (now - r->refused_since) / 1000,
-                               why ? why : "unknown error");
+    char *error = fo_xasprintf(
+        "fanoutd could not record the job %s for %" PRIu64 " s: the server refused it: %s",
+        names[r->kind], (now - r->refused_since) / 1000, why ? why : "unknown error");
     fo_log(FO_LOG_ERROR, "job record refused too long; declaring the job dead",
            "job=%" PRId64 " event=%" PRId64 " record=%s error=%s", r->job_id, r->event_id,
            names[r->kind], what);
@@ -284,8 +283,8 @@ static void on_rec(int status, const PGresult *res, void *data)
                                      : FO_LOG_INFO,
                what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
-               r->job_id, r->event_id, r->delivered,
-               (double)(fo_now_ms() - r->started_ms) / 1000.0, err[0] ? " error=" : "", err);
+               r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
+               err[0] ? " error=" : "", err);
     rec_free(r);
     fo__daemon_check_stopped(d);
     fo__store_claim(d);
@@ -503,7 +502,8 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
          * rarely too (its log holds every refusal) */
         unsigned k = d->claim_refusals < 6 ? d->claim_refusals : 6;
         uint64_t wait = 1000u << k;
-        d->claim_retry_at = fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
+        d->claim_retry_at =
+            fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
         if (d->claim_refusals++ % 30 == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));

@@ -172,8 +172,8 @@ static void connect_failed(ntf_client_t *c, const char *why)
             fo_log(FO_LOG_ERROR,
                    "the server at FANOUT_REDIS_HOST:FANOUT_REDIS_PORT does not speak the Redis "
                    "protocol: fix FANOUT_REDIS_HOST and FANOUT_REDIS_PORT; retrying",
-                   "server=redis host=%s port=%d error=%s", c->cfg->redis_host,
-                   c->cfg->redis_port, q);
+                   "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port,
+                   q);
         else if (c->attempts + 1 >= 4)
             fo_log(FO_LOG_ERROR,
                    "redis unreachable: check FANOUT_REDIS_HOST and FANOUT_REDIS_PORT, the server "

@@ -29,7 +29,8 @@ typedef struct rel_query {
     int nparams;
     char **params;           /* Q_EXEC: copies, owned */
     int binary;
-    int view;                /* Q_PREPARE: the statement reads the contract view */
+    /* Q_PREPARE: the statement reads the contract view */
+    int view;
     rel_result_cb cb;
     void *data;
     PGresult *result;        /* the result kept for the callback: the first error, else last */
@@ -542,8 +543,8 @@ static void on_backoff_timer(uv_timer_t *t)
     start_connect(t->data);
 }
 
-#define PERMANENT_MIN_MS 1000   /* a refusal retrying cannot fix: first retry after this, */
-#define PERMANENT_MAX_MS 60000  /* doubling up to this, whatever reconnect_max_ms says */
+#define PERMANENT_MIN_MS 1000  /* a refusal retrying cannot fix: first retry after this, */
+#define PERMANENT_MAX_MS 60000 /* doubling up to this, whatever reconnect_max_ms says */
 
 static void schedule_reconnect(rel_conn_t *c)
 {
@@ -607,8 +608,8 @@ static void connect_done(uv_work_t *w, int status)
         if (fix) {
             c->permanent++;
             if (c->permanent == 1 || c->permanent % 30 == 0)
-                fo_log(FO_LOG_ERROR, fix, "server=postgresql conn=%s error=%s refusals=%u",
-                       c->name, what, c->permanent);
+                fo_log(FO_LOG_ERROR, fix, "server=postgresql conn=%s error=%s refusals=%u", c->name,
+                       what, c->permanent);
         } else {
             c->permanent = 0;
             fo_log(FO_LOG_WARN, "cannot connect; retrying", "server=postgresql conn=%s error=%s",

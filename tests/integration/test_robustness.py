@@ -15,41 +15,28 @@ import subprocess
 import threading
 import time
 
+import test_shared_db
 from harness import FANOUTD, Suite
+from test_failures import progress, wait_progress
 
 suite = Suite("test_robustness")
 
 FAST = dict(FANOUT_LEASE_MS=1500, FANOUT_POLL_MS=100, FANOUT_RECONNECT_MAX_MS=500)
 
-VIEW = "relationships.notification_recipients"
-
-# The view as sql/006 defines it, with its grant, for tests that break it and put it back.
-VIEW_SQL = """
-CREATE VIEW relationships.notification_recipients AS
-SELECT f.followee_id AS author, f.follower_id AS %s
-FROM relationships.follows f
-WHERE f.notify
-  AND NOT EXISTS (SELECT 1 FROM relationships.accounts a
-                  WHERE a.id = f.follower_id AND a.deactivated_at IS NOT NULL)
-  AND NOT EXISTS (SELECT 1 FROM relationships.mutes m
-                  WHERE m.muter_id = f.follower_id AND m.muted_id = f.followee_id)
-  AND NOT EXISTS (SELECT 1 FROM relationships.blocks b
-                  WHERE b.blocker_id = f.followee_id AND b.blocked_id = f.follower_id)
-  AND NOT EXISTS (SELECT 1 FROM relationships.blocks b
-                  WHERE b.blocker_id = f.follower_id AND b.blocked_id = f.followee_id);
-GRANT SELECT ON relationships.notification_recipients TO fanout_worker;
-"""
-
-
-def replace_view(s, follower_expr="follower"):
-    """Drops and recreates the contract view (the way an owner's migration script does),
-    its follower column written as follower_expr ("follower", "user_id", ...)."""
-    s.sql("DROP VIEW relationships.notification_recipients; " + VIEW_SQL % follower_expr)
+VIEW = test_shared_db.VIEW
 
 
 def replace_view_with(s, select_follower):
-    sql = VIEW_SQL.replace("f.follower_id AS %s", select_follower)
-    s.sql("DROP VIEW relationships.notification_recipients; " + sql)
+    """Drops and recreates the contract view as sql/006 has it (the way an owner's migration
+    script does, grant included), its follower column selected as select_follower."""
+    sql = test_shared_db.VIEW_SQL.replace("CREATE OR REPLACE VIEW", "CREATE VIEW")
+    assert "f.follower_id AS follower" in sql
+    s.sql("DROP VIEW %s; %s; GRANT SELECT ON %s TO fanout_worker"
+          % (VIEW, sql.replace("f.follower_id AS follower", select_follower), VIEW))
+
+
+def replace_view(s, follower_name="follower"):
+    replace_view_with(s, "f.follower_id AS " + follower_name)
 
 
 def counts_of(s, ev):
@@ -70,22 +57,6 @@ def assert_exactly_once(s, ev, n, first=1):
 def no_dead_jobs(s):
     dead = s.sql("SELECT id, event_id, last_error FROM fanout.jobs WHERE state = 'dead'")
     assert not dead, "dead jobs: %s" % dead
-
-
-def progress(s, ev):
-    total = 0
-    for (job,) in s.sql("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,)):
-        v = s.redis.hget("fanout:progress:%d" % job, "delivered")
-        total += int(v) if v else 0
-    return total
-
-
-def wait_progress(s, ev, at_least, timeout=120):
-    deadline = time.monotonic() + timeout
-    while progress(s, ev) < at_least:
-        assert time.monotonic() < deadline, "no progress past %d\n%s" % (at_least,
-                                                                         s.daemon_logs())
-        time.sleep(0.005)
 
 
 def wait_all_done(s, events, timeout=180):
