@@ -205,7 +205,7 @@ static void on_stats_timer(uv_timer_t *t);
 
 /* Logs the findings unless they are the ones logged last (a paused daemon checks every
  * second: the same broken view is reported once, a change in it again). */
-static void log_findings(fo_daemon_t *d, const rel_contract_t *k)
+static int log_findings(fo_daemon_t *d, const rel_contract_t *k)
 {
     size_t len = 1;
     for (size_t i = 0; i < rel_contract_count(k); i++)
@@ -218,7 +218,7 @@ static void log_findings(fo_daemon_t *d, const rel_contract_t *k)
     }
     if (d->contract_seen && strcmp(d->contract_seen, all) == 0) {
         free(all);
-        return;
+        return 0;
     }
     free(d->contract_seen);
     d->contract_seen = all;
@@ -227,6 +227,7 @@ static void log_findings(fo_daemon_t *d, const rel_contract_t *k)
         const char *line = rel_contract_finding(k, i, &refuse);
         fo_log(refuse ? FO_LOG_ERROR : FO_LOG_WARN, line, "check=contract");
     }
+    return 1;
 }
 
 static void resume_all(fo_daemon_t *d);
@@ -249,7 +250,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
         }
         return;
     }
-    log_findings(d, k);
+    int news = log_findings(d, k);
     if (rel_contract_refusals(k) > 0) {
         if (d->contract == FO_CONTRACT_UNCHECKED) {
             d->contract = FO_CONTRACT_BROKEN;
@@ -260,12 +261,17 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
                 d->fatal(d, d->fatal_data);
             return;
         }
-        if (d->contract == FO_CONTRACT_OK)
+        if (news)
             fo_log(FO_LOG_ERROR,
                    "contract broken while running; fan-out paused until it holds again",
                    "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+        int was_ok = d->contract == FO_CONTRACT_OK;
         d->contract = FO_CONTRACT_PAUSED;
-        d->contract_retry_at = now + 1000; /* cheap catalog reads; logged only on change */
+        /* fanout.workers says why this worker pauses, at once */
+        if (was_ok || news)
+            fo__store_renew(d);
+        /* while paused: checked every second (cheap catalog reads; logged only on change) */
+        d->contract_retry_at = now + 1000;
         return;
     }
     int was = d->contract;

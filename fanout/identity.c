@@ -201,6 +201,9 @@ void fo__identity_heartbeat(fo_daemon_t *d)
     char njobs[16], pid[16];
     snprintf(njobs, sizeof njobs, "%d", d->njobs);
     snprintf(pid, sizeof pid, "%d", d->pid);
-    const char *params[] = {d->worker_id, njobs, d->paused ? d->paused_reason : NULL, d->host, pid};
+    const char *paused = d->paused ? d->paused_reason : NULL;
+    if (!paused && d->contract == FO_CONTRACT_PAUSED)
+        paused = "contract broken: fanoutctl check-db names the finding and the fix";
+    const char *params[] = {d->worker_id, njobs, paused, d->host, pid};
     rel_conn_exec(d->ctl, "fo_worker", 5, params, 0, on_worker_row, NULL);
 }

@@ -154,7 +154,9 @@ static PGconn *pg_connect(const cfg_t *cfg, const char *cmd)
     }
     if (PQstatus(conn) != CONNECTION_OK) {
         char line[512];
-        fail(cmd, "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+        const char *fix = rel_conn_refusal_fix(PQerrorMessage(conn));
+        fail(cmd, "postgresql: %s%s%s", first_line(line, sizeof line, PQerrorMessage(conn)),
+             fix ? "; " : "", fix ? fix : "");
         PQfinish(conn);
         return NULL;
     }

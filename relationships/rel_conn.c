@@ -515,26 +515,28 @@ static void connect_work(uv_work_t *w)
  * libpq's message (a failed connection has no SQLSTATE); NULL for anything else (a refused
  * or timed-out TCP connect, a server starting or shutting down), which is retried as usual.
  */
-static const char *refusal_fix(const char *m)
+const char *rel_conn_refusal_fix(const char *m)
 {
+    if (!m)
+        return NULL;
     if (strstr(m, "password authentication failed") || strstr(m, "authentication failed") ||
         strstr(m, "password is required") || strstr(m, "no password supplied"))
         return "postgresql refused the login: fix the user and password in FANOUT_PG_DSN (or "
-               "PGPASSWORD / ~/.pgpass); retrying slowly";
+               "PGPASSWORD / ~/.pgpass)";
     if (strstr(m, "no pg_hba.conf entry"))
         return "postgresql has no pg_hba.conf entry for this host, user and database: add one on "
-               "the server or fix FANOUT_PG_DSN; retrying slowly";
+               "the server or fix FANOUT_PG_DSN";
     if (strstr(m, "database \"") && strstr(m, "does not exist"))
         return "the database named in FANOUT_PG_DSN does not exist: fix dbname= in FANOUT_PG_DSN "
-               "(or create it and run fanoutctl migrate); retrying slowly";
+               "(or create it and run fanoutctl migrate)";
     if (strstr(m, "role \"") && strstr(m, "does not exist"))
         return "the role named in FANOUT_PG_DSN does not exist: fix user= in FANOUT_PG_DSN, or "
-               "CREATE ROLE ... LOGIN IN ROLE fanout_worker; retrying slowly";
+               "CREATE ROLE ... LOGIN IN ROLE fanout_worker";
     if (strstr(m, "invalid response to SSL negotiation") ||
         strstr(m, "expected authentication request from server") ||
         strstr(m, "unsupported frontend protocol") || strstr(m, "invalid length of startup"))
         return "the server at the host and port of FANOUT_PG_DSN does not speak the PostgreSQL "
-               "protocol: fix host= and port= in FANOUT_PG_DSN; retrying slowly";
+               "protocol: fix host= and port= in FANOUT_PG_DSN";
     return NULL;
 }
 
@@ -604,7 +606,7 @@ static void connect_done(uv_work_t *w, int status)
     if (status < 0 || !pg || PQstatus(pg) != CONNECTION_OK) {
         char what[512];
         fo_log_quote(what, sizeof what, pg ? PQerrorMessage(pg) : "out of memory");
-        const char *fix = pg ? refusal_fix(PQerrorMessage(pg)) : NULL;
+        const char *fix = pg ? rel_conn_refusal_fix(PQerrorMessage(pg)) : NULL;
         if (fix) {
             c->permanent++;
             if (c->permanent == 1 || c->permanent % 30 == 0)

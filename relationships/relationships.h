@@ -64,6 +64,12 @@ void rel_conn_setup(rel_conn_t *c, const char *sql);
 /* Starts connecting. */
 void rel_conn_start(rel_conn_t *c);
 
+/* For a connection the server refused for a reason retrying cannot change (libpq's
+ * PQerrorMessage: a login refused, an unknown database or role, a port that does not speak
+ * PostgreSQL), the one line that names the setting and the fix; NULL otherwise. Shared with
+ * fanoutctl, so both say the same. */
+const char *rel_conn_refusal_fix(const char *libpq_message);
+
 /* 1 when up; a NULL connection (one its owner already closed) is never up. */
 int rel_conn_ready(const rel_conn_t *c);
 

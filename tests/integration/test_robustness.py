@@ -197,7 +197,7 @@ def a_job_record_refused_for_ever_ends_dead_with_the_reason(s):
 # 3. a contract broken while running pauses the work
 # --------------------------------------------------------------------------------------------
 
-def broken_then_fixed(s, author, break_view, finding):
+def broken_then_fixed(s, author, break_view, finding, page_error):
     n = 60000
     s.seed_followers(author, n)
     # with these settings the old behaviour (an attempt per failed page) made the event dead
@@ -207,8 +207,12 @@ def broken_then_fixed(s, author, break_view, finding):
     ev = s.publish(author)
     wait_progress(s, ev, 5000)
     break_view(s)
-    d.wait_log("fan-out paused", timeout=30)
+    d.wait_log("a follower page query says the contract view changed; fan-out paused, "
+               "checking the contract\" error=.*" + page_error, timeout=30)
     d.wait_log(re.escape(finding), timeout=30)
+    d.wait_log("contract broken while running; fan-out paused until it holds again", timeout=10)
+    st = s.fanoutctl("status", user="fanoutd")
+    assert "contract broken" in st.stdout, st.stdout + st.stderr
     # stay broken through many contract checks (one a second while paused)
     checks_before = d.log().count("contract holds again")
     paused_at = progress(s, ev)
@@ -235,7 +239,8 @@ def broken_then_fixed(s, author, break_view, finding):
 def renamed_contract_column_pauses_until_fixed(s):
     try:
         broken_then_fixed(s, 41, lambda s: replace_view(s, "user_id"),
-                          "contract view %s has no column follower; fix:" % VIEW)
+                          "contract view %s has no column follower; fix:" % VIEW,
+                          r"column \\?.follower\\?. does not exist")
     finally:
         replace_view(s)
 
@@ -244,7 +249,8 @@ def renamed_contract_column_pauses_until_fixed(s):
 def retyped_contract_column_pauses_until_fixed(s):
     try:
         broken_then_fixed(s, 42, lambda s: replace_view_with(s, "f.follower_id::int AS follower"),
-                          "contract view %s: column follower is integer, not bigint; fix:" % VIEW)
+                          "contract view %s: column follower is integer, not bigint; fix:" % VIEW,
+                          "cached plan must not change result type")
     finally:
         replace_view(s)
 
@@ -389,6 +395,9 @@ def permanent_postgresql_errors_are_named_and_backed_off(s):
     for dsn, line in cases:
         d, _ = fanoutd_says(s, re.escape(line), FANOUT_PG_DSN=dsn, **FAST)
         d.kill()
+        r = s.fanoutctl("status", FANOUT_PG_DSN=dsn)  # the same words from fanoutctl
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and line in lines[0], r.stderr
     # a port that speaks another protocol (an HTTP server's answer to anything)
     with other_protocol_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
         for ssl in ("prefer", "disable"):
