@@ -151,7 +151,7 @@ static void on_identity(int status, const PGresult *res, void *data)
     int alive_here = pid > 0 && strcmp(host, d->host) == 0 && kill(pid, 0) == 0;
     if (alive_here || (seen_ms >= 0 && seen_ms < 2LL * d->cfg->lease_ms)) {
         fo_log(FO_LOG_ERROR,
-               "worker_id is already held by another live fanoutd; refusing to start. fix: give "
+               "worker_id is already held by another live fanoutd; refusing to run. fix: give "
                "each fanoutd its own FANOUT_WORKER_ID, or leave it empty for a unique one",
                "worker=%s other_host=%s other_pid=%d other_since=%s other_seen_ms_ago=%lld",
                d->worker_id, host[0] ? host : "(unknown)", pid, since, seen_ms);
