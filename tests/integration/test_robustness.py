@@ -307,11 +307,13 @@ def thirty_worker_kills_never_make_a_healthy_job_dead(s):
     s.wait_event_done(ev, timeout=300)
     no_dead_jobs(s)
     entries, distinct, dups = assert_exactly_once(s, ev, n)
-    attempts, losses = s.sql("SELECT max(attempts), max(lease_losses) FROM fanout.jobs"
-                             " WHERE event_id = %s", (ev,))[0]
+    attempts, losses, claims, jobs = s.sql(
+        "SELECT max(attempts), max(lease_losses), sum(token), count(*) FROM fanout.jobs"
+        " WHERE event_id = %s", (ev,))[0]
     print("  %d kills fired of %d in %.1f s; entries %d, distinct %d, duplicates %d; "
-          "max attempts %d, max lease losses left %d"
-          % (fired, kills, kills_took, entries, distinct, dups, attempts, losses), flush=True)
+          "%d claims of %d jobs; max attempts %d, max lease losses left %d"
+          % (fired, kills, kills_took, entries, distinct, dups, claims, jobs, attempts, losses),
+          flush=True)
     assert fired == kills, "only %d of %d kills hit a running worker" % (fired, kills)
     assert attempts == 1, attempts
 
