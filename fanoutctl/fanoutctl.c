@@ -623,15 +623,14 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     if (!conn)
         return EXIT_RUNTIME;
     const char *params[] = {event};
-    PGresult *res = pg_run(
-        conn, "retry", NULL,
-        "WITH r AS (UPDATE fanout.jobs SET state = 'pending', attempts = 0, lease_losses = 0,"
-        " next_attempt_at = now(), finished_at = NULL"
-        " WHERE event_id = $1 AND state = 'dead' RETURNING id)"
-        " SELECT (SELECT count(*) FROM r),"
-        " (SELECT count(*) FROM fanout.events WHERE id = $1),"
-        " (SELECT count(pg_notify('fanout_events', $1::text)) FROM r LIMIT 1)",
-        1, params);
+    PGresult *res = pg_run(conn, "retry", NULL,
+                           "WITH r AS (UPDATE fanout.jobs SET state = 'pending', attempts = 0,"
+                           " lease_losses = 0, next_attempt_at = now(), finished_at = NULL"
+                           " WHERE event_id = $1 AND state = 'dead' RETURNING id)"
+                           " SELECT (SELECT count(*) FROM r),"
+                           " (SELECT count(*) FROM fanout.events WHERE id = $1),"
+                           " (SELECT count(pg_notify('fanout_events', $1::text)) FROM r LIMIT 1)",
+                           1, params);
     int status = EXIT_RUNTIME;
     if (res) {
         if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
