@@ -52,9 +52,12 @@ static const char SQL_IDENTITY[] =
     " FROM l LEFT JOIN old ON true";
 
 /* Ends the sessions holding $1's lock, other than this one; the caller knows the process
- * that opened them is gone. */
+ * that opened them is gone. Only idle ones: a session running a statement may be a new
+ * holder inside its own fo_identity, whose row (read before it commits) still names the
+ * dead one; once it commits, its row names it and it is refused, never ended. */
 static const char SQL_IDENTITY_FREE[] =
     "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+    " JOIN pg_stat_activity a ON a.pid = l.pid AND a.state IS DISTINCT FROM 'active'"
     " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
     "   AND l.classid = hashtext('fanout.worker')::oid AND l.objid = hashtext($1)::oid"
     "   AND l.pid <> pg_backend_pid()";
