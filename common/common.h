@@ -25,6 +25,8 @@ enum {
     FO_ESTOP = -1004,  /* the operation was cancelled because the daemon is stopping */
     FO_EQUERY = -1005, /* PostgreSQL refused this query (an error of the query, not of the
                           connection): retrying at once would fail the same way */
+    /* the contract view no longer answers as the contract says (it changed under a query) */
+    FO_ECONTRACT = -1006,
 };
 
 void *fo_xmalloc(size_t n);

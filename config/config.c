@@ -48,7 +48,11 @@ static const cfg_row_t rows[] = {
      "statement_timeout of fanoutd's PostgreSQL sessions; lock_timeout is half of it,"
      " idle_in_transaction_session_timeout twice (0: none)"},
     {"contract_index", STR(contract_index), 1, 0, "refuse", 0,
-     "refuse or warn when the page query's plan reads a table by sequential scan at start"},
+     "refuse or warn when the page query's plan reads a table by sequential scan (at start;"
+     " while running, refuse pauses the fan-out)"},
+    {"contract_check_ms", INT(contract_check_ms), 500, 86400000, "60000", 0,
+     "how often a running fanoutd checks the contract again (also on SIGHUP and when a page "
+     "query says the view changed)"},
     {"contract_privileges", STR(contract_privileges), 1, 0, "refuse", 0,
      "refuse or warn when fanoutd's role may modify Relationship tables at start"},
     {"read_budget_rows_s", INT(read_budget_rows_s), 0, 100000000, "0", 0,
@@ -95,9 +99,14 @@ static const cfg_row_t rows[] = {
     {"sidekiq_retry", INT(sidekiq_retry), 0, 1000, "25", 0,
      "layout sidekiq: the job's retry count (Sidekiq's own default is 25)"},
     {"worker_id", STR(worker_id), 0, 0, "", 0,
-     "lease owner name, unique per running fanoutd; empty: the host name"},
+     "lease owner name; a second live fanoutd with the same one is refused; empty: the host "
+     "name plus a random suffix, unique per process"},
     {"max_attempts", INT(max_attempts), 1, 1000000, "10", 0,
-     "claims of one job (failed, crashed or timed out) before it is declared dead"},
+     "attempts of one job that fail with an error (its page query refused) before it is "
+     "declared dead; crashes count in max_lease_losses"},
+    {"max_lease_losses", INT(max_lease_losses), 1, 1000000, "100", 0,
+     "claims of one job whose holder vanished (crashed, killed, stalled past its lease) with "
+     "no progress since the previous one, before it is declared dead"},
     {"retry_base_ms", INT(retry_base_ms), 10, 86400000, "1000", 0,
      "delay before a failed job is claimed again; doubles with each attempt"},
     {"retry_max_ms", INT(retry_max_ms), 10, 86400000, "300000", 0, "cap of that delay"},
@@ -436,7 +445,9 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
              cfg->retry_base_ms, cfg->retry_max_ms);
         return FO_EINVAL;
     }
-    if (!cfg->worker_id[0]) {
+    cfg->worker_id_auto = !cfg->worker_id[0];
+    if (cfg->worker_id_auto) {
+        /* fanoutd makes it unique per process (the host name plus a random suffix) */
         char host[256] = "fanoutd";
         if (gethostname(host, sizeof host - 1) < 0)
             snprintf(host, sizeof host, "fanoutd");

@@ -28,6 +28,8 @@ typedef struct cfg {
      * a sequential scan / when the role holds more privileges than intended. */
     char *contract_index;
     char *contract_privileges;
+    /* how often a running fanoutd checks the contract again */
+    int contract_check_ms;
     /* Sharing the database politely: follower rows per second (0: unlimited) and the number
      * of follower page queries at once (one connection each). */
     int read_budget_rows_s;
@@ -57,13 +59,17 @@ typedef struct cfg {
      * CFG_LAYOUT_* bits parsed from the layouts list; the rest configure the optional ones. */
     char *layouts;
     int layout_mask;
-    int inbox_cap;            /* newest entries kept per <prefix>:inbox:<recipient> */
-    int inbox_ttl_s;          /* expiry of an inbox, renewed on each write; 0: none */
-    char *sidekiq_queue;      /* keys queues and queue:<name> */
-    char *sidekiq_class;      /* the job's class */
-    int sidekiq_retry;        /* the job's retry field */
-    char *worker_id;          /* lease owner name; a restarted worker takes back its own leases */
-    int max_attempts;         /* claims of one job before it is declared dead */
+    int inbox_cap;       /* newest entries kept per <prefix>:inbox:<recipient> */
+    int inbox_ttl_s;     /* expiry of an inbox, renewed on each write; 0: none */
+    char *sidekiq_queue; /* keys queues and queue:<name> */
+    char *sidekiq_class; /* the job's class */
+    int sidekiq_retry;   /* the job's retry field */
+    char *worker_id;     /* lease owner name; a restarted worker takes back its own leases */
+    int max_attempts;    /* attempts of one job failed by an error before it is dead */
+    /* claims of a job after its holder vanished, with no progress between, before dead */
+    int max_lease_losses;
+    /* not a setting: worker_id was empty (the host name stands in; fanoutd adds a suffix) */
+    int worker_id_auto;
     int retry_base_ms;        /* first delay before a failed job is claimed again; doubles */
     int retry_max_ms;         /* cap of that delay */
     long long split_min_span; /* follower-id span from which a new job is split; 0: never */

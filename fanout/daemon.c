@@ -12,9 +12,9 @@
  * each has at most one page read and `window` page writes in flight.
  *
  * Readiness (the control connection, a page connection and Redis up, and the contract
- * checked) is reported to the owner on every change, for sd_notify and /healthz. Counters go to one
- * met_t, updated where things happen; a stats timer refreshes the gauges that need a query (oldest
- * unfinished event, stream lengths).
+ * checked and holding: a paused contract is not ready) is reported to the owner on every change,
+ * for sd_notify and /healthz. Counters go to one met_t, updated where things happen; a stats timer
+ * refreshes the gauges that need a query (oldest unfinished event, stream lengths).
  *
  * Backpressure: with backlog_high set, a timer measures the consumers' backlog in Redis;
  * above the high-water mark jobs write nothing new (they keep their read-ahead page), and
@@ -32,7 +32,7 @@
 #define TICK_MS 100
 #define STATS_MS 5000 /* oldest-event query and XLENs: cheap, and rarely enough */
 
-static void check_contract(fo_daemon_t *d);
+static void check_contract(fo_daemon_t *d, int force);
 
 /* --- job I/O, bound to this daemon's connections --- */
 
@@ -40,8 +40,8 @@ static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int 
                     rel_page_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
-    if (!d->reader)
-        return FO_EPG;
+    if (!d->reader || d->contract != FO_CONTRACT_OK)
+        return FO_EPG; /* paused: the job waits, its attempt kept */
     return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
@@ -149,8 +149,8 @@ static void on_tick(uv_timer_t *t)
     for (int i = 0; i < d->njobs; i++)
         fo_job_kick(d->jobs[i], now, 0);
     fo__store_retry(d, now);
-    if (rel_conn_ready(d->ctl))
-        check_contract(d);
+    fo__identity_check(d);
+    check_contract(d, 0);
 }
 
 static void on_renew_timer(uv_timer_t *t)
@@ -189,6 +189,11 @@ static void update_ready(fo_daemon_t *d)
     }
 }
 
+static void resume_all(fo_daemon_t *d)
+{
+    kick_all(d);
+}
+
 /* Tracks one server's state for readiness and the reconnect and error counters. */
 static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server)
 {
@@ -206,13 +211,46 @@ static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server
 
 static void on_stats_timer(uv_timer_t *t);
 
+/* Logs the findings unless they are the ones logged last (a paused daemon checks every
+ * second: the same broken view is reported once, a change in it again). */
+static int log_findings(fo_daemon_t *d, const rel_contract_t *k)
+{
+    size_t len = 1;
+    for (size_t i = 0; i < rel_contract_count(k); i++)
+        len += strlen(rel_contract_finding(k, i, NULL)) + 1;
+    char *all = fo_xmalloc(len);
+    all[0] = '\0';
+    for (size_t i = 0; i < rel_contract_count(k); i++) {
+        strcat(all, rel_contract_finding(k, i, NULL));
+        strcat(all, "\n");
+    }
+    if (d->contract_seen && strcmp(d->contract_seen, all) == 0) {
+        free(all);
+        return 0;
+    }
+    free(d->contract_seen);
+    d->contract_seen = all;
+    for (size_t i = 0; i < rel_contract_count(k); i++) {
+        int refuse;
+        const char *line = rel_contract_finding(k, i, &refuse);
+        fo_log(refuse ? FO_LOG_ERROR : FO_LOG_WARN, line, "check=contract");
+    }
+    return 1;
+}
+
+static void resume_all(fo_daemon_t *d);
+
 static void on_contract(int status, const rel_contract_t *k, void *data)
 {
     fo_daemon_t *d = data;
+    d->contract_busy = 0;
+    if (status == FO_ESTOP)
+        return;
+    uint64_t now = fo_now_ms();
     if (status < 0 || (rel_contract_transient(k) && rel_contract_refusals(k) == 0)) {
-        /* checked again by the tick timer, or once the connection is back */
-        d->contract = FO_CONTRACT_UNCHECKED;
-        d->contract_retry_at = fo_now_ms() + 1000;
+        /* checked again by the tick timer, or once the connection is back; the state
+         * stays what it was */
+        d->contract_retry_at = now + 1000;
         if (status == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, rel_contract_transient(k));
@@ -220,42 +258,97 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
         }
         return;
     }
-    for (size_t i = 0; i < rel_contract_count(k); i++) {
-        int refuse;
-        const char *line = rel_contract_finding(k, i, &refuse);
-        fo_log(refuse ? FO_LOG_ERROR : FO_LOG_WARN, line, "check=contract");
-    }
+    int news = log_findings(d, k);
     if (rel_contract_refusals(k) > 0) {
-        d->contract = FO_CONTRACT_BROKEN;
-        fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
-               "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
-        if (d->fatal)
-            d->fatal(d, d->fatal_data);
+        if (d->contract == FO_CONTRACT_UNCHECKED) {
+            d->contract = FO_CONTRACT_BROKEN;
+            d->failed = FO_FAIL_CONTRACT;
+            fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
+                   "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+            if (d->fatal)
+                d->fatal(d, d->fatal_data);
+            return;
+        }
+        if (news)
+            fo_log(FO_LOG_ERROR,
+                   "contract broken while running; fan-out paused until it holds again",
+                   "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+        int was_ok = d->contract == FO_CONTRACT_OK;
+        d->contract = FO_CONTRACT_PAUSED;
+        update_ready(d);
+        /* fanout.workers says why this worker pauses, at once */
+        if (was_ok || news)
+            fo__store_renew(d);
+        /* while paused: checked every second (cheap catalog reads; logged only on change) */
+        d->contract_retry_at = now + 1000;
         return;
     }
+    int was = d->contract;
     d->contract = FO_CONTRACT_OK;
-    fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
-           d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
-           rel_contract_indexes(k), rel_contract_count(k));
+    d->contract_retry_at = now + (uint64_t)d->cfg->contract_check_ms;
+    if (was == FO_CONTRACT_PAUSED) {
+        fo_log(FO_LOG_INFO, "contract holds again; resuming fan-out",
+               "view=%s.%s indexes=%s jobs=%d", d->cfg->contract_schema, d->cfg->contract_view,
+               rel_contract_indexes(k), d->njobs);
+        free(d->contract_seen); /* a new break is reported afresh */
+        d->contract_seen = NULL;
+        resume_all(d);
+    } else if (was == FO_CONTRACT_UNCHECKED) {
+        fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
+               d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
+               rel_contract_indexes(k), rel_contract_count(k));
+    }
     update_ready(d); /* after the line: "contract ok" comes before READY=1 */
     fo__store_claim(d);
+    if (d->contract_again) {
+        d->contract_again = 0;
+        d->contract_retry_at = 0;
+    }
 }
 
-static void check_contract(fo_daemon_t *d)
+/* Runs the check when it is due (force: at once, or right after the one running). */
+static void check_contract(fo_daemon_t *d, int force)
 {
-    if (d->contract != FO_CONTRACT_UNCHECKED || d->stopping || fo_now_ms() < d->contract_retry_at)
+    if (d->contract == FO_CONTRACT_BROKEN || d->stopping)
         return;
-    if (rel_conn_ready(d->ctl) && rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
-        d->contract = FO_CONTRACT_CHECKING;
+    if (force) {
+        d->contract_retry_at = 0;
+        if (d->contract_busy)
+            d->contract_again = 1;
+    }
+    if (d->contract_busy || fo_now_ms() < d->contract_retry_at || !rel_conn_ready(d->ctl))
+        return;
+    if (rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
+        d->contract_busy = 1;
+}
+
+/* io->contract_broken: a page query says the view changed. Pause at once (the other jobs'
+ * pages would fail the same way) and let the check say what changed. */
+static void on_contract_broken(void *ctx, const char *err)
+{
+    fo_daemon_t *d = ctx;
+    if (d->contract != FO_CONTRACT_OK)
+        return;
+    d->contract = FO_CONTRACT_PAUSED;
+    update_ready(d);
+    char what[512];
+    fo_log_quote(what, sizeof what, err ? err : "unknown");
+    fo_log(FO_LOG_WARN,
+           "a follower page query says the contract view changed; fan-out paused, checking "
+           "the contract",
+           "error=%s", what);
+    check_contract(d, 1);
 }
 
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
     note_state(d, &d->ctl_up, up, MET_PG);
+    if (!up)
+        fo__identity_lost(d);
     if (up) {
-        d->contract_retry_at = 0;
-        check_contract(d);
+        fo__identity_check(d);
+        check_contract(d, 1);
         fo__store_claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
         fo__store_renew(d);
@@ -334,8 +427,9 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
-    d->io =
-        (fo_job_io_t){io_fetch, io_fence, io_write, on_job_finished, io_may_write, d, &d->metrics};
+    d->io = (fo_job_io_t){io_fetch,     io_fence, io_write,    on_job_finished,
+                          io_may_write, d,        &d->metrics, on_contract_broken};
+    fo__identity_init(d);
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {
@@ -361,7 +455,13 @@ void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out)
 
 int fo_daemon_failed(const fo_daemon_t *d)
 {
-    return d->contract == FO_CONTRACT_BROKEN;
+    return d->failed != FO_FAIL_NONE;
+}
+
+void fo__daemon_identity_held(fo_daemon_t *d)
+{
+    fo__store_renew(d); /* the row says who holds the id, at once */
+    fo__store_claim(d);
 }
 
 void fo_daemon_start(fo_daemon_t *d)
@@ -371,6 +471,7 @@ void fo_daemon_start(fo_daemon_t *d)
     rel_conn_setup_limits(d->ctl, cfg);
     rel_conn_setup(d->ctl, "LISTEN fanout_events");
     fo__store_prepare(d);
+    fo__identity_prepare(d);
 
     d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
 
@@ -389,7 +490,7 @@ void fo_daemon_start(fo_daemon_t *d)
     fo_log(FO_LOG_INFO, "fanoutd started",
            "worker=%s max_jobs=%d page_size=%d window=%d read_budget_rows_s=%d"
            " max_page_queries=%d replica=%s",
-           cfg->worker_id, cfg->max_jobs, cfg->page_size, cfg->window, cfg->read_budget_rows_s,
+           d->worker_id, cfg->max_jobs, cfg->page_size, cfg->window, cfg->read_budget_rows_s,
            cfg->max_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
 }
 
@@ -460,6 +561,7 @@ void fo_daemon_free(fo_daemon_t *d)
     fo__store_free_records(d);
     free(d->jobs);
     free(d->started_ms);
+    free(d->contract_seen);
     met_free(&d->metrics);
     free(d);
 }
@@ -496,4 +598,5 @@ void fo_daemon_reconfigured(fo_daemon_t *d)
     uint64_t poll = (uint64_t)d->cfg->poll_ms;
     if (uv_timer_get_repeat(&d->poll_timer) != poll)
         uv_timer_start(&d->poll_timer, on_poll_timer, poll, poll);
+    check_contract(d, 1); /* SIGHUP: an operator who changed the view hears the answer now */
 }

@@ -35,8 +35,10 @@ void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), vo
 
 /*
  * cb runs once if the daemon cannot run at all: the contract check found the Relationship
- * database broken (each finding is logged). The caller then stops the daemon and exits
- * non-zero (fo_daemon_failed says so).
+ * database broken before the first pass (each finding is logged), or another live fanoutd
+ * holds the configured worker_id. The caller then stops the daemon and exits with a status
+ * that is not restarted (fo_daemon_failed says so). A contract that breaks later pauses the
+ * work instead.
  */
 void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *data), void *data);
 int fo_daemon_failed(const fo_daemon_t *d);

@@ -13,9 +13,11 @@
  * back on the loop, applies only the reloadable settings to the live cfg_t that every module
  * reads through its const pointer; a bad new configuration changes nothing.
  *
- * Exit status: 0 after a stop, 2 for a bad configuration, 1 when the metrics port cannot be
- * bound or the contract with the Relationship database is broken (found at start, see
- * fo_daemon_set_fatal_cb).
+ * Exit status: 0 after a stop, 2 for a bad configuration, 3 when fanoutd cannot run as
+ * configured against this database (the contract with the Relationship database is broken at
+ * start, or another live fanoutd holds the configured worker_id; see fo_daemon_set_fatal_cb),
+ * 1 when the metrics port cannot be bound. The unit does not restart 2 and 3
+ * (RestartPreventExitStatus): starting again would meet the same refusal.
  */
 #include "common/common.h"
 #include "config/config.h"
@@ -116,8 +118,7 @@ static void on_stopped(fo_daemon_t *d, void *data)
     a->metrics = NULL;
 }
 
-/* The contract with the Relationship database is broken (logged line by line): stop, and
- * exit 1 once everything is closed. */
+/* fanoutd cannot run (the reason is logged): stop, and exit 3 once everything is closed. */
 static void on_fatal(fo_daemon_t *d, void *data)
 {
     fo_daemon_stop(d, on_stopped, data);
@@ -276,7 +277,7 @@ int main(int argc, char **argv)
 
     uv_run(&loop, UV_RUN_DEFAULT);
     if (app.daemon && fo_daemon_failed(app.daemon))
-        rc = 1;
+        rc = 3;
     fo_daemon_free(app.daemon);
     int lrc = uv_loop_close(&loop);
     if (lrc != 0)

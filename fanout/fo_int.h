@@ -52,6 +52,9 @@ typedef struct fo_job_io {
     int (*may_write)(void *ctx);
     void *ctx;
     met_t *metrics; /* counters the job adds to (pages, rows, entries, latencies); may be NULL */
+    /* A page query said the contract view changed (err: the server's message, borrowed);
+     * the job waits without using an attempt. May be NULL. */
+    void (*contract_broken)(void *ctx, const char *err);
 } fo_job_io_t;
 
 /* What a claim returned. Strings are copied. */
@@ -91,15 +94,35 @@ uint64_t fo_job_retry_at(const fo_job_t *j);
 typedef struct fo_daemon fo_daemon_t;
 typedef struct store_rec store_rec_t;
 
-enum { FO_CONTRACT_UNCHECKED, FO_CONTRACT_CHECKING, FO_CONTRACT_OK, FO_CONTRACT_BROKEN };
+/*
+ * The contract's state. UNCHECKED until the first check passes; OK while it holds; PAUSED
+ * when it broke while running (a page query said so, or a periodic check found it): nothing
+ * is read or claimed, no attempt is used, and it is checked again until it holds. A check
+ * that refuses before the first pass ends fanoutd (BROKEN).
+ */
+enum { FO_CONTRACT_UNCHECKED, FO_CONTRACT_OK, FO_CONTRACT_PAUSED, FO_CONTRACT_BROKEN };
+/* This worker's identity (identity.c): nothing is claimed before it is HELD. */
+enum { FO_ID_NONE, FO_ID_ASKING, FO_ID_HELD };
+/* Why fanoutd cannot run (fo_daemon_failed): each exits with a status systemd does not
+ * restart, since restarting changes nothing. */
+enum { FO_FAIL_NONE, FO_FAIL_CONTRACT, FO_FAIL_IDENTITY };
 
 struct fo_daemon {
     uv_loop_t *loop;
     const cfg_t *cfg;
     rel_conn_t *ctl;
-    rel_reader_t *reader; /* the connections follower pages come from (budget, replica) */
-    int contract;         /* FO_CONTRACT_*: nothing is claimed before the check passed */
-    uint64_t contract_retry_at;
+    rel_reader_t *reader;       /* the connections follower pages come from (budget, replica) */
+    int contract;               /* FO_CONTRACT_*: nothing is claimed before the check passed */
+    int contract_busy;          /* a check is running */
+    int contract_again;         /* a check was asked for while one was running */
+    uint64_t contract_retry_at; /* when the next check is due */
+    char *contract_seen;        /* the findings last logged, so that a repeat is not logged again */
+    int failed;                 /* FO_FAIL_* */
+    char worker_id[256];        /* cfg->worker_id, or the host name and a random suffix */
+    char host[256];
+    int pid;
+    int identity; /* FO_ID_* */
+    uint64_t identity_retry_at, identity_logged_at;
     void (*fatal)(fo_daemon_t *d, void *data);
     void *fatal_data;
     ntf_client_t *redis;
@@ -111,6 +134,8 @@ struct fo_daemon {
     store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
 
     int claiming, claim_again;
+    unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
+    uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
     int paused; /* backpressure: jobs write nothing new */
     char paused_reason[160];
     int backlog_busy;
@@ -142,11 +167,23 @@ void fo__store_retry(fo_daemon_t *d, uint64_t now);
 void fo__store_renew(fo_daemon_t *d);
 void fo__store_free_records(fo_daemon_t *d);
 
+/* identity.c: this worker's id (an advisory lock) and its fanout.workers row. */
+void fo__identity_init(fo_daemon_t *d);
+void fo__identity_prepare(fo_daemon_t *d);
+/* Asks for the id's lock when it is not held and the retry time has come. */
+void fo__identity_check(fo_daemon_t *d);
+/* The control connection went down: the lock went with its session. */
+void fo__identity_lost(fo_daemon_t *d);
+/* Writes this worker's row (only while the id is held). */
+void fo__identity_heartbeat(fo_daemon_t *d);
+
 /* The reader's counters (pages from the primary and the replica, fallbacks, lag). */
 void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out);
 
 /* daemon.c: starts a claimed job in a free slot. */
 void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim);
+/* identity.c got the id: claims may start. */
+void fo__daemon_identity_held(fo_daemon_t *d);
 /* Called when a record was written or a job left: the stop may be complete. */
 void fo__daemon_check_stopped(fo_daemon_t *d);
 /*

@@ -266,6 +266,11 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
              * are answered (their progress is kept); the daemon schedules the next one */
             j->error = fo_xstrdup(err ? err : "query failed");
             j->state = FO_JOB_FAILED;
+        } else if (status == FO_ECONTRACT) {
+            /* not this event's fault: wait, attempt kept, until the contract holds again */
+            go_wait(j, "the contract view changed");
+            if (j->io.contract_broken)
+                j->io.contract_broken(j->io.ctx, err);
         } else if (status < 0) {
             go_wait(j, "follower page read failed");
         } else {

@@ -7,8 +7,12 @@
  *
  * Records: a finished job leaves a small record of its outcome (done, released on a graceful
  * stop, or a failed attempt) that is written with a token check and retried on the tick
- * timer until PostgreSQL takes it. Losing one is safe: the lease expires, the next claim
- * fences, and Redis's progress mark says where the job stands.
+ * timer, with a backoff, until PostgreSQL takes it. Losing one is safe: the lease expires,
+ * the next claim fences, and Redis's progress mark says where the job stands. A record the
+ * server keeps refusing (not a lost connection: an error of the statement or its data) is
+ * logged at most once per REC_LOG_MS with the reason, and after ten leases of refusals it
+ * is replaced by one that declares the job dead with that reason in last_error, so that no
+ * job holds its lease and its slot in the held list forever.
  */
 #include "fanout/fo_int.h"
 
@@ -17,7 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL } rec_kind_t;
+typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
+
+#define REC_RETRY_MS 500      /* first retry of a record not written; doubles, */
+#define REC_RETRY_MAX_MS 5000 /* up to this */
+#define REC_LOG_MS 30000      /* at most one "not written" line per record in this time */
+#define REC_GIVE_UP_LEASES 10 /* refused this many lease_ms in a row: the job is dead */
 
 struct store_rec {
     store_rec_t *next;
@@ -25,41 +34,60 @@ struct store_rec {
     rec_kind_t kind;
     int64_t job_id, event_id, token, cursor, delivered;
     uint64_t started_ms, retry_at;
+    uint64_t refused_since, logged_at; /* refusals by the server (0: none yet) */
+    unsigned tries;
     int sending;
-    char *error; /* REC_FAIL */
+    char *error; /* REC_FAIL, REC_DEAD */
 };
 
 /*
  * One claimable job: pending, or running under an expired lease, or under this worker's own
- * name but not running here (this worker restarted). Never a second job of an event this
- * worker already runs, so the ranges of one big fan-out spread over workers and leave this
- * worker's other slots to other events. A job whose attempts are used up (the last one ended
- * with no outcome: a crash, a kill, a lost lease) is declared dead instead of claimed.
- * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts.
+ * id but not running here (this worker restarted: identity.c holds the id's lock, so the
+ * previous holder of the id is gone). Never a second job of an event this worker already
+ * runs, so the ranges of one big fan-out spread over workers and leave this worker's other
+ * slots to other events.
+ *
+ * What a claim costs: taking a pending job starts an attempt (max_attempts of them may fail
+ * with an error); taking a running one means its holder vanished (crashed, killed, stalled
+ * past its lease), which says little about the event and counts in lease_losses instead,
+ * with its own, higher limit, reset by progress (SQL_RENEW): a healthy job survives any
+ * number of crashes that let it move on, while one that kills every worker holding it, at
+ * the same place, is declared dead after max_lease_losses.
+ * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts,
+ * $6 max lease losses.
  */
 static const char SQL_CLAIM[] =
     "WITH c AS ("
-    " SELECT id FROM fanout.jobs"
+    " SELECT id, state = 'running' AS lost FROM fanout.jobs"
     " WHERE state IN ('pending', 'running') AND next_attempt_at <= now()"
     "   AND (state = 'pending' OR lease_until < now()"
     "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
     "   AND NOT (event_id = ANY ($4::bigint[]))"
-    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1)"
+    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1),"
+    " v AS (SELECT c.id, c.lost, CASE WHEN c.lost THEN j.lease_losses + 1 > $6"
+    "                               ELSE j.attempts >= $5 END AS dead"
+    "       FROM c JOIN fanout.jobs j ON j.id = c.id)"
     " UPDATE fanout.jobs j SET"
-    "   state = CASE WHEN j.attempts >= $5 THEN 'dead' ELSE 'running' END,"
-    "   lease_owner = CASE WHEN j.attempts >= $5 THEN NULL ELSE $1 END,"
-    "   lease_until = CASE WHEN j.attempts >= $5 THEN NULL"
+    "   state = CASE WHEN v.dead THEN 'dead' ELSE 'running' END,"
+    "   lease_owner = CASE WHEN v.dead THEN NULL ELSE $1 END,"
+    "   lease_until = CASE WHEN v.dead THEN NULL"
     "                 ELSE now() + $2::bigint * interval '1 millisecond' END,"
-    "   last_error = CASE WHEN j.attempts >= $5 THEN 'no outcome after ' || j.attempts ||"
-    "     ' attempts (worker crashed, was killed or lost its lease)'"
+    "   last_error = CASE WHEN v.dead AND v.lost THEN 'its holder vanished ' ||"
+    "     j.lease_losses + 1 || ' times without progress (a worker crashed, was killed or"
+    " stalled past its lease while holding it; max_lease_losses ' || $6 || ')'"
+    "     || coalesce('; earlier: ' || j.last_error, '')"
+    "     WHEN v.dead THEN 'attempts used up (' || j.attempts || ', max_attempts ' || $5 || ')'"
     "     || coalesce('; earlier: ' || j.last_error, '') ELSE j.last_error END,"
-    "   finished_at = CASE WHEN j.attempts >= $5 THEN now() END,"
+    "   finished_at = CASE WHEN v.dead THEN now() END,"
     "   token = j.token + 1,"
-    "   attempts = CASE WHEN j.attempts >= $5 THEN j.attempts ELSE j.attempts + 1 END,"
+    "   attempts = CASE WHEN v.dead OR v.lost THEN j.attempts ELSE j.attempts + 1 END,"
+    "   lease_losses = CASE WHEN v.lost THEN j.lease_losses + 1 ELSE j.lease_losses END,"
     "   started_at = coalesce(j.started_at, now())"
-    " FROM c, fanout.events e WHERE j.id = c.id AND e.id = j.event_id"
+    " FROM v, fanout.events e WHERE j.id = v.id AND e.id = j.event_id"
     " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
-    "   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+    /* the server stamps created_at (sql/008); a row from before that may hold 'infinity' */
+    "   to_char(CASE WHEN isfinite(e.created_at) THEN e.created_at ELSE j.created_at END"
+    "           AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
     "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
     "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error";
 
@@ -91,8 +119,10 @@ static const char SQL_SPLIT[] =
     " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
     "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
 
+/* Progress since the last checkpoint clears the count of vanished holders (SQL_CLAIM). */
 static const char SQL_RENEW[] =
     "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
+    " lease_losses = CASE WHEN $4::bigint > progress THEN 0 ELSE lease_losses END,"
     " progress = greatest(progress, $4), delivered = greatest(delivered, $5)"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
@@ -101,7 +131,8 @@ static const char SQL_FINISH[] =
     " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
     " WHERE id = $1 AND token = $2 AND state = 'running'"
     " RETURNING extract(epoch FROM finished_at -"
-    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id))::float8";
+    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id"
+    "    AND isfinite(e.created_at)))::float8";
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
@@ -109,6 +140,14 @@ static const char SQL_RELEASE[] =
     " delivered = greatest(delivered, $4),"
     " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+/* A record refused too long (REC_GIVE_UP_LEASES): the job is dead with the reason.
+ * $5 the error. */
+static const char SQL_DEAD[] =
+    "UPDATE fanout.jobs SET state = 'dead', progress = greatest(progress, $3),"
+    " delivered = greatest(delivered, $4), last_error = $5, lease_owner = NULL,"
+    " lease_until = NULL, finished_at = now()"
+    " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
 
 /* A failed attempt: dead when the attempts are used up, else pending again after
  * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts. */
@@ -127,19 +166,14 @@ static const char SQL_OLDEST[] =
     "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM fanout.jobs WHERE state IN ('pending', 'running')";
 
-/* This worker's row for fanoutctl status. $1 worker, $2 jobs, $3 paused reason or NULL. */
-static const char SQL_WORKER[] =
-    "INSERT INTO fanout.workers (worker_id, jobs, paused_reason) VALUES ($1, $2, $3)"
-    " ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), jobs = $2, paused_reason = $3";
-
 void fo__store_prepare(fo_daemon_t *d)
 {
-    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 5);
+    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
-    rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 3);
+    rel_conn_prepare(d->ctl, "fo_dead", SQL_DEAD, 5);
     rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
     rel_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
 }
@@ -170,6 +204,46 @@ static void rec_free(store_rec_t *r)
     free(r);
 }
 
+/* A record was not written: retry later; one the server keeps refusing becomes REC_DEAD. */
+static void rec_refused(store_rec_t *r, const PGresult *res)
+{
+    static const char *const names[] = {"done", "released", "failed attempt", "dead"};
+    uint64_t now = fo_now_ms();
+    unsigned k = r->tries < 4 ? r->tries : 4;
+    uint64_t delay = (uint64_t)REC_RETRY_MS << k;
+    r->tries++;
+    r->retry_at = now + (delay < REC_RETRY_MAX_MS ? delay : REC_RETRY_MAX_MS);
+    if (!res || rel_err_classify_result(res) == REL_ERR_TRANSIENT) {
+        r->refused_since = 0; /* the connection, not the record: wait for it */
+        return;
+    }
+    if (!r->refused_since)
+        r->refused_since = now;
+    const char *why = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    char what[512];
+    fo_log_quote(what, sizeof what, why ? why : PQresultErrorMessage(res));
+    if (!r->logged_at || now >= r->logged_at + REC_LOG_MS) {
+        r->logged_at = now;
+        fo_log(FO_LOG_WARN, "job record not written; retrying",
+               "job=%" PRId64 " event=%" PRId64 " record=%s tries=%u error=%s", r->job_id,
+               r->event_id, names[r->kind], r->tries, what);
+    }
+    uint64_t bound = (uint64_t)REC_GIVE_UP_LEASES * (uint64_t)r->d->cfg->lease_ms;
+    if (r->kind == REC_DEAD || now - r->refused_since < bound)
+        return;
+    char *error = fo_xasprintf(
+        "fanoutd could not record the job %s for %" PRIu64 " s: the server refused it: %s",
+        names[r->kind], (now - r->refused_since) / 1000, why ? why : "unknown error");
+    fo_log(FO_LOG_ERROR, "job record refused too long; declaring the job dead",
+           "job=%" PRId64 " event=%" PRId64 " record=%s error=%s", r->job_id, r->event_id,
+           names[r->kind], what);
+    free(r->error);
+    r->error = error;
+    r->kind = REC_DEAD;
+    r->refused_since = 0;
+    r->retry_at = now;
+}
+
 static void on_rec(int status, const PGresult *res, void *data)
 {
     store_rec_t *r = data;
@@ -179,12 +253,11 @@ static void on_rec(int status, const PGresult *res, void *data)
         return; /* closing: records are freed with the daemon */
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
-        if (res)
-            log_pg_error("job record not written; retrying", res);
-        r->retry_at = fo_now_ms() + 500; /* the tick timer sends it again */
+        rec_refused(r, res);
         return;
     }
-    static const char *const what[] = {"job done", "job released", "job attempt failed"};
+    static const char *const what[] = {"job done", "job released", "job attempt failed",
+                                       "job is dead: its outcome could not be recorded"};
     char err[512] = "";
     if (r->error)
         fo_log_quote(err, sizeof err, r->error);
@@ -193,6 +266,8 @@ static void on_rec(int status, const PGresult *res, void *data)
         d->metrics.events_done++;
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
             met_hist_observe(&d->metrics.publish_to_done, atof(PQgetvalue(res, 0, 0)));
+    } else if (written && r->kind == REC_DEAD) {
+        d->metrics.events_dead++;
     } else if (written && r->kind == REC_FAIL) {
         d->metrics.events_failed++;
         if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
@@ -203,10 +278,13 @@ static void on_rec(int status, const PGresult *res, void *data)
                "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
                r->token);
     else
-        fo_log(r->kind == REC_FAIL ? FO_LOG_WARN : FO_LOG_INFO, what[r->kind],
+        fo_log(r->kind == REC_DEAD   ? FO_LOG_ERROR
+               : r->kind == REC_FAIL ? FO_LOG_WARN
+                                     : FO_LOG_INFO,
+               what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
-               r->job_id, r->event_id, r->delivered,
-               (double)(fo_now_ms() - r->started_ms) / 1000.0, err[0] ? " error=" : "", err);
+               r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
+               err[0] ? " error=" : "", err);
     rec_free(r);
     fo__daemon_check_stopped(d);
     fo__store_claim(d);
@@ -224,12 +302,12 @@ static void rec_send(store_rec_t *r)
     I64(base, cfg->retry_base_ms);
     I64(cap, cfg->retry_max_ms);
     const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
-    static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail"};
-    int nparams = r->kind == REC_FAIL ? 8 : 4;
+    static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail", "fo_dead"};
+    int nparams = r->kind == REC_FAIL ? 8 : r->kind == REC_DEAD ? 5 : 4;
     if (rel_conn_exec(r->d->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
         r->sending = 1;
     else
-        r->retry_at = fo_now_ms() + 500;
+        r->retry_at = fo_now_ms() + REC_RETRY_MS;
 }
 
 void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms)
@@ -408,14 +486,33 @@ static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
     return 0;
 }
 
+#define CLAIM_BACKOFF_MAX_MS 60000
+
 static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
 {
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
-        if (res)
-            log_pg_error("claim failed", res);
-        return; /* the poll timer tries again */
+        const char *fix = res ? rel_err_fix(res, 0) : NULL;
+        if (!fix) {
+            if (res)
+                log_pg_error("claim failed", res);
+            return; /* the poll timer tries again */
+        }
+        /* a missing grant or schema: someone must act; say how, rarely, and ask the server
+         * rarely too (its log holds every refusal) */
+        unsigned k = d->claim_refusals < 6 ? d->claim_refusals : 6;
+        uint64_t wait = 1000u << k;
+        d->claim_retry_at =
+            fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
+        if (d->claim_refusals++ % 30 == 0) {
+            char what[512];
+            fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
+            fo_log(FO_LOG_ERROR, fix, "op=claim error=%s refusals=%u", what, d->claim_refusals);
+        }
+        return;
     }
+    d->claim_refusals = 0;
+    d->claim_retry_at = 0;
     int again = d->claim_again;
     d->claim_again = 0;
     if (PQntuples(res) == 1) {
@@ -434,7 +531,7 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
             char what[512];
             fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
             d->metrics.events_dead++;
-            fo_log(FO_LOG_ERROR, "job is dead: its attempts are used up; fanoutctl retry EVENT",
+            fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
             fo_log(FO_LOG_INFO, "job claimed",
@@ -484,7 +581,8 @@ static char *held_array(fo_daemon_t *d, int events)
 void fo__store_claim(fo_daemon_t *d)
 {
     if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
-        d->contract != FO_CONTRACT_OK)
+        d->contract != FO_CONTRACT_OK || d->identity != FO_ID_HELD ||
+        fo_now_ms() < d->claim_retry_at)
         return;
     if (d->claiming) {
         d->claim_again = 1;
@@ -492,11 +590,12 @@ void fo__store_claim(fo_daemon_t *d)
     }
     char *jobs = held_array(d, 0);
     char *events = held_array(d, 1);
-    char lease[16], max[16];
+    char lease[16], max[16], losses[16];
     I64(lease, d->cfg->lease_ms);
     I64(max, d->cfg->max_attempts);
-    const char *params[] = {d->cfg->worker_id, lease, jobs, events, max};
-    if (rel_conn_exec(d->ctl, "fo_claim", 5, params, 0, on_claim, d) == 0)
+    I64(losses, d->cfg->max_lease_losses);
+    const char *params[] = {d->worker_id, lease, jobs, events, max, losses};
+    if (rel_conn_exec(d->ctl, "fo_claim", 6, params, 0, on_claim, d) == 0)
         d->claiming = 1;
     free(jobs);
     free(events);
@@ -529,15 +628,9 @@ static void on_renew(int status, const PGresult *res, void *data)
     free(rc);
 }
 
-static void on_worker_row(int status, const PGresult *res, void *data)
-{
-    if (status == FO_EPG && res)
-        log_pg_error("worker row not written", res);
-}
-
 void fo__store_renew(fo_daemon_t *d)
 {
-    char lease[16], njobs[16];
+    char lease[16];
     I64(lease, d->cfg->lease_ms);
     for (int i = 0; i < d->njobs; i++) {
         fo_job_t *j = d->jobs[i];
@@ -552,7 +645,5 @@ void fo__store_renew(fo_daemon_t *d)
         if (rel_conn_exec(d->ctl, "fo_renew", 5, params, 0, on_renew, rc) < 0)
             free(rc);
     }
-    I64(njobs, d->njobs);
-    const char *wparams[] = {d->cfg->worker_id, njobs, d->paused ? d->paused_reason : NULL};
-    rel_conn_exec(d->ctl, "fo_worker", 3, wparams, 0, on_worker_row, NULL);
+    fo__identity_heartbeat(d);
 }

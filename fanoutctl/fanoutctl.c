@@ -142,9 +142,10 @@ static void pg_notice(void *arg, const char *message)
 static PGconn *pg_connect(const cfg_t *cfg, const char *cmd)
 {
     /* dbname carries the whole conninfo (expand_dbname); an empty one leaves libpq to its
-     * PG* variables and defaults. */
-    const char *keys[] = {"dbname", "fallback_application_name", NULL};
-    const char *vals[] = {cfg->pg_dsn, "fanoutctl", NULL};
+     * PG* variables and defaults. connect_timeout comes first so that the DSN's own wins:
+     * without one, a port that accepts and never answers would hang the command. */
+    const char *keys[] = {"connect_timeout", "dbname", "fallback_application_name", NULL};
+    const char *vals[] = {"10", cfg->pg_dsn, "fanoutctl", NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (!conn) {
         fail(cmd, "postgresql: out of memory");
@@ -152,7 +153,9 @@ static PGconn *pg_connect(const cfg_t *cfg, const char *cmd)
     }
     if (PQstatus(conn) != CONNECTION_OK) {
         char line[512];
-        fail(cmd, "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+        const char *fix = rel_conn_refusal_fix(PQerrorMessage(conn));
+        fail(cmd, "postgresql: %s%s%s", first_line(line, sizeof line, PQerrorMessage(conn)),
+             fix ? "; " : "", fix ? fix : "");
         PQfinish(conn);
         return NULL;
     }
@@ -620,7 +623,7 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     const char *params[] = {event};
     PGresult *res = pg_run(conn, "retry", NULL,
                            "WITH r AS (UPDATE fanout.jobs SET state = 'pending', attempts = 0,"
-                           " next_attempt_at = now(), finished_at = NULL"
+                           " lease_losses = 0, next_attempt_at = now(), finished_at = NULL"
                            " WHERE event_id = $1 AND state = 'dead' RETURNING id)"
                            " SELECT (SELECT count(*) FROM r),"
                            " (SELECT count(*) FROM fanout.events WHERE id = $1),"

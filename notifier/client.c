@@ -167,6 +167,19 @@ static void connect_failed(ntf_client_t *c, const char *why)
         fo_log(FO_LOG_WARN, "redis connect failed",
                "server=redis host=%s port=%d error=%s attempt=%u", c->cfg->redis_host,
                c->cfg->redis_port, fo_log_quote(q, sizeof q, why), c->attempts + 1);
+        /* after a few, say what to check, as the PostgreSQL side does */
+        if (why && strstr(why, "Protocol error"))
+            fo_log(FO_LOG_ERROR,
+                   "the server at FANOUT_REDIS_HOST:FANOUT_REDIS_PORT does not speak the Redis "
+                   "protocol: fix FANOUT_REDIS_HOST and FANOUT_REDIS_PORT; retrying",
+                   "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port,
+                   q);
+        else if (c->attempts + 1 >= 4)
+            fo_log(FO_LOG_ERROR,
+                   "redis unreachable: check FANOUT_REDIS_HOST and FANOUT_REDIS_PORT, the server "
+                   "and the network; retrying",
+                   "server=redis host=%s port=%d attempts=%u error=%s", c->cfg->redis_host,
+                   c->cfg->redis_port, c->attempts + 1, q);
     }
     schedule_retry(c);
     report(c, 0);

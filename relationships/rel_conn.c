@@ -29,6 +29,8 @@ typedef struct rel_query {
     int nparams;
     char **params;           /* Q_EXEC: copies, owned */
     int binary;
+    /* Q_PREPARE: the statement reads the contract view */
+    int view;
     rel_result_cb cb;
     void *data;
     PGresult *result;        /* the result kept for the callback: the first error, else last */
@@ -61,6 +63,7 @@ struct rel_conn {
     uv_timer_t timer;  /* reconnect backoff; while up, defers a send failure to the loop */
     int send_failed;   /* a send failed: nothing more is sent until on_send_failed runs */
     unsigned attempt;
+    unsigned permanent; /* consecutive attempts refused for a reason retrying cannot fix */
     uint64_t rng;
     int open_handles; /* timer + poll handles not yet closed; freed at 0 when closing */
 
@@ -385,9 +388,32 @@ static void setup_done(rel_conn_t *c)
 {
     c->state = ST_UP;
     c->attempt = 0;
+    c->permanent = 0;
     fo_log(FO_LOG_INFO, "connected", "server=postgresql conn=%s", c->name);
     if (c->on_state)
         c->on_state(c, 1, c->data);
+}
+
+/*
+ * A statement of the session set-up was refused. What retrying cannot fix gets one line
+ * naming the fix, logged on the first refusal and then rarely, and a long backoff (so the
+ * server's log is not flooded either); anything else is reported as it is.
+ */
+static void setup_failed(rel_conn_t *c, const rel_query_t *q)
+{
+    char what[512];
+    const char *msg = q->result ? PQresultErrorField(q->result, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+    fo_log_quote(what, sizeof what, msg ? msg : "no result");
+    const char *fix = rel_err_fix(q->result, q->view);
+    if (!fix) {
+        fo_log(FO_LOG_ERROR, "session set-up failed; fix the database or the settings",
+               "server=postgresql conn=%s error=%s", c->name, what);
+        return;
+    }
+    c->permanent++;
+    if (c->permanent == 1 || c->permanent % 30 == 0)
+        fo_log(FO_LOG_ERROR, fix, "server=postgresql conn=%s error=%s refusals=%u", c->name, what,
+               c->permanent);
 }
 
 /* The current query's results are complete: report, then send the next one. */
@@ -399,11 +425,7 @@ static void complete_current(rel_conn_t *c)
     int ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
     if (q->kind == Q_PREPARE || q->kind == Q_SETUP) {
         if (!ok) {
-            char what[512];
-            fo_log_quote(what, sizeof what,
-                         q->result ? PQresultErrorMessage(q->result) : "no result");
-            fo_log(FO_LOG_ERROR, "session set-up failed; fix the database or the settings",
-                   "server=postgresql conn=%s error=%s", c->name, what);
+            setup_failed(c, q);
             query_free(q);
             conn_lost(c, "set-up failed");
             return;
@@ -488,10 +510,43 @@ static void connect_work(uv_work_t *w)
     c->work_conn = PQconnectdbParams(keys, vals, 1);
 }
 
+/*
+ * The fix for a connection the server refused for a reason retrying cannot change, from
+ * libpq's message (a failed connection has no SQLSTATE); NULL for anything else (a refused
+ * or timed-out TCP connect, a server starting or shutting down), which is retried as usual.
+ */
+const char *rel_conn_refusal_fix(const char *m)
+{
+    if (!m)
+        return NULL;
+    if (strstr(m, "password authentication failed") || strstr(m, "authentication failed") ||
+        strstr(m, "password is required") || strstr(m, "no password supplied"))
+        return "postgresql refused the login: fix the user and password in FANOUT_PG_DSN (or "
+               "PGPASSWORD / ~/.pgpass)";
+    if (strstr(m, "no pg_hba.conf entry"))
+        return "postgresql has no pg_hba.conf entry for this host, user and database: add one on "
+               "the server or fix FANOUT_PG_DSN";
+    if (strstr(m, "database \"") && strstr(m, "does not exist"))
+        return "the database named in FANOUT_PG_DSN does not exist: fix dbname= in FANOUT_PG_DSN "
+               "(or create it and run fanoutctl migrate)";
+    if (strstr(m, "role \"") && strstr(m, "does not exist"))
+        return "the role named in FANOUT_PG_DSN does not exist: fix user= in FANOUT_PG_DSN, or "
+               "CREATE ROLE ... LOGIN IN ROLE fanout_worker";
+    if (strstr(m, "invalid response to SSL negotiation") ||
+        strstr(m, "expected authentication request from server") ||
+        strstr(m, "unsupported frontend protocol") || strstr(m, "invalid length of startup"))
+        return "the server at the host and port of FANOUT_PG_DSN does not speak the PostgreSQL "
+               "protocol: fix host= and port= in FANOUT_PG_DSN";
+    return NULL;
+}
+
 static void on_backoff_timer(uv_timer_t *t)
 {
     start_connect(t->data);
 }
+
+#define PERMANENT_MIN_MS 1000  /* a refusal retrying cannot fix: first retry after this, */
+#define PERMANENT_MAX_MS 60000 /* doubling up to this, whatever reconnect_max_ms says */
 
 static void schedule_reconnect(rel_conn_t *c)
 {
@@ -499,10 +554,23 @@ static void schedule_reconnect(rel_conn_t *c)
     uint64_t ceiling = 100u << (c->attempt < 16 ? c->attempt : 16);
     if (ceiling > cap)
         ceiling = cap;
+    if (c->permanent > 0) {
+        /* someone has to change a setting or the database: ask rarely, so that the
+         * server's log holds a few lines, not one per reconnect */
+        unsigned k = c->permanent - 1 < 6 ? c->permanent - 1 : 6;
+        ceiling = (uint64_t)PERMANENT_MIN_MS << k;
+        if (ceiling > PERMANENT_MAX_MS)
+            ceiling = PERMANENT_MAX_MS;
+        if (ceiling < cap)
+            ceiling = cap;
+        ceiling = ceiling / 2 + 1; /* jitter over the upper half below */
+    }
     c->rng ^= c->rng << 13;
     c->rng ^= c->rng >> 7;
     c->rng ^= c->rng << 17;
     uint64_t delay = 50 + c->rng % (ceiling + 1); /* full jitter over [50, ceiling + 50] */
+    if (c->permanent > 0)
+        delay += ceiling; /* [ceiling, 2 * ceiling]: never sooner than half the step */
     c->attempt++;
     uv_timer_start(&c->timer, on_backoff_timer, delay, 0);
 }
@@ -515,6 +583,7 @@ static void queue_setup(rel_conn_t *c)
         q->stmt = s->name;
         q->sql = stmt_sql(c, s);
         q->nparams = s->nparams;
+        q->view = s->ident[0] != NULL;
         if (c->tail)
             c->tail->next = q;
         else
@@ -537,13 +606,22 @@ static void connect_done(uv_work_t *w, int status)
     if (status < 0 || !pg || PQstatus(pg) != CONNECTION_OK) {
         char what[512];
         fo_log_quote(what, sizeof what, pg ? PQerrorMessage(pg) : "out of memory");
-        fo_log(FO_LOG_WARN, "cannot connect; retrying", "server=postgresql conn=%s error=%s",
-               c->name, what);
-        if (c->attempt == 4 || (c->attempt > 4 && c->attempt % 50 == 0))
-            fo_log(FO_LOG_ERROR,
-                   "postgresql unreachable: check FANOUT_PG_DSN (or PG* variables), the "
-                   "server and the network; retrying",
-                   "conn=%s attempts=%u error=%s", c->name, c->attempt + 1, what);
+        const char *fix = pg ? rel_conn_refusal_fix(PQerrorMessage(pg)) : NULL;
+        if (fix) {
+            c->permanent++;
+            if (c->permanent == 1 || c->permanent % 30 == 0)
+                fo_log(FO_LOG_ERROR, fix, "server=postgresql conn=%s error=%s refusals=%u", c->name,
+                       what, c->permanent);
+        } else {
+            c->permanent = 0;
+            fo_log(FO_LOG_WARN, "cannot connect; retrying", "server=postgresql conn=%s error=%s",
+                   c->name, what);
+            if (c->attempt == 4 || (c->attempt > 4 && c->attempt % 50 == 0))
+                fo_log(FO_LOG_ERROR,
+                       "postgresql unreachable: check FANOUT_PG_DSN (or PG* variables), the "
+                       "server and the network; retrying",
+                       "conn=%s attempts=%u error=%s", c->name, c->attempt + 1, what);
+        }
         PQfinish(pg);
         c->state = ST_DOWN;
         schedule_reconnect(c);

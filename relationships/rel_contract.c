@@ -149,9 +149,8 @@ static int ok_result(rel_contract_t *k, const PGresult *res)
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)
         return 1;
-    const char *code = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    if (!code || strncmp(code, "08", 2) == 0 || strncmp(code, "40", 2) == 0 ||
-        strncmp(code, "53", 2) == 0 || strncmp(code, "57", 2) == 0 || strcmp(code, "55P03") == 0) {
+    rel_err_kind_t kind = rel_err_classify_result(res);
+    if (kind == REL_ERR_TRANSIENT || kind == REL_ERR_TIMEOUT) {
         if (!k->transient[0])
             error_line(k->transient, sizeof k->transient, res);
     }

@@ -23,14 +23,6 @@ typedef struct page_req {
     void *data;
 } page_req_t;
 
-int rel__transient_sqlstate(const char *s)
-{
-    if (!s || strlen(s) != 5)
-        return 0;
-    return strncmp(s, "08", 2) == 0 || strncmp(s, "40", 2) == 0 || strncmp(s, "53", 2) == 0 ||
-           strncmp(s, "57P0", 4) == 0;
-}
-
 int64_t rel__int8_from_binary(const char *v)
 {
     const unsigned char *b = (const unsigned char *)v;
@@ -60,7 +52,7 @@ static void on_page(int status, const PGresult *res, void *data)
             fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
                    "fields=%d rows=%d; the follower column must be bigint", PQnfields(res),
                    rows);
-            status = FO_EQUERY;
+            status = FO_ECONTRACT;
             err = "the contract view's follower column is not bigint";
         } else {
             for (int i = 0; i < rows; i++) {
@@ -82,10 +74,14 @@ static void on_page(int status, const PGresult *res, void *data)
         }
     } else if (res) {
         /* Errors of the moment (a standby's recovery conflict, lack of resources, a server
-         * shutting down or a lost connection) wait like a lost connection; anything else
-         * (a broken view, a statement or lock timeout) fails the attempt. */
-        status = rel__transient_sqlstate(PQresultErrorField(res, PG_DIAG_SQLSTATE)) ? FO_EPG
-                                                                                   : FO_EQUERY;
+         * shutting down or a lost connection) wait like a lost connection; a view that
+         * changed under the query pauses the work (the daemon checks the contract); anything
+         * else (a statement or lock timeout, an error in the view's data) fails the
+         * attempt. */
+        rel_err_kind_t kind = rel_err_classify_result(res);
+        status = kind == REL_ERR_TRANSIENT  ? FO_EPG
+                 : kind == REL_ERR_CONTRACT ? FO_ECONTRACT
+                                            : FO_EQUERY;
         err = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
         if (!err)
             err = "unknown error";

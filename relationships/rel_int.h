@@ -5,10 +5,6 @@
 #include "common/common.h"
 #include "relationships/relationships.h"
 
-/* 1 for SQLSTATEs of the moment (class 08 connection, 40 rollback (a standby's recovery
- * conflict), 53 resources, 57P0x shutdown): retried as a lost connection, no attempt used. */
-int rel__transient_sqlstate(const char *sqlstate);
-
 /* Parses one binary int8 column value (network byte order). */
 int64_t rel__int8_from_binary(const char *v);
 

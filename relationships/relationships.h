@@ -64,6 +64,12 @@ void rel_conn_setup(rel_conn_t *c, const char *sql);
 /* Starts connecting. */
 void rel_conn_start(rel_conn_t *c);
 
+/* For a connection the server refused for a reason retrying cannot change (libpq's
+ * PQerrorMessage: a login refused, an unknown database or role, a port that does not speak
+ * PostgreSQL), the one line that names the setting and the fix; NULL otherwise. Shared with
+ * fanoutctl, so both say the same. */
+const char *rel_conn_refusal_fix(const char *libpq_message);
+
 /* 1 when up; a NULL connection (one its owner already closed) is never up. */
 int rel_conn_ready(const rel_conn_t *c);
 
@@ -99,6 +105,29 @@ void rel_conn_setup_limits(rel_conn_t *c, const cfg_t *cfg);
  */
 void rel_conn_close(rel_conn_t *c);
 
+/* --- what an error means --- */
+
+/* The one classification of PostgreSQL errors (SQLSTATEs) that fanoutd acts on. */
+typedef enum {
+    REL_ERR_OTHER,     /* an error of this query or its data: the attempt fails */
+    REL_ERR_TRANSIENT, /* of the moment (class 08 connection, 40 rollback or a standby's
+                          recovery conflict, 53 resources, 57 shutdown) or no answer at all:
+                          wait and retry, no attempt used */
+    REL_ERR_TIMEOUT,   /* statement_timeout or lock_timeout (57014, 55P03) */
+    REL_ERR_CONTRACT,  /* an object or right the query needs changed under it: undefined
+                          column, table, function or schema, wrong type, "cached plan must not
+                          change result type", permission denied */
+} rel_err_kind_t;
+
+/* sqlstate NULL or malformed (no server answer): REL_ERR_TRANSIENT. */
+rel_err_kind_t rel_err_classify(const char *sqlstate);
+/* The same for a failed result (NULL: the connection was lost). */
+rel_err_kind_t rel_err_classify_result(const PGresult *res);
+/* For an error of fanoutd's own statements that retrying cannot fix (fanout's schema missing
+ * or old, a privilege missing, the contract view broken when reads_view), the one line that
+ * names the fix; NULL for any other error. */
+const char *rel_err_fix(const PGresult *res, int reads_view);
+
 /* --- the follower reader --- */
 
 /*
@@ -108,8 +137,10 @@ void rel_conn_close(rel_conn_t *c);
 void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg);
 
 /* Receives a page: ids[0..n) ascending, borrowed (they live in the caller's buffer).
- * status 0; FO_EPG when the connection was lost; FO_EQUERY when the server refused the query
- * (err then holds its message, borrowed until return; otherwise err is NULL). */
+ * status 0; FO_EPG when the connection was lost (or a transient error); FO_ECONTRACT when
+ * the view no longer answers as the contract says (REL_ERR_CONTRACT, or a column that is
+ * not bigint); FO_EQUERY when the server refused the query otherwise. With FO_ECONTRACT and
+ * FO_EQUERY err holds the message, borrowed until return; otherwise err is NULL. */
 typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, const char *err,
                             void *data);
 

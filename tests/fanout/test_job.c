@@ -94,8 +94,20 @@ static int fake_may_write(void *ctx)
     return !paused;
 }
 
-static const fo_job_io_t io = {fake_fetch, fake_fence, fake_write, fake_finished, fake_may_write,
-                               NULL, NULL};
+static char contract_err[128];
+static int contract_calls;
+static void fake_contract_broken(void *ctx, const char *err)
+{
+    contract_calls++;
+    snprintf(contract_err, sizeof contract_err, "%s", err ? err : "");
+}
+
+static const fo_job_io_t io = {.fetch = fake_fetch,
+                               .fence = fake_fence,
+                               .write = fake_write,
+                               .finished = fake_finished,
+                               .may_write = fake_may_write,
+                               .contract_broken = fake_contract_broken};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
@@ -184,6 +196,8 @@ static fo_job_t *start_job(int64_t range_lo)
 static int setup(void **state)
 {
     memset(&F, 0, sizeof F);
+    contract_calls = 0;
+    contract_err[0] = '\0';
     paused = 0;
     redis_delivered = 0;
     memset(&cfg, 0, sizeof cfg);
@@ -448,6 +462,33 @@ static void test_refused_query_fails_after_the_writes_in_flight(void **state)
     fo_job_free(j);
 }
 
+/* A page refused because the view changed is not the event's fault: the job tells the
+ * daemon (which pauses and checks the contract) and waits, its attempt kept, then resumes
+ * from Redis's mark exactly where it stopped. */
+static void test_contract_error_waits_without_failing(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch(); /* page 1 sent, page 2 read in flight */
+    call_t *c = next_call(C_FETCH);
+    assert_non_null(c);
+    c->answered = 1;
+    c->page_cb(FO_ECONTRACT, c->out, 0, "column \"follower\" does not exist", c->data);
+    assert_int_equal(contract_calls, 1);
+    assert_string_equal(contract_err, "column \"follower\" does not exist");
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    apply_write(); /* page 1's answer arrives late: ignored, Redis holds it anyway */
+    assert_int_equal(F.finished, 0);
+    fo_job_kick(j, 0, 1); /* the contract holds again */
+    answer_progress(C_FENCE, 0, 30, 3, 0);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 9);
+    assert_null(fo_job_error(j));
+    fo_job_free(j);
+}
+
 static void test_backpressure_holds_writes_until_pumped(void **state)
 {
     set_followers(9);
@@ -500,6 +541,7 @@ int main(void)
         cmocka_unit_test_setup(test_stop_drains_the_writes_in_flight, setup),
         cmocka_unit_test_setup(test_read_failure_waits_and_rereads, setup),
         cmocka_unit_test_setup(test_refused_query_fails_after_the_writes_in_flight, setup),
+        cmocka_unit_test_setup(test_contract_error_waits_without_failing, setup),
         cmocka_unit_test_setup(test_backpressure_holds_writes_until_pumped, setup),
         cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
     };

@@ -67,12 +67,13 @@ def check_db_lines(r):
 
 
 def refuses_to_start(s, must_contain, **env):
-    """Starts fanoutd, expects exit 1 with a contract line containing must_contain, and the
-    same lines from fanoutctl check-db (exit 1). Returns the lines."""
+    """Starts fanoutd, expects exit 3 (not restarted by the unit) with a contract line
+    containing must_contain, and the same lines from fanoutctl check-db (exit 1). Returns
+    the lines."""
     d = s.start_daemon(**env)
     rc = d.wait(timeout=30)
     log = d.log()
-    assert rc == 1, "fanoutd exit %s, expected 1:\n%s" % (rc, log)
+    assert rc == 3, "fanoutd exit %s, expected 3:\n%s" % (rc, log)
     assert "contract check failed; refusing to start" in log, log
     lines = contract_lines(log)
     assert any(must_contain in ln for ln in lines), (must_contain, lines)

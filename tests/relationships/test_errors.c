@@ -1,0 +1,57 @@
+/*
+ * test_errors.c: relationships/rel_errors.c, the one classification of PostgreSQL errors
+ * (what waits, what pauses the fan-out, what fails an attempt) and the fixes it names.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "relationships/relationships.h"
+
+static void test_classes(void **state)
+{
+    (void)state;
+    assert_int_equal(rel_err_classify(NULL), REL_ERR_TRANSIENT); /* no answer at all */
+    assert_int_equal(rel_err_classify("08006"), REL_ERR_TRANSIENT);
+    assert_int_equal(rel_err_classify("40001"), REL_ERR_TRANSIENT);
+    assert_int_equal(rel_err_classify("53300"), REL_ERR_TRANSIENT);
+    assert_int_equal(rel_err_classify("57P01"), REL_ERR_TRANSIENT);
+    assert_int_equal(rel_err_classify("57014"), REL_ERR_TIMEOUT);
+    assert_int_equal(rel_err_classify("55P03"), REL_ERR_TIMEOUT);
+    const char *contract[] = {"42703", "42P01", "42883", "3F000", "42804", "0A000", "42501"};
+    for (size_t i = 0; i < sizeof contract / sizeof contract[0]; i++)
+        assert_int_equal(rel_err_classify(contract[i]), REL_ERR_CONTRACT);
+    assert_int_equal(rel_err_classify("22012"), REL_ERR_OTHER); /* division by zero */
+    assert_int_equal(rel_err_classify("P0001"), REL_ERR_OTHER); /* RAISE EXCEPTION */
+}
+
+/* A result as a server would send it: only the SQLSTATE matters here. */
+static PGresult *error_result(const char *sqlstate)
+{
+    (void)sqlstate;
+    return PQmakeEmptyPGresult(NULL, PGRES_FATAL_ERROR);
+}
+
+static void test_fixes(void **state)
+{
+    (void)state;
+    /* results built without a server carry no SQLSTATE: classified as transient, no fix */
+    PGresult *r = error_result("42P01");
+    assert_int_equal(rel_err_classify_result(r), REL_ERR_TRANSIENT);
+    assert_null(rel_err_fix(r, 0));
+    PQclear(r);
+    assert_null(rel_err_fix(NULL, 1));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_classes),
+        cmocka_unit_test(test_fixes),
+    };
+    return cmocka_run_group_tests_name("rel_errors", tests, NULL, NULL);
+}
