@@ -11,9 +11,9 @@
  * coming (back) up, and a job finishing. Jobs are interleaved on the shared connections:
  * each has at most one page read and `window` page writes in flight.
  *
- * Readiness (the control connection, a page connection and Redis up) is reported to the owner on every change, for sd_notify and
- * /healthz. Counters go to one met_t, updated where things happen; a stats timer refreshes
- * the gauges that need a query (oldest unfinished event, stream lengths).
+ * Readiness (the control connection, a page connection and Redis up) is reported to the owner on
+ * every change, for sd_notify and /healthz. Counters go to one met_t, updated where things happen;
+ * a stats timer refreshes the gauges that need a query (oldest unfinished event, stream lengths).
  *
  * Backpressure: with backlog_high set, a timer measures the consumers' backlog in Redis;
  * above the high-water mark jobs write nothing new (they keep their read-ahead page), and
@@ -35,8 +35,8 @@ static void check_contract(fo_daemon_t *d);
 
 /* --- job I/O, bound to this daemon's connections --- */
 
-static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
-                    int64_t *out, rel_page_cb cb, void *data)
+static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
+                    rel_page_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
     if (!d->reader)
@@ -44,18 +44,23 @@ static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int 
     return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
-static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb,
-                    void *data)
+static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
     return d->redis ? ntf_fence(d->redis, job, start, cb, data) : FO_EREDIS;
 }
 
-static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids,
-                    size_t n, int last, ntf_progress_cb cb, void *data)
+static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids, size_t n,
+                    int last, ntf_progress_cb cb, void *data)
 {
     fo_daemon_t *d = ctx;
     return d->redis ? ntf_write_page(d->redis, job, expect, ids, n, last, cb, data) : FO_EREDIS;
+}
+
+static const char *io_key_refusal(void *ctx)
+{
+    fo_daemon_t *d = ctx;
+    return d->redis ? ntf_client_key_refusal(d->redis) : NULL;
 }
 
 /* --- jobs --- */
@@ -142,12 +147,34 @@ static void on_backlog_timer(uv_timer_t *t)
 
 /* --- timers and wake-ups --- */
 
+/* Counts the jobs that wait and keeps one reason for /metrics; when the count changes, the
+ * lease renewal publishes the reasons to fanoutctl status now rather than a third of a
+ * lease later. */
+static void note_waiting(fo_daemon_t *d)
+{
+    int64_t n = 0;
+    const char *why = NULL;
+    for (int i = 0; i < d->njobs; i++) {
+        const char *w = fo_job_waiting(d->jobs[i]);
+        if (w && !why)
+            why = w;
+        n += w != NULL;
+    }
+    snprintf(d->metrics.waiting_reason, sizeof d->metrics.waiting_reason, "%s", why ? why : "");
+    if (n != d->metrics.jobs_waiting) {
+        d->metrics.jobs_waiting = n;
+        if (rel_conn_ready(d->ctl))
+            fo__store_renew(d);
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     fo_daemon_t *d = t->data;
     uint64_t now = fo_now_ms();
     for (int i = 0; i < d->njobs; i++)
         fo_job_kick(d->jobs[i], now, 0);
+    note_waiting(d);
     fo__store_retry(d, now);
     if (rel_conn_ready(d->ctl))
         check_contract(d);
@@ -240,7 +267,6 @@ static void check_contract(fo_daemon_t *d)
         d->contract = FO_CONTRACT_CHECKING;
 }
 
-
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
@@ -326,8 +352,8 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
-    d->io = (fo_job_io_t){io_fetch,        io_fence, io_write, on_job_finished,
-                          io_may_write,    d,        &d->metrics};
+    d->io = (fo_job_io_t){io_fetch,     io_fence, io_write,    on_job_finished,
+                          io_may_write, d,        &d->metrics, io_key_refusal};
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {
@@ -397,8 +423,7 @@ static void close_all(fo_daemon_t *d)
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
         fo_log(FO_LOG_WARN, "stop bound reached; job left to its lease",
-               "job=%" PRId64 " cursor=%" PRId64, fo_job_id(d->jobs[i]),
-               fo_job_cursor(d->jobs[i]));
+               "job=%" PRId64 " cursor=%" PRId64, fo_job_id(d->jobs[i]), fo_job_cursor(d->jobs[i]));
     /* each frees itself once libuv has closed its handles: forget them now, so that
      * whatever still runs (job callbacks, a reload finishing) finds them gone */
     if (d->redis)
@@ -473,6 +498,10 @@ met_t *fo_daemon_metrics(fo_daemon_t *d)
     d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
     d->metrics.jobs_running = d->njobs;
     d->metrics.ready = fo_daemon_ready(d);
+    const char *refused = d->redis ? ntf_client_refusal(d->redis) : NULL;
+    d->metrics.redis_refused = refused != NULL;
+    snprintf(d->metrics.redis_refusal, sizeof d->metrics.redis_refusal, "%s",
+             refused ? refused : "");
     rel_reader_stats_t rs;
     fo_daemon_read_stats(d, &rs);
     d->metrics.replica_pages = rs.replica_pages;
@@ -490,4 +519,3 @@ void fo_daemon_reconfigured(fo_daemon_t *d)
     if (uv_timer_get_repeat(&d->poll_timer) != poll)
         uv_timer_start(&d->poll_timer, on_poll_timer, poll, poll);
 }
-

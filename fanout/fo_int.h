@@ -18,12 +18,18 @@
  *   FENCING   registering the lease token in Redis and reading the progress mark
  *   RUNNING   reading pages (one at a time, one page ahead) and writing them (up to
  *             cfg->window in flight); each write carries the cursor it expects
- *   WAITING   Redis or PostgreSQL failed; retried at retry_at (fo_job_kick), by fencing
- *             again, since after a lost reply only Redis knows which pages were applied
+ *   WAITING   Redis or PostgreSQL failed, a key the page writes has the wrong type, or
+ *             the replicas did not acknowledge; retried at retry_at (fo_job_kick), by
+ *             fencing again, since after a lost reply only Redis knows which pages were
+ *             applied. fo_job_waiting says why (a wrong-typed key: the key and the fix).
  *   DRAINING  stopping: no new reads or writes; waits for the replies in flight
  *   DONE, FENCED, STOPPED, FAILED   terminal, reported once through io->finished. FAILED:
  *             PostgreSQL refused this job's page query (fo_job_error says why); the daemon
  *             records the failed attempt and the job is retried later, or declared dead.
+ *             Also FAILED, and fatal (fo_job_fatal): the progress mark is missing although a
+ *             page was written, or behind what PostgreSQL recorded. Fencing again would
+ *             start the range over and repeat what Redis holds, so the job is declared dead
+ *             at once and waits for fanoutctl retry, which rebuilds the cursor.
  */
 typedef enum {
     FO_JOB_FENCING,
@@ -39,8 +45,8 @@ typedef enum {
 typedef struct fo_job fo_job_t;
 
 typedef struct fo_job_io {
-    int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
-                 int64_t *out, rel_page_cb cb, void *data);
+    int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
+                 rel_page_cb cb, void *data);
     int (*fence)(void *ctx, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
                  void *data);
     int (*write)(void *ctx, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
@@ -52,11 +58,14 @@ typedef struct fo_job_io {
     int (*may_write)(void *ctx);
     void *ctx;
     met_t *metrics; /* counters the job adds to (pages, rows, entries, latencies); may be NULL */
+    /* After NTF_EKEY: the key, its type and the fix (ntf_client_key_refusal); may be NULL. */
+    const char *(*key_refusal)(void *ctx);
 } fo_job_io_t;
 
-/* What a claim returned. Strings are copied. */
+/* What a claim returned. Strings are copied. pg_progress and pg_delivered are the job
+ * record's checkpoint (lease renewals, outcomes): the mark in Redis may not be behind it. */
 typedef struct fo_claim {
-    int64_t job_id, event_id, author, token, range_lo, range_hi;
+    int64_t job_id, event_id, author, token, range_lo, range_hi, pg_progress, pg_delivered;
     const char *kind, *payload, *created_at;
 } fo_claim_t;
 
@@ -81,6 +90,10 @@ int64_t fo_job_cursor(const fo_job_t *j);
 int64_t fo_job_delivered(const fo_job_t *j);
 /* Why a FAILED job failed (a copy of the server's message), else NULL. */
 const char *fo_job_error(const fo_job_t *j);
+/* 1 when a FAILED job must not be claimed again before an operator's fanoutctl retry. */
+int fo_job_fatal(const fo_job_t *j);
+/* Why a WAITING job waits (what it waits for and the fix), else NULL. */
+const char *fo_job_waiting(const fo_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fo_job_retry_at(const fo_job_t *j);
 

@@ -26,6 +26,7 @@ struct store_rec {
     int64_t job_id, event_id, token, cursor, delivered;
     uint64_t started_ms, retry_at;
     int sending;
+    int fatal;   /* REC_FAIL: dead at once */
     char *error; /* REC_FAIL */
 };
 
@@ -61,7 +62,8 @@ static const char SQL_CLAIM[] =
     " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
     "   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
     "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
-    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error";
+    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error,"
+    "   j.progress, j.delivered";
 
 /*
  * A job claimed for the first time (token 1, the whole range, nothing written yet) may be
@@ -91,14 +93,17 @@ static const char SQL_SPLIT[] =
     " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
     "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
 
+/* $6: why the job waits (NULL: it does not), for fanoutctl status. */
 static const char SQL_RENEW[] =
     "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
-    " progress = greatest(progress, $4), delivered = greatest(delivered, $5)"
+    " progress = greatest(progress, $4), delivered = greatest(delivered, $5),"
+    " waiting_reason = $6"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
-    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
+    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL,"
+    " waiting_reason = NULL"
     " WHERE id = $1 AND token = $2 AND state = 'running'"
     " RETURNING extract(epoch FROM finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id))::float8";
@@ -107,15 +112,17 @@ static const char SQL_FINISH[] =
 static const char SQL_RELEASE[] =
     "UPDATE fanout.jobs SET state = 'pending', progress = greatest(progress, $3),"
     " delivered = greatest(delivered, $4),"
-    " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)"
+    " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),"
+    " waiting_reason = NULL"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 /* A failed attempt: dead when the attempts are used up, else pending again after
- * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts. */
+ * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts (0 for a fatal
+ * failure: dead at once, until fanoutctl retry). */
 static const char SQL_FAIL[] =
     "UPDATE fanout.jobs SET state = CASE WHEN attempts >= $6 THEN 'dead' ELSE 'pending' END,"
     " progress = greatest(progress, $3), delivered = greatest(delivered, $4), last_error = $5,"
-    " lease_owner = NULL, lease_until = NULL,"
+    " lease_owner = NULL, lease_until = NULL, waiting_reason = NULL,"
     " next_attempt_at = now() + least($8::numeric,"
     "   $7::numeric * power(2::numeric, least(attempts - 1, 40)))::float8"
     "   * interval '1 millisecond',"
@@ -135,7 +142,7 @@ static const char SQL_WORKER[] =
 void fo__store_prepare(fo_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 5);
-    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
+    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
@@ -205,8 +212,8 @@ static void on_rec(int status, const PGresult *res, void *data)
     else
         fo_log(r->kind == REC_FAIL ? FO_LOG_WARN : FO_LOG_INFO, what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
-               r->job_id, r->event_id, r->delivered,
-               (double)(fo_now_ms() - r->started_ms) / 1000.0, err[0] ? " error=" : "", err);
+               r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
+               err[0] ? " error=" : "", err);
     rec_free(r);
     fo__daemon_check_stopped(d);
     fo__store_claim(d);
@@ -220,7 +227,7 @@ static void rec_send(store_rec_t *r)
     I64(token, r->token);
     I64(cursor, r->cursor);
     I64(delivered, r->delivered);
-    I64(max, cfg->max_attempts);
+    I64(max, r->fatal ? 0 : cfg->max_attempts);
     I64(base, cfg->retry_base_ms);
     I64(cap, cfg->retry_max_ms);
     const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
@@ -261,6 +268,7 @@ void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms)
     r->started_ms = started_ms;
     if (fo_job_error(j))
         r->error = fo_xstrdup(fo_job_error(j));
+    r->fatal = fo_job_fatal(j);
     r->next = d->recs;
     d->recs = r;
     rec_send(r);
@@ -333,9 +341,8 @@ static void on_split(int status, const PGresult *res, void *data)
     if (status == 0 && !PQgetisnull(res, 0, 0)) {
         sc->claim.range_hi = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
         fo_log(FO_LOG_INFO, "job split into follower-id ranges",
-               "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64,
-               sc->claim.job_id, sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)),
-               sc->claim.range_hi);
+               "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
+               sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
     } else if (status != 0 && !res) {
         /* The connection died with the split's outcome unknown: it may have committed, and
          * running the job whole would then repeat the other ranges. Leave the job to its
@@ -422,7 +429,8 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
         fo_claim_t c = {0};
         if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
             row_int64(res, 2, &c.author) || row_int64(res, 6, &c.token) ||
-            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi)) {
+            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi) ||
+            row_int64(res, 12, &c.pg_progress) || row_int64(res, 13, &c.pg_delivered)) {
             fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
             return;
         }
@@ -546,10 +554,10 @@ void fo__store_renew(fo_daemon_t *d)
         I64(token, fo_job_token(j));
         I64(cursor, fo_job_cursor(j));
         I64(delivered, fo_job_delivered(j));
-        const char *params[] = {id, token, lease, cursor, delivered};
+        const char *params[] = {id, token, lease, cursor, delivered, fo_job_waiting(j)};
         renew_call_t *rc = fo_xmalloc(sizeof *rc);
         *rc = (renew_call_t){d, fo_job_id(j), fo_job_token(j)};
-        if (rel_conn_exec(d->ctl, "fo_renew", 5, params, 0, on_renew, rc) < 0)
+        if (rel_conn_exec(d->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
             free(rc);
     }
     I64(njobs, d->njobs);

@@ -36,7 +36,6 @@
 #include <string.h>
 #include <sys/time.h>
 
-
 /* Held by migrate for the life of each transaction: "fanout" in ASCII. */
 #define MIGRATE_LOCK_KEY "112568712869236"
 
@@ -79,7 +78,7 @@ int is_help(const char *a)
 }
 
 int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
-                      const char **positional)
+               const char **positional)
 {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -381,8 +380,10 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
 
 /*
  * One event's jobs folded into one row (the design allows several jobs per event, each a
- * range of followers): done only when every job is done; running while any job runs or
- * some are finished and others still pending; dead when none is left to run and one died.
+ * range of followers): done only when every job is done; waiting while a running job waits
+ * for Redis (a wrong-typed key, replicas: waiting_reason says which and the fix); running
+ * while any job runs or some are finished and others still pending; dead when none is left
+ * to run and one died.
  */
 #define JOBS_AGGREGATE                                                                             \
     "CROSS JOIN LATERAL (SELECT count(*) AS n,"                                                    \
@@ -393,12 +394,16 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
     " coalesce(max(attempts), 0) AS attempts,"                                                     \
     " min(started_at) AS started_at,"                                                              \
     " (array_agg(last_error ORDER BY id DESC) FILTER (WHERE last_error IS NOT NULL))[1]"           \
-    "   AS last_error"                                                                             \
+    "   AS last_error,"                                                                            \
+    " count(*) FILTER (WHERE state = 'running' AND waiting_reason IS NOT NULL) AS n_waiting,"      \
+    " (array_agg(waiting_reason ORDER BY id)"                                                      \
+    "   FILTER (WHERE state = 'running' AND waiting_reason IS NOT NULL))[1] AS waiting"            \
     " FROM fanout.jobs WHERE event_id = e.id) j "
 
 #define EVENT_STATE                                                                                \
     "CASE WHEN j.n = 0 THEN 'none'"                                                                \
     " WHEN j.n_done = j.n THEN 'done'"                                                             \
+    " WHEN j.n_waiting > 0 THEN 'waiting'"                                                         \
     " WHEN j.n_running > 0 OR (j.n_pending > 0 AND j.n_pending < j.n) THEN 'running'"              \
     " WHEN j.n_pending > 0 THEN 'pending'"                                                         \
     " ELSE 'dead' END"
@@ -430,7 +435,8 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
                            " j.attempts, coalesce(j.last_error, ''),"
                            " to_char(e.created_at AT TIME ZONE 'UTC',"
                            "         'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-                           " floor(extract(epoch FROM now() - e.created_at))::bigint"
+                           " floor(extract(epoch FROM now() - e.created_at))::bigint,"
+                           " coalesce(j.waiting, '')"
                            " FROM fanout.events e " JOBS_AGGREGATE "WHERE e.id = $1",
                            1, params);
     if (!res)
@@ -455,8 +461,9 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
             snprintf(expected, sizeof expected, "%s", PQgetvalue(cnt, 0, 0));
         } else {
             char line[200];
-            snprintf(expected, sizeof expected, "unknown (the contract view failed: %s)",
-                     first_line(line, sizeof line, PQresultErrorField(cnt, PG_DIAG_MESSAGE_PRIMARY)));
+            snprintf(
+                expected, sizeof expected, "unknown (the contract view failed: %s)",
+                first_line(line, sizeof line, PQresultErrorField(cnt, PG_DIAG_MESSAGE_PRIMARY)));
         }
         PQclear(cnt);
         free(sql);
@@ -471,6 +478,8 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
     print_kv("last_error", PQgetvalue(res, 0, 7));
     print_kv("created_at", PQgetvalue(res, 0, 8));
     print_kv("age_seconds", PQgetvalue(res, 0, 9));
+    if (*PQgetvalue(res, 0, 10))
+        print_kv("waiting", PQgetvalue(res, 0, 10));
     PQclear(res);
     return fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
 }
@@ -488,9 +497,8 @@ static void status_workers(PGconn *conn)
         return;
     for (int r = 0; r < PQntuples(w); r++) {
         const char *why = PQgetvalue(w, r, 2);
-        printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0),
-               PQgetvalue(w, r, 1), PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running",
-               why);
+        printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0), PQgetvalue(w, r, 1),
+               PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running", why);
     }
     PQclear(w);
 }
@@ -512,13 +520,13 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
     }
     char *sql = fo_xasprintf(
         "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
-        " CASE WHEN s.state IN ('running', 'pending')"
+        " CASE WHEN s.state IN ('running', 'waiting', 'pending')"
         "   THEN (SELECT count(*) FROM %s.%s v WHERE v.author = e.author) END,"
         " CASE WHEN s.state = 'running' AND now() > j.started_at"
         "   THEN round((j.delivered / extract(epoch FROM now() - j.started_at))::numeric, 1)"
         " END,"
         " j.attempts, floor(extract(epoch FROM now() - e.created_at))::bigint,"
-        " coalesce(j.last_error, '')"
+        " coalesce('WAITING: ' || j.waiting, j.last_error, '')"
         " FROM (SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
         "        WHERE state IN ('pending', 'running') ORDER BY event_id LIMIT 100) a"
         "       UNION SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
@@ -527,7 +535,8 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
         "      ) ids(id)"
         " JOIN fanout.events e ON e.id = ids.id " JOBS_AGGREGATE
         " CROSS JOIN LATERAL (SELECT " EVENT_STATE " AS state) s"
-        " ORDER BY array_position(ARRAY['running', 'pending', 'dead', 'done', 'none'], s.state),"
+        " ORDER BY array_position(ARRAY['waiting', 'running', 'pending', 'dead', 'done', 'none'], "
+        "s.state),"
         "   e.id DESC",
         schema, view);
     PQfreemem(schema);
@@ -546,8 +555,8 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
         PQclear(res);
         return EXIT_RUNTIME;
     }
-    printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", "EVENT", "AUTHOR", "KIND",
-           "STATE", "PROGRESS", "RATE/S", "ATTEMPTS", "AGE_S", "LAST_ERROR");
+    printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", "EVENT", "AUTHOR", "KIND", "STATE",
+           "PROGRESS", "RATE/S", "ATTEMPTS", "AGE_S", "LAST_ERROR");
     for (int r = 0; r < PQntuples(res); r++) {
         char progress[64];
         if (PQgetisnull(res, r, 5))
@@ -612,8 +621,7 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
         return r;
     int64_t id;
     if (!event || ctl__parse_id(event, &id) < 0) {
-        fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64,
-             INT64_MAX);
+        fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64, INT64_MAX);
         return EXIT_USAGE;
     }
     PGconn *conn = pg_connect(cfg, "retry");
@@ -633,8 +641,8 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
         if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
             fail("retry", "no event %s", event);
         } else if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
-            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state",
-                 event, event);
+            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event,
+                 event);
         } else {
             printf("requeued %s dead job(s) of event %s\n", PQgetvalue(res, 0, 0), event);
             status = EXIT_OK;
@@ -695,8 +703,7 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
         fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
     }
     if (rel_contract_refusals(k) == 0 && rel_contract_transient(k)) {
-        fail("check-db", "the check could not finish: %s; run it again",
-             rel_contract_transient(k));
+        fail("check-db", "the check could not finish: %s; run it again", rel_contract_transient(k));
     } else if (rel_contract_refusals(k) > 0) {
         printf("contract %s.%s for role %s: broken (%d problems); fanoutd would refuse to "
                "start\n",
@@ -753,12 +760,8 @@ typedef struct command {
 } command_t;
 
 static const command_t commands[] = {
-    {"migrate", cmd_migrate},
-    {"publish", cmd_publish},
-    {"status", cmd_status},
-    {"consume", cmd_consume},
-    {"retry", cmd_retry},
-    {"trim", cmd_trim},
+    {"migrate", cmd_migrate},   {"publish", cmd_publish}, {"status", cmd_status},
+    {"consume", cmd_consume},   {"retry", cmd_retry},     {"trim", cmd_trim},
     {"check-db", cmd_check_db},
 };
 
