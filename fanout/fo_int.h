@@ -92,7 +92,8 @@ int64_t fo_job_delivered(const fo_job_t *j);
 const char *fo_job_error(const fo_job_t *j);
 /* 1 when a FAILED job must not be claimed again before an operator's fanoutctl retry. */
 int fo_job_fatal(const fo_job_t *j);
-/* Why a WAITING job waits (what it waits for and the fix), else NULL. */
+/* Why the job waits (what for, and the fix): set when it starts waiting, kept through the
+ * retries (fences included) until a page is applied again; NULL when it does not wait. */
 const char *fo_job_waiting(const fo_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fo_job_retry_at(const fo_job_t *j);

@@ -192,7 +192,9 @@ static void go_wait(fo_job_t *j, const char *why)
            fo_log_quote(q, sizeof q, why), j->failures);
 }
 
-/* Redis confirmed a fence or a page: whatever the job waited for is over. */
+/* Redis applied a page: whatever the job waited for is over. Not on a fence: a fence
+ * touches the mark alone, so it succeeds while a stream key is still wrong-typed, and
+ * clearing there would log a wait and a resume per retry. */
 static void stop_waiting(fo_job_t *j)
 {
     if (!j->waiting)
@@ -239,7 +241,6 @@ static void wait_for_key(fo_job_t *j)
 /* Adopt Redis's mark as the truth and carry on from it. */
 static void resume_from(fo_job_t *j, const ntf_progress_t *p)
 {
-    stop_waiting(j);
     reset_pipeline(j, p->cursor);
     j->acked_cursor = p->cursor;
     j->delivered = p->delivered;
@@ -578,7 +579,7 @@ int fo_job_fatal(const fo_job_t *j)
 
 const char *fo_job_waiting(const fo_job_t *j)
 {
-    return j->state == FO_JOB_WAITING ? j->waiting : NULL;
+    return terminal(j->state) ? NULL : j->waiting;
 }
 
 uint64_t fo_job_retry_at(const fo_job_t *j)

@@ -607,6 +607,72 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
  * retry: requeue a dead event
  * ------------------------------------------------------------------------------------- */
 
+/* Nothing dead to retry: say what the event is doing instead, a waiting job's reason first.
+ * res: the event's jobs (id, state, ..., waiting_reason in column 7). */
+static void retry_nothing_dead(const char *event, PGresult *res)
+{
+    for (int i = 0; i < PQntuples(res); i++) {
+        if (strcmp(PQgetvalue(res, i, 1), "running") == 0 && !PQgetisnull(res, i, 7)) {
+            fail("retry",
+                 "event %s is not dead: job %s is waiting (%s); it resumes by itself once "
+                 "that is fixed",
+                 event, PQgetvalue(res, i, 0), PQgetvalue(res, i, 7));
+            return;
+        }
+    }
+    fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event, event);
+}
+
+/*
+ * A dead job whose progress mark is missing or behind PostgreSQL's checkpoint (fanoutd
+ * stopped it rather than start over): rebuild the mark from the streams (rebuild.c) and set
+ * the checkpoint to it, so that the next claim resumes right after the last page applied.
+ * Returns 0 (also when the mark was fine), -1 after one line on stderr.
+ */
+static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, redisContext *rc, PGresult *res,
+                             int row)
+{
+    fctl_range_t r = {0};
+    r.job_id = strtoll(PQgetvalue(res, row, 0), NULL, 10);
+    r.token = strtoll(PQgetvalue(res, row, 2), NULL, 10);
+    r.lo = strtoll(PQgetvalue(res, row, 3), NULL, 10);
+    r.hi = strtoll(PQgetvalue(res, row, 4), NULL, 10);
+    r.event_id = strtoll(PQgetvalue(res, row, 8), NULL, 10);
+    int64_t pg_cursor = strtoll(PQgetvalue(res, row, 5), NULL, 10);
+    int64_t pg_delivered = strtoll(PQgetvalue(res, row, 6), NULL, 10);
+    int exists;
+    int64_t cursor = 0, delivered = 0;
+    if (fctl_mark_read(cfg, rc, r.job_id, &exists, &cursor, &delivered) < 0)
+        return -1;
+    if (exists && cursor >= pg_cursor && delivered >= pg_delivered)
+        return 0; /* the mark is the truth: the job resumes from it */
+    if (fctl_mark_rebuild(cfg, rc, &r, &cursor, &delivered) < 0)
+        return -1;
+    printf("job %" PRId64 ": progress mark %s; rebuilt from the streams: cursor %" PRId64
+           ", delivered %" PRId64 " (PostgreSQL had cursor %" PRId64 ", delivered %" PRId64 ")\n",
+           r.job_id, exists ? "behind PostgreSQL" : "missing", cursor, delivered, pg_cursor,
+           pg_delivered);
+    if (cursor < pg_cursor)
+        printf("job %" PRId64 ": the streams hold less than PostgreSQL recorded: entries after "
+               "cursor %" PRId64 " were lost in Redis and are written again\n",
+               r.job_id, cursor);
+    if (fctl_mark_write(cfg, rc, &r, cursor, delivered) < 0)
+        return -1;
+    char id[24], cur[24], del[24];
+    snprintf(id, sizeof id, "%" PRId64, r.job_id);
+    snprintf(cur, sizeof cur, "%" PRId64, cursor);
+    snprintf(del, sizeof del, "%" PRId64, delivered);
+    const char *params[] = {id, cur, del};
+    PGresult *u = pg_run(conn, "retry", "checkpoint",
+                         "UPDATE fanout.jobs SET progress = $2, delivered = $3"
+                         " WHERE id = $1 AND state = 'dead'",
+                         3, params);
+    if (!u)
+        return -1;
+    PQclear(u);
+    return 0;
+}
+
 static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
 {
     const char *event = NULL;
@@ -614,7 +680,10 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     if (r == 1) {
         printf("usage: fanoutctl [SETTINGS] retry EVENT\n"
                "Queues the dead jobs of EVENT again with fresh attempts; their progress marks\n"
-               "in Redis make them resume where they stopped, so nothing is sent twice.\n");
+               "in Redis make them resume where they stopped, so nothing is sent twice. A mark\n"
+               "that is missing or behind PostgreSQL (deleted, evicted, lost in a failover) is\n"
+               "first rebuilt from the shard streams: the highest recipient of the event in\n"
+               "the job's range is the last id written.\n");
         return EXIT_OK;
     }
     if (r)
@@ -628,6 +697,25 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     if (!conn)
         return EXIT_RUNTIME;
     const char *params[] = {event};
+    int status = EXIT_RUNTIME;
+    redisContext *rc = NULL;
+    PGresult *jobs = pg_run(conn, "retry", "jobs",
+                            "SELECT id, state, token, range_lo,"
+                            " coalesce(range_hi, 9223372036854775807), progress, delivered,"
+                            " waiting_reason, event_id"
+                            " FROM fanout.jobs WHERE event_id = $1 ORDER BY id",
+                            1, params);
+    if (!jobs)
+        goto done;
+    int dead = 0;
+    for (int i = 0; i < PQntuples(jobs); i++)
+        dead += strcmp(PQgetvalue(jobs, i, 1), "dead") == 0;
+    if (dead > 0 && !(rc = fctl_redis_connect(cfg, "retry")))
+        goto done;
+    for (int i = 0; i < PQntuples(jobs); i++)
+        if (strcmp(PQgetvalue(jobs, i, 1), "dead") == 0 &&
+            retry_repair_mark(cfg, conn, rc, jobs, i) < 0)
+            goto done;
     PGresult *res = pg_run(conn, "retry", NULL,
                            "WITH r AS (UPDATE fanout.jobs SET state = 'pending', attempts = 0,"
                            " next_attempt_at = now(), finished_at = NULL"
@@ -636,19 +724,22 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
                            " (SELECT count(*) FROM fanout.events WHERE id = $1),"
                            " (SELECT count(pg_notify('fanout_events', $1::text)) FROM r LIMIT 1)",
                            1, params);
-    int status = EXIT_RUNTIME;
     if (res) {
         if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
             fail("retry", "no event %s", event);
         } else if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
-            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event,
-                 event);
+            retry_nothing_dead(event, jobs);
         } else {
             printf("requeued %s dead job(s) of event %s\n", PQgetvalue(res, 0, 0), event);
             status = EXIT_OK;
         }
         PQclear(res);
     }
+done:
+    if (jobs)
+        PQclear(jobs);
+    if (rc)
+        redisFree(rc);
     PQfinish(conn);
     return status;
 }

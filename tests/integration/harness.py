@@ -33,6 +33,7 @@ import atexit
 import ctypes
 import fcntl
 import glob
+import http.client
 import os
 import pwd
 import re
@@ -97,6 +98,17 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_get(port, path, timeout=10):
+    """GET http://127.0.0.1:port/path; returns (status, Content-Type, body text)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read().decode()
+    finally:
+        c.close()
 
 
 def _pg_os_user():
@@ -287,6 +299,53 @@ def _stop_postgres(proc, data, sig, timeout=30):
                 os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
+
+
+class RedisReplica:
+    """A redis-server replicating a Servers' Redis (start_redis_replica). .port, .client
+    (redis-py, str replies); promote() makes it a primary (REPLICAOF NO ONE)."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.port = free_port()
+        self.proc = None
+        self.dir = servers.path("redis-replica-%d" % self.port)
+        self.log_path = servers.path("redis-replica-%d.log" % self.port)
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                                  socket_timeout=10)
+
+    def start(self, timeout=30):
+        os.mkdir(self.dir)
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+               self.dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
+               "--replicaof", "127.0.0.1", str(self.servers.redis_port), "--logfile", ""]
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_us(signal.SIGTERM))
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client.info("replication").get("master_link_status") == "up":
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError("redis replica did not link up:\n%s" % _tail(self.log_path))
+            time.sleep(0.05)
+
+    def promote(self):
+        self.client.execute_command("REPLICAOF", "NO", "ONE")
+
+    def stop(self):
+        self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 class Replica:
@@ -492,6 +551,7 @@ class Servers:
         self.daemons = []
         self.daemons_started = 0  # numbers fanoutd-<n>.log: one fresh log per daemon
         self.replicas = []
+        self.redis_replicas = []
         self._pg_proc = None
         self._redis_proc = None
         self._conns = {}
@@ -546,6 +606,8 @@ class Servers:
                 except Exception:
                     pass
             self._stop_redis()
+            for r in self.redis_replicas:
+                r.stop()
             for r in self.replicas:
                 r.stop("immediate")
             self._stop_pg()
@@ -758,6 +820,31 @@ class Servers:
         the data survives."""
         self.redis_stop()
         self.redis_start()
+
+    def redis_kill(self):
+        """SIGKILLs redis-server (no AOF flush, no goodbye to clients) and waits for it.
+        With appendfsync everysec a process kill loses nothing Redis acknowledged: each reply
+        is sent after its write reached the AOF file (the page cache)."""
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._redis_proc is not None:
+            self._redis_proc.kill()
+            self._redis_proc.wait()
+            self._redis_proc = None
+
+    def redis_kill_restart(self):
+        """redis_kill, then starts it again on the same port and dir (the AOF replays)."""
+        self.redis_kill()
+        self.redis_start()
+
+    def start_redis_replica(self, timeout=30):
+        """A second redis-server on a free port replicating this one (REPLICAOF), without
+        AOF; returns it once its link to the primary is up. Stopped at close()."""
+        r = RedisReplica(self)
+        self.redis_replicas.append(r)
+        r.start(timeout)
+        return r
 
     @property
     def redis(self):
