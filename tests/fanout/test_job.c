@@ -185,7 +185,7 @@ static void set_followers(int n)
         F.followers[i] = (i + 1) * 10;
 }
 
-static fo_job_t *start_job(int64_t range_lo)
+static fo_job_t *start_claimed(int64_t range_lo, int64_t pg_progress, int64_t pg_delivered)
 {
     fo_claim_t claim = {.job_id = 7,
                         .event_id = 70,
@@ -193,12 +193,19 @@ static fo_job_t *start_job(int64_t range_lo)
                         .token = 2,
                         .range_lo = range_lo,
                         .range_hi = INT64_MAX,
+                        .pg_progress = pg_progress,
+                        .pg_delivered = pg_delivered,
                         .kind = "post",
                         .payload = "{}",
                         .created_at = "2026-11-27T00:00:00.000000Z"};
     fo_job_t *j = fo_job_new(&io, &cfg, &claim);
     fo_job_start(j, 0);
     return j;
+}
+
+static fo_job_t *start_job(int64_t range_lo)
+{
+    return start_claimed(range_lo, 0, 0);
 }
 
 static int setup(void **state)
@@ -511,33 +518,16 @@ static void test_range_bounds_are_passed_to_reads(void **state)
     fo_job_free(j);
 }
 
-static fo_job_t *start_claimed(int64_t pg_progress, int64_t pg_delivered)
-{
-    fo_claim_t claim = {.job_id = 7,
-                        .event_id = 70,
-                        .author = 5,
-                        .token = 3,
-                        .range_hi = INT64_MAX,
-                        .pg_progress = pg_progress,
-                        .pg_delivered = pg_delivered,
-                        .kind = "post",
-                        .payload = "{}",
-                        .created_at = "2026-11-27T00:00:00.000000Z"};
-    fo_job_t *j = fo_job_new(&io, &cfg, &claim);
-    fo_job_start(j, 0);
-    return j;
-}
-
 /* A fresh job may create its mark; once PostgreSQL recorded a page, it must exist. */
 static void test_mark_required_after_progress(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_claimed(0, 0);
+    fo_job_t *j = start_claimed(0, 0, 0);
     assert_int_equal(next_call(C_FENCE)->mark_required, 0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     fo_job_free(j);
     memset(&F, 0, sizeof F);
-    j = start_claimed(30, 3);
+    j = start_claimed(0, 30, 3);
     assert_int_equal(next_call(C_FENCE)->mark_required, 1);
     answer_progress(C_FENCE, NTF_ENOMARK, 0, 0, 0);
     assert_int_equal(F.finished, 1);
@@ -553,7 +543,7 @@ static void test_mark_required_after_progress(void **state)
 static void test_mark_behind_postgres_stops(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_claimed(60, 6);
+    fo_job_t *j = start_claimed(0, 60, 6);
     answer_progress(C_FENCE, 0, 30, 3, 0);
     assert_int_equal(F.final_state, FO_JOB_FAILED);
     assert_true(fo_job_fatal(j));

@@ -301,6 +301,18 @@ def _stop_postgres(proc, data, sig, timeout=30):
             proc.wait()
 
 
+def _spawn_redis(cmd, log_path):
+    """Starts a redis-server command line with its output appended to log_path, in its own
+    session, SIGTERMed should this process die."""
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_us(signal.SIGTERM))
+    finally:
+        log.close()
+
+
 class RedisReplica:
     """A redis-server replicating a Servers' Redis (start_redis_replica). .port, .client
     (redis-py, str replies); promote() makes it a primary (REPLICAOF NO ONE)."""
@@ -319,13 +331,7 @@ class RedisReplica:
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
                self.dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
                "--replicaof", "127.0.0.1", str(self.servers.redis_port), "--logfile", ""]
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_us(signal.SIGTERM))
-        finally:
-            log.close()
+        self.proc = _spawn_redis(cmd, self.log_path)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -769,13 +775,7 @@ class Servers:
                "--dir", self.path("redis"), "--save", "", "--daemonize", "no",
                "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
                "--logfile", ""]
-        log = open(self.redis_log_path, "ab")
-        try:
-            self._redis_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                                preexec_fn=_die_with_us(signal.SIGTERM))
-        finally:
-            log.close()
+        self._redis_proc = _spawn_redis(cmd, self.redis_log_path)
         deadline = time.monotonic() + timeout
         probe = redis.Redis(host="127.0.0.1", port=self.redis_port, socket_timeout=2)
         try:

@@ -30,6 +30,13 @@ def figures(s, ev, n, what):
     return entries, distinct, entries - distinct
 
 
+def exact(s, ev, n, what):
+    """Prints the figures and checks them: n entries, n distinct, none twice, and the jobs'
+    recorded delivered counts summing to n."""
+    assert figures(s, ev, n, what) == (n, n, 0)
+    assert_exactly_once(s, ev, n)
+
+
 def wait_until(s, what, pred, timeout=60):
     deadline = time.monotonic() + timeout
     while not pred():
@@ -103,9 +110,7 @@ def blocked_by_key(s, author, key, layouts, written):
     s.redis.delete(key)
     s.wait_event_done(ev, timeout=60)
     d.wait_log("job resumes", timeout=10)
-    entries, distinct, dups = figures(s, ev, n, "after DEL %s" % key)
-    assert (entries, distinct, dups) == (n, n, 0)
-    assert_exactly_once(s, ev, n)
+    exact(s, ev, n, "after DEL %s" % key)
     wait_until(s, "the gauge drops",
                lambda: re.search(r"^fanout_jobs_waiting 0$", metrics(port), re.M))
     return ev
@@ -181,9 +186,7 @@ def evicting_then_noeviction(s, policy):
     s.wait_event_done(ev, timeout=120)
     d.wait_log("policy accepted now", timeout=10)
     assert http_get(port, "/healthz")[0] == 200
-    entries, distinct, dups = figures(s, ev, n, "after noeviction")
-    assert (entries, distinct, dups) == (n, n, 0)
-    assert_exactly_once(s, ev, n)
+    exact(s, ev, n, "after noeviction")
 
 
 @suite.test
@@ -219,9 +222,7 @@ def policy_switched_to_evicting_mid_fanout_stops_writing(s):
     finally:
         s.redis.config_set("maxmemory-policy", "noeviction")
     s.wait_event_done(ev, timeout=120)
-    entries, distinct, dups = figures(s, ev, n, "evicting policy mid fan-out")
-    assert (entries, distinct, dups) == (n, n, 0)
-    assert_exactly_once(s, ev, n)
+    exact(s, ev, n, "evicting policy mid fan-out")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,9 +252,7 @@ def deleted_mark_stops_the_job_and_retry_delivers_the_rest_once(s):
     assert "progress mark missing; rebuilt from the streams: cursor %d, delivered %d" % (
         entries, entries) in r.stdout, r.stdout
     s.wait_event_done(ev, timeout=120)
-    entries, distinct, dups = figures(s, ev, n, "after fanoutctl retry")
-    assert (entries, distinct, dups) == (n, n, 0)
-    assert_exactly_once(s, ev, n)
+    exact(s, ev, n, "after fanoutctl retry")
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,9 +289,7 @@ def failover_with_min_replicas_loses_nothing(s):
     s.start_redis_replica()  # a new replica of the new primary
     s.wait_event_done(ev, timeout=180)
     assert "job stopped" not in d2.log()
-    entries, distinct, dups = figures(s, ev, n, "after the failover")
-    assert (entries, distinct, dups) == (n, n, 0)
-    assert_exactly_once(s, ev, n)
+    exact(s, ev, n, "after the failover")
 
 
 @suite.test
