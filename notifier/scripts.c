@@ -36,7 +36,7 @@
     "  local have = redis.call('TYPE', k).ok\n"                                                    \
     "  if have ~= 'none' and have ~= t then\n"                                                     \
     "    return redis.error_reply('WRONGTYPE fanout: key ' .. k .. ' is a ' .. have ..\n"          \
-    "      ' where fanout writes a ' .. t .. '; delete or rename it (DEL ' .. k .. ')')\n"         \
+    "      ', not a ' .. t .. '; delete or rename it (DEL ' .. k .. ')')\n"                        \
     "  end\n"                                                                                      \
     "end\n"
 

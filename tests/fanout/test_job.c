@@ -106,7 +106,7 @@ static int fake_may_write(void *ctx)
 
 static const char *fake_key_refusal(void *ctx)
 {
-    return "WRONGTYPE fanout: key fo:stream:3 is a string where fanout writes a stream";
+    return "WRONGTYPE fanout: key fo:stream:3 is a string, not a stream";
 }
 
 static const fo_job_io_t io = {fake_fetch,     fake_fence, fake_write, fake_finished,
