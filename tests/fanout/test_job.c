@@ -524,7 +524,8 @@ static void test_mark_required_after_progress(void **state)
     set_followers(9);
     fo_job_t *j = start_claimed(0, 0, 0);
     assert_int_equal(next_call(C_FENCE)->mark_required, 0);
-    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0); /* nothing left in flight to free */
+    assert_int_equal(F.final_state, FO_JOB_STOPPED);
     fo_job_free(j);
     memset(&F, 0, sizeof F);
     j = start_claimed(0, 30, 3);
