@@ -293,6 +293,8 @@ static void on_redis_state(ntf_client_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
     note_state(d, &d->redis_up, up, MET_REDIS);
+    if (d->ctl && rel_conn_ready(d->ctl))
+        fo__store_renew(d); /* the worker row says why Redis is refused, or no longer */
     if (up)
         kick_all(data);
 }

@@ -561,6 +561,9 @@ void fo__store_renew(fo_daemon_t *d)
             free(rc);
     }
     I64(njobs, d->njobs);
-    const char *wparams[] = {d->cfg->worker_id, njobs, d->paused ? d->paused_reason : NULL};
+    /* a refused Redis pauses every job too: fanoutctl status shows it the same way */
+    const char *refused = d->redis ? ntf_client_refusal(d->redis) : NULL;
+    const char *why = d->paused ? d->paused_reason : refused;
+    const char *wparams[] = {d->cfg->worker_id, njobs, why};
     rel_conn_exec(d->ctl, "fo_worker", 3, wparams, 0, on_worker_row, NULL);
 }

@@ -180,6 +180,13 @@ def evicting_then_noeviction(s, policy):
     assert re.search(r"^fanout_redis_refused 1$", body, re.M), body
     assert "allkeys" in re.search(r"^fanout_redis_refused_reason\{.*$", body, re.M).group(0)
     assert s.job_states(ev).get("done") is None
+
+    def worker_line():
+        r = s.fanoutctl("status", user="fanoutd")
+        return [x for x in r.stdout.splitlines() if x.startswith("worker ")]
+    wait_until(s, "status shows the refusal",
+               lambda: any("PAUSED: redis maxmemory-policy is %s" % policy in x
+                           for x in worker_line()))
     figures(s, ev, n, "under %s" % policy)
 
     s.redis.config_set("maxmemory-policy", "noeviction")
