@@ -778,6 +778,8 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
     if (c->state != ST_READY)
         return FO_EREDIS;
     int argc = ntf__encode_fence(&c->enc, c->fence_sha, c->cfg->key_prefix, job, start_cursor);
+    if (job->mark_required)
+        argc = ntf__encode_fence_require_mark(&c->enc);
     return send_req(c, REQ_FENCE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }
 

@@ -141,8 +141,13 @@ int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const n
     pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
     pos = put_i64(e, pos, job->token);
     put_i64(e, pos, start_cursor);
-    if (job->mark_required)
-        put_str(e, "1"); /* without it, the fence is the command it always was */
+    return e->argc;
+}
+
+int ntf__encode_fence_require_mark(ntf_enc_t *e)
+{
+    assert(e->argc == 6 && e->argv_cap >= 7); /* right after ntf__encode_fence */
+    put_str(e, "1");
     return e->argc;
 }
 

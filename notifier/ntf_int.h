@@ -76,10 +76,13 @@ typedef struct ntf_enc {
 void ntf__enc_init(ntf_enc_t *e);
 void ntf__enc_free(ntf_enc_t *e);
 
-/* EVALSHA sha 1 <prefix>:progress:<job> token start_cursor, plus "1" when
- * job->mark_required (the mark must exist). Returns argc. */
+/* EVALSHA sha 1 <prefix>:progress:<job> token start_cursor. Returns argc (6). */
 int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const ntf_job_t *job,
                       int64_t start_cursor);
+
+/* Right after ntf__encode_fence: appends the mark_required flag "1" (the fence must find the
+ * mark, never create it). Without it the fence is the command it always was. Returns argc. */
+int ntf__encode_fence_require_mark(ntf_enc_t *e);
 
 /*
  * EVALSHA sha numkeys <progress key> <stream key per present shard, ascending> token

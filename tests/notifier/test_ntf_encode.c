@@ -87,6 +87,9 @@ static void test_fence_layout(void **state)
     assert_arg(&e, 3, "fo:progress:42");
     assert_arg(&e, 4, "3");
     assert_arg(&e, 5, "9007199254740993");
+    assert_int_equal(ntf__encode_fence_require_mark(&e), 7);
+    assert_arg(&e, 6, "1");
+    assert_arg(&e, 3, "fo:progress:42");
     ntf__enc_free(&e);
 }
 
