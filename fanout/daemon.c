@@ -63,6 +63,12 @@ static const char *io_key_refusal(void *ctx)
     return d->redis ? ntf_client_key_refusal(d->redis) : NULL;
 }
 
+static int io_record_mark(void *ctx, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data)
+{
+    return fo__store_record_mark(ctx, job_id, token, cb, data);
+}
+
 /* --- jobs --- */
 
 static int job_slot(fo_daemon_t *d, fo_job_t *j)
@@ -354,8 +360,8 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
-    d->io = (fo_job_io_t){io_fetch,     io_fence, io_write,    on_job_finished,
-                          io_may_write, d,        &d->metrics, io_key_refusal};
+    d->io = (fo_job_io_t){io_fetch, io_fence,    io_write,       on_job_finished, io_may_write,
+                          d,        &d->metrics, io_key_refusal, io_record_mark};
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {

@@ -15,7 +15,8 @@
  * ntf_write_page.
  *
  * States:
- *   FENCING   registering the lease token in Redis and reading the progress mark
+ *   FENCING   registering the lease token in Redis and reading the progress mark; for a
+ *             job whose mark PostgreSQL does not know yet, also recording that it exists
  *   RUNNING   reading pages (one at a time, one page ahead) and writing them (up to
  *             cfg->window in flight); each write carries the cursor it expects
  *   WAITING   Redis or PostgreSQL failed, a key the page writes has the wrong type, or
@@ -60,12 +61,19 @@ typedef struct fo_job_io {
     met_t *metrics; /* counters the job adds to (pages, rows, entries, latencies); may be NULL */
     /* After NTF_EKEY: the key, its type and the fix (ntf_client_key_refusal); may be NULL. */
     const char *(*key_refusal)(void *ctx);
+    /* Records in PostgreSQL that the job's mark exists (fanout.jobs.mark_created), before
+     * its first page: cb gets 0 once written, < 0 otherwise (FO_ESTOP when closing). Returns
+     * < 0 if it cannot be sent (cb never runs). NULL: nothing to record (tests). */
+    int (*record_mark)(void *ctx, int64_t job_id, int64_t token, void (*cb)(int status, void *data),
+                       void *data);
 } fo_job_io_t;
 
 /* What a claim returned. Strings are copied. pg_progress and pg_delivered are the job
- * record's checkpoint (lease renewals, outcomes): the mark in Redis may not be behind it. */
+ * record's checkpoint (lease renewals, outcomes): the mark in Redis may not be behind it.
+ * pg_marked: PostgreSQL recorded that the mark was created (it must exist). */
 typedef struct fo_claim {
     int64_t job_id, event_id, author, token, range_lo, range_hi, pg_progress, pg_delivered;
+    int pg_marked;
     const char *kind, *payload, *created_at;
 } fo_claim_t;
 
@@ -155,6 +163,9 @@ void fo__store_retry(fo_daemon_t *d, uint64_t now);
  * Also refreshes this worker's row in fanout.workers. */
 void fo__store_renew(fo_daemon_t *d);
 void fo__store_free_records(fo_daemon_t *d);
+/* io->record_mark: fanout.jobs.mark_created = true, with the token check. */
+int fo__store_record_mark(fo_daemon_t *d, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data);
 
 /* The reader's counters (pages from the primary and the replica, fallbacks, lag). */
 void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out);

@@ -58,6 +58,8 @@ struct fo_job {
     int64_t counted; /* delivered entries already added to metrics->notifications */
     int have_base;   /* counted holds the mark found by the first fence (earlier owners') */
     int64_t pg_progress, pg_delivered; /* PostgreSQL's checkpoint at the claim */
+    int pg_marked;                     /* PostgreSQL knows the mark exists */
+    ntf_progress_t fenced;             /* the mark a fence found, while that is recorded */
     int fatal;               /* FAILED over the progress mark: dead until fanoutctl retry */
     char *waiting;           /* WAITING: why; NULL otherwise */
     uint64_t wait_logged_ms; /* when the waiting reason was last logged */
@@ -75,11 +77,12 @@ static const char *const state_names[] = {"fencing", "running", "waiting", "drai
 static void pump(fo_job_t *j);
 static void fence(fo_job_t *j);
 
-/* A page of this range was written: PostgreSQL checkpointed progress, or this job has seen
- * the mark (a fence answered). A fence may then never create the mark afresh. */
+/* A page of this range may have been written: PostgreSQL recorded the mark or checkpointed
+ * progress, or this job has seen the mark (a fence answered). A fence may then never create
+ * the mark afresh. */
 static int mark_required(const fo_job_t *j)
 {
-    return j->pg_delivered > 0 || j->pg_progress > j->range_lo || j->have_base;
+    return j->pg_marked || j->pg_delivered > 0 || j->pg_progress > j->range_lo || j->have_base;
 }
 
 static ntf_job_t ntf_view(const fo_job_t *j)
@@ -404,6 +407,42 @@ static void pump(fo_job_t *j)
 
 /* --- fencing --- */
 
+static void on_record_mark(int status, void *data)
+{
+    fo_job_t *j;
+    int current = call_done(data, &j);
+    if (current && j->state == FO_JOB_FENCING) {
+        if (status == 0) {
+            j->pg_marked = 1;
+            resume_from(j, &j->fenced);
+        } else if (status == FO_ESTOP) {
+            j->state = FO_JOB_STOPPED;
+        } else {
+            go_wait(j, "postgresql did not record the progress mark");
+        }
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+/* The fence may just have created the mark: PostgreSQL learns it before the first page, so
+ * that a later claim never creates it again over pages already written. Returns 1 if sent
+ * (or the job now waits), 0 when there is nothing to record. */
+static int record_mark(fo_job_t *j, const ntf_progress_t *p)
+{
+    if (j->pg_marked || !j->io.record_mark || p->done)
+        return 0;
+    j->fenced = *p;
+    job_call_t *c = call_new(j);
+    if (j->io.record_mark(j->io.ctx, j->job_id, j->token, on_record_mark, c) < 0) {
+        free(c);
+        go_wait(j, "postgresql not ready");
+        return 1;
+    }
+    j->outstanding++;
+    return 1;
+}
+
 static void on_fence(int status, const ntf_progress_t *p, void *data)
 {
     fo_job_t *j;
@@ -419,7 +458,8 @@ static void on_fence(int status, const ntf_progress_t *p, void *data)
                 fo_log(FO_LOG_INFO, "job resumes from its progress mark",
                        "job=%" PRId64 " event=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64,
                        j->job_id, j->event_id, p->cursor, p->delivered);
-            resume_from(j, p);
+            if (!record_mark(j, p))
+                resume_from(j, p);
             break;
         case FO_EFENCED:
             fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64, j->job_id);
@@ -479,6 +519,7 @@ fo_job_t *fo_job_new(const fo_job_io_t *io, const cfg_t *cfg, const fo_claim_t *
     j->acked_cursor = j->read_cursor = j->sent_cursor = claim->range_lo;
     j->pg_progress = claim->pg_progress;
     j->pg_delivered = claim->pg_delivered;
+    j->pg_marked = claim->pg_marked;
     j->page_size = cfg->page_size;
     j->page = fo_xmalloc((size_t)j->page_size * sizeof *j->page);
     j->state = FO_JOB_WAITING;

@@ -63,7 +63,7 @@ static const char SQL_CLAIM[] =
     "   to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
     "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
     "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error,"
-    "   j.progress, j.delivered";
+    "   j.progress, j.delivered, j.mark_created::int";
 
 /*
  * A job claimed for the first time (token 1, the whole range, nothing written yet) may be
@@ -99,6 +99,10 @@ static const char SQL_RENEW[] =
     " progress = greatest(progress, $4), delivered = greatest(delivered, $5),"
     " waiting_reason = $6"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+/* The job's progress mark exists in Redis: before its first page (see fo_job_io_t). */
+static const char SQL_MARKED[] = "UPDATE fanout.jobs SET mark_created = true"
+                                 " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
@@ -143,6 +147,7 @@ void fo__store_prepare(fo_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 5);
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
+    rel_conn_prepare(d->ctl, "fo_marked", SQL_MARKED, 2);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
@@ -434,6 +439,7 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
             fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
             return;
         }
+        c.pg_marked = strcmp(PQgetvalue(res, 0, 14), "1") == 0;
         c.kind = PQgetvalue(res, 0, 3);
         c.payload = PQgetvalue(res, 0, 4);
         c.created_at = PQgetvalue(res, 0, 5);
@@ -508,6 +514,42 @@ void fo__store_claim(fo_daemon_t *d)
         d->claiming = 1;
     free(jobs);
     free(events);
+}
+
+/* --- the mark's record --- */
+
+typedef struct mark_call {
+    fo_daemon_t *d;
+    void (*cb)(int status, void *data);
+    void *data;
+} mark_call_t;
+
+static void on_marked(int status, const PGresult *res, void *data)
+{
+    mark_call_t *mc = data;
+    if (status == FO_EPG)
+        mc->d->metrics.errors[MET_PG]++;
+    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0)
+        status = FO_EPG; /* the lease moved on: the renewal stops the job */
+    else if (status < 0 && status != FO_ESTOP && res)
+        log_pg_error("progress mark not recorded; retrying", res);
+    mc->cb(status, mc->data);
+    free(mc);
+}
+
+int fo__store_record_mark(fo_daemon_t *d, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data)
+{
+    char id[24], tok[24];
+    I64(id, job_id);
+    I64(tok, token);
+    const char *params[] = {id, tok};
+    mark_call_t *mc = fo_xmalloc(sizeof *mc);
+    *mc = (mark_call_t){d, cb, data};
+    int rc = d->ctl ? rel_conn_exec(d->ctl, "fo_marked", 2, params, 0, on_marked, mc) : FO_EPG;
+    if (rc < 0)
+        free(mc);
+    return rc;
 }
 
 /* --- lease renewal --- */

@@ -109,8 +109,26 @@ static const char *fake_key_refusal(void *ctx)
     return "WRONGTYPE fanout: key fo:stream:3 is a string, not a stream";
 }
 
-static const fo_job_io_t io = {fake_fetch,     fake_fence, fake_write, fake_finished,
-                               fake_may_write, NULL,       NULL,       fake_key_refusal};
+static const fo_job_io_t io = {fake_fetch,    fake_fence,       fake_write,
+                               fake_finished, fake_may_write,   NULL,
+                               NULL,          fake_key_refusal, NULL};
+
+/* record_mark for the tests that check it: the call is kept for answer_record. */
+static void (*record_cb)(int status, void *data);
+static void *record_data;
+static int records;
+static int fake_record_mark(void *ctx, int64_t job_id, int64_t token,
+                            void (*cb)(int status, void *data), void *data)
+{
+    records++;
+    record_cb = cb;
+    record_data = data;
+    return 0;
+}
+
+static const fo_job_io_t io_rec = {fake_fetch,    fake_fence,       fake_write,
+                                   fake_finished, fake_may_write,   NULL,
+                                   NULL,          fake_key_refusal, fake_record_mark};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
@@ -603,6 +621,50 @@ static void test_wrong_typed_key_waits_then_resumes(void **state)
     fo_job_free(j);
 }
 
+/* A fresh job tells PostgreSQL its mark exists before its first page; a claim that says
+ * so fences with mark_required and records nothing again. */
+static void test_mark_is_recorded_before_the_first_page(void **state)
+{
+    set_followers(4);
+    records = 0;
+    fo_claim_t claim = {.job_id = 7,
+                        .event_id = 70,
+                        .author = 5,
+                        .token = 1,
+                        .range_hi = INT64_MAX,
+                        .kind = "post",
+                        .payload = "{}",
+                        .created_at = "t"};
+    fo_job_t *j = fo_job_new(&io_rec, &cfg, &claim);
+    fo_job_start(j, 0);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    assert_int_equal(records, 1);
+    assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0); /* nothing before the record */
+    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    record_cb(FO_EPG, record_data); /* not written: wait, fence again, record again */
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    fo_job_kick(j, fo_job_retry_at(j), 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    assert_int_equal(records, 2);
+    record_cb(0, record_data);
+    assert_int_equal(fo_job_state(j), FO_JOB_RUNNING);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 4);
+    fo_job_free(j);
+
+    memset(&F, 0, sizeof F);
+    claim.pg_marked = 1;
+    claim.token = 2;
+    j = fo_job_new(&io_rec, &cfg, &claim);
+    fo_job_start(j, 0);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 1);
+    answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0);
+    assert_int_equal(records, 2);
+    fo_job_free(j);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -625,6 +687,7 @@ int main(void)
         cmocka_unit_test_setup(test_mark_behind_postgres_stops, setup),
         cmocka_unit_test_setup(test_mark_lost_mid_fanout_stops, setup),
         cmocka_unit_test_setup(test_wrong_typed_key_waits_then_resumes, setup),
+        cmocka_unit_test_setup(test_mark_is_recorded_before_the_first_page, setup),
     };
     return cmocka_run_group_tests_name("fanout/job", tests, NULL, NULL);
 }

@@ -262,6 +262,36 @@ def deleted_mark_stops_the_job_and_retry_delivers_the_rest_once(s):
     exact(s, ev, n, "after fanoutctl retry")
 
 
+@suite.test
+def mark_deleted_after_a_kill_before_any_renewal_is_caught(s):
+    # PostgreSQL has no progress yet (the first renewal is 20 s away), only mark_created:
+    # the next claim must still refuse to start the range over
+    n = 60000
+    s.seed_followers(42, n)
+    env = dict(FANOUT_WORKER_ID="a", FANOUT_PAGE_SIZE=200, FANOUT_SPLIT_MIN_SPAN=0,
+               FANOUT_LEASE_MS=60000, FANOUT_POLL_MS=100)
+    d = s.start_daemon(**env)
+    ev = s.publish(42)
+    wait_progress(s, ev, 2000)
+    d.kill(signal.SIGKILL)
+    d.wait()
+    (job,) = job_ids(s, ev)
+    row = s.sql("SELECT progress, delivered, mark_created FROM fanout.jobs WHERE id = %s",
+                (job,))[0]
+    assert row == (0, 0, True), "not the case under test: %s" % (row,)
+    assert s.redis.delete("fanout:progress:%d" % job) == 1
+    written = len(s.recipients_of(ev))
+    d2 = s.start_daemon(**env)  # takes its own lease back at once
+    wait_until(s, "the job stops", lambda: s.job_states(ev).get("dead") == 1)
+    d2.wait_log("job stopped: its progress mark cannot be trusted", timeout=10)
+    entries, distinct, dups = figures(s, ev, n, "stopped after kill and DEL of the mark")
+    assert dups == 0 and entries == written
+    r = s.fanoutctl("retry", ev, user="fanoutd")
+    assert r.returncode == 0, r.stderr
+    s.wait_event_done(ev, timeout=120)
+    exact(s, ev, n, "after fanoutctl retry")
+
+
 # --------------------------------------------------------------------------------------------
 # failover to a replica, with WAIT
 # --------------------------------------------------------------------------------------------
