@@ -153,8 +153,8 @@ static void reload_done(uv_work_t *w, int status)
         m->reload_errors++;
         char q[600];
         fo_log(FO_LOG_ERROR, "configuration reload failed; keeping the current settings",
-               "error=%s",
-               fo_log_quote(q, sizeof q, status < 0 ? uv_strerror(status) : a->reload_err));
+               "error=%s", fo_log_quote(q, sizeof q, status < 0 ? uv_strerror(status)
+                                                                : a->reload_err));
         return;
     }
     char changed[1024], ignored[512];
