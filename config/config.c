@@ -67,6 +67,9 @@ static const cfg_row_t rows[] = {
      "Redis server IP address (no DNS: resolving would block the loop)"},
     {"redis_port", INT(redis_port), 1, 65535, "6379", 0, "Redis server port"},
     {"redis_password", STR(redis_password), 0, 0, "", 1, "Redis AUTH password; empty: none"},
+    {"redis_min_replicas", INT(redis_min_replicas), 0, 64, "0", 0,
+     "replicas that must acknowledge each page (WAIT) before it counts as written and "
+     "before a job is recorded done; 0: the primary alone"},
     {"key_prefix", STR(key_prefix), 1, 0, "fanout", 0, "prefix of every Redis key fanout writes"},
     {"shards", INT(shards), 1, 4096, "16", 0,
      "number of streams; a recipient's entries go to stream recipient mod shards"},

@@ -43,6 +43,7 @@ typedef struct cfg {
     char *redis_host;
     int redis_port;
     char *redis_password; /* secret: never printed */
+    int redis_min_replicas; /* replicas that must acknowledge a page (WAIT); 0: none */
     char *key_prefix;     /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
     int shards;
 

@@ -58,6 +58,18 @@ static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64
     return d->redis ? ntf_write_page(d->redis, job, expect, ids, n, last, cb, data) : FO_EREDIS;
 }
 
+static const char *io_key_refusal(void *ctx)
+{
+    fo_daemon_t *d = ctx;
+    return d->redis ? ntf_client_key_refusal(d->redis) : NULL;
+}
+
+static int io_record_mark(void *ctx, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data)
+{
+    return fo__store_record_mark(ctx, job_id, token, cb, data);
+}
+
 /* --- jobs --- */
 
 static int job_slot(fo_daemon_t *d, fo_job_t *j)
@@ -142,12 +154,34 @@ static void on_backlog_timer(uv_timer_t *t)
 
 /* --- timers and wake-ups --- */
 
+/* Counts the jobs that wait and keeps one reason for /metrics; when the count changes, the
+ * lease renewal publishes the reasons to fanoutctl status now rather than a third of a
+ * lease later. */
+static void note_waiting(fo_daemon_t *d)
+{
+    int64_t n = 0;
+    const char *why = NULL;
+    for (int i = 0; i < d->njobs; i++) {
+        const char *w = fo_job_waiting(d->jobs[i]);
+        if (w && !why)
+            why = w;
+        n += w != NULL;
+    }
+    snprintf(d->metrics.waiting_reason, sizeof d->metrics.waiting_reason, "%s", why ? why : "");
+    if (n != d->metrics.jobs_waiting) {
+        d->metrics.jobs_waiting = n;
+        if (rel_conn_ready(d->ctl))
+            fo__store_renew(d);
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     fo_daemon_t *d = t->data;
     uint64_t now = fo_now_ms();
     for (int i = 0; i < d->njobs; i++)
         fo_job_kick(d->jobs[i], now, 0);
+    note_waiting(d);
     fo__store_retry(d, now);
     fo__identity_check(d);
     check_contract(d, 0);
@@ -368,6 +402,8 @@ static void on_redis_state(ntf_client_t *c, int up, void *data)
 {
     fo_daemon_t *d = data;
     note_state(d, &d->redis_up, up, MET_REDIS);
+    if (d->ctl && rel_conn_ready(d->ctl))
+        fo__store_renew(d); /* the worker row says why Redis is refused, or no longer */
     if (up)
         kick_all(data);
 }
@@ -427,8 +463,16 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
-    d->io = (fo_job_io_t){io_fetch,     io_fence, io_write,    on_job_finished,
-                          io_may_write, d,        &d->metrics, on_contract_broken};
+    d->io = (fo_job_io_t){.fetch = io_fetch,
+                          .fence = io_fence,
+                          .write = io_write,
+                          .finished = on_job_finished,
+                          .may_write = io_may_write,
+                          .ctx = d,
+                          .metrics = &d->metrics,
+                          .contract_broken = on_contract_broken,
+                          .key_refusal = io_key_refusal,
+                          .record_mark = io_record_mark};
     fo__identity_init(d);
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
@@ -582,6 +626,10 @@ met_t *fo_daemon_metrics(fo_daemon_t *d)
     d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
     d->metrics.jobs_running = d->njobs;
     d->metrics.ready = fo_daemon_ready(d);
+    const char *refused = d->redis ? ntf_client_refusal(d->redis) : NULL;
+    d->metrics.redis_refused = refused != NULL;
+    snprintf(d->metrics.redis_refusal, sizeof d->metrics.redis_refusal, "%s",
+             refused ? refused : "");
     rel_reader_stats_t rs;
     fo_daemon_read_stats(d, &rs);
     d->metrics.replica_pages = rs.replica_pages;

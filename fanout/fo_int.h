@@ -15,15 +15,22 @@
  * ntf_write_page.
  *
  * States:
- *   FENCING   registering the lease token in Redis and reading the progress mark
+ *   FENCING   registering the lease token in Redis and reading the progress mark; for a
+ *             job whose mark PostgreSQL does not know yet, also recording that it exists
  *   RUNNING   reading pages (one at a time, one page ahead) and writing them (up to
  *             cfg->window in flight); each write carries the cursor it expects
- *   WAITING   Redis or PostgreSQL failed; retried at retry_at (fo_job_kick), by fencing
- *             again, since after a lost reply only Redis knows which pages were applied
+ *   WAITING   Redis or PostgreSQL failed, a key the page writes has the wrong type, or
+ *             the replicas did not acknowledge; retried at retry_at (fo_job_kick), by
+ *             fencing again, since after a lost reply only Redis knows which pages were
+ *             applied. fo_job_waiting says why (a wrong-typed key: the key and the fix).
  *   DRAINING  stopping: no new reads or writes; waits for the replies in flight
  *   DONE, FENCED, STOPPED, FAILED   terminal, reported once through io->finished. FAILED:
  *             PostgreSQL refused this job's page query (fo_job_error says why); the daemon
  *             records the failed attempt and the job is retried later, or declared dead.
+ *             Also FAILED, and fatal (fo_job_fatal): the progress mark is missing although a
+ *             page was written, or behind what PostgreSQL recorded. Fencing again would
+ *             start the range over and repeat what Redis holds, so the job is declared dead
+ *             at once and waits for fanoutctl retry, which rebuilds the cursor.
  */
 typedef enum {
     FO_JOB_FENCING,
@@ -39,8 +46,8 @@ typedef enum {
 typedef struct fo_job fo_job_t;
 
 typedef struct fo_job_io {
-    int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
-                 int64_t *out, rel_page_cb cb, void *data);
+    int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
+                 rel_page_cb cb, void *data);
     int (*fence)(void *ctx, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
                  void *data);
     int (*write)(void *ctx, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
@@ -55,11 +62,21 @@ typedef struct fo_job_io {
     /* A page query said the contract view changed (err: the server's message, borrowed);
      * the job waits without using an attempt. May be NULL. */
     void (*contract_broken)(void *ctx, const char *err);
+    /* After NTF_EKEY: the key, its type and the fix (ntf_client_key_refusal); may be NULL. */
+    const char *(*key_refusal)(void *ctx);
+    /* Records in PostgreSQL that the job's mark exists (fanout.jobs.mark_created), before
+     * its first page: cb gets 0 once written, < 0 otherwise (FO_ESTOP when closing). Returns
+     * < 0 if it cannot be sent (cb never runs). NULL: nothing to record (tests). */
+    int (*record_mark)(void *ctx, int64_t job_id, int64_t token, void (*cb)(int status, void *data),
+                       void *data);
 } fo_job_io_t;
 
-/* What a claim returned. Strings are copied. */
+/* What a claim returned. Strings are copied. pg_progress and pg_delivered are the job
+ * record's checkpoint (lease renewals, outcomes): the mark in Redis may not be behind it.
+ * pg_marked: PostgreSQL recorded that the mark was created (it must exist). */
 typedef struct fo_claim {
-    int64_t job_id, event_id, author, token, range_lo, range_hi;
+    int64_t job_id, event_id, author, token, range_lo, range_hi, pg_progress, pg_delivered;
+    int pg_marked;
     const char *kind, *payload, *created_at;
 } fo_claim_t;
 
@@ -84,6 +101,11 @@ int64_t fo_job_cursor(const fo_job_t *j);
 int64_t fo_job_delivered(const fo_job_t *j);
 /* Why a FAILED job failed (a copy of the server's message), else NULL. */
 const char *fo_job_error(const fo_job_t *j);
+/* 1 when a FAILED job must not be claimed again before an operator's fanoutctl retry. */
+int fo_job_fatal(const fo_job_t *j);
+/* Why the job waits (what for, and the fix): set when it starts waiting, kept through the
+ * retries (fences included) until a page is applied again; NULL when it does not wait. */
+const char *fo_job_waiting(const fo_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fo_job_retry_at(const fo_job_t *j);
 
@@ -136,7 +158,7 @@ struct fo_daemon {
     int claiming, claim_again;
     unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
-    int paused; /* backpressure: jobs write nothing new */
+    int paused;              /* backpressure: jobs write nothing new */
     char paused_reason[160];
     int backlog_busy;
     int stopping;
@@ -166,6 +188,9 @@ void fo__store_retry(fo_daemon_t *d, uint64_t now);
  * Also refreshes this worker's row in fanout.workers. */
 void fo__store_renew(fo_daemon_t *d);
 void fo__store_free_records(fo_daemon_t *d);
+/* io->record_mark: fanout.jobs.mark_created = true, with the token check. */
+int fo__store_record_mark(fo_daemon_t *d, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data);
 
 /* identity.c: this worker's id (an advisory lock) and its fanout.workers row. */
 void fo__identity_init(fo_daemon_t *d);

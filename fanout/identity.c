@@ -207,6 +207,8 @@ void fo__identity_heartbeat(fo_daemon_t *d)
     const char *paused = d->paused ? d->paused_reason : NULL;
     if (!paused && d->contract == FO_CONTRACT_PAUSED)
         paused = "contract broken: fanoutctl check-db names the finding and the fix";
+    if (!paused && d->redis) /* a refused Redis pauses every job too */
+        paused = ntf_client_refusal(d->redis);
     const char *params[] = {d->worker_id, njobs, paused, d->host, pid};
     rel_conn_exec(d->ctl, "fo_worker", 5, params, 0, on_worker_row, NULL);
 }

@@ -10,9 +10,14 @@
  *
  * Whenever the job loses track of what Redis applied (a lost connection, a refused write,
  * a mark that moved), it forgets its pipeline and fences again: Redis's mark is the truth,
- * and the job resumes right after it. The `epoch` counter makes the replies of a forgotten
- * pipeline harmless: they still arrive (and are counted in `outstanding`, which must reach
- * zero before the job reports itself finished), but change nothing.
+ * and the job resumes right after it. A mark is the truth only while it exists and is not
+ * behind PostgreSQL's checkpoint: once a page was written (PostgreSQL recorded progress, or
+ * this job saw a mark), the fence must find the mark, and a missing or older one makes the
+ * job fail, fatally, instead of starting the range over (which would repeat what the
+ * streams hold). A page Redis refuses because a key has the wrong type wrote nothing: the
+ * job waits, says why once per FO_WAIT_LOG_MS, and resumes when a fence works again. The `epoch`
+ * counter makes the replies of a forgotten pipeline harmless: they still arrive (and are counted in
+ * `outstanding`, which must reach zero before the job reports itself finished), but change nothing.
  *
  * Memory: one page buffer of cfg->page_size ids, whatever the follower count.
  */
@@ -21,6 +26,8 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define FO_WAIT_LOG_MS 10000 /* a job waiting for the same reason says so once per interval */
 
 struct fo_job {
     fo_job_io_t io;
@@ -46,10 +53,16 @@ struct fo_job {
     size_t ready_n;
     int inflight; /* writes of this epoch not yet answered */
     int64_t *page;
-    char *error; /* FAILED: the server's message */
-    int page_size; /* the buffer's size: cfg->page_size when created (SIGHUP may change it) */
+    char *error;     /* FAILED: the server's message */
+    int page_size;   /* the buffer's size: cfg->page_size when created (SIGHUP may change it) */
     int64_t counted; /* delivered entries already added to metrics->notifications */
     int have_base;   /* counted holds the mark found by the first fence (earlier owners') */
+    int64_t pg_progress, pg_delivered; /* PostgreSQL's checkpoint at the claim */
+    int pg_marked;                     /* PostgreSQL knows the mark exists */
+    ntf_progress_t fenced;             /* the mark a fence found, while that is recorded */
+    int fatal;               /* FAILED over the progress mark: dead until fanoutctl retry */
+    char *waiting;           /* WAITING: why; NULL otherwise */
+    uint64_t wait_logged_ms; /* when the waiting reason was last logged */
 };
 
 typedef struct job_call {
@@ -64,6 +77,14 @@ static const char *const state_names[] = {"fencing", "running", "waiting", "drai
 static void pump(fo_job_t *j);
 static void fence(fo_job_t *j);
 
+/* A page of this range may have been written: PostgreSQL recorded the mark or checkpointed
+ * progress, or this job has seen the mark (a fence answered). A fence may then never create
+ * the mark afresh. */
+static int mark_required(const fo_job_t *j)
+{
+    return j->pg_marked || j->pg_delivered > 0 || j->pg_progress > j->range_lo || j->have_base;
+}
+
 static ntf_job_t ntf_view(const fo_job_t *j)
 {
     return (ntf_job_t){.job_id = j->job_id,
@@ -72,7 +93,8 @@ static ntf_job_t ntf_view(const fo_job_t *j)
                        .token = j->token,
                        .kind = j->kind,
                        .payload = j->payload,
-                       .created_at = j->created_at};
+                       .created_at = j->created_at,
+                       .mark_required = mark_required(j)};
 }
 
 static job_call_t *call_new(fo_job_t *j)
@@ -146,6 +168,8 @@ static void reset_pipeline(fo_job_t *j, int64_t cursor)
     j->inflight = 0;
 }
 
+/* Waits for the retry time (jittered, growing up to reconnect_max_ms). One line when the
+ * reason is new, then at most one per FO_WAIT_LOG_MS however often the retry fails. */
 static void go_wait(fo_job_t *j, const char *why)
 {
     reset_pipeline(j, j->acked_cursor);
@@ -154,11 +178,67 @@ static void go_wait(fo_job_t *j, const char *why)
     uint64_t ceiling = 100u << shift;
     if (ceiling > (uint64_t)j->cfg->reconnect_max_ms)
         ceiling = (uint64_t)j->cfg->reconnect_max_ms;
-    j->retry_at = fo_now_ms() + 50 + (uint64_t)rand() % (ceiling + 1);
+    uint64_t now = fo_now_ms();
+    j->retry_at = now + 50 + (uint64_t)rand() % (ceiling + 1);
     j->failures++;
-    fo_log(j->failures == 1 ? FO_LOG_WARN : FO_LOG_DEBUG, "job waiting to retry",
-           "job=%" PRId64 " event=%" PRId64 " reason=\"%s\" attempt=%u", j->job_id, j->event_id,
-           why, j->failures);
+    int same = j->waiting && strcmp(j->waiting, why) == 0;
+    if (!same) {
+        free(j->waiting);
+        j->waiting = fo_xstrdup(why);
+    }
+    if (same && now - j->wait_logged_ms < FO_WAIT_LOG_MS)
+        return;
+    j->wait_logged_ms = now;
+    char q[512];
+    fo_log(FO_LOG_WARN, "job waiting to retry",
+           "job=%" PRId64 " event=%" PRId64 " reason=%s attempt=%u", j->job_id, j->event_id,
+           fo_log_quote(q, sizeof q, why), j->failures);
+}
+
+/* Redis applied a page: whatever the job waited for is over. Not on a fence: a fence
+ * touches the mark alone, so it succeeds while a stream key is still wrong-typed, and
+ * clearing there would log a wait and a resume per retry. */
+static void stop_waiting(fo_job_t *j)
+{
+    if (!j->waiting)
+        return;
+    fo_log(FO_LOG_INFO, "job resumes", "job=%" PRId64 " event=%" PRId64 " waited_for=\"%.80s\"",
+           j->job_id, j->event_id, j->waiting);
+    free(j->waiting);
+    j->waiting = NULL;
+}
+
+/* The mark is missing or behind PostgreSQL: starting over would repeat what the streams
+ * hold, so the job fails for good and says how to go on. */
+static void fail_mark(fo_job_t *j, const char *what, const ntf_progress_t *p)
+{
+    char mark[96];
+    if (p)
+        snprintf(mark, sizeof mark, "at cursor %" PRId64 " with %" PRId64 " delivered", p->cursor,
+                 p->delivered);
+    else
+        snprintf(mark, sizeof mark, "gone");
+    free(j->error);
+    j->error = fo_xasprintf(
+        "progress mark %s:progress:%" PRId64 " %s (%s) while PostgreSQL recorded cursor %" PRId64
+        " with %" PRId64 " delivered and this worker %" PRId64
+        ": it was deleted, evicted or lost in"
+        " a failover; not replaying the range. Fix Redis, then fanoutctl retry %" PRId64
+        " rebuilds the cursor from the streams",
+        j->cfg->key_prefix, j->job_id, what, mark, j->pg_progress, j->pg_delivered, j->acked_cursor,
+        j->event_id);
+    fo_log(FO_LOG_ERROR, "job stopped: its progress mark cannot be trusted",
+           "job=%" PRId64 " event=%" PRId64 " error=\"%s\"", j->job_id, j->event_id, j->error);
+    j->fatal = 1;
+    j->state = FO_JOB_FAILED;
+    j->epoch++;
+}
+
+/* After NTF_EKEY: the key and the fix, as Redis's script said them. */
+static void wait_for_key(fo_job_t *j)
+{
+    const char *why = j->io.key_refusal ? j->io.key_refusal(j->io.ctx) : NULL;
+    go_wait(j, why && *why ? why : "a key fanout writes has the wrong type");
 }
 
 /* Adopt Redis's mark as the truth and carry on from it. */
@@ -179,7 +259,8 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
     fo_job_t *j = call->job;
     if (j->io.metrics) {
         met_hist_observe(&j->io.metrics->redis_write, seconds_since(call->sent_ns));
-        if (status != 0 && status != NTF_EMOVED && status != FO_EFENCED && status != FO_ESTOP)
+        if (status != 0 && status != NTF_EMOVED && status != FO_EFENCED && status != FO_ESTOP &&
+            status != NTF_EKEY)
             j->io.metrics->errors[MET_REDIS]++;
     }
     int current = call_done(data, &j);
@@ -191,13 +272,14 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
             j->delivered = p->delivered;
             note_delivered(j, p->delivered);
             j->failures = 0;
+            stop_waiting(j);
             if (p->done)
                 j->state = FO_JOB_DONE;
             break;
         case NTF_EMOVED:
             fo_log(FO_LOG_INFO, "progress mark moved; resuming from it",
-                   "job=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64, j->job_id,
-                   p->cursor, p->delivered);
+                   "job=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64, j->job_id, p->cursor,
+                   p->delivered);
             if (j->state == FO_JOB_RUNNING)
                 resume_from(j, p);
             break;
@@ -212,9 +294,24 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
                 j->state = FO_JOB_DRAINING;
             j->epoch++;
             break;
+        case NTF_ENOMARK:
+            if (j->state == FO_JOB_RUNNING)
+                fail_mark(j, "is missing", NULL);
+            else
+                j->epoch++;
+            break;
+        case NTF_EKEY:
+            if (j->state == FO_JOB_RUNNING)
+                wait_for_key(j);
+            else
+                j->epoch++;
+            break;
         default:
             if (j->state == FO_JOB_RUNNING)
-                go_wait(j, "redis write failed");
+                go_wait(j, status == NTF_EREPLICAS
+                               ? "redis replicas did not acknowledge the page in time "
+                                 "(FANOUT_REDIS_MIN_REPLICAS)"
+                               : "redis write failed");
             else
                 j->epoch++; /* draining: give up on the rest, the mark is exact anyway */
             break;
@@ -228,8 +325,8 @@ static void send_ready(fo_job_t *j)
 {
     ntf_job_t view = ntf_view(j);
     job_call_t *c = call_new(j);
-    int rc = j->io.write(j->io.ctx, &view, j->sent_cursor, j->page, j->ready_n, j->eof,
-                         on_write, c);
+    int rc =
+        j->io.write(j->io.ctx, &view, j->sent_cursor, j->page, j->ready_n, j->eof, on_write, c);
     if (rc < 0) {
         free(c);
         go_wait(j, "redis not ready");
@@ -290,8 +387,8 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
 static void start_read(fo_job_t *j)
 {
     job_call_t *c = call_new(j);
-    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size,
-                         j->page, on_page, c);
+    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size, j->page,
+                         on_page, c);
     if (rc < 0) {
         free(c);
         go_wait(j, "postgresql not ready");
@@ -306,13 +403,50 @@ static void pump(fo_job_t *j)
 {
     if (j->state != FO_JOB_RUNNING)
         return;
-    if (j->ready && j->inflight < j->cfg->window && (!j->io.may_write || j->io.may_write(j->io.ctx)))
+    if (j->ready && j->inflight < j->cfg->window &&
+        (!j->io.may_write || j->io.may_write(j->io.ctx)))
         send_ready(j);
     if (j->state == FO_JOB_RUNNING && !j->reading && !j->ready && !j->eof)
         start_read(j);
 }
 
 /* --- fencing --- */
+
+static void on_record_mark(int status, void *data)
+{
+    fo_job_t *j;
+    int current = call_done(data, &j);
+    if (current && j->state == FO_JOB_FENCING) {
+        if (status == 0) {
+            j->pg_marked = 1;
+            resume_from(j, &j->fenced);
+        } else if (status == FO_ESTOP) {
+            j->state = FO_JOB_STOPPED;
+        } else {
+            go_wait(j, "postgresql did not record the progress mark");
+        }
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+/* The fence may just have created the mark: PostgreSQL learns it before the first page, so
+ * that a later claim never creates it again over pages already written. Returns 1 if sent
+ * (or the job now waits), 0 when there is nothing to record. */
+static int record_mark(fo_job_t *j, const ntf_progress_t *p)
+{
+    if (j->pg_marked || !j->io.record_mark || p->done)
+        return 0;
+    j->fenced = *p;
+    job_call_t *c = call_new(j);
+    if (j->io.record_mark(j->io.ctx, j->job_id, j->token, on_record_mark, c) < 0) {
+        free(c);
+        go_wait(j, "postgresql not ready");
+        return 1;
+    }
+    j->outstanding++;
+    return 1;
+}
 
 static void on_fence(int status, const ntf_progress_t *p, void *data)
 {
@@ -321,20 +455,33 @@ static void on_fence(int status, const ntf_progress_t *p, void *data)
     if (current && j->state == FO_JOB_FENCING) {
         switch (status) {
         case 0:
+            if (p->cursor < j->pg_progress || p->delivered < j->pg_delivered) {
+                fail_mark(j, "is behind", p);
+                break;
+            }
             if (p->cursor != j->range_lo || p->delivered > 0)
                 fo_log(FO_LOG_INFO, "job resumes from its progress mark",
-                       "job=%" PRId64 " event=%" PRId64 " cursor=%" PRId64
-                       " delivered=%" PRId64,
+                       "job=%" PRId64 " event=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64,
                        j->job_id, j->event_id, p->cursor, p->delivered);
-            resume_from(j, p);
+            if (!record_mark(j, p))
+                resume_from(j, p);
             break;
         case FO_EFENCED:
-            fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64,
-                   j->job_id);
+            fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64, j->job_id);
             j->state = FO_JOB_FENCED;
             break;
         case FO_ESTOP:
             j->state = FO_JOB_STOPPED;
+            break;
+        case NTF_ENOMARK:
+            fail_mark(j, "is missing", NULL);
+            break;
+        case NTF_EKEY:
+            wait_for_key(j);
+            break;
+        case NTF_EREPLICAS:
+            go_wait(j, "redis replicas did not acknowledge the fence in time "
+                       "(FANOUT_REDIS_MIN_REPLICAS)");
             break;
         default:
             go_wait(j, "redis fence failed");
@@ -375,6 +522,9 @@ fo_job_t *fo_job_new(const fo_job_io_t *io, const cfg_t *cfg, const fo_claim_t *
     j->payload = fo_xstrdup(claim->payload);
     j->created_at = fo_xstrdup(claim->created_at);
     j->acked_cursor = j->read_cursor = j->sent_cursor = claim->range_lo;
+    j->pg_progress = claim->pg_progress;
+    j->pg_delivered = claim->pg_delivered;
+    j->pg_marked = claim->pg_marked;
     j->page_size = cfg->page_size;
     j->page = fo_xmalloc((size_t)j->page_size * sizeof *j->page);
     j->state = FO_JOB_WAITING;
@@ -390,6 +540,7 @@ void fo_job_free(fo_job_t *j)
     free(j->created_at);
     free(j->page);
     free(j->error);
+    free(j->waiting);
     free(j);
 }
 
@@ -465,6 +616,16 @@ int64_t fo_job_delivered(const fo_job_t *j)
 const char *fo_job_error(const fo_job_t *j)
 {
     return j->error;
+}
+
+int fo_job_fatal(const fo_job_t *j)
+{
+    return j->fatal;
+}
+
+const char *fo_job_waiting(const fo_job_t *j)
+{
+    return terminal(j->state) ? NULL : j->waiting;
 }
 
 uint64_t fo_job_retry_at(const fo_job_t *j)

@@ -35,16 +35,16 @@ fo_sd_t *fo_sd_open(const char *notify_socket)
     if (n == 0)
         return sd;
     if ((notify_socket[0] != '/' && notify_socket[0] != '@') || n >= sizeof sd->addr.sun_path) {
-        fo_log(FO_LOG_WARN, "NOTIFY_SOCKET is neither an absolute path nor @abstract; not notifying",
-               NULL);
+        fo_log(FO_LOG_WARN,
+               "NOTIFY_SOCKET is neither an absolute path nor @abstract; not notifying", NULL);
         return sd;
     }
     sd->addr.sun_family = AF_UNIX;
     memcpy(sd->addr.sun_path, notify_socket, n);
     if (notify_socket[0] == '@')
         sd->addr.sun_path[0] = '\0'; /* abstract namespace: no terminating NUL counted */
-    sd->addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n +
-                               (notify_socket[0] == '/' ? 1 : 0));
+    sd->addr_len =
+        (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (notify_socket[0] == '/' ? 1 : 0));
     sd->fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (sd->fd < 0)
         fo_log(FO_LOG_WARN, "cannot open the systemd notification socket", "error=\"%s\"",

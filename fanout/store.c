@@ -37,6 +37,7 @@ struct store_rec {
     uint64_t refused_since, logged_at; /* refusals by the server (0: none yet) */
     unsigned tries;
     int sending;
+    int fatal;   /* REC_FAIL: dead at once */
     char *error; /* REC_FAIL, REC_DEAD */
 };
 
@@ -89,7 +90,8 @@ static const char SQL_CLAIM[] =
     "   to_char(CASE WHEN isfinite(e.created_at) THEN e.created_at ELSE j.created_at END"
     "           AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
     "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
-    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error";
+    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error,"
+    "   j.progress, j.delivered, j.mark_created::int";
 
 /*
  * A job claimed for the first time (token 1, the whole range, nothing written yet) may be
@@ -119,16 +121,23 @@ static const char SQL_SPLIT[] =
     " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
     "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
 
-/* Progress since the last checkpoint clears the count of vanished holders (SQL_CLAIM). */
+/* Progress since the last checkpoint clears the count of vanished holders (SQL_CLAIM).
+ * $6: why the job waits (NULL: it does not), for fanoutctl status. */
 static const char SQL_RENEW[] =
     "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
     " lease_losses = CASE WHEN $4::bigint > progress THEN 0 ELSE lease_losses END,"
-    " progress = greatest(progress, $4), delivered = greatest(delivered, $5)"
+    " progress = greatest(progress, $4), delivered = greatest(delivered, $5),"
+    " waiting_reason = $6"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
+
+/* The job's progress mark exists in Redis: before its first page (see fo_job_io_t). */
+static const char SQL_MARKED[] = "UPDATE fanout.jobs SET mark_created = true"
+                                 " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
-    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL"
+    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL,"
+    " waiting_reason = NULL"
     " WHERE id = $1 AND token = $2 AND state = 'running'"
     " RETURNING extract(epoch FROM finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id"
@@ -138,7 +147,8 @@ static const char SQL_FINISH[] =
 static const char SQL_RELEASE[] =
     "UPDATE fanout.jobs SET state = 'pending', progress = greatest(progress, $3),"
     " delivered = greatest(delivered, $4),"
-    " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)"
+    " lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0),"
+    " waiting_reason = NULL"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
 /* A record refused too long (REC_GIVE_UP_LEASES): the job is dead with the reason.
@@ -150,11 +160,12 @@ static const char SQL_DEAD[] =
     " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
 
 /* A failed attempt: dead when the attempts are used up, else pending again after
- * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts. */
+ * $7 * 2^(attempts - 1) ms, at most $8 ms. $5 the error, $6 max attempts (0 for a fatal
+ * failure: dead at once, until fanoutctl retry). */
 static const char SQL_FAIL[] =
     "UPDATE fanout.jobs SET state = CASE WHEN attempts >= $6 THEN 'dead' ELSE 'pending' END,"
     " progress = greatest(progress, $3), delivered = greatest(delivered, $4), last_error = $5,"
-    " lease_owner = NULL, lease_until = NULL,"
+    " lease_owner = NULL, lease_until = NULL, waiting_reason = NULL,"
     " next_attempt_at = now() + least($8::numeric,"
     "   $7::numeric * power(2::numeric, least(attempts - 1, 40)))::float8"
     "   * interval '1 millisecond',"
@@ -169,7 +180,8 @@ static const char SQL_OLDEST[] =
 void fo__store_prepare(fo_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
-    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 5);
+    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
+    rel_conn_prepare(d->ctl, "fo_marked", SQL_MARKED, 2);
     rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
     rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
     rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
@@ -298,7 +310,7 @@ static void rec_send(store_rec_t *r)
     I64(token, r->token);
     I64(cursor, r->cursor);
     I64(delivered, r->delivered);
-    I64(max, cfg->max_attempts);
+    I64(max, r->fatal ? 0 : cfg->max_attempts);
     I64(base, cfg->retry_base_ms);
     I64(cap, cfg->retry_max_ms);
     const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
@@ -339,6 +351,7 @@ void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms)
     r->started_ms = started_ms;
     if (fo_job_error(j))
         r->error = fo_xstrdup(fo_job_error(j));
+    r->fatal = fo_job_fatal(j);
     r->next = d->recs;
     d->recs = r;
     rec_send(r);
@@ -411,9 +424,8 @@ static void on_split(int status, const PGresult *res, void *data)
     if (status == 0 && !PQgetisnull(res, 0, 0)) {
         sc->claim.range_hi = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
         fo_log(FO_LOG_INFO, "job split into follower-id ranges",
-               "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64,
-               sc->claim.job_id, sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)),
-               sc->claim.range_hi);
+               "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
+               sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
     } else if (status != 0 && !res) {
         /* The connection died with the split's outcome unknown: it may have committed, and
          * running the job whole would then repeat the other ranges. Leave the job to its
@@ -519,10 +531,12 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
         fo_claim_t c = {0};
         if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
             row_int64(res, 2, &c.author) || row_int64(res, 6, &c.token) ||
-            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi)) {
+            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi) ||
+            row_int64(res, 12, &c.pg_progress) || row_int64(res, 13, &c.pg_delivered)) {
             fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
             return;
         }
+        c.pg_marked = strcmp(PQgetvalue(res, 0, 14), "1") == 0;
         c.kind = PQgetvalue(res, 0, 3);
         c.payload = PQgetvalue(res, 0, 4);
         c.created_at = PQgetvalue(res, 0, 5);
@@ -601,6 +615,42 @@ void fo__store_claim(fo_daemon_t *d)
     free(events);
 }
 
+/* --- the mark's record --- */
+
+typedef struct mark_call {
+    fo_daemon_t *d;
+    void (*cb)(int status, void *data);
+    void *data;
+} mark_call_t;
+
+static void on_marked(int status, const PGresult *res, void *data)
+{
+    mark_call_t *mc = data;
+    if (status == FO_EPG)
+        mc->d->metrics.errors[MET_PG]++;
+    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0)
+        status = FO_EPG; /* the lease moved on: the renewal stops the job */
+    else if (status < 0 && status != FO_ESTOP && res)
+        log_pg_error("progress mark not recorded; retrying", res);
+    mc->cb(status, mc->data);
+    free(mc);
+}
+
+int fo__store_record_mark(fo_daemon_t *d, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data)
+{
+    char id[24], tok[24];
+    I64(id, job_id);
+    I64(tok, token);
+    const char *params[] = {id, tok};
+    mark_call_t *mc = fo_xmalloc(sizeof *mc);
+    *mc = (mark_call_t){d, cb, data};
+    int rc = d->ctl ? rel_conn_exec(d->ctl, "fo_marked", 2, params, 0, on_marked, mc) : FO_EPG;
+    if (rc < 0)
+        free(mc);
+    return rc;
+}
+
 /* --- lease renewal --- */
 
 typedef struct renew_call {
@@ -639,10 +689,10 @@ void fo__store_renew(fo_daemon_t *d)
         I64(token, fo_job_token(j));
         I64(cursor, fo_job_cursor(j));
         I64(delivered, fo_job_delivered(j));
-        const char *params[] = {id, token, lease, cursor, delivered};
+        const char *params[] = {id, token, lease, cursor, delivered, fo_job_waiting(j)};
         renew_call_t *rc = fo_xmalloc(sizeof *rc);
         *rc = (renew_call_t){d, fo_job_id(j), fo_job_token(j)};
-        if (rel_conn_exec(d->ctl, "fo_renew", 5, params, 0, on_renew, rc) < 0)
+        if (rel_conn_exec(d->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
             free(rc);
     }
     fo__identity_heartbeat(d);

@@ -383,8 +383,10 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
 
 /*
  * One event's jobs folded into one row (the design allows several jobs per event, each a
- * range of followers): done only when every job is done; running while any job runs or
- * some are finished and others still pending; dead when none is left to run and one died.
+ * range of followers): done only when every job is done; waiting while a running job waits
+ * for Redis (a wrong-typed key, replicas: waiting_reason says which and the fix); running
+ * while any job runs or some are finished and others still pending; dead when none is left
+ * to run and one died.
  */
 #define JOBS_AGGREGATE                                                                             \
     "CROSS JOIN LATERAL (SELECT count(*) AS n,"                                                    \
@@ -395,12 +397,16 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
     " coalesce(max(attempts), 0) AS attempts,"                                                     \
     " min(started_at) AS started_at,"                                                              \
     " (array_agg(last_error ORDER BY id DESC) FILTER (WHERE last_error IS NOT NULL))[1]"           \
-    "   AS last_error"                                                                             \
+    "   AS last_error,"                                                                            \
+    " count(*) FILTER (WHERE state = 'running' AND waiting_reason IS NOT NULL) AS n_waiting,"      \
+    " (array_agg(waiting_reason ORDER BY id)"                                                      \
+    "   FILTER (WHERE state = 'running' AND waiting_reason IS NOT NULL))[1] AS waiting"            \
     " FROM fanout.jobs WHERE event_id = e.id) j "
 
 #define EVENT_STATE                                                                                \
     "CASE WHEN j.n = 0 THEN 'none'"                                                                \
     " WHEN j.n_done = j.n THEN 'done'"                                                             \
+    " WHEN j.n_waiting > 0 THEN 'waiting'"                                                         \
     " WHEN j.n_running > 0 OR (j.n_pending > 0 AND j.n_pending < j.n) THEN 'running'"              \
     " WHEN j.n_pending > 0 THEN 'pending'"                                                         \
     " ELSE 'dead' END"
@@ -432,7 +438,8 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
                            " j.attempts, coalesce(j.last_error, ''),"
                            " to_char(e.created_at AT TIME ZONE 'UTC',"
                            "         'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-                           " floor(extract(epoch FROM now() - e.created_at))::bigint"
+                           " floor(extract(epoch FROM now() - e.created_at))::bigint,"
+                           " coalesce(j.waiting, '')"
                            " FROM fanout.events e " JOBS_AGGREGATE "WHERE e.id = $1",
                            1, params);
     if (!res)
@@ -474,6 +481,8 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
     print_kv("last_error", PQgetvalue(res, 0, 7));
     print_kv("created_at", PQgetvalue(res, 0, 8));
     print_kv("age_seconds", PQgetvalue(res, 0, 9));
+    if (*PQgetvalue(res, 0, 10))
+        print_kv("waiting", PQgetvalue(res, 0, 10));
     PQclear(res);
     return fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
 }
@@ -514,13 +523,13 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
     }
     char *sql = fo_xasprintf(
         "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
-        " CASE WHEN s.state IN ('running', 'pending')"
+        " CASE WHEN s.state IN ('running', 'waiting', 'pending')"
         "   THEN (SELECT count(*) FROM %s.%s v WHERE v.author = e.author) END,"
         " CASE WHEN s.state = 'running' AND now() > j.started_at"
         "   THEN round((j.delivered / extract(epoch FROM now() - j.started_at))::numeric, 1)"
         " END,"
         " j.attempts, floor(extract(epoch FROM now() - e.created_at))::bigint,"
-        " coalesce(j.last_error, '')"
+        " coalesce('WAITING: ' || j.waiting, j.last_error, '')"
         " FROM (SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
         "        WHERE state IN ('pending', 'running') ORDER BY event_id LIMIT 100) a"
         "       UNION SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
@@ -529,7 +538,8 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
         "      ) ids(id)"
         " JOIN fanout.events e ON e.id = ids.id " JOBS_AGGREGATE
         " CROSS JOIN LATERAL (SELECT " EVENT_STATE " AS state) s"
-        " ORDER BY array_position(ARRAY['running', 'pending', 'dead', 'done', 'none'], s.state),"
+        " ORDER BY array_position(ARRAY['waiting', 'running', 'pending', 'dead', 'done', 'none'], "
+        "s.state),"
         "   e.id DESC",
         schema, view);
     PQfreemem(schema);
@@ -600,6 +610,72 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
  * retry: requeue a dead event
  * ------------------------------------------------------------------------------------- */
 
+/* Nothing dead to retry: say what the event is doing instead, a waiting job's reason first.
+ * res: the event's jobs (id, state, ..., waiting_reason in column 7). */
+static void retry_nothing_dead(const char *event, PGresult *res)
+{
+    for (int i = 0; i < PQntuples(res); i++) {
+        if (strcmp(PQgetvalue(res, i, 1), "running") == 0 && !PQgetisnull(res, i, 7)) {
+            fail("retry",
+                 "event %s is not dead: job %s is waiting (%s); it resumes by itself once "
+                 "that is fixed",
+                 event, PQgetvalue(res, i, 0), PQgetvalue(res, i, 7));
+            return;
+        }
+    }
+    fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event, event);
+}
+
+/*
+ * A dead job whose progress mark is missing or behind PostgreSQL's checkpoint (fanoutd
+ * stopped it rather than start over): rebuild the mark from the streams (rebuild.c) and set
+ * the checkpoint to it, so that the next claim resumes right after the last page applied.
+ * Returns 0 (also when the mark was fine), -1 after one line on stderr.
+ */
+static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, redisContext *rc, PGresult *res,
+                             int row)
+{
+    fctl_range_t r = {0};
+    r.job_id = strtoll(PQgetvalue(res, row, 0), NULL, 10);
+    r.token = strtoll(PQgetvalue(res, row, 2), NULL, 10);
+    r.lo = strtoll(PQgetvalue(res, row, 3), NULL, 10);
+    r.hi = strtoll(PQgetvalue(res, row, 4), NULL, 10);
+    r.event_id = strtoll(PQgetvalue(res, row, 8), NULL, 10);
+    int64_t pg_cursor = strtoll(PQgetvalue(res, row, 5), NULL, 10);
+    int64_t pg_delivered = strtoll(PQgetvalue(res, row, 6), NULL, 10);
+    int exists;
+    int64_t cursor = 0, delivered = 0;
+    if (fctl_mark_read(cfg, rc, r.job_id, &exists, &cursor, &delivered) < 0)
+        return -1;
+    if (exists && cursor >= pg_cursor && delivered >= pg_delivered)
+        return 0; /* the mark is the truth: the job resumes from it */
+    if (fctl_mark_rebuild(cfg, rc, &r, &cursor, &delivered) < 0)
+        return -1;
+    printf("job %" PRId64 ": progress mark %s; rebuilt from the streams: cursor %" PRId64
+           ", delivered %" PRId64 " (PostgreSQL had cursor %" PRId64 ", delivered %" PRId64 ")\n",
+           r.job_id, exists ? "behind PostgreSQL" : "missing", cursor, delivered, pg_cursor,
+           pg_delivered);
+    if (cursor < pg_cursor)
+        printf("job %" PRId64 ": the streams hold less than PostgreSQL recorded: entries after "
+               "cursor %" PRId64 " were lost in Redis and are written again\n",
+               r.job_id, cursor);
+    if (fctl_mark_write(cfg, rc, &r, cursor, delivered) < 0)
+        return -1;
+    char id[24], cur[24], del[24];
+    snprintf(id, sizeof id, "%" PRId64, r.job_id);
+    snprintf(cur, sizeof cur, "%" PRId64, cursor);
+    snprintf(del, sizeof del, "%" PRId64, delivered);
+    const char *params[] = {id, cur, del};
+    PGresult *u = pg_run(conn, "retry", "checkpoint",
+                         "UPDATE fanout.jobs SET progress = $2, delivered = $3"
+                         " WHERE id = $1 AND state = 'dead'",
+                         3, params);
+    if (!u)
+        return -1;
+    PQclear(u);
+    return 0;
+}
+
 static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
 {
     const char *event = NULL;
@@ -607,7 +683,10 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     if (r == 1) {
         printf("usage: fanoutctl [SETTINGS] retry EVENT\n"
                "Queues the dead jobs of EVENT again with fresh attempts; their progress marks\n"
-               "in Redis make them resume where they stopped, so nothing is sent twice.\n");
+               "in Redis make them resume where they stopped, so nothing is sent twice. A mark\n"
+               "that is missing or behind PostgreSQL (deleted, evicted, lost in a failover) is\n"
+               "first rebuilt from the shard streams: the highest recipient of the event in\n"
+               "the job's range is the last id written.\n");
         return EXIT_OK;
     }
     if (r)
@@ -621,6 +700,25 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
     if (!conn)
         return EXIT_RUNTIME;
     const char *params[] = {event};
+    int status = EXIT_RUNTIME;
+    redisContext *rc = NULL;
+    PGresult *jobs = pg_run(conn, "retry", "jobs",
+                            "SELECT id, state, token, range_lo,"
+                            " coalesce(range_hi, 9223372036854775807), progress, delivered,"
+                            " waiting_reason, event_id"
+                            " FROM fanout.jobs WHERE event_id = $1 ORDER BY id",
+                            1, params);
+    if (!jobs)
+        goto done;
+    int dead = 0;
+    for (int i = 0; i < PQntuples(jobs); i++)
+        dead += strcmp(PQgetvalue(jobs, i, 1), "dead") == 0;
+    if (dead > 0 && !(rc = fctl_redis_connect(cfg, "retry")))
+        goto done;
+    for (int i = 0; i < PQntuples(jobs); i++)
+        if (strcmp(PQgetvalue(jobs, i, 1), "dead") == 0 &&
+            retry_repair_mark(cfg, conn, rc, jobs, i) < 0)
+            goto done;
     PGresult *res = pg_run(conn, "retry", NULL,
                            "WITH r AS (UPDATE fanout.jobs SET state = 'pending', attempts = 0,"
                            " lease_losses = 0, next_attempt_at = now(), finished_at = NULL"
@@ -629,19 +727,22 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
                            " (SELECT count(*) FROM fanout.events WHERE id = $1),"
                            " (SELECT count(pg_notify('fanout_events', $1::text)) FROM r LIMIT 1)",
                            1, params);
-    int status = EXIT_RUNTIME;
     if (res) {
         if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
             fail("retry", "no event %s", event);
         } else if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
-            fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event,
-                 event);
+            retry_nothing_dead(event, jobs);
         } else {
             printf("requeued %s dead job(s) of event %s\n", PQgetvalue(res, 0, 0), event);
             status = EXIT_OK;
         }
         PQclear(res);
     }
+done:
+    if (jobs)
+        PQclear(jobs);
+    if (rc)
+        redisFree(rc);
     PQfinish(conn);
     return status;
 }

@@ -1,12 +1,14 @@
 /*
  * fctl_int.h: what fanoutctl's files share: the exit codes and one-line error reporting
  * (fanoutctl.c), option parsing (fanoutctl.c), the blocking Redis helpers (fctl_redis.c)
- * and the commands kept in files of their own (consume.c, trim.c).
+ * and the commands kept in files of their own (consume.c, trim.c), and the progress mark
+ * rebuild of fanoutctl retry (rebuild.c).
  */
 #ifndef FANOUT_FCTL_INT_H
 #define FANOUT_FCTL_INT_H
 
 #include <hiredis/hiredis.h>
+#include <stdint.h>
 
 #include "config/config.h"
 
@@ -41,6 +43,23 @@ redisContext *fctl_redis_connect(const cfg_t *cfg, const char *cmd);
  * Redis error reply is returned as is when keep_error is set. */
 redisReply *fctl_redis_run(redisContext *c, const char *cmd, int argc, const char **argv,
                            int keep_error);
+
+/* One job of an event as fanoutctl retry sees it: follower ids in (lo, hi]. */
+typedef struct fctl_range {
+    int64_t job_id, event_id, token, lo, hi;
+} fctl_range_t;
+
+/* rebuild.c. The job's progress mark: *exists 0 when absent (or not a hash). 0 or -1 after
+ * one line on stderr. */
+int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exists, int64_t *cursor,
+                   int64_t *delivered);
+/* Where the job stands by the shard streams: the highest recipient of its event in its
+ * range (lo when none) and the number of such entries. 0, or -1 after one line. */
+int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursor,
+                      int64_t *delivered);
+/* Replaces the mark with {token, cursor, delivered, done 0}. 0, or -1 after one line. */
+int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t cursor,
+                    int64_t delivered);
 
 int cmd_consume(const cfg_t *cfg, int argc, char **argv);
 int cmd_trim(const cfg_t *cfg, int argc, char **argv);

@@ -15,9 +15,8 @@
 #include <string.h>
 
 /* From a millisecond Redis write to a five-minute fan-out of millions. */
-static const double bounds[MET_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                           0.1,   0.25,   0.5,   1,    2.5,   5,
-                                           10,    30,     60,    120,  300};
+static const double bounds[MET_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                           1,     2.5,    5,     10,   30,    60,   120, 300};
 
 void met_init(met_t *m, int nshards)
 {
@@ -108,6 +107,25 @@ static void histogram(met_buf_t *b, const char *name, const char *help, const me
                    (unsigned long long)h->count);
 }
 
+/* An info-style gauge: one sample of value 1 labelled with the reason, none when the reason
+ * is empty. The label value is escaped as the text format demands (\\, \", \n). */
+static void reason_info(met_buf_t *b, const char *name, const char *help, const char *why)
+{
+    head(b, name, "gauge", help);
+    if (!why[0])
+        return;
+    met_buf_printf(b, "%s{reason=\"", name);
+    for (const char *c = why; *c; c++) {
+        if (*c == '\\' || *c == '"')
+            met_buf_printf(b, "\\%c", *c);
+        else if (*c == '\n')
+            met_buf_printf(b, "\\n");
+        else
+            met_buf_printf(b, "%c", *c);
+    }
+    met_buf_printf(b, "\"} 1\n");
+}
+
 void met_render(const met_t *m, met_buf_t *b)
 {
     counter(b, "fanout_events_claimed_total", "Jobs claimed (one per event, again after a crash).",
@@ -121,8 +139,7 @@ void met_render(const met_t *m, met_buf_t *b)
             m->notifications);
     counter(b, "fanout_pages_read_total", "Keyset pages read from the contract view.",
             m->pages_read);
-    counter(b, "fanout_rows_read_total", "Follower ids read from the contract view.",
-            m->rows_read);
+    counter(b, "fanout_rows_read_total", "Follower ids read from the contract view.", m->rows_read);
     by_server(b, "fanout_reconnects_total", "Connections re-established after a loss.",
               m->reconnects);
     by_server(b, "fanout_errors_total", "Failed queries or commands and lost connections.",
@@ -135,6 +152,16 @@ void met_render(const met_t *m, met_buf_t *b)
           (double)m->pages_in_flight);
     gauge(b, "fanout_paused_by_backpressure", "1 while fan-out is paused because consumers lag.",
           (double)m->paused_backpressure);
+    gauge(b, "fanout_jobs_waiting", "Jobs waiting to retry (Redis refused a page or a key).",
+          (double)m->jobs_waiting);
+    reason_info(b, "fanout_job_waiting_reason",
+                "1 with the reason (the key and the fix) one waiting job gives.",
+                m->waiting_reason);
+    gauge(b, "fanout_redis_refused",
+          "1 while Redis's maxmemory-policy may evict fanout's keys (nothing is written).",
+          (double)m->redis_refused);
+    reason_info(b, "fanout_redis_refused_reason", "1 with the refused policy and the fix.",
+                m->redis_refusal);
     counter(b, "fanout_replica_pages_total", "Pages read from the replica.", m->replica_pages);
     counter(b, "fanout_replica_fallback_pages_total",
             "Pages read from the primary although a replica is configured.", m->fallback_pages);

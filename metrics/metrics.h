@@ -32,13 +32,13 @@ typedef enum { MET_PG = 0, MET_REDIS = 1, MET_NSERVERS = 2 } met_server_kind_t;
 
 typedef struct met {
     /* counters */
-    uint64_t events_claimed;  /* jobs claimed (an event may be claimed again after a crash) */
-    uint64_t events_done;     /* jobs recorded done */
-    uint64_t events_failed;   /* attempts that ended in an error (0 until retries land) */
-    uint64_t events_dead;     /* jobs given up (0 until dead-lettering lands) */
-    uint64_t notifications;   /* stream entries Redis confirmed */
-    uint64_t pages_read;      /* keyset pages read from the contract view */
-    uint64_t rows_read;       /* follower ids in those pages */
+    uint64_t events_claimed; /* jobs claimed (an event may be claimed again after a crash) */
+    uint64_t events_done;    /* jobs recorded done */
+    uint64_t events_failed;  /* attempts that ended in an error (0 until retries land) */
+    uint64_t events_dead;    /* jobs given up (0 until dead-lettering lands) */
+    uint64_t notifications;  /* stream entries Redis confirmed */
+    uint64_t pages_read;     /* keyset pages read from the contract view */
+    uint64_t rows_read;      /* follower ids in those pages */
     uint64_t reconnects[MET_NSERVERS]; /* connections that came back after being lost */
     uint64_t errors[MET_NSERVERS];     /* failed queries or commands, lost connections */
     uint64_t reloads, reload_errors;   /* SIGHUP outcomes */
@@ -47,6 +47,10 @@ typedef struct met {
     int64_t jobs_running;
     int64_t pages_in_flight;     /* page and fence scripts sent to Redis, not yet answered */
     int64_t paused_backpressure; /* 1 while fan-out is paused because consumers lag */
+    int64_t jobs_waiting;        /* jobs waiting to retry (Redis refused, a wrong-typed key) */
+    char waiting_reason[256];    /* why one of them waits ("" when none) */
+    int64_t redis_refused;       /* 1 while Redis's maxmemory-policy is refused */
+    char redis_refusal[256];     /* the policy and the fix ("" when accepted) */
     uint64_t replica_pages;      /* pages read from the replica (FANOUT_REPLICA_DSN) */
     uint64_t fallback_pages;     /* pages read from the primary although a replica is set */
     uint64_t replica_fallbacks;  /* times the replica became unusable (down, lagging) */

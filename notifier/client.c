@@ -2,10 +2,17 @@
  * client.c: ntf_client_t, one self-healing hiredis async connection on the daemon's loop.
  *
  * Life of a connection: IDLE --(timer)--> CONNECTING --(TCP up)--> HANDSHAKE (AUTH if a
- * password is set, SCRIPT LOAD of both scripts, all pipelined) --> READY. Any failure, a
- * deadline, an auth refusal or NOSCRIPT leads back to IDLE through conn_lost(), which arms
- * the reconnect backoff: full jitter over min(reconnect_max_ms, 100 ms * 2^attempts).
- * ntf_client_close moves to CLOSED from any state.
+ * password is set, INFO memory, SCRIPT LOAD of both scripts, all pipelined) --> READY, or
+ * REFUSED when the maxmemory policy lets Redis evict fanout's keys. READY and REFUSED swap
+ * as INFO memory, re-read every NTF_POLICY_CHECK_MS, says; REFUSED keeps the connection and
+ * takes no new command. Any failure, a deadline, an auth refusal or NOSCRIPT leads back to
+ * IDLE through conn_lost(), which arms the reconnect backoff: full jitter over
+ * min(reconnect_max_ms, 100 ms * 2^attempts). ntf_client_close moves to CLOSED from any
+ * state.
+ *
+ * With cfg->redis_min_replicas > 0 every applied fence or page reply is held back and a WAIT
+ * is sent right behind it on the same connection; the owner's callback runs with the
+ * script's outcome only once WAIT reports enough replicas, else with NTF_EREPLICAS.
  *
  * Invariants:
  *   - c->ac is the only hiredis context and is non-NULL until hiredis has freed it; it is
@@ -38,12 +45,15 @@
 #define NTF_WATCHDOG_MS 1000         /* at most this long between checks of that deadline */
 #define NTF_BACKOFF_START_MS 100
 #define NTF_ERR_LOG_INTERVAL_MS 10000 /* identical Redis errors are logged once per interval */
+#define NTF_POLICY_CHECK_MS 2000      /* INFO memory while connected: a policy can change */
+#define NTF_WAIT_MS 2000              /* WAIT's timeout; well below the command deadline */
 
 typedef enum {
     ST_IDLE,       /* no context; c->timer starts the next connect */
     ST_CONNECTING, /* TCP connect in flight; c->timer is the deadline */
     ST_HANDSHAKE,  /* AUTH / SCRIPT LOAD in flight; c->timer is still the deadline */
     ST_READY,      /* commands accepted; c->timer is the command watchdog */
+    ST_REFUSED,    /* connected, but the maxmemory policy evicts: no new commands */
     ST_DROPPING,   /* the context is being abandoned and takes nothing new */
     ST_CLOSED,     /* ntf_client_close was called */
 } ntf_state_t;
@@ -52,7 +62,9 @@ typedef enum {
     REQ_AUTH,
     REQ_LOAD_FENCE,
     REQ_LOAD_PAGE,
+    REQ_POLICY, /* INFO memory */
     REQ_FENCE,
+    REQ_WAIT, /* WAIT behind an applied fence or page; carries that reply's outcome */
     REQ_PAGE,
     REQ_RAW, /* a command of another notifier file (ntf__command), with its own callback */
 } ntf_req_kind_t;
@@ -66,6 +78,8 @@ typedef struct ntf_req {
     void *data;
     int64_t job_id;   /* for log lines */
     uint64_t sent_ms; /* for the command deadline */
+    int held_status;  /* REQ_WAIT: the script's outcome, reported once WAIT confirms it */
+    ntf_progress_t held;
 } ntf_req_t;
 
 struct ntf_client {
@@ -93,9 +107,13 @@ struct ntf_client {
     size_t inflight;
     ntf_enc_t enc;
     ntf_layout_t layout; /* from cfg: what each page is written as */
-    char last_err[128]; /* rate limit of identical error replies */
+    char last_err[128];  /* rate limit of identical error replies */
     uint64_t last_err_ms;
     unsigned err_suppressed;
+    char refusal[256];     /* why the policy is refused; empty: accepted */
+    char key_refusal[256]; /* the last wrong-typed key error of a script */
+    int policy_busy;       /* an INFO memory is out */
+    uint64_t policy_ms;    /* when the last one was sent */
 };
 
 static void on_timer(uv_timer_t *t);
@@ -272,9 +290,21 @@ static int send_req(ntf_client_t *c, ntf_req_kind_t kind, ntf_progress_cb cb, vo
     else
         c->head = r;
     c->tail = r;
-    if (kind == REQ_FENCE || kind == REQ_PAGE)
+    if (kind == REQ_FENCE || kind == REQ_PAGE || kind == REQ_WAIT)
         c->inflight++;
+    if (kind == REQ_POLICY) {
+        c->policy_busy = 1;
+        c->policy_ms = r->sent_ms;
+    }
     return 0;
+}
+
+static void send_policy_check(ntf_client_t *c)
+{
+    const char *argv[] = {"INFO", "memory"};
+    size_t len[] = {4, 6};
+    if (send_req(c, REQ_POLICY, NULL, NULL, 0, 2, argv, len) < 0)
+        conn_drop(c, "could not queue INFO memory");
 }
 
 static void send_handshake(ntf_client_t *c)
@@ -288,6 +318,10 @@ static void send_handshake(ntf_client_t *c)
         rc |= send_req(c, REQ_AUTH, NULL, NULL, 0, 2, argv, len);
         c->handshake_left++;
     }
+    const char *iargv[] = {"INFO", "memory"};
+    size_t ilen[] = {4, 6};
+    rc |= send_req(c, REQ_POLICY, NULL, NULL, 0, 2, iargv, ilen);
+    c->handshake_left++;
     const char *fargv[] = {"SCRIPT", "LOAD", ntf__fence_lua};
     size_t flen[] = {6, 4, strlen(ntf__fence_lua)};
     rc |= send_req(c, REQ_LOAD_FENCE, NULL, NULL, 0, 3, fargv, flen);
@@ -355,16 +389,34 @@ failed:
     connect_failed(c, why);
 }
 
-static void become_ready(ntf_client_t *c)
+/* The command watchdog, for READY and REFUSED alike. */
+static void start_watchdog(ntf_client_t *c)
 {
     uv_timer_stop(&c->timer);
+    uint64_t every = c->command_timeout_ms / 4;
+    every = every < 10 ? 10 : every > NTF_WATCHDOG_MS ? NTF_WATCHDOG_MS : every;
+    uv_timer_start(&c->timer, on_timer, every, every);
+}
+
+/* Connected, but the policy lets Redis evict fanout's keys: one line naming the fix (again
+ * only if the reason changes), nothing new is sent, and INFO memory is read again on the
+ * watchdog until the policy is fixed. */
+static void become_refused(ntf_client_t *c)
+{
+    c->state = ST_REFUSED;
+    fo_log(FO_LOG_ERROR, c->refusal, "server=redis host=%s port=%d", c->cfg->redis_host,
+           c->cfg->redis_port);
+    start_watchdog(c);
+    report(c, 0);
+}
+
+static void become_ready(ntf_client_t *c)
+{
     c->state = ST_READY;
     fo_log(FO_LOG_INFO, "redis ready", "server=redis host=%s port=%d attempts=%u",
            c->cfg->redis_host, c->cfg->redis_port, c->attempts + 1);
     c->attempts = 0;
-    uint64_t every = c->command_timeout_ms / 4;
-    every = every < 10 ? 10 : every > NTF_WATCHDOG_MS ? NTF_WATCHDOG_MS : every;
-    uv_timer_start(&c->timer, on_timer, every, every);
+    start_watchdog(c);
     report(c, 1);
 }
 
@@ -383,6 +435,9 @@ static void on_timer(uv_timer_t *t)
         conn_free_now(c);
         break;
     case ST_READY:
+    case ST_REFUSED:
+        if (!c->policy_busy && uv_now(c->loop) - c->policy_ms >= NTF_POLICY_CHECK_MS)
+            send_policy_check(c);
         if (c->head && uv_now(c->loop) - c->head->sent_ms > c->command_timeout_ms) {
             fo_log(FO_LOG_WARN, "redis did not answer in time, reconnecting",
                    "server=redis host=%s port=%d timeout_ms=%llu inflight=%zu", c->cfg->redis_host,
@@ -419,8 +474,51 @@ static void handshake_error(ntf_client_t *c, ntf_req_kind_t kind, const char *te
                "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
 }
 
+/* An INFO memory reply, at the handshake or later: swaps READY and REFUSED as it says. */
+static void policy_reply(ntf_client_t *c, const redisReply *rep)
+{
+    c->policy_busy = 0;
+    if (!rep || (c->state != ST_READY && c->state != ST_REFUSED && c->state != ST_HANDSHAKE))
+        return;
+    if (rep->type != REDIS_REPLY_STRING && rep->type != REDIS_REPLY_STATUS) {
+        log_reply_error(c, "info", rep->type == REDIS_REPLY_ERROR && rep->str ? rep->str : "?");
+        return; /* keep the state; the next check may do better */
+    }
+    char why[sizeof c->refusal];
+    int refused = ntf__policy_refusal(rep->str, &c->layout, why, sizeof why);
+    int changed = strcmp(why, c->refusal) != 0;
+    snprintf(c->refusal, sizeof c->refusal, "%s", refused ? why : "");
+    if (c->state == ST_HANDSHAKE)
+        return; /* handshake_reply decides once the scripts are loaded */
+    if (refused && (c->state == ST_READY || changed))
+        become_refused(c);
+    else if (!refused && c->state == ST_REFUSED) {
+        fo_log(FO_LOG_INFO, "redis maxmemory-policy accepted now; writing again", "server=redis");
+        become_ready(c);
+    }
+}
+
 static void handshake_reply(ntf_client_t *c, ntf_req_kind_t kind, const redisReply *rep)
 {
+    if (kind == REQ_POLICY) {
+        int during = c->state == ST_HANDSHAKE;
+        policy_reply(c, rep);
+        if (!during || !rep || c->state != ST_HANDSHAKE)
+            return;
+        if (rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOAUTH", 6) != 0) {
+            /* INFO refused (renamed by the operator?): the policy cannot be known */
+            snprintf(c->refusal, sizeof c->refusal,
+                     "redis refused INFO memory, so its maxmemory-policy is unknown and it may "
+                     "evict keys: allow INFO for fanout's user");
+        } else if (rep->type == REDIS_REPLY_ERROR) {
+            handshake_error(c, kind, rep->str);
+            conn_drop(c, "password required");
+            return;
+        }
+        if (--c->handshake_left == 0)
+            c->refusal[0] ? become_refused(c) : become_ready(c);
+        return;
+    }
     if (!rep || c->state != ST_HANDSHAKE)
         return; /* the connection is already going away */
     if (rep->type == REDIS_REPLY_ERROR) {
@@ -443,7 +541,7 @@ static void handshake_reply(ntf_client_t *c, ntf_req_kind_t kind, const redisRep
         memcpy(kind == REQ_LOAD_FENCE ? c->fence_sha : c->page_sha, rep->str, 40);
     }
     if (--c->handshake_left == 0)
-        become_ready(c);
+        c->refusal[0] ? become_refused(c) : become_ready(c);
 }
 
 /* Status for the owner's callback from one reply of the fence or page script. */
@@ -460,6 +558,11 @@ static int user_status(ntf_client_t *c, const ntf_req_t *r, const redisReply *re
     const char *op = r->kind == REQ_FENCE ? "fence" : "page";
     if (rep->type == REDIS_REPLY_ERROR) {
         const char *text = rep->str ? rep->str : "";
+        if (strncmp(text, "WRONGTYPE fanout:", 17) == 0) {
+            /* the job says it, once per interval: no line per page here */
+            snprintf(c->key_refusal, sizeof c->key_refusal, "%s", text);
+            return NTF_EKEY;
+        }
         log_reply_error(c, op, text);
         /* The script cache was flushed (SCRIPT FLUSH, a restart behind a proxy): reconnect,
          * which loads the scripts again. */
@@ -468,15 +571,55 @@ static int user_status(ntf_client_t *c, const ntf_req_t *r, const redisReply *re
         return FO_EREDIS;
     }
     int st = ntf__parse_reply(rep, p);
-    if (st == NTF_ENOMARK) {
-        fo_log(FO_LOG_WARN, "progress mark missing, the job must be fenced again",
-               "server=redis job=%lld", (long long)r->job_id);
-        return FO_EREDIS;
-    }
     if (st == FO_EREDIS)
         fo_log(FO_LOG_ERROR, "redis sent an unexpected script reply", "server=redis op=%s job=%lld",
                op, (long long)r->job_id);
     return st;
+}
+
+/* Holds an applied script's outcome behind a WAIT on the same connection. */
+static int send_wait(ntf_client_t *c, ntf_progress_cb cb, void *data, int64_t job_id, int st,
+                     const ntf_progress_t *p)
+{
+    if (c->state != ST_READY && c->state != ST_REFUSED)
+        return FO_EREDIS;
+    char n[16], ms[16];
+    snprintf(n, sizeof n, "%d", c->cfg->redis_min_replicas);
+    snprintf(ms, sizeof ms, "%d", NTF_WAIT_MS);
+    const char *argv[] = {"WAIT", n, ms};
+    size_t len[] = {4, strlen(n), strlen(ms)};
+    if (send_req(c, REQ_WAIT, cb, data, job_id, 3, argv, len) < 0)
+        return FO_EREDIS;
+    c->tail->held_status = st;
+    c->tail->held = *p;
+    return 0;
+}
+
+static void wait_reply(ntf_client_t *c, ntf_req_t *r, const redisReply *rep)
+{
+    c->inflight--;
+    int st = r->held_status;
+    ntf_progress_t p = r->held;
+    ntf_progress_cb cb = r->cb;
+    void *data = r->data;
+    free(r);
+    if (!rep) {
+        st = c->state == ST_CLOSED ? FO_ESTOP : FO_EREDIS;
+        if (st == FO_EREDIS)
+            c->state = ST_DROPPING;
+    } else if (rep->type != REDIS_REPLY_INTEGER || rep->integer < c->cfg->redis_min_replicas) {
+        char text[128];
+        if (rep->type == REDIS_REPLY_INTEGER)
+            snprintf(text, sizeof text,
+                     "%lld of %d replicas acknowledged within %d ms (FANOUT_REDIS_MIN_REPLICAS)",
+                     rep->integer, c->cfg->redis_min_replicas, NTF_WAIT_MS);
+        else
+            snprintf(text, sizeof text, "%s", rep->str ? rep->str : "bad WAIT reply");
+        log_reply_error(c, "wait", text);
+        st = NTF_EREPLICAS;
+    }
+    if (cb)
+        cb(st, (st == 0 || st == NTF_EMOVED) ? &p : NULL, data);
 }
 
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
@@ -497,6 +640,10 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         cb(st, reply, data);
         return;
     }
+    if (r->kind == REQ_WAIT) {
+        wait_reply(c, r, reply);
+        return;
+    }
     if (r->kind != REQ_FENCE && r->kind != REQ_PAGE) {
         ntf_req_kind_t kind = r->kind;
         free(r);
@@ -508,7 +655,13 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     int st = user_status(c, r, reply, &p);
     ntf_progress_cb cb = r->cb;
     void *data = r->data;
+    int64_t job_id = r->job_id;
     free(r);
+    if ((st == 0 || st == NTF_EMOVED) && c->cfg->redis_min_replicas > 0 &&
+        send_wait(c, cb, data, job_id, st, &p) == 0)
+        return; /* wait_reply reports it */
+    if (st == 0 || st == NTF_EMOVED)
+        st = c->cfg->redis_min_replicas > 0 ? FO_EREDIS : st; /* WAIT could not be sent */
     if (cb)
         cb(st, (st == 0 || st == NTF_EMOVED) ? &p : NULL, data);
 }
@@ -573,6 +726,16 @@ int ntf_client_ready(const ntf_client_t *c)
     return c->state == ST_READY;
 }
 
+const char *ntf_client_refusal(const ntf_client_t *c)
+{
+    return c->state == ST_REFUSED ? c->refusal : NULL;
+}
+
+const char *ntf_client_key_refusal(const ntf_client_t *c)
+{
+    return c->key_refusal;
+}
+
 size_t ntf_client_inflight(const ntf_client_t *c)
 {
     return c->inflight;
@@ -604,8 +767,8 @@ void ntf_client_close(ntf_client_t *c)
     }
 }
 
-int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen,
-                 ntf_raw_cb cb, void *data)
+int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
+                 void *data)
 {
     if (c->state != ST_READY)
         return FO_EREDIS;
@@ -628,6 +791,8 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
     if (c->state != ST_READY)
         return FO_EREDIS;
     int argc = ntf__encode_fence(&c->enc, c->fence_sha, c->cfg->key_prefix, job, start_cursor);
+    if (job->mark_required)
+        argc = ntf__encode_fence_require_mark(&c->enc);
     return send_req(c, REQ_FENCE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }
 
@@ -654,9 +819,8 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
         return FO_EINVAL;
     if (c->state != ST_READY)
         return FO_EREDIS;
-    int argc = ntf__encode_page(&c->enc, c->page_sha, c->cfg->key_prefix, c->cfg->shards, job,
-                                expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s,
-                                &c->layout);
+    int argc =
+        ntf__encode_page(&c->enc, c->page_sha, c->cfg->key_prefix, c->cfg->shards, job,
+                         expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s, &c->layout);
     return send_req(c, REQ_PAGE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }
-

@@ -132,7 +132,7 @@ int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const n
                       int64_t start_cursor)
 {
     size_t plen = strlen(prefix);
-    enc_reserve(e, 6, plen + sizeof ":progress:" + 3 * NTF_I64_MAX_LEN, 0, 0);
+    enc_reserve(e, 7, plen + sizeof ":progress:" + 3 * NTF_I64_MAX_LEN, 0, 0);
     e->argc = 0;
     char *pos = e->buf;
     put_str(e, "EVALSHA");
@@ -141,6 +141,13 @@ int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const n
     pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
     pos = put_i64(e, pos, job->token);
     put_i64(e, pos, start_cursor);
+    return e->argc;
+}
+
+int ntf__encode_fence_require_mark(ntf_enc_t *e)
+{
+    assert(e->argc == 6 && e->argv_cap >= 7); /* right after ntf__encode_fence */
+    put_str(e, "1");
     return e->argc;
 }
 
@@ -352,4 +359,42 @@ int ntf__parse_reply(const redisReply *r, ntf_progress_t *p)
     p->delivered = delivered;
     p->done = (int)done;
     return code == 1 ? 0 : NTF_EMOVED;
+}
+
+int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, size_t size)
+{
+    static const char key[] = "maxmemory_policy:";
+    const char *at = info ? strstr(info, key) : NULL;
+    char policy[48] = "";
+    if (at) {
+        at += sizeof key - 1;
+        size_t n = strcspn(at, "\r\n");
+        snprintf(policy, sizeof policy, "%.*s", (int)(n < sizeof policy ? n : sizeof policy - 1),
+                 at);
+    }
+    why[0] = '\0';
+    if (!policy[0]) {
+        snprintf(why, size,
+                 "redis INFO memory names no maxmemory_policy, so it may evict keys: "
+                 "fanout needs Redis 7 with maxmemory-policy noeviction");
+        return 1;
+    }
+    if (strncmp(policy, "allkeys-", 8) == 0) {
+        snprintf(why, size,
+                 "redis maxmemory-policy is %s: it may evict any key, a stream or a progress "
+                 "mark, so fanout writes nothing; set maxmemory-policy noeviction "
+                 "(CONFIG SET maxmemory-policy noeviction, or in redis.conf)",
+                 policy);
+        return 1;
+    }
+    int inbox_ttl = lay && (lay->mask & CFG_LAYOUT_INBOX) && lay->inbox_ttl_s > 0;
+    if (strncmp(policy, "volatile-", 9) == 0 && inbox_ttl) {
+        snprintf(why, size,
+                 "redis maxmemory-policy is %s and FANOUT_INBOX_TTL_S gives inbox lists a TTL, "
+                 "so Redis may evict them; set maxmemory-policy noeviction or "
+                 "FANOUT_INBOX_TTL_S=0",
+                 policy);
+        return 1;
+    }
+    return 0;
 }

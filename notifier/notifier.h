@@ -3,8 +3,18 @@
  *
  * One ntf_client_t owns one hiredis async connection driven by the daemon's libuv loop
  * through the project's own adapter (hiredis 0.14's bundled libuv adapter hangs on a refused
- * connect; see ../shared/LIBRARIES.md). The client connects, authenticates, loads the two
- * server-side scripts, and reconnects by itself with capped, jittered exponential backoff.
+ * connect). The client connects, authenticates, checks that Redis does not evict keys, loads
+ * the two server-side scripts, and reconnects by itself with capped, jittered exponential
+ * backoff.
+ *
+ * Redis is not trusted to behave well:
+ *   - its maxmemory_policy is read from INFO memory (CONFIG is often disabled) at connect
+ *     and every NTF_POLICY_CHECK_MS; under an allkeys-* policy (any key, a progress mark or
+ *     a stream included, may be evicted), or a volatile-* one while inbox lists carry a TTL,
+ *     the client refuses to be ready: it writes nothing, says why once
+ *     (ntf_client_refusal), and becomes ready by itself once the policy is fixed;
+ *   - with cfg->redis_min_replicas > 0 a script's reply counts only after WAIT confirmed
+ *     that many replicas hold it, so a promoted replica has every page reported applied.
  *
  * A job's state in Redis is its progress mark, the hash <prefix>:progress:<job>, with fields
  * token (the newest lease token seen), cursor (the last follower id written), delivered and
@@ -42,11 +52,19 @@ typedef void (*ntf_state_cb)(ntf_client_t *c, int up, void *data);
  * Returns NULL, after logging why, if redis_host is not an IP address (hiredis would
  * resolve a name with a blocking getaddrinfo) or shards < 1.
  */
-ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state,
-                             void *data);
+ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state, void *data);
 
-/* 1 when commands can be sent (connected, authenticated, scripts loaded), else 0. */
+/* 1 when commands can be sent (connected, authenticated, policy accepted, scripts
+ * loaded), else 0. */
 int ntf_client_ready(const ntf_client_t *c);
+
+/* Why a connected Redis is refused (an evicting maxmemory-policy: names the policy and the
+ * fix), or NULL. Borrowed until the next loop iteration. */
+const char *ntf_client_refusal(const ntf_client_t *c);
+
+/* The text of the last NTF_EKEY refusal: the key, its type and the fix ("" if none yet).
+ * Valid until the next reply. */
+const char *ntf_client_key_refusal(const ntf_client_t *c);
 
 /* Commands sent and not yet answered. */
 size_t ntf_client_inflight(const ntf_client_t *c);
@@ -65,10 +83,12 @@ typedef struct ntf_job {
     int64_t job_id;
     int64_t event_id;
     int64_t author;
-    int64_t token;          /* lease token from the claim; higher is newer */
+    int64_t token; /* lease token from the claim; higher is newer */
     const char *kind;
     const char *payload;    /* the event's JSON, written unchanged */
     const char *created_at; /* ISO 8601 UTC, e.g. 2026-11-27T09:50:00.123456Z */
+    int mark_required;      /* 1: a page was written before (PostgreSQL or this process saw
+                               one), so ntf_fence must find the mark and never creates it */
 } ntf_job_t;
 
 /* The progress mark as Redis holds it after the operation. */
@@ -86,15 +106,25 @@ typedef struct ntf_progress {
  *   FO_EFENCED   a newer token holds the job: stop working on it, write nothing more
  *   FO_EREDIS    the connection was lost or Redis refused the command (out of memory,
  *                read-only, auth): the outcome is unknown; fence again once ready
+ *   NTF_ENOMARK  the progress mark does not exist (deleted, evicted, or never created) and
+ *                the caller said it must (mark_required), or a page found none: nothing
+ *                was written; replaying the range would repeat what it held, so the job
+ *                must stop and the cursor be rebuilt (fanoutctl retry)
+ *   NTF_EKEY     a key the script writes has the wrong type (an operator's SET, say): the
+ *                script wrote nothing; ntf_client_key_refusal names the key and the fix;
+ *                retry later
+ *   NTF_EREPLICAS  applied on the primary but fewer than cfg->redis_min_replicas replicas
+ *                acknowledged it in time: not confirmed; fence again later
  *   FO_ESTOP     the client is closing
  * p is NULL unless status is 0 or NTF_EMOVED; it is borrowed until the callback returns.
  */
-enum { NTF_EMOVED = -1100 };
+enum { NTF_EMOVED = -1100, NTF_ENOMARK = -1101, NTF_EKEY = -1102, NTF_EREPLICAS = -1103 };
 typedef void (*ntf_progress_cb)(int status, const ntf_progress_t *p, void *data);
 
 /*
  * Registers job->token as the job's newest lease token (unless a newer one is there:
- * FO_EFENCED) and reports the mark, creating it at start_cursor if the job has none.
+ * FO_EFENCED) and reports the mark, creating it at start_cursor if the job has none and
+ * job->mark_required is 0 (else NTF_ENOMARK, and nothing is written).
  * Returns 0 if sent (cb runs later, from the loop), FO_EREDIS if not ready (cb never runs).
  */
 int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
@@ -109,8 +139,8 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
  * second page sent with expect_cursor = the first page's last id is applied after it.
  * Returns 0 if sent, FO_EREDIS if not ready, FO_EINVAL for a bad page (cb never runs).
  */
-int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
-                   const int64_t *ids, size_t n, int last, ntf_progress_cb cb, void *data);
+int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
+                   size_t n, int last, ntf_progress_cb cb, void *data);
 
 /*
  * Measures how far consumers are behind: for every shard stream, the largest backlog over

@@ -67,7 +67,7 @@ typedef struct ntf_enc {
     size_t buf_cap;
     int *shard; /* per id of the page: its shard */
     size_t ids_cap;
-    size_t *slot; /* per shard: id count, then the next argv slot of its group */
+    size_t *slot;  /* per shard: id count, then the next argv slot of its group */
     size_t *kslot; /* per shard: the next argv slot of its ids' inbox keys */
     size_t shards_cap;
     int argc;
@@ -76,9 +76,13 @@ typedef struct ntf_enc {
 void ntf__enc_init(ntf_enc_t *e);
 void ntf__enc_free(ntf_enc_t *e);
 
-/* EVALSHA sha 1 <prefix>:progress:<job> token start_cursor. Returns argc. */
+/* EVALSHA sha 1 <prefix>:progress:<job> token start_cursor. Returns argc (6). */
 int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const ntf_job_t *job,
                       int64_t start_cursor);
+
+/* Right after ntf__encode_fence: appends the mark_required flag "1" (the fence must find the
+ * mark, never create it). Without it the fence is the command it always was. Returns argc. */
+int ntf__encode_fence_require_mark(ntf_enc_t *e);
 
 /*
  * EVALSHA sha numkeys <progress key> <stream key per present shard, ascending> token
@@ -98,10 +102,6 @@ int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shar
 /* Writes v in decimal at out (at most 20 bytes, no NUL); returns the length. */
 size_t ntf__fmt_i64(char *out, int64_t v);
 
-/* Returned by ntf__parse_reply when the progress mark does not exist (never fenced, or
- * expired after the job finished): the client reports it as FO_EREDIS, "fence again". */
-enum { NTF_ENOMARK = -1101 };
-
 /*
  * Maps a fence or page script reply to 0 (applied), NTF_EMOVED, FO_EFENCED, NTF_ENOMARK or
  * FO_EREDIS (an error reply, or anything malformed: wrong types, short arrays, bad
@@ -117,9 +117,18 @@ int ntf__parse_reply(const redisReply *r, ntf_progress_t *p);
  * Returns 0, or FO_EREDIS when not ready (cb never runs).
  */
 typedef void (*ntf_raw_cb)(int status, const redisReply *reply, void *data);
-int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen,
-                 ntf_raw_cb cb, void *data);
+int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
+                 void *data);
 const cfg_t *ntf__client_cfg(const ntf_client_t *c);
+
+/*
+ * Judges INFO memory's text (info may be NULL): returns 1 and writes into why (always
+ * NUL-terminated, "" when accepted) the policy and the fix when Redis may evict a key fanout
+ * relies on: any allkeys-* policy, a volatile-* one while lay writes inbox lists with a TTL,
+ * or no maxmemory_policy line at all. noeviction and the other volatile-* policies are
+ * accepted: fanout's keys carry no TTL while they are in use.
+ */
+int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, size_t size);
 
 /* The backlog script's reply, {backlog, shard}, as ntf_backlog reports it: 0 or FO_EREDIS
  * for an error or malformed reply. */

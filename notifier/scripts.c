@@ -28,12 +28,29 @@
     "  return x > y\n"                                                                             \
     "end\n"
 
-/* KEYS[1] progress hash; ARGV token, start_cursor.
- * Returns {-1} if fenced, else {1, cursor, delivered, done}. */
+/* want(key, type): nil when key is absent or of that type, else the WRONGTYPE error reply
+ * the client recognises (NTF_EKEY): the key, its type, and the fix. Called for every key
+ * before the first write. */
+#define NTF_LUA_WANT                                                                               \
+    "local function want(k, t)\n"                                                                  \
+    "  local have = redis.call('TYPE', k).ok\n"                                                    \
+    "  if have ~= 'none' and have ~= t then\n"                                                     \
+    "    return redis.error_reply('WRONGTYPE fanout: key ' .. k .. ' is a ' .. have ..\n"          \
+    "      ', not a ' .. t .. '; delete or rename it (DEL ' .. k .. ')')\n"                        \
+    "  end\n"                                                                                      \
+    "end\n"
+
+/* KEYS[1] progress hash; ARGV token, start_cursor[, mark_required].
+ * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark and mark_required is "1" (a
+ * page was written before: a new mark at the start would replay it), writing nothing; else
+ * {1, cursor, delivered, done}. */
 const char ntf__fence_lua[] =
-    "#!lua\n" NTF_LUA_NEWER "local key, tok = KEYS[1], ARGV[1]\n"
+    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local key, tok = KEYS[1], ARGV[1]\n"
+    "local e = want(key, 'hash')\n"
+    "if e then return e end\n"
     "local m = redis.call('HMGET', key, 'token', 'cursor', 'delivered', 'done')\n"
     "if m[1] and newer(m[1], tok) then return {-1} end\n"
+    "if not m[2] and ARGV[3] == '1' then return {-2, '', 0, 0} end\n"
     "if not m[2] then\n"
     "  redis.call('HSET', key, 'token', tok, 'cursor', ARGV[2], 'delivered', '0', 'done', '0')\n"
     "  return {1, ARGV[2], 0, 0}\n"
@@ -58,11 +75,12 @@ const char ntf__fence_lua[] =
  * payload is embedded raw because PostgreSQL rendered it from jsonb, so it is valid JSON.
  * Timestamps of a job are Redis's TIME (seconds with microseconds, as Sidekiq writes them);
  * its jid is the first 24 hex digits of SHA-1 of the notification id, stable across retries.
- * Keys of the optional layouts are type-checked before the first write: a wrong-typed key
- * would otherwise fail an LPUSH half-way through the page.
+ * Every key is type-checked before the first write (the mark, each shard stream, the Sidekiq
+ * and inbox keys): a wrong-typed key would otherwise fail an XADD or LPUSH half-way through
+ * the page, after the entries before it were written, and a resent page would repeat them.
  */
 const char ntf__page_lua[] =
-    "#!lua\n" NTF_LUA_NEWER "local pk, tok = KEYS[1], ARGV[1]\n"
+    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local pk, tok = KEYS[1], ARGV[1]\n"
     "local a, ng, nids = 11, 0, 0\n"
     "while a <= #ARGV and ARGV[a] ~= '+layouts' do\n"
     "  local k = tonumber(ARGV[a])\n"
@@ -81,21 +99,22 @@ const char ntf__page_lua[] =
     "elseif a ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad arity') end\n"
     "if #KEYS ~= 1 + ng + extra then return redis.error_reply('ERR fanout page: bad keys') end\n"
     "local tail = a\n"
-    "local function want(k, t)\n"
-    "  local have = redis.call('TYPE', k).ok\n"
-    "  if have ~= 'none' and have ~= t then\n"
-    "    return redis.error_reply('ERR fanout page: key ' .. k .. ' is a ' .. have ..\n"
-    "      ', not a ' .. t .. '; delete or rename it')\n"
+    "local e = want(pk, 'hash')\n"
+    "if e then return e end\n"
+    "if st then\n"
+    "  for g = 2, 1 + ng do\n"
+    "    e = want(KEYS[g], 'stream')\n"
+    "    if e then return e end\n"
     "  end\n"
     "end\n"
     "if sq then\n"
-    "  local e = want(KEYS[2 + ng], 'set') or want(KEYS[3 + ng], 'list')\n"
+    "  e = want(KEYS[2 + ng], 'set') or want(KEYS[3 + ng], 'list')\n"
     "  if e then return e end\n"
     "end\n"
     "local ib = 2 + ng + (sq and 2 or 0)\n"
     "if inb then\n"
     "  for i = ib, ib + nids - 1 do\n"
-    "    local e = want(KEYS[i], 'list')\n"
+    "    e = want(KEYS[i], 'list')\n"
     "    if e then return e end\n"
     "  end\n"
     "end\n"

@@ -24,6 +24,7 @@ typedef struct call {
     call_kind_t kind;
     int64_t after, upto, expect, start;
     int limit, last;
+    int mark_required; /* C_FENCE: what the job asked for */
     size_t n;
     int64_t ids[16];
     int64_t *out;
@@ -52,8 +53,13 @@ static int fake_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, in
                       int64_t *out, rel_page_cb cb, void *data)
 {
     call_t *c = &F.calls[F.ncalls++];
-    *c = (call_t){.kind = C_FETCH, .after = after, .upto = upto, .limit = limit, .out = out,
-                  .page_cb = cb, .data = data};
+    *c = (call_t){.kind = C_FETCH,
+                  .after = after,
+                  .upto = upto,
+                  .limit = limit,
+                  .out = out,
+                  .page_cb = cb,
+                  .data = data};
     return 0;
 }
 
@@ -63,18 +69,22 @@ static int fake_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progre
     if (F.refuse_redis)
         return FO_EREDIS;
     call_t *c = &F.calls[F.ncalls++];
-    *c = (call_t){.kind = C_FENCE, .start = start, .prog_cb = cb, .data = data};
+    *c = (call_t){.kind = C_FENCE,
+                  .start = start,
+                  .mark_required = job->mark_required,
+                  .prog_cb = cb,
+                  .data = data};
     return 0;
 }
 
-static int fake_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids,
-                      size_t n, int last, ntf_progress_cb cb, void *data)
+static int fake_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids, size_t n,
+                      int last, ntf_progress_cb cb, void *data)
 {
     if (F.refuse_redis)
         return FO_EREDIS;
     call_t *c = &F.calls[F.ncalls++];
-    *c = (call_t){.kind = C_WRITE, .expect = expect, .n = n, .last = last, .prog_cb = cb,
-                  .data = data};
+    *c = (call_t){
+        .kind = C_WRITE, .expect = expect, .n = n, .last = last, .prog_cb = cb, .data = data};
     assert_true(n <= 16);
     memcpy(c->ids, ids, n * sizeof *ids);
     return 0;
@@ -102,12 +112,40 @@ static void fake_contract_broken(void *ctx, const char *err)
     snprintf(contract_err, sizeof contract_err, "%s", err ? err : "");
 }
 
+static const char *fake_key_refusal(void *ctx)
+{
+    return "WRONGTYPE fanout: key fo:stream:3 is a string, not a stream";
+}
+
 static const fo_job_io_t io = {.fetch = fake_fetch,
                                .fence = fake_fence,
                                .write = fake_write,
                                .finished = fake_finished,
                                .may_write = fake_may_write,
-                               .contract_broken = fake_contract_broken};
+                               .contract_broken = fake_contract_broken,
+                               .key_refusal = fake_key_refusal};
+
+/* record_mark for the tests that check it: the call is kept for answer_record. */
+static void (*record_cb)(int status, void *data);
+static void *record_data;
+static int records;
+static int fake_record_mark(void *ctx, int64_t job_id, int64_t token,
+                            void (*cb)(int status, void *data), void *data)
+{
+    records++;
+    record_cb = cb;
+    record_data = data;
+    return 0;
+}
+
+static const fo_job_io_t io_rec = {.fetch = fake_fetch,
+                                   .fence = fake_fence,
+                                   .write = fake_write,
+                                   .finished = fake_finished,
+                                   .may_write = fake_may_write,
+                                   .contract_broken = fake_contract_broken,
+                                   .key_refusal = fake_key_refusal,
+                                   .record_mark = fake_record_mark};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
@@ -172,8 +210,7 @@ static void apply_write(void)
     call_t *c = next_call(C_WRITE);
     assert_non_null(c);
     redis_delivered += (int64_t)c->n;
-    answer_progress(C_WRITE, 0, c->n ? c->ids[c->n - 1] : c->expect, redis_delivered,
-                    c->last);
+    answer_progress(C_WRITE, 0, c->n ? c->ids[c->n - 1] : c->expect, redis_delivered, c->last);
 }
 
 static void set_followers(int n)
@@ -183,14 +220,27 @@ static void set_followers(int n)
         F.followers[i] = (i + 1) * 10;
 }
 
-static fo_job_t *start_job(int64_t range_lo)
+static fo_job_t *start_claimed(int64_t range_lo, int64_t pg_progress, int64_t pg_delivered)
 {
-    fo_claim_t claim = {.job_id = 7, .event_id = 70, .author = 5, .token = 2,
-                        .range_lo = range_lo, .range_hi = INT64_MAX, .kind = "post",
-                        .payload = "{}", .created_at = "2026-11-27T00:00:00.000000Z"};
+    fo_claim_t claim = {.job_id = 7,
+                        .event_id = 70,
+                        .author = 5,
+                        .token = 2,
+                        .range_lo = range_lo,
+                        .range_hi = INT64_MAX,
+                        .pg_progress = pg_progress,
+                        .pg_delivered = pg_delivered,
+                        .kind = "post",
+                        .payload = "{}",
+                        .created_at = "2026-11-27T00:00:00.000000Z"};
     fo_job_t *j = fo_job_new(&io, &cfg, &claim);
     fo_job_start(j, 0);
     return j;
+}
+
+static fo_job_t *start_job(int64_t range_lo)
+{
+    return start_claimed(range_lo, 0, 0);
 }
 
 static int setup(void **state)
@@ -512,8 +562,15 @@ static void test_backpressure_holds_writes_until_pumped(void **state)
 static void test_range_bounds_are_passed_to_reads(void **state)
 {
     set_followers(9);
-    fo_claim_t claim = {.job_id = 1, .event_id = 1, .author = 5, .token = 1, .range_lo = 20,
-                        .range_hi = 50, .kind = "k", .payload = "{}", .created_at = "t"};
+    fo_claim_t claim = {.job_id = 1,
+                        .event_id = 1,
+                        .author = 5,
+                        .token = 1,
+                        .range_lo = 20,
+                        .range_hi = 50,
+                        .kind = "k",
+                        .payload = "{}",
+                        .created_at = "t"};
     fo_job_t *j = fo_job_new(&io, &cfg, &claim);
     fo_job_start(j, 0);
     call_t *fe = next_call(C_FENCE);
@@ -522,6 +579,135 @@ static void test_range_bounds_are_passed_to_reads(void **state)
     assert_int_equal(next_call(C_FETCH)->upto, 50);
     run_to_end();
     assert_int_equal(F.final_delivered, 3); /* 30, 40, 50 */
+    fo_job_free(j);
+}
+
+/* A fresh job may create its mark; once PostgreSQL recorded a page, it must exist. */
+static void test_mark_required_after_progress(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_claimed(0, 0, 0);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 0);
+    answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0); /* nothing left in flight to free */
+    assert_int_equal(F.final_state, FO_JOB_STOPPED);
+    fo_job_free(j);
+    memset(&F, 0, sizeof F);
+    j = start_claimed(0, 30, 3);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 1);
+    answer_progress(C_FENCE, NTF_ENOMARK, 0, 0, 0);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_FAILED);
+    assert_true(fo_job_fatal(j));
+    assert_non_null(strstr(fo_job_error(j), "missing"));
+    assert_non_null(strstr(fo_job_error(j), "fanoutctl retry 70"));
+    assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0);
+    fo_job_free(j);
+}
+
+/* A mark behind PostgreSQL's checkpoint (a failover lost pages): stop, never rewrite. */
+static void test_mark_behind_postgres_stops(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_claimed(0, 60, 6);
+    answer_progress(C_FENCE, 0, 30, 3, 0);
+    assert_int_equal(F.final_state, FO_JOB_FAILED);
+    assert_true(fo_job_fatal(j));
+    assert_non_null(strstr(fo_job_error(j), "behind"));
+    assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0);
+    fo_job_free(j);
+}
+
+/* A mark deleted mid fan-out: the page finds none, the job stops; it never re-creates it. */
+static void test_mark_lost_mid_fanout_stops(void **state)
+{
+    set_followers(9);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    apply_write();
+    answer_fetch();
+    answer_progress(C_WRITE, NTF_ENOMARK, 0, 0, 0);
+    if (pending(C_FETCH))
+        answer_fetch();
+    while (pending(C_WRITE))
+        answer_progress(C_WRITE, NTF_ENOMARK, 0, 0, 0);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FO_JOB_FAILED);
+    assert_int_equal(F.final_cursor, 30);
+    assert_true(fo_job_fatal(j));
+    fo_job_free(j);
+}
+
+/* A wrong-typed key: the job waits with the key in its reason, then resumes from the mark. */
+static void test_wrong_typed_key_waits_then_resumes(void **state)
+{
+    set_followers(4);
+    fo_job_t *j = start_job(0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    answer_progress(C_WRITE, NTF_EKEY, 0, 0, 0);
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    assert_non_null(strstr(fo_job_waiting(j), "fo:stream:3"));
+    if (pending(C_FETCH))
+        answer_fetch();
+    fo_job_kick(j, fo_job_retry_at(j), 0);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 1);
+    answer_progress(C_FENCE, NTF_EKEY, 0, 0, 0); /* still wrong */
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    fo_job_kick(j, fo_job_retry_at(j), 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0); /* a fence works either way: still waiting */
+    assert_non_null(fo_job_waiting(j));
+    answer_fetch();
+    apply_write(); /* fixed: the page applies */
+    assert_null(fo_job_waiting(j));
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 4);
+    assert_false(fo_job_fatal(j));
+    fo_job_free(j);
+}
+
+/* A fresh job tells PostgreSQL its mark exists before its first page; a claim that says
+ * so fences with mark_required and records nothing again. */
+static void test_mark_is_recorded_before_the_first_page(void **state)
+{
+    set_followers(4);
+    records = 0;
+    fo_claim_t claim = {.job_id = 7,
+                        .event_id = 70,
+                        .author = 5,
+                        .token = 1,
+                        .range_hi = INT64_MAX,
+                        .kind = "post",
+                        .payload = "{}",
+                        .created_at = "t"};
+    fo_job_t *j = fo_job_new(&io_rec, &cfg, &claim);
+    fo_job_start(j, 0);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    assert_int_equal(records, 1);
+    assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0); /* nothing before the record */
+    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    record_cb(FO_EPG, record_data); /* not written: wait, fence again, record again */
+    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    fo_job_kick(j, fo_job_retry_at(j), 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    assert_int_equal(records, 2);
+    record_cb(0, record_data);
+    assert_int_equal(fo_job_state(j), FO_JOB_RUNNING);
+    run_to_end();
+    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_delivered, 4);
+    fo_job_free(j);
+
+    memset(&F, 0, sizeof F);
+    claim.pg_marked = 1;
+    claim.token = 2;
+    j = fo_job_new(&io_rec, &cfg, &claim);
+    fo_job_start(j, 0);
+    assert_int_equal(next_call(C_FENCE)->mark_required, 1);
+    answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0);
+    assert_int_equal(records, 2);
     fo_job_free(j);
 }
 
@@ -544,6 +730,11 @@ int main(void)
         cmocka_unit_test_setup(test_contract_error_waits_without_failing, setup),
         cmocka_unit_test_setup(test_backpressure_holds_writes_until_pumped, setup),
         cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
+        cmocka_unit_test_setup(test_mark_required_after_progress, setup),
+        cmocka_unit_test_setup(test_mark_behind_postgres_stops, setup),
+        cmocka_unit_test_setup(test_mark_lost_mid_fanout_stops, setup),
+        cmocka_unit_test_setup(test_wrong_typed_key_waits_then_resumes, setup),
+        cmocka_unit_test_setup(test_mark_is_recorded_before_the_first_page, setup),
     };
     return cmocka_run_group_tests_name("fanout/job", tests, NULL, NULL);
 }

@@ -33,6 +33,7 @@ import atexit
 import ctypes
 import fcntl
 import glob
+import http.client
 import os
 import pwd
 import re
@@ -97,6 +98,17 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_get(port, path, timeout=10):
+    """GET http://127.0.0.1:port/path; returns (status, Content-Type, body text)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read().decode()
+    finally:
+        c.close()
 
 
 def _pg_os_user():
@@ -307,6 +319,59 @@ def _stop_postgres(proc, data, sig, timeout=30):
             proc.wait()
 
 
+def _spawn_redis(cmd, log_path, keep=False):
+    """Starts a redis-server command line with its output appended to log_path, in its own
+    session, SIGTERMed should this process die (unless keep)."""
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_us(signal.SIGTERM, keep))
+    finally:
+        log.close()
+
+
+class RedisReplica:
+    """A redis-server replicating a Servers' Redis (start_redis_replica). .port, .client
+    (redis-py, str replies); promote() makes it a primary (REPLICAOF NO ONE)."""
+
+    def __init__(self, servers):
+        self.servers = servers
+        self.port = free_port()
+        self.proc = None
+        self.dir = servers.path("redis-replica-%d" % self.port)
+        self.log_path = servers.path("redis-replica-%d.log" % self.port)
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                                  socket_timeout=10)
+
+    def start(self, timeout=30):
+        os.mkdir(self.dir)
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+               self.dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
+               "--replicaof", "127.0.0.1", str(self.servers.redis_port), "--logfile", ""]
+        self.proc = _spawn_redis(cmd, self.log_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client.info("replication").get("master_link_status") == "up":
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError("redis replica did not link up:\n%s" % _tail(self.log_path))
+            time.sleep(0.05)
+
+    def promote(self):
+        self.client.execute_command("REPLICAOF", "NO", "ONE")
+
+    def stop(self):
+        self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 class Replica:
     """A hot standby of a Servers' cluster: pg_basebackup -R, then streaming replication on
     its own free port. Made by Servers.start_replica(); stopped with the Servers."""
@@ -513,6 +578,7 @@ class Servers:
         self.daemons = []
         self.daemons_started = 0  # numbers fanoutd-<n>.log: one fresh log per daemon
         self.replicas = []
+        self.redis_replicas = []
         self._pg_proc = None
         self._redis_proc = None
         self._conns = {}
@@ -574,6 +640,8 @@ class Servers:
                 except Exception:
                     pass
             self._stop_redis()
+            for r in self.redis_replicas:
+                r.stop()
             for r in self.replicas:
                 r.stop("immediate")
             self._stop_pg()
@@ -735,14 +803,7 @@ class Servers:
                "--dir", self.path("redis"), "--save", "", "--daemonize", "no",
                "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
                "--logfile", ""]
-        log = open(self.redis_log_path, "ab")
-        try:
-            self._redis_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                                preexec_fn=_die_with_us(signal.SIGTERM,
-                                                                        self.keep))
-        finally:
-            log.close()
+        self._redis_proc = _spawn_redis(cmd, self.redis_log_path, self.keep)
         deadline = time.monotonic() + timeout
         probe = redis.Redis(host="127.0.0.1", port=self.redis_port, socket_timeout=2)
         try:
@@ -789,10 +850,9 @@ class Servers:
         self.redis_start()
 
     def redis_kill(self):
-        """SIGKILLs redis-server (no shutdown, no final AOF flush) and starts it again on the
-        same port and dir: what a crash of the Redis process does. A process kill loses no
-        acknowledged write with AOF on: each was in the AOF (the OS's cache) before its
-        reply."""
+        """SIGKILLs redis-server (no AOF flush, no goodbye to clients) and waits for it.
+        With appendfsync everysec a process kill loses nothing Redis acknowledged: each reply
+        is sent after its write reached the AOF file (the page cache)."""
         if self._redis is not None:
             self._redis.close()
             self._redis = None
@@ -800,7 +860,19 @@ class Servers:
             self._redis_proc.kill()
             self._redis_proc.wait()
             self._redis_proc = None
+
+    def redis_kill_restart(self):
+        """redis_kill, then starts it again on the same port and dir (the AOF replays)."""
+        self.redis_kill()
         self.redis_start()
+
+    def start_redis_replica(self, timeout=30):
+        """A second redis-server on a free port replicating this one (REPLICAOF), without
+        AOF; returns it once its link to the primary is up. Stopped at close()."""
+        r = RedisReplica(self)
+        self.redis_replicas.append(r)
+        r.start(timeout)
+        return r
 
     @property
     def redis(self):

@@ -336,7 +336,7 @@ def chaos_fault(s, fault, workers, env, ev):
         s.redis_restart()
         return True
     if fault == "redis_kill":
-        s.redis_kill()
+        s.redis_kill_restart()
         return True
     return s.sql_value("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM"
                        " pg_stat_activity WHERE usename = 'fanoutd') t") > 0
@@ -345,12 +345,14 @@ def chaos_fault(s, fault, workers, env, ev):
 @suite.test
 def chaos_small(s):
     # The scripts/test-sized version of bench/chaos: two workers, SIGKILLs of the worker
-    # holding the job, a graceful Redis restart, a SIGKILL of redis-server and one round of
-    # terminated PostgreSQL backends during one fan-out. Faults fire at fixed points of
-    # delivery progress (not after sleeps), in an order fixed by the seed, and the read budget
-    # keeps the fan-out long enough for all of them: every planned fault must have fired.
+    # holding the job, a graceful Redis restart, SIGKILLs of redis-server (AOF on, appendfsync
+    # everysec) and one round of terminated PostgreSQL backends during one fan-out. Faults
+    # fire at fixed points of delivery progress (not after sleeps), in an order fixed by the
+    # seed, and the read budget keeps the fan-out long enough for all of them: every planned
+    # fault must have fired.
     n = int(os.environ.get("FANOUT_CHAOS_FOLLOWERS", "100000"))
     kills = int(os.environ.get("FANOUT_CHAOS_KILLS", "6"))
+    redis_kills = int(os.environ.get("FANOUT_CHAOS_REDIS_KILLS", "2"))
     rng = random.Random(int(os.environ.get("FANOUT_CHAOS_SEED", "7")))
     budget = max(n // 2, 1000)  # rows per second: the fan-out takes at least 2 s
     s.seed_followers(11, n)
@@ -358,7 +360,7 @@ def chaos_small(s):
                FANOUT_READ_BUDGET_ROWS_S=budget, **FAST)
     workers = {w: s.start_daemon(FANOUT_WORKER_ID=w, **env) for w in ("a", "b")}
     ev = s.publish(11)
-    faults = ["kill"] * kills + ["redis", "redis_kill", "pg"]
+    faults = ["kill"] * kills + ["redis"] + ["redis_kill"] * redis_kills + ["pg"]
     rng.shuffle(faults)
     t0 = time.monotonic()
     fired, missed = collections.Counter(), []
@@ -380,6 +382,9 @@ def chaos_small(s):
           flush=True)
     assert not missed, "faults that found nothing to hit: %s" % missed
     assert sum(fired.values()) == len(faults), (dict(fired), faults)
+    logs = "".join(d.log() for d in s.daemons)
+    assert "redis connection lost" in logs, "no worker saw Redis die"
+    assert "job stopped" not in logs
     assert_exactly_once(s, ev, n)
 
 

@@ -17,7 +17,7 @@ import subprocess
 import time
 import uuid
 
-from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port
+from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get
 
 suite = Suite("test_service")
 
@@ -63,16 +63,6 @@ class Notify:
 
     def close(self):
         self.sock.close()
-
-
-def http_get(port, path, timeout=10):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, r.getheader("Content-Type"), r.read().decode()
-    finally:
-        c.close()
 
 
 def scrape(port):

@@ -438,10 +438,10 @@ static void test_repeated_page_is_moved(void **state)
     assert_int_equal(r.p.done, 1);
     assert_int_equal(r.p.delivered, 1);
 
-    /* A job that was never fenced has no mark: FO_EREDIS, "fence again". */
+    /* A job that was never fenced has no mark: NTF_ENOMARK, nothing written. */
     ntf_job_t ghost = make_job(4, 1);
     r = page(t, &ghost, 0, ids, 2, 0);
-    assert_int_equal(r.status, FO_EREDIS);
+    assert_int_equal(r.status, NTF_ENOMARK);
     assert_false(r.had_p);
     assert_int_equal(total_entries(shared_port, "t2", 4), 3);
     assert_true(ntf_client_ready(t->c));
@@ -668,6 +668,117 @@ static void test_noscript_reconnects(void **state)
     ctx_free(t);
 }
 
+/* Runs one command on a synchronous connection and checks it did not fail. */
+static void sync_ok(int port, const char *cmd)
+{
+    redisContext *rc = sync_connect(port, NULL);
+    assert_non_null(rc);
+    redisReply *r = redisCommand(rc, cmd);
+    assert_non_null(r);
+    assert_int_not_equal(r->type, REDIS_REPLY_ERROR);
+    freeReplyObject(r);
+    redisFree(rc);
+}
+
+/* A wrong-typed shard stream refuses the page before its first write: no entry in any
+ * shard, the mark unmoved, NTF_EKEY with the key and the fix; once the key is gone the
+ * same page applies exactly once. */
+static void test_wrong_typed_stream(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new(shared_port, "t11", NULL);
+    connect_ready(t);
+    ntf_job_t job = make_job(21, 1);
+    assert_int_equal(fence(t, &job, 0).status, 0);
+    sync_ok(shared_port, "SET t11:stream:3 x"); /* ids 1, 2 go to shards 1, 2; 3 to 3 */
+    const int64_t ids[] = {1, 2, 3, 4};
+    result_t r = page(t, &job, 0, ids, 4, 0);
+    assert_int_equal(r.status, NTF_EKEY);
+    assert_false(r.had_p);
+    assert_non_null(strstr(ntf_client_key_refusal(t->c), "t11:stream:3 is a string"));
+    assert_non_null(strstr(ntf_client_key_refusal(t->c), "DEL t11:stream:3"));
+    assert_int_equal(sync_integer(shared_port, "XLEN t11:stream:1"), 0);
+    assert_int_equal(sync_integer(shared_port, "XLEN t11:stream:0"), 0);
+    assert_hget(shared_port, "t11", 21, "cursor", "0");
+    assert_true(ntf_client_ready(t->c));
+    sync_ok(shared_port, "DEL t11:stream:3");
+    r = page(t, &job, 0, ids, 4, 0);
+    assert_int_equal(r.status, 0);
+    assert_true(r.p.cursor == 4 && r.p.delivered == 4);
+    assert_int_equal(total_entries(shared_port, "t11", 4), 4);
+    ctx_free(t);
+}
+
+/* With mark_required the fence never creates a mark: a deleted one stays missing. */
+static void test_fence_requires_mark(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new(shared_port, "t12", NULL);
+    connect_ready(t);
+    ntf_job_t job = make_job(22, 1);
+    job.mark_required = 1;
+    result_t r = fence(t, &job, 0);
+    assert_int_equal(r.status, NTF_ENOMARK);
+    assert_false(r.had_p);
+    assert_int_equal(sync_integer(shared_port, "EXISTS t12:progress:22"), 0);
+    job.mark_required = 0;
+    assert_int_equal(fence(t, &job, 0).status, 0); /* a new job's first fence creates it */
+    job.mark_required = 1;
+    assert_int_equal(fence(t, &job, 0).status, 0); /* and a later one finds it */
+    sync_ok(shared_port, "SET t12:progress:22 x");
+    r = fence(t, &job, 0);
+    assert_int_equal(r.status, NTF_EKEY);
+    assert_non_null(strstr(ntf_client_key_refusal(t->c), "t12:progress:22 is a string"));
+    sync_ok(shared_port, "DEL t12:progress:22");
+    ctx_free(t);
+}
+
+/* An evicting policy keeps the client from being ready until the policy is fixed; the
+ * connection stays and no reconnect is needed. */
+static void test_evicting_policy_refused(void **state)
+{
+    (void)state;
+    int port = free_port();
+    pid_t pid = redis_start(port, NULL);
+    sync_ok(port, "CONFIG SET maxmemory-policy allkeys-lru");
+    tctx_t *t = ctx_new(port, "t13", NULL);
+    run_until(t, &t->downs, 1, 5000);
+    assert_int_equal(t->downs, 1);
+    assert_false(ntf_client_ready(t->c));
+    assert_non_null(ntf_client_refusal(t->c));
+    assert_non_null(strstr(ntf_client_refusal(t->c), "allkeys-lru"));
+    assert_non_null(strstr(ntf_client_refusal(t->c), "noeviction"));
+    ntf_job_t job = make_job(23, 1);
+    result_t r = {0};
+    assert_int_equal(ntf_fence(t->c, &job, 0, on_progress, &r), FO_EREDIS);
+    sync_ok(port, "CONFIG SET maxmemory-policy volatile-lru"); /* accepted: no TTL in use */
+    assert_true(run_until(t, &t->ups, 1, 10000));
+    assert_true(ntf_client_ready(t->c));
+    assert_null(ntf_client_refusal(t->c));
+    sync_ok(port, "CONFIG SET maxmemory-policy allkeys-random"); /* noticed while ready */
+    assert_true(run_until(t, &t->downs, 2, 10000));
+    assert_false(ntf_client_ready(t->c));
+    assert_non_null(strstr(ntf_client_refusal(t->c), "allkeys-random"));
+    ctx_free(t);
+    redis_stop(pid);
+}
+
+/* WAIT without a replica: the page is applied on the primary but not confirmed. */
+static void test_min_replicas_unconfirmed(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new(shared_port, "t14", NULL);
+    t->cfg.redis_min_replicas = 1;
+    connect_ready(t);
+    ntf_job_t job = make_job(24, 1);
+    result_t r = fence(t, &job, 0);
+    assert_int_equal(r.status, NTF_EREPLICAS);
+    assert_false(r.had_p);
+    t->cfg.redis_min_replicas = 0;
+    assert_int_equal(fence(t, &job, 0).status, 0);
+    ctx_free(t);
+}
+
 static void test_auth(void **state)
 {
     (void)state;
@@ -778,6 +889,10 @@ int main(void)
         cmocka_unit_test(test_close_with_pending),
         cmocka_unit_test(test_close_in_callback),
         cmocka_unit_test(test_noscript_reconnects),
+        cmocka_unit_test(test_wrong_typed_stream),
+        cmocka_unit_test(test_fence_requires_mark),
+        cmocka_unit_test(test_evicting_policy_refused),
+        cmocka_unit_test(test_min_replicas_unconfirmed),
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_deadlines),
         cmocka_unit_test(test_not_an_ip),

@@ -87,6 +87,9 @@ static void test_fence_layout(void **state)
     assert_arg(&e, 3, "fo:progress:42");
     assert_arg(&e, 4, "3");
     assert_arg(&e, 5, "9007199254740993");
+    assert_int_equal(ntf__encode_fence_require_mark(&e), 7);
+    assert_arg(&e, 6, "1");
+    assert_arg(&e, 3, "fo:progress:42");
     ntf__enc_free(&e);
 }
 
@@ -178,26 +181,49 @@ static void test_page_layouts_all(void **state)
     const int64_t ids[] = {11, 12, 13, 16};
     /* shards: 11->3 12->0 13->1 16->0 */
     int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 4, 1, 60, &lay);
-    const char *want[] = {
-        "EVALSHA", SHA, "10", "fo:progress:42", "fo:stream:0", "fo:stream:1", "fo:stream:3",
-        "queues", "queue:notify", "fo:inbox:12", "fo:inbox:16", "fo:inbox:13", "fo:inbox:11",
-        /* ARGV */
-        "3", "10", "16", "1", "60", "9001", "7", "post", "{\"a\": 1}",
-        "2026-11-27T09:50:00.123456Z", "2", "12", "16", "1", "13", "1", "11",
-        /* tail */
-        "+layouts", "siq", "50", "3600", "notify", "App::NotifyJob", "5"};
+    const char *want[] = {"EVALSHA", SHA, "10", "fo:progress:42", "fo:stream:0", "fo:stream:1",
+                          "fo:stream:3", "queues", "queue:notify", "fo:inbox:12", "fo:inbox:16",
+                          "fo:inbox:13", "fo:inbox:11",
+                          /* ARGV */
+                          "3", "10", "16", "1", "60", "9001", "7", "post", "{\"a\": 1}",
+                          "2026-11-27T09:50:00.123456Z", "2", "12", "16", "1", "13", "1", "11",
+                          /* tail */
+                          "+layouts", "siq", "50", "3600", "notify", "App::NotifyJob", "5"};
     assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
     for (int i = 0; i < argc; i++)
         assert_arg(&e, i, want[i]);
 
     /* inbox alone; then the stream alone gives the plain command again, same scratch */
-    const ntf_layout_t inbox = {.mask = CFG_LAYOUT_INBOX, .inbox_cap = 1,
-                                .sidekiq_queue = "default", .sidekiq_class = "J"};
+    const ntf_layout_t inbox = {
+        .mask = CFG_LAYOUT_INBOX, .inbox_cap = 1, .sidekiq_queue = "default", .sidekiq_class = "J"};
     argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &inbox);
-    const char *want2[] = {"EVALSHA", SHA, "4", "p:progress:42", "p:stream:0", "p:inbox:11",
-                           "p:inbox:12", "3", "1", "12", "0", "60", "9001", "7", "post",
-                           "{\"a\": 1}", "2026-11-27T09:50:00.123456Z", "2", "11", "12",
-                           "+layouts", "i", "1", "0", "default", "J", "25"};
+    const char *want2[] = {"EVALSHA",
+                           SHA,
+                           "4",
+                           "p:progress:42",
+                           "p:stream:0",
+                           "p:inbox:11",
+                           "p:inbox:12",
+                           "3",
+                           "1",
+                           "12",
+                           "0",
+                           "60",
+                           "9001",
+                           "7",
+                           "post",
+                           "{\"a\": 1}",
+                           "2026-11-27T09:50:00.123456Z",
+                           "2",
+                           "11",
+                           "12",
+                           "+layouts",
+                           "i",
+                           "1",
+                           "0",
+                           "default",
+                           "J",
+                           "25"};
     want2[26] = "0"; /* sidekiq_retry left 0 */
     assert_int_equal(argc, (int)(sizeof want2 / sizeof want2[0]));
     for (int i = 0; i < argc; i++)
@@ -346,6 +372,31 @@ static void test_parse_malformed(void **state)
     assert_true(p.cursor == INT64_MIN);
 }
 
+/* Which maxmemory policies are refused, from INFO memory's text. */
+static void test_policy_refusal(void **state)
+{
+    (void)state;
+    char why[256];
+    ntf_layout_t stream = {.mask = CFG_LAYOUT_STREAM};
+    ntf_layout_t inbox_ttl = {.mask = CFG_LAYOUT_STREAM | CFG_LAYOUT_INBOX, .inbox_ttl_s = 60};
+    const char *noev = "# Memory\r\nused_memory:1\r\nmaxmemory_policy:noeviction\r\n";
+    assert_int_equal(ntf__policy_refusal(noev, &stream, why, sizeof why), 0);
+    assert_string_equal(why, "");
+    const char *lru = "# Memory\r\nmaxmemory_policy:allkeys-lru\r\nmem_fragmentation:1\r\n";
+    assert_int_equal(ntf__policy_refusal(lru, &stream, why, sizeof why), 1);
+    assert_non_null(strstr(why, "allkeys-lru:"));
+    assert_non_null(strstr(why, "noeviction"));
+    assert_int_equal(
+        ntf__policy_refusal("maxmemory_policy:allkeys-random\r\n", &stream, why, sizeof why), 1);
+    const char *vol = "maxmemory_policy:volatile-lru\r\n";
+    assert_int_equal(ntf__policy_refusal(vol, &stream, why, sizeof why), 0);
+    assert_int_equal(ntf__policy_refusal(vol, &inbox_ttl, why, sizeof why), 1);
+    assert_non_null(strstr(why, "FANOUT_INBOX_TTL_S"));
+    assert_int_equal(ntf__policy_refusal("# Memory\r\n", &stream, why, sizeof why), 1);
+    assert_int_equal(ntf__policy_refusal(NULL, &stream, why, 8), 1);
+    assert_int_equal(strlen(why), 7);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -358,6 +409,7 @@ int main(void)
         cmocka_unit_test(test_page_layouts_all),
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_parse_malformed),
+        cmocka_unit_test(test_policy_refusal),
     };
     return cmocka_run_group_tests_name("ntf_encode", tests, NULL, NULL);
 }

@@ -1,0 +1,136 @@
+/*
+ * rebuild.c: a job's progress mark rebuilt from the shard streams, for fanoutctl retry.
+ *
+ * fanoutd stops a job whose mark is missing (deleted by hand, evicted) or behind what
+ * PostgreSQL recorded (lost in a failover) rather than start its range over. The streams
+ * themselves say where the job stands: pages are written in follower-id order and each page
+ * is one atomic script, so the highest recipient of the event within the job's range in any
+ * shard stream is the last id of the last page applied, and the number of such entries is
+ * what was delivered. The scan reads every shard stream whole (XRANGE, 1000 at a time): an
+ * operator's tool, run once per stopped job, never the daemon.
+ *
+ * Limit: it needs the stream layout (an inbox or Sidekiq queue alone is consumed away), and
+ * a stream trimmed past the job's last page would make the cursor too low; fanoutctl trim
+ * only trims what every consumer group acknowledged, and the retry prints both cursors.
+ */
+#include "fanoutctl/fctl_int.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SCAN_CHUNK "1000"
+
+/* The value of field name in an XRANGE entry's field list, or NULL. */
+static const redisReply *entry_field(const redisReply *kv, const char *name)
+{
+    if (!kv || kv->type != REDIS_REPLY_ARRAY)
+        return NULL;
+    for (size_t i = 0; i + 1 < kv->elements; i += 2)
+        if (kv->element[i]->type == REDIS_REPLY_STRING && strcmp(kv->element[i]->str, name) == 0)
+            return kv->element[i + 1];
+    return NULL;
+}
+
+/* Scans one shard stream; adds this event's entries in (lo, hi] to *count and raises *top. */
+static int scan_stream(redisContext *rc, const char *key, const fctl_range_t *r, int64_t *top,
+                       int64_t *count)
+{
+    char ev[24], start[64] = "-";
+    snprintf(ev, sizeof ev, "%" PRId64, r->event_id);
+    for (;;) {
+        const char *argv[] = {"XRANGE", key, start, "+", "COUNT", SCAN_CHUNK};
+        redisReply *rep = fctl_redis_run(rc, "retry", 6, argv, 0);
+        if (!rep)
+            return -1;
+        size_t n = rep->type == REDIS_REPLY_ARRAY ? rep->elements : 0;
+        for (size_t i = 0; i < n; i++) {
+            const redisReply *e = rep->element[i];
+            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2)
+                continue;
+            const redisReply *event = entry_field(e->element[1], "event");
+            const redisReply *rcpt = entry_field(e->element[1], "recipient");
+            if (!event || !rcpt || event->type != REDIS_REPLY_STRING ||
+                rcpt->type != REDIS_REPLY_STRING || strcmp(event->str, ev) != 0)
+                continue;
+            int64_t id = strtoll(rcpt->str, NULL, 10);
+            if (id <= r->lo || id > r->hi)
+                continue; /* another range of the same event: another job's */
+            (*count)++;
+            if (id > *top)
+                *top = id;
+        }
+        if (n > 0)
+            snprintf(start, sizeof start, "(%s", rep->element[n - 1]->element[0]->str);
+        freeReplyObject(rep);
+        if (n < 1000)
+            return 0;
+    }
+}
+
+int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursor,
+                      int64_t *delivered)
+{
+    if (!(cfg->layout_mask & CFG_LAYOUT_STREAM)) {
+        fail("retry",
+             "job %" PRId64 ": its progress mark cannot be rebuilt without the stream layout "
+             "(FANOUT_LAYOUTS has no stream); restore the mark by hand",
+             r->job_id);
+        return -1;
+    }
+    *cursor = r->lo;
+    *delivered = 0;
+    for (int s = 0; s < cfg->shards; s++) {
+        char key[256];
+        snprintf(key, sizeof key, "%s:stream:%d", cfg->key_prefix, s);
+        if (scan_stream(rc, key, r, cursor, delivered) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t cursor,
+                    int64_t delivered)
+{
+    char key[256], tok[24], cur[24], del[24];
+    snprintf(key, sizeof key, "%s:progress:%" PRId64, cfg->key_prefix, r->job_id);
+    snprintf(tok, sizeof tok, "%" PRId64, r->token);
+    snprintf(cur, sizeof cur, "%" PRId64, cursor);
+    snprintf(del, sizeof del, "%" PRId64, delivered);
+    /* DEL first: a wrong-typed or stale key must not keep fields of its own */
+    const char *dargv[] = {"DEL", key};
+    redisReply *d = fctl_redis_run(rc, "retry", 2, dargv, 0);
+    if (!d)
+        return -1;
+    freeReplyObject(d);
+    const char *argv[] = {"HSET", key, "token", tok, "cursor", cur, "delivered", del, "done", "0"};
+    redisReply *rep = fctl_redis_run(rc, "retry", 10, argv, 0);
+    if (!rep)
+        return -1;
+    freeReplyObject(rep);
+    return 0;
+}
+
+int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exists, int64_t *cursor,
+                   int64_t *delivered)
+{
+    char key[256];
+    snprintf(key, sizeof key, "%s:progress:%" PRId64, cfg->key_prefix, job_id);
+    const char *argv[] = {"HMGET", key, "cursor", "delivered"};
+    redisReply *rep = fctl_redis_run(rc, "retry", 4, argv, 1);
+    if (!rep)
+        return -1;
+    *exists = 0;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+        rep->element[0]->type == REDIS_REPLY_STRING) {
+        *exists = 1;
+        *cursor = strtoll(rep->element[0]->str, NULL, 10);
+        *delivered = rep->element[1]->type == REDIS_REPLY_STRING
+                         ? strtoll(rep->element[1]->str, NULL, 10)
+                         : 0;
+    }
+    /* a wrong-typed mark answers WRONGTYPE: treat it as missing, the rebuild replaces it */
+    freeReplyObject(rep);
+    return 0;
+}
