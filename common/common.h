@@ -18,13 +18,13 @@
 
 /* Error codes beyond -errno; every int-returning function returns 0 or a negative code. */
 enum {
-    FO_EINVAL = -1000, /* bad input: the caller gets a message naming the problem */
-    FO_EPG = -1001,    /* PostgreSQL reported an error or the connection is down */
-    FO_EREDIS = -1002, /* Redis reported an error or the connection is down */
+    FO_EINVAL = -1000,  /* bad input: the caller gets a message naming the problem */
+    FO_EPG = -1001,     /* PostgreSQL reported an error or the connection is down */
+    FO_EREDIS = -1002,  /* Redis reported an error or the connection is down */
     FO_EFENCED = -1003, /* another worker holds a newer lease token for this job */
-    FO_ESTOP = -1004,  /* the operation was cancelled because the daemon is stopping */
-    FO_EQUERY = -1005, /* PostgreSQL refused this query (an error of the query, not of the
-                          connection): retrying at once would fail the same way */
+    FO_ESTOP = -1004,   /* the operation was cancelled because the daemon is stopping */
+    FO_EQUERY = -1005,  /* PostgreSQL refused this query (an error of the query, not of the
+                           connection): retrying at once would fail the same way */
     /* the contract view no longer answers as the contract says (it changed under a query) */
     FO_ECONTRACT = -1006,
 };

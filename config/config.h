@@ -42,9 +42,9 @@ typedef struct cfg {
     /* Redis: an IP address (no DNS on the loop), a port and an optional password. */
     char *redis_host;
     int redis_port;
-    char *redis_password; /* secret: never printed */
+    char *redis_password;   /* secret: never printed */
     int redis_min_replicas; /* replicas that must acknowledge a page (WAIT); 0: none */
-    char *key_prefix;     /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
+    char *key_prefix;       /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
     int shards;
 
     /* The fan-out itself. */

@@ -84,8 +84,8 @@ static void on_written(uv_write_t *w, int status)
     conn_close(w->data);
 }
 
-static void respond(met_conn_t *c, int code, const char *reason, const char *type,
-                    const char *body, size_t body_len, int head_only)
+static void respond(met_conn_t *c, int code, const char *reason, const char *type, const char *body,
+                    size_t body_len, int head_only)
 {
     met_buf_t *b = &c->out;
     met_buf_printf(b,

@@ -15,26 +15,25 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char backlog_lua[] =
-    "#!lua flags=no-writes\n"
-    "local worst, shard = 0, -1\n"
-    "for i, key in ipairs(KEYS) do\n"
-    "  if redis.call('EXISTS', key) == 1 then\n"
-    "    local len = nil\n"
-    "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
-    "      local f = {}\n"
-    "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
-    "      local lag = f['lag']\n"
-    "      if type(lag) ~= 'number' then\n"
-    "        len = len or redis.call('XLEN', key)\n"
-    "        lag = len\n"
-    "      end\n"
-    "      local b = lag + (tonumber(f['pending']) or 0)\n"
-    "      if b > worst then worst, shard = b, i - 1 end\n"
-    "    end\n"
-    "  end\n"
-    "end\n"
-    "return {worst, shard}\n";
+static const char backlog_lua[] = "#!lua flags=no-writes\n"
+                                  "local worst, shard = 0, -1\n"
+                                  "for i, key in ipairs(KEYS) do\n"
+                                  "  if redis.call('EXISTS', key) == 1 then\n"
+                                  "    local len = nil\n"
+                                  "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
+                                  "      local f = {}\n"
+                                  "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
+                                  "      local lag = f['lag']\n"
+                                  "      if type(lag) ~= 'number' then\n"
+                                  "        len = len or redis.call('XLEN', key)\n"
+                                  "        lag = len\n"
+                                  "      end\n"
+                                  "      local b = lag + (tonumber(f['pending']) or 0)\n"
+                                  "      if b > worst then worst, shard = b, i - 1 end\n"
+                                  "    end\n"
+                                  "  end\n"
+                                  "end\n"
+                                  "return {worst, shard}\n";
 
 typedef struct backlog_req {
     ntf_backlog_cb cb;
@@ -59,7 +58,7 @@ static void on_backlog(int status, const redisReply *reply, void *data)
     if (status == 0 && ntf__parse_backlog(reply, &backlog, &shard) < 0) {
         fo_log(FO_LOG_WARN, "backlog query failed", "server=redis error=\"%s\"",
                reply && reply->type == REDIS_REPLY_ERROR && reply->str ? reply->str
-                                                                      : "unexpected reply");
+                                                                       : "unexpected reply");
         status = FO_EREDIS;
     }
     q->cb(status, backlog, shard, q->data);

@@ -23,17 +23,17 @@ typedef enum { Q_PREPARE, Q_SETUP, Q_EXEC, Q_QUERY } rel_qkind_t;
 typedef struct rel_query {
     struct rel_query *next;
     rel_qkind_t kind;
-    const char *stmt;        /* Q_PREPARE / Q_EXEC: statement name (borrowed from the list) */
-    const char *sql;         /* Q_PREPARE / Q_SETUP: borrowed from the registered lists */
-    char *own_sql;           /* Q_QUERY: a copy, owned */
+    const char *stmt; /* Q_PREPARE / Q_EXEC: statement name (borrowed from the list) */
+    const char *sql;  /* Q_PREPARE / Q_SETUP: borrowed from the registered lists */
+    char *own_sql;    /* Q_QUERY: a copy, owned */
     int nparams;
-    char **params;           /* Q_EXEC: copies, owned */
+    char **params; /* Q_EXEC: copies, owned */
     int binary;
     /* Q_PREPARE: the statement reads the contract view */
     int view;
     rel_result_cb cb;
     void *data;
-    PGresult *result;        /* the result kept for the callback: the first error, else last */
+    PGresult *result; /* the result kept for the callback: the first error, else last */
 } rel_query_t;
 
 typedef struct rel_stmt {
@@ -112,8 +112,8 @@ void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int
     add_stmt(c, stmt_name, sql, nparams);
 }
 
-void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt,
-                           int nparams, const cfg_t *cfg)
+void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt, int nparams,
+                           const cfg_t *cfg)
 {
     add_stmt(c, stmt_name, sql_fmt, nparams);
     c->stmts_tail->ident[0] = fo_xstrdup(cfg->contract_schema);
@@ -503,9 +503,9 @@ static void connect_work(uv_work_t *w)
 {
     rel_conn_t *c = w->data;
     /* fallback_application_name: the DSN's own application_name, if any, wins. */
-    const char *keys[] = {"dbname", "fallback_application_name", "connect_timeout",
-                          "keepalives", "keepalives_idle", "keepalives_interval",
-                          "keepalives_count", "tcp_user_timeout", NULL};
+    const char *keys[] = {"dbname",           "fallback_application_name", "connect_timeout",
+                          "keepalives",       "keepalives_idle",           "keepalives_interval",
+                          "keepalives_count", "tcp_user_timeout",          NULL};
     const char *vals[] = {c->dsn, c->name, "10", "1", "10", "5", "3", "30000", NULL};
     c->work_conn = PQconnectdbParams(keys, vals, 1);
 }

@@ -50,8 +50,7 @@ static void on_page(int status, const PGresult *res, void *data)
         int rows = PQntuples(res);
         if (PQnfields(res) != 1 || PQftype(res, 0) != 20 /* int8 */ || rows > r->limit) {
             fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
-                   "fields=%d rows=%d; the follower column must be bigint", PQnfields(res),
-                   rows);
+                   "fields=%d rows=%d; the follower column must be bigint", PQnfields(res), rows);
             status = FO_ECONTRACT;
             err = "the contract view's follower column is not bigint";
         } else {

@@ -473,7 +473,7 @@ int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
     /* the primary: the freshest answer, and no budget (a query of a few index probes) */
     for (int i = 0; i < r->primary.n; i++)
         if (rel_conn_ready(r->primary.conns[i]))
-            return rel_conn_query_view(r->primary.conns[i], sql_fmt, r->cfg, nparams, params,
-                                       cb, data);
+            return rel_conn_query_view(r->primary.conns[i], sql_fmt, r->cfg, nparams, params, cb,
+                                       data);
     return FO_EPG;
 }

@@ -30,8 +30,7 @@ typedef struct rel_conn rel_conn_t;
 /* up = 1 once connected and set up; up = 0 when the connection was lost (it will retry). */
 typedef void (*rel_state_cb)(rel_conn_t *c, int up, void *data);
 /* A NOTIFY on a LISTENed channel; strings are borrowed until return. */
-typedef void (*rel_notify_cb)(rel_conn_t *c, const char *channel, const char *payload,
-                              void *data);
+typedef void (*rel_notify_cb)(rel_conn_t *c, const char *channel, const char *payload, void *data);
 /*
  * A query's outcome. status 0: res is the PGRES_TUPLES_OK / PGRES_COMMAND_OK result.
  * FO_EPG: the server reported an error (res holds it: PQresultErrorMessage) or the
@@ -55,8 +54,8 @@ void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int
  * "%s.%s" (or, to name the view more than once, "%1$s.%2$s" each time) that receives cfg's
  * contract schema and view, quoted by PQescapeIdentifier on every connect (identifiers from
  * configuration are never pasted into SQL unquoted). */
-void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt,
-                           int nparams, const cfg_t *cfg);
+void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt, int nparams,
+                           const cfg_t *cfg);
 
 /* Registers session set-up SQL (may hold several statements) run on every (re)connect. */
 void rel_conn_setup(rel_conn_t *c, const char *sql);
@@ -141,8 +140,7 @@ void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg);
  * the view no longer answers as the contract says (REL_ERR_CONTRACT, or a column that is
  * not bigint); FO_EQUERY when the server refused the query otherwise. With FO_ECONTRACT and
  * FO_EQUERY err holds the message, borrowed until return; otherwise err is NULL. */
-typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, const char *err,
-                            void *data);
+typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, const char *err, void *data);
 
 /*
  * Reads up to `limit` follower ids of `author` in (after, upto], ascending, into out[] (room
@@ -173,7 +171,7 @@ typedef struct rel_reader_stats {
     uint64_t fallback_pages; /* pages read from the primary although a replica is configured */
     uint64_t fallbacks;      /* times the replica became unusable (down, lagging, unknown) */
     int replica_usable;
-    int64_t replica_lag_ms;  /* last measured; -1 unknown */
+    int64_t replica_lag_ms; /* last measured; -1 unknown */
 } rel_reader_stats_t;
 
 rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state_cb on_state,

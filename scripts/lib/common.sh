@@ -6,7 +6,7 @@ FANOUT_PACKAGES=(
   libuv1-dev libhiredis-dev libpq-dev libcmocka-dev
   postgresql-15 redis-server redis-tools
   python3 python3-redis python3-psycopg2
-  valgrind clang libclang-rt-14-dev
+  valgrind clang libclang-rt-14-dev clang-format
   # the package: manual pages from --help, lintian on the built .deb, and a minimal Debian 12
   # booted with systemd to install it in (tests/integration/test_package.py)
   help2man lintian debootstrap systemd-container

@@ -146,8 +146,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     n = got;
 
     const char *sha = "0123456789abcdef0123456789abcdef01234567";
-    int argc =
-        ntf__encode_page(&enc, sha, prefix, shards, &job, expect, ids, n, last, ttl, NULL);
+    int argc = ntf__encode_page(&enc, sha, prefix, shards, &job, expect, ids, n, last, ttl, NULL);
     FUZZ_CHECK(argc == enc.argc, "returned argc");
     check_page(&enc, sha, prefix, shards, &job, expect, ids, n, last, ttl);
 
