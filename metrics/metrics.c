@@ -1,7 +1,8 @@
 /*
  * metrics.c: the counters' storage and their Prometheus text rendering.
  *
- * Every name starts with fanout_; counters end in _total, durations are in seconds. The
+ * Every name starts with fanout_ (but the standard process_* ones); counters end in _total,
+ * durations are in seconds (`promtool check metrics` is clean). The
  * histogram buckets are stored non-cumulative (one increment per observation) and summed
  * when rendered, so an observation costs a short bounds scan and three adds.
  */
@@ -9,10 +10,14 @@
 
 #include "common/common.h"
 
+#include <dirent.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
 
 /* From a millisecond Redis write to a five-minute fan-out of millions. */
 static const double bounds[MET_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -26,6 +31,9 @@ void met_init(met_t *m, int nshards)
     m->stream_length = fo_xcalloc((size_t)m->nshards, sizeof *m->stream_length);
     for (int i = 0; i < m->nshards; i++)
         m->stream_length[i] = -1;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    m->start_time_s = (double)now.tv_sec + now.tv_nsec / 1e9;
 }
 
 void met_free(met_t *m)
@@ -126,8 +134,46 @@ static void reason_info(met_buf_t *b, const char *name, const char *help, const 
     met_buf_printf(b, "\"} 1\n");
 }
 
+/* The process_* metrics every Prometheus client library exports, read at scrape time from
+ * getrusage, getrlimit and /proc/self (in-memory files: reading them does not block). */
+static void process_metrics(const met_t *m, met_buf_t *b)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) == 0) {
+        double cpu = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
+                     (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+        head(b, "process_cpu_seconds_total", "counter", "User and system CPU time spent.");
+        met_buf_printf(b, "process_cpu_seconds_total %.6f\n", cpu);
+    }
+    long pages_virt, pages_res;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f && fscanf(f, "%ld %ld", &pages_virt, &pages_res) == 2) {
+        double page = (double)sysconf(_SC_PAGESIZE);
+        gauge(b, "process_virtual_memory_bytes", "Virtual memory size.", pages_virt * page);
+        gauge(b, "process_resident_memory_bytes", "Resident memory size.", pages_res * page);
+    }
+    if (f)
+        fclose(f);
+    DIR *fds = opendir("/proc/self/fd");
+    if (fds) {
+        int n = 0;
+        while (readdir(fds))
+            n++;
+        closedir(fds);
+        gauge(b, "process_open_fds", "Open file descriptors.", n - 3); /* ., .., this one */
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        gauge(b, "process_max_fds", "Limit of open file descriptors.", (double)rl.rlim_cur);
+    gauge(b, "process_start_time_seconds", "Start time of the process since the Unix epoch.",
+          m->start_time_s);
+}
+
 void met_render(const met_t *m, met_buf_t *b)
 {
+    head(b, "fanout_build_info", "gauge", "1, labelled with the version of this fanoutd.");
+    met_buf_printf(b, "fanout_build_info{version=\"%s\"} 1\n", FANOUT_VERSION);
+    process_metrics(m, b);
     counter(b, "fanout_events_claimed_total", "Jobs claimed (one per event, again after a crash).",
             m->events_claimed);
     counter(b, "fanout_events_done_total", "Jobs recorded done in PostgreSQL.", m->events_done);
@@ -168,9 +214,10 @@ void met_render(const met_t *m, met_buf_t *b)
     counter(b, "fanout_replica_fallbacks_total",
             "Times the replica became unusable (down or lagging past the bound).",
             m->replica_fallbacks);
-    gauge(b, "fanout_replica_lag_ms", "Last measured replica lag (-1: unknown or no replica).",
-          (double)m->replica_lag_ms);
-    gauge(b, "fanout_ready", "1 when both PostgreSQL connections and Redis are up.",
+    gauge(b, "fanout_replica_lag_seconds", "Last measured replica lag (-1: unknown or no replica).",
+          m->replica_lag_ms < 0 ? -1.0 : m->replica_lag_ms / 1000.0);
+    gauge(b, "fanout_ready",
+          "1 when both PostgreSQL connections and Redis are up and the contract holds.",
           (double)m->ready);
     gauge(b, "fanout_oldest_pending_event_age_seconds",
           "Age of the oldest event not yet done (0: none; -1: not measured yet).",

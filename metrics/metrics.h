@@ -59,6 +59,7 @@ typedef struct met {
     double oldest_pending_age_s; /* age of the oldest unfinished event; -1: unknown */
     int nshards;
     int64_t *stream_length; /* nshards entries, -1: not read yet; owned (met_init/met_free) */
+    double start_time_s;    /* wall clock at met_init: process_start_time_seconds */
 
     /* histograms, in seconds */
     met_hist_t page_read;       /* one keyset page query */

@@ -10,6 +10,8 @@ FANOUT_PACKAGES=(
   # the package: manual pages from --help, lintian on the built .deb, and a minimal Debian 12
   # booted with systemd to install it in (tests/integration/test_package.py)
   help2man lintian debootstrap systemd-container
+  # promtool checks the /metrics exposition (tests/integration/test_service.py)
+  prometheus
   # the reference consumers in examples/consumers/ (tests/integration/test_consumers.py)
   ruby ruby-redis nodejs
 )

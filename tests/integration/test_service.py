@@ -307,6 +307,31 @@ def healthz_says_not_ready_without_redis(s):
     assert d.stop() == 0
 
 
+@suite.test
+def metrics_pass_promtool_and_match_the_docs(s):
+    s.seed_followers(8, 300)
+    port = free_port()
+    d = s.start_daemon(FANOUT_METRICS_PORT=port, FANOUT_PAGE_SIZE=100)
+    ev = s.publish(8)
+    s.wait_event_done(ev)
+    body = http_get(port, "/metrics")[2]
+    r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    served = set(re.findall(r"^# TYPE (\S+) ", body, re.M))
+    assert 'fanout_build_info{version="' in body
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes",
+            "process_open_fds", "process_start_time_seconds"} <= served, served
+    with open(os.path.join(SOURCE_DIR, "docs", "configuration.md")) as f:
+        section = f.read().split("## Metrics", 1)[1]
+    documented = set()
+    for row in re.findall(r"^\| (`[^|]*`) \|", section, re.M):
+        documented |= {re.sub(r"\{.*\}", "", n) for n in re.findall(r"`([^`]+)`", row)}
+    assert served == documented, "served, not documented: %s; documented, not served: %s" % (
+        sorted(served - documented), sorted(documented - served))
+    assert d.stop() == 0
+
+
 # --------------------------------------------------------------------------------------------
 # logs
 # --------------------------------------------------------------------------------------------
