@@ -66,7 +66,7 @@ static void send_status(app_t *a, int force)
     met_t *m = fo_daemon_metrics(a->daemon);
     char msg[256];
     snprintf(msg, sizeof msg,
-             "STATUS=%s: jobs running %" PRId64 ", events done %llu, notifications %llu",
+             "STATUS=%s: jobs running %" PRId64 ", jobs done %llu, notifications %llu",
              m->ready ? "ready" : "waiting for PostgreSQL and Redis", m->jobs_running,
              (unsigned long long)m->events_done, (unsigned long long)m->notifications);
     if (!force && strcmp(msg, a->last_status) == 0)

@@ -35,6 +35,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
 
 /* Held by migrate for the life of each transaction: "fanout" in ASCII. */
 #define MIGRATE_LOCK_KEY "112568712869236"
@@ -411,37 +413,118 @@ static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
     " WHEN j.n_pending > 0 THEN 'pending'"                                                         \
     " ELSE 'dead' END"
 
+/* Notifications per second since the event's first job started, while it runs (else NULL). */
+#define RATE_PER_S                                                                                 \
+    "CASE WHEN s.state = 'running' AND now() > j.started_at"                                       \
+    "  THEN round((j.delivered / extract(epoch FROM now() - j.started_at))::numeric, 1) END"
+
 static void status_usage(FILE *out)
 {
-    fprintf(out, "usage: fanoutctl [SETTINGS] status [EVENT]\n"
+    fprintf(out, "usage: fanoutctl [SETTINGS] status [EVENT] [--json] [--watch] [--interval S]\n"
                  "With EVENT: that event's state as key: value lines.\n"
-                 "Without: running events (progress delivered/expected, rate), pending and dead\n"
-                 "ones, the 20 most recent events, and the job counts by state.\n");
+                 "Without: running events (delivered/expected, percent, rate, ETA), pending and\n"
+                 "dead ones, the 20 most recent events, the job counts by state, the workers.\n"
+                 "  --json        one JSON object instead (the same fields)\n"
+                 "  --watch       refresh every --interval seconds (default 2), in place on a\n"
+                 "                terminal, until interrupted\n");
 }
 
-/* Replaces line breaks so a value cannot break the key: value layout. */
-static void print_kv(const char *key, const char *value)
+/*
+ * status writes either text or one JSON object (--json) through these: kv_put adds one
+ * field (text: a "key: value" line, line breaks flattened so a value cannot break the layout;
+ * JSON: "key": value, a number when `number` is set and the value is one, null when value is
+ * NULL), obj_open/obj_close bracket an object (JSON only; a text row is the caller's).
+ */
+typedef struct status_out {
+    int json;
+    ctl_buf_t b;
+    int fields; /* in the object open now: a comma before the next one */
+} status_out_t;
+
+static void kv_put(status_out_t *o, const char *key, const char *value, int number)
 {
-    printf("%s: ", key);
-    for (const char *c = value; *c; c++)
-        putchar(*c == '\n' || *c == '\r' ? ' ' : *c);
-    putchar('\n');
+    if (!o->json) {
+        printf("%s: ", key);
+        for (const char *c = value ? value : "-"; *c; c++)
+            putchar(*c == '\n' || *c == '\r' ? ' ' : *c);
+        putchar('\n');
+        return;
+    }
+    if (o->fields++)
+        ctl__buf_puts(&o->b, ", ");
+    ctl__json_string(&o->b, key, strlen(key));
+    ctl__buf_puts(&o->b, ": ");
+    if (!value)
+        ctl__buf_puts(&o->b, "null");
+    else if (number && value[0] && strspn(value, "0123456789.-") == strlen(value))
+        ctl__buf_puts(&o->b, value); /* a number PostgreSQL rendered */
+    else
+        ctl__json_string(&o->b, value, strlen(value));
 }
 
-static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
+static void obj_open(status_out_t *o, const char *key)
+{
+    if (!o->json)
+        return;
+    if (key) {
+        if (o->fields++)
+            ctl__buf_puts(&o->b, ", ");
+        ctl__json_string(&o->b, key, strlen(key));
+        ctl__buf_puts(&o->b, ": ");
+    } else if (o->fields++) {
+        ctl__buf_puts(&o->b, ", ");
+    }
+    ctl__buf_puts(&o->b, "{");
+    o->fields = 0;
+}
+
+static void obj_close(status_out_t *o)
+{
+    if (o->json) {
+        ctl__buf_puts(&o->b, "}");
+        o->fields = 1;
+    }
+}
+
+/* Percent done, rate and ETA from delivered, expected (NULL: unknown) and the rate per
+ * second (NULL: not running); each NULL when it cannot be told. */
+typedef struct progress_view {
+    char percent[16], eta[24];
+    const char *percent_p, *eta_p;
+} progress_view_t;
+
+static void progress_view(progress_view_t *v, const char *delivered, const char *expected,
+                          const char *rate)
+{
+    v->percent_p = v->eta_p = NULL;
+    double done = strtod(delivered, NULL), want = expected ? strtod(expected, NULL) : 0;
+    if (expected && want > 0) {
+        snprintf(v->percent, sizeof v->percent, "%.1f", 100.0 * (done < want ? done : want) / want);
+        v->percent_p = v->percent;
+    }
+    double per_s = rate ? strtod(rate, NULL) : 0;
+    if (expected && per_s > 0) {
+        snprintf(v->eta, sizeof v->eta, "%.0f", done < want ? (want - done) / per_s : 0.0);
+        v->eta_p = v->eta;
+    }
+}
+
+static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event, status_out_t *o)
 {
     char idbuf[24];
     snprintf(idbuf, sizeof idbuf, "%" PRId64, event);
     const char *params[] = {idbuf};
-    PGresult *res = pg_run(conn, "status", NULL,
-                           "SELECT e.id, e.author, e.kind, " EVENT_STATE ", j.n, j.delivered,"
-                           " j.attempts, coalesce(j.last_error, ''),"
-                           " to_char(e.created_at AT TIME ZONE 'UTC',"
-                           "         'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-                           " floor(extract(epoch FROM now() - e.created_at))::bigint,"
-                           " coalesce(j.waiting, '')"
-                           " FROM fanout.events e " JOBS_AGGREGATE "WHERE e.id = $1",
-                           1, params);
+    PGresult *res =
+        pg_run(conn, "status", NULL,
+               "SELECT e.id, e.author, e.kind, " EVENT_STATE ", j.n, j.delivered,"
+               " j.attempts, coalesce(j.last_error, ''),"
+               " to_char(e.created_at AT TIME ZONE 'UTC',"
+               "         'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+               " floor(extract(epoch FROM now() - e.created_at))::bigint,"
+               " coalesce(j.waiting, ''), " RATE_PER_S " FROM fanout.events e " JOBS_AGGREGATE
+               " CROSS JOIN LATERAL (SELECT " EVENT_STATE " AS state) s"
+               " WHERE e.id = $1",
+               1, params);
     if (!res)
         return EXIT_RUNTIME;
     if (PQntuples(res) == 0) {
@@ -474,21 +557,30 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event)
     PQfreemem(schema);
     PQfreemem(view);
     static const char *const keys[] = {"event", "author", "kind", "state", "jobs", "delivered"};
+    obj_open(o, NULL);
     for (int i = 0; i < 6; i++)
-        print_kv(keys[i], PQgetvalue(res, 0, i));
-    print_kv("expected", expected);
-    print_kv("attempts", PQgetvalue(res, 0, 6));
-    print_kv("last_error", PQgetvalue(res, 0, 7));
-    print_kv("created_at", PQgetvalue(res, 0, 8));
-    print_kv("age_seconds", PQgetvalue(res, 0, 9));
-    if (*PQgetvalue(res, 0, 10))
-        print_kv("waiting", PQgetvalue(res, 0, 10));
+        kv_put(o, keys[i], PQgetvalue(res, 0, i), i != 2 && i != 3);
+    const char *rate = PQgetisnull(res, 0, 11) ? NULL : PQgetvalue(res, 0, 11);
+    int known = strspn(expected, "0123456789") == strlen(expected);
+    progress_view_t v;
+    progress_view(&v, PQgetvalue(res, 0, 5), known ? expected : NULL, rate);
+    kv_put(o, "expected", expected, 1);
+    kv_put(o, "percent", v.percent_p, 1);
+    kv_put(o, "rate_per_s", rate, 1);
+    kv_put(o, "eta_seconds", v.eta_p, 1);
+    kv_put(o, "attempts", PQgetvalue(res, 0, 6), 1);
+    kv_put(o, "last_error", PQgetvalue(res, 0, 7), 0);
+    kv_put(o, "created_at", PQgetvalue(res, 0, 8), 0);
+    kv_put(o, "age_seconds", PQgetvalue(res, 0, 9), 1);
+    if (*PQgetvalue(res, 0, 10) || o->json)
+        kv_put(o, "waiting", *PQgetvalue(res, 0, 10) ? PQgetvalue(res, 0, 10) : NULL, 0);
+    obj_close(o);
     PQclear(res);
-    return fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
+    return EXIT_OK;
 }
 
 /* The workers seen in the last minute, and why any of them pauses (backpressure). */
-static void status_workers(PGconn *conn)
+static void status_workers(PGconn *conn, status_out_t *o)
 {
     PGresult *w = pg_run(conn, "status", "workers",
                          "SELECT worker_id, jobs, coalesce(paused_reason, ''),"
@@ -498,11 +590,28 @@ static void status_workers(PGconn *conn)
                          0, NULL);
     if (!w)
         return;
+    if (o->json) {
+        if (o->fields++)
+            ctl__buf_puts(&o->b, ", ");
+        ctl__buf_puts(&o->b, "\"workers\": [");
+        o->fields = 0;
+    }
     for (int r = 0; r < PQntuples(w); r++) {
         const char *why = PQgetvalue(w, r, 2);
-        printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0), PQgetvalue(w, r, 1),
-               PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running", why);
+        if (!o->json) {
+            printf("worker %s: jobs=%s seen=%ss ago %s%s\n", PQgetvalue(w, r, 0),
+                   PQgetvalue(w, r, 1), PQgetvalue(w, r, 3), why[0] ? "PAUSED: " : "running", why);
+            continue;
+        }
+        obj_open(o, NULL);
+        kv_put(o, "worker", PQgetvalue(w, r, 0), 0);
+        kv_put(o, "jobs", PQgetvalue(w, r, 1), 1);
+        kv_put(o, "seen_seconds_ago", PQgetvalue(w, r, 3), 1);
+        kv_put(o, "paused", why[0] ? why : NULL, 0);
+        obj_close(o);
     }
+    if (o->json)
+        ctl__buf_puts(&o->b, "]");
     PQclear(w);
 }
 
@@ -511,7 +620,7 @@ static void status_workers(PGconn *conn)
  * 20 most recent, one row each, running first. "expected" counts the contract view's rows
  * for the author now, only for running and pending events (an index-only count).
  */
-static int status_recent(const cfg_t *cfg, PGconn *conn)
+static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
 {
     char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
     char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
@@ -525,9 +634,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
         "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
         " CASE WHEN s.state IN ('running', 'waiting', 'pending')"
         "   THEN (SELECT count(*) FROM %s.%s v WHERE v.author = e.author) END,"
-        " CASE WHEN s.state = 'running' AND now() > j.started_at"
-        "   THEN round((j.delivered / extract(epoch FROM now() - j.started_at))::numeric, 1)"
-        " END,"
+        " " RATE_PER_S ","
         " j.attempts, floor(extract(epoch FROM now() - e.created_at))::bigint,"
         " coalesce('WAITING: ' || j.waiting, j.last_error, '')"
         " FROM (SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
@@ -558,34 +665,82 @@ static int status_recent(const cfg_t *cfg, PGconn *conn)
         PQclear(res);
         return EXIT_RUNTIME;
     }
-    printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", "EVENT", "AUTHOR", "KIND", "STATE",
-           "PROGRESS", "RATE/S", "ATTEMPTS", "AGE_S", "LAST_ERROR");
+    if (o->json) {
+        obj_open(o, NULL);
+        ctl__buf_puts(&o->b, "\"events\": [");
+        o->fields = 0;
+    } else {
+        printf("%-12s %-20s %-16s %-8s %-23s %6s %10s %7s %8s %10s  %s\n", "EVENT", "AUTHOR",
+               "KIND", "STATE", "PROGRESS", "%", "RATE/S", "ETA_S", "ATTEMPTS", "AGE_S",
+               "LAST_ERROR");
+    }
     for (int r = 0; r < PQntuples(res); r++) {
-        char progress[64];
-        if (PQgetisnull(res, r, 5))
-            snprintf(progress, sizeof progress, "%s", PQgetvalue(res, r, 4));
-        else
-            snprintf(progress, sizeof progress, "%s/%s", PQgetvalue(res, r, 4),
-                     PQgetvalue(res, r, 5));
-        const char *rate = PQgetisnull(res, r, 6) ? "-" : PQgetvalue(res, r, 6);
+        const char *expected = PQgetisnull(res, r, 5) ? NULL : PQgetvalue(res, r, 5);
+        const char *rate = PQgetisnull(res, r, 6) ? NULL : PQgetvalue(res, r, 6);
+        progress_view_t v;
+        progress_view(&v, PQgetvalue(res, r, 4), expected, rate);
         char err[120];
         first_line(err, sizeof err, PQgetvalue(res, r, 9));
-        printf("%-12s %-20s %-16s %-8s %-23s %10s %8s %10s  %s\n", PQgetvalue(res, r, 0),
-               PQgetvalue(res, r, 1), PQgetvalue(res, r, 2), PQgetvalue(res, r, 3), progress, rate,
-               PQgetvalue(res, r, 7), PQgetvalue(res, r, 8), err);
+        if (!o->json) {
+            char progress[64];
+            snprintf(progress, sizeof progress, "%s%s%s", PQgetvalue(res, r, 4),
+                     expected ? "/" : "", expected ? expected : "");
+            printf("%-12s %-20s %-16s %-8s %-23s %6s %10s %7s %8s %10s  %s\n",
+                   PQgetvalue(res, r, 0), PQgetvalue(res, r, 1), PQgetvalue(res, r, 2),
+                   PQgetvalue(res, r, 3), progress, v.percent_p ? v.percent : "-",
+                   rate ? rate : "-", v.eta_p ? v.eta : "-", PQgetvalue(res, r, 7),
+                   PQgetvalue(res, r, 8), err);
+            continue;
+        }
+        obj_open(o, NULL);
+        static const char *const keys[] = {"event", "author", "kind", "state", "delivered"};
+        for (int i = 0; i < 5; i++)
+            kv_put(o, keys[i], PQgetvalue(res, r, i), i != 2 && i != 3);
+        kv_put(o, "expected", expected, 1);
+        kv_put(o, "percent", v.percent_p, 1);
+        kv_put(o, "rate_per_s", rate, 1);
+        kv_put(o, "eta_seconds", v.eta_p, 1);
+        kv_put(o, "attempts", PQgetvalue(res, r, 7), 1);
+        kv_put(o, "age_seconds", PQgetvalue(res, r, 8), 1);
+        kv_put(o, "last_error", err[0] ? err : NULL, 0);
+        obj_close(o);
     }
-    printf("\njobs: pending=%s running=%s done=%s dead=%s\n", PQgetvalue(counts, 0, 0),
-           PQgetvalue(counts, 0, 1), PQgetvalue(counts, 0, 2), PQgetvalue(counts, 0, 3));
-    status_workers(conn);
+    static const char *const states[] = {"pending", "running", "done", "dead"};
+    if (o->json) {
+        ctl__buf_puts(&o->b, "]");
+        o->fields = 1;
+        obj_open(o, "jobs");
+        for (int i = 0; i < 4; i++)
+            kv_put(o, states[i], PQgetvalue(counts, 0, i), 1);
+        obj_close(o);
+    } else {
+        printf("\njobs: pending=%s running=%s done=%s dead=%s\n", PQgetvalue(counts, 0, 0),
+               PQgetvalue(counts, 0, 1), PQgetvalue(counts, 0, 2), PQgetvalue(counts, 0, 3));
+    }
+    status_workers(conn, o);
+    obj_close(o);
     PQclear(counts);
     PQclear(res);
-    return fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
+    return EXIT_OK;
+}
+
+/* One status report, as text or JSON (one line), onto stdout. */
+static int status_once(const cfg_t *cfg, PGconn *conn, const char *event, int64_t event_id,
+                       int json)
+{
+    status_out_t o = {.json = json};
+    int status = event ? status_event(cfg, conn, event_id, &o) : status_recent(cfg, conn, &o);
+    if (json && status == EXIT_OK)
+        printf("%s\n", o.b.p ? o.b.p : "{}");
+    free(o.b.p);
+    return status == EXIT_OK && fflush(stdout) != 0 ? EXIT_RUNTIME : status;
 }
 
 static int cmd_status(const cfg_t *cfg, int argc, char **argv)
 {
-    const char *event = NULL;
-    int r = parse_opts("status", argc, argv, NULL, 0, &event);
+    const char *event = NULL, *json = NULL, *watch = NULL, *interval = NULL;
+    opt_t opts[] = {{"json", &json, 1}, {"watch", &watch, 1}, {"interval", &interval, 0}};
+    int r = parse_opts("status", argc, argv, opts, 3, &event);
     if (r == 1) {
         status_usage(stdout);
         return EXIT_OK;
@@ -598,10 +753,37 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
              event, INT64_MAX);
         return EXIT_USAGE;
     }
+    long long every_s = 2;
+    if (interval && ctl__parse_int_range(interval, 1, 3600, &every_s) < 0) {
+        fail("status", "--interval \"%.40s\" is not valid; give whole seconds from 1 to 3600",
+             interval);
+        return EXIT_USAGE;
+    }
     PGconn *conn = pg_connect(cfg, "status");
     if (!conn)
         return EXIT_RUNTIME;
-    int status = event ? status_event(cfg, conn, event_id) : status_recent(cfg, conn);
+    int status;
+    if (!watch) {
+        status = status_once(cfg, conn, event, event_id, json != NULL);
+    } else {
+        /* like top: redraw in place on a terminal, one report after another otherwise (a
+         * log, a pipe); until interrupted or a report fails */
+        int tty = isatty(STDOUT_FILENO);
+        do {
+            if (tty && !json)
+                fputs("\033[H\033[J", stdout);
+            if (!json) {
+                time_t now = time(NULL);
+                char when[32];
+                strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", localtime(&now));
+                printf("fanoutctl status, every %llds, %s (Ctrl-C ends)\n\n", every_s, when);
+            }
+            status = status_once(cfg, conn, event, event_id, json != NULL);
+            if (!tty && !json)
+                putchar('\n');
+            fflush(stdout);
+        } while (status == EXIT_OK && sleep((unsigned)every_s) == 0);
+    }
     PQfinish(conn);
     return status;
 }

@@ -180,6 +180,28 @@ def status_reports_an_event(s):
     expect_eq(rows[1][:5], [str(ev), "9", "post", "done", "3"], "table row")
     assert "jobs: pending=0 running=0 done=2 dead=0" in r.stdout, r.stdout
 
+    # --json: the same fields as one JSON object, percent and ETA included
+    r = s.fanoutctl("status", ev, "--json", user="fanoutd")
+    expect_eq((r.returncode, r.stderr), (0, ""), "status --json exit")
+    one = json.loads(r.stdout)
+    expect_eq((one["event"], one["state"], one["delivered"], one["expected"], one["percent"]),
+              (ev, "done", 3, 3, 100.0), "status EVENT --json")
+    r = s.fanoutctl("status", "--json", user="fanoutd")
+    overview = json.loads(r.stdout)
+    expect_eq(overview["jobs"], {"pending": 0, "running": 0, "done": 2, "dead": 0}, "jobs")
+    expect_eq([(e["event"], e["state"]) for e in overview["events"]], [(ev, "done")], "events")
+    # --watch: one report after another (one JSON line each when not on a terminal)
+    p = subprocess.Popen([FANOUTCTL, "status", "--watch", "--interval", "1", "--json"],
+                         env=s.env_for_daemon(FANOUT_PG_DSN=s.dsn("fanoutd", "fanoutctl")),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reports = [json.loads(p.stdout.readline()) for _ in range(2)]
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+    expect_eq([r_["jobs"]["done"] for r_ in reports], [2, 2], "two --watch reports")
+    one_line_error(s.fanoutctl("status", "--interval", "0", user="fanoutd"), 2, "--interval")
+
     one_line_error(s.fanoutctl("status", 999999, user="fanoutd"), 1, "no event", "999999")
     one_line_error(s.fanoutctl("status", "x1", user="fanoutd"), 2, "x1")
     # the producer may not read jobs: a runtime error, one line
