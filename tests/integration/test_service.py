@@ -224,9 +224,12 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         assert r.returncode == 0, r.stderr
         rows = [line.split() for line in r.stdout.splitlines()[1:] if line.strip()]
         assert rows[0][:5] == [str(ev), "5", "post", "running", "5000/%d" % n_followers], rows
-        assert 400 <= float(rows[0][5]) <= 550, rows[0]  # 5000 in a little over 10 s
+        # columns after PROGRESS: percent, rate/s, ETA in s
+        assert float(rows[0][5]) == round(100.0 * 5000 / n_followers, 1), rows[0]
+        assert 400 <= float(rows[0][6]) <= 550, rows[0]  # 5000 in a little over 10 s
+        assert int(rows[0][7]) > 0, rows[0]
         assert rows[1][:5] == [str(ev2), "6", "post", "pending", "0/10"], rows
-        assert rows[2][:7] == [str(ev3), "6", "post", "dead", "0", "-", "5"], rows
+        assert rows[2][:9] == [str(ev3), "6", "post", "dead", "0", "-", "-", "-", "5"], rows
         assert rows[2][-3:] == ["boom:", "it", "broke"], rows
         assert "jobs: pending=1 running=1 done=0 dead=1" in r.stdout, r.stdout
         # the oldest unfinished event is measured on a 5 s timer
