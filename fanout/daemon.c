@@ -22,7 +22,7 @@
  * in this worker's fanout.workers row for fanoutctl status.
  */
 #include "fanout/fanout.h"
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -32,47 +32,47 @@
 #define TICK_MS 100
 #define STATS_MS 5000 /* oldest-event query and XLENs: cheap, and rarely enough */
 
-static void check_contract(fo_daemon_t *d, int force);
+static void check_contract(fod_daemon_t *d, int force);
 
 /* --- job I/O, bound to this daemon's connections --- */
 
 static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
                     rel_page_cb cb, void *data)
 {
-    fo_daemon_t *d = ctx;
-    if (!d->reader || d->contract != FO_CONTRACT_OK)
+    fod_daemon_t *d = ctx;
+    if (!d->reader || d->contract != FOD_CONTRACT_OK)
         return FO_EPG; /* paused: the job waits, its attempt kept */
     return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
 
 static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb, void *data)
 {
-    fo_daemon_t *d = ctx;
+    fod_daemon_t *d = ctx;
     return d->redis ? ntf_fence(d->redis, job, start, cb, data) : FO_EREDIS;
 }
 
 static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64_t *ids, size_t n,
                     int last, ntf_progress_cb cb, void *data)
 {
-    fo_daemon_t *d = ctx;
+    fod_daemon_t *d = ctx;
     return d->redis ? ntf_write_page(d->redis, job, expect, ids, n, last, cb, data) : FO_EREDIS;
 }
 
 static const char *io_key_refusal(void *ctx)
 {
-    fo_daemon_t *d = ctx;
+    fod_daemon_t *d = ctx;
     return d->redis ? ntf_client_key_refusal(d->redis) : NULL;
 }
 
 static int io_record_mark(void *ctx, int64_t job_id, int64_t token,
                           void (*cb)(int status, void *data), void *data)
 {
-    return fo__store_record_mark(ctx, job_id, token, cb, data);
+    return fod__store_record_mark(ctx, job_id, token, cb, data);
 }
 
 /* --- jobs --- */
 
-static int job_slot(fo_daemon_t *d, fo_job_t *j)
+static int job_slot(fod_daemon_t *d, fod_job_t *j)
 {
     for (int i = 0; i < d->njobs; i++)
         if (d->jobs[i] == j)
@@ -81,36 +81,36 @@ static int job_slot(fo_daemon_t *d, fo_job_t *j)
 }
 
 /* io->finished: the job has nothing in flight; record the outcome and free it. */
-static void on_job_finished(void *ctx, fo_job_t *j)
+static void on_job_finished(void *ctx, fod_job_t *j)
 {
-    fo_daemon_t *d = ctx;
+    fod_daemon_t *d = ctx;
     int slot = job_slot(d, j);
-    fo__store_record(d, j, d->started_ms[slot]);
+    fod__store_record(d, j, d->started_ms[slot]);
     d->jobs[slot] = d->jobs[d->njobs - 1];
     d->started_ms[slot] = d->started_ms[d->njobs - 1];
     d->njobs--;
     d->metrics.jobs_running = d->njobs;
-    fo_job_free(j);
-    fo__daemon_check_stopped(d);
-    fo__store_claim(d);
+    fod_job_free(j);
+    fod__daemon_check_stopped(d);
+    fod__store_claim(d);
 }
 
-void fo__daemon_start_job(fo_daemon_t *d, const fo_claim_t *claim)
+void fod__daemon_start_job(fod_daemon_t *d, const fod_claim_t *claim)
 {
-    fo_job_t *j = fo_job_new(&d->io, d->cfg, claim);
+    fod_job_t *j = fod_job_new(&d->io, d->cfg, claim);
     d->started_ms[d->njobs] = fo_now_ms();
     d->jobs[d->njobs++] = j;
     d->metrics.events_claimed++;
     d->metrics.jobs_running = d->njobs;
-    fo_job_start(j, fo_now_ms());
+    fod_job_start(j, fo_now_ms());
     /* claimed by a query that was already out when the stop began: give it back at once */
     if (d->stopping && job_slot(d, j) >= 0)
-        fo_job_stop(j);
+        fod_job_stop(j);
 }
 
 static int io_may_write(void *ctx)
 {
-    fo_daemon_t *d = ctx;
+    fod_daemon_t *d = ctx;
     return !d->paused;
 }
 
@@ -118,7 +118,7 @@ static int io_may_write(void *ctx)
 
 static void on_backlog(int status, long long backlog, int shard, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     d->backlog_busy = 0;
     if (status < 0)
         return; /* measured again on the next tick; the pause state stays as it was */
@@ -132,22 +132,22 @@ static void on_backlog(int status, long long backlog, int shard, void *data)
                  cfg->key_prefix, shard, backlog, cfg->backlog_high);
         fo_log(FO_LOG_WARN, "pausing fan-out: consumers are behind",
                "shard=%d backlog=%lld backlog_high=%lld", shard, backlog, cfg->backlog_high);
-        fo__store_renew(d); /* publish the reason now */
+        fod__store_renew(d); /* publish the reason now */
     } else if (d->paused && backlog <= cfg->backlog_low) {
         d->paused = 0;
         d->metrics.paused_backpressure = 0;
         d->paused_reason[0] = '\0';
         fo_log(FO_LOG_INFO, "resuming fan-out: consumers caught up",
                "backlog=%lld backlog_low=%lld", backlog, cfg->backlog_low);
-        fo__store_renew(d);
+        fod__store_renew(d);
         for (int i = 0; i < d->njobs; i++)
-            fo_job_pump(d->jobs[i]);
+            fod_job_pump(d->jobs[i]);
     }
 }
 
 static void on_backlog_timer(uv_timer_t *t)
 {
-    fo_daemon_t *d = t->data;
+    fod_daemon_t *d = t->data;
     if (!d->backlog_busy && ntf_backlog(d->redis, on_backlog, d) == 0)
         d->backlog_busy = 1;
 }
@@ -157,12 +157,12 @@ static void on_backlog_timer(uv_timer_t *t)
 /* Counts the jobs that wait and keeps one reason for /metrics; when the count changes, the
  * lease renewal publishes the reasons to fanoutctl status now rather than a third of a
  * lease later. */
-static void note_waiting(fo_daemon_t *d)
+static void note_waiting(fod_daemon_t *d)
 {
     int64_t n = 0;
     const char *why = NULL;
     for (int i = 0; i < d->njobs; i++) {
-        const char *w = fo_job_waiting(d->jobs[i]);
+        const char *w = fod_job_waiting(d->jobs[i]);
         if (w && !why)
             why = w;
         n += w != NULL;
@@ -171,50 +171,50 @@ static void note_waiting(fo_daemon_t *d)
     if (n != d->metrics.jobs_waiting) {
         d->metrics.jobs_waiting = n;
         if (rel_conn_ready(d->ctl))
-            fo__store_renew(d);
+            fod__store_renew(d);
     }
 }
 
 static void on_tick(uv_timer_t *t)
 {
-    fo_daemon_t *d = t->data;
+    fod_daemon_t *d = t->data;
     uint64_t now = fo_now_ms();
     for (int i = 0; i < d->njobs; i++)
-        fo_job_kick(d->jobs[i], now, 0);
+        fod_job_kick(d->jobs[i], now, 0);
     note_waiting(d);
-    fo__store_retry(d, now);
-    fo__identity_check(d);
+    fod__store_retry(d, now);
+    fod__identity_check(d);
     check_contract(d, 0);
 }
 
 static void on_renew_timer(uv_timer_t *t)
 {
-    fo__store_renew(t->data);
+    fod__store_renew(t->data);
 }
 
 static void on_poll_timer(uv_timer_t *t)
 {
-    fo__store_claim(t->data);
+    fod__store_claim(t->data);
 }
 
 static void on_notify(rel_conn_t *c, const char *channel, const char *payload, void *data)
 {
-    fo__store_claim(data);
+    fod__store_claim(data);
 }
 
-static void kick_all(fo_daemon_t *d)
+static void kick_all(fod_daemon_t *d)
 {
     uint64_t now = fo_now_ms();
     for (int i = 0; i < d->njobs; i++)
-        fo_job_kick(d->jobs[i], now, 1);
+        fod_job_kick(d->jobs[i], now, 1);
 }
 
 /* Ready: all three connections up and the contract checked, so that READY=1 (and /healthz)
  * never claims a daemon that is about to refuse to run. */
-static void update_ready(fo_daemon_t *d)
+static void update_ready(fod_daemon_t *d)
 {
     int ready =
-        d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1 && d->contract == FO_CONTRACT_OK;
+        d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1 && d->contract == FOD_CONTRACT_OK;
     d->metrics.ready = ready;
     if (ready != d->ready) {
         d->ready = ready;
@@ -223,13 +223,13 @@ static void update_ready(fo_daemon_t *d)
     }
 }
 
-static void resume_all(fo_daemon_t *d)
+static void resume_all(fod_daemon_t *d)
 {
     kick_all(d);
 }
 
 /* Tracks one server's state for readiness and the reconnect and error counters. */
-static void note_state(fo_daemon_t *d, int *st, int up, met_server_kind_t server)
+static void note_state(fod_daemon_t *d, int *st, int up, met_server_kind_t server)
 {
     if (up) {
         if (*st == 2)
@@ -247,7 +247,7 @@ static void on_stats_timer(uv_timer_t *t);
 
 /* Logs the findings unless they are the ones logged last (a paused daemon checks every
  * second: the same broken view is reported once, a change in it again). */
-static int log_findings(fo_daemon_t *d, const rel_contract_t *k)
+static int log_findings(fod_daemon_t *d, const rel_contract_t *k)
 {
     size_t len = 1;
     for (size_t i = 0; i < rel_contract_count(k); i++)
@@ -272,11 +272,11 @@ static int log_findings(fo_daemon_t *d, const rel_contract_t *k)
     return 1;
 }
 
-static void resume_all(fo_daemon_t *d);
+static void resume_all(fod_daemon_t *d);
 
 static void on_contract(int status, const rel_contract_t *k, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     d->contract_busy = 0;
     if (status == FO_ESTOP)
         return;
@@ -294,9 +294,9 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
     }
     int news = log_findings(d, k);
     if (rel_contract_refusals(k) > 0) {
-        if (d->contract == FO_CONTRACT_UNCHECKED) {
-            d->contract = FO_CONTRACT_BROKEN;
-            d->failed = FO_FAIL_CONTRACT;
+        if (d->contract == FOD_CONTRACT_UNCHECKED) {
+            d->contract = FOD_CONTRACT_BROKEN;
+            d->failed = FOD_FAIL_CONTRACT;
             fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
                    "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
             if (d->fatal)
@@ -307,33 +307,33 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
             fo_log(FO_LOG_ERROR,
                    "contract broken while running; fan-out paused until it holds again",
                    "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
-        int was_ok = d->contract == FO_CONTRACT_OK;
-        d->contract = FO_CONTRACT_PAUSED;
+        int was_ok = d->contract == FOD_CONTRACT_OK;
+        d->contract = FOD_CONTRACT_PAUSED;
         update_ready(d);
         /* fanout.workers says why this worker pauses, at once */
         if (was_ok || news)
-            fo__store_renew(d);
+            fod__store_renew(d);
         /* while paused: checked every second (cheap catalog reads; logged only on change) */
         d->contract_retry_at = now + 1000;
         return;
     }
     int was = d->contract;
-    d->contract = FO_CONTRACT_OK;
+    d->contract = FOD_CONTRACT_OK;
     d->contract_retry_at = now + (uint64_t)d->cfg->contract_check_ms;
-    if (was == FO_CONTRACT_PAUSED) {
+    if (was == FOD_CONTRACT_PAUSED) {
         fo_log(FO_LOG_INFO, "contract holds again; resuming fan-out",
                "view=%s.%s indexes=%s jobs=%d", d->cfg->contract_schema, d->cfg->contract_view,
                rel_contract_indexes(k), d->njobs);
         free(d->contract_seen); /* a new break is reported afresh */
         d->contract_seen = NULL;
         resume_all(d);
-    } else if (was == FO_CONTRACT_UNCHECKED) {
+    } else if (was == FOD_CONTRACT_UNCHECKED) {
         fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
                d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
                rel_contract_indexes(k), rel_contract_count(k));
     }
     update_ready(d); /* after the line: "contract ok" comes before READY=1 */
-    fo__store_claim(d);
+    fod__store_claim(d);
     if (d->contract_again) {
         d->contract_again = 0;
         d->contract_retry_at = 0;
@@ -341,9 +341,9 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
 }
 
 /* Runs the check when it is due (force: at once, or right after the one running). */
-static void check_contract(fo_daemon_t *d, int force)
+static void check_contract(fod_daemon_t *d, int force)
 {
-    if (d->contract == FO_CONTRACT_BROKEN || d->stopping)
+    if (d->contract == FOD_CONTRACT_BROKEN || d->stopping)
         return;
     if (force) {
         d->contract_retry_at = 0;
@@ -360,10 +360,10 @@ static void check_contract(fo_daemon_t *d, int force)
  * pages would fail the same way) and let the check say what changed. */
 static void on_contract_broken(void *ctx, const char *err)
 {
-    fo_daemon_t *d = ctx;
-    if (d->contract != FO_CONTRACT_OK)
+    fod_daemon_t *d = ctx;
+    if (d->contract != FOD_CONTRACT_OK)
         return;
-    d->contract = FO_CONTRACT_PAUSED;
+    d->contract = FOD_CONTRACT_PAUSED;
     update_ready(d);
     char what[512];
     fo_log_quote(what, sizeof what, err ? err : "unknown");
@@ -376,23 +376,23 @@ static void on_contract_broken(void *ctx, const char *err)
 
 static void on_ctl_state(rel_conn_t *c, int up, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     note_state(d, &d->ctl_up, up, MET_PG);
     if (!up)
-        fo__identity_lost(d);
+        fod__identity_lost(d);
     if (up) {
-        fo__identity_check(d);
+        fod__identity_check(d);
         check_contract(d, 1);
-        fo__store_claim(d); /* catch up on wake-ups missed while down */
+        fod__store_claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
-        fo__store_renew(d);
+        fod__store_renew(d);
         on_stats_timer(&d->stats_timer);
     }
 }
 
 static void on_pages_state(rel_reader_t *r, int up, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     note_state(d, &d->pages_up, up, MET_PG);
     if (up)
         kick_all(data);
@@ -400,10 +400,10 @@ static void on_pages_state(rel_reader_t *r, int up, void *data)
 
 static void on_redis_state(ntf_client_t *c, int up, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     note_state(d, &d->redis_up, up, MET_REDIS);
     if (d->ctl && rel_conn_ready(d->ctl))
-        fo__store_renew(d); /* the worker row says why Redis is refused, or no longer */
+        fod__store_renew(d); /* the worker row says why Redis is refused, or no longer */
     if (up)
         kick_all(data);
 }
@@ -412,21 +412,21 @@ static void on_redis_state(ntf_client_t *c, int up, void *data)
 
 static void on_oldest(int status, const PGresult *res, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     d->stats_busy--;
     if (status == 0 && PQntuples(res) == 1)
         d->metrics.oldest_pending_age_s = atof(PQgetvalue(res, 0, 0));
 }
 
 typedef struct xlen_call {
-    fo_daemon_t *d;
+    fod_daemon_t *d;
     int shard;
 } xlen_call_t;
 
 static void on_xlen(int status, int64_t len, void *data)
 {
     xlen_call_t *x = data;
-    fo_daemon_t *d = x->d;
+    fod_daemon_t *d = x->d;
     d->stats_busy--;
     if (status == 0 && x->shard < d->metrics.nshards)
         d->metrics.stream_length[x->shard] = len;
@@ -435,7 +435,7 @@ static void on_xlen(int status, int64_t len, void *data)
 
 static void on_stats_timer(uv_timer_t *t)
 {
-    fo_daemon_t *d = t->data;
+    fod_daemon_t *d = t->data;
     if (d->stats_busy > 0 || d->stopping)
         return; /* the last round is still out: never pile up */
     if (rel_conn_ready(d->ctl) && rel_conn_exec(d->ctl, "fo_oldest", 0, NULL, 0, on_oldest, d) == 0)
@@ -455,25 +455,25 @@ static void on_stats_timer(uv_timer_t *t)
 
 /* --- life cycle --- */
 
-fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
+fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
 {
-    fo_daemon_t *d = fo_xcalloc(1, sizeof *d);
+    fod_daemon_t *d = fo_xcalloc(1, sizeof *d);
     d->loop = loop;
     d->cfg = cfg;
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
-    d->io = (fo_job_io_t){.fetch = io_fetch,
-                          .fence = io_fence,
-                          .write = io_write,
-                          .finished = on_job_finished,
-                          .may_write = io_may_write,
-                          .ctx = d,
-                          .metrics = &d->metrics,
-                          .contract_broken = on_contract_broken,
-                          .key_refusal = io_key_refusal,
-                          .record_mark = io_record_mark};
-    fo__identity_init(d);
+    d->io = (fod_job_io_t){.fetch = io_fetch,
+                           .fence = io_fence,
+                           .write = io_write,
+                           .finished = on_job_finished,
+                           .may_write = io_may_write,
+                           .ctx = d,
+                           .metrics = &d->metrics,
+                           .contract_broken = on_contract_broken,
+                           .key_refusal = io_key_refusal,
+                           .record_mark = io_record_mark};
+    fod__identity_init(d);
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {
@@ -483,13 +483,13 @@ fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
     return d;
 }
 
-void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *data), void *data)
+void fod_daemon_set_fatal_cb(fod_daemon_t *d, void (*cb)(fod_daemon_t *d, void *data), void *data)
 {
     d->fatal = cb;
     d->fatal_data = data;
 }
 
-void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out)
+void fod_daemon_read_stats(const fod_daemon_t *d, rel_reader_stats_t *out)
 {
     if (d->reader)
         rel_reader_stats(d->reader, out);
@@ -497,25 +497,25 @@ void fo_daemon_read_stats(const fo_daemon_t *d, rel_reader_stats_t *out)
         *out = (rel_reader_stats_t){.replica_lag_ms = -1};
 }
 
-int fo_daemon_failed(const fo_daemon_t *d)
+int fod_daemon_failed(const fod_daemon_t *d)
 {
-    return d->failed != FO_FAIL_NONE;
+    return d->failed != FOD_FAIL_NONE;
 }
 
-void fo__daemon_identity_held(fo_daemon_t *d)
+void fod__daemon_identity_held(fod_daemon_t *d)
 {
-    fo__store_renew(d); /* the row says who holds the id, at once */
-    fo__store_claim(d);
+    fod__store_renew(d); /* the row says who holds the id, at once */
+    fod__store_claim(d);
 }
 
-void fo_daemon_start(fo_daemon_t *d)
+void fod_daemon_start(fod_daemon_t *d)
 {
     const cfg_t *cfg = d->cfg;
     d->ctl = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
     rel_conn_setup_limits(d->ctl, cfg);
     rel_conn_setup(d->ctl, "LISTEN fanout_events");
-    fo__store_prepare(d);
-    fo__identity_prepare(d);
+    fod__store_prepare(d);
+    fod__identity_prepare(d);
 
     d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
 
@@ -538,7 +538,7 @@ void fo_daemon_start(fo_daemon_t *d)
            cfg->max_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
 }
 
-static void close_all(fo_daemon_t *d)
+static void close_all(fod_daemon_t *d)
 {
     if (d->closed)
         return;
@@ -550,7 +550,8 @@ static void close_all(fo_daemon_t *d)
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
         fo_log(FO_LOG_WARN, "stop bound reached; job left to its lease",
-               "job=%" PRId64 " cursor=%" PRId64, fo_job_id(d->jobs[i]), fo_job_cursor(d->jobs[i]));
+               "job=%" PRId64 " cursor=%" PRId64, fod_job_id(d->jobs[i]),
+               fod_job_cursor(d->jobs[i]));
     /* each frees itself once libuv has closed its handles: forget them now, so that
      * whatever still runs (job callbacks, a reload finishing) finds them gone */
     if (d->redis)
@@ -567,7 +568,7 @@ static void close_all(fo_daemon_t *d)
         d->stop_done(d, d->stop_data);
 }
 
-void fo__daemon_check_stopped(fo_daemon_t *d)
+void fod__daemon_check_stopped(fod_daemon_t *d)
 {
     /* a claim (or split) still out may yet hand over a job that must be released */
     if (d->stopping && d->njobs == 0 && !d->recs && !d->claiming)
@@ -579,7 +580,7 @@ static void on_stop_timer(uv_timer_t *t)
     close_all(t->data);
 }
 
-void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), void *data)
+void fod_daemon_stop(fod_daemon_t *d, void (*done)(fod_daemon_t *d, void *data), void *data)
 {
     if (d->stopping)
         return;
@@ -591,47 +592,47 @@ void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), vo
     uv_timer_start(&d->stop_timer, on_stop_timer, (uint64_t)d->cfg->stop_timeout_ms, 0);
     for (int i = d->njobs - 1; i >= 0; i--)
         if (i < d->njobs)
-            fo_job_stop(d->jobs[i]);
-    fo__daemon_check_stopped(d);
+            fod_job_stop(d->jobs[i]);
+    fod__daemon_check_stopped(d);
 }
 
-void fo_daemon_free(fo_daemon_t *d)
+void fod_daemon_free(fod_daemon_t *d)
 {
     if (!d)
         return;
     /* after close_all: callbacks of closed connections ran with FO_ESTOP */
     for (int i = 0; i < d->njobs; i++)
-        fo_job_free(d->jobs[i]);
-    fo__store_free_records(d);
+        fod_job_free(d->jobs[i]);
+    fod__store_free_records(d);
     free(d->jobs);
     free(d->started_ms);
     free(d->contract_seen);
     met_free(&d->metrics);
     free(d);
 }
-void fo_daemon_on_ready(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, int ready, void *data),
-                        void *data)
+void fod_daemon_on_ready(fod_daemon_t *d, void (*cb)(fod_daemon_t *d, int ready, void *data),
+                         void *data)
 {
     d->on_ready = cb;
     d->on_ready_data = data;
 }
 
-int fo_daemon_ready(const fo_daemon_t *d)
+int fod_daemon_ready(const fod_daemon_t *d)
 {
     return d->ready && !d->stopping;
 }
 
-met_t *fo_daemon_metrics(fo_daemon_t *d)
+met_t *fod_daemon_metrics(fod_daemon_t *d)
 {
     d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
     d->metrics.jobs_running = d->njobs;
-    d->metrics.ready = fo_daemon_ready(d);
+    d->metrics.ready = fod_daemon_ready(d);
     const char *refused = d->redis ? ntf_client_refusal(d->redis) : NULL;
     d->metrics.redis_refused = refused != NULL;
     snprintf(d->metrics.redis_refusal, sizeof d->metrics.redis_refusal, "%s",
              refused ? refused : "");
     rel_reader_stats_t rs;
-    fo_daemon_read_stats(d, &rs);
+    fod_daemon_read_stats(d, &rs);
     d->metrics.replica_pages = rs.replica_pages;
     d->metrics.fallback_pages = rs.fallback_pages;
     d->metrics.replica_fallbacks = rs.fallbacks;
@@ -639,7 +640,7 @@ met_t *fo_daemon_metrics(fo_daemon_t *d)
     return &d->metrics;
 }
 
-void fo_daemon_reconfigured(fo_daemon_t *d)
+void fod_daemon_reconfigured(fod_daemon_t *d)
 {
     if (d->stopping)
         return;

@@ -1,7 +1,7 @@
 /*
  * fanout: the daemon, fanoutd.
  *
- * One fo_daemon_t runs on the caller's libuv loop. It holds a PostgreSQL control connection
+ * One fod_daemon_t runs on the caller's libuv loop. It holds a PostgreSQL control connection
  * that LISTENs for wake-ups and claims, renews and finishes jobs, the reader's read-only
  * connections that read follower pages from the contract view (primary or replica), one Redis
  * client, and up to cfg->max_jobs running jobs whose pages it interleaves. Nothing it does
@@ -15,13 +15,13 @@
 #include "config/config.h"
 #include "metrics/metrics.h"
 
-typedef struct fo_daemon fo_daemon_t;
+typedef struct fod_daemon fod_daemon_t;
 
-/* Creates the daemon on loop; cfg must outlive it. Nothing connects until fo_daemon_start. */
-fo_daemon_t *fo_daemon_new(uv_loop_t *loop, const cfg_t *cfg);
+/* Creates the daemon on loop; cfg must outlive it. Nothing connects until fod_daemon_start. */
+fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg);
 
 /* Connects to PostgreSQL and Redis (retrying with backoff) and starts claiming jobs. */
-void fo_daemon_start(fo_daemon_t *d);
+void fod_daemon_start(fod_daemon_t *d);
 
 /*
  * Graceful stop: claims no more jobs, lets the pages in flight finish, records progress and
@@ -29,38 +29,38 @@ void fo_daemon_start(fo_daemon_t *d);
  * connection and handle and calls done(d, data). If that takes longer than
  * cfg->stop_timeout_ms, it stops anyway (the leases then expire; the progress marks in Redis
  * keep the work exact). After done, the caller runs the loop until it empties and calls
- * fo_daemon_free.
+ * fod_daemon_free.
  */
-void fo_daemon_stop(fo_daemon_t *d, void (*done)(fo_daemon_t *d, void *data), void *data);
+void fod_daemon_stop(fod_daemon_t *d, void (*done)(fod_daemon_t *d, void *data), void *data);
 
 /*
  * cb runs once if the daemon cannot run at all: the contract check found the Relationship
  * database broken before the first pass (each finding is logged), or another live fanoutd
  * holds the configured worker_id. The caller then stops the daemon and exits with a status
- * that is not restarted (fo_daemon_failed says so). A contract that breaks later pauses the
+ * that is not restarted (fod_daemon_failed says so). A contract that breaks later pauses the
  * work instead.
  */
-void fo_daemon_set_fatal_cb(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, void *data), void *data);
-int fo_daemon_failed(const fo_daemon_t *d);
+void fod_daemon_set_fatal_cb(fod_daemon_t *d, void (*cb)(fod_daemon_t *d, void *data), void *data);
+int fod_daemon_failed(const fod_daemon_t *d);
 
-void fo_daemon_free(fo_daemon_t *d);
+void fod_daemon_free(fod_daemon_t *d);
 
 /*
  * Registers cb, called on the loop whenever readiness changes: ready = 1 once both PostgreSQL
  * connections (the pages one has prepared its query over the contract view) and Redis are
  * up, 0 when one of them is lost. Not called once stopping.
  */
-void fo_daemon_on_ready(fo_daemon_t *d, void (*cb)(fo_daemon_t *d, int ready, void *data),
-                        void *data);
+void fod_daemon_on_ready(fod_daemon_t *d, void (*cb)(fod_daemon_t *d, int ready, void *data),
+                         void *data);
 
-/* 1 when ready (see fo_daemon_on_ready) and not stopping. */
-int fo_daemon_ready(const fo_daemon_t *d);
+/* 1 when ready (see fod_daemon_on_ready) and not stopping. */
+int fod_daemon_ready(const fod_daemon_t *d);
 
 /* The daemon's counters, with the gauges refreshed now; owned by the daemon, valid until
- * fo_daemon_free. */
-met_t *fo_daemon_metrics(fo_daemon_t *d);
+ * fod_daemon_free. */
+met_t *fod_daemon_metrics(fod_daemon_t *d);
 
 /* The reloadable settings in cfg changed (SIGHUP): re-arm what depends on them. */
-void fo_daemon_reconfigured(fo_daemon_t *d);
+void fod_daemon_reconfigured(fod_daemon_t *d);
 
 #endif

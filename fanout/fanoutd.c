@@ -15,14 +15,14 @@
  *
  * Exit status: 0 after a stop, 2 for a bad configuration, 3 when fanoutd cannot run as
  * configured against this database (the contract with the Relationship database is broken at
- * start, or another live fanoutd holds the configured worker_id; see fo_daemon_set_fatal_cb),
+ * start, or another live fanoutd holds the configured worker_id; see fod_daemon_set_fatal_cb),
  * 1 when the metrics port cannot be bound. The unit does not restart 2 and 3
  * (RestartPreventExitStatus): starting again would meet the same refusal.
  */
 #include "common/common.h"
 #include "config/config.h"
 #include "fanout/fanout.h"
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 #include "metrics/metrics.h"
 
 #include <inttypes.h>
@@ -41,9 +41,9 @@ typedef struct app {
     cfg_t *cfg;
     int argc;
     char **argv;
-    fo_daemon_t *daemon;
+    fod_daemon_t *daemon;
     met_server_t *metrics;
-    fo_sd_t *sd;
+    fod_sd_t *sd;
     uint64_t watchdog_usec;
     uv_signal_t sigterm, sigint, sighup;
     uv_timer_t watchdog_timer, status_timer;
@@ -61,9 +61,9 @@ typedef struct app {
 /* STATUS= line: what systemctl status shows under the unit. */
 static void send_status(app_t *a, int force)
 {
-    if (!fo_sd_enabled(a->sd))
+    if (!fod_sd_enabled(a->sd))
         return;
-    met_t *m = fo_daemon_metrics(a->daemon);
+    met_t *m = fod_daemon_metrics(a->daemon);
     char msg[256];
     snprintf(msg, sizeof msg,
              "STATUS=%s: jobs running %" PRId64 ", jobs done %llu, notifications %llu",
@@ -72,14 +72,14 @@ static void send_status(app_t *a, int force)
     if (!force && strcmp(msg, a->last_status) == 0)
         return;
     snprintf(a->last_status, sizeof a->last_status, "%s", msg);
-    fo_sd_notify(a->sd, msg);
+    fod_sd_notify(a->sd, msg);
 }
 
-static void on_ready(fo_daemon_t *d, int ready, void *data)
+static void on_ready(fod_daemon_t *d, int ready, void *data)
 {
     app_t *a = data;
     if (ready)
-        fo_sd_notify(a->sd, "READY=1");
+        fod_sd_notify(a->sd, "READY=1");
     send_status(a, 1);
 }
 
@@ -91,22 +91,22 @@ static void on_status_timer(uv_timer_t *t)
 static void on_watchdog_timer(uv_timer_t *t)
 {
     app_t *a = t->data;
-    fo_sd_notify(a->sd, "WATCHDOG=1"); /* the loop turns: that is what systemd watches */
+    fod_sd_notify(a->sd, "WATCHDOG=1"); /* the loop turns: that is what systemd watches */
 }
 
 static void render_metrics(met_buf_t *b, void *data)
 {
     app_t *a = data;
-    met_render(fo_daemon_metrics(a->daemon), b);
+    met_render(fod_daemon_metrics(a->daemon), b);
 }
 
 static int health(void *data)
 {
     app_t *a = data;
-    return fo_daemon_ready(a->daemon);
+    return fod_daemon_ready(a->daemon);
 }
 
-static void on_stopped(fo_daemon_t *d, void *data)
+static void on_stopped(fod_daemon_t *d, void *data)
 {
     app_t *a = data;
     uv_close((uv_handle_t *)&a->sigterm, NULL);
@@ -119,9 +119,9 @@ static void on_stopped(fo_daemon_t *d, void *data)
 }
 
 /* fanoutd cannot run (the reason is logged): stop, and exit 3 once everything is closed. */
-static void on_fatal(fo_daemon_t *d, void *data)
+static void on_fatal(fod_daemon_t *d, void *data)
 {
-    fo_daemon_stop(d, on_stopped, data);
+    fod_daemon_stop(d, on_stopped, data);
 }
 
 static void on_signal(uv_signal_t *s, int signum)
@@ -132,8 +132,8 @@ static void on_signal(uv_signal_t *s, int signum)
         _Exit(1); /* the progress marks keep the work exact; leases expire */
     }
     fo_log(FO_LOG_INFO, "signal received", "signal=%s", signum == SIGTERM ? "TERM" : "INT");
-    fo_sd_notify(a->sd, "STOPPING=1\nSTATUS=stopping: finishing the pages in flight");
-    fo_daemon_stop(a->daemon, on_stopped, a);
+    fod_sd_notify(a->sd, "STOPPING=1\nSTATUS=stopping: finishing the pages in flight");
+    fod_daemon_stop(a->daemon, on_stopped, a);
 }
 
 /* --- SIGHUP --- */
@@ -149,7 +149,7 @@ static void reload_done(uv_work_t *w, int status)
 {
     app_t *a = w->data;
     a->reloading = 0;
-    met_t *m = fo_daemon_metrics(a->daemon);
+    met_t *m = fod_daemon_metrics(a->daemon);
     if (status < 0 || a->reload_rc < 0) {
         m->reload_errors++;
         char q[600];
@@ -166,7 +166,7 @@ static void reload_done(uv_work_t *w, int status)
     if (fo_log_level_parse(a->cfg->log_level, &level) == 0)
         fo_log_set_level(level);
     if (a->signals == 0)
-        fo_daemon_reconfigured(a->daemon);
+        fod_daemon_reconfigured(a->daemon);
     char qc[1100], qi[600];
     fo_log(FO_LOG_INFO, n ? "configuration reloaded" : "configuration reloaded; nothing changed",
            "changed=%s restart_needed=%s", fo_log_quote(qc, sizeof qc, changed),
@@ -238,8 +238,8 @@ int main(int argc, char **argv)
     app.cfg = &cfg;
     app.argc = argc;
     app.argv = argv;
-    app.sd = fo_sd_open(getenv("NOTIFY_SOCKET"));
-    app.watchdog_usec = fo_sd_watchdog_usec(getenv("WATCHDOG_USEC"), getenv("WATCHDOG_PID"));
+    app.sd = fod_sd_open(getenv("NOTIFY_SOCKET"));
+    app.watchdog_usec = fod_sd_watchdog_usec(getenv("WATCHDOG_USEC"), getenv("WATCHDOG_PID"));
     int rc = 0;
     if (cfg.metrics_port > 0) {
         /* scrapes are served from the loop only, so the daemon is there before the first */
@@ -249,8 +249,8 @@ int main(int argc, char **argv)
             rc = 1; /* logged; a port clash is a start-up configuration error */
     }
     if (rc == 0) {
-        app.daemon = fo_daemon_new(&loop, &cfg);
-        fo_daemon_set_fatal_cb(app.daemon, on_fatal, &app);
+        app.daemon = fod_daemon_new(&loop, &cfg);
+        fod_daemon_set_fatal_cb(app.daemon, on_fatal, &app);
         uv_signal_init(&loop, &app.sigterm);
         uv_signal_init(&loop, &app.sigint);
         uv_signal_init(&loop, &app.sighup);
@@ -261,7 +261,7 @@ int main(int argc, char **argv)
         uv_timer_init(&loop, &app.watchdog_timer);
         uv_timer_init(&loop, &app.status_timer);
         app.watchdog_timer.data = app.status_timer.data = &app;
-        if (fo_sd_enabled(app.sd)) {
+        if (fod_sd_enabled(app.sd)) {
             uv_timer_start(&app.status_timer, on_status_timer, STATUS_MS, STATUS_MS);
             send_status(&app, 1);
             if (app.watchdog_usec > 0) {
@@ -271,18 +271,18 @@ int main(int argc, char **argv)
                 fo_log(FO_LOG_INFO, "systemd watchdog on", "interval_ms=%" PRIu64, every);
             }
         }
-        fo_daemon_on_ready(app.daemon, on_ready, &app);
-        fo_daemon_start(app.daemon);
+        fod_daemon_on_ready(app.daemon, on_ready, &app);
+        fod_daemon_start(app.daemon);
     }
 
     uv_run(&loop, UV_RUN_DEFAULT);
-    if (app.daemon && fo_daemon_failed(app.daemon))
+    if (app.daemon && fod_daemon_failed(app.daemon))
         rc = 3;
-    fo_daemon_free(app.daemon);
+    fod_daemon_free(app.daemon);
     int lrc = uv_loop_close(&loop);
     if (lrc != 0)
         fo_log(FO_LOG_WARN, "loop closed with handles open", "error=%s", uv_strerror(lrc));
-    fo_sd_close(app.sd);
+    fod_sd_close(app.sd);
     cfg_free(&cfg);
     return rc;
 }

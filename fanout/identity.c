@@ -21,7 +21,7 @@
  * Without a configured worker_id the id is the host name plus a random suffix, unique per
  * process, so two daemons on one host never share one.
  */
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -69,7 +69,7 @@ static const char SQL_WORKER[] =
     " ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), jobs = $2, paused_reason = $3,"
     "   host = $4, pid = $5::int";
 
-void fo__identity_init(fo_daemon_t *d)
+void fod__identity_init(fod_daemon_t *d)
 {
     const cfg_t *cfg = d->cfg;
     if (gethostname(d->host, sizeof d->host - 1) < 0 || !d->host[0])
@@ -86,7 +86,7 @@ void fo__identity_init(fo_daemon_t *d)
     }
 }
 
-void fo__identity_prepare(fo_daemon_t *d)
+void fod__identity_prepare(fod_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_identity", SQL_IDENTITY, 3);
     rel_conn_prepare(d->ctl, "fo_identity_free", SQL_IDENTITY_FREE, 1);
@@ -95,18 +95,18 @@ void fo__identity_prepare(fo_daemon_t *d)
 
 static void on_identity(int status, const PGresult *res, void *data);
 
-static void ask(fo_daemon_t *d)
+static void ask(fod_daemon_t *d)
 {
     char pid[16];
     snprintf(pid, sizeof pid, "%d", d->pid);
     const char *params[] = {d->worker_id, d->host, pid};
     if (rel_conn_exec(d->ctl, "fo_identity", 3, params, 0, on_identity, d) == 0)
-        d->identity = FO_ID_ASKING;
+        d->identity = FOD_ID_ASKING;
 }
 
 /* 1 when the process holding the lock is provably gone: on this host, and no such pid or
  * this very process (a session of a control connection it has since replaced). */
-static int holder_gone(const fo_daemon_t *d, const char *host, int pid)
+static int holder_gone(const fod_daemon_t *d, const char *host, int pid)
 {
     if (pid <= 0 || strcmp(host, d->host) != 0)
         return 0;
@@ -115,7 +115,7 @@ static int holder_gone(const fo_daemon_t *d, const char *host, int pid)
 
 static void on_identity_freed(int status, const PGresult *res, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     if (status == 0 && strcmp(PQgetvalue(res, 0, 0), "0") != 0)
         fo_log(FO_LOG_INFO, "ended the session of the previous holder of this worker_id",
                "worker=%s sessions=%s", d->worker_id, PQgetvalue(res, 0, 0));
@@ -123,10 +123,10 @@ static void on_identity_freed(int status, const PGresult *res, void *data)
 
 static void on_identity(int status, const PGresult *res, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     if (status == FO_ESTOP)
         return;
-    d->identity = FO_ID_NONE;
+    d->identity = FOD_ID_NONE;
     if (status < 0) {
         char what[512];
         fo_log_quote(what, sizeof what, res ? PQresultErrorMessage(res) : "connection lost");
@@ -135,10 +135,10 @@ static void on_identity(int status, const PGresult *res, void *data)
         return;
     }
     if (atoi(PQgetvalue(res, 0, 0)) == 1) {
-        d->identity = FO_ID_HELD;
+        d->identity = FOD_ID_HELD;
         fo_log(FO_LOG_INFO, "worker identity held", "worker=%s host=%s pid=%d", d->worker_id,
                d->host, d->pid);
-        fo__daemon_identity_held(d);
+        fod__daemon_identity_held(d);
         return;
     }
     const char *host = PQgetvalue(res, 0, 2), *since = PQgetvalue(res, 0, 4);
@@ -158,7 +158,7 @@ static void on_identity(int status, const PGresult *res, void *data)
                "each fanoutd its own FANOUT_WORKER_ID, or leave it empty for a unique one",
                "worker=%s other_host=%s other_pid=%d other_since=%s other_seen_ms_ago=%lld",
                d->worker_id, host[0] ? host : "(unknown)", pid, since, seen_ms);
-        d->failed = FO_FAIL_IDENTITY;
+        d->failed = FOD_FAIL_IDENTITY;
         if (d->fatal)
             d->fatal(d, d->fatal_data);
         return;
@@ -174,17 +174,17 @@ static void on_identity(int status, const PGresult *res, void *data)
     d->identity_retry_at = now + 1000;
 }
 
-void fo__identity_check(fo_daemon_t *d)
+void fod__identity_check(fod_daemon_t *d)
 {
-    if (d->identity == FO_ID_NONE && !d->stopping && !d->failed && rel_conn_ready(d->ctl) &&
+    if (d->identity == FOD_ID_NONE && !d->stopping && !d->failed && rel_conn_ready(d->ctl) &&
         fo_now_ms() >= d->identity_retry_at)
         ask(d);
 }
 
-void fo__identity_lost(fo_daemon_t *d)
+void fod__identity_lost(fod_daemon_t *d)
 {
     /* the lock went with the session; until it is held again nothing is claimed */
-    d->identity = FO_ID_NONE;
+    d->identity = FOD_ID_NONE;
     d->identity_retry_at = 0;
 }
 
@@ -197,15 +197,15 @@ static void on_worker_row(int status, const PGresult *res, void *data)
     }
 }
 
-void fo__identity_heartbeat(fo_daemon_t *d)
+void fod__identity_heartbeat(fod_daemon_t *d)
 {
-    if (d->identity != FO_ID_HELD)
+    if (d->identity != FOD_ID_HELD)
         return; /* the row may be another live process's: never overwrite it */
     char njobs[16], pid[16];
     snprintf(njobs, sizeof njobs, "%d", d->njobs);
     snprintf(pid, sizeof pid, "%d", d->pid);
     const char *paused = d->paused ? d->paused_reason : NULL;
-    if (!paused && d->contract == FO_CONTRACT_PAUSED)
+    if (!paused && d->contract == FOD_CONTRACT_PAUSED)
         paused = "contract broken: fanoutctl check-db names the finding and the fix";
     if (!paused && d->redis) /* a refused Redis pauses every job too */
         paused = ntf_client_refusal(d->redis);

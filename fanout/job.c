@@ -15,27 +15,27 @@
  * this job saw a mark), the fence must find the mark, and a missing or older one makes the
  * job fail, fatally, instead of starting the range over (which would repeat what the
  * streams hold). A page Redis refuses because a key has the wrong type wrote nothing: the
- * job waits, says why once per FO_WAIT_LOG_MS, and resumes when a fence works again. The `epoch`
+ * job waits, says why once per FOD_WAIT_LOG_MS, and resumes when a fence works again. The `epoch`
  * counter makes the replies of a forgotten pipeline harmless: they still arrive (and are counted in
  * `outstanding`, which must reach zero before the job reports itself finished), but change nothing.
  *
  * Memory: one page buffer of cfg->page_size ids, whatever the follower count.
  */
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define FO_WAIT_LOG_MS 10000 /* a job waiting for the same reason says so once per interval */
+#define FOD_WAIT_LOG_MS 10000 /* a job waiting for the same reason says so once per interval */
 
-struct fo_job {
-    fo_job_io_t io;
+struct fod_job {
+    fod_job_io_t io;
     const cfg_t *cfg;
     int64_t job_id, event_id, author, token, range_lo, range_hi;
     char *kind, *payload, *created_at;
 
-    fo_job_state_t state;
+    fod_job_state_t state;
     unsigned epoch;
     int outstanding; /* io calls whose callback has not run yet, of any epoch */
     unsigned failures;
@@ -66,7 +66,7 @@ struct fo_job {
 };
 
 typedef struct job_call {
-    fo_job_t *job;
+    fod_job_t *job;
     unsigned epoch;
     uint64_t sent_ns; /* for the latency histograms */
 } job_call_t;
@@ -74,18 +74,18 @@ typedef struct job_call {
 static const char *const state_names[] = {"fencing", "running", "waiting", "draining",
                                           "done",    "fenced",  "stopped", "failed"};
 
-static void pump(fo_job_t *j);
-static void fence(fo_job_t *j);
+static void pump(fod_job_t *j);
+static void fence(fod_job_t *j);
 
 /* A page of this range may have been written: PostgreSQL recorded the mark or checkpointed
  * progress, or this job has seen the mark (a fence answered). A fence may then never create
  * the mark afresh. */
-static int mark_required(const fo_job_t *j)
+static int mark_required(const fod_job_t *j)
 {
     return j->pg_marked || j->pg_delivered > 0 || j->pg_progress > j->range_lo || j->have_base;
 }
 
-static ntf_job_t ntf_view(const fo_job_t *j)
+static ntf_job_t ntf_view(const fod_job_t *j)
 {
     return (ntf_job_t){.job_id = j->job_id,
                        .event_id = j->event_id,
@@ -97,7 +97,7 @@ static ntf_job_t ntf_view(const fo_job_t *j)
                        .mark_required = mark_required(j)};
 }
 
-static job_call_t *call_new(fo_job_t *j)
+static job_call_t *call_new(fod_job_t *j)
 {
     job_call_t *c = fo_xmalloc(sizeof *c);
     c->job = j;
@@ -106,18 +106,18 @@ static job_call_t *call_new(fo_job_t *j)
     return c;
 }
 
-static int terminal(fo_job_state_t s)
+static int terminal(fod_job_state_t s)
 {
-    return s == FO_JOB_DONE || s == FO_JOB_FENCED || s == FO_JOB_STOPPED || s == FO_JOB_FAILED;
+    return s == FOD_JOB_DONE || s == FOD_JOB_FENCED || s == FOD_JOB_STOPPED || s == FOD_JOB_FAILED;
 }
 
 /* Reports the job finished once nothing of it is in flight; must be the caller's last act. */
-static void maybe_finish(fo_job_t *j)
+static void maybe_finish(fod_job_t *j)
 {
     if (j->outstanding > 0)
         return;
-    if (j->state == FO_JOB_DRAINING)
-        j->state = FO_JOB_STOPPED;
+    if (j->state == FOD_JOB_DRAINING)
+        j->state = FOD_JOB_STOPPED;
     if (terminal(j->state))
         j->io.finished(j->io.ctx, j);
 }
@@ -128,7 +128,7 @@ static void maybe_finish(fo_job_t *j)
  * (by a crashed worker, say) are not this process's work. Later adoptions of a mark (after a
  * lost reply) count what this process wrote but never saw acknowledged.
  */
-static void note_delivered(fo_job_t *j, int64_t delivered)
+static void note_delivered(fod_job_t *j, int64_t delivered)
 {
     if (!j->have_base) {
         j->have_base = 1;
@@ -148,9 +148,9 @@ static double seconds_since(uint64_t ns)
 }
 
 /* Takes back a call's context; returns 1 if the reply belongs to the current epoch. */
-static int call_done(job_call_t *c, fo_job_t **out)
+static int call_done(job_call_t *c, fod_job_t **out)
 {
-    fo_job_t *j = c->job;
+    fod_job_t *j = c->job;
     int current = c->epoch == j->epoch;
     free(c);
     j->outstanding--;
@@ -159,7 +159,7 @@ static int call_done(job_call_t *c, fo_job_t **out)
 }
 
 /* Forget the pipeline: replies still in flight will be ignored. */
-static void reset_pipeline(fo_job_t *j, int64_t cursor)
+static void reset_pipeline(fod_job_t *j, int64_t cursor)
 {
     j->epoch++;
     j->read_cursor = j->sent_cursor = cursor;
@@ -169,11 +169,11 @@ static void reset_pipeline(fo_job_t *j, int64_t cursor)
 }
 
 /* Waits for the retry time (jittered, growing up to reconnect_max_ms). One line when the
- * reason is new, then at most one per FO_WAIT_LOG_MS however often the retry fails. */
-static void go_wait(fo_job_t *j, const char *why)
+ * reason is new, then at most one per FOD_WAIT_LOG_MS however often the retry fails. */
+static void go_wait(fod_job_t *j, const char *why)
 {
     reset_pipeline(j, j->acked_cursor);
-    j->state = FO_JOB_WAITING;
+    j->state = FOD_JOB_WAITING;
     unsigned shift = j->failures < 10 ? j->failures : 10;
     uint64_t ceiling = 100u << shift;
     if (ceiling > (uint64_t)j->cfg->reconnect_max_ms)
@@ -186,7 +186,7 @@ static void go_wait(fo_job_t *j, const char *why)
         free(j->waiting);
         j->waiting = fo_xstrdup(why);
     }
-    if (same && now - j->wait_logged_ms < FO_WAIT_LOG_MS)
+    if (same && now - j->wait_logged_ms < FOD_WAIT_LOG_MS)
         return;
     j->wait_logged_ms = now;
     char q[512];
@@ -198,7 +198,7 @@ static void go_wait(fo_job_t *j, const char *why)
 /* Redis applied a page: whatever the job waited for is over. Not on a fence: a fence
  * touches the mark alone, so it succeeds while a stream key is still wrong-typed, and
  * clearing there would log a wait and a resume per retry. */
-static void stop_waiting(fo_job_t *j)
+static void stop_waiting(fod_job_t *j)
 {
     if (!j->waiting)
         return;
@@ -210,7 +210,7 @@ static void stop_waiting(fo_job_t *j)
 
 /* The mark is missing or behind PostgreSQL: starting over would repeat what the streams
  * hold, so the job fails for good and says how to go on. */
-static void fail_mark(fo_job_t *j, const char *what, const ntf_progress_t *p)
+static void fail_mark(fod_job_t *j, const char *what, const ntf_progress_t *p)
 {
     char mark[96];
     if (p)
@@ -230,25 +230,25 @@ static void fail_mark(fo_job_t *j, const char *what, const ntf_progress_t *p)
     fo_log(FO_LOG_ERROR, "job stopped: its progress mark cannot be trusted",
            "job=%" PRId64 " event=%" PRId64 " error=\"%s\"", j->job_id, j->event_id, j->error);
     j->fatal = 1;
-    j->state = FO_JOB_FAILED;
+    j->state = FOD_JOB_FAILED;
     j->epoch++;
 }
 
 /* After NTF_EKEY: the key and the fix, as Redis's script said them. */
-static void wait_for_key(fo_job_t *j)
+static void wait_for_key(fod_job_t *j)
 {
     const char *why = j->io.key_refusal ? j->io.key_refusal(j->io.ctx) : NULL;
     go_wait(j, why && *why ? why : "a key fanout writes has the wrong type");
 }
 
 /* Adopt Redis's mark as the truth and carry on from it. */
-static void resume_from(fo_job_t *j, const ntf_progress_t *p)
+static void resume_from(fod_job_t *j, const ntf_progress_t *p)
 {
     reset_pipeline(j, p->cursor);
     j->acked_cursor = p->cursor;
     j->delivered = p->delivered;
     note_delivered(j, p->delivered);
-    j->state = p->done ? FO_JOB_DONE : FO_JOB_RUNNING;
+    j->state = p->done ? FOD_JOB_DONE : FOD_JOB_RUNNING;
 }
 
 /* --- writes --- */
@@ -256,7 +256,7 @@ static void resume_from(fo_job_t *j, const ntf_progress_t *p)
 static void on_write(int status, const ntf_progress_t *p, void *data)
 {
     job_call_t *call = data;
-    fo_job_t *j = call->job;
+    fod_job_t *j = call->job;
     if (j->io.metrics) {
         met_hist_observe(&j->io.metrics->redis_write, seconds_since(call->sent_ns));
         if (status != 0 && status != NTF_EMOVED && status != FO_EFENCED && status != FO_ESTOP &&
@@ -264,7 +264,7 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
             j->io.metrics->errors[MET_REDIS]++;
     }
     int current = call_done(data, &j);
-    if (current && j->state != FO_JOB_WAITING) {
+    if (current && j->state != FOD_JOB_WAITING) {
         j->inflight--;
         switch (status) {
         case 0:
@@ -274,40 +274,40 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
             j->failures = 0;
             stop_waiting(j);
             if (p->done)
-                j->state = FO_JOB_DONE;
+                j->state = FOD_JOB_DONE;
             break;
         case NTF_EMOVED:
             fo_log(FO_LOG_INFO, "progress mark moved; resuming from it",
                    "job=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64, j->job_id, p->cursor,
                    p->delivered);
-            if (j->state == FO_JOB_RUNNING)
+            if (j->state == FOD_JOB_RUNNING)
                 resume_from(j, p);
             break;
         case FO_EFENCED:
             fo_log(FO_LOG_WARN, "job taken over by a newer lease; stopping it",
                    "job=%" PRId64 " token=%" PRId64, j->job_id, j->token);
-            j->state = FO_JOB_FENCED;
+            j->state = FOD_JOB_FENCED;
             j->epoch++;
             break;
         case FO_ESTOP:
-            if (j->state != FO_JOB_FAILED)
-                j->state = FO_JOB_DRAINING;
+            if (j->state != FOD_JOB_FAILED)
+                j->state = FOD_JOB_DRAINING;
             j->epoch++;
             break;
         case NTF_ENOMARK:
-            if (j->state == FO_JOB_RUNNING)
+            if (j->state == FOD_JOB_RUNNING)
                 fail_mark(j, "is missing", NULL);
             else
                 j->epoch++;
             break;
         case NTF_EKEY:
-            if (j->state == FO_JOB_RUNNING)
+            if (j->state == FOD_JOB_RUNNING)
                 wait_for_key(j);
             else
                 j->epoch++;
             break;
         default:
-            if (j->state == FO_JOB_RUNNING)
+            if (j->state == FOD_JOB_RUNNING)
                 go_wait(j, status == NTF_EREPLICAS
                                ? "redis replicas did not acknowledge the page in time "
                                  "(FANOUT_REDIS_MIN_REPLICAS)"
@@ -321,7 +321,7 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
     maybe_finish(j);
 }
 
-static void send_ready(fo_job_t *j)
+static void send_ready(fod_job_t *j)
 {
     ntf_job_t view = ntf_view(j);
     job_call_t *c = call_new(j);
@@ -344,7 +344,7 @@ static void send_ready(fo_job_t *j)
 static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
 {
     job_call_t *call = data;
-    fo_job_t *j = call->job;
+    fod_job_t *j = call->job;
     met_t *m = j->io.metrics;
     if (m && status != FO_ESTOP) {
         met_hist_observe(&m->page_read, seconds_since(call->sent_ns));
@@ -357,12 +357,12 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
     }
     int current = call_done(data, &j);
     j->reading = 0;
-    if (current && j->state == FO_JOB_RUNNING) {
+    if (current && j->state == FOD_JOB_RUNNING) {
         if (status == FO_EQUERY) {
             /* the query itself is refused: this attempt fails once the writes in flight
              * are answered (their progress is kept); the daemon schedules the next one */
             j->error = fo_xstrdup(err ? err : "query failed");
-            j->state = FO_JOB_FAILED;
+            j->state = FOD_JOB_FAILED;
         } else if (status == FO_ECONTRACT) {
             /* not this event's fault: wait, attempt kept, until the contract holds again */
             go_wait(j, "the contract view changed");
@@ -384,7 +384,7 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
     maybe_finish(j);
 }
 
-static void start_read(fo_job_t *j)
+static void start_read(fod_job_t *j)
 {
     job_call_t *c = call_new(j);
     int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size, j->page,
@@ -399,14 +399,14 @@ static void start_read(fo_job_t *j)
 }
 
 /* Moves the pipeline as far as it can: send the ready page, then read the next one. */
-static void pump(fo_job_t *j)
+static void pump(fod_job_t *j)
 {
-    if (j->state != FO_JOB_RUNNING)
+    if (j->state != FOD_JOB_RUNNING)
         return;
     if (j->ready && j->inflight < j->cfg->window &&
         (!j->io.may_write || j->io.may_write(j->io.ctx)))
         send_ready(j);
-    if (j->state == FO_JOB_RUNNING && !j->reading && !j->ready && !j->eof)
+    if (j->state == FOD_JOB_RUNNING && !j->reading && !j->ready && !j->eof)
         start_read(j);
 }
 
@@ -414,14 +414,14 @@ static void pump(fo_job_t *j)
 
 static void on_record_mark(int status, void *data)
 {
-    fo_job_t *j;
+    fod_job_t *j;
     int current = call_done(data, &j);
-    if (current && j->state == FO_JOB_FENCING) {
+    if (current && j->state == FOD_JOB_FENCING) {
         if (status == 0) {
             j->pg_marked = 1;
             resume_from(j, &j->fenced);
         } else if (status == FO_ESTOP) {
-            j->state = FO_JOB_STOPPED;
+            j->state = FOD_JOB_STOPPED;
         } else {
             go_wait(j, "postgresql did not record the progress mark");
         }
@@ -433,7 +433,7 @@ static void on_record_mark(int status, void *data)
 /* The fence may just have created the mark: PostgreSQL learns it before the first page, so
  * that a later claim never creates it again over pages already written. Returns 1 if sent
  * (or the job now waits), 0 when there is nothing to record. */
-static int record_mark(fo_job_t *j, const ntf_progress_t *p)
+static int record_mark(fod_job_t *j, const ntf_progress_t *p)
 {
     if (j->pg_marked || !j->io.record_mark || p->done)
         return 0;
@@ -450,9 +450,9 @@ static int record_mark(fo_job_t *j, const ntf_progress_t *p)
 
 static void on_fence(int status, const ntf_progress_t *p, void *data)
 {
-    fo_job_t *j;
+    fod_job_t *j;
     int current = call_done(data, &j);
-    if (current && j->state == FO_JOB_FENCING) {
+    if (current && j->state == FOD_JOB_FENCING) {
         switch (status) {
         case 0:
             if (p->cursor < j->pg_progress || p->delivered < j->pg_delivered) {
@@ -468,10 +468,10 @@ static void on_fence(int status, const ntf_progress_t *p, void *data)
             break;
         case FO_EFENCED:
             fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64, j->job_id);
-            j->state = FO_JOB_FENCED;
+            j->state = FOD_JOB_FENCED;
             break;
         case FO_ESTOP:
-            j->state = FO_JOB_STOPPED;
+            j->state = FOD_JOB_STOPPED;
             break;
         case NTF_ENOMARK:
             fail_mark(j, "is missing", NULL);
@@ -492,10 +492,10 @@ static void on_fence(int status, const ntf_progress_t *p, void *data)
     maybe_finish(j);
 }
 
-static void fence(fo_job_t *j)
+static void fence(fod_job_t *j)
 {
     ntf_job_t view = ntf_view(j);
-    j->state = FO_JOB_FENCING;
+    j->state = FOD_JOB_FENCING;
     job_call_t *c = call_new(j);
     if (j->io.fence(j->io.ctx, &view, j->range_lo, on_fence, c) < 0) {
         free(c);
@@ -507,9 +507,9 @@ static void fence(fo_job_t *j)
 
 /* --- public --- */
 
-fo_job_t *fo_job_new(const fo_job_io_t *io, const cfg_t *cfg, const fo_claim_t *claim)
+fod_job_t *fod_job_new(const fod_job_io_t *io, const cfg_t *cfg, const fod_claim_t *claim)
 {
-    fo_job_t *j = fo_xcalloc(1, sizeof *j);
+    fod_job_t *j = fo_xcalloc(1, sizeof *j);
     j->io = *io;
     j->cfg = cfg;
     j->job_id = claim->job_id;
@@ -527,11 +527,11 @@ fo_job_t *fo_job_new(const fo_job_io_t *io, const cfg_t *cfg, const fo_claim_t *
     j->pg_marked = claim->pg_marked;
     j->page_size = cfg->page_size;
     j->page = fo_xmalloc((size_t)j->page_size * sizeof *j->page);
-    j->state = FO_JOB_WAITING;
+    j->state = FOD_JOB_WAITING;
     return j;
 }
 
-void fo_job_free(fo_job_t *j)
+void fod_job_free(fod_job_t *j)
 {
     if (!j)
         return;
@@ -544,16 +544,16 @@ void fo_job_free(fo_job_t *j)
     free(j);
 }
 
-void fo_job_start(fo_job_t *j, uint64_t now_ms)
+void fod_job_start(fod_job_t *j, uint64_t now_ms)
 {
     (void)now_ms;
     fence(j);
     maybe_finish(j);
 }
 
-void fo_job_kick(fo_job_t *j, uint64_t now_ms, int force)
+void fod_job_kick(fod_job_t *j, uint64_t now_ms, int force)
 {
-    if (j->state != FO_JOB_WAITING || (!force && now_ms < j->retry_at))
+    if (j->state != FOD_JOB_WAITING || (!force && now_ms < j->retry_at))
         return;
     if (j->reading) {
         /* a read of a forgotten epoch still fills the buffer: wait for it */
@@ -563,72 +563,72 @@ void fo_job_kick(fo_job_t *j, uint64_t now_ms, int force)
     maybe_finish(j);
 }
 
-void fo_job_pump(fo_job_t *j)
+void fod_job_pump(fod_job_t *j)
 {
     pump(j);
 }
 
-void fo_job_stop(fo_job_t *j)
+void fod_job_stop(fod_job_t *j)
 {
-    if (terminal(j->state) || j->state == FO_JOB_DRAINING)
+    if (terminal(j->state) || j->state == FOD_JOB_DRAINING)
         return;
-    if (j->state == FO_JOB_WAITING || j->state == FO_JOB_FENCING)
+    if (j->state == FOD_JOB_WAITING || j->state == FOD_JOB_FENCING)
         j->epoch++; /* nothing of this epoch needs its answer any more */
-    j->state = FO_JOB_DRAINING;
+    j->state = FOD_JOB_DRAINING;
     maybe_finish(j);
 }
 
-fo_job_state_t fo_job_state(const fo_job_t *j)
+fod_job_state_t fod_job_state(const fod_job_t *j)
 {
     return j->state;
 }
 
-const char *fo_job_state_name(fo_job_state_t s)
+const char *fod_job_state_name(fod_job_state_t s)
 {
     return state_names[s];
 }
 
-int64_t fo_job_id(const fo_job_t *j)
+int64_t fod_job_id(const fod_job_t *j)
 {
     return j->job_id;
 }
 
-int64_t fo_job_event_id(const fo_job_t *j)
+int64_t fod_job_event_id(const fod_job_t *j)
 {
     return j->event_id;
 }
 
-int64_t fo_job_token(const fo_job_t *j)
+int64_t fod_job_token(const fod_job_t *j)
 {
     return j->token;
 }
 
-int64_t fo_job_cursor(const fo_job_t *j)
+int64_t fod_job_cursor(const fod_job_t *j)
 {
     return j->acked_cursor;
 }
 
-int64_t fo_job_delivered(const fo_job_t *j)
+int64_t fod_job_delivered(const fod_job_t *j)
 {
     return j->delivered;
 }
 
-const char *fo_job_error(const fo_job_t *j)
+const char *fod_job_error(const fod_job_t *j)
 {
     return j->error;
 }
 
-int fo_job_fatal(const fo_job_t *j)
+int fod_job_fatal(const fod_job_t *j)
 {
     return j->fatal;
 }
 
-const char *fo_job_waiting(const fo_job_t *j)
+const char *fod_job_waiting(const fod_job_t *j)
 {
     return terminal(j->state) ? NULL : j->waiting;
 }
 
-uint64_t fo_job_retry_at(const fo_job_t *j)
+uint64_t fod_job_retry_at(const fod_job_t *j)
 {
     return j->retry_at;
 }

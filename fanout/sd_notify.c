@@ -9,7 +9,7 @@
  * (the next STATUS= or WATCHDOG=1 follows within seconds). Without NOTIFY_SOCKET every call
  * is a no-op, so fanoutd runs the same outside systemd.
  */
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 
 #include <errno.h>
 #include <stddef.h>
@@ -20,16 +20,16 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-struct fo_sd {
+struct fod_sd {
     int fd;
     struct sockaddr_un addr;
     socklen_t addr_len;
     int warned;
 };
 
-fo_sd_t *fo_sd_open(const char *notify_socket)
+fod_sd_t *fod_sd_open(const char *notify_socket)
 {
-    fo_sd_t *sd = fo_xcalloc(1, sizeof *sd);
+    fod_sd_t *sd = fo_xcalloc(1, sizeof *sd);
     sd->fd = -1;
     size_t n = notify_socket ? strlen(notify_socket) : 0;
     if (n == 0)
@@ -52,14 +52,14 @@ fo_sd_t *fo_sd_open(const char *notify_socket)
     return sd;
 }
 
-int fo_sd_enabled(const fo_sd_t *sd)
+int fod_sd_enabled(const fod_sd_t *sd)
 {
     return sd && sd->fd >= 0;
 }
 
-void fo_sd_notify(fo_sd_t *sd, const char *msg)
+void fod_sd_notify(fod_sd_t *sd, const char *msg)
 {
-    if (!fo_sd_enabled(sd))
+    if (!fod_sd_enabled(sd))
         return;
     ssize_t n = sendto(sd->fd, msg, strlen(msg), MSG_NOSIGNAL | MSG_DONTWAIT,
                        (const struct sockaddr *)&sd->addr, sd->addr_len);
@@ -69,7 +69,7 @@ void fo_sd_notify(fo_sd_t *sd, const char *msg)
     }
 }
 
-uint64_t fo_sd_watchdog_usec(const char *usec, const char *pid)
+uint64_t fod_sd_watchdog_usec(const char *usec, const char *pid)
 {
     if (!usec || !*usec)
         return 0;
@@ -87,7 +87,7 @@ uint64_t fo_sd_watchdog_usec(const char *usec, const char *pid)
     return (uint64_t)v;
 }
 
-void fo_sd_close(fo_sd_t *sd)
+void fod_sd_close(fod_sd_t *sd)
 {
     if (!sd)
         return;

@@ -14,7 +14,7 @@
  * is replaced by one that declares the job dead with that reason in last_error, so that no
  * job holds its lease and its slot in the held list forever.
  */
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -30,7 +30,7 @@ typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
 
 struct store_rec {
     store_rec_t *next;
-    fo_daemon_t *d;
+    fod_daemon_t *d;
     rec_kind_t kind;
     int64_t job_id, event_id, token, cursor, delivered;
     uint64_t started_ms, retry_at;
@@ -130,7 +130,7 @@ static const char SQL_RENEW[] =
     " waiting_reason = $6"
     " WHERE id = $1 AND token = $2 AND state = 'running'";
 
-/* The job's progress mark exists in Redis: before its first page (see fo_job_io_t). */
+/* The job's progress mark exists in Redis: before its first page (see fod_job_io_t). */
 static const char SQL_MARKED[] = "UPDATE fanout.jobs SET mark_created = true"
                                  " WHERE id = $1 AND token = $2 AND state = 'running'";
 
@@ -177,7 +177,7 @@ static const char SQL_OLDEST[] =
     "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM fanout.jobs WHERE state IN ('pending', 'running')";
 
-void fo__store_prepare(fo_daemon_t *d)
+void fod__store_prepare(fod_daemon_t *d)
 {
     rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
     rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
@@ -205,7 +205,7 @@ static void rec_send(store_rec_t *r);
 
 static void rec_free(store_rec_t *r)
 {
-    fo_daemon_t *d = r->d;
+    fod_daemon_t *d = r->d;
     for (store_rec_t **p = &d->recs; *p; p = &(*p)->next) {
         if (*p == r) {
             *p = r->next;
@@ -259,7 +259,7 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
 static void on_rec(int status, const PGresult *res, void *data)
 {
     store_rec_t *r = data;
-    fo_daemon_t *d = r->d;
+    fod_daemon_t *d = r->d;
     r->sending = 0;
     if (status == FO_ESTOP)
         return; /* closing: records are freed with the daemon */
@@ -298,8 +298,8 @@ static void on_rec(int status, const PGresult *res, void *data)
                r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
                err[0] ? " error=" : "", err);
     rec_free(r);
-    fo__daemon_check_stopped(d);
-    fo__store_claim(d);
+    fod__daemon_check_stopped(d);
+    fod__store_claim(d);
 }
 
 static void rec_send(store_rec_t *r)
@@ -322,49 +322,49 @@ static void rec_send(store_rec_t *r)
         r->retry_at = fo_now_ms() + REC_RETRY_MS;
 }
 
-void fo__store_record(fo_daemon_t *d, fo_job_t *j, uint64_t started_ms)
+void fod__store_record(fod_daemon_t *d, fod_job_t *j, uint64_t started_ms)
 {
     rec_kind_t kind;
-    switch (fo_job_state(j)) {
-    case FO_JOB_DONE:
+    switch (fod_job_state(j)) {
+    case FOD_JOB_DONE:
         kind = REC_FINISH;
         break;
-    case FO_JOB_STOPPED:
+    case FOD_JOB_STOPPED:
         kind = REC_RELEASE;
         break;
-    case FO_JOB_FAILED:
+    case FOD_JOB_FAILED:
         kind = REC_FAIL;
         break;
     default:
         fo_log(FO_LOG_INFO, "job left to its new owner", "job=%" PRId64 " event=%" PRId64,
-               fo_job_id(j), fo_job_event_id(j));
+               fod_job_id(j), fod_job_event_id(j));
         return;
     }
     store_rec_t *r = fo_xcalloc(1, sizeof *r);
     r->d = d;
     r->kind = kind;
-    r->job_id = fo_job_id(j);
-    r->event_id = fo_job_event_id(j);
-    r->token = fo_job_token(j);
-    r->cursor = fo_job_cursor(j);
-    r->delivered = fo_job_delivered(j);
+    r->job_id = fod_job_id(j);
+    r->event_id = fod_job_event_id(j);
+    r->token = fod_job_token(j);
+    r->cursor = fod_job_cursor(j);
+    r->delivered = fod_job_delivered(j);
     r->started_ms = started_ms;
-    if (fo_job_error(j))
-        r->error = fo_xstrdup(fo_job_error(j));
-    r->fatal = fo_job_fatal(j);
+    if (fod_job_error(j))
+        r->error = fo_xstrdup(fod_job_error(j));
+    r->fatal = fod_job_fatal(j);
     r->next = d->recs;
     d->recs = r;
     rec_send(r);
 }
 
-void fo__store_retry(fo_daemon_t *d, uint64_t now)
+void fod__store_retry(fod_daemon_t *d, uint64_t now)
 {
     for (store_rec_t *r = d->recs; r; r = r->next)
         if (!r->sending && now >= r->retry_at)
             rec_send(r);
 }
 
-void fo__store_free_records(fo_daemon_t *d)
+void fod__store_free_records(fod_daemon_t *d)
 {
     while (d->recs) {
         store_rec_t *r = d->recs;
@@ -389,8 +389,8 @@ static int row_int64(const PGresult *res, int col, int64_t *out)
 
 /* A claim being split: the claim's strings are copied until the split answers. */
 typedef struct split_call {
-    fo_daemon_t *d;
-    fo_claim_t claim;
+    fod_daemon_t *d;
+    fod_claim_t claim;
     char *kind, *payload, *created_at;
 } split_call_t;
 
@@ -406,11 +406,11 @@ static void split_free(split_call_t *sc)
  * either way, since nothing of it was written before) and claim on. */
 static void split_done(split_call_t *sc)
 {
-    fo_daemon_t *d = sc->d;
+    fod_daemon_t *d = sc->d;
     d->claiming = 0;
-    fo__daemon_start_job(d, &sc->claim);
+    fod__daemon_start_job(d, &sc->claim);
     split_free(sc);
-    fo__store_claim(d);
+    fod__store_claim(d);
 }
 
 static void on_split(int status, const PGresult *res, void *data)
@@ -434,9 +434,9 @@ static void on_split(int status, const PGresult *res, void *data)
         fo_log(FO_LOG_WARN, "split outcome unknown (connection lost); the job is re-claimed",
                "job=%" PRId64, sc->claim.job_id);
         sc->d->claiming = 0;
-        fo_daemon_t *d = sc->d;
+        fod_daemon_t *d = sc->d;
         split_free(sc);
-        fo__daemon_check_stopped(d);
+        fod__daemon_check_stopped(d);
         return;
     } else if (status != 0) {
         log_pg_error("split failed; the job runs whole", res);
@@ -447,7 +447,7 @@ static void on_split(int status, const PGresult *res, void *data)
 static void on_bounds(int status, const PGresult *res, void *data)
 {
     split_call_t *sc = data;
-    fo_daemon_t *d = sc->d;
+    fod_daemon_t *d = sc->d;
     if (status == FO_ESTOP) {
         d->claiming = 0;
         split_free(sc);
@@ -477,7 +477,7 @@ static void on_bounds(int status, const PGresult *res, void *data)
 }
 
 /* Splits a fresh job if it is worth it; returns 1 when the bounds query was sent. */
-static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
+static int maybe_split(fod_daemon_t *d, const fod_claim_t *c)
 {
     if (d->cfg->split_min_span <= 0 || !d->reader)
         return 0;
@@ -500,7 +500,7 @@ static int maybe_split(fo_daemon_t *d, const fo_claim_t *c)
 
 #define CLAIM_BACKOFF_MAX_MS 60000
 
-static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
+static void claim_result(fod_daemon_t *d, int status, const PGresult *res)
 {
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
@@ -528,7 +528,7 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
     int again = d->claim_again;
     d->claim_again = 0;
     if (PQntuples(res) == 1) {
-        fo_claim_t c = {0};
+        fod_claim_t c = {0};
         if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
             row_int64(res, 2, &c.author) || row_int64(res, 6, &c.token) ||
             row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi) ||
@@ -554,27 +554,27 @@ static void claim_result(fo_daemon_t *d, int status, const PGresult *res)
                    c.job_id, c.event_id, c.author, c.token, c.range_lo);
             if (strcmp(PQgetvalue(res, 0, 10), "1") == 0 && maybe_split(d, &c))
                 return; /* on_split starts the job and claims on */
-            fo__daemon_start_job(d, &c);
+            fod__daemon_start_job(d, &c);
         }
     }
     if (again)
-        fo__store_claim(d);
+        fod__store_claim(d);
 }
 
 static void on_claim(int status, const PGresult *res, void *data)
 {
-    fo_daemon_t *d = data;
+    fod_daemon_t *d = data;
     d->claiming = 0;
     if (status == FO_ESTOP)
         return;
     claim_result(d, status, res);
-    fo__daemon_check_stopped(d); /* a stop waiting for this claim may complete now */
+    fod__daemon_check_stopped(d); /* a stop waiting for this claim may complete now */
 }
 
 /* "{1,2,3}": a bigint[] literal of the jobs (or their events) this worker holds: running
  * here, or finished with their outcome not yet written (claiming one of those again would
  * count an attempt that did not fail, or lose the outcome). */
-static char *held_array(fo_daemon_t *d, int events)
+static char *held_array(fod_daemon_t *d, int events)
 {
     size_t n = (size_t)d->njobs;
     for (store_rec_t *r = d->recs; r; r = r->next)
@@ -584,7 +584,7 @@ static char *held_array(fo_daemon_t *d, int events)
     out[0] = '{';
     for (int i = 0; i < d->njobs; i++)
         o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
-                              events ? fo_job_event_id(d->jobs[i]) : fo_job_id(d->jobs[i]));
+                              events ? fod_job_event_id(d->jobs[i]) : fod_job_id(d->jobs[i]));
     for (store_rec_t *r = d->recs; r; r = r->next)
         o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
                               events ? r->event_id : r->job_id);
@@ -592,10 +592,10 @@ static char *held_array(fo_daemon_t *d, int events)
     return out;
 }
 
-void fo__store_claim(fo_daemon_t *d)
+void fod__store_claim(fod_daemon_t *d)
 {
     if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
-        d->contract != FO_CONTRACT_OK || d->identity != FO_ID_HELD ||
+        d->contract != FOD_CONTRACT_OK || d->identity != FOD_ID_HELD ||
         fo_now_ms() < d->claim_retry_at)
         return;
     if (d->claiming) {
@@ -618,7 +618,7 @@ void fo__store_claim(fo_daemon_t *d)
 /* --- the mark's record --- */
 
 typedef struct mark_call {
-    fo_daemon_t *d;
+    fod_daemon_t *d;
     void (*cb)(int status, void *data);
     void *data;
 } mark_call_t;
@@ -636,8 +636,8 @@ static void on_marked(int status, const PGresult *res, void *data)
     free(mc);
 }
 
-int fo__store_record_mark(fo_daemon_t *d, int64_t job_id, int64_t token,
-                          void (*cb)(int status, void *data), void *data)
+int fod__store_record_mark(fod_daemon_t *d, int64_t job_id, int64_t token,
+                           void (*cb)(int status, void *data), void *data)
 {
     char id[24], tok[24];
     I64(id, job_id);
@@ -654,23 +654,23 @@ int fo__store_record_mark(fo_daemon_t *d, int64_t job_id, int64_t token,
 /* --- lease renewal --- */
 
 typedef struct renew_call {
-    fo_daemon_t *d;
+    fod_daemon_t *d;
     int64_t job_id, token;
 } renew_call_t;
 
 static void on_renew(int status, const PGresult *res, void *data)
 {
     renew_call_t *rc = data;
-    fo_daemon_t *d = rc->d;
+    fod_daemon_t *d = rc->d;
     if (status == FO_EPG)
         d->metrics.errors[MET_PG]++;
     if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0) {
         for (int i = 0; i < d->njobs; i++) {
-            fo_job_t *j = d->jobs[i];
-            if (fo_job_id(j) == rc->job_id && fo_job_token(j) == rc->token) {
+            fod_job_t *j = d->jobs[i];
+            if (fod_job_id(j) == rc->job_id && fod_job_token(j) == rc->token) {
                 fo_log(FO_LOG_WARN, "lease lost; stopping the job",
                        "job=%" PRId64 " token=%" PRId64, rc->job_id, rc->token);
-                fo_job_stop(j);
+                fod_job_stop(j);
                 break;
             }
         }
@@ -678,22 +678,22 @@ static void on_renew(int status, const PGresult *res, void *data)
     free(rc);
 }
 
-void fo__store_renew(fo_daemon_t *d)
+void fod__store_renew(fod_daemon_t *d)
 {
     char lease[16];
     I64(lease, d->cfg->lease_ms);
     for (int i = 0; i < d->njobs; i++) {
-        fo_job_t *j = d->jobs[i];
+        fod_job_t *j = d->jobs[i];
         char id[24], token[24], cursor[24], delivered[24];
-        I64(id, fo_job_id(j));
-        I64(token, fo_job_token(j));
-        I64(cursor, fo_job_cursor(j));
-        I64(delivered, fo_job_delivered(j));
-        const char *params[] = {id, token, lease, cursor, delivered, fo_job_waiting(j)};
+        I64(id, fod_job_id(j));
+        I64(token, fod_job_token(j));
+        I64(cursor, fod_job_cursor(j));
+        I64(delivered, fod_job_delivered(j));
+        const char *params[] = {id, token, lease, cursor, delivered, fod_job_waiting(j)};
         renew_call_t *rc = fo_xmalloc(sizeof *rc);
-        *rc = (renew_call_t){d, fo_job_id(j), fo_job_token(j)};
+        *rc = (renew_call_t){d, fod_job_id(j), fod_job_token(j)};
         if (rel_conn_exec(d->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
             free(rc);
     }
-    fo__identity_heartbeat(d);
+    fod__identity_heartbeat(d);
 }

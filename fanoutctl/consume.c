@@ -15,7 +15,7 @@
  * anywhere else it cannot. That window is the price of a handler (stdout) whose effect is
  * not in Redis; docs/queue-format.md says how to close it when the effect lives in Redis.
  */
-#include "fanoutctl/ctl_int.h"
+#include "fanoutctl/fctl_text.h"
 #include "fanoutctl/fctl_int.h"
 
 #include <errno.h>
@@ -53,7 +53,7 @@ typedef struct consumer {
     long long seen_ttl_s;  /* expiry of the dedupe marks; 0: no dedupe */
     int follow;            /* run until SIGTERM/SIGINT instead of until a read is empty */
     long long printed;
-    ctl_buf_t out;
+    fctl_buf_t out;
 } consumer_t;
 
 /* One entry of a batch; the pointers borrow from the reply the batch was built from. */
@@ -107,21 +107,21 @@ static int batch_add(batch_t *b, int k, const redisReply *entries)
 static void entry_json(consumer_t *c, const centry_t *e)
 {
     const char *stream = c->keys[e->k];
-    ctl__buf_puts(&c->out, "{\"stream\":");
-    ctl__json_string(&c->out, stream, strlen(stream));
-    ctl__buf_puts(&c->out, ",\"entry\":");
-    ctl__json_string(&c->out, e->id->str, e->id->len);
+    fctl_buf_puts(&c->out, "{\"stream\":");
+    fctl_json_string(&c->out, stream, strlen(stream));
+    fctl_buf_puts(&c->out, ",\"entry\":");
+    fctl_json_string(&c->out, e->id->str, e->id->len);
     for (size_t k = 0; k + 1 < e->fields->elements; k += 2) {
         const redisReply *f = e->fields->element[k], *v = e->fields->element[k + 1];
-        ctl__buf_puts(&c->out, ",");
-        ctl__json_string(&c->out, f->str, f->len);
-        ctl__buf_puts(&c->out, ":");
+        fctl_buf_puts(&c->out, ",");
+        fctl_json_string(&c->out, f->str, f->len);
+        fctl_buf_puts(&c->out, ":");
         if (f->len == 7 && memcmp(f->str, "payload", 7) == 0)
-            ctl__json_raw_or_string(&c->out, v->str, v->len);
+            fctl_json_raw_or_string(&c->out, v->str, v->len);
         else
-            ctl__json_string(&c->out, v->str, v->len);
+            fctl_json_string(&c->out, v->str, v->len);
     }
-    ctl__buf_puts(&c->out, "}\n");
+    fctl_buf_puts(&c->out, "}\n");
 }
 
 static char *seen_key(const consumer_t *c, const redisReply *note)
@@ -155,12 +155,12 @@ static int set_marks(consumer_t *c, const batch_t *b, const char *value, const c
         got++;
         redisReply *r = NULL;
         if (redisGetReply(c->redis, (void **)&r) != REDIS_OK || !r) {
-            fail("consume", "redis: SET: %s",
-                 c->redis->errstr[0] ? c->redis->errstr : "connection lost");
+            fctl_fail("consume", "redis: SET: %s",
+                      c->redis->errstr[0] ? c->redis->errstr : "connection lost");
             return -1;
         }
         if (r->type == REDIS_REPLY_ERROR && status == 0) {
-            fail("consume", "redis: SET: %s", r->str);
+            fctl_fail("consume", "redis: SET: %s", r->str);
             status = -1;
         }
         if (replies)
@@ -200,7 +200,7 @@ static int claim_marks(consumer_t *c, const batch_t *b, signed char *mine)
         redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
         if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != (size_t)argc - 1) {
             if (r)
-                fail("consume", "redis: unexpected MGET reply");
+                fctl_fail("consume", "redis: unexpected MGET reply");
             status = -1;
         } else {
             for (int a = 1; a < argc; a++) {
@@ -288,7 +288,7 @@ static int handle_batch(consumer_t *c, batch_t *b)
         size_t len = c->out.len;
         c->out.len = 0;
         if (fwrite(c->out.p, 1, len, stdout) != len || fflush(stdout) != 0) {
-            fail("consume", "writing the entries: %s", strerror(errno));
+            fctl_fail("consume", "writing the entries: %s", strerror(errno));
             return -1;
         }
     }
@@ -368,7 +368,7 @@ static long long read_once(consumer_t *c, long long count, long long block_ms, i
     }
     long long n = (long long)b.n;
     if (bad) {
-        fail("consume", "redis: unexpected XREADGROUP reply; are the keys streams?");
+        fctl_fail("consume", "redis: unexpected XREADGROUP reply; are the keys streams?");
         n = -1;
     } else if (handle_batch(c, &b) < 0) {
         n = -1;
@@ -400,7 +400,7 @@ static int sweep(consumer_t *c)
             batch_t b = {0};
             if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 ||
                 r->element[0]->type != REDIS_REPLY_STRING || batch_add(&b, k, r->element[1])) {
-                fail("consume", "redis: unexpected XAUTOCLAIM reply");
+                fctl_fail("consume", "redis: unexpected XAUTOCLAIM reply");
                 free(b.e);
                 freeReplyObject(r);
                 free(start);
@@ -437,11 +437,11 @@ static int consume_run(consumer_t *c, long long block_ms)
         const char *argv[] = {"XGROUP", "CREATE", c->keys[k], c->group, "0", "MKSTREAM"};
         redisReply *r = fctl_redis_run(c->redis, "consume", 6, argv, 1);
         if (!r)
-            return EXIT_RUNTIME;
+            return FCTL_EXIT_RUNTIME;
         if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
-            fail("consume", "redis: XGROUP CREATE %s: %s", c->keys[k], r->str);
+            fctl_fail("consume", "redis: XGROUP CREATE %s: %s", c->keys[k], r->str);
             freeReplyObject(r);
-            return EXIT_RUNTIME;
+            return FCTL_EXIT_RUNTIME;
         }
         freeReplyObject(r);
     }
@@ -461,7 +461,7 @@ static int consume_run(consumer_t *c, long long block_ms)
         while (!stop_requested && (!c->limit || c->printed < c->limit)) {
             if (!pending && c->min_idle_ms && (last_sweep == 0 || now_ms() - last_sweep >= every)) {
                 if (sweep(c) < 0)
-                    return EXIT_RUNTIME;
+                    return FCTL_EXIT_RUNTIME;
                 last_sweep = now_ms();
             }
             long long want = c->limit ? c->limit - c->printed : 100;
@@ -472,12 +472,12 @@ static int consume_run(consumer_t *c, long long block_ms)
                 block = (long long)every; /* come back in time for the next sweep */
             long long n = read_once(c, want, block, pending);
             if (n < 0)
-                return EXIT_RUNTIME;
+                return FCTL_EXIT_RUNTIME;
             if (n == 0 && (pending || (!c->follow && !c->limit)))
                 break;
         }
     }
-    return EXIT_OK;
+    return FCTL_EXIT_OK;
 }
 
 static void consume_usage(FILE *out)
@@ -501,52 +501,55 @@ static void consume_usage(FILE *out)
             "                   and wait to be killed\n");
 }
 
-int cmd_consume(const cfg_t *cfg, int argc, char **argv)
+int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
 {
     const char *group = NULL, *name = NULL, *count = NULL, *block = NULL, *follow = NULL;
     const char *min_idle = NULL, *seen_ttl = NULL, *stall = NULL;
-    opt_t opts[] = {{"group", &group, 0},       {"consumer", &name, 0},
-                    {"count", &count, 0},       {"block", &block, 0},
-                    {"follow", &follow, 1},     {"min-idle", &min_idle, 0},
-                    {"seen-ttl", &seen_ttl, 0}, {"stall-after", &stall, 0}};
-    int r = parse_opts("consume", argc, argv, opts, sizeof opts / sizeof opts[0], NULL);
+    fctl_opt_t opts[] = {{"group", &group, 0},       {"consumer", &name, 0},
+                         {"count", &count, 0},       {"block", &block, 0},
+                         {"follow", &follow, 1},     {"min-idle", &min_idle, 0},
+                         {"seen-ttl", &seen_ttl, 0}, {"stall-after", &stall, 0}};
+    int r = fctl_parse_opts("consume", argc, argv, opts, sizeof opts / sizeof opts[0], NULL);
     if (r == 1) {
         consume_usage(stdout);
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     if (!group || !*group) {
-        fail("consume", "--group is missing; give the consumer group, e.g. --group mailer");
-        return EXIT_USAGE;
+        fctl_fail("consume", "--group is missing; give the consumer group, e.g. --group mailer");
+        return FCTL_EXIT_USAGE;
     }
     if (!name || !*name) {
-        fail("consume", "--consumer is missing; give this consumer's name, e.g. --consumer c1");
-        return EXIT_USAGE;
+        fctl_fail("consume",
+                  "--consumer is missing; give this consumer's name, e.g. --consumer c1");
+        return FCTL_EXIT_USAGE;
     }
     long long limit = 0, block_ms = 1000, idle_ms = 60000, ttl_s = 86400, stall_after = 0;
-    if (count && ctl__parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
-        fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
-        return EXIT_USAGE;
+    if (count && fctl_parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
+        fctl_fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
+        return FCTL_EXIT_USAGE;
     }
-    if (block && ctl__parse_int_range(block, 0, 86400000, &block_ms) < 0) {
-        fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
-             block);
-        return EXIT_USAGE;
+    if (block && fctl_parse_int_range(block, 0, 86400000, &block_ms) < 0) {
+        fctl_fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
+                  block);
+        return FCTL_EXIT_USAGE;
     }
-    if (min_idle && ctl__parse_int_range(min_idle, 0, 86400000, &idle_ms) < 0) {
-        fail("consume", "--min-idle \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
-             min_idle);
-        return EXIT_USAGE;
+    if (min_idle && fctl_parse_int_range(min_idle, 0, 86400000, &idle_ms) < 0) {
+        fctl_fail("consume",
+                  "--min-idle \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
+                  min_idle);
+        return FCTL_EXIT_USAGE;
     }
-    if (seen_ttl && ctl__parse_int_range(seen_ttl, 0, 31536000, &ttl_s) < 0) {
-        fail("consume", "--seen-ttl \"%.40s\" is not valid; give seconds from 0 to 31536000",
-             seen_ttl);
-        return EXIT_USAGE;
+    if (seen_ttl && fctl_parse_int_range(seen_ttl, 0, 31536000, &ttl_s) < 0) {
+        fctl_fail("consume", "--seen-ttl \"%.40s\" is not valid; give seconds from 0 to 31536000",
+                  seen_ttl);
+        return FCTL_EXIT_USAGE;
     }
-    if (stall && ctl__parse_int_range(stall, 1, INT64_MAX, &stall_after) < 0) {
-        fail("consume", "--stall-after \"%.40s\" is not valid; give a whole number from 1", stall);
-        return EXIT_USAGE;
+    if (stall && fctl_parse_int_range(stall, 1, INT64_MAX, &stall_after) < 0) {
+        fctl_fail("consume", "--stall-after \"%.40s\" is not valid; give a whole number from 1",
+                  stall);
+        return FCTL_EXIT_USAGE;
     }
 
     consumer_t c = {.group = group,
@@ -560,7 +563,7 @@ int cmd_consume(const cfg_t *cfg, int argc, char **argv)
                     .follow = follow != NULL};
     c.redis = fctl_redis_connect(cfg, "consume");
     if (!c.redis)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     /* A blocked read must not trip the socket timeout; BLOCK 0 waits for ever. */
     struct timeval tv = {block_ms / 1000 + 30, 0};
     if (block_ms == 0)

@@ -20,7 +20,7 @@
  */
 #include "common/common.h"
 #include "config/config.h"
-#include "fanoutctl/ctl_int.h"
+#include "fanoutctl/fctl_text.h"
 #include "fanoutctl/fctl_int.h"
 #include "relationships/relationships.h"
 #include "sql/migrations.h"
@@ -60,7 +60,7 @@ static const char *first_line(char *buf, size_t size, const char *msg)
     return buf;
 }
 
-void fail(const char *cmd, const char *fmt, ...)
+void fctl_fail(const char *cmd, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
@@ -74,13 +74,13 @@ void fail(const char *cmd, const char *fmt, ...)
         fprintf(stderr, "fanoutctl: %s\n", first_line(line, sizeof line, msg));
 }
 
-int is_help(const char *a)
+int fctl_is_help(const char *a)
 {
     return strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0 || strcmp(a, "help") == 0;
 }
 
-int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
-               const char **positional)
+int fctl_parse_opts(const char *cmd, int argc, char **argv, fctl_opt_t *opts, size_t nopts,
+                    const char **positional)
 {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -91,39 +91,39 @@ int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts
                 *positional = a;
                 continue;
             }
-            fail(cmd, "unexpected argument \"%.64s\"; see fanoutctl %s --help", a, cmd);
-            return EXIT_USAGE;
+            fctl_fail(cmd, "unexpected argument \"%.64s\"; see fanoutctl %s --help", a, cmd);
+            return FCTL_EXIT_USAGE;
         }
         const char *name = a + 2;
         const char *eq = strchr(name, '=');
         size_t len = eq ? (size_t)(eq - name) : strlen(name);
-        opt_t *o = NULL;
+        fctl_opt_t *o = NULL;
         for (size_t k = 0; k < nopts; k++)
             if (strlen(opts[k].name) == len && strncmp(opts[k].name, name, len) == 0)
                 o = &opts[k];
         if (!o) {
-            fail(cmd, "unknown option --%.*s; see fanoutctl %s --help", (int)(len > 64 ? 64 : len),
-                 name, cmd);
-            return EXIT_USAGE;
+            fctl_fail(cmd, "unknown option --%.*s; see fanoutctl %s --help",
+                      (int)(len > 64 ? 64 : len), name, cmd);
+            return FCTL_EXIT_USAGE;
         }
         const char *value = eq ? eq + 1 : NULL;
         if (o->flag) {
             if (value) {
-                fail(cmd, "--%s takes no value; give it alone", o->name);
-                return EXIT_USAGE;
+                fctl_fail(cmd, "--%s takes no value; give it alone", o->name);
+                return FCTL_EXIT_USAGE;
             }
             value = "1";
         }
         if (!value) {
             if (i + 1 >= argc) {
-                fail(cmd, "--%s needs a value", o->name);
-                return EXIT_USAGE;
+                fctl_fail(cmd, "--%s needs a value", o->name);
+                return FCTL_EXIT_USAGE;
             }
             value = argv[++i];
         }
         if (*o->value) {
-            fail(cmd, "--%s is given twice; give it once", o->name);
-            return EXIT_USAGE;
+            fctl_fail(cmd, "--%s is given twice; give it once", o->name);
+            return FCTL_EXIT_USAGE;
         }
         *o->value = value;
     }
@@ -150,14 +150,14 @@ static PGconn *pg_connect(const cfg_t *cfg, const char *cmd)
     const char *vals[] = {"10", cfg->pg_dsn, "fanoutctl", NULL};
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (!conn) {
-        fail(cmd, "postgresql: out of memory");
+        fctl_fail(cmd, "postgresql: out of memory");
         return NULL;
     }
     if (PQstatus(conn) != CONNECTION_OK) {
         char line[512];
         const char *fix = rel_conn_refusal_fix(PQerrorMessage(conn));
-        fail(cmd, "postgresql: %s%s%s", first_line(line, sizeof line, PQerrorMessage(conn)),
-             fix ? "; " : "", fix ? fix : "");
+        fctl_fail(cmd, "postgresql: %s%s%s", first_line(line, sizeof line, PQerrorMessage(conn)),
+                  fix ? "; " : "", fix ? fix : "");
         PQfinish(conn);
         return NULL;
     }
@@ -191,9 +191,9 @@ static PGresult *pg_run(PGconn *conn, const char *cmd, const char *what, const c
     char msg[512];
     pg_message(msg, sizeof msg, conn, res);
     if (what)
-        fail(cmd, "%s: %s", what, msg);
+        fctl_fail(cmd, "%s: %s", what, msg);
     else
-        fail(cmd, "%s", msg);
+        fctl_fail(cmd, "%s", msg);
     PQclear(res);
     return NULL;
 }
@@ -257,19 +257,19 @@ failed:
 
 static int cmd_migrate(const cfg_t *cfg, int argc, char **argv)
 {
-    int r = parse_opts("migrate", argc, argv, NULL, 0, NULL);
+    int r = fctl_parse_opts("migrate", argc, argv, NULL, 0, NULL);
     if (r == 1) {
         printf("usage: fanoutctl [SETTINGS] migrate\n"
                "Applies the embedded migrations not yet recorded in fanout.schema_migrations,\n"
                "each in its own transaction; safe to run again and concurrently.\n");
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     PGconn *conn = pg_connect(cfg, "migrate");
     if (!conn)
-        return EXIT_RUNTIME;
-    int status = EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
+    int status = FCTL_EXIT_RUNTIME;
     /* CREATE ... IF NOT EXISTS notices are noise here. */
     if (pg_ok(conn, "migrate", NULL, "SET client_min_messages = warning") < 0 ||
         pg_ok(conn, "migrate", "fanout.schema_migrations", migrate_bootstrap) < 0) {
@@ -299,7 +299,7 @@ static int cmd_migrate(const cfg_t *cfg, int argc, char **argv)
     if (db_version > known)
         printf("note: the database has version %d, newer than this fanoutctl knows (%d)\n",
                db_version, known);
-    status = EXIT_OK;
+    status = FCTL_EXIT_OK;
 done:
     PQfinish(conn);
     return status;
@@ -325,54 +325,54 @@ static void publish_usage(FILE *out)
 static int cmd_publish(const cfg_t *cfg, int argc, char **argv)
 {
     const char *author = NULL, *kind = NULL, *payload = NULL;
-    opt_t opts[] = {{"author", &author, 0}, {"kind", &kind, 0}, {"payload", &payload, 0}};
-    int r = parse_opts("publish", argc, argv, opts, 3, NULL);
+    fctl_opt_t opts[] = {{"author", &author, 0}, {"kind", &kind, 0}, {"payload", &payload, 0}};
+    int r = fctl_parse_opts("publish", argc, argv, opts, 3, NULL);
     if (r == 1) {
         publish_usage(stdout);
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     int64_t author_id;
     if (!author) {
-        fail("publish", "--author is missing; give the author's id, e.g. --author 42");
-        return EXIT_USAGE;
+        fctl_fail("publish", "--author is missing; give the author's id, e.g. --author 42");
+        return FCTL_EXIT_USAGE;
     }
-    if (ctl__parse_id(author, &author_id) < 0) {
-        fail("publish",
-             "--author \"%.40s\" is not a valid id; give a whole number from 1 to %" PRId64, author,
-             INT64_MAX);
-        return EXIT_USAGE;
+    if (fctl_parse_id(author, &author_id) < 0) {
+        fctl_fail("publish",
+                  "--author \"%.40s\" is not a valid id; give a whole number from 1 to %" PRId64,
+                  author, INT64_MAX);
+        return FCTL_EXIT_USAGE;
     }
     if (!kind || !*kind) {
-        fail("publish", "--kind is missing; give the event's kind, e.g. --kind post");
-        return EXIT_USAGE;
+        fctl_fail("publish", "--kind is missing; give the event's kind, e.g. --kind post");
+        return FCTL_EXIT_USAGE;
     }
     if (!payload || !*payload) {
-        fail("publish", "--payload is missing; give the event's JSON, e.g. --payload "
-                        "'{\"text\":\"hi\"}'");
-        return EXIT_USAGE;
+        fctl_fail("publish", "--payload is missing; give the event's JSON, e.g. --payload "
+                             "'{\"text\":\"hi\"}'");
+        return FCTL_EXIT_USAGE;
     }
     size_t plen = strlen(payload);
     if (plen > PAYLOAD_LOCAL_MAX) {
-        fail("publish", "--payload is %zu bytes; the limit is 65536 bytes of JSON", plen);
-        return EXIT_USAGE;
+        fctl_fail("publish", "--payload is %zu bytes; the limit is 65536 bytes of JSON", plen);
+        return FCTL_EXIT_USAGE;
     }
 
     PGconn *conn = pg_connect(cfg, "publish");
     if (!conn)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     char idbuf[24];
     snprintf(idbuf, sizeof idbuf, "%" PRId64, author_id);
     const char *params[] = {idbuf, kind, payload};
     PGresult *res =
         pg_run(conn, "publish", NULL, "SELECT fanout.publish($1, $2, $3::jsonb)", 3, params);
-    int status = EXIT_RUNTIME;
+    int status = FCTL_EXIT_RUNTIME;
     if (res && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
         printf("%s\n", PQgetvalue(res, 0, 0));
-        status = fflush(stdout) == 0 ? EXIT_OK : EXIT_RUNTIME;
+        status = fflush(stdout) == 0 ? FCTL_EXIT_OK : FCTL_EXIT_RUNTIME;
     } else if (res) {
-        fail("publish", "fanout.publish returned no id");
+        fctl_fail("publish", "fanout.publish returned no id");
     }
     PQclear(res);
     PQfinish(conn);
@@ -437,7 +437,7 @@ static void status_usage(FILE *out)
  */
 typedef struct status_out {
     int json;
-    ctl_buf_t b;
+    fctl_buf_t b;
     int fields; /* in the object open now: a comma before the next one */
 } status_out_t;
 
@@ -451,15 +451,15 @@ static void kv_put(status_out_t *o, const char *key, const char *value, int numb
         return;
     }
     if (o->fields++)
-        ctl__buf_puts(&o->b, ", ");
-    ctl__json_string(&o->b, key, strlen(key));
-    ctl__buf_puts(&o->b, ": ");
+        fctl_buf_puts(&o->b, ", ");
+    fctl_json_string(&o->b, key, strlen(key));
+    fctl_buf_puts(&o->b, ": ");
     if (!value)
-        ctl__buf_puts(&o->b, "null");
+        fctl_buf_puts(&o->b, "null");
     else if (number && value[0] && strspn(value, "0123456789.-") == strlen(value))
-        ctl__buf_puts(&o->b, value); /* a number PostgreSQL rendered */
+        fctl_buf_puts(&o->b, value); /* a number PostgreSQL rendered */
     else
-        ctl__json_string(&o->b, value, strlen(value));
+        fctl_json_string(&o->b, value, strlen(value));
 }
 
 static void obj_open(status_out_t *o, const char *key)
@@ -468,20 +468,20 @@ static void obj_open(status_out_t *o, const char *key)
         return;
     if (key) {
         if (o->fields++)
-            ctl__buf_puts(&o->b, ", ");
-        ctl__json_string(&o->b, key, strlen(key));
-        ctl__buf_puts(&o->b, ": ");
+            fctl_buf_puts(&o->b, ", ");
+        fctl_json_string(&o->b, key, strlen(key));
+        fctl_buf_puts(&o->b, ": ");
     } else if (o->fields++) {
-        ctl__buf_puts(&o->b, ", ");
+        fctl_buf_puts(&o->b, ", ");
     }
-    ctl__buf_puts(&o->b, "{");
+    fctl_buf_puts(&o->b, "{");
     o->fields = 0;
 }
 
 static void obj_close(status_out_t *o)
 {
     if (o->json) {
-        ctl__buf_puts(&o->b, "}");
+        fctl_buf_puts(&o->b, "}");
         o->fields = 1;
     }
 }
@@ -526,11 +526,11 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event, status_ou
                " WHERE e.id = $1",
                1, params);
     if (!res)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     if (PQntuples(res) == 0) {
         PQclear(res);
-        fail("status", "no event %s", idbuf);
-        return EXIT_RUNTIME;
+        fctl_fail("status", "no event %s", idbuf);
+        return FCTL_EXIT_RUNTIME;
     }
 
     /* expected: who the contract view names now (it may have changed since publishing).
@@ -576,7 +576,7 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event, status_ou
         kv_put(o, "waiting", *PQgetvalue(res, 0, 10) ? PQgetvalue(res, 0, 10) : NULL, 0);
     obj_close(o);
     PQclear(res);
-    return EXIT_OK;
+    return FCTL_EXIT_OK;
 }
 
 /* The workers seen in the last minute, and why any of them pauses (backpressure). */
@@ -592,8 +592,8 @@ static void status_workers(PGconn *conn, status_out_t *o)
         return;
     if (o->json) {
         if (o->fields++)
-            ctl__buf_puts(&o->b, ", ");
-        ctl__buf_puts(&o->b, "\"workers\": [");
+            fctl_buf_puts(&o->b, ", ");
+        fctl_buf_puts(&o->b, "\"workers\": [");
         o->fields = 0;
     }
     for (int r = 0; r < PQntuples(w); r++) {
@@ -611,7 +611,7 @@ static void status_workers(PGconn *conn, status_out_t *o)
         obj_close(o);
     }
     if (o->json)
-        ctl__buf_puts(&o->b, "]");
+        fctl_buf_puts(&o->b, "]");
     PQclear(w);
 }
 
@@ -625,10 +625,10 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
     char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
     char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
     if (!schema || !view) {
-        fail("status", "contract view name: %s", PQerrorMessage(conn));
+        fctl_fail("status", "contract view name: %s", PQerrorMessage(conn));
         PQfreemem(schema);
         PQfreemem(view);
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     }
     char *sql = fo_xasprintf(
         "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
@@ -654,7 +654,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
     PGresult *res = pg_run(conn, "status", NULL, sql, 0, NULL);
     free(sql);
     if (!res)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     PGresult *counts = pg_run(conn, "status", NULL,
                               "SELECT count(*) FILTER (WHERE state = 'pending'),"
                               " count(*) FILTER (WHERE state = 'running'),"
@@ -663,11 +663,11 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
                               0, NULL);
     if (!counts) {
         PQclear(res);
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     }
     if (o->json) {
         obj_open(o, NULL);
-        ctl__buf_puts(&o->b, "\"events\": [");
+        fctl_buf_puts(&o->b, "\"events\": [");
         o->fields = 0;
     } else {
         printf("%-12s %-20s %-16s %-8s %-23s %6s %10s %7s %8s %10s  %s\n", "EVENT", "AUTHOR",
@@ -707,7 +707,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
     }
     static const char *const states[] = {"pending", "running", "done", "dead"};
     if (o->json) {
-        ctl__buf_puts(&o->b, "]");
+        fctl_buf_puts(&o->b, "]");
         o->fields = 1;
         obj_open(o, "jobs");
         for (int i = 0; i < 4; i++)
@@ -721,7 +721,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
     obj_close(o);
     PQclear(counts);
     PQclear(res);
-    return EXIT_OK;
+    return FCTL_EXIT_OK;
 }
 
 /* One status report, as text or JSON (one line), onto stdout. */
@@ -730,38 +730,39 @@ static int status_once(const cfg_t *cfg, PGconn *conn, const char *event, int64_
 {
     status_out_t o = {.json = json};
     int status = event ? status_event(cfg, conn, event_id, &o) : status_recent(cfg, conn, &o);
-    if (json && status == EXIT_OK)
+    if (json && status == FCTL_EXIT_OK)
         printf("%s\n", o.b.p ? o.b.p : "{}");
     free(o.b.p);
-    return status == EXIT_OK && fflush(stdout) != 0 ? EXIT_RUNTIME : status;
+    return status == FCTL_EXIT_OK && fflush(stdout) != 0 ? FCTL_EXIT_RUNTIME : status;
 }
 
 static int cmd_status(const cfg_t *cfg, int argc, char **argv)
 {
     const char *event = NULL, *json = NULL, *watch = NULL, *interval = NULL;
-    opt_t opts[] = {{"json", &json, 1}, {"watch", &watch, 1}, {"interval", &interval, 0}};
-    int r = parse_opts("status", argc, argv, opts, 3, &event);
+    fctl_opt_t opts[] = {{"json", &json, 1}, {"watch", &watch, 1}, {"interval", &interval, 0}};
+    int r = fctl_parse_opts("status", argc, argv, opts, 3, &event);
     if (r == 1) {
         status_usage(stdout);
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     int64_t event_id = 0;
-    if (event && ctl__parse_id(event, &event_id) < 0) {
-        fail("status", "event \"%.40s\" is not a valid id; give a whole number from 1 to %" PRId64,
-             event, INT64_MAX);
-        return EXIT_USAGE;
+    if (event && fctl_parse_id(event, &event_id) < 0) {
+        fctl_fail("status",
+                  "event \"%.40s\" is not a valid id; give a whole number from 1 to %" PRId64,
+                  event, INT64_MAX);
+        return FCTL_EXIT_USAGE;
     }
     long long every_s = 2;
-    if (interval && ctl__parse_int_range(interval, 1, 3600, &every_s) < 0) {
-        fail("status", "--interval \"%.40s\" is not valid; give whole seconds from 1 to 3600",
-             interval);
-        return EXIT_USAGE;
+    if (interval && fctl_parse_int_range(interval, 1, 3600, &every_s) < 0) {
+        fctl_fail("status", "--interval \"%.40s\" is not valid; give whole seconds from 1 to 3600",
+                  interval);
+        return FCTL_EXIT_USAGE;
     }
     PGconn *conn = pg_connect(cfg, "status");
     if (!conn)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     int status;
     if (!watch) {
         status = status_once(cfg, conn, event, event_id, json != NULL);
@@ -782,7 +783,7 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
             if (!tty && !json)
                 putchar('\n');
             fflush(stdout);
-        } while (status == EXIT_OK && sleep((unsigned)every_s) == 0);
+        } while (status == FCTL_EXIT_OK && sleep((unsigned)every_s) == 0);
     }
     PQfinish(conn);
     return status;
@@ -798,14 +799,15 @@ static void retry_nothing_dead(const char *event, PGresult *res)
 {
     for (int i = 0; i < PQntuples(res); i++) {
         if (strcmp(PQgetvalue(res, i, 1), "running") == 0 && !PQgetisnull(res, i, 7)) {
-            fail("retry",
-                 "event %s is not dead: job %s is waiting (%s); it resumes by itself once "
-                 "that is fixed",
-                 event, PQgetvalue(res, i, 0), PQgetvalue(res, i, 7));
+            fctl_fail("retry",
+                      "event %s is not dead: job %s is waiting (%s); it resumes by itself once "
+                      "that is fixed",
+                      event, PQgetvalue(res, i, 0), PQgetvalue(res, i, 7));
             return;
         }
     }
-    fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event, event);
+    fctl_fail("retry", "event %s has no dead job; fanoutctl status %s shows its state", event,
+              event);
 }
 
 /*
@@ -861,7 +863,7 @@ static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, redisContext *rc, P
 static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
 {
     const char *event = NULL;
-    int r = parse_opts("retry", argc, argv, NULL, 0, &event);
+    int r = fctl_parse_opts("retry", argc, argv, NULL, 0, &event);
     if (r == 1) {
         printf("usage: fanoutctl [SETTINGS] retry EVENT\n"
                "Queues the dead jobs of EVENT again with fresh attempts; their progress marks\n"
@@ -869,20 +871,21 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
                "that is missing or behind PostgreSQL (deleted, evicted, lost in a failover) is\n"
                "first rebuilt from the shard streams: the highest recipient of the event in\n"
                "the job's range is the last id written.\n");
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     int64_t id;
-    if (!event || ctl__parse_id(event, &id) < 0) {
-        fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64, INT64_MAX);
-        return EXIT_USAGE;
+    if (!event || fctl_parse_id(event, &id) < 0) {
+        fctl_fail("retry", "give the event id to retry, a whole number from 1 to %" PRId64,
+                  INT64_MAX);
+        return FCTL_EXIT_USAGE;
     }
     PGconn *conn = pg_connect(cfg, "retry");
     if (!conn)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     const char *params[] = {event};
-    int status = EXIT_RUNTIME;
+    int status = FCTL_EXIT_RUNTIME;
     redisContext *rc = NULL;
     PGresult *jobs = pg_run(conn, "retry", "jobs",
                             "SELECT id, state, token, range_lo,"
@@ -911,12 +914,12 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
                            1, params);
     if (res) {
         if (strcmp(PQgetvalue(res, 0, 1), "0") == 0) {
-            fail("retry", "no event %s", event);
+            fctl_fail("retry", "no event %s", event);
         } else if (strcmp(PQgetvalue(res, 0, 0), "0") == 0) {
             retry_nothing_dead(event, jobs);
         } else {
             printf("requeued %s dead job(s) of event %s\n", PQgetvalue(res, 0, 0), event);
-            status = EXIT_OK;
+            status = FCTL_EXIT_OK;
         }
         PQclear(res);
     }
@@ -935,27 +938,28 @@ done:
 
 static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
 {
-    int r = parse_opts("check-db", argc, argv, NULL, 0, NULL);
+    int r = fctl_parse_opts("check-db", argc, argv, NULL, 0, NULL);
     if (r == 1) {
         printf("usage: fanoutctl [SETTINGS] check-db\n"
                "Checks the contract with the Relationship database as fanoutd does at start:\n"
                "the view and its columns, the page query's plan, the role's privileges.\n"
                "Run it with fanoutd's settings (its role in FANOUT_PG_DSN). Each finding is one\n"
                "line on stderr; exit 1 if fanoutd would refuse to start.\n");
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     PGconn *conn = pg_connect(cfg, "check-db");
     if (!conn)
-        return EXIT_RUNTIME;
-    int status = EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
+    int status = FCTL_EXIT_RUNTIME;
     rel_contract_t *k = rel_contract_new(cfg);
     char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
     char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
     if (!schema || !view) {
         char line[512];
-        fail("check-db", "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+        fctl_fail("check-db", "postgresql: %s",
+                  first_line(line, sizeof line, PQerrorMessage(conn)));
         goto done;
     }
     for (int step = 0; step < rel_contract_steps(); step++) {
@@ -966,7 +970,8 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
         free(sql);
         if (PQstatus(conn) != CONNECTION_OK) {
             char line[512];
-            fail("check-db", "postgresql: %s", first_line(line, sizeof line, PQerrorMessage(conn)));
+            fctl_fail("check-db", "postgresql: %s",
+                      first_line(line, sizeof line, PQerrorMessage(conn)));
             PQclear(res);
             goto done;
         }
@@ -976,10 +981,11 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
     for (size_t i = 0; i < rel_contract_count(k); i++) {
         int refuse;
         const char *line = rel_contract_finding(k, i, &refuse);
-        fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
+        fctl_fail("check-db", "%s%s", refuse ? "" : "warning: ", line);
     }
     if (rel_contract_refusals(k) == 0 && rel_contract_transient(k)) {
-        fail("check-db", "the check could not finish: %s; run it again", rel_contract_transient(k));
+        fctl_fail("check-db", "the check could not finish: %s; run it again",
+                  rel_contract_transient(k));
     } else if (rel_contract_refusals(k) > 0) {
         printf("contract %s.%s for role %s: broken (%d problems); fanoutd would refuse to "
                "start\n",
@@ -990,7 +996,7 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
                cfg->contract_schema, cfg->contract_view, rel_contract_role(k),
                rel_contract_indexes(k)[0] ? rel_contract_indexes(k) : "no index",
                rel_contract_count(k));
-        status = EXIT_OK;
+        status = FCTL_EXIT_OK;
     }
 done:
     PQfreemem(schema);
@@ -1054,8 +1060,8 @@ typedef struct command {
 } command_t;
 
 static const command_t commands[] = {
-    {"migrate", cmd_migrate},   {"publish", cmd_publish}, {"status", cmd_status},
-    {"consume", cmd_consume},   {"retry", cmd_retry},     {"trim", cmd_trim},
+    {"migrate", cmd_migrate},      {"publish", cmd_publish}, {"status", cmd_status},
+    {"consume", fctl_cmd_consume}, {"retry", cmd_retry},     {"trim", fctl_cmd_trim},
     {"check-db", cmd_check_db},
 };
 
@@ -1064,28 +1070,28 @@ int main(int argc, char **argv, char **envp)
     /* A closed stdout (fanoutctl consume | head) is an error to report, not a silent death
      * between printing and acknowledging. */
     signal(SIGPIPE, SIG_IGN);
-    if (argc > 1 && is_help(argv[1])) {
+    if (argc > 1 && fctl_is_help(argv[1])) {
         usage(stdout);
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (argc > 1 && strcmp(argv[1], "--version") == 0) {
         printf("fanoutctl %s\n", FANOUT_VERSION);
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     cfg_t cfg;
     int rest = argc;
     char err[512];
     if (cfg_load(&cfg, argc, argv, 1, envp, &rest, err, sizeof err) < 0) {
-        fail(NULL, "%s", err);
-        return EXIT_USAGE;
+        fctl_fail(NULL, "%s", err);
+        return FCTL_EXIT_USAGE;
     }
     int status;
     if (rest >= argc) {
-        fail(NULL, "no command given; see fanoutctl --help");
-        status = EXIT_USAGE;
-    } else if (is_help(argv[rest])) {
+        fctl_fail(NULL, "no command given; see fanoutctl --help");
+        status = FCTL_EXIT_USAGE;
+    } else if (fctl_is_help(argv[rest])) {
         usage(stdout);
-        status = EXIT_OK;
+        status = FCTL_EXIT_OK;
     } else {
         const command_t *cmd = NULL;
         for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
@@ -1094,14 +1100,15 @@ int main(int argc, char **argv, char **envp)
         if (cmd) {
             status = cmd->run(&cfg, argc - rest - 1, argv + rest + 1);
         } else if (strncmp(argv[rest], "--", 2) == 0) {
-            fail(NULL, "unknown setting %.64s; see fanoutctl --help for the settings", argv[rest]);
-            status = EXIT_USAGE;
+            fctl_fail(NULL, "unknown setting %.64s; see fanoutctl --help for the settings",
+                      argv[rest]);
+            status = FCTL_EXIT_USAGE;
         } else {
-            fail(NULL,
-                 "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
-                 "trim, retry, check-db, help",
-                 argv[rest]);
-            status = EXIT_USAGE;
+            fctl_fail(NULL,
+                      "unknown command \"%.64s\"; commands: migrate, publish, status, consume, "
+                      "trim, retry, check-db, help",
+                      argv[rest]);
+            status = FCTL_EXIT_USAGE;
         }
     }
     cfg_free(&cfg);

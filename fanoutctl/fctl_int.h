@@ -12,28 +12,28 @@
 
 #include "config/config.h"
 
-enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
+enum { FCTL_EXIT_OK = 0, FCTL_EXIT_RUNTIME = 1, FCTL_EXIT_USAGE = 2 };
 
 /* One line on stderr: "fanoutctl: <cmd>: <message>" (first line of the message only). */
-void fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void fctl_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* A command's own options: --name VALUE or --name=VALUE, each at most once; a flag is
  * --name alone and gets the value "1". */
-typedef struct opt {
+typedef struct fctl_opt {
     const char *name; /* without the leading dashes */
     const char **value;
     int flag; /* takes no value */
-} opt_t;
+} fctl_opt_t;
 
 /* --help, -h or help. */
-int is_help(const char *a);
+int fctl_is_help(const char *a);
 
 /*
- * Fills the options from args; returns 0, 1 when --help was asked for, or EXIT_USAGE after
+ * Fills the options from args; returns 0, 1 when --help was asked for, or FCTL_EXIT_USAGE after
  * printing one line about an unknown option, a missing value or a stray argument.
  */
-int parse_opts(const char *cmd, int argc, char **argv, opt_t *opts, size_t nopts,
-               const char **positional);
+int fctl_parse_opts(const char *cmd, int argc, char **argv, fctl_opt_t *opts, size_t nopts,
+                    const char **positional);
 
 /* Connects (5 s timeout) and authenticates with cfg's Redis settings; NULL after one line
  * on stderr naming cmd. The password is never printed. */
@@ -61,7 +61,7 @@ int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
 int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t cursor,
                     int64_t delivered);
 
-int cmd_consume(const cfg_t *cfg, int argc, char **argv);
-int cmd_trim(const cfg_t *cfg, int argc, char **argv);
+int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv);
+int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv);
 
 #endif

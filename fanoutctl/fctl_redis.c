@@ -13,11 +13,11 @@ redisContext *fctl_redis_connect(const cfg_t *cfg, const char *cmd)
     struct timeval tv = {5, 0};
     redisContext *c = redisConnectWithTimeout(cfg->redis_host, cfg->redis_port, tv);
     if (!c) {
-        fail(cmd, "redis: out of memory");
+        fctl_fail(cmd, "redis: out of memory");
         return NULL;
     }
     if (c->err) {
-        fail(cmd, "redis %s:%d: %s", cfg->redis_host, cfg->redis_port, c->errstr);
+        fctl_fail(cmd, "redis %s:%d: %s", cfg->redis_host, cfg->redis_port, c->errstr);
         redisFree(c);
         return NULL;
     }
@@ -25,8 +25,8 @@ redisContext *fctl_redis_connect(const cfg_t *cfg, const char *cmd)
         const char *argv[] = {"AUTH", cfg->redis_password};
         redisReply *r = redisCommandArgv(c, 2, argv, NULL);
         if (!r || r->type == REDIS_REPLY_ERROR) {
-            fail(cmd, "redis %s:%d: AUTH failed: %s", cfg->redis_host, cfg->redis_port,
-                 r ? r->str : c->errstr);
+            fctl_fail(cmd, "redis %s:%d: AUTH failed: %s", cfg->redis_host, cfg->redis_port,
+                      r ? r->str : c->errstr);
             if (r)
                 freeReplyObject(r);
             redisFree(c);
@@ -42,11 +42,11 @@ redisReply *fctl_redis_run(redisContext *c, const char *cmd, int argc, const cha
 {
     redisReply *r = redisCommandArgv(c, argc, argv, NULL);
     if (!r) {
-        fail(cmd, "redis: %s: %s", argv[0], c->errstr[0] ? c->errstr : "connection lost");
+        fctl_fail(cmd, "redis: %s: %s", argv[0], c->errstr[0] ? c->errstr : "connection lost");
         return NULL;
     }
     if (r->type == REDIS_REPLY_ERROR && !keep_error) {
-        fail(cmd, "redis: %s: %s", argv[0], r->str);
+        fctl_fail(cmd, "redis: %s: %s", argv[0], r->str);
         freeReplyObject(r);
         return NULL;
     }

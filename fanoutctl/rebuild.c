@@ -73,10 +73,10 @@ int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
                       int64_t *delivered)
 {
     if (!(cfg->layout_mask & CFG_LAYOUT_STREAM)) {
-        fail("retry",
-             "job %" PRId64 ": its progress mark cannot be rebuilt without the stream layout "
-             "(FANOUT_LAYOUTS has no stream); restore the mark by hand",
-             r->job_id);
+        fctl_fail("retry",
+                  "job %" PRId64 ": its progress mark cannot be rebuilt without the stream layout "
+                  "(FANOUT_LAYOUTS has no stream); restore the mark by hand",
+                  r->job_id);
         return -1;
     }
     *cursor = r->lo;

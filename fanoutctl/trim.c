@@ -79,32 +79,32 @@ static void trim_usage(FILE *out)
         "Prints one line per stream and a total. Safe to run at any time, e.g. from a timer.\n");
 }
 
-int cmd_trim(const cfg_t *cfg, int argc, char **argv)
+int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
 {
-    int r = parse_opts("trim", argc, argv, NULL, 0, NULL);
+    int r = fctl_parse_opts("trim", argc, argv, NULL, 0, NULL);
     if (r == 1) {
         trim_usage(stdout);
-        return EXIT_OK;
+        return FCTL_EXIT_OK;
     }
     if (r)
         return r;
     redisContext *c = fctl_redis_connect(cfg, "trim");
     if (!c)
-        return EXIT_RUNTIME;
+        return FCTL_EXIT_RUNTIME;
     long long total = 0;
-    int status = EXIT_OK;
-    for (int k = 0; k < cfg->shards && status == EXIT_OK; k++) {
+    int status = FCTL_EXIT_OK;
+    for (int k = 0; k < cfg->shards && status == FCTL_EXIT_OK; k++) {
         char *key = fo_xasprintf("%s:stream:%d", cfg->key_prefix, k);
         const char *args[] = {"EVAL", trim_lua, "1", key};
         redisReply *rep = fctl_redis_run(c, "trim", 4, args, 0);
         if (!rep) {
-            status = EXIT_RUNTIME;
+            status = FCTL_EXIT_RUNTIME;
         } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 3 ||
                    rep->element[0]->type != REDIS_REPLY_INTEGER ||
                    rep->element[1]->type != REDIS_REPLY_STRING ||
                    rep->element[2]->type != REDIS_REPLY_INTEGER) {
-            fail("trim", "redis: unexpected reply for %s", key);
-            status = EXIT_RUNTIME;
+            fctl_fail("trim", "redis: unexpected reply for %s", key);
+            status = FCTL_EXIT_RUNTIME;
         } else if (rep->element[0]->integer == 0) {
             printf("%s: no consumer group, nothing trimmed\n", key);
         } else {
@@ -116,7 +116,7 @@ int cmd_trim(const cfg_t *cfg, int argc, char **argv)
             freeReplyObject(rep);
         free(key);
     }
-    if (status == EXIT_OK)
+    if (status == FCTL_EXIT_OK)
         printf("trimmed %lld entries\n", total);
     redisFree(c);
     return status;

@@ -34,8 +34,8 @@ typedef struct met {
     /* counters */
     uint64_t events_claimed; /* jobs claimed (an event may be claimed again after a crash) */
     uint64_t events_done;    /* jobs recorded done */
-    uint64_t events_failed;  /* attempts that ended in an error (0 until retries land) */
-    uint64_t events_dead;    /* jobs given up (0 until dead-lettering lands) */
+    uint64_t events_failed;  /* attempts that ended in an error (retried later) */
+    uint64_t events_dead;    /* jobs given up (declared dead) */
     uint64_t notifications;  /* stream entries Redis confirmed */
     uint64_t pages_read;     /* keyset pages read from the contract view */
     uint64_t rows_read;      /* follower ids in those pages */

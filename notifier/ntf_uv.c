@@ -3,7 +3,7 @@
  *
  * One ntf_uv_t per hiredis context: a uv_poll_t on the context's socket, the events hiredis
  * wants (`want`) and the events libuv is currently polling for (`armed`). It replaces
- * hiredis 0.14.1's bundled adapter, which has three defects (see shared/LIBRARIES.md):
+ * hiredis 0.14.1's bundled adapter (adapters/libuv.h), which gets two things wrong:
  *   - a poll error (status < 0, e.g. a refused connect) was dropped, so hiredis never learnt
  *     of it and the connect callback never ran. Here the error is handed to hiredis through
  *     redisAsyncHandleWrite/Read for the events it was waiting for; the failing read, write

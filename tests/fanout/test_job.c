@@ -14,7 +14,7 @@
 
 #include <cmocka.h>
 
-#include "fanout/fo_int.h"
+#include "fanout/fod_int.h"
 
 #define MAXCALLS 64
 
@@ -38,7 +38,7 @@ typedef struct fake {
     call_t calls[MAXCALLS];
     int ncalls;
     int finished;
-    fo_job_state_t final_state;
+    fod_job_state_t final_state;
     int64_t final_cursor, final_delivered;
     int refuse_redis; /* io returns FO_EREDIS as if the client were not ready */
     /* the simulated follower list and Redis mark */
@@ -90,12 +90,12 @@ static int fake_write(void *ctx, const ntf_job_t *job, int64_t expect, const int
     return 0;
 }
 
-static void fake_finished(void *ctx, fo_job_t *j)
+static void fake_finished(void *ctx, fod_job_t *j)
 {
     F.finished++;
-    F.final_state = fo_job_state(j);
-    F.final_cursor = fo_job_cursor(j);
-    F.final_delivered = fo_job_delivered(j);
+    F.final_state = fod_job_state(j);
+    F.final_cursor = fod_job_cursor(j);
+    F.final_delivered = fod_job_delivered(j);
 }
 
 static int paused;
@@ -117,13 +117,13 @@ static const char *fake_key_refusal(void *ctx)
     return "WRONGTYPE fanout: key fo:stream:3 is a string, not a stream";
 }
 
-static const fo_job_io_t io = {.fetch = fake_fetch,
-                               .fence = fake_fence,
-                               .write = fake_write,
-                               .finished = fake_finished,
-                               .may_write = fake_may_write,
-                               .contract_broken = fake_contract_broken,
-                               .key_refusal = fake_key_refusal};
+static const fod_job_io_t io = {.fetch = fake_fetch,
+                                .fence = fake_fence,
+                                .write = fake_write,
+                                .finished = fake_finished,
+                                .may_write = fake_may_write,
+                                .contract_broken = fake_contract_broken,
+                                .key_refusal = fake_key_refusal};
 
 /* record_mark for the tests that check it: the call is kept for answer_record. */
 static void (*record_cb)(int status, void *data);
@@ -138,14 +138,14 @@ static int fake_record_mark(void *ctx, int64_t job_id, int64_t token,
     return 0;
 }
 
-static const fo_job_io_t io_rec = {.fetch = fake_fetch,
-                                   .fence = fake_fence,
-                                   .write = fake_write,
-                                   .finished = fake_finished,
-                                   .may_write = fake_may_write,
-                                   .contract_broken = fake_contract_broken,
-                                   .key_refusal = fake_key_refusal,
-                                   .record_mark = fake_record_mark};
+static const fod_job_io_t io_rec = {.fetch = fake_fetch,
+                                    .fence = fake_fence,
+                                    .write = fake_write,
+                                    .finished = fake_finished,
+                                    .may_write = fake_may_write,
+                                    .contract_broken = fake_contract_broken,
+                                    .key_refusal = fake_key_refusal,
+                                    .record_mark = fake_record_mark};
 
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
@@ -220,25 +220,25 @@ static void set_followers(int n)
         F.followers[i] = (i + 1) * 10;
 }
 
-static fo_job_t *start_claimed(int64_t range_lo, int64_t pg_progress, int64_t pg_delivered)
+static fod_job_t *start_claimed(int64_t range_lo, int64_t pg_progress, int64_t pg_delivered)
 {
-    fo_claim_t claim = {.job_id = 7,
-                        .event_id = 70,
-                        .author = 5,
-                        .token = 2,
-                        .range_lo = range_lo,
-                        .range_hi = INT64_MAX,
-                        .pg_progress = pg_progress,
-                        .pg_delivered = pg_delivered,
-                        .kind = "post",
-                        .payload = "{}",
-                        .created_at = "2026-11-27T00:00:00.000000Z"};
-    fo_job_t *j = fo_job_new(&io, &cfg, &claim);
-    fo_job_start(j, 0);
+    fod_claim_t claim = {.job_id = 7,
+                         .event_id = 70,
+                         .author = 5,
+                         .token = 2,
+                         .range_lo = range_lo,
+                         .range_hi = INT64_MAX,
+                         .pg_progress = pg_progress,
+                         .pg_delivered = pg_delivered,
+                         .kind = "post",
+                         .payload = "{}",
+                         .created_at = "2026-11-27T00:00:00.000000Z"};
+    fod_job_t *j = fod_job_new(&io, &cfg, &claim);
+    fod_job_start(j, 0);
     return j;
 }
 
-static fo_job_t *start_job(int64_t range_lo)
+static fod_job_t *start_job(int64_t range_lo)
 {
     return start_claimed(range_lo, 0, 0);
 }
@@ -272,8 +272,8 @@ static void run_to_end(void)
 
 static void test_no_followers_finishes_with_empty_last_page(void **state)
 {
-    fo_job_t *j = start_job(0);
-    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    fod_job_t *j = start_job(0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_FENCING);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     call_t *w = next_call(C_WRITE);
@@ -282,15 +282,15 @@ static void test_no_followers_finishes_with_empty_last_page(void **state)
     assert_int_equal(w->last, 1);
     apply_write();
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 0);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_pages_are_pipelined_in_order(void **state)
 {
     set_followers(7);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch(); /* page 10,20,30 -> sent, next read starts */
     assert_int_equal(pending(C_WRITE), 1);
@@ -310,71 +310,71 @@ static void test_pages_are_pipelined_in_order(void **state)
     assert_int_equal(w3->n, 1);
     assert_int_equal(w3->last, 1);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 7);
     assert_int_equal(F.final_cursor, 70);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_full_last_page_is_followed_by_empty_finish(void **state)
 {
     set_followers(6);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     run_to_end();
     call_t *last = &F.calls[F.ncalls - 1];
     assert_int_equal(last->kind, C_WRITE);
     assert_int_equal(last->n, 0);
     assert_int_equal(last->expect, 60);
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 6);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_resumes_after_the_progress_mark(void **state)
 {
     set_followers(7);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 40, 4, 0); /* a previous worker wrote 4 */
     redis_delivered = 4;
     call_t *f = next_call(C_FETCH);
     assert_int_equal(f->after, 40);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 7);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_done_mark_finishes_without_writing(void **state)
 {
     set_followers(7);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 70, 7, 1);
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_lost_redis_refences_and_resumes_from_redis(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     answer_fetch(); /* two writes in flight */
     apply_write();  /* first applied: mark at 30 */
     /* the connection drops: the second write's outcome is unknown */
     answer_progress(C_WRITE, FO_EREDIS, 0, 0, 0);
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
     assert_int_equal(F.finished, 0);
     /* a read of the forgotten pipeline may still be in flight: it changes nothing */
     if (pending(C_FETCH))
         answer_fetch();
     int writes_before = pending(C_WRITE);
     assert_int_equal(writes_before, 0);
-    fo_job_kick(j, fo_job_retry_at(j), 0);
-    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    fod_job_kick(j, fod_job_retry_at(j), 0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_FENCING);
     /* Redis had in fact applied the second page: the mark is at 60 */
     redis_delivered = 6;
     answer_progress(C_FENCE, 0, 60, 6, 0);
@@ -382,31 +382,31 @@ static void test_lost_redis_refences_and_resumes_from_redis(void **state)
     assert_non_null(f);
     assert_int_equal(f->after, 60);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 9);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_redis_not_ready_waits_then_retries(void **state)
 {
     F.refuse_redis = 1;
-    fo_job_t *j = start_job(0);
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
-    fo_job_kick(j, 0, 0); /* not due yet */
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    fod_job_t *j = start_job(0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
+    fod_job_kick(j, 0, 0); /* not due yet */
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
     F.refuse_redis = 0;
-    fo_job_kick(j, 0, 1); /* forced: Redis came back */
-    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    fod_job_kick(j, 0, 1); /* forced: Redis came back */
+    assert_int_equal(fod_job_state(j), FOD_JOB_FENCING);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
-    fo_job_free(j);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    fod_job_free(j);
 }
 
 static void test_moved_mark_resumes_from_it(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     answer_fetch();
@@ -424,15 +424,15 @@ static void test_moved_mark_resumes_from_it(void **state)
     assert_non_null(f);
     assert_int_equal(f->after, 60);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 9);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_fenced_job_stops_writing(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     answer_fetch();
@@ -444,28 +444,28 @@ static void test_fenced_job_stops_writing(void **state)
     assert_int_equal(pending(C_WRITE), 0);
     assert_int_equal(F.ncalls, calls); /* nothing new was sent */
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_FENCED);
-    fo_job_free(j);
+    assert_int_equal(F.final_state, FOD_JOB_FENCED);
+    fod_job_free(j);
 }
 
 static void test_fenced_at_start(void **state)
 {
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, FO_EFENCED, 0, 0, 0);
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_FENCED);
-    fo_job_free(j);
+    assert_int_equal(F.final_state, FOD_JOB_FENCED);
+    fod_job_free(j);
 }
 
 static void test_stop_drains_the_writes_in_flight(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     answer_fetch();
-    fo_job_stop(j);
-    assert_int_equal(fo_job_state(j), FO_JOB_DRAINING);
+    fod_job_stop(j);
+    assert_int_equal(fod_job_state(j), FOD_JOB_DRAINING);
     int calls = F.ncalls;
     apply_write();
     apply_write();
@@ -473,31 +473,31 @@ static void test_stop_drains_the_writes_in_flight(void **state)
         answer_fetch();
     assert_int_equal(F.ncalls, calls);
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_STOPPED);
+    assert_int_equal(F.final_state, FOD_JOB_STOPPED);
     assert_int_equal(F.final_cursor, 60);
     assert_int_equal(F.final_delivered, 6);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_read_failure_waits_and_rereads(void **state)
 {
     set_followers(4);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch_error();
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
-    fo_job_kick(j, fo_job_retry_at(j), 0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
+    fod_job_kick(j, fod_job_retry_at(j), 0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 4);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_refused_query_fails_after_the_writes_in_flight(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch(); /* page 1 sent, page 2 read in flight */
     answer_fetch_refused("division by zero");
@@ -506,10 +506,10 @@ static void test_refused_query_fails_after_the_writes_in_flight(void **state)
     apply_write();
     assert_int_equal(F.ncalls, calls); /* nothing new after the failure */
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_FAILED);
+    assert_int_equal(F.final_state, FOD_JOB_FAILED);
     assert_int_equal(F.final_cursor, 30); /* the progress made is kept */
-    assert_string_equal(fo_job_error(j), "division by zero");
-    fo_job_free(j);
+    assert_string_equal(fod_job_error(j), "division by zero");
+    fod_job_free(j);
 }
 
 /* A page refused because the view changed is not the event's fault: the job tells the
@@ -518,7 +518,7 @@ static void test_refused_query_fails_after_the_writes_in_flight(void **state)
 static void test_contract_error_waits_without_failing(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch(); /* page 1 sent, page 2 read in flight */
     call_t *c = next_call(C_FETCH);
@@ -527,101 +527,101 @@ static void test_contract_error_waits_without_failing(void **state)
     c->page_cb(FO_ECONTRACT, c->out, 0, "column \"follower\" does not exist", c->data);
     assert_int_equal(contract_calls, 1);
     assert_string_equal(contract_err, "column \"follower\" does not exist");
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
     apply_write(); /* page 1's answer arrives late: ignored, Redis holds it anyway */
     assert_int_equal(F.finished, 0);
-    fo_job_kick(j, 0, 1); /* the contract holds again */
+    fod_job_kick(j, 0, 1); /* the contract holds again */
     answer_progress(C_FENCE, 0, 30, 3, 0);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 9);
-    assert_null(fo_job_error(j));
-    fo_job_free(j);
+    assert_null(fod_job_error(j));
+    fod_job_free(j);
 }
 
 static void test_backpressure_holds_writes_until_pumped(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     paused = 1;
     answer_fetch(); /* read, but may not be written */
     assert_int_equal(pending(C_WRITE), 0);
     assert_int_equal(pending(C_FETCH), 0); /* and no further read: the buffer is full */
-    fo_job_pump(j);
+    fod_job_pump(j);
     assert_int_equal(pending(C_WRITE), 0);
     paused = 0;
-    fo_job_pump(j);
+    fod_job_pump(j);
     assert_int_equal(pending(C_WRITE), 1);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 9);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 static void test_range_bounds_are_passed_to_reads(void **state)
 {
     set_followers(9);
-    fo_claim_t claim = {.job_id = 1,
-                        .event_id = 1,
-                        .author = 5,
-                        .token = 1,
-                        .range_lo = 20,
-                        .range_hi = 50,
-                        .kind = "k",
-                        .payload = "{}",
-                        .created_at = "t"};
-    fo_job_t *j = fo_job_new(&io, &cfg, &claim);
-    fo_job_start(j, 0);
+    fod_claim_t claim = {.job_id = 1,
+                         .event_id = 1,
+                         .author = 5,
+                         .token = 1,
+                         .range_lo = 20,
+                         .range_hi = 50,
+                         .kind = "k",
+                         .payload = "{}",
+                         .created_at = "t"};
+    fod_job_t *j = fod_job_new(&io, &cfg, &claim);
+    fod_job_start(j, 0);
     call_t *fe = next_call(C_FENCE);
     assert_int_equal(fe->start, 20);
     answer_progress(C_FENCE, 0, 20, 0, 0);
     assert_int_equal(next_call(C_FETCH)->upto, 50);
     run_to_end();
     assert_int_equal(F.final_delivered, 3); /* 30, 40, 50 */
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 /* A fresh job may create its mark; once PostgreSQL recorded a page, it must exist. */
 static void test_mark_required_after_progress(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_claimed(0, 0, 0);
+    fod_job_t *j = start_claimed(0, 0, 0);
     assert_int_equal(next_call(C_FENCE)->mark_required, 0);
     answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0); /* nothing left in flight to free */
-    assert_int_equal(F.final_state, FO_JOB_STOPPED);
-    fo_job_free(j);
+    assert_int_equal(F.final_state, FOD_JOB_STOPPED);
+    fod_job_free(j);
     memset(&F, 0, sizeof F);
     j = start_claimed(0, 30, 3);
     assert_int_equal(next_call(C_FENCE)->mark_required, 1);
     answer_progress(C_FENCE, NTF_ENOMARK, 0, 0, 0);
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_FAILED);
-    assert_true(fo_job_fatal(j));
-    assert_non_null(strstr(fo_job_error(j), "missing"));
-    assert_non_null(strstr(fo_job_error(j), "fanoutctl retry 70"));
+    assert_int_equal(F.final_state, FOD_JOB_FAILED);
+    assert_true(fod_job_fatal(j));
+    assert_non_null(strstr(fod_job_error(j), "missing"));
+    assert_non_null(strstr(fod_job_error(j), "fanoutctl retry 70"));
     assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 /* A mark behind PostgreSQL's checkpoint (a failover lost pages): stop, never rewrite. */
 static void test_mark_behind_postgres_stops(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_claimed(0, 60, 6);
+    fod_job_t *j = start_claimed(0, 60, 6);
     answer_progress(C_FENCE, 0, 30, 3, 0);
-    assert_int_equal(F.final_state, FO_JOB_FAILED);
-    assert_true(fo_job_fatal(j));
-    assert_non_null(strstr(fo_job_error(j), "behind"));
+    assert_int_equal(F.final_state, FOD_JOB_FAILED);
+    assert_true(fod_job_fatal(j));
+    assert_non_null(strstr(fod_job_error(j), "behind"));
     assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 /* A mark deleted mid fan-out: the page finds none, the job stops; it never re-creates it. */
 static void test_mark_lost_mid_fanout_stops(void **state)
 {
     set_followers(9);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     apply_write();
@@ -632,39 +632,39 @@ static void test_mark_lost_mid_fanout_stops(void **state)
     while (pending(C_WRITE))
         answer_progress(C_WRITE, NTF_ENOMARK, 0, 0, 0);
     assert_int_equal(F.finished, 1);
-    assert_int_equal(F.final_state, FO_JOB_FAILED);
+    assert_int_equal(F.final_state, FOD_JOB_FAILED);
     assert_int_equal(F.final_cursor, 30);
-    assert_true(fo_job_fatal(j));
-    fo_job_free(j);
+    assert_true(fod_job_fatal(j));
+    fod_job_free(j);
 }
 
 /* A wrong-typed key: the job waits with the key in its reason, then resumes from the mark. */
 static void test_wrong_typed_key_waits_then_resumes(void **state)
 {
     set_followers(4);
-    fo_job_t *j = start_job(0);
+    fod_job_t *j = start_job(0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     answer_progress(C_WRITE, NTF_EKEY, 0, 0, 0);
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
-    assert_non_null(strstr(fo_job_waiting(j), "fo:stream:3"));
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
+    assert_non_null(strstr(fod_job_waiting(j), "fo:stream:3"));
     if (pending(C_FETCH))
         answer_fetch();
-    fo_job_kick(j, fo_job_retry_at(j), 0);
+    fod_job_kick(j, fod_job_retry_at(j), 0);
     assert_int_equal(next_call(C_FENCE)->mark_required, 1);
     answer_progress(C_FENCE, NTF_EKEY, 0, 0, 0); /* still wrong */
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
-    fo_job_kick(j, fo_job_retry_at(j), 0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
+    fod_job_kick(j, fod_job_retry_at(j), 0);
     answer_progress(C_FENCE, 0, 0, 0, 0); /* a fence works either way: still waiting */
-    assert_non_null(fo_job_waiting(j));
+    assert_non_null(fod_job_waiting(j));
     answer_fetch();
     apply_write(); /* fixed: the page applies */
-    assert_null(fo_job_waiting(j));
+    assert_null(fod_job_waiting(j));
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 4);
-    assert_false(fo_job_fatal(j));
-    fo_job_free(j);
+    assert_false(fod_job_fatal(j));
+    fod_job_free(j);
 }
 
 /* A fresh job tells PostgreSQL its mark exists before its first page; a claim that says
@@ -673,42 +673,42 @@ static void test_mark_is_recorded_before_the_first_page(void **state)
 {
     set_followers(4);
     records = 0;
-    fo_claim_t claim = {.job_id = 7,
-                        .event_id = 70,
-                        .author = 5,
-                        .token = 1,
-                        .range_hi = INT64_MAX,
-                        .kind = "post",
-                        .payload = "{}",
-                        .created_at = "t"};
-    fo_job_t *j = fo_job_new(&io_rec, &cfg, &claim);
-    fo_job_start(j, 0);
+    fod_claim_t claim = {.job_id = 7,
+                         .event_id = 70,
+                         .author = 5,
+                         .token = 1,
+                         .range_hi = INT64_MAX,
+                         .kind = "post",
+                         .payload = "{}",
+                         .created_at = "t"};
+    fod_job_t *j = fod_job_new(&io_rec, &cfg, &claim);
+    fod_job_start(j, 0);
     assert_int_equal(next_call(C_FENCE)->mark_required, 0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     assert_int_equal(records, 1);
     assert_int_equal(pending(C_FETCH) + pending(C_WRITE), 0); /* nothing before the record */
-    assert_int_equal(fo_job_state(j), FO_JOB_FENCING);
+    assert_int_equal(fod_job_state(j), FOD_JOB_FENCING);
     record_cb(FO_EPG, record_data); /* not written: wait, fence again, record again */
-    assert_int_equal(fo_job_state(j), FO_JOB_WAITING);
-    fo_job_kick(j, fo_job_retry_at(j), 0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
+    fod_job_kick(j, fod_job_retry_at(j), 0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     assert_int_equal(records, 2);
     record_cb(0, record_data);
-    assert_int_equal(fo_job_state(j), FO_JOB_RUNNING);
+    assert_int_equal(fod_job_state(j), FOD_JOB_RUNNING);
     run_to_end();
-    assert_int_equal(F.final_state, FO_JOB_DONE);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
     assert_int_equal(F.final_delivered, 4);
-    fo_job_free(j);
+    fod_job_free(j);
 
     memset(&F, 0, sizeof F);
     claim.pg_marked = 1;
     claim.token = 2;
-    j = fo_job_new(&io_rec, &cfg, &claim);
-    fo_job_start(j, 0);
+    j = fod_job_new(&io_rec, &cfg, &claim);
+    fod_job_start(j, 0);
     assert_int_equal(next_call(C_FENCE)->mark_required, 1);
     answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0);
     assert_int_equal(records, 2);
-    fo_job_free(j);
+    fod_job_free(j);
 }
 
 int main(void)

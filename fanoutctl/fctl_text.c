@@ -1,11 +1,11 @@
 /*
- * ctl_text.c: fanoutctl's pure text functions, apart from its I/O so that tests and fuzzers
+ * fctl_text.c: fanoutctl's pure text functions, apart from its I/O so that tests and fuzzers
  * link them: strict parsing of ids and counts given on the command line, and the JSON writer
  * of `consume`, which turns whatever bytes a producer put into a stream entry into one line
  * of valid JSON (strings escaped, invalid UTF-8 replaced, a payload embedded raw only when a
  * strict RFC 8259 check accepts it).
  */
-#include "fanoutctl/ctl_int.h"
+#include "fanoutctl/fctl_text.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -19,16 +19,16 @@
  * A positive int64 in plain decimal: digits only (no sign, blanks or trailing junk), from 1
  * to INT64_MAX. Returns 0 or -1.
  */
-int ctl__parse_id(const char *s, int64_t *out)
+int fctl_parse_id(const char *s, int64_t *out)
 {
     long long v;
-    if (ctl__parse_int_range(s, 1, INT64_MAX, &v) < 0)
+    if (fctl_parse_int_range(s, 1, INT64_MAX, &v) < 0)
         return -1;
     *out = (int64_t)v;
     return 0;
 }
 
-int ctl__parse_int_range(const char *s, long long min, long long max, long long *out)
+int fctl_parse_int_range(const char *s, long long min, long long max, long long *out)
 {
     if (!s || !*s)
         return -1;
@@ -44,7 +44,7 @@ int ctl__parse_int_range(const char *s, long long min, long long max, long long 
     return 0;
 }
 
-void ctl__buf_put(ctl_buf_t *b, const char *s, size_t n)
+void fctl_buf_put(fctl_buf_t *b, const char *s, size_t n)
 {
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
@@ -58,9 +58,9 @@ void ctl__buf_put(ctl_buf_t *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-void ctl__buf_puts(ctl_buf_t *b, const char *s)
+void fctl_buf_puts(fctl_buf_t *b, const char *s)
 {
-    ctl__buf_put(b, s, strlen(s));
+    fctl_buf_put(b, s, strlen(s));
 }
 
 /* Length of the valid UTF-8 sequence at s (at most n bytes), or 0 if it is not one. */
@@ -94,38 +94,38 @@ static size_t utf8_len(const unsigned char *s, size_t n)
 
 /* s[0..n) as a JSON string: quotes, backslashes and controls escaped, invalid UTF-8 as
  * U+FFFD, so the output is valid JSON whatever bytes a producer wrote. */
-void ctl__json_string(ctl_buf_t *b, const char *s, size_t n)
+void fctl_json_string(fctl_buf_t *b, const char *s, size_t n)
 {
     const unsigned char *u = (const unsigned char *)s;
-    ctl__buf_put(b, "\"", 1);
+    fctl_buf_put(b, "\"", 1);
     for (size_t i = 0; i < n;) {
         unsigned char c = u[i];
         char esc[8];
         if (c == '"' || c == '\\') {
             esc[0] = '\\', esc[1] = (char)c;
-            ctl__buf_put(b, esc, 2);
+            fctl_buf_put(b, esc, 2);
             i++;
         } else if (c < 0x20) {
             const char *named = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r" : NULL;
             if (named) {
-                ctl__buf_puts(b, named);
+                fctl_buf_puts(b, named);
             } else {
                 snprintf(esc, sizeof esc, "\\u%04x", c);
-                ctl__buf_puts(b, esc);
+                fctl_buf_puts(b, esc);
             }
             i++;
         } else {
             size_t len = utf8_len(u + i, n - i);
             if (len == 0) {
-                ctl__buf_puts(b, "\\ufffd");
+                fctl_buf_puts(b, "\\ufffd");
                 i++;
             } else {
-                ctl__buf_put(b, s + i, len);
+                fctl_buf_put(b, s + i, len);
                 i += len;
             }
         }
     }
-    ctl__buf_put(b, "\"", 1);
+    fctl_buf_put(b, "\"", 1);
 }
 
 /* A strict JSON syntax check (RFC 8259), enough to decide whether a payload can be embedded
@@ -283,7 +283,7 @@ static int jvalue(jcur_t *j)
     }
 }
 
-int ctl__json_valid(const char *s, size_t n)
+int fctl_json_valid(const char *s, size_t n)
 {
     jcur_t j = {(const unsigned char *)s, n, 0, 0};
     if (jvalue(&j) < 0)
@@ -294,14 +294,14 @@ int ctl__json_valid(const char *s, size_t n)
 
 /* A valid JSON text embedded as is, its whitespace (the only place a valid text can hold a
  * line break) flattened so that one entry stays one line; anything else as a string. */
-void ctl__json_raw_or_string(ctl_buf_t *b, const char *s, size_t n)
+void fctl_json_raw_or_string(fctl_buf_t *b, const char *s, size_t n)
 {
-    if (!ctl__json_valid(s, n)) {
-        ctl__json_string(b, s, n);
+    if (!fctl_json_valid(s, n)) {
+        fctl_json_string(b, s, n);
         return;
     }
     size_t start = b->len;
-    ctl__buf_put(b, s, n);
+    fctl_buf_put(b, s, n);
     for (size_t i = start; i < b->len; i++)
         if (b->p[i] == '\n' || b->p[i] == '\r' || b->p[i] == '\t')
             b->p[i] = ' ';

@@ -1,16 +1,16 @@
 /*
- * fuzz_ctl_text.c: fanoutctl's parsers of operator input and its JSON writer for stream
- * entries (fanoutctl/ctl_text.c), both fed arbitrary bytes. The first input byte picks:
+ * fuzz_fctl_text.c: fanoutctl's parsers of operator input and its JSON writer for stream
+ * entries (fanoutctl/fctl_text.c), both fed arbitrary bytes. The first input byte picks:
  *
- *   0: ctl__parse_id on a string: accepted exactly when it is plain digits worth 1 to
+ *   0: fctl_parse_id on a string: accepted exactly when it is plain digits worth 1 to
  *      INT64_MAX, with the value the digits say (checked by an independent computation);
- *   1: ctl__parse_int_range with bounds from the input, the same way;
- *   2: ctl__json_string on raw bytes: the output is one JSON string on one line (checked by
- *      a byte scan and by ctl__json_valid);
- *   3: ctl__json_raw_or_string, as consume prints a payload: one line, no control bytes,
+ *   1: fctl_parse_int_range with bounds from the input, the same way;
+ *   2: fctl_json_string on raw bytes: the output is one JSON string on one line (checked by
+ *      a byte scan and by fctl_json_valid);
+ *   3: fctl_json_raw_or_string, as consume prints a payload: one line, no control bytes,
  *      and valid JSON; when embedded raw, identical to the input but for flattened breaks.
  */
-#include "fanoutctl/ctl_int.h"
+#include "fanoutctl/fctl_text.h"
 
 #include "fuzz/fuzz_util.h"
 
@@ -31,12 +31,12 @@ static long long digits_value(const char *s, unsigned long long limit)
     return (long long)v;
 }
 
-static void check_one_line_json(const ctl_buf_t *b)
+static void check_one_line_json(const fctl_buf_t *b)
 {
     for (size_t i = 0; i < b->len; i++)
         FUZZ_CHECK((unsigned char)b->p[i] >= 0x20, "byte 0x%02x at %zu of the output",
                    (unsigned char)b->p[i], i);
-    FUZZ_CHECK(ctl__json_valid(b->p, b->len), "output is not valid JSON: %s", b->p);
+    FUZZ_CHECK(fctl_json_valid(b->p, b->len), "output is not valid JSON: %s", b->p);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -53,7 +53,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         long long v = digits_value(s, INT64_MAX);
         int64_t id = -5;
         long long got = -5;
-        int rc = mode == 0 ? ctl__parse_id(s, &id) : ctl__parse_int_range(s, min, max, &got);
+        int rc = mode == 0 ? fctl_parse_id(s, &id) : fctl_parse_int_range(s, min, max, &got);
         if (mode == 0) {
             int ok = v >= 1;
             FUZZ_CHECK((rc == 0) == ok, "parse_id(\"%s\") = %d", s, rc);
@@ -68,14 +68,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
 
-    ctl_buf_t b = {0};
+    fctl_buf_t b = {0};
     const char *s = (const char *)in.p;
     if (mode == 2) {
-        ctl__json_string(&b, s, in.n);
+        fctl_json_string(&b, s, in.n);
         check_one_line_json(&b);
         FUZZ_CHECK(b.len >= 2 && b.p[0] == '"' && b.p[b.len - 1] == '"', "not a string");
     } else {
-        ctl__json_raw_or_string(&b, s, in.n);
+        fctl_json_raw_or_string(&b, s, in.n);
         check_one_line_json(&b);
         if (b.len == in.n) { /* embedded raw (a string would add quotes) */
             for (size_t i = 0; i < in.n; i++) {
