@@ -8,6 +8,9 @@
  *   Under systemd (JOURNAL_STREAM set) each line starts with a `<N>` priority prefix that
  *   journald turns into the entry's priority. Never pass secrets to the logger.
  * - Time: a monotonic millisecond clock and a wall clock for log lines.
+ * - The policies every module must apply the same way, written once: strict integer
+ *   parsing (fo_parse_int), the retry delay with jitter (fo_backoff_ms), and the growable
+ *   byte buffer (fo_buf_t).
  */
 #ifndef FANOUT_COMMON_H
 #define FANOUT_COMMON_H
@@ -68,5 +71,37 @@ const char *fo_log_quote(char *buf, size_t size, const char *s);
 
 /* Milliseconds from an arbitrary fixed point (CLOCK_MONOTONIC). */
 uint64_t fo_now_ms(void);
+
+/*
+ * Strict whole-string decimal (parse.c): digits only, with one leading '-' only when min < 0;
+ * no blanks, '+', leading junk or trailing junk; within [min, max]. Returns 0 (*out set) or
+ * -1 (*out untouched). For every number read from configuration, the command line, a server
+ * reply or a PostgreSQL text column.
+ */
+int fo_parse_int(const char *s, long long min, long long max, long long *out);
+/* The same into an int64_t (any int64 value: min and max are INT64_MIN and INT64_MAX). */
+int fo_parse_int64(const char *s, int64_t *out);
+
+/*
+ * The retry delay (backoff.c) after `failures` failures in a row: full jitter, uniformly
+ * random in [50, 50 + min(100 ms << failures, cap_ms)] milliseconds. Every reconnect and
+ * every retry of fanoutd uses it.
+ */
+uint64_t fo_backoff_ms(unsigned failures, uint64_t cap_ms);
+/* A uniformly random integer in [0, n] from a generator seeded once per process (and again
+ * after a fork): two processes started together draw different values. Not for secrets. */
+uint64_t fo_random_upto(uint64_t n);
+
+/* A growable byte buffer (buf.c), NUL-terminated after len once anything was appended. Start
+ * from {0}; fo_buf_free releases it (and leaves it {0}). */
+typedef struct fo_buf {
+    char *p;
+    size_t len, cap;
+} fo_buf_t;
+
+void fo_buf_put(fo_buf_t *b, const char *s, size_t n);
+void fo_buf_puts(fo_buf_t *b, const char *s);
+void fo_buf_printf(fo_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void fo_buf_free(fo_buf_t *b);
 
 #endif

@@ -187,20 +187,6 @@ static void errf(char *err, size_t size, const char *fmt, ...)
             *c = '?';
 }
 
-/* Whole-string decimal integer within [min, max]; no sign tricks, no trailing junk. */
-static int parse_int(const char *s, long long min, long long max, long long *out)
-{
-    if (!*s || isspace((unsigned char)*s))
-        return -1;
-    errno = 0;
-    char *end;
-    long long v = strtoll(s, &end, 10);
-    if (errno || *end || v < min || v > max)
-        return -1;
-    *out = v;
-    return 0;
-}
-
 static int set_value(cfg_t *cfg, const cfg_row_t *r, const char *value, const char *source,
                      char *err, size_t errsize)
 {
@@ -209,7 +195,7 @@ static int set_value(cfg_t *cfg, const cfg_row_t *r, const char *value, const ch
     switch (r->type) {
     case T_INT:
     case T_INT64:
-        if (parse_int(value, r->min, r->max, &v) < 0) {
+        if (fo_parse_int(value, r->min, r->max, &v) < 0) {
             errf(err, errsize, "%s: %s is \"%s\"; expected a whole number from %lld to %lld",
                  source, r->name, value, r->min, r->max);
             return FO_EINVAL;

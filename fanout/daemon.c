@@ -126,10 +126,12 @@ static void on_backlog(int status, long long backlog, int shard, void *data)
     if (!d->paused && backlog > cfg->backlog_high) {
         d->paused = 1;
         d->metrics.paused_backpressure = 1;
+        char *key = ntf_stream_key(cfg->key_prefix, shard);
         snprintf(d->paused_reason, sizeof d->paused_reason,
-                 "consumers behind: %s:stream:%d has %lld entries unread or unacknowledged "
+                 "consumers behind: %s has %lld entries unread or unacknowledged "
                  "(backlog_high %lld)",
-                 cfg->key_prefix, shard, backlog, cfg->backlog_high);
+                 key, backlog, cfg->backlog_high);
+        free(key);
         fo_log(FO_LOG_WARN, "pausing fan-out: consumers are behind",
                "shard=%d backlog=%lld backlog_high=%lld", shard, backlog, cfg->backlog_high);
         fod__store_renew(d); /* publish the reason now */

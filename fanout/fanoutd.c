@@ -94,7 +94,7 @@ static void on_watchdog_timer(uv_timer_t *t)
     fod_sd_notify(a->sd, "WATCHDOG=1"); /* the loop turns: that is what systemd watches */
 }
 
-static void render_metrics(met_buf_t *b, void *data)
+static void render_metrics(fo_buf_t *b, void *data)
 {
     app_t *a = data;
     met_render(fod_daemon_metrics(a->daemon), b);

@@ -134,7 +134,7 @@ static void on_identity(int status, const PGresult *res, void *data)
         d->identity_retry_at = fo_now_ms() + 1000;
         return;
     }
-    if (atoi(PQgetvalue(res, 0, 0)) == 1) {
+    if (strcmp(PQgetvalue(res, 0, 0), "1") == 0) {
         d->identity = FOD_ID_HELD;
         fo_log(FO_LOG_INFO, "worker identity held", "worker=%s host=%s pid=%d", d->worker_id,
                d->host, d->pid);
@@ -142,8 +142,12 @@ static void on_identity(int status, const PGresult *res, void *data)
         return;
     }
     const char *host = PQgetvalue(res, 0, 2), *since = PQgetvalue(res, 0, 4);
-    int pid = atoi(PQgetvalue(res, 0, 3));
-    long long seen_ms = strtoll(PQgetvalue(res, 0, 5), NULL, 10);
+    long long pid_value = 0, seen_ms = -1; /* -1: never seen */
+    if (fo_parse_int(PQgetvalue(res, 0, 3), 0, INT32_MAX, &pid_value) < 0)
+        pid_value = 0;
+    int pid = (int)pid_value;
+    if (fo_parse_int(PQgetvalue(res, 0, 5), -1, INT64_MAX, &seen_ms) < 0)
+        seen_ms = -1;
     uint64_t now = fo_now_ms();
     if (holder_gone(d, host, pid)) {
         const char *params[] = {d->worker_id};

@@ -174,12 +174,8 @@ static void go_wait(fod_job_t *j, const char *why)
 {
     reset_pipeline(j, j->acked_cursor);
     j->state = FOD_JOB_WAITING;
-    unsigned shift = j->failures < 10 ? j->failures : 10;
-    uint64_t ceiling = 100u << shift;
-    if (ceiling > (uint64_t)j->cfg->reconnect_max_ms)
-        ceiling = (uint64_t)j->cfg->reconnect_max_ms;
     uint64_t now = fo_now_ms();
-    j->retry_at = now + 50 + (uint64_t)rand() % (ceiling + 1);
+    j->retry_at = now + fo_backoff_ms(j->failures, (uint64_t)j->cfg->reconnect_max_ms);
     j->failures++;
     int same = j->waiting && strcmp(j->waiting, why) == 0;
     if (!same) {

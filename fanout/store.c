@@ -376,15 +376,10 @@ void fod__store_free_records(fod_daemon_t *d)
 
 /* --- claims and splits --- */
 
+/* A bigint column of the first row, parsed strictly; 0 or -1. */
 static int row_int64(const PGresult *res, int col, int64_t *out)
 {
-    char *end;
-    const char *v = PQgetvalue(res, 0, col);
-    long long x = strtoll(v, &end, 10);
-    if (*v == '\0' || *end)
-        return -1;
-    *out = x;
-    return 0;
+    return fo_parse_int64(PQgetvalue(res, 0, col), out);
 }
 
 /* A claim being split: the claim's strings are copied until the split answers. */
@@ -421,16 +416,16 @@ static void on_split(int status, const PGresult *res, void *data)
         split_free(sc);
         return;
     }
-    if (status == 0 && !PQgetisnull(res, 0, 0)) {
-        sc->claim.range_hi = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    int got_range = status == 0 && !PQgetisnull(res, 0, 0);
+    if (got_range && row_int64(res, 0, &sc->claim.range_hi) == 0) {
         fo_log(FO_LOG_INFO, "job split into follower-id ranges",
                "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
                sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
-    } else if (status != 0 && !res) {
-        /* The connection died with the split's outcome unknown: it may have committed, and
-         * running the job whole would then repeat the other ranges. Leave the job to its
-         * lease: once the connection is back, this worker re-claims its own lease and gets
-         * the job with whatever range is committed. */
+    } else if (got_range || !res) {
+        /* The connection died (or the range end is not a number) with the split's outcome
+         * unknown: it may have committed, and running the job whole would then repeat the other
+         * ranges. Leave the job to its lease: once the connection is back, this worker re-claims
+         * its own lease and gets the job with whatever range is committed. */
         fo_log(FO_LOG_WARN, "split outcome unknown (connection lost); the job is re-claimed",
                "job=%" PRId64, sc->claim.job_id);
         sc->d->claiming = 0;
@@ -459,9 +454,9 @@ static void on_bounds(int status, const PGresult *res, void *data)
         split_done(sc);
         return;
     }
-    long long lo = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    long long hi = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-    if (hi - lo < d->cfg->split_min_span) {
+    int64_t lo, hi;
+    if (row_int64(res, 0, &lo) < 0 || row_int64(res, 1, &hi) < 0 ||
+        hi - lo < d->cfg->split_min_span) {
         split_done(sc); /* not worth it */
         return;
     }

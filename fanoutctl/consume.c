@@ -17,6 +17,7 @@
  */
 #include "fanoutctl/fctl_text.h"
 #include "fanoutctl/fctl_int.h"
+#include "notifier/notifier.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -53,7 +54,7 @@ typedef struct consumer {
     long long seen_ttl_s;  /* expiry of the dedupe marks; 0: no dedupe */
     int follow;            /* run until SIGTERM/SIGINT instead of until a read is empty */
     long long printed;
-    fctl_buf_t out;
+    fo_buf_t out;
 } consumer_t;
 
 /* One entry of a batch; the pointers borrow from the reply the batch was built from. */
@@ -107,21 +108,21 @@ static int batch_add(batch_t *b, int k, const redisReply *entries)
 static void entry_json(consumer_t *c, const centry_t *e)
 {
     const char *stream = c->keys[e->k];
-    fctl_buf_puts(&c->out, "{\"stream\":");
+    fo_buf_puts(&c->out, "{\"stream\":");
     fctl_json_string(&c->out, stream, strlen(stream));
-    fctl_buf_puts(&c->out, ",\"entry\":");
+    fo_buf_puts(&c->out, ",\"entry\":");
     fctl_json_string(&c->out, e->id->str, e->id->len);
     for (size_t k = 0; k + 1 < e->fields->elements; k += 2) {
         const redisReply *f = e->fields->element[k], *v = e->fields->element[k + 1];
-        fctl_buf_puts(&c->out, ",");
+        fo_buf_puts(&c->out, ",");
         fctl_json_string(&c->out, f->str, f->len);
-        fctl_buf_puts(&c->out, ":");
+        fo_buf_puts(&c->out, ":");
         if (f->len == 7 && memcmp(f->str, "payload", 7) == 0)
             fctl_json_raw_or_string(&c->out, v->str, v->len);
         else
             fctl_json_string(&c->out, v->str, v->len);
     }
-    fctl_buf_puts(&c->out, "}\n");
+    fo_buf_puts(&c->out, "}\n");
 }
 
 static char *seen_key(const consumer_t *c, const redisReply *note)
@@ -526,27 +527,27 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
         return FCTL_EXIT_USAGE;
     }
     long long limit = 0, block_ms = 1000, idle_ms = 60000, ttl_s = 86400, stall_after = 0;
-    if (count && fctl_parse_int_range(count, 1, INT64_MAX, &limit) < 0) {
+    if (count && fo_parse_int(count, 1, INT64_MAX, &limit) < 0) {
         fctl_fail("consume", "--count \"%.40s\" is not valid; give a whole number from 1", count);
         return FCTL_EXIT_USAGE;
     }
-    if (block && fctl_parse_int_range(block, 0, 86400000, &block_ms) < 0) {
+    if (block && fo_parse_int(block, 0, 86400000, &block_ms) < 0) {
         fctl_fail("consume", "--block \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
                   block);
         return FCTL_EXIT_USAGE;
     }
-    if (min_idle && fctl_parse_int_range(min_idle, 0, 86400000, &idle_ms) < 0) {
+    if (min_idle && fo_parse_int(min_idle, 0, 86400000, &idle_ms) < 0) {
         fctl_fail("consume",
                   "--min-idle \"%.40s\" is not valid; give milliseconds from 0 to 86400000",
                   min_idle);
         return FCTL_EXIT_USAGE;
     }
-    if (seen_ttl && fctl_parse_int_range(seen_ttl, 0, 31536000, &ttl_s) < 0) {
+    if (seen_ttl && fo_parse_int(seen_ttl, 0, 31536000, &ttl_s) < 0) {
         fctl_fail("consume", "--seen-ttl \"%.40s\" is not valid; give seconds from 0 to 31536000",
                   seen_ttl);
         return FCTL_EXIT_USAGE;
     }
-    if (stall && fctl_parse_int_range(stall, 1, INT64_MAX, &stall_after) < 0) {
+    if (stall && fo_parse_int(stall, 1, INT64_MAX, &stall_after) < 0) {
         fctl_fail("consume", "--stall-after \"%.40s\" is not valid; give a whole number from 1",
                   stall);
         return FCTL_EXIT_USAGE;
@@ -579,7 +580,7 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
     c.keys = fo_xcalloc((size_t)c.nkeys, sizeof *c.keys);
     c.cursor = fo_xcalloc((size_t)c.nkeys, sizeof *c.cursor);
     for (int k = 0; k < c.nkeys; k++)
-        c.keys[k] = fo_xasprintf("%s:stream:%d", cfg->key_prefix, k);
+        c.keys[k] = ntf_stream_key(cfg->key_prefix, k);
     int status = consume_run(&c, block_ms);
     for (int k = 0; k < c.nkeys; k++) {
         free(c.keys[k]);

@@ -292,12 +292,14 @@ static int cmd_migrate(const cfg_t *cfg, int argc, char **argv)
                "SELECT coalesce(max(version), 0) FROM fanout.schema_migrations", 0, NULL);
     if (!res)
         goto done;
-    int db_version = atoi(PQgetvalue(res, 0, 0));
+    long long db_version = 0;
+    if (fo_parse_int(PQgetvalue(res, 0, 0), 0, INT32_MAX, &db_version) < 0)
+        db_version = 0;
     PQclear(res);
     int known = fo_migrations_count ? fo_migrations[fo_migrations_count - 1].version : 0;
-    printf("schema version %d (%d applied now)\n", db_version, applied);
+    printf("schema version %lld (%d applied now)\n", db_version, applied);
     if (db_version > known)
-        printf("note: the database has version %d, newer than this fanoutctl knows (%d)\n",
+        printf("note: the database has version %lld, newer than this fanoutctl knows (%d)\n",
                db_version, known);
     status = FCTL_EXIT_OK;
 done:
@@ -437,7 +439,7 @@ static void status_usage(FILE *out)
  */
 typedef struct status_out {
     int json;
-    fctl_buf_t b;
+    fo_buf_t b;
     int fields; /* in the object open now: a comma before the next one */
 } status_out_t;
 
@@ -451,13 +453,13 @@ static void kv_put(status_out_t *o, const char *key, const char *value, int numb
         return;
     }
     if (o->fields++)
-        fctl_buf_puts(&o->b, ", ");
+        fo_buf_puts(&o->b, ", ");
     fctl_json_string(&o->b, key, strlen(key));
-    fctl_buf_puts(&o->b, ": ");
+    fo_buf_puts(&o->b, ": ");
     if (!value)
-        fctl_buf_puts(&o->b, "null");
+        fo_buf_puts(&o->b, "null");
     else if (number && value[0] && strspn(value, "0123456789.-") == strlen(value))
-        fctl_buf_puts(&o->b, value); /* a number PostgreSQL rendered */
+        fo_buf_puts(&o->b, value); /* a number PostgreSQL rendered */
     else
         fctl_json_string(&o->b, value, strlen(value));
 }
@@ -468,20 +470,20 @@ static void obj_open(status_out_t *o, const char *key)
         return;
     if (key) {
         if (o->fields++)
-            fctl_buf_puts(&o->b, ", ");
+            fo_buf_puts(&o->b, ", ");
         fctl_json_string(&o->b, key, strlen(key));
-        fctl_buf_puts(&o->b, ": ");
+        fo_buf_puts(&o->b, ": ");
     } else if (o->fields++) {
-        fctl_buf_puts(&o->b, ", ");
+        fo_buf_puts(&o->b, ", ");
     }
-    fctl_buf_puts(&o->b, "{");
+    fo_buf_puts(&o->b, "{");
     o->fields = 0;
 }
 
 static void obj_close(status_out_t *o)
 {
     if (o->json) {
-        fctl_buf_puts(&o->b, "}");
+        fo_buf_puts(&o->b, "}");
         o->fields = 1;
     }
 }
@@ -536,11 +538,10 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event, status_ou
     /* expected: who the contract view names now (it may have changed since publishing).
      * The view failing for this author (the very reason an event may be dead) must not hide
      * the event's own state: "expected" then says why it is unknown. */
-    char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
-    char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
+    char *sql = rel_quote_sql(conn, "SELECT count(*) FROM %1$s.%2$s WHERE author = $1",
+                              cfg->contract_schema, cfg->contract_view);
     char expected[256] = "unknown";
-    if (schema && view) {
-        char *sql = fo_xasprintf("SELECT count(*) FROM %s.%s WHERE author = $1", schema, view);
+    if (sql) {
         const char *ap[] = {PQgetvalue(res, 0, 1)};
         PGresult *cnt = PQexecParams(conn, sql, 1, NULL, ap, NULL, NULL, 0);
         if (PQresultStatus(cnt) == PGRES_TUPLES_OK) {
@@ -554,8 +555,6 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event, status_ou
         PQclear(cnt);
         free(sql);
     }
-    PQfreemem(schema);
-    PQfreemem(view);
     static const char *const keys[] = {"event", "author", "kind", "state", "jobs", "delivered"};
     obj_open(o, NULL);
     for (int i = 0; i < 6; i++)
@@ -592,8 +591,8 @@ static void status_workers(PGconn *conn, status_out_t *o)
         return;
     if (o->json) {
         if (o->fields++)
-            fctl_buf_puts(&o->b, ", ");
-        fctl_buf_puts(&o->b, "\"workers\": [");
+            fo_buf_puts(&o->b, ", ");
+        fo_buf_puts(&o->b, "\"workers\": [");
         o->fields = 0;
     }
     for (int r = 0; r < PQntuples(w); r++) {
@@ -611,7 +610,7 @@ static void status_workers(PGconn *conn, status_out_t *o)
         obj_close(o);
     }
     if (o->json)
-        fctl_buf_puts(&o->b, "]");
+        fo_buf_puts(&o->b, "]");
     PQclear(w);
 }
 
@@ -622,18 +621,11 @@ static void status_workers(PGconn *conn, status_out_t *o)
  */
 static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
 {
-    char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
-    char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
-    if (!schema || !view) {
-        fctl_fail("status", "contract view name: %s", PQerrorMessage(conn));
-        PQfreemem(schema);
-        PQfreemem(view);
-        return FCTL_EXIT_RUNTIME;
-    }
-    char *sql = fo_xasprintf(
+    char *sql = rel_quote_sql(
+        conn,
         "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
         " CASE WHEN s.state IN ('running', 'waiting', 'pending')"
-        "   THEN (SELECT count(*) FROM %s.%s v WHERE v.author = e.author) END,"
+        "   THEN (SELECT count(*) FROM %1$s.%2$s v WHERE v.author = e.author) END,"
         " " RATE_PER_S ","
         " j.attempts, floor(extract(epoch FROM now() - e.created_at))::bigint,"
         " coalesce('WAITING: ' || j.waiting, j.last_error, '')"
@@ -648,9 +640,11 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
         " ORDER BY array_position(ARRAY['waiting', 'running', 'pending', 'dead', 'done', 'none'], "
         "s.state),"
         "   e.id DESC",
-        schema, view);
-    PQfreemem(schema);
-    PQfreemem(view);
+        cfg->contract_schema, cfg->contract_view);
+    if (!sql) {
+        fctl_fail("status", "contract view name: %s", PQerrorMessage(conn));
+        return FCTL_EXIT_RUNTIME;
+    }
     PGresult *res = pg_run(conn, "status", NULL, sql, 0, NULL);
     free(sql);
     if (!res)
@@ -667,7 +661,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
     }
     if (o->json) {
         obj_open(o, NULL);
-        fctl_buf_puts(&o->b, "\"events\": [");
+        fo_buf_puts(&o->b, "\"events\": [");
         o->fields = 0;
     } else {
         printf("%-12s %-20s %-16s %-8s %-23s %6s %10s %7s %8s %10s  %s\n", "EVENT", "AUTHOR",
@@ -707,7 +701,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
     }
     static const char *const states[] = {"pending", "running", "done", "dead"};
     if (o->json) {
-        fctl_buf_puts(&o->b, "]");
+        fo_buf_puts(&o->b, "]");
         o->fields = 1;
         obj_open(o, "jobs");
         for (int i = 0; i < 4; i++)
@@ -755,7 +749,7 @@ static int cmd_status(const cfg_t *cfg, int argc, char **argv)
         return FCTL_EXIT_USAGE;
     }
     long long every_s = 2;
-    if (interval && fctl_parse_int_range(interval, 1, 3600, &every_s) < 0) {
+    if (interval && fo_parse_int(interval, 1, 3600, &every_s) < 0) {
         fctl_fail("status", "--interval \"%.40s\" is not valid; give whole seconds from 1 to 3600",
                   interval);
         return FCTL_EXIT_USAGE;
@@ -820,13 +814,18 @@ static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, redisContext *rc, P
                              int row)
 {
     fctl_range_t r = {0};
-    r.job_id = strtoll(PQgetvalue(res, row, 0), NULL, 10);
-    r.token = strtoll(PQgetvalue(res, row, 2), NULL, 10);
-    r.lo = strtoll(PQgetvalue(res, row, 3), NULL, 10);
-    r.hi = strtoll(PQgetvalue(res, row, 4), NULL, 10);
-    r.event_id = strtoll(PQgetvalue(res, row, 8), NULL, 10);
-    int64_t pg_cursor = strtoll(PQgetvalue(res, row, 5), NULL, 10);
-    int64_t pg_delivered = strtoll(PQgetvalue(res, row, 6), NULL, 10);
+    int64_t pg_cursor, pg_delivered;
+    if (fo_parse_int64(PQgetvalue(res, row, 0), &r.job_id) < 0 ||
+        fo_parse_int64(PQgetvalue(res, row, 2), &r.token) < 0 ||
+        fo_parse_int64(PQgetvalue(res, row, 3), &r.lo) < 0 ||
+        fo_parse_int64(PQgetvalue(res, row, 4), &r.hi) < 0 ||
+        fo_parse_int64(PQgetvalue(res, row, 8), &r.event_id) < 0 ||
+        fo_parse_int64(PQgetvalue(res, row, 5), &pg_cursor) < 0 ||
+        fo_parse_int64(PQgetvalue(res, row, 6), &pg_delivered) < 0) {
+        fctl_fail("retry", "fanout.jobs returned a job row that is not numbers where bigints "
+                           "belong; fix: run fanoutctl migrate");
+        return -1;
+    }
     int exists;
     int64_t cursor = 0, delivered = 0;
     if (fctl_mark_read(cfg, rc, r.job_id, &exists, &cursor, &delivered) < 0)
@@ -954,16 +953,17 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
         return FCTL_EXIT_RUNTIME;
     int status = FCTL_EXIT_RUNTIME;
     rel_contract_t *k = rel_contract_new(cfg);
-    char *schema = PQescapeIdentifier(conn, cfg->contract_schema, strlen(cfg->contract_schema));
-    char *view = PQescapeIdentifier(conn, cfg->contract_view, strlen(cfg->contract_view));
-    if (!schema || !view) {
-        char line[512];
-        fctl_fail("check-db", "postgresql: %s",
-                  first_line(line, sizeof line, PQerrorMessage(conn)));
-        goto done;
-    }
     for (int step = 0; step < rel_contract_steps(); step++) {
-        char *sql = rel_contract_step_sql(k, step, schema, view);
+        int reads_view;
+        const char *fmt = rel_contract_step_sql(step, &reads_view);
+        char *sql = reads_view ? rel_quote_sql(conn, fmt, cfg->contract_schema, cfg->contract_view)
+                               : fo_xstrdup(fmt);
+        if (!sql) {
+            char line[512];
+            fctl_fail("check-db", "postgresql: %s",
+                      first_line(line, sizeof line, PQerrorMessage(conn)));
+            goto done;
+        }
         const char *params[4];
         int n = rel_contract_step_params(k, step, params);
         PGresult *res = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
@@ -999,8 +999,6 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
         status = FCTL_EXIT_OK;
     }
 done:
-    PQfreemem(schema);
-    PQfreemem(view);
     rel_contract_free(k);
     PQfinish(conn);
     return status;

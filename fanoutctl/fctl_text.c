@@ -15,52 +15,13 @@
 
 #include "common/common.h"
 
-/*
- * A positive int64 in plain decimal: digits only (no sign, blanks or trailing junk), from 1
- * to INT64_MAX. Returns 0 or -1.
- */
 int fctl_parse_id(const char *s, int64_t *out)
 {
     long long v;
-    if (fctl_parse_int_range(s, 1, INT64_MAX, &v) < 0)
+    if (fo_parse_int(s, 1, INT64_MAX, &v) < 0)
         return -1;
     *out = (int64_t)v;
     return 0;
-}
-
-int fctl_parse_int_range(const char *s, long long min, long long max, long long *out)
-{
-    if (!s || !*s)
-        return -1;
-    for (const char *c = s; *c; c++)
-        if (*c < '0' || *c > '9')
-            return -1;
-    errno = 0;
-    char *end;
-    long long v = strtoll(s, &end, 10);
-    if (errno || *end || v < min || v > max)
-        return -1;
-    *out = v;
-    return 0;
-}
-
-void fctl_buf_put(fctl_buf_t *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (b->len + n + 1 > cap)
-            cap *= 2;
-        b->p = fo_xrealloc(b->p, cap);
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-void fctl_buf_puts(fctl_buf_t *b, const char *s)
-{
-    fctl_buf_put(b, s, strlen(s));
 }
 
 /* Length of the valid UTF-8 sequence at s (at most n bytes), or 0 if it is not one. */
@@ -94,38 +55,38 @@ static size_t utf8_len(const unsigned char *s, size_t n)
 
 /* s[0..n) as a JSON string: quotes, backslashes and controls escaped, invalid UTF-8 as
  * U+FFFD, so the output is valid JSON whatever bytes a producer wrote. */
-void fctl_json_string(fctl_buf_t *b, const char *s, size_t n)
+void fctl_json_string(fo_buf_t *b, const char *s, size_t n)
 {
     const unsigned char *u = (const unsigned char *)s;
-    fctl_buf_put(b, "\"", 1);
+    fo_buf_put(b, "\"", 1);
     for (size_t i = 0; i < n;) {
         unsigned char c = u[i];
         char esc[8];
         if (c == '"' || c == '\\') {
             esc[0] = '\\', esc[1] = (char)c;
-            fctl_buf_put(b, esc, 2);
+            fo_buf_put(b, esc, 2);
             i++;
         } else if (c < 0x20) {
             const char *named = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r" : NULL;
             if (named) {
-                fctl_buf_puts(b, named);
+                fo_buf_puts(b, named);
             } else {
                 snprintf(esc, sizeof esc, "\\u%04x", c);
-                fctl_buf_puts(b, esc);
+                fo_buf_puts(b, esc);
             }
             i++;
         } else {
             size_t len = utf8_len(u + i, n - i);
             if (len == 0) {
-                fctl_buf_puts(b, "\\ufffd");
+                fo_buf_puts(b, "\\ufffd");
                 i++;
             } else {
-                fctl_buf_put(b, s + i, len);
+                fo_buf_put(b, s + i, len);
                 i += len;
             }
         }
     }
-    fctl_buf_put(b, "\"", 1);
+    fo_buf_put(b, "\"", 1);
 }
 
 /* A strict JSON syntax check (RFC 8259), enough to decide whether a payload can be embedded
@@ -294,14 +255,14 @@ int fctl_json_valid(const char *s, size_t n)
 
 /* A valid JSON text embedded as is, its whitespace (the only place a valid text can hold a
  * line break) flattened so that one entry stays one line; anything else as a string. */
-void fctl_json_raw_or_string(fctl_buf_t *b, const char *s, size_t n)
+void fctl_json_raw_or_string(fo_buf_t *b, const char *s, size_t n)
 {
     if (!fctl_json_valid(s, n)) {
         fctl_json_string(b, s, n);
         return;
     }
     size_t start = b->len;
-    fctl_buf_put(b, s, n);
+    fo_buf_put(b, s, n);
     for (size_t i = start; i < b->len; i++)
         if (b->p[i] == '\n' || b->p[i] == '\r' || b->p[i] == '\t')
             b->p[i] = ' ';

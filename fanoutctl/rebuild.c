@@ -14,6 +14,9 @@
  * only trims what every consumer group acknowledged, and the retry prints both cursors.
  */
 #include "fanoutctl/fctl_int.h"
+#include "notifier/notifier.h"
+
+#include "common/common.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -54,8 +57,8 @@ static int scan_stream(redisContext *rc, const char *key, const fctl_range_t *r,
             if (!event || !rcpt || event->type != REDIS_REPLY_STRING ||
                 rcpt->type != REDIS_REPLY_STRING || strcmp(event->str, ev) != 0)
                 continue;
-            int64_t id = strtoll(rcpt->str, NULL, 10);
-            if (id <= r->lo || id > r->hi)
+            int64_t id;
+            if (fo_parse_int64(rcpt->str, &id) < 0 || id <= r->lo || id > r->hi)
                 continue; /* another range of the same event: another job's */
             (*count)++;
             if (id > *top)
@@ -82,9 +85,10 @@ int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
     *cursor = r->lo;
     *delivered = 0;
     for (int s = 0; s < cfg->shards; s++) {
-        char key[256];
-        snprintf(key, sizeof key, "%s:stream:%d", cfg->key_prefix, s);
-        if (scan_stream(rc, key, r, cursor, delivered) < 0)
+        char *key = ntf_stream_key(cfg->key_prefix, s);
+        int rc_scan = scan_stream(rc, key, r, cursor, delivered);
+        free(key);
+        if (rc_scan < 0)
             return -1;
     }
     return 0;
@@ -123,14 +127,15 @@ int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exis
         return -1;
     *exists = 0;
     if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
-        rep->element[0]->type == REDIS_REPLY_STRING) {
+        rep->element[0]->type == REDIS_REPLY_STRING &&
+        fo_parse_int64(rep->element[0]->str, cursor) == 0) {
         *exists = 1;
-        *cursor = strtoll(rep->element[0]->str, NULL, 10);
-        *delivered = rep->element[1]->type == REDIS_REPLY_STRING
-                         ? strtoll(rep->element[1]->str, NULL, 10)
-                         : 0;
+        if (rep->element[1]->type != REDIS_REPLY_STRING ||
+            fo_parse_int64(rep->element[1]->str, delivered) < 0)
+            *delivered = 0;
     }
-    /* a wrong-typed mark answers WRONGTYPE: treat it as missing, the rebuild replaces it */
+    /* a wrong-typed mark answers WRONGTYPE, a cursor that is not a number is no cursor:
+     * treat either as missing, the rebuild replaces it */
     freeReplyObject(rep);
     return 0;
 }

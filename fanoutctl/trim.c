@@ -14,6 +14,7 @@
  * against maxmemory, and XTRIM, which frees memory, is allowed on a full Redis.
  */
 #include "fanoutctl/fctl_int.h"
+#include "notifier/notifier.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,7 +95,7 @@ int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
     long long total = 0;
     int status = FCTL_EXIT_OK;
     for (int k = 0; k < cfg->shards && status == FCTL_EXIT_OK; k++) {
-        char *key = fo_xasprintf("%s:stream:%d", cfg->key_prefix, k);
+        char *key = ntf_stream_key(cfg->key_prefix, k);
         const char *args[] = {"EVAL", trim_lua, "1", key};
         redisReply *rep = fctl_redis_run(c, "trim", 4, args, 0);
         if (!rep) {

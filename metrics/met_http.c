@@ -31,7 +31,7 @@ typedef struct met_conn {
     int closing;
     size_t len;
     char req[MET_REQ_MAX];
-    met_buf_t out;
+    fo_buf_t out;
 } met_conn_t;
 
 struct met_server {
@@ -60,7 +60,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
     if (--c->handles > 0)
         return;
     met_server_t *s = c->s;
-    free(c->out.p);
+    fo_buf_free(&c->out);
     free(c);
     s->nmemory--;
     server_maybe_free(s);
@@ -87,13 +87,13 @@ static void on_written(uv_write_t *w, int status)
 static void respond(met_conn_t *c, int code, const char *reason, const char *type, const char *body,
                     size_t body_len, int head_only)
 {
-    met_buf_t *b = &c->out;
-    met_buf_printf(b,
-                   "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                   "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-                   code, reason, type, body_len);
+    fo_buf_t *b = &c->out;
+    fo_buf_printf(b,
+                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                  "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+                  code, reason, type, body_len);
     if (!head_only && body_len)
-        met_buf_printf(b, "%.*s", (int)body_len, body);
+        fo_buf_printf(b, "%.*s", (int)body_len, body);
     uv_buf_t buf = uv_buf_init(b->p, (unsigned)b->len);
     c->wr.data = c;
     uv_read_stop((uv_stream_t *)&c->tcp);
@@ -127,11 +127,11 @@ static void handle(met_conn_t *c)
     }
     met_server_t *s = c->s;
     if (strcmp(path, "/metrics") == 0) {
-        met_buf_t body = {0};
+        fo_buf_t body = {0};
         s->render(&body, s->data);
         respond(c, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", body.p ? body.p : "",
                 body.len, head_only);
-        free(body.p);
+        fo_buf_free(&body);
     } else if (strcmp(path, "/healthz") == 0) {
         if (s->health(s->data))
             text(c, 200, "OK", "ready\n", head_only);

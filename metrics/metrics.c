@@ -55,95 +55,73 @@ void met_hist_observe(met_hist_t *h, double seconds)
     h->sum += seconds;
 }
 
-void met_buf_printf(met_buf_t *b, const char *fmt, ...)
+static void head(fo_buf_t *b, const char *name, const char *type, const char *help)
 {
-    va_list ap;
-    for (;;) {
-        size_t room = b->cap - b->len;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p ? b->p + b->len : NULL, room, fmt, ap);
-        va_end(ap);
-        if (n < 0)
-            return;
-        if ((size_t)n < room) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap - b->len <= (size_t)n)
-            cap *= 2;
-        b->p = fo_xrealloc(b->p, cap);
-        b->cap = cap;
-    }
+    fo_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void head(met_buf_t *b, const char *name, const char *type, const char *help)
-{
-    met_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
-}
-
-static void counter(met_buf_t *b, const char *name, const char *help, uint64_t v)
+static void counter(fo_buf_t *b, const char *name, const char *help, uint64_t v)
 {
     head(b, name, "counter", help);
-    met_buf_printf(b, "%s %llu\n", name, (unsigned long long)v);
+    fo_buf_printf(b, "%s %llu\n", name, (unsigned long long)v);
 }
 
-static void gauge(met_buf_t *b, const char *name, const char *help, double v)
+static void gauge(fo_buf_t *b, const char *name, const char *help, double v)
 {
     head(b, name, "gauge", help);
-    met_buf_printf(b, "%s %.17g\n", name, v);
+    fo_buf_printf(b, "%s %.17g\n", name, v);
 }
 
-static void by_server(met_buf_t *b, const char *name, const char *help, const uint64_t *v)
+static void by_server(fo_buf_t *b, const char *name, const char *help, const uint64_t *v)
 {
     static const char *const servers[MET_NSERVERS] = {"postgresql", "redis"};
     head(b, name, "counter", help);
     for (int i = 0; i < MET_NSERVERS; i++)
-        met_buf_printf(b, "%s{server=\"%s\"} %llu\n", name, servers[i], (unsigned long long)v[i]);
+        fo_buf_printf(b, "%s{server=\"%s\"} %llu\n", name, servers[i], (unsigned long long)v[i]);
 }
 
-static void histogram(met_buf_t *b, const char *name, const char *help, const met_hist_t *h)
+static void histogram(fo_buf_t *b, const char *name, const char *help, const met_hist_t *h)
 {
     head(b, name, "histogram", help);
     uint64_t cum = 0;
     for (int i = 0; i < MET_BUCKETS; i++) {
         cum += h->bucket[i];
-        met_buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, bounds[i], (unsigned long long)cum);
+        fo_buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, bounds[i], (unsigned long long)cum);
     }
-    met_buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)h->count);
-    met_buf_printf(b, "%s_sum %.9g\n%s_count %llu\n", name, h->sum, name,
-                   (unsigned long long)h->count);
+    fo_buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)h->count);
+    fo_buf_printf(b, "%s_sum %.9g\n%s_count %llu\n", name, h->sum, name,
+                  (unsigned long long)h->count);
 }
 
 /* An info-style gauge: one sample of value 1 labelled with the reason, none when the reason
  * is empty. The label value is escaped as the text format demands (\\, \", \n). */
-static void reason_info(met_buf_t *b, const char *name, const char *help, const char *why)
+static void reason_info(fo_buf_t *b, const char *name, const char *help, const char *why)
 {
     head(b, name, "gauge", help);
     if (!why[0])
         return;
-    met_buf_printf(b, "%s{reason=\"", name);
+    fo_buf_printf(b, "%s{reason=\"", name);
     for (const char *c = why; *c; c++) {
         if (*c == '\\' || *c == '"')
-            met_buf_printf(b, "\\%c", *c);
+            fo_buf_printf(b, "\\%c", *c);
         else if (*c == '\n')
-            met_buf_printf(b, "\\n");
+            fo_buf_printf(b, "\\n");
         else
-            met_buf_printf(b, "%c", *c);
+            fo_buf_printf(b, "%c", *c);
     }
-    met_buf_printf(b, "\"} 1\n");
+    fo_buf_printf(b, "\"} 1\n");
 }
 
 /* The process_* metrics every Prometheus client library exports, read at scrape time from
  * getrusage, getrlimit and /proc/self (in-memory files: reading them does not block). */
-static void process_metrics(const met_t *m, met_buf_t *b)
+static void process_metrics(const met_t *m, fo_buf_t *b)
 {
     struct rusage ru;
     if (getrusage(RUSAGE_SELF, &ru) == 0) {
         double cpu = (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
                      (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
         head(b, "process_cpu_seconds_total", "counter", "User and system CPU time spent.");
-        met_buf_printf(b, "process_cpu_seconds_total %.6f\n", cpu);
+        fo_buf_printf(b, "process_cpu_seconds_total %.6f\n", cpu);
     }
     long pages_virt, pages_res;
     FILE *f = fopen("/proc/self/statm", "r");
@@ -169,10 +147,10 @@ static void process_metrics(const met_t *m, met_buf_t *b)
           m->start_time_s);
 }
 
-void met_render(const met_t *m, met_buf_t *b)
+void met_render(const met_t *m, fo_buf_t *b)
 {
     head(b, "fanout_build_info", "gauge", "1, labelled with the version of this fanoutd.");
-    met_buf_printf(b, "fanout_build_info{version=\"%s\"} 1\n", FANOUT_VERSION);
+    fo_buf_printf(b, "fanout_build_info{version=\"%s\"} 1\n", FANOUT_VERSION);
     process_metrics(m, b);
     counter(b, "fanout_events_claimed_total", "Jobs claimed (one per event, again after a crash).",
             m->events_claimed);
@@ -225,8 +203,8 @@ void met_render(const met_t *m, met_buf_t *b)
     head(b, "fanout_stream_length", "gauge", "Entries in each shard stream (XLEN).");
     for (int i = 0; i < m->nshards; i++)
         if (m->stream_length[i] >= 0)
-            met_buf_printf(b, "fanout_stream_length{shard=\"%d\"} %lld\n", i,
-                           (long long)m->stream_length[i]);
+            fo_buf_printf(b, "fanout_stream_length{shard=\"%d\"} %lld\n", i,
+                          (long long)m->stream_length[i]);
     histogram(b, "fanout_page_read_seconds", "Latency of one keyset page query.", &m->page_read);
     histogram(b, "fanout_redis_write_seconds", "Latency of one page script in Redis.",
               &m->redis_write);

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "common/common.h"
+
 /* Upper bounds in seconds of the histogram buckets (+Inf is implicit), shared by all. */
 #define MET_BUCKETS 17
 
@@ -74,23 +76,15 @@ void met_free(met_t *m);
 /* Adds one observation (seconds, negative counts as 0). */
 void met_hist_observe(met_hist_t *h, double seconds);
 
-/* A growable output buffer; the owner frees p. */
-typedef struct met_buf {
-    char *p;
-    size_t len, cap;
-} met_buf_t;
-
-void met_buf_printf(met_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
 /* Appends the Prometheus text exposition of *m to b. */
-void met_render(const met_t *m, met_buf_t *b);
+void met_render(const met_t *m, fo_buf_t *b);
 
 /* --- the HTTP responder --- */
 
 typedef struct met_server met_server_t;
 
 /* Fills the /metrics body (called per scrape, on the loop). */
-typedef void (*met_render_cb)(met_buf_t *b, void *data);
+typedef void (*met_render_cb)(fo_buf_t *b, void *data);
 /* 1 when ready: /healthz answers 200 "ready", else 503 "not ready". */
 typedef int (*met_health_cb)(void *data);
 

@@ -78,7 +78,7 @@ int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
     argv[1] = backlog_lua;
     argv[2] = numkeys;
     for (int i = 0; i < cfg->shards; i++) {
-        keys[i] = fo_xasprintf("%s:stream:%d", cfg->key_prefix, i);
+        keys[i] = ntf_stream_key(cfg->key_prefix, i);
         argv[3 + i] = keys[i];
     }
     for (size_t i = 0; i < argc; i++)
@@ -118,7 +118,7 @@ int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data)
     const cfg_t *cfg = ntf__client_cfg(c);
     if (shard < 0 || shard >= cfg->shards)
         return FO_EINVAL;
-    char *key = fo_xasprintf("%s:stream:%d", cfg->key_prefix, shard);
+    char *key = ntf_stream_key(cfg->key_prefix, shard);
     const char *argv[] = {"XLEN", key};
     size_t len[] = {4, strlen(key)};
     length_req_t *q = fo_xmalloc(sizeof *q);

@@ -6,9 +6,9 @@
  * REFUSED when the maxmemory policy lets Redis evict fanout's keys. READY and REFUSED swap
  * as INFO memory, re-read every NTF_POLICY_CHECK_MS, says; REFUSED keeps the connection and
  * takes no new command. Any failure, a deadline, an auth refusal or NOSCRIPT leads back to
- * IDLE through conn_lost(), which arms the reconnect backoff: full jitter over
- * min(reconnect_max_ms, 100 ms * 2^attempts). ntf_client_close moves to CLOSED from any
- * state.
+ * IDLE through conn_lost(), which arms the reconnect backoff (fo_backoff_ms: full jitter over
+ * min(reconnect_max_ms, 100 ms * 2^attempts), from 50 ms). ntf_client_close moves to CLOSED from
+ * any state.
  *
  * With cfg->redis_min_replicas > 0 every applied fence or page reply is held back and a WAIT
  * is sent right behind it on the same connection; the owner's callback runs with the
@@ -40,10 +40,9 @@
 #include "common/common.h"
 #include "notifier/ntf_int.h"
 
-#define NTF_CONNECT_TIMEOUT_MS 5000  /* TCP connect plus handshake */
-#define NTF_COMMAND_TIMEOUT_MS 15000 /* oldest unanswered command; then reconnect */
-#define NTF_WATCHDOG_MS 1000         /* at most this long between checks of that deadline */
-#define NTF_BACKOFF_START_MS 100
+#define NTF_CONNECT_TIMEOUT_MS 5000   /* TCP connect plus handshake */
+#define NTF_COMMAND_TIMEOUT_MS 15000  /* oldest unanswered command; then reconnect */
+#define NTF_WATCHDOG_MS 1000          /* at most this long between checks of that deadline */
 #define NTF_ERR_LOG_INTERVAL_MS 10000 /* identical Redis errors are logged once per interval */
 #define NTF_POLICY_CHECK_MS 2000      /* INFO memory while connected: a policy can change */
 #define NTF_WAIT_MS 2000              /* WAIT's timeout; well below the command deadline */
@@ -99,7 +98,6 @@ struct ntf_client {
     uint64_t command_timeout_ms;
     int open_handles;
     unsigned attempts; /* connects that failed since the last READY */
-    uint64_t rng;      /* xorshift state for the backoff jitter */
     int handshake_left;
     char fence_sha[41];
     char page_sha[41];
@@ -148,23 +146,9 @@ static void log_reply_error(ntf_client_t *c, const char *op, const char *text)
 
 /* ---- connection life cycle ---- */
 
-static uint64_t next_random(ntf_client_t *c)
-{
-    c->rng ^= c->rng << 13;
-    c->rng ^= c->rng >> 7;
-    c->rng ^= c->rng << 17;
-    return c->rng;
-}
-
 static void schedule_retry(ntf_client_t *c)
 {
-    uint64_t cap =
-        c->cfg->reconnect_max_ms > 0 ? (uint64_t)c->cfg->reconnect_max_ms : NTF_BACKOFF_START_MS;
-    unsigned shift = c->attempts < 20 ? c->attempts : 20;
-    uint64_t base = (uint64_t)NTF_BACKOFF_START_MS << shift;
-    if (base > cap)
-        base = cap;
-    uint64_t delay = next_random(c) % (base + 1);
+    uint64_t delay = fo_backoff_ms(c->attempts, (uint64_t)c->cfg->reconnect_max_ms);
     c->attempts++;
     c->state = ST_IDLE;
     uv_timer_start(&c->timer, on_timer, delay, 0);
@@ -700,9 +684,6 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     c->reported = -1;
     c->connect_timeout_ms = NTF_CONNECT_TIMEOUT_MS;
     c->command_timeout_ms = NTF_COMMAND_TIMEOUT_MS;
-    c->rng = uv_hrtime() ^ (uint64_t)(uintptr_t)c ^ 0x9e3779b97f4a7c15u;
-    if (!c->rng)
-        c->rng = 1;
     ntf__enc_init(&c->enc);
     uv_timer_init(loop, &c->timer);
     uv_timer_init(loop, &c->defer);

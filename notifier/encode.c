@@ -29,6 +29,11 @@ int ntf_shard_of(int64_t recipient, int shards)
     return (int)(((recipient % shards) + shards) % shards);
 }
 
+char *ntf_stream_key(const char *prefix, int shard)
+{
+    return fo_xasprintf("%s" NTF_STREAM_INFIX "%d", prefix, shard);
+}
+
 size_t ntf__fmt_i64(char *out, int64_t v)
 {
     char tmp[NTF_I64_MAX_LEN];
@@ -188,7 +193,7 @@ static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const char 
     pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
     for (int s = 0; s < shards; s++) {
         if (e->slot[s])
-            pos = put_key(e, pos, prefix, plen, ":stream:", s);
+            pos = put_key(e, pos, prefix, plen, NTF_STREAM_INFIX, s);
     }
     if (sq) {
         put_str(e, "queues"); /* Sidekiq's own names, not under the key prefix */

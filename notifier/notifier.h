@@ -164,4 +164,8 @@ int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data);
  * so that every consumer language can compute it and one recipient's entries stay ordered. */
 int ntf_shard_of(int64_t recipient, int shards);
 
+/* The name of shard stream `shard`: "<prefix>:stream:<shard>", malloc'ed. The one place
+ * (with the page script's keys, notifier/encode.c) that spells the stream keys. */
+char *ntf_stream_key(const char *prefix, int shard);
+
 #endif

@@ -16,6 +16,9 @@
 
 #include "notifier/notifier.h"
 
+/* Between the key prefix and the shard number in a stream's key (ntf_stream_key). */
+#define NTF_STREAM_INFIX ":stream:"
+
 /*
  * Attaches `ac` to `loop` through ac->ev. Returns 0, or a negative libuv code if the poll
  * handle could not be created (ac is then left unattached; the caller frees it). The

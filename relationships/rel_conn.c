@@ -64,8 +64,7 @@ struct rel_conn {
     int send_failed;   /* a send failed: nothing more is sent until on_send_failed runs */
     unsigned attempt;
     unsigned permanent; /* consecutive attempts refused for a reason retrying cannot fix */
-    uint64_t rng;
-    int open_handles; /* timer + poll handles not yet closed; freed at 0 when closing */
+    int open_handles;   /* timer + poll handles not yet closed; freed at 0 when closing */
 
     rel_stmt_t *stmts, *stmts_tail; /* prepares and set-up, in registration order */
     rel_query_t *head, *tail;       /* queued, not sent */
@@ -87,7 +86,6 @@ rel_conn_t *rel_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, con
     c->on_state = on_state;
     c->on_notify = on_notify;
     c->data = data;
-    c->rng = (uint64_t)uv_hrtime() ^ ((uint64_t)(uintptr_t)c << 17) ^ 0x9e3779b97f4a7c15ull;
     uv_timer_init(loop, &c->timer);
     c->timer.data = c;
     c->open_handles = 1;
@@ -125,12 +123,10 @@ static const char *stmt_sql(rel_conn_t *c, rel_stmt_t *s)
 {
     if (!s->ident[0])
         return s->sql;
-    char *e0 = PQescapeIdentifier(c->pg, s->ident[0], strlen(s->ident[0]));
-    char *e1 = PQescapeIdentifier(c->pg, s->ident[1], strlen(s->ident[1]));
     free(s->built);
-    s->built = (e0 && e1) ? fo_xasprintf(s->sql, e0, e1) : fo_xstrdup("SELECT 1/0");
-    PQfreemem(e0);
-    PQfreemem(e1);
+    s->built = rel_quote_sql(c->pg, s->sql, s->ident[0], s->ident[1]);
+    if (!s->built)
+        s->built = fo_xstrdup("SELECT 1/0");
     return s->built;
 }
 
@@ -212,29 +208,24 @@ int rel_conn_query_view(rel_conn_t *c, const char *sql_fmt, const cfg_t *cfg, in
 {
     if (c->state != ST_UP)
         return FO_EPG;
-    char *schema = rel__conn_escape_ident(c, cfg->contract_schema);
-    char *view = rel__conn_escape_ident(c, cfg->contract_view);
-    int rc = FO_EPG;
-    if (schema && view) {
-        char *sql = fo_xasprintf(sql_fmt, schema, view);
-        rc = rel_conn_query(c, sql, nparams, params, cb, data);
-        free(sql);
-    }
-    free(schema);
-    free(view);
+    char *sql = rel_quote_sql(c->pg, sql_fmt, cfg->contract_schema, cfg->contract_view);
+    if (!sql)
+        return FO_EPG;
+    int rc = rel_conn_query(c, sql, nparams, params, cb, data);
+    free(sql);
     return rc;
 }
 
-char *rel__conn_escape_ident(rel_conn_t *c, const char *ident)
+char *rel_quote_sql(PGconn *conn, const char *sql_fmt, const char *ident1, const char *ident2)
 {
-    if (!c->pg)
+    if (!conn)
         return NULL;
-    char *e = PQescapeIdentifier(c->pg, ident, strlen(ident));
-    if (!e)
-        return NULL;
-    char *out = fo_xstrdup(e);
-    PQfreemem(e);
-    return out;
+    char *q1 = PQescapeIdentifier(conn, ident1, strlen(ident1));
+    char *q2 = q1 ? PQescapeIdentifier(conn, ident2, strlen(ident2)) : NULL;
+    char *sql = q1 && q2 ? fo_xasprintf(sql_fmt, q1, q2) : NULL;
+    PQfreemem(q1);
+    PQfreemem(q2);
+    return sql;
 }
 
 void rel_conn_setup_limits(rel_conn_t *c, const cfg_t *cfg)
@@ -551,26 +542,19 @@ static void on_backoff_timer(uv_timer_t *t)
 static void schedule_reconnect(rel_conn_t *c)
 {
     uint64_t cap = (uint64_t)c->cfg->reconnect_max_ms;
-    uint64_t ceiling = 100u << (c->attempt < 16 ? c->attempt : 16);
-    if (ceiling > cap)
-        ceiling = cap;
+    uint64_t delay = fo_backoff_ms(c->attempt, cap);
     if (c->permanent > 0) {
         /* someone has to change a setting or the database: ask rarely, so that the
          * server's log holds a few lines, not one per reconnect */
         unsigned k = c->permanent - 1 < 6 ? c->permanent - 1 : 6;
-        ceiling = (uint64_t)PERMANENT_MIN_MS << k;
-        if (ceiling > PERMANENT_MAX_MS)
-            ceiling = PERMANENT_MAX_MS;
-        if (ceiling < cap)
-            ceiling = cap;
-        ceiling = ceiling / 2 + 1; /* jitter over the upper half below */
+        uint64_t step = (uint64_t)PERMANENT_MIN_MS << k;
+        if (step > PERMANENT_MAX_MS)
+            step = PERMANENT_MAX_MS;
+        if (step < cap)
+            step = cap;
+        uint64_t half = step / 2 + 1;
+        delay = half + fo_random_upto(half); /* never sooner than half the step */
     }
-    c->rng ^= c->rng << 13;
-    c->rng ^= c->rng >> 7;
-    c->rng ^= c->rng << 17;
-    uint64_t delay = 50 + c->rng % (ceiling + 1); /* full jitter over [50, ceiling + 50] */
-    if (c->permanent > 0)
-        delay += ceiling; /* [ceiling, 2 * ceiling]: never sooner than half the step */
     c->attempt++;
     uv_timer_start(&c->timer, on_backoff_timer, delay, 0);
 }

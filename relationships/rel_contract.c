@@ -69,10 +69,9 @@ static const char SQL_PRIVS[] =
 static const char SQL_SEQSCAN_OFF[] = "SELECT set_config('enable_seqscan', 'off', false)";
 static const char SQL_SEQSCAN_RESET[] = "RESET enable_seqscan";
 
-/* The page query exactly as rel_followers.c prepares it, under EXPLAIN. */
-static const char SQL_PLAN_FMT[] =
-    "EXPLAIN (VERBOSE, COSTS OFF) SELECT follower FROM %s.%s WHERE author = $1"
-    " AND follower > $2 AND follower <= $3 ORDER BY follower LIMIT $4";
+/* The page query itself (REL_PAGE_SQL_FMT, the text rel_followers.c prepares), under
+ * EXPLAIN. */
+static const char SQL_PLAN_FMT[] = "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGE_SQL_FMT;
 
 typedef struct finding {
     char *line;
@@ -302,20 +301,20 @@ int rel_contract_steps(void)
     return NSTEPS;
 }
 
-char *rel_contract_step_sql(const rel_contract_t *k, int step, const char *schema_quoted,
-                            const char *view_quoted)
+const char *rel_contract_step_sql(int step, int *reads_view)
 {
+    *reads_view = step == STEP_PLAN;
     switch (step) {
     case STEP_SHAPE:
-        return fo_xstrdup(SQL_SHAPE);
+        return SQL_SHAPE;
     case STEP_PRIVS:
-        return fo_xstrdup(SQL_PRIVS);
+        return SQL_PRIVS;
     case STEP_SEQSCAN_OFF:
-        return fo_xstrdup(SQL_SEQSCAN_OFF);
+        return SQL_SEQSCAN_OFF;
     case STEP_PLAN:
-        return fo_xasprintf(SQL_PLAN_FMT, schema_quoted, view_quoted);
+        return SQL_PLAN_FMT;
     default:
-        return fo_xstrdup(SQL_SEQSCAN_RESET);
+        return SQL_SEQSCAN_RESET;
     }
 }
 
@@ -425,19 +424,12 @@ static void on_step(int status, const PGresult *res, void *data)
 
 static int send_step(run_t *r)
 {
-    char *schema = rel__conn_escape_ident(r->c, r->k->cfg->contract_schema);
-    char *view = rel__conn_escape_ident(r->c, r->k->cfg->contract_view);
-    int rc = FO_EPG;
-    if (schema && view) {
-        char *sql = rel_contract_step_sql(r->k, r->step, schema, view);
-        const char *params[4];
-        int n = rel_contract_step_params(r->k, r->step, params);
-        rc = rel_conn_query(r->c, sql, n, params, on_step, r);
-        free(sql);
-    }
-    free(schema);
-    free(view);
-    return rc;
+    int reads_view;
+    const char *sql = rel_contract_step_sql(r->step, &reads_view);
+    const char *params[4];
+    int n = rel_contract_step_params(r->k, r->step, params);
+    return reads_view ? rel_conn_query_view(r->c, sql, r->k->cfg, n, params, on_step, r)
+                      : rel_conn_query(r->c, sql, n, params, on_step, r);
 }
 
 int rel_contract_run(rel_conn_t *c, const cfg_t *cfg, rel_contract_cb cb, void *data)

@@ -35,10 +35,7 @@ int64_t rel__int8_from_binary(const char *v)
 void rel_followers_prepare(rel_conn_t *c, const cfg_t *cfg)
 {
     rel_conn_setup(c, "SET default_transaction_read_only = on");
-    rel_conn_prepare_view(c, PAGE_STMT,
-                          "SELECT follower FROM %s.%s WHERE author = $1 AND follower > $2 "
-                          "AND follower <= $3 ORDER BY follower LIMIT $4",
-                          4, cfg);
+    rel_conn_prepare_view(c, PAGE_STMT, REL_PAGE_SQL_FMT, 4, cfg);
 }
 
 static void on_page(int status, const PGresult *res, void *data)

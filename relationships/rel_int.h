@@ -8,9 +8,11 @@
 /* Parses one binary int8 column value (network byte order). */
 int64_t rel__int8_from_binary(const char *v);
 
-/* The identifier quoted for this connection (PQescapeIdentifier), malloc'ed; NULL when not
- * connected. */
-char *rel__conn_escape_ident(rel_conn_t *c, const char *ident);
+/* The page query, written once: the follower reader prepares it (rel_followers.c) and the
+ * contract check EXPLAINs it (rel_contract.c). The view is "%1$s.%2$s" (rel_quote_sql). */
+#define REL_PAGE_SQL_FMT                                                                           \
+    "SELECT follower FROM %1$s.%2$s WHERE author = $1 AND follower > $2 AND follower <= $3"        \
+    " ORDER BY follower LIMIT $4"
 
 /* --- rel_reader.c's arithmetic, pure so that unit tests can drive it --- */
 

@@ -57,6 +57,14 @@ void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int
 void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt, int nparams,
                            const cfg_t *cfg);
 
+/*
+ * sql_fmt with its two "%s" (or "%1$s" and "%2$s") replaced by ident1 and ident2 quoted by
+ * PQescapeIdentifier for conn: malloc'ed, or NULL when conn is NULL or libpq cannot quote
+ * them (PQerrorMessage says why). Every identifier that comes from configuration goes into
+ * SQL through here, never pasted unquoted; fanoutctl uses it on its blocking connection.
+ */
+char *rel_quote_sql(PGconn *conn, const char *sql_fmt, const char *ident1, const char *ident2);
+
 /* Registers session set-up SQL (may hold several statements) run on every (re)connect. */
 void rel_conn_setup(rel_conn_t *c, const char *sql);
 
@@ -210,9 +218,9 @@ void rel_reader_close(rel_reader_t *r);
  * to read the view and unable to write the Relationship tables. fanoutd runs it with
  * rel_contract_run; fanoutctl check-db runs the same steps blocking:
  *
- *   for step in 0 .. rel_contract_steps(): sql = rel_contract_step_sql(k, step, quoted
- *   schema, quoted view); n = rel_contract_step_params(k, step, params); run it;
- *   rel_contract_step_result(k, step, result or NULL)
+ *   for step in 0 .. rel_contract_steps(): sql = rel_contract_step_sql(step, &reads_view),
+ *   quoted with rel_quote_sql when reads_view; n = rel_contract_step_params(k, step,
+ *   params); run it; rel_contract_step_result(k, step, result or NULL)
  *
  * Each finding is one line naming the object and the fix; `refuse` says whether fanoutd
  * must not start (per cfg->contract_index and cfg->contract_privileges) or only warns.
@@ -222,9 +230,10 @@ typedef struct rel_contract rel_contract_t;
 rel_contract_t *rel_contract_new(const cfg_t *cfg);
 void rel_contract_free(rel_contract_t *k);
 int rel_contract_steps(void);
-/* The step's SQL, malloc'ed; the identifiers are already quoted (PQescapeIdentifier). */
-char *rel_contract_step_sql(const rel_contract_t *k, int step, const char *schema_quoted,
-                            const char *view_quoted);
+/* The step's SQL. When *reads_view is set on return it names the view as "%1$s.%2$s": run
+ * it through rel_quote_sql with cfg's contract_schema and contract_view (or
+ * rel_conn_query_view). */
+const char *rel_contract_step_sql(int step, int *reads_view);
 /* Fills params (borrowed from k and cfg) and returns their number. */
 int rel_contract_step_params(const rel_contract_t *k, int step, const char *params[4]);
 void rel_contract_step_result(rel_contract_t *k, int step, const PGresult *res);

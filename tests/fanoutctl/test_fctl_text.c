@@ -26,14 +26,14 @@ static void test_parse_id(void **state)
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(fctl_parse_id(bad[i], &v), -1);
     long long n = 0;
-    assert_int_equal(fctl_parse_int_range("0", 0, 10, &n), 0);
-    assert_int_equal(fctl_parse_int_range("11", 0, 10, &n), -1);
+    assert_int_equal(fo_parse_int("0", 0, 10, &n), 0);
+    assert_int_equal(fo_parse_int("11", 0, 10, &n), -1);
 }
 
-static void expect_json(void (*fn)(fctl_buf_t *, const char *, size_t), const char *in, size_t n,
+static void expect_json(void (*fn)(fo_buf_t *, const char *, size_t), const char *in, size_t n,
                         const char *want)
 {
-    fctl_buf_t b = {0};
+    fo_buf_t b = {0};
     fn(&b, in, n);
     assert_int_equal(b.len, strlen(want));
     assert_memory_equal(b.p, want, b.len);

@@ -4,7 +4,7 @@
  *
  *   0: fctl_parse_id on a string: accepted exactly when it is plain digits worth 1 to
  *      INT64_MAX, with the value the digits say (checked by an independent computation);
- *   1: fctl_parse_int_range with bounds from the input, the same way;
+ *   1: fo_parse_int with bounds from the input, the same way;
  *   2: fctl_json_string on raw bytes: the output is one JSON string on one line (checked by
  *      a byte scan and by fctl_json_valid);
  *   3: fctl_json_raw_or_string, as consume prints a payload: one line, no control bytes,
@@ -31,7 +31,7 @@ static long long digits_value(const char *s, unsigned long long limit)
     return (long long)v;
 }
 
-static void check_one_line_json(const fctl_buf_t *b)
+static void check_one_line_json(const fo_buf_t *b)
 {
     for (size_t i = 0; i < b->len; i++)
         FUZZ_CHECK((unsigned char)b->p[i] >= 0x20, "byte 0x%02x at %zu of the output",
@@ -53,7 +53,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         long long v = digits_value(s, INT64_MAX);
         int64_t id = -5;
         long long got = -5;
-        int rc = mode == 0 ? fctl_parse_id(s, &id) : fctl_parse_int_range(s, min, max, &got);
+        int rc = mode == 0 ? fctl_parse_id(s, &id) : fo_parse_int(s, min, max, &got);
         if (mode == 0) {
             int ok = v >= 1;
             FUZZ_CHECK((rc == 0) == ok, "parse_id(\"%s\") = %d", s, rc);
@@ -68,7 +68,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
 
-    fctl_buf_t b = {0};
+    fo_buf_t b = {0};
     const char *s = (const char *)in.p;
     if (mode == 2) {
         fctl_json_string(&b, s, in.n);

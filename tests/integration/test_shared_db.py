@@ -14,6 +14,7 @@ Run one test directly to see its figures, e.g.
 """
 
 import collections
+import os
 import re
 import threading
 import time
@@ -24,21 +25,20 @@ suite = Suite("test_shared_db")
 
 VIEW = "relationships.notification_recipients"
 
-# The view as sql/006 defines it, for tests that put it back after changing it.
-VIEW_SQL = """
-CREATE OR REPLACE VIEW relationships.notification_recipients AS
-SELECT f.followee_id AS author, f.follower_id AS follower
-FROM relationships.follows f
-WHERE f.notify
-  AND NOT EXISTS (SELECT 1 FROM relationships.accounts a
-                  WHERE a.id = f.follower_id AND a.deactivated_at IS NOT NULL)
-  AND NOT EXISTS (SELECT 1 FROM relationships.mutes m
-                  WHERE m.muter_id = f.follower_id AND m.muted_id = f.followee_id)
-  AND NOT EXISTS (SELECT 1 FROM relationships.blocks b
-                  WHERE b.blocker_id = f.followee_id AND b.blocked_id = f.follower_id)
-  AND NOT EXISTS (SELECT 1 FROM relationships.blocks b
-                  WHERE b.blocker_id = f.follower_id AND b.blocked_id = f.followee_id)
-"""
+
+# The view as sql/006 defines it, read from the migration itself (one copy of the rules),
+# for tests that put it back after changing it.
+def _view_of_006():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sql",
+                        "006_recipients_rules.sql")
+    with open(path) as f:
+        m = re.search(r"^CREATE OR REPLACE VIEW relationships\.notification_recipients AS\n.*?;",
+                      f.read(), re.S | re.M)
+    assert m, "sql/006_recipients_rules.sql no longer defines the view"
+    return m.group(0)
+
+
+VIEW_SQL = _view_of_006()
 
 
 def assert_exactly_once(s, event_id, expected):

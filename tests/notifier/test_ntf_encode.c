@@ -48,6 +48,9 @@ static void test_shard_of(void **state)
     assert_int_equal(ntf_shard_of(INT64_MAX, 16), 15); /* 2^63-1 = 16k + 15 */
     assert_int_equal(ntf_shard_of(INT64_MIN, 16), 0);
     assert_int_equal(ntf_shard_of(INT64_MAX, 10), 7);
+    char *key = ntf_stream_key("fanout", 15);
+    assert_string_equal(key, "fanout:stream:15");
+    free(key);
     assert_int_equal(ntf_shard_of(INT64_MIN, 10), 2); /* -...808 mod 10 = 2 */
     assert_int_equal(ntf_shard_of(INT64_MAX, 1), 0);
     assert_int_equal(ntf_shard_of(-5, 1), 0);

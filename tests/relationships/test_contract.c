@@ -14,6 +14,7 @@
 
 #include <cmocka.h>
 
+#include "relationships/rel_int.h"
 #include "relationships/relationships.h"
 
 enum { STEP_SHAPE, STEP_PRIVS, STEP_OFF, STEP_PLAN, STEP_RESET };
@@ -187,20 +188,43 @@ static void superuser_is_one_line(void **state)
     rel_contract_free(k);
 }
 
-/* The page query's parameters and the identifiers as given. */
+/* The plan step EXPLAINs the page query itself (one text, REL_PAGE_SQL_FMT), with the
+ * page query's parameters; only it names the view. */
 static void plan_step_sql(void **state)
 {
     cfg_t cfg = cfg_with("refuse", "refuse");
     rel_contract_t *k = rel_contract_new(&cfg);
-    char *sql = rel_contract_step_sql(k, STEP_PLAN, "\"s\"", "\"v\"");
-    assert_non_null(strstr(sql, "FROM \"s\".\"v\" WHERE author = $1"));
-    free(sql);
+    int reads_view = 0;
+    const char *sql = rel_contract_step_sql(STEP_PLAN, &reads_view);
+    assert_true(reads_view);
+    assert_string_equal(sql, "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGE_SQL_FMT);
+    for (int step = 0; step < rel_contract_steps(); step++) {
+        rel_contract_step_sql(step, &reads_view);
+        assert_int_equal(reads_view, step == STEP_PLAN);
+    }
     const char *params[4];
     assert_int_equal(rel_contract_step_params(k, STEP_PLAN, params), 4);
     assert_string_equal(params[3], "2000");
     assert_int_equal(rel_contract_step_params(k, STEP_SHAPE, params), 2);
     assert_string_equal(params[1], "notification_recipients");
     rel_contract_free(k);
+}
+
+/* The one quoting of identifiers from configuration: both quoted by libpq, a quote inside
+ * doubled, positional or plain %s alike. PQescapeIdentifier needs a PGconn (for its
+ * encoding), not a server: a connection that failed at once serves. */
+static void identifiers_are_quoted(void **state)
+{
+    PGconn *pg = PQconnectdb("host=/nonexistent-fanout-test port=1");
+    assert_non_null(pg);
+    char *sql = rel_quote_sql(pg, "SELECT 1 FROM %1$s.%2$s", "my schema", "v\"x");
+    assert_string_equal(sql, "SELECT 1 FROM \"my schema\".\"v\"\"x\"");
+    free(sql);
+    sql = rel_quote_sql(pg, REL_PAGE_SQL_FMT, "relationships", "notification_recipients");
+    assert_non_null(strstr(sql, "FROM \"relationships\".\"notification_recipients\" WHERE"));
+    free(sql);
+    assert_null(rel_quote_sql(NULL, "SELECT %s.%s", "a", "b"));
+    PQfinish(pg);
 }
 
 int main(void)
@@ -213,6 +237,7 @@ int main(void)
         cmocka_unit_test(write_privileges_follow_the_privileges_setting),
         cmocka_unit_test(superuser_is_one_line),
         cmocka_unit_test(plan_step_sql),
+        cmocka_unit_test(identifiers_are_quoted),
     };
     return cmocka_run_group_tests_name("rel_contract", tests, NULL, NULL);
 }
