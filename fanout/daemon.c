@@ -172,7 +172,7 @@ static void note_waiting(fod_daemon_t *d)
     snprintf(d->metrics.waiting_reason, sizeof d->metrics.waiting_reason, "%s", why ? why : "");
     if (n != d->metrics.jobs_waiting) {
         d->metrics.jobs_waiting = n;
-        if (rel_conn_ready(d->ctl))
+        if (pgc_conn_ready(d->ctl))
             fod__store_renew(d);
     }
 }
@@ -199,7 +199,7 @@ static void on_poll_timer(uv_timer_t *t)
     fod__store_claim(t->data);
 }
 
-static void on_notify(rel_conn_t *c, const char *channel, const char *payload, void *data)
+static void on_notify(pgc_conn_t *c, const char *channel, const char *payload, void *data)
 {
     fod__store_claim(data);
 }
@@ -352,7 +352,7 @@ static void check_contract(fod_daemon_t *d, int force)
         if (d->contract_busy)
             d->contract_again = 1;
     }
-    if (d->contract_busy || fo_now_ms() < d->contract_retry_at || !rel_conn_ready(d->ctl))
+    if (d->contract_busy || fo_now_ms() < d->contract_retry_at || !pgc_conn_ready(d->ctl))
         return;
     if (rel_contract_run(d->ctl, d->cfg, on_contract, d) == 0)
         d->contract_busy = 1;
@@ -376,7 +376,7 @@ static void on_contract_broken(void *ctx, const char *err)
     check_contract(d, 1);
 }
 
-static void on_ctl_state(rel_conn_t *c, int up, void *data)
+static void on_ctl_state(pgc_conn_t *c, int up, void *data)
 {
     fod_daemon_t *d = data;
     note_state(d, &d->ctl_up, up, MET_PG);
@@ -404,7 +404,7 @@ static void on_redis_state(ntf_client_t *c, int up, void *data)
 {
     fod_daemon_t *d = data;
     note_state(d, &d->redis_up, up, MET_REDIS);
-    if (d->ctl && rel_conn_ready(d->ctl))
+    if (d->ctl && pgc_conn_ready(d->ctl))
         fod__store_renew(d); /* the worker row says why Redis is refused, or no longer */
     if (up)
         kick_all(data);
@@ -440,7 +440,7 @@ static void on_stats_timer(uv_timer_t *t)
     fod_daemon_t *d = t->data;
     if (d->stats_busy > 0 || d->stopping)
         return; /* the last round is still out: never pile up */
-    if (rel_conn_ready(d->ctl) && rel_conn_exec(d->ctl, "fo_oldest", 0, NULL, 0, on_oldest, d) == 0)
+    if (pgc_conn_ready(d->ctl) && pgc_conn_exec(d->ctl, "fo_oldest", 0, NULL, 0, on_oldest, d) == 0)
         d->stats_busy++;
     if (!d->redis || !ntf_client_ready(d->redis))
         return;
@@ -513,16 +513,16 @@ void fod__daemon_identity_held(fod_daemon_t *d)
 void fod_daemon_start(fod_daemon_t *d)
 {
     const cfg_t *cfg = d->cfg;
-    d->ctl = rel_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
-    rel_conn_setup_limits(d->ctl, cfg);
-    rel_conn_setup(d->ctl, "LISTEN fanout_events");
+    d->ctl = pgc_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
+    pgc_conn_setup_limits(d->ctl, cfg);
+    pgc_conn_setup(d->ctl, "LISTEN fanout_events");
     fod__store_prepare(d);
     fod__identity_prepare(d);
 
     d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
 
     d->redis = ntf_client_new(d->loop, cfg, on_redis_state, d);
-    rel_conn_start(d->ctl);
+    pgc_conn_start(d->ctl);
     rel_reader_start(d->reader);
 
     uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)cfg->poll_ms, (uint64_t)cfg->poll_ms);
@@ -560,10 +560,10 @@ static void close_all(fod_daemon_t *d)
         ntf_client_close(d->redis);
     d->redis = NULL;
     if (d->ctl)
-        rel_conn_close(d->ctl);
+        pgc_conn_close(d->ctl, NULL, NULL);
     d->ctl = NULL;
     if (d->reader)
-        rel_reader_close(d->reader);
+        rel_reader_close(d->reader, NULL, NULL);
     d->reader = NULL; /* it frees itself once libuv has closed its handles */
     fo_log(FO_LOG_INFO, "fanoutd stopped", NULL);
     if (d->stop_done)

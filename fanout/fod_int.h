@@ -132,7 +132,7 @@ enum { FOD_FAIL_NONE, FOD_FAIL_CONTRACT, FOD_FAIL_IDENTITY };
 struct fod_daemon {
     uv_loop_t *loop;
     const cfg_t *cfg;
-    rel_conn_t *ctl;
+    pgc_conn_t *ctl;
     rel_reader_t *reader;       /* the connections follower pages come from (budget, replica) */
     int contract;               /* FOD_CONTRACT_*: nothing is claimed before the check passed */
     int contract_busy;          /* a check is running */

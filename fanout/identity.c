@@ -88,9 +88,9 @@ void fod__identity_init(fod_daemon_t *d)
 
 void fod__identity_prepare(fod_daemon_t *d)
 {
-    rel_conn_prepare(d->ctl, "fo_identity", SQL_IDENTITY, 3);
-    rel_conn_prepare(d->ctl, "fo_identity_free", SQL_IDENTITY_FREE, 1);
-    rel_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 5);
+    pgc_conn_prepare(d->ctl, "fo_identity", SQL_IDENTITY, 3);
+    pgc_conn_prepare(d->ctl, "fo_identity_free", SQL_IDENTITY_FREE, 1);
+    pgc_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 5);
 }
 
 static void on_identity(int status, const PGresult *res, void *data);
@@ -100,7 +100,7 @@ static void ask(fod_daemon_t *d)
     char pid[16];
     snprintf(pid, sizeof pid, "%d", d->pid);
     const char *params[] = {d->worker_id, d->host, pid};
-    if (rel_conn_exec(d->ctl, "fo_identity", 3, params, 0, on_identity, d) == 0)
+    if (pgc_conn_exec(d->ctl, "fo_identity", 3, params, 0, on_identity, d) == 0)
         d->identity = FOD_ID_ASKING;
 }
 
@@ -151,7 +151,7 @@ static void on_identity(int status, const PGresult *res, void *data)
     uint64_t now = fo_now_ms();
     if (holder_gone(d, host, pid)) {
         const char *params[] = {d->worker_id};
-        rel_conn_exec(d->ctl, "fo_identity_free", 1, params, 0, on_identity_freed, d);
+        pgc_conn_exec(d->ctl, "fo_identity_free", 1, params, 0, on_identity_freed, d);
         d->identity_retry_at = now + ASK_AGAIN_MS;
         return;
     }
@@ -180,7 +180,7 @@ static void on_identity(int status, const PGresult *res, void *data)
 
 void fod__identity_check(fod_daemon_t *d)
 {
-    if (d->identity == FOD_ID_NONE && !d->stopping && !d->failed && rel_conn_ready(d->ctl) &&
+    if (d->identity == FOD_ID_NONE && !d->stopping && !d->failed && pgc_conn_ready(d->ctl) &&
         fo_now_ms() >= d->identity_retry_at)
         ask(d);
 }
@@ -214,5 +214,5 @@ void fod__identity_heartbeat(fod_daemon_t *d)
     if (!paused && d->redis) /* a refused Redis pauses every job too */
         paused = ntf_client_refusal(d->redis);
     const char *params[] = {d->worker_id, njobs, paused, d->host, pid};
-    rel_conn_exec(d->ctl, "fo_worker", 5, params, 0, on_worker_row, NULL);
+    pgc_conn_exec(d->ctl, "fo_worker", 5, params, 0, on_worker_row, NULL);
 }

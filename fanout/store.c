@@ -179,15 +179,15 @@ static const char SQL_OLDEST[] =
 
 void fod__store_prepare(fod_daemon_t *d)
 {
-    rel_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
-    rel_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
-    rel_conn_prepare(d->ctl, "fo_marked", SQL_MARKED, 2);
-    rel_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
-    rel_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
-    rel_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
-    rel_conn_prepare(d->ctl, "fo_dead", SQL_DEAD, 5);
-    rel_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
-    rel_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
+    pgc_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
+    pgc_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
+    pgc_conn_prepare(d->ctl, "fo_marked", SQL_MARKED, 2);
+    pgc_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
+    pgc_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
+    pgc_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
+    pgc_conn_prepare(d->ctl, "fo_dead", SQL_DEAD, 5);
+    pgc_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
+    pgc_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
 }
 
 static void log_pg_error(const char *msg, const PGresult *res)
@@ -225,7 +225,7 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
     uint64_t delay = (uint64_t)REC_RETRY_MS << k;
     r->tries++;
     r->retry_at = now + (delay < REC_RETRY_MAX_MS ? delay : REC_RETRY_MAX_MS);
-    if (!res || rel_err_classify_result(res) == REL_ERR_TRANSIENT) {
+    if (!res || pgc_err_classify_result(res) == PGC_ERR_TRANSIENT) {
         r->refused_since = 0; /* the connection, not the record: wait for it */
         return;
     }
@@ -316,7 +316,7 @@ static void rec_send(store_rec_t *r)
     const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
     static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail", "fo_dead"};
     int nparams = r->kind == REC_FAIL ? 8 : r->kind == REC_DEAD ? 5 : 4;
-    if (rel_conn_exec(r->d->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
+    if (pgc_conn_exec(r->d->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
         r->sending = 1;
     else
         r->retry_at = fo_now_ms() + REC_RETRY_MS;
@@ -467,7 +467,7 @@ static void on_bounds(int status, const PGresult *res, void *data)
     I64(los, lo);
     I64(his, hi);
     const char *params[] = {id, token, parts, los, his};
-    if (rel_conn_exec(d->ctl, "fo_split", 5, params, 0, on_split, sc) < 0)
+    if (pgc_conn_exec(d->ctl, "fo_split", 5, params, 0, on_split, sc) < 0)
         split_done(sc);
 }
 
@@ -499,7 +499,7 @@ static void claim_result(fod_daemon_t *d, int status, const PGresult *res)
 {
     if (status < 0) {
         d->metrics.errors[MET_PG]++;
-        const char *fix = res ? rel_err_fix(res, 0) : NULL;
+        const char *fix = res ? pgc_err_fix(res, 0) : NULL;
         if (!fix) {
             if (res)
                 log_pg_error("claim failed", res);
@@ -589,7 +589,7 @@ static char *held_array(fod_daemon_t *d, int events)
 
 void fod__store_claim(fod_daemon_t *d)
 {
-    if (d->stopping || d->njobs >= d->cfg->max_jobs || !rel_conn_ready(d->ctl) ||
+    if (d->stopping || d->njobs >= d->cfg->max_jobs || !pgc_conn_ready(d->ctl) ||
         d->contract != FOD_CONTRACT_OK || d->identity != FOD_ID_HELD ||
         fo_now_ms() < d->claim_retry_at)
         return;
@@ -604,7 +604,7 @@ void fod__store_claim(fod_daemon_t *d)
     I64(max, d->cfg->max_attempts);
     I64(losses, d->cfg->max_lease_losses);
     const char *params[] = {d->worker_id, lease, jobs, events, max, losses};
-    if (rel_conn_exec(d->ctl, "fo_claim", 6, params, 0, on_claim, d) == 0)
+    if (pgc_conn_exec(d->ctl, "fo_claim", 6, params, 0, on_claim, d) == 0)
         d->claiming = 1;
     free(jobs);
     free(events);
@@ -640,7 +640,7 @@ int fod__store_record_mark(fod_daemon_t *d, int64_t job_id, int64_t token,
     const char *params[] = {id, tok};
     mark_call_t *mc = fo_xmalloc(sizeof *mc);
     *mc = (mark_call_t){d, cb, data};
-    int rc = d->ctl ? rel_conn_exec(d->ctl, "fo_marked", 2, params, 0, on_marked, mc) : FO_EPG;
+    int rc = d->ctl ? pgc_conn_exec(d->ctl, "fo_marked", 2, params, 0, on_marked, mc) : FO_EPG;
     if (rc < 0)
         free(mc);
     return rc;
@@ -687,7 +687,7 @@ void fod__store_renew(fod_daemon_t *d)
         const char *params[] = {id, token, lease, cursor, delivered, fod_job_waiting(j)};
         renew_call_t *rc = fo_xmalloc(sizeof *rc);
         *rc = (renew_call_t){d, fod_job_id(j), fod_job_token(j)};
-        if (rel_conn_exec(d->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
+        if (pgc_conn_exec(d->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
             free(rc);
     }
     fod__identity_heartbeat(d);

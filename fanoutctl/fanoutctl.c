@@ -155,7 +155,7 @@ static PGconn *pg_connect(const cfg_t *cfg, const char *cmd)
     }
     if (PQstatus(conn) != CONNECTION_OK) {
         char line[512];
-        const char *fix = rel_conn_refusal_fix(PQerrorMessage(conn));
+        const char *fix = pgc_refusal_fix(PQerrorMessage(conn));
         fctl_fail(cmd, "postgresql: %s%s%s", first_line(line, sizeof line, PQerrorMessage(conn)),
                   fix ? "; " : "", fix ? fix : "");
         PQfinish(conn);
@@ -538,7 +538,7 @@ static int status_event(const cfg_t *cfg, PGconn *conn, int64_t event, status_ou
     /* expected: who the contract view names now (it may have changed since publishing).
      * The view failing for this author (the very reason an event may be dead) must not hide
      * the event's own state: "expected" then says why it is unknown. */
-    char *sql = rel_quote_sql(conn, "SELECT count(*) FROM %1$s.%2$s WHERE author = $1",
+    char *sql = pgc_quote_sql(conn, "SELECT count(*) FROM %1$s.%2$s WHERE author = $1",
                               cfg->contract_schema, cfg->contract_view);
     char expected[256] = "unknown";
     if (sql) {
@@ -621,7 +621,7 @@ static void status_workers(PGconn *conn, status_out_t *o)
  */
 static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
 {
-    char *sql = rel_quote_sql(
+    char *sql = pgc_quote_sql(
         conn,
         "SELECT e.id, e.author, e.kind, s.state, j.delivered,"
         " CASE WHEN s.state IN ('running', 'waiting', 'pending')"
@@ -956,7 +956,7 @@ static int cmd_check_db(const cfg_t *cfg, int argc, char **argv)
     for (int step = 0; step < rel_contract_steps(); step++) {
         int reads_view;
         const char *fmt = rel_contract_step_sql(step, &reads_view);
-        char *sql = reads_view ? rel_quote_sql(conn, fmt, cfg->contract_schema, cfg->contract_view)
+        char *sql = reads_view ? pgc_quote_sql(conn, fmt, cfg->contract_schema, cfg->contract_view)
                                : fo_xstrdup(fmt);
         if (!sql) {
             char line[512];

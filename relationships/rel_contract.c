@@ -148,8 +148,8 @@ static int ok_result(rel_contract_t *k, const PGresult *res)
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)
         return 1;
-    rel_err_kind_t kind = rel_err_classify_result(res);
-    if (kind == REL_ERR_TRANSIENT || kind == REL_ERR_TIMEOUT) {
+    pgc_err_kind_t kind = pgc_err_classify_result(res);
+    if (kind == PGC_ERR_TRANSIENT || kind == PGC_ERR_TIMEOUT) {
         if (!k->transient[0])
             error_line(k->transient, sizeof k->transient, res);
     }
@@ -387,10 +387,10 @@ const char *rel_contract_role(const rel_contract_t *k)
     return k->role;
 }
 
-/* --- fanoutd's asynchronous run on a rel_conn --- */
+/* --- fanoutd's asynchronous run on a pgc_conn --- */
 
 typedef struct run {
-    rel_conn_t *c;
+    pgc_conn_t *c;
     rel_contract_t *k;
     int step;
     rel_contract_cb cb;
@@ -428,11 +428,11 @@ static int send_step(run_t *r)
     const char *sql = rel_contract_step_sql(r->step, &reads_view);
     const char *params[4];
     int n = rel_contract_step_params(r->k, r->step, params);
-    return reads_view ? rel_conn_query_view(r->c, sql, r->k->cfg, n, params, on_step, r)
-                      : rel_conn_query(r->c, sql, n, params, on_step, r);
+    return reads_view ? pgc_conn_query_view(r->c, sql, r->k->cfg, n, params, on_step, r)
+                      : pgc_conn_query(r->c, sql, n, params, on_step, r);
 }
 
-int rel_contract_run(rel_conn_t *c, const cfg_t *cfg, rel_contract_cb cb, void *data)
+int rel_contract_run(pgc_conn_t *c, const cfg_t *cfg, rel_contract_cb cb, void *data)
 {
     run_t *r = fo_xcalloc(1, sizeof *r);
     *r = (run_t){.c = c, .k = rel_contract_new(cfg), .cb = cb, .data = data};

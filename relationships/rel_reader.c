@@ -21,6 +21,12 @@
  * back to the replica needs the lag under half the bound, so that a lag near the bound does
  * not flap. Every page read from the primary while a replica is configured counts as a
  * fallback (rel_reader_stats), and each switch is logged.
+ *
+ * A page is one prepared statement (REL_PAGE_SQL_FMT, the view's identifiers quoted on every
+ * connect) on a read-only session: fanoutd cannot modify anything through these connections
+ * even by mistake. Results come back in binary, so a page of ids is parsed without text
+ * conversion straight into the caller's buffer. A request goes from the job to the reader's
+ * queue to the connection's: two layers between the job and libpq.
  */
 #include "relationships/rel_int.h"
 
@@ -28,6 +34,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define PAGE_STMT "fo_followers_page"
+
+int64_t rel__int8_from_binary(const char *v)
+{
+    const unsigned char *b = (const unsigned char *)v;
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++)
+        x = (x << 8) | b[i];
+    return (int64_t)x;
+}
 
 /* --- the token bucket --- */
 
@@ -122,10 +139,11 @@ typedef struct req {
     rel_page_cb cb;
     void *data;
     int replica, slot;
+    char why[160]; /* a message of our own, when err is not the server's */
 } req_t;
 
 typedef struct pool {
-    rel_conn_t **conns;
+    pgc_conn_t **conns;
     int *busy;
     int n;
 } pool_t;
@@ -140,8 +158,10 @@ struct rel_reader {
     req_t *head, *tail;
     rel_bucket_t bucket;
     uv_timer_t budget_timer, lag_timer;
-    int open_timers;
+    int open_parts; /* timers and connections not closed yet, once closing */
     int closing;
+    pgc_closed_cb on_closed;
+    void *closed_data;
 
     rel_lag_t lag;
     int lag_primary_busy, lag_replica_busy;
@@ -158,7 +178,7 @@ static void dispatch(rel_reader_t *r);
 static int pool_ready(const pool_t *p)
 {
     for (int i = 0; i < p->n; i++)
-        if (rel_conn_ready(p->conns[i]))
+        if (pgc_conn_ready(p->conns[i]))
             return 1;
     return 0;
 }
@@ -166,7 +186,7 @@ static int pool_ready(const pool_t *p)
 static int pool_idle(const pool_t *p)
 {
     for (int i = 0; i < p->n; i++)
-        if (!p->busy[i] && rel_conn_ready(p->conns[i]))
+        if (!p->busy[i] && pgc_conn_ready(p->conns[i]))
             return i;
     return -1;
 }
@@ -244,17 +264,17 @@ static void on_lag_timer(uv_timer_t *t)
     rel_reader_t *r = t->data;
     if (!r->lag_primary_busy && pool_ready(&r->primary)) {
         int i = 0;
-        while (!rel_conn_ready(r->primary.conns[i]))
+        while (!pgc_conn_ready(r->primary.conns[i]))
             i++;
-        if (rel_conn_query(r->primary.conns[i], "SELECT pg_current_wal_lsn()::text", 0, NULL,
+        if (pgc_conn_query(r->primary.conns[i], "SELECT pg_current_wal_lsn()::text", 0, NULL,
                            on_primary_lsn, r) == 0)
             r->lag_primary_busy = 1;
     }
     if (!r->lag_replica_busy && pool_ready(&r->replica)) {
         int i = 0;
-        while (!rel_conn_ready(r->replica.conns[i]))
+        while (!pgc_conn_ready(r->replica.conns[i]))
             i++;
-        if (rel_conn_query(r->replica.conns[i],
+        if (pgc_conn_query(r->replica.conns[i],
                            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text", 0, NULL,
                            on_replica_lsn, r) == 0)
             r->lag_replica_busy = 1;
@@ -280,7 +300,7 @@ static int usable(const rel_reader_t *r)
     return pool_ready(&r->primary) || (r->replica_usable == 1 && pool_ready(&r->replica));
 }
 
-static void on_conn_state(rel_conn_t *c, int up, void *data)
+static void on_conn_state(pgc_conn_t *c, int up, void *data)
 {
     rel_reader_t *r = data;
     if (!up && !usable(r))
@@ -296,10 +316,66 @@ static void on_conn_state(rel_conn_t *c, int up, void *data)
     }
 }
 
-static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
+/*
+ * Turns a page query's result into ids in q->out: status 0, or FO_ECONTRACT, FO_EQUERY or
+ * FO_EPG (see rel_page_cb) with *err set for the first two. *n is the number of ids.
+ */
+static int parse_page(req_t *q, int status, const PGresult *res, size_t *n, const char **err)
+{
+    *n = 0;
+    *err = NULL;
+    if (status == 0) {
+        int rows = PQntuples(res);
+        if (PQnfields(res) != 1 || PQftype(res, 0) != 20 /* int8 */ || rows > q->limit) {
+            fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
+                   "fields=%d rows=%d; the follower column must be bigint", PQnfields(res), rows);
+            *err = "the contract view's follower column is not bigint";
+            return FO_ECONTRACT;
+        }
+        for (int i = 0; i < rows; i++) {
+            int64_t id = rel__int8_from_binary(PQgetvalue(res, i, 0));
+            if (*n > 0 && id <= q->out[*n - 1]) {
+                /* a join in the view that repeats a follower would make the page
+                 * unwritable forever: fail the attempt with a message for the owner */
+                snprintf(q->why, sizeof q->why,
+                         "the contract view returned follower %lld twice or out of order;"
+                         " it must return each follower once (fix the view)",
+                         (long long)id);
+                *err = q->why;
+                *n = 0;
+                return FO_EQUERY;
+            }
+            q->out[(*n)++] = id;
+        }
+        return 0;
+    }
+    if (!res)
+        return status; /* lost (FO_EPG) or closing (FO_ESTOP) */
+    /* Errors of the moment (a standby's recovery conflict, lack of resources, a server
+     * shutting down or a lost connection) wait like a lost connection; a view that changed
+     * under the query pauses the work (the daemon checks the contract); anything else (a
+     * statement or lock timeout, an error in the view's data) fails the attempt. */
+    pgc_err_kind_t kind = pgc_err_classify_result(res);
+    *err = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    if (!*err)
+        *err = "unknown error";
+    char what[512];
+    fo_log_quote(what, sizeof what, *err);
+    fo_log(FO_LOG_WARN, "follower page query failed", "error=%s", what);
+    if (kind == PGC_ERR_TRANSIENT) {
+        *err = NULL;
+        return FO_EPG;
+    }
+    return kind == PGC_ERR_CONTRACT ? FO_ECONTRACT : FO_EQUERY;
+}
+
+static void on_page(int status, const PGresult *res, void *data)
 {
     req_t *q = data;
     rel_reader_t *r = q->r;
+    size_t n;
+    const char *err;
+    status = parse_page(q, status, res, &n, &err);
     pool_t *p = q->replica ? &r->replica : &r->primary;
     p->busy[q->slot] = 0;
     rel__bucket_give(&r->bucket, q->limit - (int)n);
@@ -312,7 +388,7 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
         if (!q->replica && r->replica.n > 0)
             r->stats.fallback_pages++;
     }
-    q->cb(status, ids, n, err, q->data);
+    q->cb(status, q->out, n, err, q->data);
     free(q);
     if (!r->closing)
         dispatch(r);
@@ -345,8 +421,13 @@ static void dispatch(rel_reader_t *r)
         q->slot = slot;
         p->busy[slot] = 1;
         rel__bucket_take(&r->bucket, q->limit);
-        if (rel_followers_fetch(p->conns[slot], q->author, q->after, q->upto, q->limit, q->out,
-                                on_page, q) < 0) {
+        char author[24], after[24], upto[24], limit[16];
+        snprintf(author, sizeof author, "%" PRId64, q->author);
+        snprintf(after, sizeof after, "%" PRId64, q->after);
+        snprintf(upto, sizeof upto, "%" PRId64, q->upto);
+        snprintf(limit, sizeof limit, "%d", q->limit);
+        const char *params[] = {author, after, upto, limit};
+        if (pgc_conn_exec(p->conns[slot], PAGE_STMT, 4, params, 1, on_page, q) < 0) {
             p->busy[slot] = 0;
             rel__bucket_give(&r->bucket, q->limit);
             q->cb(FO_EPG, q->out, 0, NULL, q->data);
@@ -361,9 +442,10 @@ static void pool_open(rel_reader_t *r, pool_t *p, const char *dsn, const char *n
     p->conns = fo_xcalloc((size_t)p->n, sizeof *p->conns);
     p->busy = fo_xcalloc((size_t)p->n, sizeof *p->busy);
     for (int i = 0; i < p->n; i++) {
-        p->conns[i] = rel_conn_new(r->loop, r->cfg, dsn, name, on_conn_state, NULL, r);
-        rel_conn_setup_limits(p->conns[i], r->cfg);
-        rel_followers_prepare(p->conns[i], r->cfg);
+        p->conns[i] = pgc_conn_new(r->loop, r->cfg, dsn, name, on_conn_state, NULL, r);
+        pgc_conn_setup_limits(p->conns[i], r->cfg);
+        pgc_conn_setup(p->conns[i], "SET default_transaction_read_only = on");
+        pgc_conn_prepare_view(p->conns[i], PAGE_STMT, REL_PAGE_SQL_FMT, 4, r->cfg);
     }
 }
 
@@ -381,7 +463,6 @@ rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state
     uv_timer_init(loop, &r->budget_timer);
     uv_timer_init(loop, &r->lag_timer);
     r->budget_timer.data = r->lag_timer.data = r;
-    r->open_timers = 2;
     pool_open(r, &r->primary, cfg->pg_dsn, "fanoutd-pages");
     if (cfg->replica_dsn[0])
         pool_open(r, &r->replica, cfg->replica_dsn, "fanoutd-replica");
@@ -391,9 +472,9 @@ rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state
 void rel_reader_start(rel_reader_t *r)
 {
     for (int i = 0; i < r->primary.n; i++)
-        rel_conn_start(r->primary.conns[i]);
+        pgc_conn_start(r->primary.conns[i]);
     for (int i = 0; i < r->replica.n; i++)
-        rel_conn_start(r->replica.conns[i]);
+        pgc_conn_start(r->replica.conns[i]);
     if (r->replica.n > 0) {
         uint64_t every = (uint64_t)check_interval_ms(r->cfg);
         uv_timer_start(&r->lag_timer, on_lag_timer, every, every);
@@ -430,29 +511,36 @@ void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out)
     *out = r->stats;
 }
 
-static void maybe_free(rel_reader_t *r)
+/* One timer or connection closed; the last one frees the reader and reports. */
+static void on_part_closed(void *data)
 {
-    if (r->open_timers > 0)
+    rel_reader_t *r = data;
+    if (--r->open_parts > 0)
         return;
+    pgc_closed_cb on_closed = r->on_closed;
+    void *closed_data = r->closed_data;
     free(r->primary.conns);
     free(r->primary.busy);
     free(r->replica.conns);
     free(r->replica.busy);
     free(r);
+    if (on_closed)
+        on_closed(closed_data);
 }
 
 static void on_timer_closed(uv_handle_t *h)
 {
-    rel_reader_t *r = h->data;
-    r->open_timers--;
-    maybe_free(r);
+    on_part_closed(h->data);
 }
 
-void rel_reader_close(rel_reader_t *r)
+void rel_reader_close(rel_reader_t *r, pgc_closed_cb on_closed, void *data)
 {
     if (r->closing)
         return;
     r->closing = 1;
+    r->on_closed = on_closed;
+    r->closed_data = data;
+    r->open_parts = 2 + r->primary.n + r->replica.n;
     const rel_reader_stats_t *s = &r->stats;
     fo_log(FO_LOG_INFO, "follower reads",
            "rows=%" PRIu64 " primary_pages=%" PRIu64 " replica_pages=%" PRIu64
@@ -460,20 +548,20 @@ void rel_reader_close(rel_reader_t *r)
            s->rows, s->primary_pages, s->replica_pages, s->fallback_pages, s->fallbacks);
     fail_queued(r, FO_ESTOP);
     for (int i = 0; i < r->primary.n; i++)
-        rel_conn_close(r->primary.conns[i]);
+        pgc_conn_close(r->primary.conns[i], on_part_closed, r);
     for (int i = 0; i < r->replica.n; i++)
-        rel_conn_close(r->replica.conns[i]);
+        pgc_conn_close(r->replica.conns[i], on_part_closed, r);
     uv_close((uv_handle_t *)&r->budget_timer, on_timer_closed);
     uv_close((uv_handle_t *)&r->lag_timer, on_timer_closed);
 }
 
 int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
-                          const char *const *params, rel_result_cb cb, void *data)
+                          const char *const *params, pgc_result_cb cb, void *data)
 {
     /* the primary: the freshest answer, and no budget (a query of a few index probes) */
     for (int i = 0; i < r->primary.n; i++)
-        if (rel_conn_ready(r->primary.conns[i]))
-            return rel_conn_query_view(r->primary.conns[i], sql_fmt, r->cfg, nparams, params, cb,
+        if (pgc_conn_ready(r->primary.conns[i]))
+            return pgc_conn_query_view(r->primary.conns[i], sql_fmt, r->cfg, nparams, params, cb,
                                        data);
     return FO_EPG;
 }

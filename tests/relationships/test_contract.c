@@ -217,13 +217,13 @@ static void identifiers_are_quoted(void **state)
 {
     PGconn *pg = PQconnectdb("host=/nonexistent-fanout-test port=1");
     assert_non_null(pg);
-    char *sql = rel_quote_sql(pg, "SELECT 1 FROM %1$s.%2$s", "my schema", "v\"x");
+    char *sql = pgc_quote_sql(pg, "SELECT 1 FROM %1$s.%2$s", "my schema", "v\"x");
     assert_string_equal(sql, "SELECT 1 FROM \"my schema\".\"v\"\"x\"");
     free(sql);
-    sql = rel_quote_sql(pg, REL_PAGE_SQL_FMT, "relationships", "notification_recipients");
+    sql = pgc_quote_sql(pg, REL_PAGE_SQL_FMT, "relationships", "notification_recipients");
     assert_non_null(strstr(sql, "FROM \"relationships\".\"notification_recipients\" WHERE"));
     free(sql);
-    assert_null(rel_quote_sql(NULL, "SELECT %s.%s", "a", "b"));
+    assert_null(pgc_quote_sql(NULL, "SELECT %s.%s", "a", "b"));
     PQfinish(pg);
 }
 

@@ -1,5 +1,5 @@
 /*
- * rel_conn.c: one PostgreSQL connection on the libuv loop.
+ * pgc_conn.c: one PostgreSQL connection on the libuv loop.
  *
  * Life cycle: DOWN -> CONNECTING (PQconnectdbParams in the thread pool) -> SETTING_UP
  * (prepares and session set-up sent through the same queue) -> UP -> back to DOWN on any
@@ -12,17 +12,19 @@
  * reused by the next connect (uv_poll_init would then fail with UV_EEXIST). NOTIFYs are
  * drained after every PQconsumeInput.
  */
-#include "relationships/rel_int.h"
+#include "pgconn/pgconn.h"
+
+#include "common/common.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { ST_DOWN, ST_CONNECTING, ST_SETTING_UP, ST_UP, ST_CLOSING } rel_state_t;
-typedef enum { Q_PREPARE, Q_SETUP, Q_EXEC, Q_QUERY } rel_qkind_t;
+typedef enum { ST_DOWN, ST_CONNECTING, ST_SETTING_UP, ST_UP, ST_CLOSING } pgc_state_t;
+typedef enum { Q_PREPARE, Q_SETUP, Q_EXEC, Q_QUERY } pgc_qkind_t;
 
-typedef struct rel_query {
-    struct rel_query *next;
-    rel_qkind_t kind;
+typedef struct pgc_query {
+    struct pgc_query *next;
+    pgc_qkind_t kind;
     const char *stmt; /* Q_PREPARE / Q_EXEC: statement name (borrowed from the list) */
     const char *sql;  /* Q_PREPARE / Q_SETUP: borrowed from the registered lists */
     char *own_sql;    /* Q_QUERY: a copy, owned */
@@ -31,29 +33,29 @@ typedef struct rel_query {
     int binary;
     /* Q_PREPARE: the statement reads the contract view */
     int view;
-    rel_result_cb cb;
+    pgc_result_cb cb;
     void *data;
     PGresult *result; /* the result kept for the callback: the first error, else last */
-} rel_query_t;
+} pgc_query_t;
 
-typedef struct rel_stmt {
-    struct rel_stmt *next;
+typedef struct pgc_stmt {
+    struct pgc_stmt *next;
     char *name;     /* NULL for a set-up entry */
     char *sql;      /* with idents: a format with one %s per identifier */
     char *ident[2]; /* identifiers from configuration, escaped on each connect */
     char *built;    /* sql with the escaped identifiers, rebuilt on each connect */
     int nparams;
-} rel_stmt_t;
+} pgc_stmt_t;
 
-struct rel_conn {
+struct pgc_conn {
     uv_loop_t *loop;
     const cfg_t *cfg;
     char *dsn, *name;
-    rel_state_cb on_state;
-    rel_notify_cb on_notify;
+    pgc_state_cb on_state;
+    pgc_notify_cb on_notify;
     void *data;
 
-    rel_state_t state;
+    pgc_state_t state;
     PGconn *pg;
     uv_poll_t *poll;
     int poll_events;
@@ -63,22 +65,24 @@ struct rel_conn {
     uv_timer_t timer;  /* reconnect backoff; while up, defers a send failure to the loop */
     int send_failed;   /* a send failed: nothing more is sent until on_send_failed runs */
     unsigned attempt;
-    unsigned permanent; /* consecutive attempts refused for a reason retrying cannot fix */
-    int open_handles;   /* timer + poll handles not yet closed; freed at 0 when closing */
+    unsigned permanent;      /* consecutive attempts refused for a reason retrying cannot fix */
+    int open_handles;        /* timer + poll handles not yet closed; freed at 0 when closing */
+    pgc_closed_cb on_closed; /* pgc_conn_close's completion callback */
+    void *closed_data;
 
-    rel_stmt_t *stmts, *stmts_tail; /* prepares and set-up, in registration order */
-    rel_query_t *head, *tail;       /* queued, not sent */
-    rel_query_t *current;           /* on the wire */
+    pgc_stmt_t *stmts, *stmts_tail; /* prepares and set-up, in registration order */
+    pgc_query_t *head, *tail;       /* queued, not sent */
+    pgc_query_t *current;           /* on the wire */
 };
 
-static void send_next(rel_conn_t *c);
-static void conn_lost(rel_conn_t *c, const char *why);
-static void start_connect(rel_conn_t *c);
+static void send_next(pgc_conn_t *c);
+static void conn_lost(pgc_conn_t *c, const char *why);
+static void start_connect(pgc_conn_t *c);
 
-rel_conn_t *rel_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, const char *name,
-                         rel_state_cb on_state, rel_notify_cb on_notify, void *data)
+pgc_conn_t *pgc_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, const char *name,
+                         pgc_state_cb on_state, pgc_notify_cb on_notify, void *data)
 {
-    rel_conn_t *c = fo_xcalloc(1, sizeof *c);
+    pgc_conn_t *c = fo_xcalloc(1, sizeof *c);
     c->loop = loop;
     c->cfg = cfg;
     c->dsn = fo_xstrdup(dsn);
@@ -92,9 +96,9 @@ rel_conn_t *rel_conn_new(uv_loop_t *loop, const cfg_t *cfg, const char *dsn, con
     return c;
 }
 
-static void add_stmt(rel_conn_t *c, const char *name, const char *sql, int nparams)
+static void add_stmt(pgc_conn_t *c, const char *name, const char *sql, int nparams)
 {
-    rel_stmt_t *s = fo_xcalloc(1, sizeof *s);
+    pgc_stmt_t *s = fo_xcalloc(1, sizeof *s);
     s->name = name ? fo_xstrdup(name) : NULL;
     s->sql = fo_xstrdup(sql);
     s->nparams = nparams;
@@ -105,12 +109,12 @@ static void add_stmt(rel_conn_t *c, const char *name, const char *sql, int npara
     c->stmts_tail = s;
 }
 
-void rel_conn_prepare(rel_conn_t *c, const char *stmt_name, const char *sql, int nparams)
+void pgc_conn_prepare(pgc_conn_t *c, const char *stmt_name, const char *sql, int nparams)
 {
     add_stmt(c, stmt_name, sql, nparams);
 }
 
-void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql_fmt, int nparams,
+void pgc_conn_prepare_view(pgc_conn_t *c, const char *stmt_name, const char *sql_fmt, int nparams,
                            const cfg_t *cfg)
 {
     add_stmt(c, stmt_name, sql_fmt, nparams);
@@ -119,30 +123,30 @@ void rel_conn_prepare_view(rel_conn_t *c, const char *stmt_name, const char *sql
 }
 
 /* The statement's SQL for this connection: identifiers quoted by libpq itself. */
-static const char *stmt_sql(rel_conn_t *c, rel_stmt_t *s)
+static const char *stmt_sql(pgc_conn_t *c, pgc_stmt_t *s)
 {
     if (!s->ident[0])
         return s->sql;
     free(s->built);
-    s->built = rel_quote_sql(c->pg, s->sql, s->ident[0], s->ident[1]);
+    s->built = pgc_quote_sql(c->pg, s->sql, s->ident[0], s->ident[1]);
     if (!s->built)
         s->built = fo_xstrdup("SELECT 1/0");
     return s->built;
 }
 
-void rel_conn_setup(rel_conn_t *c, const char *sql)
+void pgc_conn_setup(pgc_conn_t *c, const char *sql)
 {
     add_stmt(c, NULL, sql, 0);
 }
 
-int rel_conn_ready(const rel_conn_t *c)
+int pgc_conn_ready(const pgc_conn_t *c)
 {
     return c && c->state == ST_UP;
 }
 
 /* --- the query queue --- */
 
-static void query_free(rel_query_t *q)
+static void query_free(pgc_query_t *q)
 {
     free(q->own_sql);
     if (q->params) {
@@ -155,7 +159,7 @@ static void query_free(rel_query_t *q)
     free(q);
 }
 
-static void enqueue(rel_conn_t *c, rel_query_t *q)
+static void enqueue(pgc_conn_t *c, pgc_query_t *q)
 {
     if (c->tail)
         c->tail->next = q;
@@ -166,10 +170,10 @@ static void enqueue(rel_conn_t *c, rel_query_t *q)
         send_next(c);
 }
 
-static rel_query_t *query_new(rel_qkind_t kind, int nparams, const char *const *params,
-                              int binary_result, rel_result_cb cb, void *data)
+static pgc_query_t *query_new(pgc_qkind_t kind, int nparams, const char *const *params,
+                              int binary_result, pgc_result_cb cb, void *data)
 {
-    rel_query_t *q = fo_xcalloc(1, sizeof *q);
+    pgc_query_t *q = fo_xcalloc(1, sizeof *q);
     q->kind = kind;
     q->nparams = nparams;
     q->params = fo_xcalloc((size_t)nparams, sizeof *q->params);
@@ -181,42 +185,42 @@ static rel_query_t *query_new(rel_qkind_t kind, int nparams, const char *const *
     return q;
 }
 
-int rel_conn_exec(rel_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
-                  int binary_result, rel_result_cb cb, void *data)
+int pgc_conn_exec(pgc_conn_t *c, const char *stmt_name, int nparams, const char *const *params,
+                  int binary_result, pgc_result_cb cb, void *data)
 {
-    if (!rel_conn_ready(c))
+    if (!pgc_conn_ready(c))
         return FO_EPG;
-    rel_query_t *q = query_new(Q_EXEC, nparams, params, binary_result, cb, data);
+    pgc_query_t *q = query_new(Q_EXEC, nparams, params, binary_result, cb, data);
     q->stmt = stmt_name;
     enqueue(c, q);
     return 0;
 }
 
-int rel_conn_query(rel_conn_t *c, const char *sql, int nparams, const char *const *params,
-                   rel_result_cb cb, void *data)
+int pgc_conn_query(pgc_conn_t *c, const char *sql, int nparams, const char *const *params,
+                   pgc_result_cb cb, void *data)
 {
-    if (!rel_conn_ready(c))
+    if (!pgc_conn_ready(c))
         return FO_EPG;
-    rel_query_t *q = query_new(Q_QUERY, nparams, params, 0, cb, data);
+    pgc_query_t *q = query_new(Q_QUERY, nparams, params, 0, cb, data);
     q->own_sql = fo_xstrdup(sql);
     enqueue(c, q);
     return 0;
 }
 
-int rel_conn_query_view(rel_conn_t *c, const char *sql_fmt, const cfg_t *cfg, int nparams,
-                        const char *const *params, rel_result_cb cb, void *data)
+int pgc_conn_query_view(pgc_conn_t *c, const char *sql_fmt, const cfg_t *cfg, int nparams,
+                        const char *const *params, pgc_result_cb cb, void *data)
 {
     if (c->state != ST_UP)
         return FO_EPG;
-    char *sql = rel_quote_sql(c->pg, sql_fmt, cfg->contract_schema, cfg->contract_view);
+    char *sql = pgc_quote_sql(c->pg, sql_fmt, cfg->contract_schema, cfg->contract_view);
     if (!sql)
         return FO_EPG;
-    int rc = rel_conn_query(c, sql, nparams, params, cb, data);
+    int rc = pgc_conn_query(c, sql, nparams, params, cb, data);
     free(sql);
     return rc;
 }
 
-char *rel_quote_sql(PGconn *conn, const char *sql_fmt, const char *ident1, const char *ident2)
+char *pgc_quote_sql(PGconn *conn, const char *sql_fmt, const char *ident1, const char *ident2)
 {
     if (!conn)
         return NULL;
@@ -228,7 +232,7 @@ char *rel_quote_sql(PGconn *conn, const char *sql_fmt, const char *ident1, const
     return sql;
 }
 
-void rel_conn_setup_limits(rel_conn_t *c, const cfg_t *cfg)
+void pgc_conn_setup_limits(pgc_conn_t *c, const cfg_t *cfg)
 {
     /* A reader of a shared database bounds every statement and never idles in a
      * transaction, so one slow query or forgotten transaction cannot hurt the owner. It
@@ -238,21 +242,21 @@ void rel_conn_setup_limits(rel_conn_t *c, const cfg_t *cfg)
     char *sql = fo_xasprintf("SET statement_timeout = %d; SET lock_timeout = %d;"
                              " SET idle_in_transaction_session_timeout = %d",
                              st, st > 1 ? st / 2 : st, st ? st * 2 : 0);
-    rel_conn_setup(c, sql);
+    pgc_conn_setup(c, sql);
     free(sql);
 }
 
 /* Fails every query (current and queued) with `status`; callbacks may enqueue or close. */
-static void fail_all(rel_conn_t *c, int status)
+static void fail_all(pgc_conn_t *c, int status)
 {
-    rel_query_t *list = c->current;
+    pgc_query_t *list = c->current;
     if (list)
         list->next = c->head;
     else
         list = c->head;
     c->current = c->head = c->tail = NULL;
     while (list) {
-        rel_query_t *q = list;
+        pgc_query_t *q = list;
         list = q->next;
         if (q->cb)
             q->cb(status, NULL, q->data);
@@ -263,14 +267,16 @@ static void fail_all(rel_conn_t *c, int status)
 /* --- the poll handle --- */
 
 /* Frees the connection once it is closing and libuv holds nothing of it any more. */
-static void maybe_free(rel_conn_t *c)
+static void maybe_free(pgc_conn_t *c)
 {
     if (c->state != ST_CLOSING || c->open_handles > 0 || c->work_busy)
         return;
+    pgc_closed_cb on_closed = c->on_closed;
+    void *closed_data = c->closed_data;
     free(c->dsn);
     free(c->name);
     while (c->stmts) {
-        rel_stmt_t *s = c->stmts;
+        pgc_stmt_t *s = c->stmts;
         c->stmts = s->next;
         free(s->name);
         free(s->sql);
@@ -280,17 +286,19 @@ static void maybe_free(rel_conn_t *c)
         free(s);
     }
     free(c);
+    if (on_closed)
+        on_closed(closed_data);
 }
 
 static void on_poll_closed(uv_handle_t *h)
 {
-    rel_conn_t *c = h->data;
+    pgc_conn_t *c = h->data;
     free(h);
     c->open_handles--;
     maybe_free(c);
 }
 
-static void close_poll(rel_conn_t *c)
+static void close_poll(pgc_conn_t *c)
 {
     if (!c->poll)
         return;
@@ -299,11 +307,11 @@ static void close_poll(rel_conn_t *c)
     c->poll = NULL;
 }
 
-static void want_events(rel_conn_t *c, int events);
+static void want_events(pgc_conn_t *c, int events);
 
 static void on_poll(uv_poll_t *h, int status, int events);
 
-static void want_events(rel_conn_t *c, int events)
+static void want_events(pgc_conn_t *c, int events)
 {
     if (!c->poll || c->poll_events == events)
         return;
@@ -312,7 +320,7 @@ static void want_events(rel_conn_t *c, int events)
 }
 
 /* After a PQsend*: flush what fits; watch WRITABLE too while libpq still holds data. */
-static int flush_out(rel_conn_t *c)
+static int flush_out(pgc_conn_t *c)
 {
     int rc = PQflush(c->pg);
     if (rc < 0)
@@ -323,16 +331,16 @@ static int flush_out(rel_conn_t *c)
 
 static void on_send_failed(uv_timer_t *t)
 {
-    rel_conn_t *c = t->data;
+    pgc_conn_t *c = t->data;
     c->send_failed = 0;
     if (c->pg && c->state != ST_CLOSING)
         conn_lost(c, PQerrorMessage(c->pg));
 }
 
-static void send_next(rel_conn_t *c)
+static void send_next(pgc_conn_t *c)
 {
     while (!c->current && c->head && c->pg && !c->send_failed) {
-        rel_query_t *q = c->head;
+        pgc_query_t *q = c->head;
         c->head = q->next;
         if (!c->head)
             c->tail = NULL;
@@ -356,7 +364,7 @@ static void send_next(rel_conn_t *c)
             break;
         }
         if (!ok || flush_out(c) < 0) {
-            /* Report the loss from the loop, not from inside rel_conn_exec: callers rely on
+            /* Report the loss from the loop, not from inside pgc_conn_exec: callers rely on
              * callbacks never running before the call that queued them returns. */
             c->send_failed = 1;
             uv_timer_start(&c->timer, on_send_failed, 0, 0);
@@ -365,7 +373,7 @@ static void send_next(rel_conn_t *c)
     }
 }
 
-static void drain_notifies(rel_conn_t *c)
+static void drain_notifies(pgc_conn_t *c)
 {
     PGnotify *n;
     while (c->pg && (n = PQnotifies(c->pg)) != NULL) {
@@ -375,7 +383,7 @@ static void drain_notifies(rel_conn_t *c)
     }
 }
 
-static void setup_done(rel_conn_t *c)
+static void setup_done(pgc_conn_t *c)
 {
     c->state = ST_UP;
     c->attempt = 0;
@@ -390,12 +398,12 @@ static void setup_done(rel_conn_t *c)
  * naming the fix, logged on the first refusal and then rarely, and a long backoff (so the
  * server's log is not flooded either); anything else is reported as it is.
  */
-static void setup_failed(rel_conn_t *c, const rel_query_t *q)
+static void setup_failed(pgc_conn_t *c, const pgc_query_t *q)
 {
     char what[512];
     const char *msg = q->result ? PQresultErrorField(q->result, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     fo_log_quote(what, sizeof what, msg ? msg : "no result");
-    const char *fix = rel_err_fix(q->result, q->view);
+    const char *fix = pgc_err_fix(q->result, q->view);
     if (!fix) {
         fo_log(FO_LOG_ERROR, "session set-up failed; fix the database or the settings",
                "server=postgresql conn=%s error=%s", c->name, what);
@@ -408,9 +416,9 @@ static void setup_failed(rel_conn_t *c, const rel_query_t *q)
 }
 
 /* The current query's results are complete: report, then send the next one. */
-static void complete_current(rel_conn_t *c)
+static void complete_current(pgc_conn_t *c)
 {
-    rel_query_t *q = c->current;
+    pgc_query_t *q = c->current;
     c->current = NULL;
     ExecStatusType st = q->result ? PQresultStatus(q->result) : PGRES_FATAL_ERROR;
     int ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
@@ -433,7 +441,7 @@ static void complete_current(rel_conn_t *c)
         send_next(c);
 }
 
-static void read_results(rel_conn_t *c)
+static void read_results(pgc_conn_t *c)
 {
     if (!PQconsumeInput(c->pg)) {
         conn_lost(c, PQerrorMessage(c->pg));
@@ -446,7 +454,7 @@ static void read_results(rel_conn_t *c)
             complete_current(c);
             continue;
         }
-        rel_query_t *q = c->current;
+        pgc_query_t *q = c->current;
         ExecStatusType st = PQresultStatus(r);
         int is_error = st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK;
         int kept_error = q->result && PQresultStatus(q->result) != PGRES_TUPLES_OK &&
@@ -463,7 +471,7 @@ static void read_results(rel_conn_t *c)
 
 static void on_poll(uv_poll_t *h, int status, int events)
 {
-    rel_conn_t *c = h->data;
+    pgc_conn_t *c = h->data;
     if (c->state == ST_CLOSING || c->poll != h)
         return;
     if (status < 0) {
@@ -484,7 +492,7 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
 static void on_notice(void *arg, const PGresult *res)
 {
-    rel_conn_t *c = arg;
+    pgc_conn_t *c = arg;
     char what[512];
     fo_log_quote(what, sizeof what, PQresultErrorMessage(res));
     fo_log(FO_LOG_INFO, "postgresql notice", "conn=%s notice=%s", c->name, what);
@@ -492,7 +500,7 @@ static void on_notice(void *arg, const PGresult *res)
 
 static void connect_work(uv_work_t *w)
 {
-    rel_conn_t *c = w->data;
+    pgc_conn_t *c = w->data;
     /* fallback_application_name: the DSN's own application_name, if any, wins. */
     const char *keys[] = {"dbname",           "fallback_application_name", "connect_timeout",
                           "keepalives",       "keepalives_idle",           "keepalives_interval",
@@ -506,7 +514,7 @@ static void connect_work(uv_work_t *w)
  * libpq's message (a failed connection has no SQLSTATE); NULL for anything else (a refused
  * or timed-out TCP connect, a server starting or shutting down), which is retried as usual.
  */
-const char *rel_conn_refusal_fix(const char *m)
+const char *pgc_refusal_fix(const char *m)
 {
     if (!m)
         return NULL;
@@ -539,7 +547,7 @@ static void on_backoff_timer(uv_timer_t *t)
 #define PERMANENT_MIN_MS 1000  /* a refusal retrying cannot fix: first retry after this, */
 #define PERMANENT_MAX_MS 60000 /* doubling up to this, whatever reconnect_max_ms says */
 
-static void schedule_reconnect(rel_conn_t *c)
+static void schedule_reconnect(pgc_conn_t *c)
 {
     uint64_t cap = (uint64_t)c->cfg->reconnect_max_ms;
     uint64_t delay = fo_backoff_ms(c->attempt, cap);
@@ -559,10 +567,10 @@ static void schedule_reconnect(rel_conn_t *c)
     uv_timer_start(&c->timer, on_backoff_timer, delay, 0);
 }
 
-static void queue_setup(rel_conn_t *c)
+static void queue_setup(pgc_conn_t *c)
 {
-    for (rel_stmt_t *s = c->stmts; s; s = s->next) {
-        rel_query_t *q = fo_xcalloc(1, sizeof *q);
+    for (pgc_stmt_t *s = c->stmts; s; s = s->next) {
+        pgc_query_t *q = fo_xcalloc(1, sizeof *q);
         q->kind = s->name ? Q_PREPARE : Q_SETUP;
         q->stmt = s->name;
         q->sql = stmt_sql(c, s);
@@ -578,7 +586,7 @@ static void queue_setup(rel_conn_t *c)
 
 static void connect_done(uv_work_t *w, int status)
 {
-    rel_conn_t *c = w->data;
+    pgc_conn_t *c = w->data;
     c->work_busy = 0;
     PGconn *pg = c->work_conn;
     c->work_conn = NULL;
@@ -590,7 +598,7 @@ static void connect_done(uv_work_t *w, int status)
     if (status < 0 || !pg || PQstatus(pg) != CONNECTION_OK) {
         char what[512];
         fo_log_quote(what, sizeof what, pg ? PQerrorMessage(pg) : "out of memory");
-        const char *fix = pg ? rel_conn_refusal_fix(PQerrorMessage(pg)) : NULL;
+        const char *fix = pg ? pgc_refusal_fix(PQerrorMessage(pg)) : NULL;
         if (fix) {
             c->permanent++;
             if (c->permanent == 1 || c->permanent % 30 == 0)
@@ -639,7 +647,7 @@ static void connect_done(uv_work_t *w, int status)
         send_next(c);
 }
 
-static void start_connect(rel_conn_t *c)
+static void start_connect(pgc_conn_t *c)
 {
     if (c->state == ST_CLOSING || c->work_busy)
         return;
@@ -654,12 +662,12 @@ static void start_connect(rel_conn_t *c)
     }
 }
 
-void rel_conn_start(rel_conn_t *c)
+void pgc_conn_start(pgc_conn_t *c)
 {
     start_connect(c);
 }
 
-static void conn_lost(rel_conn_t *c, const char *why)
+static void conn_lost(pgc_conn_t *c, const char *why)
 {
     int was_up = c->state == ST_UP;
     char what[512];
@@ -683,16 +691,18 @@ static void conn_lost(rel_conn_t *c, const char *why)
 
 static void on_timer_closed(uv_handle_t *h)
 {
-    rel_conn_t *c = h->data;
+    pgc_conn_t *c = h->data;
     c->open_handles--;
     maybe_free(c);
 }
 
-void rel_conn_close(rel_conn_t *c)
+void pgc_conn_close(pgc_conn_t *c, pgc_closed_cb on_closed, void *data)
 {
     if (c->state == ST_CLOSING)
         return;
     c->state = ST_CLOSING;
+    c->on_closed = on_closed;
+    c->closed_data = data;
     fail_all(c, FO_ESTOP);
     close_poll(c);
     if (c->pg) {

@@ -1,5 +1,5 @@
 /*
- * test_errors.c: relationships/rel_errors.c, the one classification of PostgreSQL errors
+ * test_errors.c: pgconn/pgc_errors.c, the one classification of PostgreSQL errors
  * (what waits, what pauses the fan-out, what fails an attempt) and the fixes it names.
  */
 #include <setjmp.h>
@@ -10,23 +10,23 @@
 
 #include <cmocka.h>
 
-#include "relationships/relationships.h"
+#include "pgconn/pgconn.h"
 
 static void test_classes(void **state)
 {
     (void)state;
-    assert_int_equal(rel_err_classify(NULL), REL_ERR_TRANSIENT); /* no answer at all */
-    assert_int_equal(rel_err_classify("08006"), REL_ERR_TRANSIENT);
-    assert_int_equal(rel_err_classify("40001"), REL_ERR_TRANSIENT);
-    assert_int_equal(rel_err_classify("53300"), REL_ERR_TRANSIENT);
-    assert_int_equal(rel_err_classify("57P01"), REL_ERR_TRANSIENT);
-    assert_int_equal(rel_err_classify("57014"), REL_ERR_TIMEOUT);
-    assert_int_equal(rel_err_classify("55P03"), REL_ERR_TIMEOUT);
+    assert_int_equal(pgc_err_classify(NULL), PGC_ERR_TRANSIENT); /* no answer at all */
+    assert_int_equal(pgc_err_classify("08006"), PGC_ERR_TRANSIENT);
+    assert_int_equal(pgc_err_classify("40001"), PGC_ERR_TRANSIENT);
+    assert_int_equal(pgc_err_classify("53300"), PGC_ERR_TRANSIENT);
+    assert_int_equal(pgc_err_classify("57P01"), PGC_ERR_TRANSIENT);
+    assert_int_equal(pgc_err_classify("57014"), PGC_ERR_TIMEOUT);
+    assert_int_equal(pgc_err_classify("55P03"), PGC_ERR_TIMEOUT);
     const char *contract[] = {"42703", "42P01", "42883", "3F000", "42804", "0A000", "42501"};
     for (size_t i = 0; i < sizeof contract / sizeof contract[0]; i++)
-        assert_int_equal(rel_err_classify(contract[i]), REL_ERR_CONTRACT);
-    assert_int_equal(rel_err_classify("22012"), REL_ERR_OTHER); /* division by zero */
-    assert_int_equal(rel_err_classify("P0001"), REL_ERR_OTHER); /* RAISE EXCEPTION */
+        assert_int_equal(pgc_err_classify(contract[i]), PGC_ERR_CONTRACT);
+    assert_int_equal(pgc_err_classify("22012"), PGC_ERR_OTHER); /* division by zero */
+    assert_int_equal(pgc_err_classify("P0001"), PGC_ERR_OTHER); /* RAISE EXCEPTION */
 }
 
 /* A result as a server would send it: only the SQLSTATE matters here. */
@@ -41,10 +41,10 @@ static void test_fixes(void **state)
     (void)state;
     /* results built without a server carry no SQLSTATE: classified as transient, no fix */
     PGresult *r = error_result("42P01");
-    assert_int_equal(rel_err_classify_result(r), REL_ERR_TRANSIENT);
-    assert_null(rel_err_fix(r, 0));
+    assert_int_equal(pgc_err_classify_result(r), PGC_ERR_TRANSIENT);
+    assert_null(pgc_err_fix(r, 0));
     PQclear(r);
-    assert_null(rel_err_fix(NULL, 1));
+    assert_null(pgc_err_fix(NULL, 1));
 }
 
 int main(void)
