@@ -69,6 +69,11 @@ void fo_log(fo_log_level_t level, const char *msg, const char *kv_fmt, ...)
  */
 const char *fo_log_quote(char *buf, size_t size, const char *s);
 
+/* The completion callback of every close that finishes on the loop (pgc_conn_close,
+ * rel_reader_close, ntf_client_close, met_server_close), as uv_close's: it runs once,
+ * from the loop, after the object released everything; data is the caller's. */
+typedef void (*fo_closed_cb)(void *data);
+
 /* Milliseconds from an arbitrary fixed point (CLOCK_MONOTONIC). */
 uint64_t fo_now_ms(void);
 

@@ -32,7 +32,64 @@
 #define TICK_MS 100
 #define STATS_MS 5000 /* oldest-event query and XLENs: cheap, and rarely enough */
 
+/*
+ * The contract's state. UNCHECKED until the first check passes; OK while it holds; PAUSED
+ * when it broke while running (a page query said so, or a periodic check found it): nothing
+ * is read or claimed, no attempt is used, and it is checked again until it holds. A check
+ * that refuses before the first pass ends fanoutd (BROKEN).
+ */
+enum { CONTRACT_UNCHECKED, CONTRACT_OK, CONTRACT_PAUSED, CONTRACT_BROKEN };
+/* Why fanoutd cannot run (fod_daemon_failed): each exits with a status systemd does not
+ * restart, since restarting changes nothing. */
+enum { FAIL_NONE, FAIL_CONTRACT, FAIL_IDENTITY };
+
+struct fod_daemon {
+    uv_loop_t *loop;
+    const cfg_t *cfg;
+    char host[256], worker_id[256];
+    int pid;
+    pgc_conn_t *ctl;
+    rel_reader_t *reader;       /* the connections follower pages come from (budget, replica) */
+    fod_store_t *store;         /* fanout.jobs, on ctl */
+    fod_identity_t *identity;   /* this worker's id and fanout.workers row, on ctl */
+    int contract;               /* CONTRACT_*: nothing is claimed before the check passed */
+    int contract_busy;          /* a check is running */
+    int contract_again;         /* a check was asked for while one was running */
+    uint64_t contract_retry_at; /* when the next check is due */
+    char *contract_seen;        /* the findings last logged, so that a repeat is not logged again */
+    int failed;                 /* FAIL_* */
+    void (*fatal)(fod_daemon_t *d, void *data);
+    void *fatal_data;
+    ntf_client_t *redis;
+    fod_job_io_t io;
+
+    fod_job_t **jobs;     /* cfg->max_jobs slots, njobs used */
+    uint64_t *started_ms; /* when each job was claimed, for the done line */
+    int njobs;
+
+    int paused; /* backpressure: jobs write nothing new */
+    char paused_reason[160];
+    int backlog_busy;
+    int stopping;
+    void (*stop_done)(fod_daemon_t *d, void *data);
+    void *stop_data;
+
+    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer, stats_timer;
+    int closed;        /* the connections are closed: store and identity are not used any more */
+    int closing_parts; /* timers and connections whose close has not completed yet */
+
+    met_t metrics;
+    int ctl_up, pages_up, redis_up; /* 1: up now; 2: was up once, down now */
+    int ready;
+    int stats_busy; /* replies of the last stats round still outstanding */
+    void (*on_ready)(fod_daemon_t *d, int ready, void *data);
+    void *on_ready_data;
+};
+
 static void check_contract(fod_daemon_t *d, int force);
+static void claim(fod_daemon_t *d);
+static void renew(fod_daemon_t *d);
+static void check_stopped(fod_daemon_t *d);
 
 /* --- job I/O, bound to this daemon's connections --- */
 
@@ -40,7 +97,7 @@ static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int 
                     rel_page_cb cb, void *data)
 {
     fod_daemon_t *d = ctx;
-    if (!d->reader || d->contract != FOD_CONTRACT_OK)
+    if (!d->reader || d->contract != CONTRACT_OK)
         return FO_EPG; /* paused: the job waits, its attempt kept */
     return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
 }
@@ -67,7 +124,8 @@ static const char *io_key_refusal(void *ctx)
 static int io_record_mark(void *ctx, int64_t job_id, int64_t token,
                           void (*cb)(int status, void *data), void *data)
 {
-    return fod__store_record_mark(ctx, job_id, token, cb, data);
+    fod_daemon_t *d = ctx;
+    return d->closed ? FO_EPG : fod_store_record_mark(d->store, job_id, token, cb, data);
 }
 
 /* --- jobs --- */
@@ -80,23 +138,56 @@ static int job_slot(fod_daemon_t *d, fod_job_t *j)
     return -1;
 }
 
+/* Hands the job's outcome to the store (done, released or failed); a fenced job's belongs
+ * to its new owner. */
+static void record_outcome(fod_daemon_t *d, fod_job_t *j, uint64_t started_ms)
+{
+    fod_outcome_t o = {.job_id = fod_job_id(j),
+                       .event_id = fod_job_event_id(j),
+                       .token = fod_job_token(j),
+                       .cursor = fod_job_cursor(j),
+                       .delivered = fod_job_delivered(j),
+                       .started_ms = started_ms,
+                       .error = fod_job_error(j),
+                       .fatal = fod_job_fatal(j)};
+    switch (fod_job_state(j)) {
+    case FOD_JOB_DONE:
+        o.kind = FOD_OUTCOME_DONE;
+        break;
+    case FOD_JOB_STOPPED:
+        o.kind = FOD_OUTCOME_RELEASED;
+        break;
+    case FOD_JOB_FAILED:
+        o.kind = FOD_OUTCOME_FAILED;
+        break;
+    default:
+        fo_log(FO_LOG_INFO, "job left to its new owner", "job=%" PRId64 " event=%" PRId64, o.job_id,
+               o.event_id);
+        return;
+    }
+    if (!d->closed)
+        fod_store_record(d->store, &o);
+}
+
 /* io->finished: the job has nothing in flight; record the outcome and free it. */
 static void on_job_finished(void *ctx, fod_job_t *j)
 {
     fod_daemon_t *d = ctx;
     int slot = job_slot(d, j);
-    fod__store_record(d, j, d->started_ms[slot]);
+    record_outcome(d, j, d->started_ms[slot]);
     d->jobs[slot] = d->jobs[d->njobs - 1];
     d->started_ms[slot] = d->started_ms[d->njobs - 1];
     d->njobs--;
     d->metrics.jobs_running = d->njobs;
     fod_job_free(j);
-    fod__daemon_check_stopped(d);
-    fod__store_claim(d);
+    check_stopped(d);
+    claim(d);
 }
 
-void fod__daemon_start_job(fod_daemon_t *d, const fod_claim_t *claim)
+/* store: a job was claimed; start it in a free slot. */
+static void on_claimed(void *ctx, const fod_claim_t *claim)
 {
+    fod_daemon_t *d = ctx;
     fod_job_t *j = fod_job_new(&d->io, d->cfg, claim);
     d->started_ms[d->njobs] = fo_now_ms();
     d->jobs[d->njobs++] = j;
@@ -134,14 +225,14 @@ static void on_backlog(int status, long long backlog, int shard, void *data)
         free(key);
         fo_log(FO_LOG_WARN, "pausing fan-out: consumers are behind",
                "shard=%d backlog=%lld backlog_high=%lld", shard, backlog, cfg->backlog_high);
-        fod__store_renew(d); /* publish the reason now */
+        renew(d); /* publish the reason now */
     } else if (d->paused && backlog <= cfg->backlog_low) {
         d->paused = 0;
         d->metrics.paused_backpressure = 0;
         d->paused_reason[0] = '\0';
         fo_log(FO_LOG_INFO, "resuming fan-out: consumers caught up",
                "backlog=%lld backlog_low=%lld", backlog, cfg->backlog_low);
-        fod__store_renew(d);
+        renew(d);
         for (int i = 0; i < d->njobs; i++)
             fod_job_pump(d->jobs[i]);
     }
@@ -173,7 +264,7 @@ static void note_waiting(fod_daemon_t *d)
     if (n != d->metrics.jobs_waiting) {
         d->metrics.jobs_waiting = n;
         if (pgc_conn_ready(d->ctl))
-            fod__store_renew(d);
+            renew(d);
     }
 }
 
@@ -184,24 +275,27 @@ static void on_tick(uv_timer_t *t)
     for (int i = 0; i < d->njobs; i++)
         fod_job_kick(d->jobs[i], now, 0);
     note_waiting(d);
-    fod__store_retry(d, now);
-    fod__identity_check(d);
+    if (!d->closed) {
+        fod_store_retry(d->store, now);
+        if (!d->stopping && !d->failed)
+            fod_identity_check(d->identity);
+    }
     check_contract(d, 0);
 }
 
 static void on_renew_timer(uv_timer_t *t)
 {
-    fod__store_renew(t->data);
+    renew(t->data);
 }
 
 static void on_poll_timer(uv_timer_t *t)
 {
-    fod__store_claim(t->data);
+    claim(t->data);
 }
 
 static void on_notify(pgc_conn_t *c, const char *channel, const char *payload, void *data)
 {
-    fod__store_claim(data);
+    claim(data);
 }
 
 static void kick_all(fod_daemon_t *d)
@@ -216,7 +310,7 @@ static void kick_all(fod_daemon_t *d)
 static void update_ready(fod_daemon_t *d)
 {
     int ready =
-        d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1 && d->contract == FOD_CONTRACT_OK;
+        d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1 && d->contract == CONTRACT_OK;
     d->metrics.ready = ready;
     if (ready != d->ready) {
         d->ready = ready;
@@ -296,9 +390,9 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
     }
     int news = log_findings(d, k);
     if (rel_contract_refusals(k) > 0) {
-        if (d->contract == FOD_CONTRACT_UNCHECKED) {
-            d->contract = FOD_CONTRACT_BROKEN;
-            d->failed = FOD_FAIL_CONTRACT;
+        if (d->contract == CONTRACT_UNCHECKED) {
+            d->contract = CONTRACT_BROKEN;
+            d->failed = FAIL_CONTRACT;
             fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
                    "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
             if (d->fatal)
@@ -309,33 +403,33 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
             fo_log(FO_LOG_ERROR,
                    "contract broken while running; fan-out paused until it holds again",
                    "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
-        int was_ok = d->contract == FOD_CONTRACT_OK;
-        d->contract = FOD_CONTRACT_PAUSED;
+        int was_ok = d->contract == CONTRACT_OK;
+        d->contract = CONTRACT_PAUSED;
         update_ready(d);
         /* fanout.workers says why this worker pauses, at once */
         if (was_ok || news)
-            fod__store_renew(d);
+            renew(d);
         /* while paused: checked every second (cheap catalog reads; logged only on change) */
         d->contract_retry_at = now + 1000;
         return;
     }
     int was = d->contract;
-    d->contract = FOD_CONTRACT_OK;
+    d->contract = CONTRACT_OK;
     d->contract_retry_at = now + (uint64_t)d->cfg->contract_check_ms;
-    if (was == FOD_CONTRACT_PAUSED) {
+    if (was == CONTRACT_PAUSED) {
         fo_log(FO_LOG_INFO, "contract holds again; resuming fan-out",
                "view=%s.%s indexes=%s jobs=%d", d->cfg->contract_schema, d->cfg->contract_view,
                rel_contract_indexes(k), d->njobs);
         free(d->contract_seen); /* a new break is reported afresh */
         d->contract_seen = NULL;
         resume_all(d);
-    } else if (was == FOD_CONTRACT_UNCHECKED) {
+    } else if (was == CONTRACT_UNCHECKED) {
         fo_log(FO_LOG_INFO, "contract ok", "view=%s.%s role=%s indexes=%s warnings=%zu",
                d->cfg->contract_schema, d->cfg->contract_view, rel_contract_role(k),
                rel_contract_indexes(k), rel_contract_count(k));
     }
     update_ready(d); /* after the line: "contract ok" comes before READY=1 */
-    fod__store_claim(d);
+    claim(d);
     if (d->contract_again) {
         d->contract_again = 0;
         d->contract_retry_at = 0;
@@ -345,7 +439,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
 /* Runs the check when it is due (force: at once, or right after the one running). */
 static void check_contract(fod_daemon_t *d, int force)
 {
-    if (d->contract == FOD_CONTRACT_BROKEN || d->stopping)
+    if (d->contract == CONTRACT_BROKEN || d->stopping)
         return;
     if (force) {
         d->contract_retry_at = 0;
@@ -363,9 +457,9 @@ static void check_contract(fod_daemon_t *d, int force)
 static void on_contract_broken(void *ctx, const char *err)
 {
     fod_daemon_t *d = ctx;
-    if (d->contract != FOD_CONTRACT_OK)
+    if (d->contract != CONTRACT_OK)
         return;
-    d->contract = FOD_CONTRACT_PAUSED;
+    d->contract = CONTRACT_PAUSED;
     update_ready(d);
     char what[512];
     fo_log_quote(what, sizeof what, err ? err : "unknown");
@@ -381,13 +475,14 @@ static void on_ctl_state(pgc_conn_t *c, int up, void *data)
     fod_daemon_t *d = data;
     note_state(d, &d->ctl_up, up, MET_PG);
     if (!up)
-        fod__identity_lost(d);
+        fod_identity_lost(d->identity);
     if (up) {
-        fod__identity_check(d);
+        if (!d->stopping && !d->failed)
+            fod_identity_check(d->identity);
         check_contract(d, 1);
-        fod__store_claim(d); /* catch up on wake-ups missed while down */
+        claim(d); /* catch up on wake-ups missed while down */
         on_tick(&d->tick_timer);
-        fod__store_renew(d);
+        renew(d);
         on_stats_timer(&d->stats_timer);
     }
 }
@@ -405,19 +500,19 @@ static void on_redis_state(ntf_client_t *c, int up, void *data)
     fod_daemon_t *d = data;
     note_state(d, &d->redis_up, up, MET_REDIS);
     if (d->ctl && pgc_conn_ready(d->ctl))
-        fod__store_renew(d); /* the worker row says why Redis is refused, or no longer */
+        renew(d); /* the worker row says why Redis is refused, or no longer */
     if (up)
         kick_all(data);
 }
 
 /* --- gauges that need a query: oldest unfinished event, stream lengths --- */
 
-static void on_oldest(int status, const PGresult *res, void *data)
+static void on_oldest(int status, double seconds, void *data)
 {
     fod_daemon_t *d = data;
     d->stats_busy--;
-    if (status == 0 && PQntuples(res) == 1)
-        d->metrics.oldest_pending_age_s = atof(PQgetvalue(res, 0, 0));
+    if (status == 0)
+        d->metrics.oldest_pending_age_s = seconds;
 }
 
 typedef struct xlen_call {
@@ -440,7 +535,7 @@ static void on_stats_timer(uv_timer_t *t)
     fod_daemon_t *d = t->data;
     if (d->stats_busy > 0 || d->stopping)
         return; /* the last round is still out: never pile up */
-    if (pgc_conn_ready(d->ctl) && pgc_conn_exec(d->ctl, "fo_oldest", 0, NULL, 0, on_oldest, d) == 0)
+    if (pgc_conn_ready(d->ctl) && fod_store_oldest(d->store, on_oldest, d) == 0)
         d->stats_busy++;
     if (!d->redis || !ntf_client_ready(d->redis))
         return;
@@ -457,11 +552,14 @@ static void on_stats_timer(uv_timer_t *t)
 
 /* --- life cycle --- */
 
-fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
+fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg, const fod_host_t *host)
 {
     fod_daemon_t *d = fo_xcalloc(1, sizeof *d);
     d->loop = loop;
     d->cfg = cfg;
+    snprintf(d->host, sizeof d->host, "%s", host->host);
+    snprintf(d->worker_id, sizeof d->worker_id, "%s", host->worker_id);
+    d->pid = host->pid;
     d->jobs = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->jobs);
     d->started_ms = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->started_ms);
     met_init(&d->metrics, cfg->shards);
@@ -475,7 +573,6 @@ fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg)
                            .contract_broken = on_contract_broken,
                            .key_refusal = io_key_refusal,
                            .record_mark = io_record_mark};
-    fod__identity_init(d);
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {
@@ -491,7 +588,7 @@ void fod_daemon_set_fatal_cb(fod_daemon_t *d, void (*cb)(fod_daemon_t *d, void *
     d->fatal_data = data;
 }
 
-void fod_daemon_read_stats(const fod_daemon_t *d, rel_reader_stats_t *out)
+static void read_stats(const fod_daemon_t *d, rel_reader_stats_t *out)
 {
     if (d->reader)
         rel_reader_stats(d->reader, out);
@@ -501,13 +598,79 @@ void fod_daemon_read_stats(const fod_daemon_t *d, rel_reader_stats_t *out)
 
 int fod_daemon_failed(const fod_daemon_t *d)
 {
-    return d->failed != FOD_FAIL_NONE;
+    return d->failed != FAIL_NONE;
 }
 
-void fod__daemon_identity_held(fod_daemon_t *d)
+/* identity: the id is held; claims may start. */
+static void on_identity_held(void *ctx)
 {
-    fod__store_renew(d); /* the row says who holds the id, at once */
-    fod__store_claim(d);
+    fod_daemon_t *d = ctx;
+    renew(d); /* the row says who holds the id, at once */
+    claim(d);
+}
+
+/* identity: another live fanoutd holds the configured id. */
+static void on_identity_refused(void *ctx)
+{
+    fod_daemon_t *d = ctx;
+    d->failed = FAIL_IDENTITY;
+    if (d->fatal)
+        d->fatal(d, d->fatal_data);
+}
+
+/* store: a claim, split or record is over. */
+static void on_store_settled(void *ctx, int claim_more)
+{
+    fod_daemon_t *d = ctx;
+    check_stopped(d);
+    if (claim_more)
+        claim(d);
+}
+
+/* store: a renewal found the lease gone. */
+static void on_lease_lost(void *ctx, int64_t job_id, int64_t token)
+{
+    fod_daemon_t *d = ctx;
+    for (int i = 0; i < d->njobs; i++) {
+        fod_job_t *j = d->jobs[i];
+        if (fod_job_id(j) == job_id && fod_job_token(j) == token) {
+            fo_log(FO_LOG_WARN, "lease lost; stopping the job", "job=%" PRId64 " token=%" PRId64,
+                   job_id, token);
+            fod_job_stop(j);
+            break;
+        }
+    }
+}
+
+/* Claims when this worker may: running, below max_jobs, the contract holding, the id held. */
+static void claim(fod_daemon_t *d)
+{
+    if (d->closed || d->stopping || d->njobs >= d->cfg->max_jobs || d->contract != CONTRACT_OK ||
+        !fod_identity_held(d->identity))
+        return;
+    fod_held_t held[d->njobs > 0 ? d->njobs : 1];
+    for (int i = 0; i < d->njobs; i++)
+        held[i] = (fod_held_t){fod_job_id(d->jobs[i]), fod_job_event_id(d->jobs[i])};
+    fod_store_claim(d->store, d->worker_id, held, (size_t)d->njobs);
+}
+
+/* Renews every running job's lease (and checkpoints its progress) and refreshes this
+ * worker's row in fanout.workers (with why it pauses, if it does). */
+static void renew(fod_daemon_t *d)
+{
+    if (d->closed || !d->store)
+        return;
+    for (int i = 0; i < d->njobs; i++) {
+        fod_job_t *j = d->jobs[i];
+        fod_store_renew(d->store, fod_job_id(j), fod_job_token(j), fod_job_cursor(j),
+                        fod_job_delivered(j), fod_job_waiting(j));
+    }
+    const char *paused = d->paused ? d->paused_reason : NULL;
+    if (!paused && d->contract == CONTRACT_PAUSED)
+        paused = "contract broken: fanoutctl check-db names the finding and the fix";
+    if (!paused && d->redis) /* a refused Redis pauses every job too */
+        paused = ntf_client_refusal(d->redis);
+    fod_identity_heartbeat(d->identity, d->njobs, paused);
 }
 
 void fod_daemon_start(fod_daemon_t *d)
@@ -516,10 +679,14 @@ void fod_daemon_start(fod_daemon_t *d)
     d->ctl = pgc_conn_new(d->loop, cfg, cfg->pg_dsn, "fanoutd", on_ctl_state, on_notify, d);
     pgc_conn_setup_limits(d->ctl, cfg);
     pgc_conn_setup(d->ctl, "LISTEN fanout_events");
-    fod__store_prepare(d);
-    fod__identity_prepare(d);
-
     d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
+    fod_store_events_t store_events = {
+        .claimed = on_claimed, .settled = on_store_settled, .lease_lost = on_lease_lost, .ctx = d};
+    d->store = fod_store_new(d->ctl, d->reader, cfg, &d->metrics, &store_events);
+    fod_host_t host = {.host = d->host, .pid = d->pid, .worker_id = d->worker_id};
+    fod_identity_events_t id_events = {
+        .held = on_identity_held, .refused = on_identity_refused, .ctx = d};
+    d->identity = fod_identity_new(d->ctl, cfg, &host, &id_events);
 
     d->redis = ntf_client_new(d->loop, cfg, on_redis_state, d);
     pgc_conn_start(d->ctl);
@@ -540,15 +707,34 @@ void fod_daemon_start(fod_daemon_t *d)
            cfg->max_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
 }
 
+/* One timer or connection finished closing; after the last, the stop is complete. */
+static void on_part_closed(void *data)
+{
+    fod_daemon_t *d = data;
+    if (--d->closing_parts > 0)
+        return;
+    fo_log(FO_LOG_INFO, "fanoutd stopped", NULL);
+    if (d->stop_done)
+        d->stop_done(d, d->stop_data);
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    on_part_closed(h->data);
+}
+
 static void close_all(fod_daemon_t *d)
 {
     if (d->closed)
         return;
     d->closed = 1;
+    d->closing_parts = 1; /* until every close below has been asked for */
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
-    for (size_t i = 0; i < 6; i++)
-        uv_close((uv_handle_t *)timers[i], NULL);
+    for (size_t i = 0; i < 6; i++) {
+        d->closing_parts++;
+        uv_close((uv_handle_t *)timers[i], on_timer_closed);
+    }
     /* jobs still running past the stop bound: their leases expire, their marks are exact */
     for (int i = 0; i < d->njobs; i++)
         fo_log(FO_LOG_WARN, "stop bound reached; job left to its lease",
@@ -556,24 +742,24 @@ static void close_all(fod_daemon_t *d)
                fod_job_cursor(d->jobs[i]));
     /* each frees itself once libuv has closed its handles: forget them now, so that
      * whatever still runs (job callbacks, a reload finishing) finds them gone */
+    d->closing_parts += (d->redis != NULL) + (d->ctl != NULL) + (d->reader != NULL);
     if (d->redis)
-        ntf_client_close(d->redis);
+        ntf_client_close(d->redis, on_part_closed, d);
     d->redis = NULL;
     if (d->ctl)
-        pgc_conn_close(d->ctl, NULL, NULL);
+        pgc_conn_close(d->ctl, on_part_closed, d);
     d->ctl = NULL;
     if (d->reader)
-        rel_reader_close(d->reader, NULL, NULL);
-    d->reader = NULL; /* it frees itself once libuv has closed its handles */
-    fo_log(FO_LOG_INFO, "fanoutd stopped", NULL);
-    if (d->stop_done)
-        d->stop_done(d, d->stop_data);
+        rel_reader_close(d->reader, on_part_closed, d);
+    d->reader = NULL;
+    on_part_closed(d);
 }
 
-void fod__daemon_check_stopped(fod_daemon_t *d)
+/* A record was written or a job left: the stop may be complete. */
+static void check_stopped(fod_daemon_t *d)
 {
     /* a claim (or split) still out may yet hand over a job that must be released */
-    if (d->stopping && d->njobs == 0 && !d->recs && !d->claiming)
+    if (d->stopping && d->njobs == 0 && !(d->store && fod_store_busy(d->store)))
         close_all(d);
 }
 
@@ -595,7 +781,7 @@ void fod_daemon_stop(fod_daemon_t *d, void (*done)(fod_daemon_t *d, void *data),
     for (int i = d->njobs - 1; i >= 0; i--)
         if (i < d->njobs)
             fod_job_stop(d->jobs[i]);
-    fod__daemon_check_stopped(d);
+    check_stopped(d);
 }
 
 void fod_daemon_free(fod_daemon_t *d)
@@ -605,7 +791,9 @@ void fod_daemon_free(fod_daemon_t *d)
     /* after close_all: callbacks of closed connections ran with FO_ESTOP */
     for (int i = 0; i < d->njobs; i++)
         fod_job_free(d->jobs[i]);
-    fod__store_free_records(d);
+    fod_store_free(d->store);
+    if (d->identity)
+        fod_identity_free(d->identity);
     free(d->jobs);
     free(d->started_ms);
     free(d->contract_seen);
@@ -634,7 +822,7 @@ met_t *fod_daemon_metrics(fod_daemon_t *d)
     snprintf(d->metrics.redis_refusal, sizeof d->metrics.redis_refusal, "%s",
              refused ? refused : "");
     rel_reader_stats_t rs;
-    fod_daemon_read_stats(d, &rs);
+    read_stats(d, &rs);
     d->metrics.replica_pages = rs.replica_pages;
     d->metrics.fallback_pages = rs.fallback_pages;
     d->metrics.replica_fallbacks = rs.fallbacks;

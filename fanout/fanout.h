@@ -17,8 +17,16 @@
 
 typedef struct fod_daemon fod_daemon_t;
 
+/* What fanoutd's main knows of its host: the host name, this process's id, and the worker
+ * id (cfg->worker_id, or the host name and a random suffix). Copied. */
+typedef struct fod_host {
+    const char *host;
+    int pid;
+    const char *worker_id;
+} fod_host_t;
+
 /* Creates the daemon on loop; cfg must outlive it. Nothing connects until fod_daemon_start. */
-fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg);
+fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg, const fod_host_t *host);
 
 /* Connects to PostgreSQL and Redis (retrying with backoff) and starts claiming jobs. */
 void fod_daemon_start(fod_daemon_t *d);
@@ -26,9 +34,10 @@ void fod_daemon_start(fod_daemon_t *d);
 /*
  * Graceful stop: claims no more jobs, lets the pages in flight finish, records progress and
  * releases the leases so another worker can take the jobs at once, then closes every
- * connection and handle and calls done(d, data). If that takes longer than
- * cfg->stop_timeout_ms, it stops anyway (the leases then expire; the progress marks in Redis
- * keep the work exact). After done, the caller runs the loop until it empties and calls
+ * connection and handle and, once libuv has closed them all, calls done(d, data) (as
+ * uv_close calls its callback). If that takes longer than cfg->stop_timeout_ms, it stops
+ * anyway (the leases then expire; the progress marks in Redis keep the work exact). After
+ * done, the caller closes its own handles, runs the loop until it empties and calls
  * fod_daemon_free.
  */
 void fod_daemon_stop(fod_daemon_t *d, void (*done)(fod_daemon_t *d, void *data), void *data);

@@ -22,7 +22,7 @@
 #include "common/common.h"
 #include "config/config.h"
 #include "fanout/fanout.h"
-#include "fanout/fod_int.h"
+#include "fanout/fod_sd_int.h"
 #include "metrics/metrics.h"
 
 #include <inttypes.h>
@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #define STATUS_MS 2000 /* how often STATUS= is refreshed (only when it changed) */
@@ -114,7 +115,7 @@ static void on_stopped(fod_daemon_t *d, void *data)
     uv_close((uv_handle_t *)&a->sighup, NULL);
     uv_close((uv_handle_t *)&a->watchdog_timer, NULL);
     uv_close((uv_handle_t *)&a->status_timer, NULL);
-    met_server_close(a->metrics);
+    met_server_close(a->metrics, NULL, NULL);
     a->metrics = NULL;
 }
 
@@ -194,6 +195,27 @@ static void usage(FILE *out)
     cfg_usage(out, NULL);
 }
 
+/* This host as the daemon needs to know it: the host name, this process's id, and the
+ * worker id: the configured one, or the host name and a random suffix (unique per process,
+ * so two daemons on one host never share one). */
+static fod_host_t host_identity(const cfg_t *cfg, char *host, size_t host_size, char *worker_id,
+                                size_t worker_size)
+{
+    if (gethostname(host, host_size - 1) < 0 || !host[0])
+        snprintf(host, host_size, "fanoutd");
+    host[host_size - 1] = '\0';
+    int pid = (int)getpid();
+    if (cfg->worker_id_auto) {
+        uint32_t r = 0;
+        if (uv_random(NULL, NULL, &r, sizeof r, 0, NULL) != 0)
+            r = (uint32_t)(uv_hrtime() ^ ((uint64_t)pid << 20));
+        snprintf(worker_id, worker_size, "%.200s-%08" PRIx32, host, r);
+    } else {
+        snprintf(worker_id, worker_size, "%s", cfg->worker_id);
+    }
+    return (fod_host_t){.host = host, .pid = pid, .worker_id = worker_id};
+}
+
 int main(int argc, char **argv)
 {
     int check_only = 0;
@@ -249,7 +271,9 @@ int main(int argc, char **argv)
             rc = 1; /* logged; a port clash is a start-up configuration error */
     }
     if (rc == 0) {
-        app.daemon = fod_daemon_new(&loop, &cfg);
+        char host[256], worker_id[256];
+        fod_host_t who = host_identity(&cfg, host, sizeof host, worker_id, sizeof worker_id);
+        app.daemon = fod_daemon_new(&loop, &cfg, &who);
         fod_daemon_set_fatal_cb(app.daemon, on_fatal, &app);
         uv_signal_init(&loop, &app.sigterm);
         uv_signal_init(&loop, &app.sigint);

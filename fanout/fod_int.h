@@ -4,6 +4,7 @@
 
 #include "common/common.h"
 #include "config/config.h"
+#include "fanout/fanout.h"
 #include "metrics/metrics.h"
 #include "notifier/notifier.h"
 #include "relationships/relationships.h"
@@ -109,120 +110,89 @@ const char *fod_job_waiting(const fod_job_t *j);
 /* Milliseconds of the monotonic clock at which a WAITING job wants its retry. */
 uint64_t fod_job_retry_at(const fod_job_t *j);
 
-/* --- the daemon's internals, shared by daemon.c and store.c --- */
-
-#include <uv.h>
-
-typedef struct fod_daemon fod_daemon_t;
-typedef struct store_rec store_rec_t;
-
 /*
- * The contract's state. UNCHECKED until the first check passes; OK while it holds; PAUSED
- * when it broke while running (a page query said so, or a periodic check found it): nothing
- * is read or claimed, no attempt is used, and it is checked again until it holds. A check
- * that refuses before the first pass ends fanoutd (BROKEN).
+ * The job store (store.c): fanout.jobs through the control connection. An object of its
+ * own: the daemon calls it, and it answers only through the callbacks given to
+ * fod_store_new, so that calls run one way.
  */
-enum { FOD_CONTRACT_UNCHECKED, FOD_CONTRACT_OK, FOD_CONTRACT_PAUSED, FOD_CONTRACT_BROKEN };
-/* This worker's identity (identity.c): nothing is claimed before it is HELD. */
-enum { FOD_ID_NONE, FOD_ID_ASKING, FOD_ID_HELD };
-/* Why fanoutd cannot run (fod_daemon_failed): each exits with a status systemd does not
- * restart, since restarting changes nothing. */
-enum { FOD_FAIL_NONE, FOD_FAIL_CONTRACT, FOD_FAIL_IDENTITY };
+typedef struct fod_store fod_store_t;
 
-struct fod_daemon {
-    uv_loop_t *loop;
-    const cfg_t *cfg;
-    pgc_conn_t *ctl;
-    rel_reader_t *reader;       /* the connections follower pages come from (budget, replica) */
-    int contract;               /* FOD_CONTRACT_*: nothing is claimed before the check passed */
-    int contract_busy;          /* a check is running */
-    int contract_again;         /* a check was asked for while one was running */
-    uint64_t contract_retry_at; /* when the next check is due */
-    char *contract_seen;        /* the findings last logged, so that a repeat is not logged again */
-    int failed;                 /* FOD_FAIL_* */
-    char worker_id[256];        /* cfg->worker_id, or the host name and a random suffix */
-    char host[256];
-    int pid;
-    int identity; /* FOD_ID_* */
-    uint64_t identity_retry_at, identity_logged_at;
-    void (*fatal)(fod_daemon_t *d, void *data);
-    void *fatal_data;
-    ntf_client_t *redis;
-    fod_job_io_t io;
+typedef struct fod_store_events {
+    /* A job was claimed (and split, if it was worth it): start it. The claim's strings are
+     * borrowed until return. */
+    void (*claimed)(void *ctx, const fod_claim_t *claim);
+    /* A claim, a split or a record finished: the stop may be complete now, and with
+     * claim_more = 1 there may be more to claim at once. */
+    void (*settled)(void *ctx, int claim_more);
+    /* A renewal found that the job's lease moved on: stop the job. */
+    void (*lease_lost)(void *ctx, int64_t job_id, int64_t token);
+    void *ctx;
+} fod_store_events_t;
 
-    fod_job_t **jobs;     /* cfg->max_jobs slots, njobs used */
-    uint64_t *started_ms; /* when each job was claimed, for the done line */
-    int njobs;
-    store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
+/* A job this worker holds (running here): never claimed again while held. */
+typedef struct fod_held {
+    int64_t job_id, event_id;
+} fod_held_t;
 
-    int claiming, claim_again;
-    unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
-    uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
-    int paused;              /* backpressure: jobs write nothing new */
-    char paused_reason[160];
-    int backlog_busy;
-    int stopping;
-    void (*stop_done)(fod_daemon_t *d, void *data);
-    void *stop_data;
+/* What a finished job left: recorded with its token, retried until written. */
+typedef enum { FOD_OUTCOME_DONE, FOD_OUTCOME_RELEASED, FOD_OUTCOME_FAILED } fod_outcome_kind_t;
+typedef struct fod_outcome {
+    fod_outcome_kind_t kind;
+    int64_t job_id, event_id, token, cursor, delivered;
+    uint64_t started_ms;
+    const char *error; /* FAILED: why (copied) */
+    int fatal;         /* FAILED: dead at once, until fanoutctl retry */
+} fod_outcome_t;
 
-    uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer, stats_timer;
-    int closed;
-
-    met_t metrics;
-    int ctl_up, pages_up, redis_up; /* 1: up now; 2: was up once, down now */
-    int ready;
-    int stats_busy; /* replies of the last stats round still outstanding */
-    void (*on_ready)(fod_daemon_t *d, int ready, void *data);
-    void *on_ready_data;
-};
-
-/* store.c: the job store in fanout.jobs, through the control connection. */
-void fod__store_prepare(fod_daemon_t *d);
-/* Claims jobs until max_jobs run or none is claimable (one claim query at a time). */
-void fod__store_claim(fod_daemon_t *d);
-/* Records a finished job's outcome (done, released, failed) and retries until written. */
-void fod__store_record(fod_daemon_t *d, fod_job_t *j, uint64_t started_ms);
+/* Registers the store's statements on ctl (before it starts). reader serves the split's
+ * bounds query (read-only, through the contract view). Counters go to metrics. */
+fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *cfg, met_t *metrics,
+                           const fod_store_events_t *events);
+/* Claims one job for worker_id unless a claim is out (then once more after it) or refusals
+ * asked to wait; held[0..n): the jobs running here. */
+void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n);
+/* 1 while a claim or split is out or a record is not written yet. */
+int fod_store_busy(const fod_store_t *s);
+void fod_store_record(fod_store_t *s, const fod_outcome_t *o);
 /* Sends the records whose retry time has come. */
-void fod__store_retry(fod_daemon_t *d, uint64_t now);
-/* Renews every running job's lease (and checkpoints its progress); stops jobs that lost it.
- * Also refreshes this worker's row in fanout.workers. */
-void fod__store_renew(fod_daemon_t *d);
-void fod__store_free_records(fod_daemon_t *d);
+void fod_store_retry(fod_store_t *s, uint64_t now);
+/* Renews one running job's lease and checkpoints its progress (waiting: why it waits, or
+ * NULL); events->lease_lost when the lease moved on. */
+void fod_store_renew(fod_store_t *s, int64_t job_id, int64_t token, int64_t cursor,
+                     int64_t delivered, const char *waiting);
 /* io->record_mark: fanout.jobs.mark_created = true, with the token check. */
-int fod__store_record_mark(fod_daemon_t *d, int64_t job_id, int64_t token,
-                           void (*cb)(int status, void *data), void *data);
+int fod_store_record_mark(fod_store_t *s, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data);
+/* The oldest unfinished event's age, for the gauge: cb(seconds) or nothing on failure. */
+int fod_store_oldest(fod_store_t *s, void (*cb)(int status, double seconds, void *data),
+                     void *data);
+/* After the control connection closed (its callbacks ran with FO_ESTOP). */
+void fod_store_free(fod_store_t *s);
 
-/* identity.c: this worker's id (an advisory lock) and its fanout.workers row. */
-void fod__identity_init(fod_daemon_t *d);
-void fod__identity_prepare(fod_daemon_t *d);
-/* Asks for the id's lock when it is not held and the retry time has come. */
-void fod__identity_check(fod_daemon_t *d);
-/* The control connection went down: the lock went with its session. */
-void fod__identity_lost(fod_daemon_t *d);
-/* Writes this worker's row (only while the id is held). */
-void fod__identity_heartbeat(fod_daemon_t *d);
-
-/* The reader's counters (pages from the primary and the replica, fallbacks, lag). */
-void fod_daemon_read_stats(const fod_daemon_t *d, rel_reader_stats_t *out);
-
-/* daemon.c: starts a claimed job in a free slot. */
-void fod__daemon_start_job(fod_daemon_t *d, const fod_claim_t *claim);
-/* identity.c got the id: claims may start. */
-void fod__daemon_identity_held(fod_daemon_t *d);
-/* Called when a record was written or a job left: the stop may be complete. */
-void fod__daemon_check_stopped(fod_daemon_t *d);
 /*
- * The systemd notification protocol (sd_notify.c), for fanoutd.c. fod_sd_open reads nothing
- * from the environment itself: the caller passes NOTIFY_SOCKET's value (NULL or empty: every
- * notify is a no-op). fod_sd_notify sends one datagram without ever blocking.
+ * This worker's identity (identity.c): its id, held as an advisory lock on the control
+ * connection, and its fanout.workers row. An object of its own, answering through the
+ * callbacks given to fod_identity_new. The host (name, pid, id) comes from fanoutd's main.
  */
-typedef struct fod_sd fod_sd_t;
-fod_sd_t *fod_sd_open(const char *notify_socket);
-int fod_sd_enabled(const fod_sd_t *sd);
-void fod_sd_notify(fod_sd_t *sd, const char *msg);
-/* The watchdog interval in microseconds from WATCHDOG_USEC and WATCHDOG_PID's values;
- * 0 when off, malformed, or meant for another process. */
-uint64_t fod_sd_watchdog_usec(const char *usec, const char *pid);
-void fod_sd_close(fod_sd_t *sd);
+typedef struct fod_identity fod_identity_t;
+
+typedef struct fod_identity_events {
+    void (*held)(void *ctx);    /* the id is held: claims may start */
+    void (*refused)(void *ctx); /* another live fanoutd holds the configured id: fatal */
+    void *ctx;
+} fod_identity_events_t;
+
+fod_identity_t *fod_identity_new(pgc_conn_t *ctl, const cfg_t *cfg, const fod_host_t *host,
+                                 const fod_identity_events_t *events);
+/* Asks for the id's lock when it is not held and the retry time has come. */
+void fod_identity_check(fod_identity_t *id);
+/* The control connection went down: the lock went with its session. */
+void fod_identity_lost(fod_identity_t *id);
+int fod_identity_held(const fod_identity_t *id);
+const char *fod_identity_worker(const fod_identity_t *id);
+/* Writes this worker's row (only while the id is held); paused: why it writes nothing new,
+ * or NULL. */
+void fod_identity_heartbeat(fod_identity_t *id, int njobs, const char *paused);
+void fod_identity_free(fod_identity_t *id);
 
 #endif

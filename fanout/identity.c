@@ -19,7 +19,9 @@
  *   - otherwise (the holder stopped heartbeating on another host): not provably gone, so
  *     wait for PostgreSQL to drop its session, saying so once.
  * Without a configured worker_id the id is the host name plus a random suffix, unique per
- * process, so two daemons on one host never share one.
+ * process, so two daemons on one host never share one (fanoutd's main makes it).
+ *
+ * An object of its own: the daemon calls it; it answers through fod_identity_events_t.
  */
 #include "fanout/fod_int.h"
 
@@ -33,6 +35,19 @@
 
 #define ASK_AGAIN_MS 250
 #define WAIT_LOG_MS 60000
+
+enum { ID_NONE, ID_ASKING, ID_HELD };
+
+struct fod_identity {
+    pgc_conn_t *ctl;
+    const cfg_t *cfg;
+    fod_identity_events_t ev;
+    char worker_id[256];
+    char host[256];
+    int pid;
+    int state; /* ID_* */
+    uint64_t retry_at, logged_at;
+};
 
 /* $1 worker id, $2 host, $3 pid. Takes the id's lock; on success (re)writes the row; returns
  * whether the lock was got and the row as it was before. */
@@ -69,44 +84,51 @@ static const char SQL_WORKER[] =
     " ON CONFLICT (worker_id) DO UPDATE SET seen_at = now(), jobs = $2, paused_reason = $3,"
     "   host = $4, pid = $5::int";
 
-void fod__identity_init(fod_daemon_t *d)
+fod_identity_t *fod_identity_new(pgc_conn_t *ctl, const cfg_t *cfg, const fod_host_t *host,
+                                 const fod_identity_events_t *events)
 {
-    const cfg_t *cfg = d->cfg;
-    if (gethostname(d->host, sizeof d->host - 1) < 0 || !d->host[0])
-        snprintf(d->host, sizeof d->host, "fanoutd");
-    d->host[sizeof d->host - 1] = '\0';
-    d->pid = (int)getpid();
-    if (cfg->worker_id_auto) {
-        uint32_t r = 0;
-        if (uv_random(NULL, NULL, &r, sizeof r, 0, NULL) != 0)
-            r = (uint32_t)(uv_hrtime() ^ ((uint64_t)d->pid << 20));
-        snprintf(d->worker_id, sizeof d->worker_id, "%.200s-%08" PRIx32, d->host, r);
-    } else {
-        snprintf(d->worker_id, sizeof d->worker_id, "%s", cfg->worker_id);
-    }
+    fod_identity_t *d = fo_xcalloc(1, sizeof *d);
+    d->ctl = ctl;
+    d->cfg = cfg;
+    d->ev = *events;
+    snprintf(d->worker_id, sizeof d->worker_id, "%s", host->worker_id);
+    snprintf(d->host, sizeof d->host, "%s", host->host);
+    d->pid = host->pid;
+    pgc_conn_prepare(ctl, "fo_identity", SQL_IDENTITY, 3);
+    pgc_conn_prepare(ctl, "fo_identity_free", SQL_IDENTITY_FREE, 1);
+    pgc_conn_prepare(ctl, "fo_worker", SQL_WORKER, 5);
+    return d;
 }
 
-void fod__identity_prepare(fod_daemon_t *d)
+void fod_identity_free(fod_identity_t *d)
 {
-    pgc_conn_prepare(d->ctl, "fo_identity", SQL_IDENTITY, 3);
-    pgc_conn_prepare(d->ctl, "fo_identity_free", SQL_IDENTITY_FREE, 1);
-    pgc_conn_prepare(d->ctl, "fo_worker", SQL_WORKER, 5);
+    free(d);
+}
+
+int fod_identity_held(const fod_identity_t *d)
+{
+    return d->state == ID_HELD;
+}
+
+const char *fod_identity_worker(const fod_identity_t *d)
+{
+    return d->worker_id;
 }
 
 static void on_identity(int status, const PGresult *res, void *data);
 
-static void ask(fod_daemon_t *d)
+static void ask(fod_identity_t *d)
 {
     char pid[16];
     snprintf(pid, sizeof pid, "%d", d->pid);
     const char *params[] = {d->worker_id, d->host, pid};
     if (pgc_conn_exec(d->ctl, "fo_identity", 3, params, 0, on_identity, d) == 0)
-        d->identity = FOD_ID_ASKING;
+        d->state = ID_ASKING;
 }
 
 /* 1 when the process holding the lock is provably gone: on this host, and no such pid or
  * this very process (a session of a control connection it has since replaced). */
-static int holder_gone(const fod_daemon_t *d, const char *host, int pid)
+static int holder_gone(const fod_identity_t *d, const char *host, int pid)
 {
     if (pid <= 0 || strcmp(host, d->host) != 0)
         return 0;
@@ -115,7 +137,7 @@ static int holder_gone(const fod_daemon_t *d, const char *host, int pid)
 
 static void on_identity_freed(int status, const PGresult *res, void *data)
 {
-    fod_daemon_t *d = data;
+    fod_identity_t *d = data;
     if (status == 0 && strcmp(PQgetvalue(res, 0, 0), "0") != 0)
         fo_log(FO_LOG_INFO, "ended the session of the previous holder of this worker_id",
                "worker=%s sessions=%s", d->worker_id, PQgetvalue(res, 0, 0));
@@ -123,22 +145,22 @@ static void on_identity_freed(int status, const PGresult *res, void *data)
 
 static void on_identity(int status, const PGresult *res, void *data)
 {
-    fod_daemon_t *d = data;
+    fod_identity_t *d = data;
     if (status == FO_ESTOP)
         return;
-    d->identity = FOD_ID_NONE;
+    d->state = ID_NONE;
     if (status < 0) {
         char what[512];
         fo_log_quote(what, sizeof what, res ? PQresultErrorMessage(res) : "connection lost");
         fo_log(FO_LOG_WARN, "worker identity not taken; retrying", "error=%s", what);
-        d->identity_retry_at = fo_now_ms() + 1000;
+        d->retry_at = fo_now_ms() + 1000;
         return;
     }
     if (strcmp(PQgetvalue(res, 0, 0), "1") == 0) {
-        d->identity = FOD_ID_HELD;
+        d->state = ID_HELD;
         fo_log(FO_LOG_INFO, "worker identity held", "worker=%s host=%s pid=%d", d->worker_id,
                d->host, d->pid);
-        fod__daemon_identity_held(d);
+        d->ev.held(d->ev.ctx);
         return;
     }
     const char *host = PQgetvalue(res, 0, 2), *since = PQgetvalue(res, 0, 4);
@@ -152,7 +174,7 @@ static void on_identity(int status, const PGresult *res, void *data)
     if (holder_gone(d, host, pid)) {
         const char *params[] = {d->worker_id};
         pgc_conn_exec(d->ctl, "fo_identity_free", 1, params, 0, on_identity_freed, d);
-        d->identity_retry_at = now + ASK_AGAIN_MS;
+        d->retry_at = now + ASK_AGAIN_MS;
         return;
     }
     int alive_here = pid > 0 && strcmp(host, d->host) == 0 && kill(pid, 0) == 0;
@@ -162,34 +184,31 @@ static void on_identity(int status, const PGresult *res, void *data)
                "each fanoutd its own FANOUT_WORKER_ID, or leave it empty for a unique one",
                "worker=%s other_host=%s other_pid=%d other_since=%s other_seen_ms_ago=%lld",
                d->worker_id, host[0] ? host : "(unknown)", pid, since, seen_ms);
-        d->failed = FOD_FAIL_IDENTITY;
-        if (d->fatal)
-            d->fatal(d, d->fatal_data);
+        d->ev.refused(d->ev.ctx);
         return;
     }
-    if (now >= d->identity_logged_at + WAIT_LOG_MS || !d->identity_logged_at) {
-        d->identity_logged_at = now;
+    if (now >= d->logged_at + WAIT_LOG_MS || !d->logged_at) {
+        d->logged_at = now;
         fo_log(FO_LOG_WARN,
                "worker_id is locked by a PostgreSQL session whose fanoutd stopped heartbeating; "
                "waiting for PostgreSQL to drop it (or end that session with pg_terminate_backend)",
                "worker=%s other_host=%s other_pid=%d other_since=%s other_seen_ms_ago=%lld",
                d->worker_id, host[0] ? host : "(unknown)", pid, since, seen_ms);
     }
-    d->identity_retry_at = now + 1000;
+    d->retry_at = now + 1000;
 }
 
-void fod__identity_check(fod_daemon_t *d)
+void fod_identity_check(fod_identity_t *d)
 {
-    if (d->identity == FOD_ID_NONE && !d->stopping && !d->failed && pgc_conn_ready(d->ctl) &&
-        fo_now_ms() >= d->identity_retry_at)
+    if (d->state == ID_NONE && pgc_conn_ready(d->ctl) && fo_now_ms() >= d->retry_at)
         ask(d);
 }
 
-void fod__identity_lost(fod_daemon_t *d)
+void fod_identity_lost(fod_identity_t *d)
 {
     /* the lock went with the session; until it is held again nothing is claimed */
-    d->identity = FOD_ID_NONE;
-    d->identity_retry_at = 0;
+    d->state = ID_NONE;
+    d->retry_at = 0;
 }
 
 static void on_worker_row(int status, const PGresult *res, void *data)
@@ -201,18 +220,13 @@ static void on_worker_row(int status, const PGresult *res, void *data)
     }
 }
 
-void fod__identity_heartbeat(fod_daemon_t *d)
+void fod_identity_heartbeat(fod_identity_t *d, int jobs, const char *paused)
 {
-    if (d->identity != FOD_ID_HELD)
+    if (d->state != ID_HELD)
         return; /* the row may be another live process's: never overwrite it */
     char njobs[16], pid[16];
-    snprintf(njobs, sizeof njobs, "%d", d->njobs);
+    snprintf(njobs, sizeof njobs, "%d", jobs);
     snprintf(pid, sizeof pid, "%d", d->pid);
-    const char *paused = d->paused ? d->paused_reason : NULL;
-    if (!paused && d->contract == FOD_CONTRACT_PAUSED)
-        paused = "contract broken: fanoutctl check-db names the finding and the fix";
-    if (!paused && d->redis) /* a refused Redis pauses every job too */
-        paused = ntf_client_refusal(d->redis);
     const char *params[] = {d->worker_id, njobs, paused, d->host, pid};
     pgc_conn_exec(d->ctl, "fo_worker", 5, params, 0, on_worker_row, NULL);
 }

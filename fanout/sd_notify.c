@@ -9,7 +9,9 @@
  * (the next STATUS= or WATCHDOG=1 follows within seconds). Without NOTIFY_SOCKET every call
  * is a no-op, so fanoutd runs the same outside systemd.
  */
-#include "fanout/fod_int.h"
+#include "fanout/fod_sd_int.h"
+
+#include "common/common.h"
 
 #include <errno.h>
 #include <stddef.h>

@@ -13,6 +13,9 @@
  * logged at most once per REC_LOG_MS with the reason, and after ten leases of refusals it
  * is replaced by one that declares the job dead with that reason in last_error, so that no
  * job holds its lease and its slot in the held list forever.
+ *
+ * The store is an object of its own: the daemon calls it, and it answers through the
+ * callbacks of fod_store_events_t (a job claimed, a claim or record settled, a lease lost).
  */
 #include "fanout/fod_int.h"
 
@@ -22,6 +25,7 @@
 #include <string.h>
 
 typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
+typedef struct store_rec store_rec_t;
 
 #define REC_RETRY_MS 500      /* first retry of a record not written; doubles, */
 #define REC_RETRY_MAX_MS 5000 /* up to this */
@@ -30,7 +34,7 @@ typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
 
 struct store_rec {
     store_rec_t *next;
-    fod_daemon_t *d;
+    fod_store_t *s;
     rec_kind_t kind;
     int64_t job_id, event_id, token, cursor, delivered;
     uint64_t started_ms, retry_at;
@@ -39,6 +43,18 @@ struct store_rec {
     int sending;
     int fatal;   /* REC_FAIL: dead at once */
     char *error; /* REC_FAIL, REC_DEAD */
+};
+
+struct fod_store {
+    pgc_conn_t *ctl;
+    rel_reader_t *reader;
+    const cfg_t *cfg;
+    met_t *metrics;
+    fod_store_events_t ev;
+    store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
+    int claiming, claim_again;
+    unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
+    uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
 };
 
 /*
@@ -177,17 +193,26 @@ static const char SQL_OLDEST[] =
     "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
     " FROM fanout.jobs WHERE state IN ('pending', 'running')";
 
-void fod__store_prepare(fod_daemon_t *d)
+fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *cfg, met_t *metrics,
+                           const fod_store_events_t *events)
 {
-    pgc_conn_prepare(d->ctl, "fo_claim", SQL_CLAIM, 6);
-    pgc_conn_prepare(d->ctl, "fo_renew", SQL_RENEW, 6);
-    pgc_conn_prepare(d->ctl, "fo_marked", SQL_MARKED, 2);
-    pgc_conn_prepare(d->ctl, "fo_finish", SQL_FINISH, 4);
-    pgc_conn_prepare(d->ctl, "fo_release", SQL_RELEASE, 4);
-    pgc_conn_prepare(d->ctl, "fo_fail", SQL_FAIL, 8);
-    pgc_conn_prepare(d->ctl, "fo_dead", SQL_DEAD, 5);
-    pgc_conn_prepare(d->ctl, "fo_oldest", SQL_OLDEST, 0);
-    pgc_conn_prepare(d->ctl, "fo_split", SQL_SPLIT, 5);
+    fod_store_t *s = fo_xcalloc(1, sizeof *s);
+    *s = (fod_store_t){.ctl = ctl, .reader = reader, .cfg = cfg, .metrics = metrics, .ev = *events};
+    pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 6);
+    pgc_conn_prepare(ctl, "fo_renew", SQL_RENEW, 6);
+    pgc_conn_prepare(ctl, "fo_marked", SQL_MARKED, 2);
+    pgc_conn_prepare(ctl, "fo_finish", SQL_FINISH, 4);
+    pgc_conn_prepare(ctl, "fo_release", SQL_RELEASE, 4);
+    pgc_conn_prepare(ctl, "fo_fail", SQL_FAIL, 8);
+    pgc_conn_prepare(ctl, "fo_dead", SQL_DEAD, 5);
+    pgc_conn_prepare(ctl, "fo_oldest", SQL_OLDEST, 0);
+    pgc_conn_prepare(ctl, "fo_split", SQL_SPLIT, 5);
+    return s;
+}
+
+int fod_store_busy(const fod_store_t *s)
+{
+    return s->claiming || s->recs != NULL;
 }
 
 static void log_pg_error(const char *msg, const PGresult *res)
@@ -205,8 +230,7 @@ static void rec_send(store_rec_t *r);
 
 static void rec_free(store_rec_t *r)
 {
-    fod_daemon_t *d = r->d;
-    for (store_rec_t **p = &d->recs; *p; p = &(*p)->next) {
+    for (store_rec_t **p = &r->s->recs; *p; p = &(*p)->next) {
         if (*p == r) {
             *p = r->next;
             break;
@@ -240,7 +264,7 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
                "job=%" PRId64 " event=%" PRId64 " record=%s tries=%u error=%s", r->job_id,
                r->event_id, names[r->kind], r->tries, what);
     }
-    uint64_t bound = (uint64_t)REC_GIVE_UP_LEASES * (uint64_t)r->d->cfg->lease_ms;
+    uint64_t bound = (uint64_t)REC_GIVE_UP_LEASES * (uint64_t)r->s->cfg->lease_ms;
     if (r->kind == REC_DEAD || now - r->refused_since < bound)
         return;
     char *error = fo_xasprintf(
@@ -259,12 +283,13 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
 static void on_rec(int status, const PGresult *res, void *data)
 {
     store_rec_t *r = data;
-    fod_daemon_t *d = r->d;
+    fod_store_t *s = r->s;
+    met_t *m = s->metrics;
     r->sending = 0;
     if (status == FO_ESTOP)
-        return; /* closing: records are freed with the daemon */
+        return; /* closing: records are freed with the store */
     if (status < 0) {
-        d->metrics.errors[MET_PG]++;
+        m->errors[MET_PG]++;
         rec_refused(r, res);
         return;
     }
@@ -275,15 +300,15 @@ static void on_rec(int status, const PGresult *res, void *data)
         fo_log_quote(err, sizeof err, r->error);
     int written = atoi(PQcmdTuples((PGresult *)res)) > 0;
     if (written && r->kind == REC_FINISH) {
-        d->metrics.events_done++;
+        m->events_done++;
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
-            met_hist_observe(&d->metrics.publish_to_done, atof(PQgetvalue(res, 0, 0)));
+            met_hist_observe(&m->publish_to_done, atof(PQgetvalue(res, 0, 0)));
     } else if (written && r->kind == REC_DEAD) {
-        d->metrics.events_dead++;
+        m->events_dead++;
     } else if (written && r->kind == REC_FAIL) {
-        d->metrics.events_failed++;
+        m->events_failed++;
         if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
-            d->metrics.events_dead++;
+            m->events_dead++;
     }
     if (!written)
         fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
@@ -298,13 +323,12 @@ static void on_rec(int status, const PGresult *res, void *data)
                r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
                err[0] ? " error=" : "", err);
     rec_free(r);
-    fod__daemon_check_stopped(d);
-    fod__store_claim(d);
+    s->ev.settled(s->ev.ctx, 1);
 }
 
 static void rec_send(store_rec_t *r)
 {
-    const cfg_t *cfg = r->d->cfg;
+    const cfg_t *cfg = r->s->cfg;
     char id[24], token[24], cursor[24], delivered[24], max[16], base[16], cap[16];
     I64(id, r->job_id);
     I64(token, r->token);
@@ -316,62 +340,50 @@ static void rec_send(store_rec_t *r)
     const char *params[] = {id, token, cursor, delivered, r->error, max, base, cap};
     static const char *const stmts[] = {"fo_finish", "fo_release", "fo_fail", "fo_dead"};
     int nparams = r->kind == REC_FAIL ? 8 : r->kind == REC_DEAD ? 5 : 4;
-    if (pgc_conn_exec(r->d->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
+    if (pgc_conn_exec(r->s->ctl, stmts[r->kind], nparams, params, 0, on_rec, r) == 0)
         r->sending = 1;
     else
         r->retry_at = fo_now_ms() + REC_RETRY_MS;
 }
 
-void fod__store_record(fod_daemon_t *d, fod_job_t *j, uint64_t started_ms)
+void fod_store_record(fod_store_t *s, const fod_outcome_t *o)
 {
-    rec_kind_t kind;
-    switch (fod_job_state(j)) {
-    case FOD_JOB_DONE:
-        kind = REC_FINISH;
-        break;
-    case FOD_JOB_STOPPED:
-        kind = REC_RELEASE;
-        break;
-    case FOD_JOB_FAILED:
-        kind = REC_FAIL;
-        break;
-    default:
-        fo_log(FO_LOG_INFO, "job left to its new owner", "job=%" PRId64 " event=%" PRId64,
-               fod_job_id(j), fod_job_event_id(j));
-        return;
-    }
+    static const rec_kind_t kinds[] = {REC_FINISH, REC_RELEASE, REC_FAIL};
     store_rec_t *r = fo_xcalloc(1, sizeof *r);
-    r->d = d;
-    r->kind = kind;
-    r->job_id = fod_job_id(j);
-    r->event_id = fod_job_event_id(j);
-    r->token = fod_job_token(j);
-    r->cursor = fod_job_cursor(j);
-    r->delivered = fod_job_delivered(j);
-    r->started_ms = started_ms;
-    if (fod_job_error(j))
-        r->error = fo_xstrdup(fod_job_error(j));
-    r->fatal = fod_job_fatal(j);
-    r->next = d->recs;
-    d->recs = r;
+    r->s = s;
+    r->kind = kinds[o->kind];
+    r->job_id = o->job_id;
+    r->event_id = o->event_id;
+    r->token = o->token;
+    r->cursor = o->cursor;
+    r->delivered = o->delivered;
+    r->started_ms = o->started_ms;
+    if (o->error)
+        r->error = fo_xstrdup(o->error);
+    r->fatal = o->fatal;
+    r->next = s->recs;
+    s->recs = r;
     rec_send(r);
 }
 
-void fod__store_retry(fod_daemon_t *d, uint64_t now)
+void fod_store_retry(fod_store_t *s, uint64_t now)
 {
-    for (store_rec_t *r = d->recs; r; r = r->next)
+    for (store_rec_t *r = s->recs; r; r = r->next)
         if (!r->sending && now >= r->retry_at)
             rec_send(r);
 }
 
-void fod__store_free_records(fod_daemon_t *d)
+void fod_store_free(fod_store_t *s)
 {
-    while (d->recs) {
-        store_rec_t *r = d->recs;
-        d->recs = r->next;
+    if (!s)
+        return;
+    while (s->recs) {
+        store_rec_t *r = s->recs;
+        s->recs = r->next;
         free(r->error);
         free(r);
     }
+    free(s);
 }
 
 /* --- claims and splits --- */
@@ -384,7 +396,7 @@ static int row_int64(const PGresult *res, int col, int64_t *out)
 
 /* A claim being split: the claim's strings are copied until the split answers. */
 typedef struct split_call {
-    fod_daemon_t *d;
+    fod_store_t *s;
     fod_claim_t claim;
     char *kind, *payload, *created_at;
 } split_call_t;
@@ -401,18 +413,19 @@ static void split_free(split_call_t *sc)
  * either way, since nothing of it was written before) and claim on. */
 static void split_done(split_call_t *sc)
 {
-    fod_daemon_t *d = sc->d;
-    d->claiming = 0;
-    fod__daemon_start_job(d, &sc->claim);
+    fod_store_t *s = sc->s;
+    s->claiming = 0;
+    s->ev.claimed(s->ev.ctx, &sc->claim);
     split_free(sc);
-    fod__store_claim(d);
+    s->ev.settled(s->ev.ctx, 1);
 }
 
 static void on_split(int status, const PGresult *res, void *data)
 {
     split_call_t *sc = data;
+    fod_store_t *s = sc->s;
     if (status == FO_ESTOP) {
-        sc->d->claiming = 0;
+        s->claiming = 0;
         split_free(sc);
         return;
     }
@@ -428,10 +441,9 @@ static void on_split(int status, const PGresult *res, void *data)
          * its own lease and gets the job with whatever range is committed. */
         fo_log(FO_LOG_WARN, "split outcome unknown (connection lost); the job is re-claimed",
                "job=%" PRId64, sc->claim.job_id);
-        sc->d->claiming = 0;
-        fod_daemon_t *d = sc->d;
+        s->claiming = 0;
         split_free(sc);
-        fod__daemon_check_stopped(d);
+        s->ev.settled(s->ev.ctx, 0);
         return;
     } else if (status != 0) {
         log_pg_error("split failed; the job runs whole", res);
@@ -442,9 +454,9 @@ static void on_split(int status, const PGresult *res, void *data)
 static void on_bounds(int status, const PGresult *res, void *data)
 {
     split_call_t *sc = data;
-    fod_daemon_t *d = sc->d;
+    fod_store_t *s = sc->s;
     if (status == FO_ESTOP) {
-        d->claiming = 0;
+        s->claiming = 0;
         split_free(sc);
         return;
     }
@@ -456,28 +468,28 @@ static void on_bounds(int status, const PGresult *res, void *data)
     }
     int64_t lo, hi;
     if (row_int64(res, 0, &lo) < 0 || row_int64(res, 1, &hi) < 0 ||
-        hi - lo < d->cfg->split_min_span) {
+        hi - lo < s->cfg->split_min_span) {
         split_done(sc); /* not worth it */
         return;
     }
     char id[24], token[24], parts[16], los[24], his[24];
     I64(id, sc->claim.job_id);
     I64(token, sc->claim.token);
-    I64(parts, d->cfg->split_parts);
+    I64(parts, s->cfg->split_parts);
     I64(los, lo);
     I64(his, hi);
     const char *params[] = {id, token, parts, los, his};
-    if (pgc_conn_exec(d->ctl, "fo_split", 5, params, 0, on_split, sc) < 0)
+    if (pgc_conn_exec(s->ctl, "fo_split", 5, params, 0, on_split, sc) < 0)
         split_done(sc);
 }
 
 /* Splits a fresh job if it is worth it; returns 1 when the bounds query was sent. */
-static int maybe_split(fod_daemon_t *d, const fod_claim_t *c)
+static int maybe_split(fod_store_t *s, const fod_claim_t *c)
 {
-    if (d->cfg->split_min_span <= 0 || !d->reader)
+    if (s->cfg->split_min_span <= 0 || !s->reader)
         return 0;
     split_call_t *sc = fo_xcalloc(1, sizeof *sc);
-    sc->d = d;
+    sc->s = s;
     sc->claim = *c;
     sc->claim.kind = sc->kind = fo_xstrdup(c->kind);
     sc->claim.payload = sc->payload = fo_xstrdup(c->payload);
@@ -485,8 +497,8 @@ static int maybe_split(fod_daemon_t *d, const fod_claim_t *c)
     char author[24];
     I64(author, c->author);
     const char *params[] = {author};
-    if (rel_reader_query_view(d->reader, SQL_BOUNDS, 1, params, on_bounds, sc) == 0) {
-        d->claiming = 1; /* no other claim until this job runs */
+    if (rel_reader_query_view(s->reader, SQL_BOUNDS, 1, params, on_bounds, sc) == 0) {
+        s->claiming = 1; /* no other claim until this job runs */
         return 1;
     }
     split_free(sc);
@@ -495,33 +507,35 @@ static int maybe_split(fod_daemon_t *d, const fod_claim_t *c)
 
 #define CLAIM_BACKOFF_MAX_MS 60000
 
-static void claim_result(fod_daemon_t *d, int status, const PGresult *res)
+/* Returns 1 when there may be more to claim at once, -1 when a split took the claim over
+ * (it settles), 0 otherwise. */
+static int claim_result(fod_store_t *s, int status, const PGresult *res)
 {
     if (status < 0) {
-        d->metrics.errors[MET_PG]++;
+        s->metrics->errors[MET_PG]++;
         const char *fix = res ? pgc_err_fix(res, 0) : NULL;
         if (!fix) {
             if (res)
                 log_pg_error("claim failed", res);
-            return; /* the poll timer tries again */
+            return 0; /* the poll timer tries again */
         }
         /* a missing grant or schema: someone must act; say how, rarely, and ask the server
          * rarely too (its log holds every refusal) */
-        unsigned k = d->claim_refusals < 6 ? d->claim_refusals : 6;
+        unsigned k = s->claim_refusals < 6 ? s->claim_refusals : 6;
         uint64_t wait = 1000u << k;
-        d->claim_retry_at =
+        s->claim_retry_at =
             fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
-        if (d->claim_refusals++ % 30 == 0) {
+        if (s->claim_refusals++ % 30 == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
-            fo_log(FO_LOG_ERROR, fix, "op=claim error=%s refusals=%u", what, d->claim_refusals);
+            fo_log(FO_LOG_ERROR, fix, "op=claim error=%s refusals=%u", what, s->claim_refusals);
         }
-        return;
+        return 0;
     }
-    d->claim_refusals = 0;
-    d->claim_retry_at = 0;
-    int again = d->claim_again;
-    d->claim_again = 0;
+    s->claim_refusals = 0;
+    s->claim_retry_at = 0;
+    int again = s->claim_again;
+    s->claim_again = 0;
     if (PQntuples(res) == 1) {
         fod_claim_t c = {0};
         if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
@@ -529,7 +543,7 @@ static void claim_result(fod_daemon_t *d, int status, const PGresult *res)
             row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi) ||
             row_int64(res, 12, &c.pg_progress) || row_int64(res, 13, &c.pg_delivered)) {
             fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
-            return;
+            return 0;
         }
         c.pg_marked = strcmp(PQgetvalue(res, 0, 14), "1") == 0;
         c.kind = PQgetvalue(res, 0, 3);
@@ -539,7 +553,7 @@ static void claim_result(fod_daemon_t *d, int status, const PGresult *res)
         if (strcmp(PQgetvalue(res, 0, 9), "dead") == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
-            d->metrics.events_dead++;
+            s->metrics->events_dead++;
             fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
@@ -547,65 +561,63 @@ static void claim_result(fod_daemon_t *d, int status, const PGresult *res)
                    "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
                    " range_lo=%" PRId64,
                    c.job_id, c.event_id, c.author, c.token, c.range_lo);
-            if (strcmp(PQgetvalue(res, 0, 10), "1") == 0 && maybe_split(d, &c))
-                return; /* on_split starts the job and claims on */
-            fod__daemon_start_job(d, &c);
+            if (strcmp(PQgetvalue(res, 0, 10), "1") == 0 && maybe_split(s, &c))
+                return -1; /* on_split starts the job and claims on */
+            s->ev.claimed(s->ev.ctx, &c);
         }
     }
-    if (again)
-        fod__store_claim(d);
+    return again;
 }
 
 static void on_claim(int status, const PGresult *res, void *data)
 {
-    fod_daemon_t *d = data;
-    d->claiming = 0;
+    fod_store_t *s = data;
+    s->claiming = 0;
     if (status == FO_ESTOP)
         return;
-    claim_result(d, status, res);
-    fod__daemon_check_stopped(d); /* a stop waiting for this claim may complete now */
+    int more = claim_result(s, status, res);
+    if (more >= 0) /* a stop waiting for this claim may complete now */
+        s->ev.settled(s->ev.ctx, more);
 }
 
 /* "{1,2,3}": a bigint[] literal of the jobs (or their events) this worker holds: running
  * here, or finished with their outcome not yet written (claiming one of those again would
  * count an attempt that did not fail, or lose the outcome). */
-static char *held_array(fod_daemon_t *d, int events)
+static char *held_array(const fod_store_t *s, const fod_held_t *held, size_t nheld, int events)
 {
-    size_t n = (size_t)d->njobs;
-    for (store_rec_t *r = d->recs; r; r = r->next)
+    size_t n = nheld;
+    for (store_rec_t *r = s->recs; r; r = r->next)
         n++;
     size_t cap = 3 + n * 21, o = 1;
     char *out = fo_xmalloc(cap);
     out[0] = '{';
-    for (int i = 0; i < d->njobs; i++)
+    for (size_t i = 0; i < nheld; i++)
         o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
-                              events ? fod_job_event_id(d->jobs[i]) : fod_job_id(d->jobs[i]));
-    for (store_rec_t *r = d->recs; r; r = r->next)
+                              events ? held[i].event_id : held[i].job_id);
+    for (store_rec_t *r = s->recs; r; r = r->next)
         o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
                               events ? r->event_id : r->job_id);
     snprintf(out + o, cap - o, "}");
     return out;
 }
 
-void fod__store_claim(fod_daemon_t *d)
+void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n)
 {
-    if (d->stopping || d->njobs >= d->cfg->max_jobs || !pgc_conn_ready(d->ctl) ||
-        d->contract != FOD_CONTRACT_OK || d->identity != FOD_ID_HELD ||
-        fo_now_ms() < d->claim_retry_at)
+    if (!pgc_conn_ready(s->ctl) || fo_now_ms() < s->claim_retry_at)
         return;
-    if (d->claiming) {
-        d->claim_again = 1;
+    if (s->claiming) {
+        s->claim_again = 1;
         return;
     }
-    char *jobs = held_array(d, 0);
-    char *events = held_array(d, 1);
+    char *jobs = held_array(s, held, n, 0);
+    char *events = held_array(s, held, n, 1);
     char lease[16], max[16], losses[16];
-    I64(lease, d->cfg->lease_ms);
-    I64(max, d->cfg->max_attempts);
-    I64(losses, d->cfg->max_lease_losses);
-    const char *params[] = {d->worker_id, lease, jobs, events, max, losses};
-    if (pgc_conn_exec(d->ctl, "fo_claim", 6, params, 0, on_claim, d) == 0)
-        d->claiming = 1;
+    I64(lease, s->cfg->lease_ms);
+    I64(max, s->cfg->max_attempts);
+    I64(losses, s->cfg->max_lease_losses);
+    const char *params[] = {worker_id, lease, jobs, events, max, losses};
+    if (pgc_conn_exec(s->ctl, "fo_claim", 6, params, 0, on_claim, s) == 0)
+        s->claiming = 1;
     free(jobs);
     free(events);
 }
@@ -613,7 +625,7 @@ void fod__store_claim(fod_daemon_t *d)
 /* --- the mark's record --- */
 
 typedef struct mark_call {
-    fod_daemon_t *d;
+    fod_store_t *s;
     void (*cb)(int status, void *data);
     void *data;
 } mark_call_t;
@@ -622,7 +634,7 @@ static void on_marked(int status, const PGresult *res, void *data)
 {
     mark_call_t *mc = data;
     if (status == FO_EPG)
-        mc->d->metrics.errors[MET_PG]++;
+        mc->s->metrics->errors[MET_PG]++;
     if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0)
         status = FO_EPG; /* the lease moved on: the renewal stops the job */
     else if (status < 0 && status != FO_ESTOP && res)
@@ -631,16 +643,16 @@ static void on_marked(int status, const PGresult *res, void *data)
     free(mc);
 }
 
-int fod__store_record_mark(fod_daemon_t *d, int64_t job_id, int64_t token,
-                           void (*cb)(int status, void *data), void *data)
+int fod_store_record_mark(fod_store_t *s, int64_t job_id, int64_t token,
+                          void (*cb)(int status, void *data), void *data)
 {
     char id[24], tok[24];
     I64(id, job_id);
     I64(tok, token);
     const char *params[] = {id, tok};
     mark_call_t *mc = fo_xmalloc(sizeof *mc);
-    *mc = (mark_call_t){d, cb, data};
-    int rc = d->ctl ? pgc_conn_exec(d->ctl, "fo_marked", 2, params, 0, on_marked, mc) : FO_EPG;
+    *mc = (mark_call_t){s, cb, data};
+    int rc = pgc_conn_exec(s->ctl, "fo_marked", 2, params, 0, on_marked, mc);
     if (rc < 0)
         free(mc);
     return rc;
@@ -649,46 +661,62 @@ int fod__store_record_mark(fod_daemon_t *d, int64_t job_id, int64_t token,
 /* --- lease renewal --- */
 
 typedef struct renew_call {
-    fod_daemon_t *d;
+    fod_store_t *s;
     int64_t job_id, token;
 } renew_call_t;
 
 static void on_renew(int status, const PGresult *res, void *data)
 {
     renew_call_t *rc = data;
-    fod_daemon_t *d = rc->d;
+    fod_store_t *s = rc->s;
     if (status == FO_EPG)
-        d->metrics.errors[MET_PG]++;
-    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0) {
-        for (int i = 0; i < d->njobs; i++) {
-            fod_job_t *j = d->jobs[i];
-            if (fod_job_id(j) == rc->job_id && fod_job_token(j) == rc->token) {
-                fo_log(FO_LOG_WARN, "lease lost; stopping the job",
-                       "job=%" PRId64 " token=%" PRId64, rc->job_id, rc->token);
-                fod_job_stop(j);
-                break;
-            }
-        }
-    }
+        s->metrics->errors[MET_PG]++;
+    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0)
+        s->ev.lease_lost(s->ev.ctx, rc->job_id, rc->token);
     free(rc);
 }
 
-void fod__store_renew(fod_daemon_t *d)
+void fod_store_renew(fod_store_t *s, int64_t job_id, int64_t token, int64_t cursor,
+                     int64_t delivered, const char *waiting)
 {
-    char lease[16];
-    I64(lease, d->cfg->lease_ms);
-    for (int i = 0; i < d->njobs; i++) {
-        fod_job_t *j = d->jobs[i];
-        char id[24], token[24], cursor[24], delivered[24];
-        I64(id, fod_job_id(j));
-        I64(token, fod_job_token(j));
-        I64(cursor, fod_job_cursor(j));
-        I64(delivered, fod_job_delivered(j));
-        const char *params[] = {id, token, lease, cursor, delivered, fod_job_waiting(j)};
-        renew_call_t *rc = fo_xmalloc(sizeof *rc);
-        *rc = (renew_call_t){d, fod_job_id(j), fod_job_token(j)};
-        if (pgc_conn_exec(d->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
-            free(rc);
-    }
-    fod__identity_heartbeat(d);
+    char id[24], tok[24], lease[16], cur[24], del[24];
+    I64(id, job_id);
+    I64(tok, token);
+    I64(lease, s->cfg->lease_ms);
+    I64(cur, cursor);
+    I64(del, delivered);
+    const char *params[] = {id, tok, lease, cur, del, waiting};
+    renew_call_t *rc = fo_xmalloc(sizeof *rc);
+    *rc = (renew_call_t){s, job_id, token};
+    if (pgc_conn_exec(s->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
+        free(rc);
+}
+
+/* --- the oldest unfinished event --- */
+
+typedef struct oldest_call {
+    void (*cb)(int status, double seconds, void *data);
+    void *data;
+} oldest_call_t;
+
+static void on_oldest(int status, const PGresult *res, void *data)
+{
+    oldest_call_t *oc = data;
+    double seconds = 0;
+    if (status == 0 && PQntuples(res) != 1)
+        status = FO_EPG;
+    if (status == 0)
+        seconds = atof(PQgetvalue(res, 0, 0));
+    oc->cb(status, seconds, oc->data);
+    free(oc);
+}
+
+int fod_store_oldest(fod_store_t *s, void (*cb)(int status, double seconds, void *data), void *data)
+{
+    oldest_call_t *oc = fo_xmalloc(sizeof *oc);
+    *oc = (oldest_call_t){cb, data};
+    int rc = pgc_conn_exec(s->ctl, "fo_oldest", 0, NULL, 0, on_oldest, oc);
+    if (rc < 0)
+        free(oc);
+    return rc;
 }

@@ -46,12 +46,19 @@ struct met_server {
     int nmemory; /* allocated: open or still closing; the server outlives them all */
     int closing;
     int port;
+    fo_closed_cb on_closed; /* met_server_close's completion callback */
+    void *closed_data;
 };
 
 static void server_maybe_free(met_server_t *s)
 {
-    if (s->closing && !s->listener_open && s->nmemory == 0)
-        free(s);
+    if (!s->closing || s->listener_open || s->nmemory > 0)
+        return;
+    fo_closed_cb on_closed = s->on_closed;
+    void *closed_data = s->closed_data;
+    free(s);
+    if (on_closed)
+        on_closed(closed_data);
 }
 
 static void on_conn_handle_closed(uv_handle_t *h)
@@ -253,11 +260,13 @@ int met_server_port(const met_server_t *s)
     return s->port;
 }
 
-void met_server_close(met_server_t *s)
+void met_server_close(met_server_t *s, fo_closed_cb on_closed, void *data)
 {
     if (!s || s->closing)
         return;
     s->closing = 1;
+    s->on_closed = on_closed;
+    s->closed_data = data;
     while (s->conns)
         conn_close(s->conns);
     uv_close((uv_handle_t *)&s->listener, on_listener_closed);

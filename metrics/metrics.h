@@ -98,7 +98,8 @@ met_server_t *met_server_new(uv_loop_t *loop, const char *host, int port, met_re
 /* The port actually bound (useful with port 0). */
 int met_server_port(const met_server_t *s);
 
-/* Closes the listener and every connection; memory is released once libuv closed them. */
-void met_server_close(met_server_t *s);
+/* Closes the listener and every connection; memory is released once libuv closed them,
+ * then on_closed(data) runs (may be NULL). */
+void met_server_close(met_server_t *s, fo_closed_cb on_closed, void *data);
 
 #endif

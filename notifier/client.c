@@ -88,12 +88,14 @@ struct ntf_client {
     void *data;
     redisAsyncContext *ac;
     ntf_state_t state;
-    int connected;        /* ac passed its TCP connect, so hiredis will call on_disconnect */
-    int freeing;          /* we already called redisAsyncFree(ac) */
-    int reported;         /* last value given to on_state; -1 before the first */
-    const char *drop_why; /* why we abandon the context, for the log */
-    uv_timer_t timer;     /* backoff, deadline or watchdog, by state */
-    uv_timer_t defer;     /* frees an abandoned context outside hiredis callbacks */
+    int connected;          /* ac passed its TCP connect, so hiredis will call on_disconnect */
+    int freeing;            /* we already called redisAsyncFree(ac) */
+    int reported;           /* last value given to on_state; -1 before the first */
+    const char *drop_why;   /* why we abandon the context, for the log */
+    uv_timer_t timer;       /* backoff, deadline or watchdog, by state */
+    fo_closed_cb on_closed; /* ntf_client_close's completion callback */
+    void *closed_data;
+    uv_timer_t defer; /* frees an abandoned context outside hiredis callbacks */
     uint64_t connect_timeout_ms;
     uint64_t command_timeout_ms;
     int open_handles;
@@ -192,8 +194,12 @@ static void client_maybe_free(ntf_client_t *c)
     if (c->state != ST_CLOSED || c->open_handles || c->ac)
         return;
     assert(!c->head && c->inflight == 0);
+    fo_closed_cb on_closed = c->on_closed;
+    void *closed_data = c->closed_data;
     ntf__enc_free(&c->enc);
     free(c);
+    if (on_closed)
+        on_closed(closed_data);
 }
 
 /* hiredis has freed, or is about to free, the context: forget it and plan the next one. */
@@ -729,11 +735,13 @@ static void on_handle_closed(uv_handle_t *h)
     client_maybe_free(c);
 }
 
-void ntf_client_close(ntf_client_t *c)
+void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data)
 {
     if (!c || c->state == ST_CLOSED)
         return;
     c->state = ST_CLOSED;
+    c->on_closed = on_closed;
+    c->closed_data = data;
     c->on_state = NULL;
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->defer, on_handle_closed);

@@ -35,6 +35,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "common/common.h"
 #include "config/config.h"
 
 typedef struct ntf_client ntf_client_t;
@@ -72,10 +73,10 @@ size_t ntf_client_inflight(const ntf_client_t *c);
 /*
  * Closes the connection and every handle; pending callbacks run with FO_ESTOP before this
  * returns or from the loop soon after. The memory is released once libuv has closed the
- * handles, so the loop must run on (uv_run) for the close to complete. on_state is not
- * called again.
+ * handles, so the loop must run on (uv_run) for the close to complete; then on_closed(data)
+ * runs (may be NULL). on_state is not called again.
  */
-void ntf_client_close(ntf_client_t *c);
+void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data);
 
 /* What a job writes: the event it fans out and the lease it holds. Strings are borrowed for
  * the duration of the call only (they are copied into the command). */

@@ -65,9 +65,9 @@ struct pgc_conn {
     uv_timer_t timer;  /* reconnect backoff; while up, defers a send failure to the loop */
     int send_failed;   /* a send failed: nothing more is sent until on_send_failed runs */
     unsigned attempt;
-    unsigned permanent;      /* consecutive attempts refused for a reason retrying cannot fix */
-    int open_handles;        /* timer + poll handles not yet closed; freed at 0 when closing */
-    pgc_closed_cb on_closed; /* pgc_conn_close's completion callback */
+    unsigned permanent;     /* consecutive attempts refused for a reason retrying cannot fix */
+    int open_handles;       /* timer + poll handles not yet closed; freed at 0 when closing */
+    fo_closed_cb on_closed; /* pgc_conn_close's completion callback */
     void *closed_data;
 
     pgc_stmt_t *stmts, *stmts_tail; /* prepares and set-up, in registration order */
@@ -271,7 +271,7 @@ static void maybe_free(pgc_conn_t *c)
 {
     if (c->state != ST_CLOSING || c->open_handles > 0 || c->work_busy)
         return;
-    pgc_closed_cb on_closed = c->on_closed;
+    fo_closed_cb on_closed = c->on_closed;
     void *closed_data = c->closed_data;
     free(c->dsn);
     free(c->name);
@@ -696,7 +696,7 @@ static void on_timer_closed(uv_handle_t *h)
     maybe_free(c);
 }
 
-void pgc_conn_close(pgc_conn_t *c, pgc_closed_cb on_closed, void *data)
+void pgc_conn_close(pgc_conn_t *c, fo_closed_cb on_closed, void *data)
 {
     if (c->state == ST_CLOSING)
         return;

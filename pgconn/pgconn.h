@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "common/common.h"
 #include "config/config.h"
 typedef struct pgc_conn pgc_conn_t;
 
@@ -105,15 +106,12 @@ int pgc_conn_query_view(pgc_conn_t *c, const char *sql_fmt, const cfg_t *cfg, in
  * idle_in_transaction_session_timeout (twice it); 0 means none for all three. */
 void pgc_conn_setup_limits(pgc_conn_t *c, const cfg_t *cfg);
 
-/* A close's completion: everything is closed and freed (data is the caller's). */
-typedef void (*pgc_closed_cb)(void *data);
-
 /*
  * Fails pending queries with FO_ESTOP, closes the connection and the handles. The memory is
  * released once libuv has closed them, so the loop must run on; then on_closed(data) runs
  * (may be NULL), from the loop, as uv_close's callback does. No other callback runs after.
  */
-void pgc_conn_close(pgc_conn_t *c, pgc_closed_cb on_closed, void *data);
+void pgc_conn_close(pgc_conn_t *c, fo_closed_cb on_closed, void *data);
 
 /* --- what an error means --- */
 

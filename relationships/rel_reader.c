@@ -160,7 +160,7 @@ struct rel_reader {
     uv_timer_t budget_timer, lag_timer;
     int open_parts; /* timers and connections not closed yet, once closing */
     int closing;
-    pgc_closed_cb on_closed;
+    fo_closed_cb on_closed;
     void *closed_data;
 
     rel_lag_t lag;
@@ -517,7 +517,7 @@ static void on_part_closed(void *data)
     rel_reader_t *r = data;
     if (--r->open_parts > 0)
         return;
-    pgc_closed_cb on_closed = r->on_closed;
+    fo_closed_cb on_closed = r->on_closed;
     void *closed_data = r->closed_data;
     free(r->primary.conns);
     free(r->primary.busy);
@@ -533,7 +533,7 @@ static void on_timer_closed(uv_handle_t *h)
     on_part_closed(h->data);
 }
 
-void rel_reader_close(rel_reader_t *r, pgc_closed_cb on_closed, void *data)
+void rel_reader_close(rel_reader_t *r, fo_closed_cb on_closed, void *data)
 {
     if (r->closing)
         return;

@@ -79,7 +79,7 @@ int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
 /* Logs the stats, fails queued reads with FO_ESTOP and closes the connections; the memory
  * is released once libuv has closed the handles, so the loop must run on, and then
  * on_closed(data) runs (may be NULL). */
-void rel_reader_close(rel_reader_t *r, pgc_closed_cb on_closed, void *data);
+void rel_reader_close(rel_reader_t *r, fo_closed_cb on_closed, void *data);
 
 /* --- the contract check --- */
 

@@ -133,13 +133,20 @@ static int setup(void **state)
     return 0;
 }
 
+static void on_server_closed(void *data)
+{
+    (*(int *)data)++;
+}
+
 static int teardown(void **state)
 {
     tctx_t *t = *state;
-    met_server_close(t->s);
+    int closed = 0;
+    met_server_close(t->s, on_server_closed, &closed);
     uv_close((uv_handle_t *)&t->guard, NULL);
     uv_close((uv_handle_t *)&t->wake, NULL);
     uv_run(&t->loop, UV_RUN_DEFAULT);
+    assert_int_equal(closed, 1); /* once, after everything closed */
     assert_int_equal(uv_loop_close(&t->loop), 0);
     free(t);
     return 0;

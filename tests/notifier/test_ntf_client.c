@@ -222,7 +222,7 @@ static tctx_t *ctx_new(int port, const char *prefix, const char *password)
 static void ctx_free(tctx_t *t)
 {
     if (t->c)
-        ntf_client_close(t->c);
+        ntf_client_close(t->c, NULL, NULL);
     uv_close((uv_handle_t *)&t->guard, NULL);
     uv_run(&t->loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&t->loop), 0);
@@ -605,7 +605,7 @@ static void test_close_with_pending(void **state)
     const int64_t a[] = {1, 2}, b[] = {3, 4};
     assert_int_equal(ntf_write_page(t->c, &job, 0, a, 2, 0, on_progress, &t->res[0]), 0);
     assert_int_equal(ntf_write_page(t->c, &job, 2, b, 2, 0, on_progress, &t->res[1]), 0);
-    ntf_client_close(t->c);
+    ntf_client_close(t->c, NULL, NULL);
     t->c = NULL;
     uv_run(&t->loop, UV_RUN_NOWAIT);
     for (int i = 0; i < 2; i++) {
@@ -621,7 +621,7 @@ static void close_from_progress(int status, const ntf_progress_t *p, void *data)
     tctx_t *t = data;
     on_progress(status, p, &t->res[t->ncb++]);
     if (t->close_in_cb && t->c) {
-        ntf_client_close(t->c);
+        ntf_client_close(t->c, NULL, NULL);
         t->c = NULL;
     }
 }
