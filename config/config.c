@@ -91,6 +91,21 @@ static const cfg_row_t rows[] = {
     {"layouts", STR(layouts), 1, 0, "stream", 0,
      "what each notification is written as, comma-separated: stream (the shard streams), "
      "inbox (a capped list per recipient), sidekiq (a Sidekiq job); see docs/queue-format.md"},
+    {"stream_entries", STR(stream_entries), 1, 0, "compact", 0,
+     "layout stream: compact (event and recipient per entry, the event's body once per "
+     "stream in <stream>:bodies) or full (every field in every entry); see "
+     "docs/queue-format.md"},
+    {"retention_ms", INT(retention_ms), 0, 86400000, "5000", 0,
+     "how often fanoutd trims each shard stream up to what every consumer group has "
+     "acknowledged and drops the bodies no entry refers to any more (0: never; fanoutctl "
+     "trim still works)"},
+    {"retention_max_age_s", INT64(retention_max_age_s), 0, 9223372036854775807LL, "0", 0,
+     "streams without a consumer group: trim entries older than this (0: keep)"},
+    {"retention_max_len", INT64(retention_max_len), 0, 9223372036854775807LL, "0", 0,
+     "streams without a consumer group: keep at most this many newest entries (0: no cap)"},
+    {"body_grace_s", INT(body_grace_s), 0, 86400, "60", 0,
+     "compact entries: an event's body stays this long after the last entry that refers to "
+     "it was trimmed, for readers that have the entry in hand"},
     {"inbox_cap", INT(inbox_cap), 1, 100000, "100", 0,
      "layout inbox: newest notifications kept in each <prefix>:inbox:<recipient> list"},
     {"inbox_ttl_s", INT(inbox_ttl_s), 0, 315360000, "0", 0,
@@ -446,6 +461,15 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
     }
     if (cfg_parse_layouts(cfg->layouts, &cfg->layout_mask, err, errsize) < 0)
         return FO_EINVAL;
+    if (strcmp(cfg->stream_entries, "compact") == 0) {
+        cfg->stream_compact = 1;
+    } else if (strcmp(cfg->stream_entries, "full") == 0) {
+        cfg->stream_compact = 0;
+    } else {
+        errf(err, errsize, "stream_entries is \"%.40s\"; expected compact or full",
+             cfg->stream_entries);
+        return FO_EINVAL;
+    }
     if (check_name(cfg->sidekiq_queue, "sidekiq_queue", 0, err, errsize) < 0 ||
         check_name(cfg->sidekiq_class, "sidekiq_class", 1, err, errsize) < 0)
         return FO_EINVAL;

@@ -60,6 +60,14 @@ typedef struct cfg {
      * CFG_LAYOUT_* bits parsed from the layouts list; the rest configure the optional ones. */
     char *layouts;
     int layout_mask;
+    char *stream_entries; /* "compact" or "full" */
+    int stream_compact;   /* not a setting: 1 when stream_entries is compact */
+    /* Retention (fanoutd trims on its loop): how often; for streams without a consumer
+     * group an optional age and length; how long a body outlives its last entry. */
+    int retention_ms;
+    long long retention_max_age_s;
+    long long retention_max_len;
+    int body_grace_s;
     int inbox_cap;       /* newest entries kept per <prefix>:inbox:<recipient> */
     int inbox_ttl_s;     /* expiry of an inbox, renewed on each write; 0: none */
     char *sidekiq_queue; /* keys queues and queue:<name> */

@@ -75,6 +75,7 @@ struct fod_daemon {
     void *stop_data;
 
     uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer, stats_timer;
+    ntf_retainer_t *retainer; /* trims the streams every retention_ms */
     int closed;        /* the connections are closed: store and identity are not used any more */
     int closing_parts; /* timers and connections whose close has not completed yet */
 
@@ -243,6 +244,21 @@ static void on_backlog_timer(uv_timer_t *t)
     fod_daemon_t *d = t->data;
     if (!d->backlog_busy && ntf_backlog(d->redis, on_backlog, d) == 0)
         d->backlog_busy = 1;
+}
+
+/* --- retention --- */
+
+static void on_retained(int shard, const ntf_retention_t *r, void *data)
+{
+    fod_daemon_t *d = data;
+    d->metrics.retention_trimmed += (uint64_t)r->trimmed;
+    d->metrics.retention_bodies += (uint64_t)r->bodies_dropped;
+    if (shard < d->metrics.nshards)
+        d->metrics.retained_bytes[shard] = r->bytes;
+    if (r->trimmed || r->bodies_dropped)
+        fo_log(FO_LOG_DEBUG, "retention",
+               "shard=%d groups=%d trimmed=%" PRId64 " bodies_dropped=%" PRId64 " bytes=%" PRId64,
+               shard, r->groups, r->trimmed, r->bodies_dropped, r->bytes);
 }
 
 /* --- timers and wake-ups --- */
@@ -689,6 +705,8 @@ void fod_daemon_start(fod_daemon_t *d)
     d->identity = fod_identity_new(d->ctl, cfg, &host, &id_events);
 
     d->redis = ntf_client_new(d->loop, cfg, on_redis_state, d);
+    if (d->redis)
+        d->retainer = ntf_retainer_new(d->loop, d->redis, cfg, on_retained, d);
     pgc_conn_start(d->ctl);
     rel_reader_start(d->reader);
 
@@ -742,7 +760,11 @@ static void close_all(fod_daemon_t *d)
                fod_job_cursor(d->jobs[i]));
     /* each frees itself once libuv has closed its handles: forget them now, so that
      * whatever still runs (job callbacks, a reload finishing) finds them gone */
-    d->closing_parts += (d->redis != NULL) + (d->ctl != NULL) + (d->reader != NULL);
+    d->closing_parts +=
+        (d->retainer != NULL) + (d->redis != NULL) + (d->ctl != NULL) + (d->reader != NULL);
+    if (d->retainer)
+        ntf_retainer_close(d->retainer, on_part_closed, d); /* before the client it uses */
+    d->retainer = NULL;
     if (d->redis)
         ntf_client_close(d->redis, on_part_closed, d);
     d->redis = NULL;

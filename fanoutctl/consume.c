@@ -42,6 +42,18 @@ static void on_stop(int sig)
     stop_requested = 1;
 }
 
+/* A compact stream's event bodies, read once per (stream, event) and kept in an
+ * open-addressing table that is emptied whole when a batch might not fit: a batch's entries
+ * point into it, so nothing is evicted while one is handled. */
+#define BODY_SLOTS 256
+
+typedef struct cbody {
+    int k; /* its stream; -1: slot free */
+    char *event;
+    char *raw; /* the body as stored; b.payload points into it */
+    fctl_body_t b;
+} cbody_t;
+
 typedef struct consumer {
     redisContext *redis;
     const char *group, *name, *prefix;
@@ -55,14 +67,23 @@ typedef struct consumer {
     int follow;            /* run until SIGTERM/SIGINT instead of until a read is empty */
     long long printed;
     fo_buf_t out;
+    cbody_t *bodies; /* BODY_SLOTS */
+    size_t nbodies;
 } consumer_t;
 
 /* One entry of a batch; the pointers borrow from the reply the batch was built from. */
 typedef struct centry {
-    int k;                    /* its stream */
-    const redisReply *id;     /* the stream entry id */
-    const redisReply *fields; /* NULL: deleted from the stream since it was delivered */
-    const redisReply *note;   /* the notification id (field "id"), NULL if absent */
+    int k;                               /* its stream */
+    const redisReply *id;                /* the stream entry id */
+    const redisReply *fields;            /* NULL: deleted from the stream since it was delivered */
+    const redisReply *event, *recipient; /* fields event and recipient */
+    const cbody_t *body;                 /* a compact entry's event body */
+    /* the notification id: field "id" (note, NULL if absent), or for a compact entry
+     * <event>:<recipient> in note_buf (the batch array moves as it grows: no pointer) */
+    const char *note;
+    size_t note_len;
+    int compact;
+    char note_buf[48];
     enum { ACT_LEAVE, ACT_ACK, ACT_PRINT } action;
 } centry_t;
 
@@ -97,14 +118,156 @@ static int batch_add(batch_t *b, int k, const redisReply *entries)
                 if (name->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
                     return -1;
                 if (name->len == 2 && memcmp(name->str, "id", 2) == 0)
-                    c->note = v;
+                    c->note = v->str, c->note_len = v->len;
+                else if (name->len == 5 && memcmp(name->str, "event", 5) == 0)
+                    c->event = v;
+                else if (name->len == 9 && memcmp(name->str, "recipient", 9) == 0)
+                    c->recipient = v;
+            }
+            if (!c->note && f->elements == 4 && c->event && c->recipient) {
+                /* compact: the id is not stored, it is <event>:<recipient> */
+                if (c->event->len > 20 || c->recipient->len > 20)
+                    return -1;
+                c->note_len = (size_t)snprintf(c->note_buf, sizeof c->note_buf, "%s:%s",
+                                               c->event->str, c->recipient->str);
+                c->compact = 1;
             }
         }
     }
     return 0;
 }
 
-/* One stream entry as one JSON line into c->out. */
+static int is_compact(const centry_t *e)
+{
+    return e->fields && e->compact;
+}
+
+static int has_note(const centry_t *e)
+{
+    return e->note || e->compact;
+}
+
+static const char *note_of(const centry_t *e)
+{
+    return e->compact ? e->note_buf : e->note;
+}
+
+static size_t body_hash(int k, const char *event)
+{
+    size_t h = (size_t)k * 2654435761u;
+    for (const char *p = event; *p; p++)
+        h = h * 31u + (unsigned char)*p;
+    return h % BODY_SLOTS;
+}
+
+/* The slot of (k, event): its body, or the free slot where it goes. */
+static cbody_t *body_slot(consumer_t *c, int k, const char *event)
+{
+    size_t i = body_hash(k, event);
+    while (c->bodies[i].k >= 0 && (c->bodies[i].k != k || strcmp(c->bodies[i].event, event) != 0))
+        i = (i + 1) % BODY_SLOTS;
+    return &c->bodies[i];
+}
+
+static void bodies_clear(consumer_t *c)
+{
+    for (size_t i = 0; i < BODY_SLOTS; i++) {
+        cbody_t *b = &c->bodies[i];
+        if (b->k >= 0) {
+            free(b->event);
+            free(b->raw);
+            fctl_body_free(&b->b);
+        }
+        b->k = -1;
+    }
+    c->nbodies = 0;
+}
+
+/*
+ * Points every compact entry of b at its event's body: from the cache, else read with one
+ * pipelined HGET <stream>:bodies <event> per event missing. A body that is not there (or
+ * not of the documented shape) fails the batch with one line naming the key: its entries
+ * stay pending, nothing is acknowledged.
+ */
+static int resolve_bodies(consumer_t *c, batch_t *b)
+{
+    if (c->nbodies + b->n > BODY_SLOTS / 2)
+        bodies_clear(c);
+    centry_t **asked = fo_xcalloc(b->n + 1, sizeof *asked); /* first entry of each miss */
+    size_t sent = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        centry_t *e = &b->e[i];
+        if (!is_compact(e))
+            continue;
+        cbody_t *slot = body_slot(c, e->k, e->event->str);
+        if (slot->k < 0) { /* claim the slot now, so the same event is asked once */
+            slot->k = e->k;
+            slot->event = fo_xstrdup(e->event->str);
+            c->nbodies++;
+            char *key = fo_xasprintf("%s:bodies", c->keys[e->k]);
+            const char *argv[] = {"HGET", key, e->event->str};
+            redisAppendCommandArgv(c->redis, 3, argv, NULL);
+            free(key);
+            asked[sent++] = e;
+        }
+        e->body = slot;
+    }
+    int status = 0;
+    for (size_t a = 0; a < sent; a++) {
+        centry_t *e = asked[a];
+        cbody_t *slot = (cbody_t *)e->body;
+        redisReply *r = NULL;
+        if (redisGetReply(c->redis, (void **)&r) != REDIS_OK || !r) {
+            fctl_fail("consume", "redis: HGET: %s",
+                      c->redis->errstr[0] ? c->redis->errstr : "connection lost");
+            status = -1;
+            break;
+        }
+        if (status == 0 && r->type == REDIS_REPLY_STRING &&
+            fctl_parse_body(r->str, r->len, &slot->b) == 0) {
+            slot->raw = fo_xmalloc(r->len + 1);
+            memcpy(slot->raw, r->str, r->len + 1);
+            slot->b.payload = slot->raw + (slot->b.payload - r->str);
+        } else if (status == 0) {
+            fctl_fail("consume",
+                      "%s:bodies %s for event %s (entry %s refers to it); fanoutd writes the body "
+                      "before the entries and keeps it while they are in the stream: was it "
+                      "deleted or changed by hand? The batch is left pending",
+                      c->keys[e->k],
+                      r->type == REDIS_REPLY_STRING ? "holds a malformed body" : "holds no body",
+                      e->event->str, e->id->str);
+            status = -1;
+        }
+        freeReplyObject(r);
+    }
+    free(asked);
+    if (status < 0)
+        bodies_clear(c);
+    return status;
+}
+
+/* One compact entry as the full layout's fields, in its order. */
+static void compact_json(consumer_t *c, const centry_t *e)
+{
+    const fctl_body_t *b = &e->body->b;
+    fo_buf_puts(&c->out, ",\"id\":");
+    fctl_json_string(&c->out, e->note_buf, e->note_len);
+    fo_buf_puts(&c->out, ",\"event\":");
+    fctl_json_string(&c->out, e->event->str, e->event->len);
+    fo_buf_puts(&c->out, ",\"author\":");
+    fctl_json_string(&c->out, b->author.p, b->author.len);
+    fo_buf_puts(&c->out, ",\"recipient\":");
+    fctl_json_string(&c->out, e->recipient->str, e->recipient->len);
+    fo_buf_puts(&c->out, ",\"kind\":");
+    fctl_json_string(&c->out, b->kind.p, b->kind.len);
+    fo_buf_puts(&c->out, ",\"payload\":");
+    fctl_json_raw_or_string(&c->out, b->payload, b->payload_len);
+    fo_buf_puts(&c->out, ",\"created_at\":");
+    fctl_json_string(&c->out, b->created_at.p, b->created_at.len);
+    fo_buf_puts(&c->out, "}\n");
+}
+
+/* One stream entry as one JSON line into c->out: the same object in either layout. */
 static void entry_json(consumer_t *c, const centry_t *e)
 {
     const char *stream = c->keys[e->k];
@@ -112,6 +275,10 @@ static void entry_json(consumer_t *c, const centry_t *e)
     fctl_json_string(&c->out, stream, strlen(stream));
     fo_buf_puts(&c->out, ",\"entry\":");
     fctl_json_string(&c->out, e->id->str, e->id->len);
+    if (is_compact(e)) {
+        compact_json(c, e);
+        return;
+    }
     for (size_t k = 0; k + 1 < e->fields->elements; k += 2) {
         const redisReply *f = e->fields->element[k], *v = e->fields->element[k + 1];
         fo_buf_puts(&c->out, ",");
@@ -125,9 +292,9 @@ static void entry_json(consumer_t *c, const centry_t *e)
     fo_buf_puts(&c->out, "}\n");
 }
 
-static char *seen_key(const consumer_t *c, const redisReply *note)
+static char *seen_key(const consumer_t *c, const centry_t *e)
 {
-    return fo_xasprintf("%s:seen:%s:%.*s", c->prefix, c->group, (int)note->len, note->str);
+    return fo_xasprintf("%s:seen:%s:%.*s", c->prefix, c->group, (int)e->note_len, note_of(e));
 }
 
 /* Sends one command per entry of b that passes `want` (pipelined) and collects the replies:
@@ -138,9 +305,9 @@ static int set_marks(consumer_t *c, const batch_t *b, const char *value, const c
     size_t sent = 0;
     for (size_t i = 0; i < b->n; i++) {
         const centry_t *e = &b->e[i];
-        if (!e->fields || !e->note || (claims ? 0 : e->action != ACT_PRINT))
+        if (!e->fields || !has_note(e) || (claims ? 0 : e->action != ACT_PRINT))
             continue;
-        char *key = seen_key(c, e->note);
+        char *key = seen_key(c, e);
         const char *argv[8] = {"SET", key, value};
         for (int k = 0; k < nopts; k++)
             argv[3 + k] = opts[k];
@@ -151,7 +318,7 @@ static int set_marks(consumer_t *c, const batch_t *b, const char *value, const c
     int status = 0;
     for (size_t i = 0, got = 0; got < sent; i++) {
         const centry_t *e = &b->e[i];
-        if (!e->fields || !e->note || (claims ? 0 : e->action != ACT_PRINT))
+        if (!e->fields || !has_note(e) || (claims ? 0 : e->action != ACT_PRINT))
             continue;
         got++;
         redisReply *r = NULL;
@@ -194,7 +361,7 @@ static int claim_marks(consumer_t *c, const batch_t *b, signed char *mine)
         mine[i] = 1;
         if (status == 0 && rep[i] && rep[i]->type == REDIS_REPLY_NIL) {
             map[argc] = i;
-            argv[argc++] = seen_key(c, b->e[i].note);
+            argv[argc++] = seen_key(c, &b->e[i]);
         }
     }
     if (status == 0 && argc > 1) {
@@ -263,6 +430,8 @@ static int handle_batch(consumer_t *c, batch_t *b)
 {
     if (b->n == 0)
         return 0;
+    if (resolve_bodies(c, b) < 0)
+        return -1;
     signed char *mine = fo_xcalloc(b->n, 1);
     if (c->seen_ttl_s && claim_marks(c, b, mine) < 0) {
         free(mine);
@@ -577,6 +746,9 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    c.bodies = fo_xcalloc(BODY_SLOTS, sizeof *c.bodies);
+    for (size_t i = 0; i < BODY_SLOTS; i++)
+        c.bodies[i].k = -1;
     c.keys = fo_xcalloc((size_t)c.nkeys, sizeof *c.keys);
     c.cursor = fo_xcalloc((size_t)c.nkeys, sizeof *c.cursor);
     for (int k = 0; k < c.nkeys; k++)
@@ -589,6 +761,8 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
     free(c.keys);
     free(c.cursor);
     free(c.out.p);
+    bodies_clear(&c);
+    free(c.bodies);
     redisFree(c.redis);
     return status;
 }

@@ -267,3 +267,94 @@ void fctl_json_raw_or_string(fo_buf_t *b, const char *s, size_t n)
         if (b->p[i] == '\n' || b->p[i] == '\r' || b->p[i] == '\t')
             b->p[i] = ' ';
 }
+
+/* Four hex digits at s (already checked by jstring) as a number. */
+static unsigned hex4(const unsigned char *s)
+{
+    unsigned v = 0;
+    for (int k = 0; k < 4; k++) {
+        unsigned c = s[k];
+        v = v * 16u + (c <= '9' ? c - '0' : (c | 0x20u) - 'a' + 10u);
+    }
+    return v;
+}
+
+static void put_utf8(fo_buf_t *b, unsigned cp)
+{
+    char u[4];
+    size_t n;
+    if (cp < 0x80) {
+        u[0] = (char)cp, n = 1;
+    } else if (cp < 0x800) {
+        u[0] = (char)(0xc0 | cp >> 6), u[1] = (char)(0x80 | (cp & 0x3f)), n = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (char)(0xe0 | cp >> 12), u[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
+        u[2] = (char)(0x80 | (cp & 0x3f)), n = 3;
+    } else {
+        u[0] = (char)(0xf0 | cp >> 18), u[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+        u[2] = (char)(0x80 | ((cp >> 6) & 0x3f)), u[3] = (char)(0x80 | (cp & 0x3f)), n = 4;
+    }
+    fo_buf_put(b, u, n);
+}
+
+/* The JSON string at j (checked by jstring first) decoded into out; advances past it. */
+static int jstring_decode(jcur_t *j, fo_buf_t *out)
+{
+    size_t start = j->i;
+    if (j->i >= j->n || j->s[j->i] != '"' || jstring(j) < 0)
+        return -1;
+    out->len = 0;
+    fo_buf_put(out, "", 0);
+    const unsigned char *s = j->s;
+    for (size_t i = start + 1; i < j->i - 1;) {
+        if (s[i] != '\\') {
+            fo_buf_put(out, (const char *)s + i, 1);
+            i++;
+            continue;
+        }
+        unsigned char c = s[i + 1];
+        if (c != 'u') {
+            static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+            fo_buf_put(out, &to[strchr(from, c) - from], 1);
+            i += 2;
+            continue;
+        }
+        unsigned cp = hex4(s + i + 2);
+        i += 6;
+        if (cp >= 0xd800 && cp < 0xdc00 && i + 6 <= j->i - 1 && s[i] == '\\' && s[i + 1] == 'u') {
+            unsigned lo = hex4(s + i + 2);
+            if (lo >= 0xdc00 && lo < 0xe000) {
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+                i += 6;
+            }
+        }
+        if (cp >= 0xd800 && cp < 0xe000)
+            cp = 0xfffd; /* a lone surrogate is no character */
+        put_utf8(out, cp);
+    }
+    return 0;
+}
+
+int fctl_parse_body(const char *s, size_t n, fctl_body_t *out)
+{
+    jcur_t j = {(const unsigned char *)s, n, 0, 0};
+    static const char *const names[] = {"{\"author\":", ",\"kind\":", ",\"created_at\":"};
+    fo_buf_t *fields[] = {&out->author, &out->kind, &out->created_at};
+    for (int f = 0; f < 3; f++) {
+        if (jlit(&j, names[f]) < 0 || jstring_decode(&j, fields[f]) < 0)
+            return -1;
+    }
+    if (jlit(&j, ",\"payload\":") < 0 || j.i + 1 >= n || s[n - 1] != '}')
+        return -1;
+    out->payload = s + j.i;
+    out->payload_len = n - 1 - j.i;
+    return 0;
+}
+
+void fctl_body_free(fctl_body_t *b)
+{
+    free(b->author.p);
+    free(b->kind.p);
+    free(b->created_at.p);
+    memset(b, 0, sizeof *b);
+}

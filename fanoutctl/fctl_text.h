@@ -23,4 +23,20 @@ int fctl_json_valid(const char *s, size_t n);
  * a JSON string. Either way the result is one line of valid JSON. */
 void fctl_json_raw_or_string(fo_buf_t *b, const char *s, size_t n);
 
+/*
+ * A compact stream's event body (docs/queue-format.md), one JSON object written by fanoutd:
+ * {"author":"42","kind":"post","created_at":"2026-...Z","payload":<the event's JSON>}, in
+ * that order, the payload last and raw. fctl_parse_body decodes the three strings into
+ * their buffers (reused between calls; free with fctl_body_free) and points payload into s
+ * (valid while s is). Returns 0, or -1 for anything not of that shape.
+ */
+typedef struct fctl_body {
+    fo_buf_t author, kind, created_at;
+    const char *payload;
+    size_t payload_len;
+} fctl_body_t;
+
+int fctl_parse_body(const char *s, size_t n, fctl_body_t *out);
+void fctl_body_free(fctl_body_t *b);
+
 #endif

@@ -29,8 +29,9 @@ void met_init(met_t *m, int nshards)
     m->oldest_pending_age_s = -1;
     m->nshards = nshards > 0 ? nshards : 0;
     m->stream_length = fo_xcalloc((size_t)m->nshards, sizeof *m->stream_length);
+    m->retained_bytes = fo_xcalloc((size_t)m->nshards, sizeof *m->retained_bytes);
     for (int i = 0; i < m->nshards; i++)
-        m->stream_length[i] = -1;
+        m->stream_length[i] = m->retained_bytes[i] = -1;
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     m->start_time_s = (double)now.tv_sec + now.tv_nsec / 1e9;
@@ -39,7 +40,8 @@ void met_init(met_t *m, int nshards)
 void met_free(met_t *m)
 {
     free(m->stream_length);
-    m->stream_length = NULL;
+    free(m->retained_bytes);
+    m->stream_length = m->retained_bytes = NULL;
     m->nshards = 0;
 }
 
@@ -205,6 +207,18 @@ void met_render(const met_t *m, fo_buf_t *b)
         if (m->stream_length[i] >= 0)
             fo_buf_printf(b, "fanout_stream_length{shard=\"%d\"} %lld\n", i,
                           (long long)m->stream_length[i]);
+    counter(b, "fanout_retention_trimmed_entries_total",
+            "Stream entries removed by retention (acknowledged by every group, or past the "
+            "age or length cap of a stream without groups).",
+            m->retention_trimmed);
+    counter(b, "fanout_retention_dropped_bodies_total",
+            "Compact event bodies removed once no entry referred to them.", m->retention_bodies);
+    head(b, "fanout_stream_retained_bytes", "gauge",
+         "Redis memory of each shard stream with its bodies and refs (MEMORY USAGE, sampled).");
+    for (int i = 0; i < m->nshards; i++)
+        if (m->retained_bytes[i] >= 0)
+            fo_buf_printf(b, "fanout_stream_retained_bytes{shard=\"%d\"} %lld\n", i,
+                          (long long)m->retained_bytes[i]);
     histogram(b, "fanout_page_read_seconds", "Latency of one keyset page query.", &m->page_read);
     histogram(b, "fanout_redis_write_seconds", "Latency of one page script in Redis.",
               &m->redis_write);

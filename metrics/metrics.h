@@ -44,6 +44,8 @@ typedef struct met {
     uint64_t reconnects[MET_NSERVERS]; /* connections that came back after being lost */
     uint64_t errors[MET_NSERVERS];     /* failed queries or commands, lost connections */
     uint64_t reloads, reload_errors;   /* SIGHUP outcomes */
+    uint64_t retention_trimmed;        /* stream entries removed by retention */
+    uint64_t retention_bodies;         /* compact bodies removed by retention */
 
     /* gauges, refreshed by their owner */
     int64_t jobs_running;
@@ -60,8 +62,9 @@ typedef struct met {
     int64_t ready;               /* 1: both PostgreSQL connections and Redis are up */
     double oldest_pending_age_s; /* age of the oldest unfinished event; -1: unknown */
     int nshards;
-    int64_t *stream_length; /* nshards entries, -1: not read yet; owned (met_init/met_free) */
-    double start_time_s;    /* wall clock at met_init: process_start_time_seconds */
+    int64_t *stream_length;  /* nshards entries, -1: not read yet; owned (met_init/met_free) */
+    int64_t *retained_bytes; /* nshards entries: a stream, its bodies and refs; -1: unknown */
+    double start_time_s;     /* wall clock at met_init: process_start_time_seconds */
 
     /* histograms, in seconds */
     met_hist_t page_read;       /* one keyset page query */

@@ -550,7 +550,7 @@ static int user_status(ntf_client_t *c, const ntf_req_t *r, const redisReply *re
         const char *text = rep->str ? rep->str : "";
         if (strncmp(text, "WRONGTYPE fanout:", 17) == 0) {
             /* the job says it, once per interval: no line per page here */
-            snprintf(c->key_refusal, sizeof c->key_refusal, "%s", text);
+            ntf__client_set_key_refusal(c, text);
             return NTF_EKEY;
         }
         log_reply_error(c, op, text);
@@ -680,6 +680,7 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     c->cfg = cfg;
     /* A cfg_t built by hand (tests) has no layouts: the stream alone. */
     c->layout = (ntf_layout_t){.mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM,
+                               .compact = cfg->stream_compact,
                                .inbox_cap = cfg->inbox_cap,
                                .inbox_ttl_s = cfg->inbox_ttl_s,
                                .sidekiq_queue = cfg->sidekiq_queue,
@@ -765,6 +766,11 @@ int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *arg
     if (rc == 0)
         c->tail->raw_cb = cb; /* send_req appended it */
     return rc;
+}
+
+void ntf__client_set_key_refusal(ntf_client_t *c, const char *text)
+{
+    snprintf(c->key_refusal, sizeof c->key_refusal, "%s", text);
 }
 
 const cfg_t *ntf__client_cfg(const ntf_client_t *c)

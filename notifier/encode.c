@@ -133,6 +133,18 @@ static char *put_key(ntf_enc_t *e, char *pos, const char *prefix, size_t plen, c
     return start + len + 1;
 }
 
+/* "<prefix>:stream:<n><suffix>" into pos, as the next argument: a shard stream, or with a
+ * suffix a key that belongs to it (and so shares its hash tag on a cluster). */
+static char *put_stream_key(ntf_enc_t *e, char *pos, const char *prefix, size_t plen, int n,
+                            const char *suffix)
+{
+    pos = put_key(e, pos, prefix, plen, NTF_STREAM_INFIX, n) - 1; /* at the NUL */
+    size_t slen = strlen(suffix);
+    memcpy(pos, suffix, slen + 1);
+    e->argvlen[e->argc - 1] += slen;
+    return pos + slen + 1;
+}
+
 int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const ntf_job_t *job,
                       int64_t start_cursor)
 {
@@ -173,7 +185,13 @@ static size_t count_groups(ntf_enc_t *e, int shards, const int64_t *ids, size_t 
 /* Whether a layout adds anything to the plain stream page command. */
 static int layout_extended(const ntf_layout_t *lay)
 {
-    return lay && lay->mask != CFG_LAYOUT_STREAM;
+    return lay && (lay->mask != CFG_LAYOUT_STREAM || lay->compact);
+}
+
+/* Whether the page writes compact stream entries (and so the streams' bodies and refs). */
+static int layout_compact(const ntf_layout_t *lay)
+{
+    return lay && lay->compact && (lay->mask & CFG_LAYOUT_STREAM);
 }
 
 /*
@@ -187,13 +205,19 @@ static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const char 
 {
     int sq = layout_extended(lay) && (lay->mask & CFG_LAYOUT_SIDEKIQ);
     int inbox = layout_extended(lay) && (lay->mask & CFG_LAYOUT_INBOX);
+    int compact = layout_compact(lay);
     put_str(e, "EVALSHA");
     put_str(e, sha);
-    pos = put_i64(e, pos, (int64_t)(1 + groups + (sq ? 2 : 0) + (inbox ? n : 0)));
+    pos =
+        put_i64(e, pos, (int64_t)(1 + groups * (compact ? 3 : 1) + (sq ? 2 : 0) + (inbox ? n : 0)));
     pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
-    for (int s = 0; s < shards; s++) {
-        if (e->slot[s])
-            pos = put_key(e, pos, prefix, plen, NTF_STREAM_INFIX, s);
+    static const char *const suffix[] = {"", ":bodies", ":refs"};
+    for (int k = 0; k < (compact ? 3 : 1); k++) {
+        for (int s = 0; s < shards; s++) {
+            if (!e->slot[s])
+                continue;
+            pos = put_stream_key(e, pos, prefix, plen, s, suffix[k]);
+        }
     }
     if (sq) {
         put_str(e, "queues"); /* Sidekiq's own names, not under the key prefix */
@@ -226,7 +250,7 @@ static char *put_layout_tail(ntf_enc_t *e, char *pos, const ntf_layout_t *lay)
     char *flags = pos;
     size_t k = 0;
     if (lay->mask & CFG_LAYOUT_STREAM)
-        flags[k++] = 's';
+        flags[k++] = lay->compact ? 'c' : 's';
     if (lay->mask & CFG_LAYOUT_INBOX)
         flags[k++] = 'i';
     if (lay->mask & CFG_LAYOUT_SIDEKIQ)
@@ -269,6 +293,10 @@ int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shar
     size_t argc = 3 + (1 + maxg) + NTF_PAGE_FIXED_ARGS + maxg + n;
     size_t bytes = (1 + maxg) * (plen + sizeof ":progress:" + NTF_I64_MAX_LEN) +
                    (8 + maxg + n) * NTF_I64_MAX_LEN;
+    if (layout_compact(lay)) {
+        argc += 2 * maxg;
+        bytes += 2 * maxg * (plen + sizeof ":stream::bodies" + NTF_I64_MAX_LEN);
+    }
     if (extended) {
         argc += 2 + n + NTF_PAGE_TAIL_ARGS;
         bytes += sizeof "queue:" + strlen(lay->sidekiq_queue) + 4 + 3 * NTF_I64_MAX_LEN +

@@ -48,6 +48,7 @@ enum { NTF_PAGE_TAIL_ARGS = 7 };
  */
 typedef struct ntf_layout {
     int mask;
+    int compact; /* stream entries hold event and recipient; the body is stored per stream */
     int inbox_cap;
     int inbox_ttl_s;
     const char *sidekiq_queue;
@@ -93,10 +94,11 @@ int ntf__encode_fence_require_mark(ntf_enc_t *e);
  * shard in the same order: count, then its ids in input order. ids must already be valid
  * (ascending); new_cursor is ids[n-1], or expect_cursor when n is 0. Returns argc.
  *
- * lay NULL or stream-only gives exactly that. Any other layout adds keys after the stream
- * keys (with sidekiq: "queues" and "queue:<name>"; with inbox: <prefix>:inbox:<id> for each
- * id, in the order the ids appear in the groups) and the NTF_PAGE_TAIL_ARGS tail after the
- * groups.
+ * lay NULL or full stream entries alone gives exactly that. Anything else adds keys after
+ * the stream keys (compact: <stream key>:bodies for each present shard, then <stream
+ * key>:refs for each, in the same order; with sidekiq: "queues" and "queue:<name>"; with
+ * inbox: <prefix>:inbox:<id> for each id, in the order the ids appear in the groups) and the
+ * NTF_PAGE_TAIL_ARGS tail after the groups.
  */
 int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shards,
                      const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
@@ -132,6 +134,13 @@ const cfg_t *ntf__client_cfg(const ntf_client_t *c);
  * accepted: fanout's keys carry no TTL while they are in use.
  */
 int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, size_t size);
+
+/* The retention script's reply as ntf_retain reports it: 0 or FO_EREDIS for an error or
+ * malformed reply. */
+int ntf__parse_retention(const redisReply *r, ntf_retention_t *out);
+
+/* Records the text of a WRONGTYPE refusal for ntf_client_key_refusal. */
+void ntf__client_set_key_refusal(ntf_client_t *c, const char *text);
 
 /* The backlog script's reply, {backlog, shard}, as ntf_backlog reports it: 0 or FO_EREDIS
  * for an error or malformed reply. */

@@ -60,13 +60,22 @@ const char ntf__fence_lua[] =
 
 /*
  * KEYS[1] progress hash, KEYS[2..1+G] the stream of each of the G shard groups, in group
- * order; with the layout tail, then "queues" and "queue:<name>" (flag q), then one inbox
- * key per id in the order the ids appear in the groups (flag i).
+ * order; with the layout tail, then (flag c) the G bodies hashes and the G refs sorted sets
+ * of those streams, in group order; then "queues" and "queue:<name>" (flag q), then one
+ * inbox key per id in the order the ids appear in the groups (flag i).
  * ARGV token, expect_cursor, new_cursor, last, ttl_s, event, author, kind, payload,
  * created_at, then per group: k and k recipient ids; then optionally the layout tail:
- * "+layouts", flags (letters: s stream, i inbox, q sidekiq), inbox_cap, inbox_ttl_s,
- * sidekiq queue, sidekiq class, sidekiq retry. Without the tail the page is stream only:
- * the plain layout is the same command it always was.
+ * "+layouts", flags (letters: s full stream entries, c compact stream entries, i inbox,
+ * q sidekiq), inbox_cap, inbox_ttl_s, sidekiq queue, sidekiq class, sidekiq retry. Without
+ * the tail the page is full stream entries only: the same command it always was.
+ *
+ * Compact entries (flag c) carry only event and recipient. Per group, before its first
+ * entry, the event's body {"author","kind","created_at","payload"} (one JSON object) is
+ * written into the stream's bodies hash with HSETNX (written once, idempotent: a resent or
+ * repeated page changes nothing), and after its entries the event's score in the refs
+ * sorted set becomes the millisecond part of the newest entry id that refers to it, which
+ * is what retention reads to know when the body's last entry is trimmed. The bodies and
+ * refs keys are named after the stream key, so they share its hash tag on a cluster.
  * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark; {-2, cursor, delivered, done}
  * if the mark is elsewhere or done; else {1, new_cursor, delivered, done} after writing.
  *
@@ -87,13 +96,15 @@ const char ntf__page_lua[] =
     "  if not k or k < 1 then return redis.error_reply('ERR fanout page: bad group') end\n"
     "  a, ng, nids = a + 1 + k, ng + 1, nids + k\n"
     "end\n"
-    "local st, inb, sq = true, false, false\n"
+    "local st, cp, inb, sq = true, false, false, false\n"
     "local extra = 0\n"
     "if a <= #ARGV then\n"
     "  if a + 7 ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad tail') end\n"
     "  local f = ARGV[a + 1]\n"
-    "  st, inb, sq = f:find('s', 1, true) ~= nil, f:find('i', 1, true) ~= nil,\n"
-    "                f:find('q', 1, true) ~= nil\n"
+    "  st, cp, inb, sq = f:find('s', 1, true) ~= nil, f:find('c', 1, true) ~= nil,\n"
+    "                    f:find('i', 1, true) ~= nil, f:find('q', 1, true) ~= nil\n"
+    "  if st and cp then return redis.error_reply('ERR fanout page: bad flags') end\n"
+    "  if cp then extra = extra + 2 * ng end\n"
     "  if sq then extra = extra + 2 end\n"
     "  if inb then extra = extra + nids end\n"
     "elseif a ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad arity') end\n"
@@ -101,17 +112,25 @@ const char ntf__page_lua[] =
     "local tail = a\n"
     "local e = want(pk, 'hash')\n"
     "if e then return e end\n"
-    "if st then\n"
+    "if st or cp then\n"
     "  for g = 2, 1 + ng do\n"
     "    e = want(KEYS[g], 'stream')\n"
     "    if e then return e end\n"
     "  end\n"
     "end\n"
+    "local bb = 2 + ng\n"
+    "if cp then\n"
+    "  for g = 0, ng - 1 do\n"
+    "    e = want(KEYS[bb + g], 'hash') or want(KEYS[bb + ng + g], 'zset')\n"
+    "    if e then return e end\n"
+    "  end\n"
+    "end\n"
+    "local qb = bb + (cp and 2 * ng or 0)\n"
     "if sq then\n"
-    "  e = want(KEYS[2 + ng], 'set') or want(KEYS[3 + ng], 'list')\n"
+    "  e = want(KEYS[qb], 'set') or want(KEYS[qb + 1], 'list')\n"
     "  if e then return e end\n"
     "end\n"
-    "local ib = 2 + ng + (sq and 2 or 0)\n"
+    "local ib = qb + (sq and 2 or 0)\n"
     "if inb then\n"
     "  for i = ib, ib + nids - 1 do\n"
     "    e = want(KEYS[i], 'list')\n"
@@ -134,25 +153,34 @@ const char ntf__page_lua[] =
     "       ',\"created_at\":' .. cjson.encode(created) .. '}'\n"
     "  cap, ittl = tonumber(ARGV[tail + 2]), tonumber(ARGV[tail + 3])\n"
     "end\n"
+    "local body\n"
+    "if cp then\n"
+    "  body = '{\"author\":\"' .. author .. '\",\"kind\":' .. cjson.encode(kind) ..\n"
+    "         ',\"created_at\":' .. cjson.encode(created) .. ',\"payload\":' .. payload .. '}'\n"
+    "end\n"
     "if sq and nids > 0 then\n"
     "  local q = ARGV[tail + 4]\n"
     "  local t = redis.call('TIME')\n"
     "  local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))\n"
-    "  qk = KEYS[3 + ng]\n"
+    "  qk = KEYS[qb + 1]\n"
     "  qpre = '{\"class\":' .. cjson.encode(ARGV[tail + 5]) .. ',\"args\":['\n"
     "  qpost = '],\"queue\":' .. cjson.encode(q) .. ',\"retry\":' .. ARGV[tail + 6] ..\n"
     "          ',\"created_at\":' .. now .. ',\"enqueued_at\":' .. now .. ',\"jid\":\"'\n"
-    "  redis.call('SADD', KEYS[2 + ng], q)\n"
+    "  redis.call('SADD', KEYS[qb], q)\n"
     "end\n"
     "a = 11\n"
     "for g = 2, 1 + ng do\n"
     "  local sk, k = KEYS[g], tonumber(ARGV[a])\n"
+    "  local newest\n"
+    "  if cp then redis.call('HSETNX', KEYS[bb + g - 2], ev, body) end\n"
     "  for i = a + 1, a + k do\n"
     "    local r = ARGV[i]\n"
     "    local id = ev .. ':' .. r\n"
     "    if st then\n"
     "      redis.call('XADD', sk, '*', 'id', id, 'event', ev, 'author', author,\n"
     "                 'recipient', r, 'kind', kind, 'payload', payload, 'created_at', created)\n"
+    "    elseif cp then\n"
+    "      newest = redis.call('XADD', sk, '*', 'event', ev, 'recipient', r)\n"
     "    end\n"
     "    if inb or sq then\n"
     "      local note = n1 .. r .. n2 .. r .. n3\n"
@@ -168,6 +196,9 @@ const char ntf__page_lua[] =
     "      end\n"
     "    end\n"
     "  end\n"
+    "  if newest then\n"
+    "    redis.call('ZADD', KEYS[bb + ng + g - 2], tonumber(newest:match('^(%d+)')), ev)\n"
+    "  end\n"
     "  a = a + 1 + k\n"
     "  delivered = delivered + k\n"
     "end\n"
@@ -175,3 +206,106 @@ const char ntf__page_lua[] =
     "           'done', ARGV[4])\n"
     "if ARGV[4] == '1' then redis.call('EXPIRE', pk, ARGV[5]) end\n"
     "return {1, ARGV[3], delivered, tonumber(ARGV[4])}\n";
+
+/*
+ * Retention of one shard stream, fanoutd's on its loop and `fanoutctl trim`'s alike.
+ * KEYS[1] the stream, KEYS[2] its bodies hash, KEYS[3] its refs sorted set (both compact
+ * layout; absent otherwise). ARGV max_age_s, max_len (both for a stream without consumer
+ * groups; 0: none), body_grace_ms, limit (bodies handled per call).
+ * Returns {groups, bound, trimmed, bodies_dropped, bytes}: bound is '' when no group bounds
+ * the stream; bytes is MEMORY USAGE of the three keys (sampled), what the stream retains.
+ *
+ * Entries: with consumer groups, over all of them, the oldest entry some group still needs
+ * is the smallest id in its pending list, or, if none is pending, the entry right after its
+ * last-delivered-id; XTRIM MINID to it (exact, not ~) removes only what every group read
+ * and acknowledged. Without groups, only max_age_s and max_len trim, if set.
+ * Bodies: an event whose newest entry here (its refs score, milliseconds) is older than the
+ * oldest entry left has no entry left; its score becomes minus the time of that discovery,
+ * and body_grace_ms later its body and refs member go. A page that writes for the event
+ * again in between sets a positive score (and its body is still there), so the body stays.
+ *
+ * One script, so the bound and the trim are one atomic step: a group created (or moved back
+ * with XGROUP SETID) meanwhile cannot lose entries to a stale bound. No "#!lua" line on
+ * purpose: an old-style script is checked command by command against maxmemory, and these
+ * commands only free memory, so retention still runs on a full Redis. Every key is
+ * type-checked before the first write. Ids are compared as decimal strings (length, then
+ * bytes): Lua numbers are doubles and a sequence number can exceed 2^53.
+ */
+const char ntf_retention_lua[] = NTF_LUA_WANT
+    "local sk, bk, rk = KEYS[1], KEYS[2], KEYS[3]\n"
+    "local maxage, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
+    "local grace, limit = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+    "local e = want(sk, 'stream') or want(bk, 'hash') or want(rk, 'zset')\n"
+    "if e then return e end\n"
+    "local function parts(id) return id:match('^(%d+)-(%d+)$') end\n"
+    "local function lt(x, y)\n"
+    "  if #x ~= #y then return #x < #y end\n"
+    "  return x < y\n"
+    "end\n"
+    "local function less(a, b)\n"
+    "  local am, as = parts(a)\n"
+    "  local bm, bs = parts(b)\n"
+    "  if am ~= bm then return lt(am, bm) end\n"
+    "  return lt(as, bs)\n"
+    "end\n"
+    "local function inc(d)\n"
+    "  local i, zeros = #d, ''\n"
+    "  while i > 0 do\n"
+    "    local c = d:byte(i) - 48\n"
+    "    if c < 9 then return d:sub(1, i - 1) .. string.char(49 + c) .. zeros end\n"
+    "    zeros, i = zeros .. '0', i - 1\n"
+    "  end\n"
+    "  return '1' .. zeros\n"
+    "end\n"
+    "local function succ(id)\n"
+    "  local ms, seq = parts(id)\n"
+    "  if seq == '18446744073709551615' then return inc(ms) .. '-0' end\n"
+    "  return ms .. '-' .. inc(seq)\n"
+    "end\n"
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "local ngroups, bound, trimmed = 0, '', 0\n"
+    "if redis.call('EXISTS', sk) == 1 then\n"
+    "  local groups = redis.call('XINFO', 'GROUPS', sk)\n"
+    "  ngroups = #groups\n"
+    "  for _, g in ipairs(groups) do\n"
+    "    local name, last\n"
+    "    for i = 1, #g, 2 do\n"
+    "      if g[i] == 'name' then name = g[i + 1] end\n"
+    "      if g[i] == 'last-delivered-id' then last = g[i + 1] end\n"
+    "    end\n"
+    "    local b = succ(last)\n"
+    "    local p = redis.call('XPENDING', sk, name)\n"
+    "    if p[1] > 0 and less(p[2], b) then b = p[2] end\n"
+    "    if bound == '' or less(b, bound) then bound = b end\n"
+    "  end\n"
+    "  if ngroups > 0 then\n"
+    "    trimmed = redis.call('XTRIM', sk, 'MINID', bound)\n"
+    "  else\n"
+    "    if maxage > 0 and maxage * 1000 < now then\n"
+    "      trimmed = redis.call('XTRIM', sk, 'MINID', string.format('%d', now - maxage * 1000))\n"
+    "    end\n"
+    "    if maxlen > 0 then trimmed = trimmed + redis.call('XTRIM', sk, 'MAXLEN', maxlen) end\n"
+    "  end\n"
+    "end\n"
+    "local dropped = 0\n"
+    "if redis.call('EXISTS', rk) == 1 then\n"
+    "  local oldest = now + 1\n"
+    "  local first = redis.call('XRANGE', sk, '-', '+', 'COUNT', 1)[1]\n"
+    "  if first then oldest = tonumber((parts(first[1]))) end\n"
+    "  for _, ev in ipairs(redis.call('ZRANGEBYSCORE', rk, 0, '(' .. oldest, 'LIMIT', 0,\n"
+    "                                 limit)) do\n"
+    "    redis.call('ZADD', rk, -now, ev)\n"
+    "  end\n"
+    "  local gone = redis.call('ZRANGEBYSCORE', rk, grace - now, '(0', 'LIMIT', 0, limit)\n"
+    "  if #gone > 0 then\n"
+    "    redis.call('HDEL', bk, unpack(gone))\n"
+    "    redis.call('ZREM', rk, unpack(gone))\n"
+    "    dropped = #gone\n"
+    "  end\n"
+    "end\n"
+    "local bytes = 0\n"
+    "for _, k in ipairs({sk, bk, rk}) do\n"
+    "  bytes = bytes + (redis.call('MEMORY', 'USAGE', k) or 0)\n"
+    "end\n"
+    "return {ngroups, bound, trimmed, dropped, bytes}\n";

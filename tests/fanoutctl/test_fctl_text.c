@@ -59,12 +59,47 @@ static void test_json_raw_or_string(void **state)
     assert_int_equal(fctl_json_valid("\"\\u00e9\"", 8), 1);
 }
 
+/* The compact body as fanoutd writes it (cjson escapes '/' and controls; the payload last,
+ * raw), decoded; and what is not of that shape refused. */
+static void test_parse_body(void **state)
+{
+    fctl_body_t b = {0};
+    const char *ok = "{\"author\":\"42\",\"kind\":\"a\\/b\\\"c\\u0001\\ud83d\\ude00\","
+                     "\"created_at\":\"2026-11-27T09:50:00Z\",\"payload\":{\"x\": [1, \"}\"]}}";
+    assert_int_equal(fctl_parse_body(ok, strlen(ok), &b), 0);
+    assert_string_equal(b.author.p, "42");
+    assert_string_equal(b.kind.p, "a/b\"c\x01\xf0\x9f\x98\x80");
+    assert_string_equal(b.created_at.p, "2026-11-27T09:50:00Z");
+    assert_int_equal(b.payload_len, strlen("{\"x\": [1, \"}\"]}"));
+    assert_memory_equal(b.payload, "{\"x\": [1, \"}\"]}", b.payload_len);
+    /* the buffers are reused by the next call */
+    const char *lone =
+        "{\"author\":\"1\",\"kind\":\"\\ud800x\",\"created_at\":\"t\",\"payload\":1}";
+    assert_int_equal(fctl_parse_body(lone, strlen(lone), &b), 0);
+    assert_string_equal(b.kind.p, "\xef\xbf\xbdx"); /* a lone surrogate is U+FFFD */
+    assert_int_equal(b.payload_len, 1);
+    const char *bad[] = {
+        "",
+        "{}",
+        "{\"author\":42,\"kind\":\"k\",\"created_at\":\"t\",\"payload\":1}",
+        "{\"author\":\"4\",\"kind\":\"k\",\"created_at\":\"t\",\"payload\":}",
+        "{\"author\":\"4\",\"kind\":\"k\",\"created_at\":\"t\",\"payload\":1",
+        "{\"author\":\"4\",\"kind\":\"k\\q\",\"created_at\":\"t\",\"payload\":1}",
+        "{\"author\":\"4\",\"created_at\":\"t\",\"kind\":\"k\",\"payload\":1}",
+        "{\"author\":\"4",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(fctl_parse_body(bad[i], strlen(bad[i]), &b), -1);
+    fctl_body_free(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_id),
         cmocka_unit_test(test_json_string),
         cmocka_unit_test(test_json_raw_or_string),
+        cmocka_unit_test(test_parse_body),
     };
     return cmocka_run_group_tests_name("fctl_text", tests, NULL, NULL);
 }

@@ -42,7 +42,7 @@ static void check_one_line_json(const fo_buf_t *b)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fuzz_in_t in = {data, size};
-    uint8_t mode = fuzz_u8(&in) % 4;
+    uint8_t mode = fuzz_u8(&in) % 5;
     if (mode == 0 || mode == 1) {
         long long min = 0, max = INT64_MAX;
         if (mode == 1) {
@@ -70,6 +70,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     fo_buf_t b = {0};
     const char *s = (const char *)in.p;
+    if (mode == 4) { /* a compact body: decoded or refused, never read past its end */
+        fctl_body_t body = {0};
+        if (fctl_parse_body(s, in.n, &body) == 0) {
+            FUZZ_CHECK(body.payload > s && body.payload + body.payload_len < s + in.n,
+                       "payload outside the body");
+            fctl_json_string(&b, body.kind.p, body.kind.len);
+            check_one_line_json(&b);
+        }
+        fctl_body_free(&body);
+        free(b.p);
+        return 0;
+    }
     if (mode == 2) {
         fctl_json_string(&b, s, in.n);
         check_one_line_json(&b);

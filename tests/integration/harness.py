@@ -34,6 +34,7 @@ import ctypes
 import fcntl
 import glob
 import http.client
+import json
 import os
 import pwd
 import re
@@ -91,6 +92,35 @@ def _tail(path, lines=40):
         return "(no log: %s)" % e
     text = data.decode("utf-8", "replace").rstrip("\n").split("\n")
     return "\n".join(text[-lines:])
+
+
+def split_body(body):
+    """A compact stream's body ({"author","kind","created_at","payload"}, payload last and
+    raw) as (author, kind, created_at, payload text exactly as written)."""
+    head, sep, payload = body.partition(',"payload":')
+    if not sep or not payload.endswith("}"):
+        raise AssertionError("malformed body %r" % body)
+    meta = json.loads(head + "}")
+    assert list(meta) == ["author", "kind", "created_at"], body
+    return meta["author"], meta["kind"], meta["created_at"], payload[:-1]
+
+
+def full_entry(r, key, fields, cache):
+    """The full layout's fields for a stream entry of either layout (cache: event -> body
+    of this stream)."""
+    if "payload" in fields or "event" not in fields:
+        return dict(fields)
+    assert list(fields) == ["event", "recipient"], fields
+    ev = fields["event"]
+    if ev not in cache:
+        body = r.hget(key + ":bodies", ev)
+        if body is None:
+            raise AssertionError("%s: no body for event %s in %s:bodies" % (key, ev, key))
+        cache[ev] = split_body(body)
+    author, kind, created, payload = cache[ev]
+    return {"id": "%s:%s" % (ev, fields["recipient"]), "event": ev, "author": author,
+            "recipient": fields["recipient"], "kind": kind, "payload": payload,
+            "created_at": created}
 
 
 def free_port():
@@ -889,17 +919,20 @@ class Servers:
                                                 count=1000, _type="STREAM") if pat.match(k)]
         return sorted(keys, key=lambda k: int(pat.match(k).group(1)))
 
-    def stream_entries(self, event_id=None, chunk=1000):
+    def stream_entries(self, event_id=None, chunk=1000, raw=False):
         """All entries of all shard streams (XRANGE in chunks), each a dict of its fields plus
-        `_stream` (the key) and `_entry` (the entry id); only those of event_id if given."""
+        `_stream` (the key) and `_entry` (the entry id); only those of event_id if given.
+        A compact entry (event, recipient) comes back as the full one it stands for, its body
+        read from <stream>:bodies (a missing body raises), unless raw."""
         out = []
         for key in self.stream_keys():
             start = "-"
+            bodies = {}
             while True:
                 batch = self.redis.xrange(key, min=start, max="+", count=chunk)
                 for entry_id, fields in batch:
                     if event_id is None or fields.get("event") == str(event_id):
-                        d = dict(fields)
+                        d = dict(fields) if raw else full_entry(self.redis, key, fields, bodies)
                         d["_stream"] = key
                         d["_entry"] = entry_id
                         out.append(d)
@@ -946,6 +979,10 @@ class Servers:
             env["FANOUT_SHARDS"] = str(self.shards)
         # no metrics listener unless a test asks for one: parallel daemons would share a port
         env["FANOUT_METRICS_PORT"] = "0"
+        # FO_TEST_STREAM_ENTRIES=full|compact runs a whole test file in one stream layout
+        # (CMakeLists.txt runs the exactly-once files in both)
+        if os.environ.get("FO_TEST_STREAM_ENTRIES"):
+            env["FANOUT_STREAM_ENTRIES"] = os.environ["FO_TEST_STREAM_ENTRIES"]
         return _with_overrides(env, overrides)
 
     def fanoutctl(self, *args, user="producer", timeout=60, input=None, **overrides):

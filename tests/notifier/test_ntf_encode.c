@@ -247,6 +247,56 @@ static void test_page_layouts_all(void **state)
     ntf__enc_free(&e);
 }
 
+/* Compact stream entries: per present shard its stream, then each one's bodies hash, then
+ * each one's refs sorted set, all named after the stream; the tail says "c". */
+static void test_page_compact(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    const ntf_layout_t lay = {.mask = CFG_LAYOUT_STREAM,
+                              .compact = 1,
+                              .inbox_cap = 100,
+                              .sidekiq_queue = "default",
+                              .sidekiq_class = "J",
+                              .sidekiq_retry = 25};
+    const int64_t ids[] = {11, 12, 13};
+    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 3, 0, 60, &lay);
+    const char *want[] = {"EVALSHA", SHA, "10", "fo:progress:42", "fo:stream:0", "fo:stream:1",
+                          "fo:stream:3", "fo:stream:0:bodies", "fo:stream:1:bodies",
+                          "fo:stream:3:bodies", "fo:stream:0:refs", "fo:stream:1:refs",
+                          "fo:stream:3:refs",
+                          /* ARGV */
+                          "3", "10", "13", "0", "60", "9001", "7", "post", "{\"a\": 1}",
+                          "2026-11-27T09:50:00.123456Z", "1", "12", "1", "13", "1", "11",
+                          /* tail */
+                          "+layouts", "c", "100", "0", "default", "J", "25"};
+    assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want[i]);
+    /* with the inbox too: its keys after the refs */
+    const ntf_layout_t both = {.mask = CFG_LAYOUT_STREAM | CFG_LAYOUT_INBOX,
+                               .compact = 1,
+                               .inbox_cap = 5,
+                               .sidekiq_queue = "default",
+                               .sidekiq_class = "J"};
+    argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &both);
+    assert_arg(&e, 2, "6");
+    assert_arg(&e, 4, "p:stream:0");
+    assert_arg(&e, 5, "p:stream:0:bodies");
+    assert_arg(&e, 6, "p:stream:0:refs");
+    assert_arg(&e, 7, "p:inbox:11");
+    assert_arg(&e, 8, "p:inbox:12");
+    assert_arg(&e, argc - 6, "ci");
+    /* compact without the stream layout writes no stream: the plain inbox command */
+    const ntf_layout_t inbox = {
+        .mask = CFG_LAYOUT_INBOX, .compact = 1, .sidekiq_queue = "d", .sidekiq_class = "J"};
+    argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &inbox);
+    assert_arg(&e, 2, "4");
+    assert_arg(&e, argc - 6, "i");
+    ntf__enc_free(&e);
+}
+
 /* ---- reply parsing: replies built by hand, no server ---- */
 
 static redisReply *r_int(long long v)
@@ -292,6 +342,33 @@ static int parse_and_free(redisReply *r, ntf_progress_t *p)
     int st = ntf__parse_reply(r, p);
     freeReplyObject(r);
     return st;
+}
+
+/* The retention script's {groups, bound, trimmed, bodies_dropped, bytes}. */
+static void test_parse_retention(void **state)
+{
+    (void)state;
+    ntf_retention_t res = {0};
+    redisReply *r =
+        r_arr(5, r_int(2), r_str(REDIS_REPLY_STRING, "5-1"), r_int(40), r_int(1), r_int(4096));
+    assert_int_equal(ntf__parse_retention(r, &res), 0);
+    assert_int_equal(res.groups, 2);
+    assert_int_equal(res.trimmed, 40);
+    assert_int_equal(res.bodies_dropped, 1);
+    assert_int_equal(res.bytes, 4096);
+    freeReplyObject(r);
+    redisReply *bad[] = {
+        r_arr(4, r_int(2), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(0)),
+        r_arr(5, r_int(2), r_int(1), r_int(0), r_int(0), r_int(0)),
+        r_arr(5, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(-1), r_int(0), r_int(0)),
+        r_arr(5, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_nil(), r_int(0)),
+        r_str(REDIS_REPLY_ERROR, "ERR no"),
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(ntf__parse_retention(bad[i], &res), FO_EREDIS);
+        freeReplyObject(bad[i]);
+    }
+    assert_int_equal(ntf__parse_retention(NULL, &res), FO_EREDIS);
 }
 
 static void test_parse_good(void **state)
@@ -410,6 +487,8 @@ int main(void)
         cmocka_unit_test(test_page_one_shard_and_reuse),
         cmocka_unit_test(test_page_empty_last),
         cmocka_unit_test(test_page_layouts_all),
+        cmocka_unit_test(test_page_compact),
+        cmocka_unit_test(test_parse_retention),
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_parse_malformed),
         cmocka_unit_test(test_policy_refusal),

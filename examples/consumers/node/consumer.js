@@ -10,6 +10,10 @@
 // claimed with SET NX PX <min-idle> before handling, set to "done" with an expiry
 // (--seen-ttl) after handling. A consumer that takes over drops what the dead one had done.
 //
+// A compact entry (fields event and recipient only, fanoutd's default) becomes the full
+// notification first: its event's body is read once from HGET <stream>:bodies <event> and
+// kept in a small per-event cache, so handle() sees the same fields in either layout.
+//
 // Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 // per handled notification (the payload parsed); replace handle() with your own work.
 //
@@ -90,6 +94,43 @@ function fields(flat) {
   return out;
 }
 
+// Event bodies of compact entries, per stream and event; the newest BODY_CACHE kept (a Map
+// iterates in insertion order, so its first key is the oldest).
+const BODY_CACHE = 256;
+const bodies = new Map();
+
+// {"author":..,"kind":..,"created_at":..,"payload":<raw JSON>}: the payload is last and raw.
+function parseBody(body) {
+  const at = body.indexOf(',"payload":');
+  const meta = JSON.parse(body.slice(0, at) + '}');
+  return { author: meta.author, kind: meta.kind, created_at: meta.created_at,
+           payload: body.slice(at + 11, -1) };
+}
+
+// entries with every compact one replaced by the full notification's fields, in its order.
+async function fullEntries(key, entries) {
+  const want = [...new Set(entries.filter(([, f]) => f && !('payload' in f) && f.event)
+    .map(([, f]) => f.event))].filter((ev) => !bodies.has(`${key} ${ev}`));
+  if (want.length) {
+    const got = await r.hmget(`${key}:bodies`, ...want);
+    want.forEach((ev, i) => {
+      if (got[i] === null) {
+        throw new Error(`${key}:bodies has no body for event ${ev}; fanoutd keeps it while ` +
+                        'entries refer to it: was it deleted by hand?');
+      }
+      bodies.set(`${key} ${ev}`, parseBody(got[i]));
+      while (bodies.size > BODY_CACHE) bodies.delete(bodies.keys().next().value);
+    });
+  }
+  return entries.map(([id, f]) => {
+    if (!f || 'payload' in f || !f.event) return [id, f];
+    const b = bodies.get(`${key} ${f.event}`);
+    return [id, { id: `${f.event}:${f.recipient}`, event: f.event, author: b.author,
+                  recipient: f.recipient, kind: b.kind, payload: b.payload,
+                  created_at: b.created_at }];
+  });
+}
+
 // Test aid: a crash while holding unacknowledged entries (see --stall-after).
 async function stall(held, handledHere) {
   process.stderr.write(`stalled after ${handled}: holding ${held} unacknowledged entries, ` +
@@ -101,7 +142,7 @@ async function stall(held, handledHere) {
 // notification's mark, handle what is ours, mark it done, acknowledge.
 async function processBatch(key, raw) {
   if (raw.length === 0) return;
-  const entries = raw.map(([id, flat]) => [id, fields(flat)]);
+  const entries = await fullEntries(key, raw.map(([id, flat]) => [id, fields(flat)]));
   const live = entries.filter(([, f]) => f && f.id);
   const pipe = r.pipeline(); // claim: one consumer at a time handles a notification
   for (const [, f] of live) pipe.set(seenKey(f.id), claim, 'PX', minIdle, 'NX');

@@ -10,6 +10,11 @@ SET NX PX <min-idle> before handling (two consumers never handle one notificatio
 set to "done" with an expiry (--seen-ttl, default one day) after handling. A consumer that
 takes over drops what the dead one had done; the expiry keeps the marks' memory bounded.
 
+A compact entry (fields event and recipient only, fanoutd's default) is turned into the full
+notification before anything else: its event's body is read once from the stream's bodies
+hash, HGET <stream>:bodies <event>, and kept in a small per-event cache (Bodies), so a batch
+of one event costs one round trip and handle() sees the same fields in either layout.
+
 Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 per handled notification (the payload parsed); replace handle() with your own work.
 
@@ -17,6 +22,7 @@ per handled notification (the payload parsed); replace handle() with your own wo
 """
 
 import argparse
+import collections
 import json
 import signal
 import sys
@@ -39,6 +45,47 @@ def handle(note):
     sys.stdout.flush()
 
 
+class Bodies:
+    """Event bodies of compact entries, per (stream, event), the newest `size` kept."""
+
+    def __init__(self, r, size=256):
+        self.r, self.size, self.cache = r, size, collections.OrderedDict()
+
+    @staticmethod
+    def parse(body):
+        # {"author":..,"kind":..,"created_at":..,"payload":<raw JSON>}: the payload is last
+        # and raw, so its text is kept exactly as the producer's event holds it
+        head, _, payload = body.partition(',"payload":')
+        meta = json.loads(head + "}")
+        return meta["author"], meta["kind"], meta["created_at"], payload[:-1]
+
+    def full(self, key, entries):
+        """entries with every compact one replaced by the full notification's fields."""
+        want = {f["event"] for _, f in entries
+                if f and "payload" not in f and (key, f.get("event")) not in self.cache}
+        want.discard(None)
+        if want:
+            want = sorted(want)
+            for ev, body in zip(want, self.r.hmget(key + ":bodies", want)):
+                if body is None:
+                    raise RuntimeError("%s:bodies has no body for event %s; fanoutd keeps it "
+                                       "while entries refer to it: was it deleted by hand?"
+                                       % (key, ev))
+                self.cache[(key, ev)] = self.parse(body)
+                while len(self.cache) > self.size:
+                    self.cache.popitem(last=False)
+        out = []
+        for eid, f in entries:
+            if f and "payload" not in f and "event" in f:
+                author, kind, created, payload = self.cache[(key, f["event"])]
+                self.cache.move_to_end((key, f["event"]))
+                f = {"id": "%s:%s" % (f["event"], f["recipient"]), "event": f["event"],
+                     "author": author, "recipient": f["recipient"], "kind": kind,
+                     "payload": payload, "created_at": created}
+            out.append((eid, f))
+        return out
+
+
 class Consumer:
     def __init__(self, args):
         self.r = redis.Redis(host=args.host, port=args.port, password=args.password,
@@ -47,6 +94,7 @@ class Consumer:
         self.keys = ["%s:stream:%d" % (args.prefix, n) for n in range(args.shards)]
         self.handled = 0
         self.claim = "claim:" + args.consumer
+        self.bodies = Bodies(self.r)
 
     def seen_key(self, note_id):
         return "%s:seen:%s:%s" % (self.a.prefix, self.a.group, note_id)
@@ -64,6 +112,7 @@ class Consumer:
         claim each notification's mark, handle what is ours, mark it done, acknowledge."""
         if not entries:
             return
+        entries = self.bodies.full(key, entries)
         live = [(eid, f) for eid, f in entries if f and "id" in f]
         pipe = self.r.pipeline(transaction=False)
         for _, f in live:  # claim: only one consumer handles a notification at a time

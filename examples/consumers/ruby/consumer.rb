@@ -11,6 +11,10 @@
 # claimed with SET NX PX <min-idle> before handling, set to "done" with an expiry
 # (--seen-ttl) after handling. A consumer that takes over drops what the dead one had done.
 #
+# A compact entry (fields event and recipient only, fanoutd's default) becomes the full
+# notification first: its event's body is read once from HGET <stream>:bodies <event> and
+# kept in a small per-event cache (Bodies), so handle sees the same fields in either layout.
+#
 # Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 # per handled notification (the payload parsed); replace handle with your own work.
 #
@@ -26,6 +30,47 @@ def handle(note)
   $stdout.flush
 end
 
+# Event bodies of compact entries, per stream and event; the newest SIZE kept (a Hash keeps
+# insertion order, so its first key is the oldest).
+class Bodies
+  SIZE = 256
+
+  def initialize(redis)
+    @r = redis
+    @cache = {}
+  end
+
+  # {"author":..,"kind":..,"created_at":..,"payload":<raw JSON>}: the payload is last, raw.
+  def self.parse(body)
+    at = body.index(',"payload":')
+    meta = JSON.parse(body[0...at] + '}')
+    [meta['author'], meta['kind'], meta['created_at'], body[(at + 11)...-1]]
+  end
+
+  # entries with every compact one replaced by the full notification's fields, in its order.
+  def full(key, entries)
+    want = entries.map { |_, f| f['event'] if f && !f.key?('payload') }.compact.uniq
+                  .reject { |ev| @cache.key?([key, ev]) }
+    unless want.empty?
+      @r.hmget("#{key}:bodies", *want).zip(want).each do |body, ev|
+        raise "#{key}:bodies has no body for event #{ev}; fanoutd keeps it while entries " \
+              'refer to it: was it deleted by hand?' if body.nil?
+
+        @cache[[key, ev]] = Bodies.parse(body)
+        @cache.delete(@cache.first[0]) while @cache.size > SIZE
+      end
+    end
+    entries.map do |id, f|
+      next [id, f] if f.nil? || f.key?('payload') || !f['event']
+
+      author, kind, created, payload = @cache.fetch([key, f['event']])
+      [id, { 'id' => "#{f['event']}:#{f['recipient']}", 'event' => f['event'], 'author' => author,
+             'recipient' => f['recipient'], 'kind' => kind, 'payload' => payload,
+             'created_at' => created }]
+    end
+  end
+end
+
 class Consumer
   attr_reader :handled
 
@@ -35,6 +80,7 @@ class Consumer
     @keys = (0...opts[:shards]).map { |n| "#{opts[:prefix]}:stream:#{n}" }
     @handled = 0
     @claim = "claim:#{opts[:consumer]}"
+    @bodies = Bodies.new(@r)
     @stop = false
   end
 
@@ -59,6 +105,7 @@ class Consumer
   def process(key, entries)
     return if entries.empty?
 
+    entries = @bodies.full(key, entries)
     live = entries.select { |_, f| f && f['id'] }
     claimed = @r.pipelined do |pipe| # claim: one consumer at a time handles a notification
       live.each { |_, f| pipe.set(seen_key(f['id']), @claim, nx: true, px: @o[:min_idle_ms]) }

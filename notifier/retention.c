@@ -1,0 +1,174 @@
+/*
+ * retention.c: ntf_retain, one shard stream's retention (the script in scripts.c) sent on
+ * the client's connection, and its reply parsed. fanoutd runs it shard by shard on a timer,
+ * one call in flight at a time, so retention never crowds the page writes.
+ */
+#include "common/common.h"
+#include "notifier/ntf_int.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Bodies handled per call: bounds the work of one script run. */
+#define NTF_RETAIN_LIMIT 1000
+
+typedef struct retain_req {
+    ntf_client_t *c;
+    ntf_retention_cb cb;
+    void *data;
+} retain_req_t;
+
+int ntf__parse_retention(const redisReply *r, ntf_retention_t *out)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 5 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_STRING)
+        return FO_EREDIS;
+    for (int i = 2; i < 5; i++)
+        if (r->element[i]->type != REDIS_REPLY_INTEGER || r->element[i]->integer < 0)
+            return FO_EREDIS;
+    out->groups = (int)r->element[0]->integer;
+    out->trimmed = r->element[2]->integer;
+    out->bodies_dropped = r->element[3]->integer;
+    out->bytes = r->element[4]->integer;
+    return 0;
+}
+
+static void on_retain(int status, const redisReply *reply, void *data)
+{
+    retain_req_t *q = data;
+    ntf_retention_t res = {0};
+    if (status == 0 && reply->type == REDIS_REPLY_ERROR && reply->str &&
+        strncmp(reply->str, "WRONGTYPE fanout:", 17) == 0) {
+        ntf__client_set_key_refusal(q->c, reply->str);
+        status = NTF_EKEY;
+    } else if (status == 0 && ntf__parse_retention(reply, &res) < 0) {
+        fo_log(FO_LOG_WARN, "retention failed", "server=redis error=\"%s\"",
+               reply->type == REDIS_REPLY_ERROR && reply->str ? reply->str : "unexpected reply");
+        status = FO_EREDIS;
+    }
+    q->cb(status, status == 0 ? &res : NULL, q->data);
+    free(q);
+}
+
+int ntf_retain(ntf_client_t *c, int shard, ntf_retention_cb cb, void *data)
+{
+    const cfg_t *cfg = ntf__client_cfg(c);
+    if (shard < 0 || shard >= cfg->shards)
+        return FO_EINVAL;
+    char *stream = ntf_stream_key(cfg->key_prefix, shard);
+    char *bodies = fo_xasprintf("%s:bodies", stream), *refs = fo_xasprintf("%s:refs", stream);
+    char age[24], len[24], grace[24], limit[24];
+    snprintf(age, sizeof age, "%lld", cfg->retention_max_age_s);
+    snprintf(len, sizeof len, "%lld", cfg->retention_max_len);
+    snprintf(grace, sizeof grace, "%lld", (long long)cfg->body_grace_s * 1000);
+    snprintf(limit, sizeof limit, "%d", NTF_RETAIN_LIMIT);
+    const char *argv[] = {"EVAL", ntf_retention_lua, "3", stream, bodies, refs, age, len, grace,
+                          limit};
+    size_t argvlen[10];
+    for (size_t i = 0; i < 10; i++)
+        argvlen[i] = strlen(argv[i]);
+    retain_req_t *q = fo_xmalloc(sizeof *q);
+    *q = (retain_req_t){c, cb, data};
+    int rc = ntf__command(c, 10, argv, argvlen, on_retain, q);
+    if (rc < 0)
+        free(q);
+    free(stream);
+    free(bodies);
+    free(refs);
+    return rc;
+}
+
+/* ---- the retainer: ntf_retain over every shard, on a timer ---- */
+
+struct ntf_retainer {
+    ntf_client_t *client;
+    const cfg_t *cfg;
+    ntf_retained_cb cb;
+    void *data;
+    uv_timer_t timer;
+    int shard;   /* the shard in flight; -1: none */
+    int closing; /* ntf_retainer_close was called */
+    int open;    /* the timer handle is not closed yet */
+    int warned;  /* a failure was logged since the last success */
+    fo_closed_cb on_closed;
+    void *closed_data;
+};
+
+static void retainer_maybe_free(ntf_retainer_t *r)
+{
+    if (!r->closing || r->open || r->shard >= 0)
+        return;
+    fo_closed_cb cb = r->on_closed;
+    void *data = r->closed_data;
+    free(r);
+    if (cb)
+        cb(data);
+}
+
+static void retain_next(ntf_retainer_t *r, int shard);
+
+static void on_retained(int status, const ntf_retention_t *res, void *data)
+{
+    ntf_retainer_t *r = data;
+    int shard = r->shard;
+    r->shard = -1;
+    if (r->closing || status == FO_ESTOP) {
+        retainer_maybe_free(r);
+        return;
+    }
+    if (status == 0) {
+        r->warned = 0;
+        r->cb(shard, res, r->data);
+    } else if (status == NTF_EKEY && !r->warned) {
+        fo_log(FO_LOG_ERROR, "retention skips a shard: a key has the wrong type",
+               "shard=%d error=\"%s\"", shard, ntf_client_key_refusal(r->client));
+        r->warned = 1;
+    }
+    if (shard + 1 < r->cfg->shards)
+        retain_next(r, shard + 1);
+}
+
+static void retain_next(ntf_retainer_t *r, int shard)
+{
+    if (ntf_client_ready(r->client) && ntf_retain(r->client, shard, on_retained, r) == 0)
+        r->shard = shard;
+}
+
+static void on_retain_timer(uv_timer_t *t)
+{
+    ntf_retainer_t *r = t->data;
+    if (r->shard < 0) /* the previous round is done: never pile up */
+        retain_next(r, 0);
+}
+
+ntf_retainer_t *ntf_retainer_new(uv_loop_t *loop, ntf_client_t *client, const cfg_t *cfg,
+                                 ntf_retained_cb cb, void *data)
+{
+    ntf_retainer_t *r = fo_xcalloc(1, sizeof *r);
+    *r = (ntf_retainer_t){.client = client, .cfg = cfg, .cb = cb, .data = data, .shard = -1};
+    uv_timer_init(loop, &r->timer);
+    r->timer.data = r;
+    r->open = 1;
+    if (cfg->retention_ms > 0)
+        uv_timer_start(&r->timer, on_retain_timer, (uint64_t)cfg->retention_ms,
+                       (uint64_t)cfg->retention_ms);
+    return r;
+}
+
+static void on_retainer_closed(uv_handle_t *h)
+{
+    ntf_retainer_t *r = h->data;
+    r->open = 0;
+    retainer_maybe_free(r);
+}
+
+void ntf_retainer_close(ntf_retainer_t *r, fo_closed_cb on_closed, void *data)
+{
+    if (!r || r->closing)
+        return;
+    r->closing = 1;
+    r->on_closed = on_closed;
+    r->closed_data = data;
+    uv_close((uv_handle_t *)&r->timer, on_retainer_closed);
+}
