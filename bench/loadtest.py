@@ -7,8 +7,11 @@ authors, default 2 x N, so the index has a realistic size), then, on the same se
   2. Redis ceiling: bench/redis_ceiling writes N entries of fanoutd's exact layout (16 shard
      streams, same fields and sizes) with deep pipelining under a key prefix of its own,
      and once more as Lua pages (one redis.call('XADD') per entry, like fanoutd's script);
-  3. the fan-out: fanoutd runs, the author publishes, and bench/stream_check verifies exactly
-     N entries, N distinct recipients, none twice, and reads the entry ids' clock.
+  3. the fan-out, once per stream layout (--layouts, default compact then full, in the same
+     run): fanoutd runs, the author publishes, and bench/stream_check verifies exactly N
+     entries, N distinct recipients, none twice, and reads the entry ids' clock; Redis's
+     memory and AOF growth per notification and publish -> job done are measured too.
+The payload is --payload-bytes long (default 100) as PostgreSQL's jsonb renders it.
 It prints a table with the ratio "end to end / Redis ceiling" and, with --results, writes
 bench/results/<name>.md (and a gnuplot PNG when several N were run).
 
@@ -35,7 +38,7 @@ BUILD = harness.BUILD_DIR
 REDIS_CEILING = os.path.join(BUILD, "bench", "redis_ceiling")
 STREAM_CHECK = os.path.join(BUILD, "bench", "stream_check")
 CEILING_PREFIX = "fanout-bench-ceiling"
-PAYLOAD = '{"text": "hello, followers"}'  # as jsonb renders it: same bytes in both phases
+PAYLOAD = '{"text": "hello, followers"}'  # replaced by main() with --payload-bytes
 TICK = os.sysconf("SC_CLK_TCK")
 MIB = 1024.0 * 1024.0
 
@@ -356,8 +359,8 @@ END $$;""" % (author, self.page_size)
         starts from the same Redis state (memory, AOF size)."""
         if not self.external:
             keys = self.s.stream_keys()
-            if keys:
-                self.s.redis.unlink(*keys)
+            keys += [k + suffix for k in self.shard_keys() for suffix in (":bodies", ":refs")]
+            self.s.redis.unlink(*keys)
             self.s.redis.execute_command("BGREWRITEAOF")
             self.wait_no_rewrite()
 
@@ -386,7 +389,8 @@ END $$;""" % (author, self.page_size)
     # -- fanoutd --------------------------------------------------------------------------
     def ensure_daemon(self):
         if self.daemon is None or not self.daemon.alive():
-            self.daemon = self.s.start_daemon(**self.args.daemon_env)
+            self.daemon = self.s.start_daemon(**getattr(self, "daemon_env",
+                                                         self.args.daemon_env))
             self.daemon.wait_log("connected", timeout=60)
         return self.daemon
 
@@ -410,13 +414,14 @@ END $$;""" % (author, self.page_size)
                 raise BenchError("fan-out not done after %d s" % timeout)
             time.sleep(0.02)
 
-    def publish_many(self, authors, kind="post", payload=PAYLOAD):
+    def publish_many(self, authors, kind="post", payload=None):
         """One transaction as the producer: every event gets the same created_at."""
         conn = self.s.connect(None if self.external else "producer", autocommit=False)
         try:
             with conn.cursor() as cur:
                 cur.execute("/* bench */ SELECT fanout.publish(a, %s, %s::jsonb)"
-                            " FROM unnest(%s::bigint[]) a", (kind, payload, list(authors)))
+                            " FROM unnest(%s::bigint[]) a",
+                            (kind, payload or PAYLOAD, list(authors)))
                 ids = [row[0] for row in cur.fetchall()]
             conn.commit()
         finally:
@@ -432,8 +437,39 @@ END $$;""" % (author, self.page_size)
         sec, usec = self.s.redis.time()
         return sec * 1000 + usec // 1000
 
-    def fanout_run(self, n_each, authors, steady_rate=0, small_followers=10, small_authors=0):
+    def use_layout(self, layout):
+        """fanoutd with FANOUT_STREAM_ENTRIES=layout (restarted when it changes)."""
+        env = dict(self.args.daemon_env, FANOUT_STREAM_ENTRIES=layout)
+        if self.daemon is not None and env != getattr(self, "daemon_env", None):
+            rc = self.daemon.stop(timeout=30)
+            if rc != 0:
+                raise BenchError("fanoutd exited with %d on SIGTERM; log:\n%s"
+                                 % (rc, self.daemon.log_tail()))
+            self.daemon = None
+        self.daemon_env = env
+
+    def done_ms(self, events):
+        """publish -> the last of the events' jobs recorded done, in ms (what a user waits
+        for: the job is done only after its last write is durable as configured)."""
+        return self.s.sql_value(
+            "/* bench */ SELECT (extract(epoch FROM max(j.finished_at) - min(e.created_at))"
+            " * 1000)::bigint FROM fanout.jobs j JOIN fanout.events e ON e.id = j.event_id"
+            " WHERE j.event_id = ANY(%s)", (list(events),))
+
+    def check_bodies(self, events):
+        """Compact entries: every stream holding an entry of an event holds its body."""
+        r = self.s.redis
+        for key in self.shard_keys():
+            seen = {f.get("event") for _, f in r.xrevrange(key, count=1)}
+            for ev in events:
+                if str(ev) in seen and not r.hexists(key + ":bodies", ev):
+                    raise BenchError("VERIFICATION FAILED: %s:bodies has no body for event %d"
+                                     % (key, ev))
+
+    def fanout_run(self, n_each, authors, steady_rate=0, small_followers=10, small_authors=0,
+                   layout="compact"):
         """One measured fan-out: publish, wait, verify. Returns the figures."""
+        self.use_layout(layout)
         d = self.ensure_daemon()
         self.clear_streams()
         self.pg_reset_statements()
@@ -464,13 +500,16 @@ END $$;""" % (author, self.page_size)
                     " %d distinct recipients, %d duplicates, %d outside the follower range"
                     % (e, n, g["entries"], g.get("distinct", 0), g.get("duplicates", 0),
                        g.get("outside", 0)))
+        if layout == "compact":
+            self.check_bodies(events)
         t_pub = min(created[e] for e in events)
         first = min(got[e]["first_ms"] for e in events) - t_pub
         last = max(got[e]["last_ms"] for e in events) - t_pub
         total = n_each * len(events)
         res = {
-            "events": len(events), "notifications": total, "verified": True,
+            "events": len(events), "notifications": total, "verified": True, "layout": layout,
             "first_s": first / 1000.0, "e2e_s": last / 1000.0,
+            "done_s": self.done_ms(events) / 1000.0,
             "rate": total / (last / 1000.0) if last > 0 else float("inf"),
             "cpu_s": cpu, "rss_kib": proc_hwm_kib(d.pid), "pg": pg, "redis": ph.summary(),
         }
@@ -539,7 +578,7 @@ def bench_size(s, args, n, mode):
     r.config_set("auto-aof-rewrite-percentage", 0)
     try:
         runs = args.runs if args.runs else (3 if n <= 1000000 else 1)
-        copy, keyset, ceil, ceil_ph, fan = [], [], [], [], []
+        copy, keyset, ceil, ceil_ph, fan, by_layout = [], [], [], [], [], {}
         for i in range(runs):
             copy.append(b.pg_copy_s(b.author(0))[0])
         keyset.append(b.pg_keyset_s(b.author(0)))
@@ -552,15 +591,20 @@ def bench_size(s, args, n, mode):
             secs, ph = b.redis_ceiling(n, b.author(0), 1)
             ceil.append(secs)
             ceil_ph.append(ph)
-            rf = b.fanout_run(n_each, authors, steady_rate=mode[1] if mode[0] == "steady" else 0,
-                              small_authors=small_authors)
-            fan.append(rf)
-            log("   run %d: Redis ceiling %.3f s | fan-out: first %.3f s, last %.3f s (%.2f x"
-                " ceiling), fanoutd CPU %.2f s, RSS %.1f MiB%s"
-                % (i + 1, secs, rf["first_s"], rf["e2e_s"], rf["e2e_s"] / secs, rf["cpu_s"],
-                   rf["rss_kib"] / 1024.0,
-                   "" if "small" not in rf else ", small events p99 %d ms (%d events)"
-                   % (rf["small"]["p99_ms"], rf["small"]["count"])))
+            for layout in args.layouts:
+                rf = b.fanout_run(n_each, authors,
+                                  steady_rate=mode[1] if mode[0] == "steady" else 0,
+                                  small_authors=small_authors, layout=layout)
+                by_layout.setdefault(layout, []).append(rf)
+                log("   run %d, %s entries: Redis ceiling %.3f s | fan-out: first %.3f s, last"
+                    " %.3f s (%.2f x ceiling), done %.3f s (%.2f x), fanoutd CPU %.2f s, RSS"
+                    " %.1f MiB, Redis %.0f B memory and %.0f B AOF per notification%s"
+                    % (i + 1, layout, secs, rf["first_s"], rf["e2e_s"], rf["e2e_s"] / secs,
+                       rf["done_s"], rf["done_s"] / secs, rf["cpu_s"], rf["rss_kib"] / 1024.0,
+                       rf["redis"]["mem_bytes"] / n, rf["redis"]["aof_bytes"] / n,
+                       "" if "small" not in rf else ", small events p99 %d ms (%d events)"
+                       % (rf["small"]["p99_ms"], rf["small"]["count"])))
+            fan.append(by_layout[args.layouts[0]][-1])
         if b.daemon is not None:
             rc = b.daemon.stop(timeout=30)
             if rc != 0:
@@ -582,7 +626,35 @@ def bench_size(s, args, n, mode):
         "rss_kib": max(f["rss_kib"] for f in fan),
     }
     res["ratio"] = res["e2e_s"] / res["ceiling_s"] if res["ceiling_s"] else float("inf")
+    res["layouts"] = {}
+    for layout, runs_l in by_layout.items():
+        res["layouts"][layout] = {
+            "e2e_s": median([f["e2e_s"] for f in runs_l]),
+            "done_s": median([f["done_s"] for f in runs_l]),
+            "mem_per": median([f["redis"]["mem_bytes"] / float(n) for f in runs_l]),
+            "aof_per": median([f["redis"]["aof_bytes"] / float(n) for f in runs_l]),
+            "cpu_s": median([f["cpu_s"] for f in runs_l]),
+            "e2es": [f["e2e_s"] for f in runs_l], "dones": [f["done_s"] for f in runs_l],
+        }
     return res
+
+
+def layout_table(results, payload_bytes):
+    """Both stream layouts side by side, medians of the same runs."""
+    rows = ["| followers | mode | entries | publish → last entry | publish → job done"
+            " | done / ceiling | Redis memory per notification | AOF per notification"
+            " | fanoutd CPU | time vs full |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        full = r["layouts"].get("full")
+        for layout, L in r["layouts"].items():
+            vs = "%.2f" % (L["e2e_s"] / full["e2e_s"]) if full and layout != "full" else "-"
+            rows.append("| %s | %s | %s | %.3f s | %.3f s | %.2f | %.0f B | %.0f B | %.2f s"
+                        " | %s |" % (fmt_int(r["n"]), mode_name(r), layout, L["e2e_s"],
+                                     L["done_s"], L["done_s"] / r["ceiling_s"], L["mem_per"],
+                                     L["aof_per"], L["cpu_s"], vs))
+    return ("Payload %d bytes (as jsonb renders it). Ceiling: the Redis ceiling of the same run"
+            " (full entries, XADD pipeline).\n\n" % payload_bytes) + "\n".join(rows)
 
 
 # ------------------------------------------------------------------------------------------
@@ -687,6 +759,8 @@ def print_report(results, m, v):
     print()
     print(profile_table(results))
     print()
+    print(layout_table(results, len(PAYLOAD)))
+    print()
     for r in results:
         print("%s followers (%s): end to end %.3f s / Redis ceiling %.3f s = ratio %.2f;"
               " verified: %s notifications, each of the %d event(s) reached every follower"
@@ -729,6 +803,8 @@ def write_results(name, results, m, v, args, chart):
                 " figures below). **ratio** = publish → last notification divided by the Redis"
                 " ceiling measured in the same run, on the same server.\n\n")
         f.write(table(results) + "\n\n")
+        f.write("## Stream layouts (queue format 3)\n\n" + layout_table(results, len(PAYLOAD))
+                + "\n\n")
         if chart:
             f.write("![end to end, ceilings and peak RSS against followers](%s)\n\n"
                     % os.path.basename(chart))
@@ -838,11 +914,21 @@ def parse_args(argv):
     ap.add_argument("--results", metavar="NAME",
                     help="write bench/results/NAME.md (default with --sweep: DATE-Ncore)")
     ap.add_argument("--no-chart", action="store_true", help="no gnuplot chart")
+    ap.add_argument("--payload-bytes", type=int, default=100, metavar="B",
+                    help="the event's payload size in bytes, as jsonb renders it (default 100)")
+    ap.add_argument("--layouts", default="compact,full", metavar="L[,L]",
+                    help="stream layouts to run, in the same run (FANOUT_STREAM_ENTRIES;"
+                    " default compact,full; the first stands for the size in the main table)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="fanoutd setting for the run, e.g. --set PAGE_SIZE=5000")
     args = ap.parse_args(argv)
     if args.followers < 1 or args.authors < 1 or args.steady < 0 or args.runs < 0:
         ap.error("--followers and --authors must be positive, --steady and --runs >= 0")
+    if args.payload_bytes < 12:
+        ap.error("--payload-bytes must be at least 12 (the shortest {\"text\": \"...\"})")
+    args.layouts = args.layouts.split(",")
+    if not args.layouts or any(x not in ("compact", "full") for x in args.layouts):
+        ap.error("--layouts takes compact, full or both, comma-separated")
     args.daemon_env = {}
     for kv in args.set:
         k, sep, v = kv.partition("=")
@@ -855,7 +941,10 @@ def parse_args(argv):
 
 
 def main(argv):
+    global PAYLOAD
     args = parse_args(argv)
+    # {"text": "xxx..."}: jsonb renders it byte for byte like this
+    PAYLOAD = '{"text": "%s"}' % ("x" * (args.payload_bytes - 12))
     for tool in (REDIS_CEILING, STREAM_CHECK, harness.FANOUTD):
         if not os.access(tool, os.X_OK):
             raise BenchError("%s is not built (build with -DFANOUT_BUILD_BENCH=ON, or run"
