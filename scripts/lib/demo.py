@@ -84,6 +84,7 @@ Try, in this shell (publish as a producer, status as fanoutd's role):
   FANOUT_PG_DSN='%(worker_dsn)s' fanoutctl status
   redis-cli -p %(redis)d XLEN fanout:stream:0
   redis-cli -p %(redis)d XRANGE fanout:stream:0 - + COUNT 3
+  redis-cli -p %(redis)d HGETALL fanout:stream:0:bodies      # the events' bodies, once each
   fanoutctl consume --group demo --consumer me --count 5
   python3 examples/consumers/python/consumer.py --port %(redis)d --group py --consumer p1
   scripts/demo --stop""" % {
