@@ -402,6 +402,351 @@ class RedisReplica:
         self.proc = None
 
 
+class RedisCluster:
+    """A real local Redis Cluster on free loopback ports: `primaries` primaries with
+    `replicas` replicas each, made by `redis-cli --cluster create`, in its own temp dir (or
+    under `root`). Context manager; close() SIGKILLs every node and removes the dir.
+
+    Nodes are keyed by port. A short cluster-node-timeout (default 1000 ms) makes a killed
+    primary's replica take over within a few seconds. Helpers provoke what a cluster client
+    must handle:
+      kill(port)                SIGKILL a node (no goodbye, no AOF flush)
+      kill_primary(port)        SIGKILL a primary, wait until its replica is promoted and
+                                every live node agrees; returns the new primary's port
+      failover(replica_port)    CLUSTER FAILOVER on a replica (manual, no data loss)
+      begin_migration(slot, to) CLUSTER SETSLOT IMPORTING on `to`, MIGRATING on the owner:
+                                from now on a key of the slot that is not on the owner any
+                                more is answered with -ASK
+      move_keys(slot, count)    MIGRATE up to count (all: None) keys of the slot to the target
+      end_migration(slot)       CLUSTER SETSLOT NODE on every primary: -MOVED from now on
+      migrate_slot(slot, to)    all three
+    """
+
+    def __init__(self, primaries=3, replicas=1, node_timeout_ms=1000, aof=True, root=None,
+                 password=None):
+        self.n_primaries = primaries
+        self.n_replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.aof = aof
+        self.password = password
+        self.root = root
+        self.dir = None
+        self.ports = []
+        self.procs = {}
+        self.migrating = {}  # slot -> (source port, target port)
+        self._clients = {}
+        self._closed = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self, timeout=60):
+        _install_handlers()
+        _LIVE.append(self)
+        if self.root is None:
+            self.dir = tempfile.mkdtemp(prefix="fanout-cluster-")
+            self._own_dir = True
+        else:
+            self.dir = os.path.join(self.root, "redis-cluster")
+            os.mkdir(self.dir)
+            self._own_dir = False
+        try:
+            for _ in range(self.n_primaries * (1 + self.n_replicas)):
+                self._start_node(self._free_unused_port())
+            for p in self.ports:
+                self._wait_ping(p, timeout)
+            cmd = ["redis-cli"] + (["-a", self.password, "--no-auth-warning"]
+                                   if self.password else [])
+            cmd += ["--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports] + [
+                "--cluster-replicas", str(self.n_replicas), "--cluster-yes"]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if out.returncode != 0:
+                raise HarnessError("redis-cli --cluster create failed:\n%s%s"
+                                   % (out.stdout[-2000:], out.stderr[-2000:]))
+            self.wait_stable(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _free_unused_port(self):
+        # The cluster bus listens on port + 10000: both must be free.
+        while True:
+            p = free_port()
+            if p + 10000 < 65536 and p not in self.ports:
+                try:
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", p + 10000))
+                    return p
+                except OSError:
+                    continue
+
+    def _node_dir(self, port):
+        return os.path.join(self.dir, "node-%d" % port)
+
+    def log_path(self, port):
+        return os.path.join(self.dir, "node-%d.log" % port)
+
+    def _start_node(self, port):
+        d = self._node_dir(port)
+        os.makedirs(d, exist_ok=True)
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
+               "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+               "--cluster-node-timeout", str(self.node_timeout_ms),
+               "--save", "", "--appendonly", "yes" if self.aof else "no",
+               "--appendfsync", "everysec", "--daemonize", "no", "--logfile", ""]
+        if self.password:
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
+        self.procs[port] = _spawn_redis(cmd, self.log_path(port))
+        if port not in self.ports:
+            self.ports.append(port)
+
+    def _wait_ping(self, port, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client(port).ping():
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            proc = self.procs.get(port)
+            if proc is None or proc.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError("cluster node %d did not answer:\n%s"
+                                   % (port, _tail(self.log_path(port))))
+            time.sleep(0.05)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for c in self._clients.values():
+            try:
+                c.close()
+            except Exception:
+                pass
+        self._clients.clear()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self.dir and self._own_dir and not os.environ.get("FANOUT_KEEP_TMP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+    # -- looking at it ------------------------------------------------------------------------
+
+    def client(self, port):
+        """A plain redis-py client of one node (str replies)."""
+        c = self._clients.get(port)
+        if c is None:
+            c = redis.Redis(host="127.0.0.1", port=port, password=self.password,
+                            decode_responses=True, socket_timeout=10)
+            self._clients[port] = c
+        return c
+
+    def cluster_client(self):
+        """A redis-py RedisCluster client (str replies); the caller closes it."""
+        from redis.cluster import RedisCluster as PyCluster
+        return PyCluster(host="127.0.0.1", port=self.alive()[0], password=self.password,
+                         decode_responses=True, socket_timeout=10)
+
+    def seeds(self):
+        """FANOUT_REDIS_CLUSTER's form: every live node, host:port, comma-separated."""
+        return ",".join("127.0.0.1:%d" % p for p in self.alive())
+
+    def alive(self):
+        return [p for p in self.ports if self.procs[p].poll() is None]
+
+    def role(self, port):
+        return self.client(port).execute_command("ROLE")[0]
+
+    def primaries(self):
+        """Ports of the live primaries that own slots, in port order."""
+        return sorted({self.owner(s) for s in self._slot_starts()})
+
+    def _slot_starts(self):
+        return [int(r[0]) for r in self._slots_view()]
+
+    def _slots_view(self):
+        for p in self.alive():
+            try:
+                return self.client(p).execute_command("CLUSTER", "SLOTS")
+            except redis.exceptions.RedisError:
+                continue
+        raise HarnessError("no live cluster node answers CLUSTER SLOTS")
+
+    def owner(self, slot):
+        """Port of the primary that owns slot, as a live node sees it."""
+        for r in self._slots_view():
+            if int(r[0]) <= slot <= int(r[1]):
+                return int(r[2][1])
+        raise HarnessError("slot %d has no owner" % slot)
+
+    def replicas_of(self, primary):
+        """Live replicas of primary as it sees them (CLUSTER REPLICAS), in port order."""
+        lines = self.client(primary).execute_command("CLUSTER", "REPLICAS",
+                                                     self.node_id(primary))
+        ports = []
+        for line in lines:
+            f = line.split()
+            if "fail" not in f[2].split(","):
+                ports.append(int(f[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(p for p in ports if p in self.alive())
+
+    @staticmethod
+    def key_slot(key):
+        from redis.crc import key_slot
+        return key_slot(key.encode() if isinstance(key, str) else key)
+
+    def node_id(self, port):
+        return self.client(port).execute_command("CLUSTER", "MYID")
+
+    def wait_stable(self, timeout=60):
+        """Until every live node says cluster_state:ok with all 16384 slots served, sees the
+        same primaries for every slot, every replica's link to its primary is up and every
+        live node is in the slot map (as a primary or a replica)."""
+        deadline = time.monotonic() + timeout
+        last = "?"
+        while True:
+            try:
+                views = set()
+                ok = True
+                for p in self.alive():
+                    info = self.client(p).execute_command("CLUSTER", "INFO")
+                    if isinstance(info, bytes):
+                        info = info.decode()
+                    if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
+                        ok, last = False, "node %d: %s" % (p, info.splitlines()[0])
+                        break
+                    slots = self.client(p).execute_command("CLUSTER", "SLOTS")
+                    views.add(tuple(sorted((int(r[0]), int(r[1]), int(r[2][1]))
+                                           for r in slots)))
+                    if self.role(p) == "slave":
+                        if self.client(p).info("replication").get("master_link_status") != "up":
+                            ok, last = False, "replica %d not linked" % p
+                            break
+                if ok and len(views) == 1:
+                    # every live node is a primary of the map or a replica listed in it
+                    view = self._slots_view()
+                    listed = {int(r[2][1]) for r in view} | {
+                        int(x[1]) for r in view for x in r[3:]}
+                    if listed >= set(self.alive()):
+                        return
+                    ok, last = False, "replicas not in the slot map yet"
+                if ok:
+                    last = "nodes disagree on the slot map"
+            except redis.exceptions.RedisError as e:
+                last = str(e)
+            if time.monotonic() > deadline:
+                raise HarnessError("cluster not stable within %ss: %s" % (timeout, last))
+            time.sleep(0.1)
+
+    def dbsize(self):
+        """Keys over all primaries."""
+        return sum(self.client(p).dbsize() for p in self.primaries())
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def kill(self, port):
+        """SIGKILLs one node and waits for the process."""
+        c = self._clients.pop(port, None)
+        if c is not None:
+            c.close()
+        proc = self.procs[port]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self, port, timeout=30):
+        """Starts a killed node again on its port and dir (it rejoins, as a replica if it
+        was failed over)."""
+        self._start_node(port)
+        self._wait_ping(port, timeout)
+
+    def kill_primary(self, port, timeout=60):
+        """SIGKILLs primary `port` and waits until one of its replicas is promoted and the
+        live nodes agree; returns the promoted port."""
+        replicas = self.replicas_of(port)
+        if not replicas:
+            raise HarnessError("primary %d has no replica to promote" % port)
+        slots = [r for r in self._slots_view() if int(r[2][1]) == port]
+        self.kill(port)
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in replicas:
+                try:
+                    if self.role(r) == "master":
+                        self.wait_stable(max(1, deadline - time.monotonic()))
+                        if all(self.owner(int(s[0])) == r for s in slots):
+                            return r
+                except (redis.exceptions.RedisError, HarnessError):
+                    pass
+            if time.monotonic() > deadline:
+                raise HarnessError("no replica of %d was promoted within %ss" % (port, timeout))
+            time.sleep(0.1)
+
+    def failover(self, replica, timeout=60):
+        """CLUSTER FAILOVER on replica (a manual failover: the primary stops taking writes,
+        the replica catches up and takes over); waits until the cluster agrees."""
+        self.client(replica).execute_command("CLUSTER", "FAILOVER")
+        deadline = time.monotonic() + timeout
+        while self.role(replica) != "master":
+            if time.monotonic() > deadline:
+                raise HarnessError("CLUSTER FAILOVER on %d did not complete" % replica)
+            time.sleep(0.05)
+        self.wait_stable(max(1, deadline - time.monotonic()))
+
+    def begin_migration(self, slot, to):
+        """First half of moving a slot: IMPORTING on `to`, MIGRATING on its owner. Keys not
+        moved yet are still served by the owner; for a key already moved (or a new one) the
+        owner answers -ASK <slot> <to>."""
+        src = self.owner(slot)
+        if src == to:
+            raise HarnessError("slot %d is already on %d" % (slot, to))
+        self.client(to).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING",
+                                        self.node_id(src))
+        self.client(src).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING",
+                                         self.node_id(to))
+        self.migrating[slot] = (src, to)
+
+    def move_keys(self, slot, count=None):
+        """MIGRATEs up to count keys of a migrating slot (all if None) to the target;
+        returns how many moved."""
+        src, to = self.migrating[slot]
+        moved = 0
+        while count is None or moved < count:
+            n = 100 if count is None else min(100, count - moved)
+            keys = self.client(src).execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)
+            if not keys:
+                break
+            args = ["MIGRATE", "127.0.0.1", to, "", 0, 10000]
+            if self.password:
+                args += ["AUTH", self.password]
+            self.client(src).execute_command(*(args + ["KEYS"] + list(keys)))
+            moved += len(keys)
+        return moved
+
+    def end_migration(self, slot):
+        """Last half: every primary learns the new owner (SETSLOT NODE); from now on the old
+        owner answers -MOVED."""
+        src, to = self.migrating.pop(slot)
+        nid = self.node_id(to)
+        for p in [to, src] + [q for q in self.primaries() if q not in (to, src)]:
+            self.client(p).execute_command("CLUSTER", "SETSLOT", slot, "NODE", nid)
+
+    def migrate_slot(self, slot, to):
+        self.begin_migration(slot, to)
+        self.move_keys(slot)
+        self.end_migration(slot)
+
+
 class Replica:
     """A hot standby of a Servers' cluster: pg_basebackup -R, then streaming replication on
     its own free port. Made by Servers.start_replica(); stopped with the Servers."""
@@ -1257,9 +1602,20 @@ class Suite:
         sys.exit(self.run(sys.argv[1:]))
 
 
+def run_with_cluster(cmd):
+    """Starts a RedisCluster, runs cmd with FANOUT_TEST_CLUSTER set to its seed list
+    (host:port,...), returns cmd's exit status; the cluster is killed afterwards. For C
+    tests that need a real cluster (tests/notifier/test_ntf_cluster.c)."""
+    with RedisCluster() as c:
+        env = dict(os.environ, FANOUT_TEST_CLUSTER=c.seeds())
+        return subprocess.run(cmd, env=env).returncode
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["make-template"]:
         print(ensure_template())
         sys.exit(0)
-    print("usage: harness.py make-template", file=sys.stderr)
+    if sys.argv[1:2] == ["with-cluster"] and len(sys.argv) > 2:
+        sys.exit(run_with_cluster(sys.argv[2:]))
+    print("usage: harness.py make-template | with-cluster CMD [ARG...]", file=sys.stderr)
     sys.exit(2)

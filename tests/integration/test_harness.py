@@ -146,5 +146,53 @@ def readme_own_servers_sql_works(s):
     r = s.fanoutctl("status", FANOUT_PG_DSN=base + " user=fanoutd")
     assert r.returncode == 0, r.stdout + r.stderr
 
+@suite.test
+def a_redis_cluster_serves_moves_asks_and_fails_over(s):
+    import redis
+    from harness import RedisCluster
+    with RedisCluster() as c:
+        prim = c.primaries()
+        assert len(prim) == 3 and len(c.alive()) == 6, (prim, c.alive())
+        assert all(len(c.replicas_of(p)) == 1 for p in prim)
+        slot = c.key_slot("{t}k0")
+        src = c.owner(slot)
+        direct = c.client(src)
+        for i in range(10):
+            direct.set("{t}k%d" % i, i)
+        to = next(p for p in prim if p != src)
+        # Half-way through a migration: moved keys are answered with ASK by the owner.
+        c.begin_migration(slot, to)
+        assert c.move_keys(slot, 4) == 4
+        asks = 0
+        for i in range(10):
+            try:
+                assert direct.get("{t}k%d" % i) == str(i)
+            except redis.exceptions.ResponseError as e:
+                assert str(e).startswith("ASK %d 127.0.0.1:%d" % (slot, to)), e
+                asks += 1
+        assert asks == 4, asks
+        c.move_keys(slot)
+        c.end_migration(slot)
+        assert c.owner(slot) == to
+        try:
+            direct.get("{t}k0")
+            raise AssertionError("no MOVED from the old owner")
+        except redis.exceptions.ResponseError as e:
+            assert str(e) == "MOVED %d 127.0.0.1:%d" % (slot, to), e
+        assert c.client(to).get("{t}k9") == "9"
+        # A manual failover, then a primary killed: its replica takes over with the data.
+        rep = c.replicas_of(to)[0]
+        c.failover(rep)
+        assert c.owner(slot) == rep and c.client(rep).get("{t}k3") == "3"
+        promoted = c.kill_primary(rep)
+        assert promoted == to and c.owner(slot) == to
+        assert c.client(to).get("{t}k5") == "5"
+        cc = c.cluster_client()
+        try:
+            assert cc.get("{t}k7") == "7"
+        finally:
+            cc.close()
+
+
 if __name__ == "__main__":
     suite.main()
