@@ -1,0 +1,113 @@
+/*
+ * ntf_cluster.h: the notifier's Redis Cluster router (cluster.c), for the notifier's own
+ * files and its tests, never for other folders.
+ *
+ * Debian 12's hiredis is 0.14, with no cluster client (hiredis-cluster is not packaged and
+ * needs hiredis >= 1.0), so this is fanout's own, on the daemon's one libuv loop through
+ * hiredis' async API and the notifier's adapter (ntf_uv.c).
+ *
+ * Contract:
+ *   - The slot map is read with CLUSTER SLOTS from a seed (or any node known since) at
+ *     start and whenever it is found stale. One async connection per node in the map that
+ *     owns slots (a seed that is a replica is only asked for the map). Every connection is
+ *     authenticated and has every script of opts->scripts loaded before it takes commands.
+ *   - A command names the key it is routed by (its slot is the key's CRC16, hash tags
+ *     honoured), or no key (any primary).
+ *   - -MOVED: the slot's owner is updated at once, the command resent there, and the whole
+ *     map read again. -ASK: ASKING then the command, once, to the named node; the map is
+ *     left alone. -TRYAGAIN (a multi-key command during a slot migration), -CLUSTERDOWN,
+ *     -LOADING and -READONLY (a demoted primary): the command waits and is retried, the map
+ *     read again, until opts->retry_ms after it was issued. -NOSCRIPT for one of
+ *     opts->scripts (a promoted replica, SCRIPT FLUSH): SCRIPT LOAD on that node, then the
+ *     command again.
+ *   - A node whose connection fails: commands queued for it and not sent yet are rerouted
+ *     after the map is read again from another node; commands already sent to it report
+ *     FO_EREDIS (their outcome is unknown: the caller checks, e.g. by fencing again).
+ *   - With NTF_CL_DURABLE and opts->min_replicas > 0, a reply that is not an error is held
+ *     back behind WAIT <min_replicas> <wait_ms> on the same node and reported only then
+ *     (with NTF_EREPLICAS if too few replicas acknowledged it).
+ *   - Nothing blocks: seeds and map entries must be IP addresses (no DNS on the loop).
+ */
+#ifndef FANOUT_NTF_CLUSTER_H
+#define FANOUT_NTF_CLUSTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "notifier/ntf_int.h"
+
+#define NTF_CLUSTER_SLOTS 16384
+
+typedef struct ntf_cluster ntf_cluster_t;
+
+typedef struct ntf_cluster_opts {
+    const char *seeds;          /* "ip:port[,ip:port...]": where the slot map is read first */
+    const char *password;       /* AUTH after every connect; NULL or "": none */
+    const char *const *scripts; /* Lua bodies to SCRIPT LOAD on every node */
+    size_t nscripts;
+    int min_replicas;  /* NTF_CL_DURABLE: WAIT for this many replicas; 0: no WAIT */
+    int wait_ms;       /* WAIT's timeout */
+    uint64_t retry_ms; /* how long a command may wait for its slot to be served; 0: 10 s */
+} ntf_cluster_opts_t;
+
+/* What the router met, for metrics and tests. */
+typedef struct ntf_cluster_stats {
+    uint64_t moved;         /* -MOVED replies */
+    uint64_t ask;           /* -ASK replies */
+    uint64_t tryagain;      /* -TRYAGAIN replies */
+    uint64_t clusterdown;   /* -CLUSTERDOWN replies */
+    uint64_t readonly;      /* -READONLY and -LOADING replies */
+    uint64_t noscript;      /* -NOSCRIPT replies (script loaded again) */
+    uint64_t refreshes;     /* slot maps read */
+    uint64_t node_failures; /* connections lost or refused */
+    uint64_t given_up;      /* commands that found no node in time */
+    int primaries;          /* distinct nodes owning slots in the current map */
+} ntf_cluster_stats_t;
+
+/* up = 1 once the first complete slot map is loaded (all 16384 slots owned). */
+typedef void (*ntf_cluster_state_cb)(ntf_cluster_t *cl, int up, void *data);
+
+/* Starts reading the map from the seeds. opts' strings are copied. Returns NULL, after
+ * logging why, when seeds is empty or holds an entry that is not ip:port. */
+ntf_cluster_t *ntf__cluster_new(uv_loop_t *loop, const ntf_cluster_opts_t *opts,
+                                ntf_cluster_state_cb on_state, void *data);
+
+/* 1 once a complete slot map was loaded. */
+int ntf__cluster_ready(const ntf_cluster_t *cl);
+
+/* The SHA-1 of opts->scripts[i] (EVALSHA's first argument), or NULL. */
+const char *ntf__cluster_sha(const ntf_cluster_t *cl, size_t i);
+
+enum { NTF_CL_DURABLE = 1 };
+
+/*
+ * Sends argv, routed by key (keylen bytes; key NULL: any node owning slots). argv is
+ * copied. cb gets, exactly once and always from the loop:
+ *   0 with the reply (borrowed until return; an error reply the router does not handle,
+ *     or the last TRYAGAIN/CLUSTERDOWN one after opts->retry_ms),
+ *   NTF_EREPLICAS with the reply when WAIT found too few replicas (NTF_CL_DURABLE),
+ *   FO_EREDIS with NULL when the connection it was sent on was lost (outcome unknown) or
+ *     no node served its slot within opts->retry_ms,
+ *   FO_ESTOP with NULL when the router is closing.
+ * Returns 0, or FO_EREDIS before the first map is loaded (cb never runs).
+ */
+int ntf__cluster_command(ntf_cluster_t *cl, const char *key, size_t keylen, int flags, int argc,
+                         const char **argv, const size_t *argvlen, ntf_raw_cb cb, void *data);
+
+void ntf__cluster_stats(const ntf_cluster_t *cl, ntf_cluster_stats_t *out);
+
+/* Every pending callback runs with FO_ESTOP (now or from the loop); the memory is released
+ * once hiredis and libuv let go, so the loop must run on. */
+void ntf__cluster_close(ntf_cluster_t *cl);
+
+/* The cluster slot of a key: CRC16-XMODEM mod 16384 of the key, or of the part between the
+ * first '{' and the next '}' when that part is not empty. */
+unsigned ntf__key_slot(const char *key, size_t len);
+
+/* Parses "-MOVED <slot> <ip>:<port>" / "-ASK ..." error text: returns 1 (MOVED), 2 (ASK) or
+ * 0 (neither, or malformed); fills slot and addr ("ip:port", NUL-terminated) on 1 and 2. */
+int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size);
+
+#endif
