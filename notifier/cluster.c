@@ -113,30 +113,48 @@ static void on_retry_timer(uv_timer_t *t);
 
 /* ---- keys and replies ---- */
 
-unsigned ntf__key_slot(const char *key, size_t len)
+/* CRC16-XMODEM (poly 0x1021, init 0), as Redis Cluster hashes keys; crc carries on. */
+static unsigned crc16(unsigned crc, const char *p, size_t len)
 {
     for (size_t i = 0; i < len; i++) {
-        if (key[i] != '{')
-            continue;
-        for (size_t j = i + 1; j < len; j++) {
-            if (key[j] == '}') {
-                if (j > i + 1) {
-                    key += i + 1;
-                    len = j - i - 1;
-                }
-                goto hash;
-            }
-        }
-        break;
-    }
-hash:;
-    unsigned crc = 0; /* CRC16-XMODEM (poly 0x1021, init 0), as Redis Cluster hashes keys */
-    for (size_t i = 0; i < len; i++) {
-        crc ^= (unsigned)(unsigned char)key[i] << 8;
+        crc ^= (unsigned)(unsigned char)p[i] << 8;
         for (int b = 0; b < 8; b++)
             crc = (crc & 0x8000) ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
     }
-    return crc & (NTF_CLUSTER_SLOTS - 1);
+    return crc;
+}
+
+unsigned ntf__key_slot(const char *key, size_t len)
+{
+    const char *open = memchr(key, '{', len);
+    if (open) {
+        size_t from = (size_t)(open - key) + 1;
+        const char *close = memchr(key + from, '}', len - from);
+        if (close && close > key + from) {
+            key += from;
+            len = (size_t)(close - key);
+        }
+    }
+    return crc16(0, key, len) & (NTF_CLUSTER_SLOTS - 1);
+}
+
+unsigned ntf__shard_tag(int shard, int shards, char *out, size_t size)
+{
+    long centre = (2L * shard + 1) * NTF_CLUSTER_SLOTS / (2L * shards);
+    long half = NTF_CLUSTER_SLOTS / (8L * shards);
+    if (half < 1)
+        half = 1;
+    int n = snprintf(out, size, "%d.", shard);
+    unsigned pre = crc16(0, out, (size_t)n);
+    for (unsigned long k = 0;; k++) {
+        char digits[24];
+        int d = snprintf(digits, sizeof digits, "%lu", k);
+        unsigned slot = crc16(pre, digits, (size_t)d) & (NTF_CLUSTER_SLOTS - 1);
+        if (labs((long)slot - centre) <= half) {
+            snprintf(out + n, size - (size_t)n, "%s", digits);
+            return slot; /* the window is >= 3 slots wide: a few thousand k at most */
+        }
+    }
 }
 
 int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size)

@@ -106,6 +106,19 @@ void ntf__cluster_close(ntf_cluster_t *cl);
  * first '{' and the next '}' when that part is not empty. */
 unsigned ntf__key_slot(const char *key, size_t len);
 
+/*
+ * The hash tag of shard `shard` of `shards` (queue format version 3, docs/redis-cluster.md):
+ * "<shard>.<k>" for the smallest k >= 0 whose slot lies within +-max(1, 16384 / (8 *
+ * shards)) of the shard's slot centre, (2 * shard + 1) * 16384 / (2 * shards). The centres are
+ * evenly spaced over the slot space, and the window keeps each tag well inside its own
+ * 1/shards of it, so any cluster whose primaries own equal contiguous slot ranges (what
+ * `redis-cli --cluster create` makes) gets the shards spread as evenly as they divide: 16
+ * shards over 3 primaries are 5, 6 and 5. Short tags like "{0}".."{15}" are not: their slots
+ * are CRC16 values, clustered by chance. Writes the tag (without braces, NUL-terminated) into
+ * out (at least 24 bytes) and returns its slot.
+ */
+unsigned ntf__shard_tag(int shard, int shards, char *out, size_t size);
+
 /* Parses "-MOVED <slot> <ip>:<port>" / "-ASK ..." error text: returns 1 (MOVED), 2 (ASK) or
  * 0 (neither, or malformed); fills slot and addr ("ip:port", NUL-terminated) on 1 and 2. */
 int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size);

@@ -338,6 +338,41 @@ static void test_key_slot_matches_redis(void **state)
     assert_int_equal(ntf__key_slot("123456789", 9), 0x31C3);
 }
 
+/* The default 16 shards' hash tags over the 3 primaries redis-cli made: 5, 6 and 5. */
+static void test_shard_tags_spread_evenly(void **state)
+{
+    (void)state;
+    int ports[3] = {0}, count[3] = {0}, np = 0;
+    for (int n = 0; n < 16; n++) {
+        char tag[32], key[64];
+        unsigned slot = ntf__shard_tag(n, 16, tag, sizeof tag);
+        snprintf(key, sizeof key, "fanout:{%s}:stream:%d", tag, n);
+        redisReply *r = cmd(seed_ports[0], "CLUSTER KEYSLOT %s", key);
+        assert_int_equal(r->integer, slot);
+        freeReplyObject(r);
+        int p = owner(slot), j = 0;
+        while (j < np && ports[j] != p)
+            j++;
+        assert_true(j < 3);
+        if (j == np)
+            ports[np++] = p;
+        count[j]++;
+    }
+    assert_int_equal(np, 3);
+    for (int j = 0; j < 3; j++)
+        assert_true(count[j] == 5 || count[j] == 6);
+    /* every shard count gets a tag near its centre, and tags do not repeat */
+    char a[32], b[32];
+    for (int shards = 1; shards <= 64; shards++) {
+        for (int n = 0; n + 1 < shards; n++) {
+            unsigned sa = ntf__shard_tag(n, shards, a, sizeof a);
+            unsigned sb = ntf__shard_tag(n + 1, shards, b, sizeof b);
+            assert_true(sa < sb);
+            assert_string_not_equal(a, b);
+        }
+    }
+}
+
 static void test_parse_redirect(void **state)
 {
     (void)state;
@@ -553,6 +588,7 @@ int main(void)
     parse_seeds();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_slot_matches_redis),
+        cmocka_unit_test(test_shard_tags_spread_evenly),
         cmocka_unit_test(test_parse_redirect),
         cmocka_unit_test(test_bad_seeds_refused),
         cmocka_unit_test(test_routes_every_slot_and_loads_scripts_everywhere),
