@@ -33,6 +33,8 @@
 #define CL_RETRY_MS 50         /* wait-list retry delay (TRYAGAIN, CLUSTERDOWN, no node) */
 #define CL_MAX_REDIRECTS 16    /* MOVED/ASK/NOSCRIPT hops of one command before giving up */
 #define CL_DEFAULT_RETRY_MS 10000
+#define CL_CONNECT_MS 5000 /* TCP connect plus AUTH and SCRIPT LOAD, then the node is dropped */
+#define CL_WATCH_MS 500    /* how often connecting nodes are checked against that */
 
 typedef enum { N_DEAD, N_CONNECTING, N_LOADING, N_READY } cl_node_state_t;
 
@@ -46,8 +48,9 @@ typedef struct cl_node {
     int port;
     redisAsyncContext *ac;
     cl_node_state_t state;
-    int connected; /* ac passed its TCP connect: hiredis will call on_disconnect */
-    int loading;   /* handshake replies still due */
+    int connected;  /* ac passed its TCP connect: hiredis will call on_disconnect */
+    int loading;    /* handshake replies still due */
+    uint64_t since; /* when the connect started (CL_CONNECT_MS) */
     cl_req_t *qhead, *qtail;
 } cl_node_t;
 
@@ -96,6 +99,7 @@ struct ntf_cluster {
     int contexts;     /* hiredis contexts alive */
     int open_handles; /* timers not closed yet */
     uv_timer_t refresh_timer;
+    uv_timer_t watch_timer; /* connect deadlines */
     uv_timer_t retry_timer;
     int refresh_busy;  /* a CLUSTER SLOTS is out */
     int refresh_again; /* the map was found stale while it was out */
@@ -415,6 +419,7 @@ static void node_connect(cl_node_t *n)
     n->ac = ac;
     n->state = N_CONNECTING;
     n->connected = 0;
+    n->since = uv_now(n->cl->loop);
     n->cl->contexts++;
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
@@ -859,6 +864,25 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
 /* ---- public ---- */
 
+/* A node that did not finish its connect and handshake in CL_CONNECT_MS is dropped (hiredis
+ * 0.14 has no connect timeout): its queue is rerouted as for any lost node. From a timer,
+ * so freeing the context here is safe. */
+static void on_watch_timer(uv_timer_t *t)
+{
+    ntf_cluster_t *cl = t->data;
+    uint64_t now = uv_now(cl->loop);
+    for (cl_node_t *n = cl->nodes; n; n = n->next) {
+        if ((n->state != N_CONNECTING && n->state != N_LOADING) || !n->ac ||
+            now - n->since < CL_CONNECT_MS)
+            continue;
+        redisAsyncContext *ac = n->ac;
+        int connected = n->connected;
+        redisAsyncFree(ac); /* connected: on_disconnect runs node_lost */
+        if (!connected && n->ac == ac)
+            node_lost(n, "connect timed out");
+    }
+}
+
 static void on_handle_closed(uv_handle_t *h)
 {
     ntf_cluster_t *cl = h->data;
@@ -936,9 +960,12 @@ ntf_cluster_t *ntf__cluster_new(uv_loop_t *loop, const ntf_cluster_opts_t *o,
     }
     uv_timer_init(loop, &cl->refresh_timer);
     uv_timer_init(loop, &cl->retry_timer);
+    uv_timer_init(loop, &cl->watch_timer);
+    cl->watch_timer.data = cl;
+    uv_timer_start(&cl->watch_timer, on_watch_timer, CL_WATCH_MS, CL_WATCH_MS);
     cl->refresh_timer.data = cl;
     cl->retry_timer.data = cl;
-    cl->open_handles = 2;
+    cl->open_handles = 3;
     arm_refresh(cl, 0); /* from the loop: on_state never runs before we return */
     return cl;
 }
@@ -998,6 +1025,7 @@ void ntf__cluster_close(ntf_cluster_t *cl)
     cl->closing = 1;
     cl->on_state = NULL;
     uv_close((uv_handle_t *)&cl->refresh_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&cl->watch_timer, on_handle_closed);
     uv_close((uv_handle_t *)&cl->retry_timer, on_handle_closed);
     cl_req_t *r = cl->whead;
     cl->whead = cl->wtail = NULL;

@@ -19,6 +19,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <cmocka.h>
 #include <hiredis/hiredis.h>
 
@@ -248,13 +252,20 @@ static int run_until(tctx_t *t, const int *counter, int target, uint64_t timeout
     return *counter >= target;
 }
 
+static tctx_t *ctx_new_seeds(const char *seed_list, int min_replicas);
+
 static tctx_t *ctx_new(int min_replicas)
+{
+    return ctx_new_seeds(seeds, min_replicas);
+}
+
+static tctx_t *ctx_new_seeds(const char *seed_list, int min_replicas)
 {
     tctx_t *t = calloc(1, sizeof *t);
     assert_int_equal(uv_loop_init(&t->loop), 0);
     uv_timer_init(&t->loop, &t->guard);
     t->guard.data = t;
-    ntf_cluster_opts_t o = {.seeds = seeds,
+    ntf_cluster_opts_t o = {.seeds = seed_list,
                             .scripts = scripts,
                             .nscripts = 1,
                             .min_replicas = min_replicas,
@@ -511,6 +522,31 @@ static void test_ask_tryagain_and_moved_during_a_migration(void **state)
     ctx_free(t);
 }
 
+/* A seed that takes the TCP connection and never answers (a listening socket nobody
+ * accepts on) is dropped after the connect deadline; the other seeds serve meanwhile. */
+static void test_silent_seed_times_out(void **state)
+{
+    (void)state;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(fd, 8), 0);
+    socklen_t sl = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &sl);
+    char list[1024];
+    snprintf(list, sizeof list, "127.0.0.1:%d,%s", ntohs(sa.sin_port), seeds);
+    tctx_t *t = ctx_new_seeds(list, 0);
+    get_is(t, "{mig}a", "A");
+    ntf_cluster_stats_t st;
+    int never = 0;
+    run_until(t, &never, 1, 6000); /* past the 5 s connect deadline */
+    ntf__cluster_stats(t->cl, &st);
+    assert_int_equal(st.node_failures, 1);
+    get_is(t, "{mig}a", "A");
+    ctx_free(t);
+    close(fd);
+}
+
 /* A manual CLUSTER FAILOVER: the old primary answers MOVED, the promoted replica may lack
  * the script (NOSCRIPT) and must hold the data. */
 static void test_manual_failover(void **state)
@@ -594,6 +630,7 @@ int main(void)
         cmocka_unit_test(test_routes_every_slot_and_loads_scripts_everywhere),
         cmocka_unit_test(test_noscript_is_reloaded),
         cmocka_unit_test(test_ask_tryagain_and_moved_during_a_migration),
+        cmocka_unit_test(test_silent_seed_times_out),
         cmocka_unit_test(test_manual_failover),
         cmocka_unit_test(test_killed_primary),
     };
