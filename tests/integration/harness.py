@@ -402,6 +402,24 @@ class RedisReplica:
         self.proc = None
 
 
+def shard_tag(n, shards):
+    """Shard n's hash tag in queue format 3 (notifier/cluster.c ntf__shard_tag, documented in
+    docs/redis-cluster.md): "<n>.<k>" for the smallest k whose slot is within
+    max(1, 16384 // (8 shards)) of the shard's centre slot."""
+    from redis.crc import key_slot
+    centre = (2 * n + 1) * 16384 // (2 * shards)
+    half = max(1, 16384 // (8 * shards))
+    k = 0
+    while abs(key_slot(("%d.%d" % (n, k)).encode()) - centre) > half:
+        k += 1
+    return "%d.%d" % (n, k)
+
+
+def cluster_stream_key(prefix, n, shards):
+    """Shard n's stream on a Redis Cluster: <prefix>:{<tag>}:stream:<n>."""
+    return "%s:{%s}:stream:%d" % (prefix, shard_tag(n, shards), n)
+
+
 class RedisCluster:
     """A real local Redis Cluster on free loopback ports: `primaries` primaries with
     `replicas` replicas each, made by `redis-cli --cluster create`, in its own temp dir (or
@@ -553,7 +571,10 @@ class RedisCluster:
 
     def cluster_client(self):
         """A redis-py RedisCluster client (str replies); the caller closes it."""
+        import logging
         from redis.cluster import RedisCluster as PyCluster
+        # redis-py logs a traceback for every MOVED and refused node it handles itself
+        logging.getLogger("redis.cluster").setLevel(logging.CRITICAL)
         return PyCluster(host="127.0.0.1", port=self.alive()[0], password=self.password,
                          decode_responses=True, socket_timeout=10)
 
@@ -673,12 +694,15 @@ class RedisCluster:
     def kill_primary(self, port, timeout=60):
         """SIGKILLs primary `port` and waits until one of its replicas is promoted and the
         live nodes agree; returns the promoted port."""
+        deadline = time.monotonic() + timeout
         replicas = self.replicas_of(port)
-        if not replicas:
-            raise HarnessError("primary %d has no replica to promote" % port)
+        while not replicas:  # right after a failover the old primary joins as a replica
+            if time.monotonic() > deadline:
+                raise HarnessError("primary %d has no replica to promote" % port)
+            time.sleep(0.1)
+            replicas = self.replicas_of(port)
         slots = [r for r in self._slots_view() if int(r[2][1]) == port]
         self.kill(port)
-        deadline = time.monotonic() + timeout
         while True:
             for r in replicas:
                 try:
@@ -940,8 +964,12 @@ class Servers:
     """
 
     def __init__(self, migrate=True, aof=True, key_prefix="fanout", shards=None,
-                 pg_settings=None, keep=False):
+                 pg_settings=None, keep=False, cluster=False):
         self.keep = keep
+        # cluster=True: a RedisCluster (3 primaries + 3 replicas) instead of one redis-server;
+        # fanoutd gets FANOUT_REDIS_CLUSTER, stream_keys() are queue format 3's.
+        self.cluster = None
+        self.want_cluster = cluster
         self.migrate_on_start = migrate
         self.pg_settings = dict(pg_settings or {})
         self.aof = aof
@@ -980,7 +1008,11 @@ class Servers:
             f.write("kept\n" if self.keep else "%d\n" % os.getpid())  # kept: no orphan
         try:
             self._start_pg()
-            self._start_redis()
+            if self.want_cluster:
+                self.cluster = RedisCluster(aof=self.aof, root=self.dir).start()
+                self.redis_port = self.cluster.primaries()[0]
+            else:
+                self._start_redis()
             if self.migrate_on_start:
                 self.migrate()
                 self.create_roles()
@@ -1015,6 +1047,8 @@ class Servers:
                 except Exception:
                     pass
             self._stop_redis()
+            if self.cluster is not None:
+                self.cluster.close()
             for r in self.redis_replicas:
                 r.stop()
             for r in self.replicas:
@@ -1251,14 +1285,22 @@ class Servers:
 
     @property
     def redis(self):
-        """A redis-py client with str replies (decode_responses=True)."""
+        """A redis-py client with str replies (decode_responses=True); with cluster=True a
+        redis-py RedisCluster."""
+        if self._redis is None and self.cluster is not None:
+            self._redis = self.cluster.cluster_client()
         if self._redis is None:
             self._redis = redis.Redis(host="127.0.0.1", port=self.redis_port,
                                       decode_responses=True, socket_timeout=10)
         return self._redis
 
     def stream_keys(self):
-        """Every existing shard stream <prefix>:stream:<n>, ordered by n."""
+        """Every existing shard stream <prefix>:stream:<n>, ordered by n (on a cluster:
+        <prefix>:{<tag>}:stream:<n>)."""
+        if self.cluster is not None:
+            shards = self.shards or 16
+            keys = [cluster_stream_key(self.key_prefix, n, shards) for n in range(shards)]
+            return [k for k in keys if self.redis.exists(k)]
         pat = re.compile(r"^%s:stream:(\d+)$" % re.escape(self.key_prefix))
         keys = [k for k in self.redis.scan_iter(match="%s:stream:*" % self.key_prefix,
                                                 count=1000, _type="STREAM") if pat.match(k)]
@@ -1318,6 +1360,8 @@ class Servers:
         env["FANOUT_PG_DSN"] = self.dsn("fanoutd")
         env["FANOUT_REDIS_HOST"] = "127.0.0.1"
         env["FANOUT_REDIS_PORT"] = str(self.redis_port)
+        if self.cluster is not None:
+            env["FANOUT_REDIS_CLUSTER"] = self.cluster.seeds()
         if self.key_prefix != "fanout":
             env["FANOUT_KEY_PREFIX"] = self.key_prefix
         if self.shards is not None:
@@ -1436,13 +1480,17 @@ class Servers:
         self.daemons = []
         if self._pg_proc is None:  # a test stopped it
             self.pg_start()
-        if self._redis_proc is None:
+        if self._redis_proc is None and self.cluster is None:
             self.redis_start()
         if self.sql("SELECT 1 FROM pg_namespace WHERE nspname = 'fanout'"):
             self.sql("TRUNCATE fanout.events, fanout.jobs, relationships.follows,"
                      " relationships.mutes, relationships.blocks, relationships.accounts"
                      " RESTART IDENTITY CASCADE")
-        self.redis.flushall()
+        if self.cluster is not None:
+            for p in self.cluster.primaries():
+                self.cluster.client(p).flushall()
+        else:
+            self.redis.flushall()
 
 
 class External(Servers):
