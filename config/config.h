@@ -44,7 +44,9 @@ typedef struct cfg {
     int redis_port;
     char *redis_password;   /* secret: never printed */
     int redis_min_replicas; /* replicas that must acknowledge a page (WAIT); 0: none */
-    char *key_prefix;       /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
+    /* Redis Cluster seed nodes "ip:port[,ip:port...]"; empty: the single Redis above. */
+    char *redis_cluster;
+    char *key_prefix; /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
     int shards;
 
     /* The fan-out itself. */

@@ -9,31 +9,32 @@
  * side) and pending (delivered, not acknowledged). Nothing here trims anything.
  */
 #include "common/common.h"
+#include "notifier/ntf_cw.h"
 #include "notifier/ntf_int.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static const char backlog_lua[] = "#!lua flags=no-writes\n"
-                                  "local worst, shard = 0, -1\n"
-                                  "for i, key in ipairs(KEYS) do\n"
-                                  "  if redis.call('EXISTS', key) == 1 then\n"
-                                  "    local len = nil\n"
-                                  "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
-                                  "      local f = {}\n"
-                                  "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
-                                  "      local lag = f['lag']\n"
-                                  "      if type(lag) ~= 'number' then\n"
-                                  "        len = len or redis.call('XLEN', key)\n"
-                                  "        lag = len\n"
-                                  "      end\n"
-                                  "      local b = lag + (tonumber(f['pending']) or 0)\n"
-                                  "      if b > worst then worst, shard = b, i - 1 end\n"
-                                  "    end\n"
-                                  "  end\n"
-                                  "end\n"
-                                  "return {worst, shard}\n";
+const char ntf__backlog_lua[] = "#!lua flags=no-writes\n"
+                                "local worst, shard = 0, -1\n"
+                                "for i, key in ipairs(KEYS) do\n"
+                                "  if redis.call('EXISTS', key) == 1 then\n"
+                                "    local len = nil\n"
+                                "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
+                                "      local f = {}\n"
+                                "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
+                                "      local lag = f['lag']\n"
+                                "      if type(lag) ~= 'number' then\n"
+                                "        len = len or redis.call('XLEN', key)\n"
+                                "        lag = len\n"
+                                "      end\n"
+                                "      local b = lag + (tonumber(f['pending']) or 0)\n"
+                                "      if b > worst then worst, shard = b, i - 1 end\n"
+                                "    end\n"
+                                "  end\n"
+                                "end\n"
+                                "return {worst, shard}\n";
 
 typedef struct backlog_req {
     ntf_backlog_cb cb;
@@ -67,6 +68,8 @@ static void on_backlog(int status, const redisReply *reply, void *data)
 
 int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
 {
+    if (ntf__client_cw(c))
+        return ntf__cw_backlog(ntf__client_cw(c), cb, data);
     const cfg_t *cfg = ntf__client_cfg(c);
     size_t argc = 3 + (size_t)cfg->shards;
     const char **argv = fo_xcalloc(argc, sizeof *argv);
@@ -75,7 +78,7 @@ int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
     char numkeys[16];
     snprintf(numkeys, sizeof numkeys, "%d", cfg->shards);
     argv[0] = "EVAL";
-    argv[1] = backlog_lua;
+    argv[1] = ntf__backlog_lua;
     argv[2] = numkeys;
     for (int i = 0; i < cfg->shards; i++) {
         keys[i] = ntf_stream_key(cfg->key_prefix, i);
@@ -115,6 +118,8 @@ static void on_length(int status, const redisReply *reply, void *data)
 
 int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data)
 {
+    if (ntf__client_cw(c))
+        return ntf__cw_stream_length(ntf__client_cw(c), shard, cb, data);
     const cfg_t *cfg = ntf__client_cfg(c);
     if (shard < 0 || shard >= cfg->shards)
         return FO_EINVAL;

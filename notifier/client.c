@@ -38,6 +38,7 @@
 #include <string.h>
 
 #include "common/common.h"
+#include "notifier/ntf_cw.h"
 #include "notifier/ntf_int.h"
 
 #define NTF_CONNECT_TIMEOUT_MS 5000   /* TCP connect plus handshake */
@@ -82,6 +83,7 @@ typedef struct ntf_req {
 } ntf_req_t;
 
 struct ntf_client {
+    ntf_cw_t *cw; /* on a Redis Cluster (cfg->redis_cluster): everything goes to cwrite.c */
     uv_loop_t *loop;
     const cfg_t *cfg;
     ntf_state_cb on_state;
@@ -666,6 +668,15 @@ static int is_ip(const char *host)
 
 ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state, void *data)
 {
+    if (cfg->redis_cluster && *cfg->redis_cluster) {
+        ntf_client_t *c = fo_xcalloc(1, sizeof *c);
+        c->cw = ntf__cw_new(loop, cfg, c, on_state, data);
+        if (!c->cw) {
+            free(c);
+            return NULL;
+        }
+        return c;
+    }
     if (!is_ip(cfg->redis_host)) {
         fo_log(FO_LOG_ERROR, "redis host must be an IP address (no DNS on the loop)",
                "server=redis setting=FANOUT_REDIS_HOST");
@@ -711,21 +722,29 @@ void ntf__client_set_deadlines(ntf_client_t *c, uint64_t connect_ms, uint64_t co
 
 int ntf_client_ready(const ntf_client_t *c)
 {
+    if (c->cw)
+        return ntf__cw_ready(c->cw);
     return c->state == ST_READY;
 }
 
 const char *ntf_client_refusal(const ntf_client_t *c)
 {
+    if (c->cw)
+        return NULL;
     return c->state == ST_REFUSED ? c->refusal : NULL;
 }
 
 const char *ntf_client_key_refusal(const ntf_client_t *c)
 {
+    if (c->cw)
+        return ntf__cw_key_refusal(c->cw);
     return c->key_refusal;
 }
 
 size_t ntf_client_inflight(const ntf_client_t *c)
 {
+    if (c->cw)
+        return ntf__cw_inflight(c->cw);
     return c->inflight;
 }
 
@@ -738,6 +757,11 @@ static void on_handle_closed(uv_handle_t *h)
 
 void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data)
 {
+    if (c && c->cw) {
+        ntf__cw_close(c->cw);
+        free(c);
+        return;
+    }
     if (!c || c->state == ST_CLOSED)
         return;
     c->state = ST_CLOSED;
@@ -760,6 +784,8 @@ void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data)
 int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
                  void *data)
 {
+    if (c->cw)
+        return FO_EREDIS; /* no single connection on a cluster */
     if (c->state != ST_READY)
         return FO_EREDIS;
     int rc = send_req(c, REQ_RAW, NULL, data, 0, argc, argv, argvlen);
@@ -773,6 +799,11 @@ void ntf__client_set_key_refusal(ntf_client_t *c, const char *text)
     snprintf(c->key_refusal, sizeof c->key_refusal, "%s", text);
 }
 
+ntf_cw_t *ntf__client_cw(const ntf_client_t *c)
+{
+    return c->cw;
+}
+
 const cfg_t *ntf__client_cfg(const ntf_client_t *c)
 {
     return c->cfg;
@@ -783,6 +814,8 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
 {
     if (!job)
         return FO_EINVAL;
+    if (c->cw)
+        return ntf__cw_fence(c->cw, job, start_cursor, cb, data);
     if (c->state != ST_READY)
         return FO_EREDIS;
     int argc = ntf__encode_fence(&c->enc, c->fence_sha, c->cfg->key_prefix, job, start_cursor);
@@ -812,6 +845,8 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
 {
     if (!page_valid(job, expect_cursor, ids, n, last))
         return FO_EINVAL;
+    if (c->cw)
+        return ntf__cw_write_page(c->cw, job, expect_cursor, ids, n, last, cb, data);
     if (c->state != ST_READY)
         return FO_EREDIS;
     int argc =

@@ -738,12 +738,18 @@ static void user_reply(cl_node_t *n, cl_req_t *r, const redisReply *rep)
                 give_up(r, rep, "too many redirects");
                 return;
             }
+            /* Logged at powers of two: a migration shows in the log without a line per
+             * command (the counters have the exact numbers). */
+            uint64_t *count = kind == 1 ? &cl->stats.moved : &cl->stats.ask;
+            ++*count;
+            if ((*count & (*count - 1)) == 0)
+                fo_log(FO_LOG_INFO, kind == 1 ? "redis cluster MOVED" : "redis cluster ASK",
+                       "server=redis slot=%u node=%s count=%llu", slot, to->addr,
+                       (unsigned long long)*count);
             if (kind == 1) {
-                cl->stats.moved++;
                 cl->slots[slot] = to;
                 want_refresh(cl);
             } else {
-                cl->stats.ask++;
                 r->ask = to;
             }
             node_connect(to);

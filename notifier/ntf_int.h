@@ -33,6 +33,10 @@ void ntf__client_set_deadlines(ntf_client_t *c, uint64_t connect_ms, uint64_t co
 /* The Lua bodies of the two scripts; both start with "#!lua" (see scripts.c). */
 extern const char ntf__fence_lua[];
 extern const char ntf__page_lua[];
+/* Queue format version 3 on a cluster: one shard's part of a page (see scripts.c). */
+extern const char ntf__shard_page_lua[];
+/* The read-only backlog script over the stream keys it is given (backlog.c). */
+extern const char ntf__backlog_lua[];
 
 /* ARGV of the page script before the per-shard groups (see scripts.c). */
 enum { NTF_PAGE_FIXED_ARGS = 10 };

@@ -309,3 +309,43 @@ const char ntf_retention_lua[] = NTF_LUA_WANT
     "  bytes = bytes + (redis.call('MEMORY', 'USAGE', k) or 0)\n"
     "end\n"
     "return {ngroups, bound, trimmed, dropped, bytes}\n";
+
+/*
+ * Queue format version 3's unit on a Redis Cluster: one shard's part of one page, with that
+ * shard's own mark (docs/redis-cluster.md). KEYS[1] the (job, shard) mark hash, KEYS[2]
+ * the shard's stream: both carry the shard's hash tag, so they share a slot.
+ * ARGV token, expect_cursor, page_end, last, ttl_s, event, author, kind, payload,
+ * created_at, then the page's recipient ids of this shard, ascending.
+ * The mark may be ahead of expect_cursor (this shard got further than the job's slowest
+ * one before a crash): ids up to the mark are skipped, since the shard holds them already,
+ * and the mark moves to max(mark, page_end). A mark behind expect_cursor (a page of this
+ * shard not applied) refuses the part: it would leave a gap.
+ * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark; {-2, cursor, delivered, done}
+ * if the mark is behind or done; else {1, cursor, delivered, done} after writing.
+ */
+const char ntf__shard_page_lua[] =
+    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "if #KEYS ~= 2 or #ARGV < 10 then\n"
+    "  return redis.error_reply('ERR fanout shard page: bad arity')\n"
+    "end\n"
+    "local pk, sk, tok = KEYS[1], KEYS[2], ARGV[1]\n"
+    "local e = want(pk, 'hash') or want(sk, 'stream')\n"
+    "if e then return e end\n"
+    "local m = redis.call('HMGET', pk, 'token', 'cursor', 'delivered', 'done')\n"
+    "if m[1] and newer(m[1], tok) then return {-1} end\n"
+    "if not m[2] then return {-2, '', 0, 0} end\n"
+    "local cur, delivered, done = m[2], tonumber(m[3]) or 0, tonumber(m[4]) or 0\n"
+    "if done == 1 or newer(ARGV[2], cur) then return {-2, cur, delivered, done} end\n"
+    "local ev, author, kind, payload, created = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]\n"
+    "for i = 11, #ARGV do\n"
+    "  local r = ARGV[i]\n"
+    "  if newer(r, cur) then\n"
+    "    redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author', author,\n"
+    "               'recipient', r, 'kind', kind, 'payload', payload, 'created_at', created)\n"
+    "    delivered = delivered + 1\n"
+    "  end\n"
+    "end\n"
+    "if newer(ARGV[3], cur) then cur = ARGV[3] end\n"
+    "redis.call('HSET', pk, 'cursor', cur, 'delivered', string.format('%d', delivered),\n"
+    "           'done', ARGV[4])\n"
+    "if ARGV[4] == '1' then redis.call('EXPIRE', pk, ARGV[5]) end\n"
+    "return {1, cur, delivered, tonumber(ARGV[4])}\n";

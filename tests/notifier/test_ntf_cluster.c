@@ -28,6 +28,7 @@
 
 #include "common/common.h"
 #include "notifier/ntf_cluster.h"
+#include "notifier/ntf_cw.h"
 
 static const char *seeds;
 
@@ -547,6 +548,139 @@ static void test_silent_seed_times_out(void **state)
     close(fd);
 }
 
+/* ---- the cluster writer (cwrite.c) through ntf_client_t ---- */
+
+typedef struct {
+    int calls, status, had_p;
+    ntf_progress_t p;
+} progress_t;
+
+static void on_progress(int status, const ntf_progress_t *p, void *data)
+{
+    progress_t *r = data;
+    r->calls++;
+    r->status = status;
+    r->had_p = p != NULL;
+    if (p)
+        r->p = *p;
+}
+
+static int client_ups;
+static void on_client_state(ntf_client_t *c, int up, void *data)
+{
+    (void)c;
+    (void)data;
+    client_ups += up;
+}
+
+/* Entries of every shard stream, and how many of them carry recipient r (one shard holds
+ * each recipient). */
+static long long count_entries(ntf_client_t *c, int shards, int64_t r, long long *of_r)
+{
+    long long total = 0;
+    *of_r = 0;
+    for (int n = 0; n < shards; n++) {
+        const char *key = ntf__cw_stream_key(ntf__client_cw(c), n);
+        redisReply *x = cmd(owner(ntf__key_slot(key, strlen(key))), "XRANGE %s - +", key);
+        assert_int_equal(x->type, REDIS_REPLY_ARRAY);
+        total += (long long)x->elements;
+        for (size_t i = 0; i < x->elements; i++) {
+            redisReply *f = x->element[i]->element[1];
+            if (atoll(f->element[7]->str) == r) /* field 4: recipient */
+                (*of_r)++;
+        }
+        freeReplyObject(x);
+    }
+    return total;
+}
+
+/* A page applied on one shard only (a crash between its parts): the next fence resumes
+ * from the lowest cursor, and writing the page again skips what that shard holds. */
+static void test_writer_resumes_from_the_lowest_shard(void **state)
+{
+    (void)state;
+    tctx_t t = {0};
+    assert_int_equal(uv_loop_init(&t.loop), 0);
+    uv_timer_init(&t.loop, &t.guard);
+    t.guard.data = &t;
+    cfg_t cfg = {.redis_cluster = (char *)seeds,
+                 .redis_password = "",
+                 .key_prefix = "cw",
+                 .shards = 4,
+                 .progress_ttl_s = 60};
+    client_ups = 0;
+    ntf_client_t *c = ntf_client_new(&t.loop, &cfg, on_client_state, NULL);
+    assert_non_null(c);
+    assert_true(run_until(&t, &client_ups, 1, 10000));
+    ntf_job_t job = {.job_id = 77,
+                     .event_id = 5,
+                     .author = 9,
+                     .token = 3,
+                     .kind = "post",
+                     .payload = "{}",
+                     .created_at = "2026-12-01T00:00:00Z"};
+    progress_t f = {0};
+    assert_int_equal(ntf_fence(c, &job, 0, on_progress, &f), 0);
+    assert_true(run_until(&t, &f.calls, 1, 10000));
+    assert_int_equal(f.status, 0);
+    assert_int_equal(f.p.cursor, 0);
+    int64_t page1[] = {1, 2, 3, 4, 5, 6, 7, 8};
+    progress_t w = {0};
+    assert_int_equal(ntf_write_page(c, &job, 0, page1, 8, 0, on_progress, &w), 0);
+    assert_true(run_until(&t, &w.calls, 1, 10000));
+    assert_int_equal(w.status, 0);
+    assert_int_equal(w.p.cursor, 8);
+    assert_int_equal(w.p.delivered, 8);
+
+    /* page 2's part for shard 1 only (recipients 9 and 13), as a crash would leave it */
+    char tag[32], mark[64], stream[64];
+    ntf__shard_tag(1, 4, tag, sizeof tag);
+    snprintf(mark, sizeof mark, "cw:{%s}:progress:77", tag);
+    snprintf(stream, sizeof stream, "cw:{%s}:stream:1", tag);
+    redisReply *r = cmd(owner(ntf__key_slot(mark, strlen(mark))),
+                        "EVAL %s 2 %s %s 3 8 16 0 60 5 9 post {} 2026-12-01T00:00:00Z 9 13",
+                        ntf__shard_page_lua, mark, stream);
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(r->element[0]->integer, 1);
+    freeReplyObject(r);
+
+    /* a new lease fences: the lowest cursor is page 1's end, shard 1 is at 16 */
+    job.token = 4;
+    job.mark_required = 1;
+    progress_t g = {0};
+    assert_int_equal(ntf_fence(c, &job, 0, on_progress, &g), 0);
+    assert_true(run_until(&t, &g.calls, 1, 10000));
+    assert_int_equal(g.status, 0);
+    assert_int_equal(g.p.cursor, 8);
+    assert_int_equal(g.p.delivered, 10);
+
+    int64_t page2[] = {9, 10, 11, 12, 13, 14, 15, 16};
+    progress_t w2 = {0};
+    assert_int_equal(ntf_write_page(c, &job, 8, page2, 8, 1, on_progress, &w2), 0);
+    assert_true(run_until(&t, &w2.calls, 1, 10000));
+    assert_int_equal(w2.status, 0);
+    assert_int_equal(w2.p.cursor, 16);
+    assert_int_equal(w2.p.delivered, 16);
+    assert_int_equal(w2.p.done, 1);
+    long long of9;
+    assert_int_equal(count_entries(c, 4, 9, &of9), 16);
+    assert_int_equal(of9, 1);
+
+    /* the old lease writes nothing any more */
+    job.token = 3;
+    int64_t page3[] = {17};
+    progress_t w3 = {0};
+    assert_int_equal(ntf_write_page(c, &job, 16, page3, 1, 1, on_progress, &w3), 0);
+    assert_true(run_until(&t, &w3.calls, 1, 10000));
+    assert_int_equal(w3.status, FO_EFENCED);
+    assert_int_equal(count_entries(c, 4, 9, &of9), 16);
+
+    ntf_client_close(c);
+    uv_close((uv_handle_t *)&t.guard, NULL);
+    uv_run(&t.loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&t.loop), 0);
+}
+
 /* A manual CLUSTER FAILOVER: the old primary answers MOVED, the promoted replica may lack
  * the script (NOSCRIPT) and must hold the data. */
 static void test_manual_failover(void **state)
@@ -631,6 +765,7 @@ int main(void)
         cmocka_unit_test(test_noscript_is_reloaded),
         cmocka_unit_test(test_ask_tryagain_and_moved_during_a_migration),
         cmocka_unit_test(test_silent_seed_times_out),
+        cmocka_unit_test(test_writer_resumes_from_the_lowest_shard),
         cmocka_unit_test(test_manual_failover),
         cmocka_unit_test(test_killed_primary),
     };

@@ -1,0 +1,449 @@
+/*
+ * cwrite.c: fanoutd's writes on a Redis Cluster (cfg->redis_cluster set), behind the same
+ * ntf_fence / ntf_write_page / ntf_backlog / ntf_stream_length contract as a single Redis
+ * (client.c delegates here), through the router (cluster.c).
+ *
+ * Keys (queue format version 3, docs/redis-cluster.md): shard n's stream
+ * <prefix>:{<tag n>}:stream:<n> and the job's mark for that shard
+ * <prefix>:{<tag n>}:progress:<job> share shard n's hash tag (ntf__shard_tag), so each
+ * shard's part of a page is one script run in one slot: its fencing check, its cursor
+ * check, its entries and its mark.
+ *   - A fence fences every shard's mark and reports the lowest cursor (where the job
+ *     resumes), the delivered count summed over the shards, done when every shard is.
+ *   - A page is split by shard; every shard gets a part, ids or not, so every mark moves
+ *     with the page and the lowest cursor advances. A part applies when its mark is at or
+ *     ahead of the page's expected cursor and skips the ids its mark already covers (ids up
+ *     to it were written by an earlier attempt), so a job that resumes from the lowest
+ *     cursor repeats nothing; a mark behind it refuses the part (a gap).
+ *   - The page's outcome combines its parts once all answered: the most severe status
+ *     wins (stop, fenced, no mark, key, Redis error, replicas, moved); applied or moved
+ *     carry the lowest cursor and the summed count, as a fence would find them.
+ * The Sidekiq and inbox layouts are refused (config.c, and ntf__cw_new for a hand-made cfg):
+ * their keys cannot share a shard's slot. The maxmemory-policy check of client.c is not
+ * made on a cluster yet.
+ */
+#include "notifier/ntf_cw.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "notifier/ntf_cluster.h"
+
+enum { CW_FENCE, CW_PAGE };
+
+struct ntf_cw {
+    ntf_cluster_t *cl;
+    const cfg_t *cfg;
+    ntf_client_t *owner;
+    ntf_state_cb on_state;
+    void *data;
+    int shards;
+    char **stream_key;  /* per shard */
+    char **mark_prefix; /* per shard: "<prefix>:{<tag>}:progress:" */
+    size_t inflight;    /* fences and pages not answered yet; cw is freed at 0 once closing */
+    int closing;
+    char key_refusal[256];
+};
+
+/* One fence or page: its parts' outcomes, combined once the last one answers. */
+typedef struct cw_op {
+    ntf_cw_t *cw;
+    ntf_progress_cb cb;
+    void *data;
+    int left;
+    int status;
+    int64_t cursor; /* lowest cursor over the parts that reported one */
+    int64_t delivered;
+    int all_done;
+    int reported;
+} cw_op_t;
+
+static void cw_free(ntf_cw_t *cw);
+
+static const char *const cw_scripts[] = {ntf__fence_lua, ntf__shard_page_lua};
+
+static void on_cluster_state(ntf_cluster_t *cl, int up, void *data)
+{
+    (void)cl;
+    ntf_cw_t *cw = data;
+    if (cw->on_state && !cw->closing)
+        cw->on_state(cw->owner, up, cw->data);
+}
+
+ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, ntf_state_cb on_state,
+                      void *data)
+{
+    int mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM;
+    if (mask != CFG_LAYOUT_STREAM) {
+        fo_log(FO_LOG_ERROR,
+               "FANOUT_LAYOUTS other than stream are not supported on a Redis Cluster: Sidekiq "
+               "does not support Redis Cluster and needs a standalone Redis, and inbox lists "
+               "cannot share a shard's slot; set FANOUT_LAYOUTS=stream or leave "
+               "FANOUT_REDIS_CLUSTER empty",
+               "server=redis setting=FANOUT_LAYOUTS");
+        return NULL;
+    }
+    /* config.c refuses braces in key_prefix: the shard's tag is each key's first {...} */
+    ntf_cw_t *cw = fo_xcalloc(1, sizeof *cw);
+    cw->cfg = cfg;
+    cw->owner = owner;
+    cw->on_state = on_state;
+    cw->data = data;
+    cw->shards = cfg->shards;
+    cw->stream_key = fo_xcalloc((size_t)cw->shards, sizeof *cw->stream_key);
+    cw->mark_prefix = fo_xcalloc((size_t)cw->shards, sizeof *cw->mark_prefix);
+    for (int n = 0; n < cw->shards; n++) {
+        char tag[32];
+        ntf__shard_tag(n, cw->shards, tag, sizeof tag);
+        size_t len = strlen(cfg->key_prefix) + strlen(tag) + 40;
+        cw->stream_key[n] = fo_xmalloc(len);
+        snprintf(cw->stream_key[n], len, "%s:{%s}:stream:%d", cfg->key_prefix, tag, n);
+        cw->mark_prefix[n] = fo_xmalloc(len);
+        snprintf(cw->mark_prefix[n], len, "%s:{%s}:progress:", cfg->key_prefix, tag);
+    }
+    ntf_cluster_opts_t o = {.seeds = cfg->redis_cluster,
+                            .password = cfg->redis_password,
+                            .scripts = cw_scripts,
+                            .nscripts = 2,
+                            .min_replicas = cfg->redis_min_replicas,
+                            .wait_ms = 2000};
+    cw->cl = ntf__cluster_new(loop, &o, on_cluster_state, cw);
+    if (!cw->cl) {
+        cw_free(cw);
+        return NULL;
+    }
+    return cw;
+}
+
+static void cw_free(ntf_cw_t *cw)
+{
+    for (int n = 0; n < cw->shards; n++) {
+        free(cw->stream_key[n]);
+        free(cw->mark_prefix[n]);
+    }
+    free(cw->stream_key);
+    free(cw->mark_prefix);
+    free(cw);
+}
+
+void ntf__cw_close(ntf_cw_t *cw)
+{
+    if (!cw || cw->closing)
+        return;
+    cw->closing = 1;
+    cw->on_state = NULL;
+    cw->inflight++; /* held while the router is closed: its callbacks may run right now */
+    if (cw->cl)
+        ntf__cluster_close(cw->cl); /* pending parts report FO_ESTOP, now or soon after */
+    if (--cw->inflight == 0)
+        cw_free(cw);
+}
+
+int ntf__cw_ready(const ntf_cw_t *cw)
+{
+    return ntf__cluster_ready(cw->cl);
+}
+
+const char *ntf__cw_key_refusal(const ntf_cw_t *cw)
+{
+    return cw->key_refusal;
+}
+
+size_t ntf__cw_inflight(const ntf_cw_t *cw)
+{
+    return cw->inflight;
+}
+
+const char *ntf__cw_stream_key(const ntf_cw_t *cw, int shard)
+{
+    return shard >= 0 && shard < cw->shards ? cw->stream_key[shard] : NULL;
+}
+
+void ntf__cw_stats(const ntf_cw_t *cw, ntf_cluster_stats_t *out)
+{
+    ntf__cluster_stats(cw->cl, out);
+}
+
+/* ---- combining the parts ---- */
+
+/* Larger is more severe: the status a combined operation reports. */
+static int severity(int st)
+{
+    switch (st) {
+    case 0:
+        return 0;
+    case NTF_EMOVED:
+        return 1;
+    case NTF_EREPLICAS:
+        return 2;
+    case FO_EREDIS:
+        return 3;
+    case NTF_EKEY:
+        return 4;
+    case NTF_ENOMARK:
+        return 5;
+    case FO_EFENCED:
+        return 6;
+    default: /* FO_ESTOP */
+        return 7;
+    }
+}
+
+static cw_op_t *op_new(ntf_cw_t *cw, ntf_progress_cb cb, void *data, int parts)
+{
+    cw_op_t *op = fo_xcalloc(1, sizeof *op);
+    op->cw = cw;
+    op->cb = cb;
+    op->data = data;
+    op->left = parts;
+    op->all_done = 1;
+    op->cursor = INT64_MAX;
+    cw->inflight++;
+    return op;
+}
+
+/* One part answered (or could not be sent: status without a reply). */
+static void op_part(cw_op_t *op, int status, const redisReply *rep)
+{
+    ntf_cw_t *cw = op->cw;
+    int st = status;
+    ntf_progress_t p = {0};
+    if (st == 0 || st == NTF_EREPLICAS) {
+        if (rep && rep->type == REDIS_REPLY_ERROR) {
+            if (rep->str && strncmp(rep->str, "WRONGTYPE fanout:", 17) == 0) {
+                if (!cw->closing)
+                    snprintf(cw->key_refusal, sizeof cw->key_refusal, "%s", rep->str);
+                st = NTF_EKEY;
+            } else {
+                char q[256];
+                fo_log(FO_LOG_ERROR, "redis cluster refused a fanout script",
+                       "server=redis error=%s",
+                       fo_log_quote(q, sizeof q, rep->str ? rep->str : "?"));
+                st = FO_EREDIS;
+            }
+        } else {
+            int parsed = ntf__parse_reply(rep, &p);
+            if (st == 0 || parsed != 0)
+                st = parsed; /* NTF_EREPLICAS stays unless the reply itself is not applied */
+            if (parsed == 0 || parsed == NTF_EMOVED) {
+                if (p.cursor < op->cursor)
+                    op->cursor = p.cursor;
+                op->delivered += p.delivered;
+                op->all_done &= p.done != 0;
+            }
+        }
+    }
+    if (severity(st) > severity(op->status))
+        op->status = st;
+    if (--op->left > 0)
+        return;
+    ntf_progress_t all = {.cursor = op->cursor, .delivered = op->delivered, .done = op->all_done};
+    int final = op->status;
+    ntf_progress_cb cb = op->cb;
+    void *data = op->data;
+    free(op);
+    if (cb)
+        cb(final, (final == 0 || final == NTF_EMOVED) ? &all : NULL, data);
+    if (--cw->inflight == 0 && cw->closing)
+        cw_free(cw); /* the last answer after close */
+}
+
+static void on_part(int status, const redisReply *rep, void *data)
+{
+    op_part(data, status, rep);
+}
+
+/* Sends one part; one that cannot be sent counts as a failed part. */
+static void send_part(ntf_cw_t *cw, cw_op_t *op, int argc, const char **argv, const size_t *argvlen)
+{
+    const char *key = argv[3]; /* the mark: KEYS[1] of both scripts */
+    if (ntf__cluster_command(cw->cl, key, argvlen[3], NTF_CL_DURABLE, argc, argv, argvlen, on_part,
+                             op) < 0)
+        op_part(op, FO_EREDIS, NULL);
+}
+
+/* ---- fence and page ---- */
+
+int ntf__cw_fence(ntf_cw_t *cw, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
+                  void *data)
+{
+    if (!ntf__cluster_ready(cw->cl) || !ntf__cluster_sha(cw->cl, 0))
+        return FO_EREDIS;
+    cw_op_t *op = op_new(cw, cb, data, cw->shards);
+    char tok[24], start[24], mark[256];
+    snprintf(tok, sizeof tok, "%lld", (long long)job->token);
+    snprintf(start, sizeof start, "%lld", (long long)start_cursor);
+    for (int n = 0; n < cw->shards; n++) {
+        snprintf(mark, sizeof mark, "%s%lld", cw->mark_prefix[n], (long long)job->job_id);
+        const char *argv[] = {"EVALSHA", ntf__cluster_sha(cw->cl, 0), "1", mark, tok, start, "1"};
+        size_t len[7];
+        for (int i = 0; i < 7; i++)
+            len[i] = strlen(argv[i]);
+        send_part(cw, op, job->mark_required ? 7 : 6, argv, len);
+    }
+    return 0;
+}
+
+int ntf__cw_write_page(ntf_cw_t *cw, const ntf_job_t *job, int64_t expect_cursor,
+                       const int64_t *ids, size_t n, int last, ntf_progress_cb cb, void *data)
+{
+    if (!ntf__cluster_ready(cw->cl) || !ntf__cluster_sha(cw->cl, 1))
+        return FO_EREDIS;
+    /* ids by shard, each shard's in page order (so ascending): a counting sort */
+    int S = cw->shards;
+    size_t *count = fo_xcalloc((size_t)S + 1, sizeof *count);
+    for (size_t i = 0; i < n; i++)
+        count[ntf_shard_of(ids[i], S) + 1]++;
+    for (int s = 0; s < S; s++)
+        count[s + 1] += count[s]; /* count[s]: where shard s starts */
+    int64_t *sorted = fo_xmalloc((n ? n : 1) * sizeof *sorted);
+    size_t *at = fo_xmalloc((size_t)S * sizeof *at);
+    memcpy(at, count, (size_t)S * sizeof *at);
+    for (size_t i = 0; i < n; i++)
+        sorted[at[ntf_shard_of(ids[i], S)]++] = ids[i];
+
+    char tok[24], expect[24], end[24], ttl[16], ev[24], author[24], mark[256];
+    snprintf(tok, sizeof tok, "%lld", (long long)job->token);
+    snprintf(expect, sizeof expect, "%lld", (long long)expect_cursor);
+    snprintf(end, sizeof end, "%lld", (long long)(n ? ids[n - 1] : expect_cursor));
+    snprintf(ttl, sizeof ttl, "%d", cw->cfg->progress_ttl_s);
+    snprintf(ev, sizeof ev, "%lld", (long long)job->event_id);
+    snprintf(author, sizeof author, "%lld", (long long)job->author);
+    size_t most = 0;
+    for (int s = 0; s < S; s++)
+        most = count[s + 1] - count[s] > most ? count[s + 1] - count[s] : most;
+    const char **argv = fo_xmalloc((15 + most) * sizeof *argv);
+    size_t *len = fo_xmalloc((15 + most) * sizeof *len);
+    char *digits = fo_xmalloc((most ? most : 1) * 24);
+    cw_op_t *op = op_new(cw, cb, data, S);
+    for (int s = 0; s < S; s++) {
+        snprintf(mark, sizeof mark, "%s%lld", cw->mark_prefix[s], (long long)job->job_id);
+        const char *fixed[] = {"EVALSHA",
+                               ntf__cluster_sha(cw->cl, 1),
+                               "2",
+                               mark,
+                               cw->stream_key[s],
+                               tok,
+                               expect,
+                               end,
+                               last ? "1" : "0",
+                               ttl,
+                               ev,
+                               author,
+                               job->kind,
+                               job->payload,
+                               job->created_at};
+        int argc = 0;
+        for (; argc < 15; argc++) {
+            argv[argc] = fixed[argc];
+            len[argc] = strlen(fixed[argc]);
+        }
+        char *d = digits;
+        for (size_t i = count[s]; i < count[s + 1]; i++) {
+            size_t k = ntf__fmt_i64(d, sorted[i]);
+            argv[argc] = d;
+            len[argc++] = k;
+            d += k;
+        }
+        send_part(cw, op, argc, argv, len);
+    }
+    free(argv);
+    free(len);
+    free(digits);
+    free(at);
+    free(sorted);
+    free(count);
+    return 0;
+}
+
+/* ---- reading back: backlog and lengths ---- */
+
+typedef struct cw_backlog {
+    ntf_backlog_cb cb;
+    void *data;
+    int left;
+    int status;
+    long long worst;
+    int shard;
+} cw_backlog_t;
+
+typedef struct cw_backlog_part {
+    cw_backlog_t *b;
+    int shard;
+} cw_backlog_part_t;
+
+static void on_backlog_part(int status, const redisReply *rep, void *data)
+{
+    cw_backlog_part_t *part = data;
+    cw_backlog_t *b = part->b;
+    long long backlog = 0;
+    int ignored;
+    if (status == 0 && ntf__parse_backlog(rep, &backlog, &ignored) < 0)
+        status = FO_EREDIS;
+    if (status != 0 && b->status == 0)
+        b->status = status == FO_ESTOP ? FO_ESTOP : FO_EREDIS;
+    if (status == 0 && backlog > b->worst) {
+        b->worst = backlog;
+        b->shard = part->shard;
+    }
+    free(part);
+    if (--b->left > 0)
+        return;
+    ntf_backlog_cb cb = b->cb;
+    void *cdata = b->data;
+    int st = b->status;
+    long long worst = b->worst;
+    int shard = b->shard;
+    free(b);
+    cb(st, worst, shard, cdata);
+}
+
+int ntf__cw_backlog(ntf_cw_t *cw, ntf_backlog_cb cb, void *data)
+{
+    if (!ntf__cluster_ready(cw->cl))
+        return FO_EREDIS;
+    cw_backlog_t *b = fo_xcalloc(1, sizeof *b);
+    *b = (cw_backlog_t){.cb = cb, .data = data, .left = cw->shards, .shard = -1};
+    for (int s = 0; s < cw->shards; s++) {
+        cw_backlog_part_t *part = fo_xmalloc(sizeof *part);
+        *part = (cw_backlog_part_t){.b = b, .shard = s};
+        const char *argv[] = {"EVAL", ntf__backlog_lua, "1", cw->stream_key[s]};
+        size_t len[] = {4, strlen(ntf__backlog_lua), 1, strlen(cw->stream_key[s])};
+        if (ntf__cluster_command(cw->cl, argv[3], len[3], 0, 4, argv, len, on_backlog_part, part) <
+            0)
+            on_backlog_part(FO_EREDIS, NULL, part);
+    }
+    return 0;
+}
+
+typedef struct cw_len {
+    ntf_length_cb cb;
+    void *data;
+} cw_len_t;
+
+static void on_len(int status, const redisReply *rep, void *data)
+{
+    cw_len_t *q = data;
+    ntf_length_cb cb = q->cb;
+    void *cdata = q->data;
+    free(q);
+    if (status == 0 && (!rep || rep->type != REDIS_REPLY_INTEGER))
+        status = FO_EREDIS;
+    cb(status, status == 0 ? rep->integer : 0, cdata);
+}
+
+int ntf__cw_stream_length(ntf_cw_t *cw, int shard, ntf_length_cb cb, void *data)
+{
+    if (shard < 0 || shard >= cw->shards)
+        return FO_EINVAL;
+    if (!ntf__cluster_ready(cw->cl))
+        return FO_EREDIS;
+    cw_len_t *q = fo_xmalloc(sizeof *q);
+    *q = (cw_len_t){.cb = cb, .data = data};
+    const char *argv[] = {"XLEN", cw->stream_key[shard]};
+    size_t len[] = {4, strlen(cw->stream_key[shard])};
+    return ntf__cluster_command(cw->cl, argv[1], len[1], 0, 2, argv, len, on_len, q) < 0
+               ? (free(q), FO_EREDIS)
+               : 0;
+}

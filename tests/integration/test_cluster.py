@@ -1,0 +1,198 @@
+"""fanoutd on a real Redis Cluster (3 primaries + 3 replicas, harness.RedisCluster).
+
+Queue format 3's keys (docs/redis-cluster.md): each shard's stream and each job's mark for
+that shard share the shard's hash tag, and a page is written as one atomic part per shard.
+Every test counts the entries of every shard stream and their distinct ids: exactly one per
+follower, across fanoutd SIGKILLs, a SIGKILLed primary (its replica promoted, with
+FANOUT_REDIS_MIN_REPLICAS=1), a manual CLUSTER FAILOVER and a slot migrated mid fan-out,
+which must show MOVED and ASK in the daemon's log.
+"""
+
+import collections
+import re
+import signal
+import time
+
+from harness import Suite, shard_tag
+
+suite = Suite("test_cluster")
+CLUSTER = dict(cluster=True)
+SHARDS = 16
+
+
+def assert_exactly_once(s, event_id, expected):
+    entries = s.stream_entries(event_id)
+    ids = collections.Counter(e["id"] for e in entries)
+    twice = [i for i, c in ids.items() if c > 1]
+    assert not twice, "ids written more than once: %s" % twice[:10]
+    got = collections.Counter(int(e["recipient"]) for e in entries)
+    missing = set(expected) - set(got)
+    extra = set(got) - set(expected)
+    assert not missing and not extra, "missing %d (e.g. %s), unexpected %d (e.g. %s)" % (
+        len(missing), sorted(missing)[:5], len(extra), sorted(extra)[:5])
+    for e in entries[:1000]:
+        tag = shard_tag(int(e["recipient"]) % SHARDS, SHARDS)
+        assert e["_stream"] == "fanout:{%s}:stream:%d" % (tag, int(e["recipient"]) % SHARDS)
+    delivered = s.sql_value("SELECT sum(delivered) FROM fanout.jobs WHERE event_id = %s",
+                            (event_id,))
+    assert delivered == len(expected), "jobs.delivered %s, expected %d" % (delivered,
+                                                                          len(expected))
+
+
+def job_progress(s, ev):
+    """Entries written for the event so far: the delivered counts of every (job, shard) mark."""
+    total = 0
+    for (job,) in s.sql("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,)):
+        for n in range(SHARDS):
+            try:
+                v = s.redis.hget("fanout:{%s}:progress:%d" % (shard_tag(n, SHARDS), job),
+                                 "delivered")
+            except Exception:  # a node is failing over: count it as not there yet
+                v = None
+            total += int(v) if v else 0
+    return total
+
+
+def wait_progress(s, ev, at_least, d, timeout=60):
+    deadline = time.monotonic() + timeout
+    while job_progress(s, ev) < at_least and time.monotonic() < deadline and d.alive():
+        time.sleep(0.01)
+
+
+def shard_slot(n):
+    return s_key_slot("{%s}" % shard_tag(n, SHARDS))
+
+
+def s_key_slot(key):
+    from redis.crc import key_slot
+    return key_slot(key.encode())
+
+
+@suite.test(servers=CLUSTER)
+def follower_counts_around_the_page_size_are_exact(s):
+    page = 1000
+    sizes = [0, 1, page, page + 1, 200000]
+    s.start_daemon(FANOUT_PAGE_SIZE=page)
+    events = {}
+    first = 1
+    for i, n in enumerate(sizes):
+        author = 1000 + i
+        s.seed_followers(author, n, first_id=first)
+        events[s.publish(author)] = range(first, first + n)
+        first += n + 1000
+    for ev, expected in events.items():
+        s.wait_event_done(ev, timeout=180)
+        assert_exactly_once(s, ev, expected)
+    # the shards' streams are spread over all three primaries
+    owners = collections.Counter(s.cluster.owner(shard_slot(n)) for n in range(SHARDS))
+    assert len(owners) == 3 and all(c in (5, 6) for c in owners.values()), owners
+
+
+@suite.test(servers=CLUSTER)
+def sigkilled_fanoutd_restarts_exact(s):
+    n = 60000
+    s.seed_followers(5, n)
+    ev = s.publish(5)
+    env = dict(FANOUT_PAGE_SIZE=500, FANOUT_WORKER_ID="w1")
+    for point in [1, 15000, 35000, 55000]:
+        d = s.start_daemon(**env)
+        wait_progress(s, ev, point, d)
+        d.kill(signal.SIGKILL)
+        d.wait()
+        print("  killed at delivered=%d (aimed at %d)" % (job_progress(s, ev), point),
+              flush=True)
+    s.start_daemon(**env)
+    s.wait_event_done(ev, timeout=120)
+    assert_exactly_once(s, ev, range(1, n + 1))
+
+
+@suite.test(servers=CLUSTER)
+def sigkilled_primary_is_replaced_by_its_replica_exact(s):
+    n = 60000
+    s.seed_followers(6, n)
+    ev = s.publish(6)
+    d = s.start_daemon(FANOUT_PAGE_SIZE=500, FANOUT_REDIS_MIN_REPLICAS=1,
+                       FANOUT_READ_BUDGET_ROWS_S=20000)
+    wait_progress(s, ev, 15000, d)
+    victim = s.cluster.owner(shard_slot(0))
+    promoted = s.cluster.kill_primary(victim)
+    print("  killed primary %d at delivered=%d; %d promoted" % (victim, job_progress(s, ev),
+                                                               promoted), flush=True)
+    # Until the killed node is back (as the new primary's replica) no write of that primary's
+    # shards can be confirmed by a replica, so those parts wait: min_replicas 1 holds.
+    time.sleep(2)
+    stalled = job_progress(s, ev)
+    s.cluster.restart(victim)
+    s.cluster.wait_stable()
+    print("  %d rejoined as a replica at delivered=%d" % (victim, stalled), flush=True)
+    s.wait_event_done(ev, timeout=120)
+    assert_exactly_once(s, ev, range(1, n + 1))
+    assert d.alive()
+    assert re.search(r"redis cluster node lost", d.log()), d.log_tail()
+
+
+@suite.test(servers=CLUSTER)
+def manual_failover_mid_fanout_exact(s):
+    n = 60000
+    s.seed_followers(7, n)
+    ev = s.publish(7)
+    d = s.start_daemon(FANOUT_PAGE_SIZE=500, FANOUT_REDIS_MIN_REPLICAS=1,
+                       FANOUT_READ_BUDGET_ROWS_S=20000)
+    wait_progress(s, ev, 15000, d)
+    primary = s.cluster.owner(shard_slot(3))
+    replica = s.cluster.replicas_of(primary)[0]
+    s.cluster.failover(replica)
+    print("  failed over %d -> %d at delivered=%d" % (primary, replica, job_progress(s, ev)),
+          flush=True)
+    s.wait_event_done(ev, timeout=120)
+    assert_exactly_once(s, ev, range(1, n + 1))
+    assert "redis cluster MOVED" in d.log(), d.log_tail()
+
+
+@suite.test(servers=CLUSTER)
+def slot_migrated_mid_fanout_exact_with_moved_and_ask(s):
+    n = 60000
+    s.seed_followers(8, n)
+    ev = s.publish(8)
+    # 20,000 rows/s: the fan-out lasts about 3 s, well past the migration's end
+    d = s.start_daemon(FANOUT_PAGE_SIZE=500, FANOUT_READ_BUDGET_ROWS_S=20000)
+    wait_progress(s, ev, 10000, d)
+    slot = shard_slot(5)
+    src = s.cluster.owner(slot)
+    dst = next(p for p in s.cluster.primaries() if p != src)
+    s.cluster.begin_migration(slot, dst)
+    moved = s.cluster.move_keys(slot)  # the stream and the marks: -ASK from now on
+    time.sleep(0.5)                    # pages keep coming while the slot is half-moved
+    moved += s.cluster.move_keys(slot)
+    s.cluster.end_migration(slot)      # -MOVED from now on
+    print("  migrated slot %d (%d keys) %d -> %d at delivered=%d"
+          % (slot, moved, src, dst, job_progress(s, ev)), flush=True)
+    s.wait_event_done(ev, timeout=120)
+    assert_exactly_once(s, ev, range(1, n + 1))
+    assert s.cluster.owner(slot) == dst
+    log = d.log()
+    asks = re.findall(r'msg="redis cluster ASK".*count=(\d+)', log)
+    moves = re.findall(r'msg="redis cluster MOVED".*count=(\d+)', log)
+    print("  ASK seen %s, MOVED seen %s (log lines at powers of two)"
+          % (asks[-1:] or 0, moves[-1:] or 0), flush=True)
+    assert asks and moves, d.log_tail()
+
+
+@suite.test(servers=CLUSTER)
+def fanoutctl_redis_commands_refuse_a_cluster(s):
+    for args in (["trim"], ["consume", "--group", "g", "--consumer", "c1"]):
+        r = s.fanoutctl(*args)
+        assert r.returncode != 0 and "does not support a Redis Cluster yet" in r.stderr, (
+            args, r.returncode, r.stderr)
+
+
+@suite.test(servers=CLUSTER)
+def sidekiq_layout_is_refused_on_a_cluster(s):
+    d = s.start_daemon(FANOUT_LAYOUTS="stream,sidekiq")
+    assert d.wait(timeout=30) != 0
+    assert "only the stream layout runs on a Redis Cluster" in d.log(), d.log_tail()
+    s.daemons.remove(d)
+
+
+if __name__ == "__main__":
+    suite.main()
