@@ -12,7 +12,8 @@ redisContext *fctl_redis_connect(const cfg_t *cfg, const char *cmd)
 {
     if (cfg->redis_cluster[0]) {
         /* queue format 3's keys on a cluster need a cluster client: not built yet */
-        fail(cmd, "does not support a Redis Cluster yet (FANOUT_REDIS_CLUSTER is set); read the "
+        fctl_fail(cmd,
+                  "does not support a Redis Cluster yet (FANOUT_REDIS_CLUSTER is set); read the "
                   "streams with a cluster client (docs/redis-cluster.md)");
         return NULL;
     }

@@ -9,47 +9,17 @@
  * side) and pending (delivered, not acknowledged). Nothing here trims anything.
  */
 #include "common/common.h"
-#include "notifier/ntf_cw.h"
+#include "notifier/ntf_cluster_int.h"
 #include "notifier/ntf_int.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-const char ntf__backlog_lua[] = "#!lua flags=no-writes\n"
-                                "local worst, shard = 0, -1\n"
-                                "for i, key in ipairs(KEYS) do\n"
-                                "  if redis.call('EXISTS', key) == 1 then\n"
-                                "    local len = nil\n"
-                                "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
-                                "      local f = {}\n"
-                                "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
-                                "      local lag = f['lag']\n"
-                                "      if type(lag) ~= 'number' then\n"
-                                "        len = len or redis.call('XLEN', key)\n"
-                                "        lag = len\n"
-                                "      end\n"
-                                "      local b = lag + (tonumber(f['pending']) or 0)\n"
-                                "      if b > worst then worst, shard = b, i - 1 end\n"
-                                "    end\n"
-                                "  end\n"
-                                "end\n"
-                                "return {worst, shard}\n";
-
 typedef struct backlog_req {
     ntf_backlog_cb cb;
     void *data;
 } backlog_req_t;
-
-int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard)
-{
-    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-        r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_INTEGER)
-        return FO_EREDIS;
-    *backlog = r->element[0]->integer;
-    *shard = (int)r->element[1]->integer;
-    return 0;
-}
 
 static void on_backlog(int status, const redisReply *reply, void *data)
 {

@@ -38,7 +38,7 @@
 #include <string.h>
 
 #include "common/common.h"
-#include "notifier/ntf_cw.h"
+#include "notifier/ntf_cluster_int.h"
 #include "notifier/ntf_int.h"
 
 #define NTF_CONNECT_TIMEOUT_MS 5000   /* TCP connect plus handshake */
@@ -755,11 +755,26 @@ static void on_handle_closed(uv_handle_t *h)
     client_maybe_free(c);
 }
 
+/* On a cluster: the writer and its router are gone. */
+static void cw_closed(void *data)
+{
+    ntf_client_t *c = data;
+    fo_closed_cb done = c->on_closed;
+    void *done_data = c->closed_data;
+    free(c);
+    if (done)
+        done(done_data);
+}
+
 void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data)
 {
     if (c && c->cw) {
-        ntf__cw_close(c->cw);
-        free(c);
+        if (c->state == ST_CLOSED)
+            return;
+        c->state = ST_CLOSED;
+        c->on_closed = on_closed;
+        c->closed_data = data;
+        ntf__cw_close(c->cw, cw_closed, c);
         return;
     }
     if (!c || c->state == ST_CLOSED)

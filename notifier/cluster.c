@@ -1,5 +1,5 @@
 /*
- * cluster.c: ntf_cluster_t, the Redis Cluster router (contract in ntf_cluster.h).
+ * cluster.c: ntf_cluster_t, the Redis Cluster router (contract in ntf_cluster_int.h).
  *
  * Pieces:
  *   - nodes: one cl_node_t per address ever learnt (seeds, the map, redirects), kept until
@@ -19,7 +19,7 @@
  * ntf__cluster_close from anywhere. hiredis frees a context after its disconnect callback
  * (or after a failed connect callback): the node forgets it there.
  */
-#include "notifier/ntf_cluster.h"
+#include "notifier/ntf_cluster_int.h"
 
 #include <arpa/inet.h>
 #include <stdlib.h>
@@ -107,6 +107,8 @@ struct ntf_cluster {
     uint64_t refresh_delay;
     cl_req_t *whead, *wtail; /* wait list */
     ntf_cluster_stats_t stats;
+    fo_closed_cb on_closed;
+    void *closed_data;
 };
 
 static void dispatch(cl_req_t *r);
@@ -910,7 +912,11 @@ static void maybe_free(ntf_cluster_t *cl)
     free(cl->scripts);
     free(cl->sha);
     free(cl->password);
+    fo_closed_cb done = cl->on_closed;
+    void *done_data = cl->closed_data;
     free(cl);
+    if (done)
+        done(done_data);
 }
 
 ntf_cluster_t *ntf__cluster_new(uv_loop_t *loop, const ntf_cluster_opts_t *o,
@@ -1024,11 +1030,13 @@ void ntf__cluster_stats(const ntf_cluster_t *cl, ntf_cluster_stats_t *out)
     *out = cl->stats;
 }
 
-void ntf__cluster_close(ntf_cluster_t *cl)
+void ntf__cluster_close(ntf_cluster_t *cl, fo_closed_cb on_closed, void *data)
 {
     if (!cl || cl->closing)
         return;
     cl->closing = 1;
+    cl->on_closed = on_closed;
+    cl->closed_data = data;
     cl->on_state = NULL;
     uv_close((uv_handle_t *)&cl->refresh_timer, on_handle_closed);
     uv_close((uv_handle_t *)&cl->watch_timer, on_handle_closed);

@@ -22,13 +22,13 @@
  * their keys cannot share a shard's slot. The maxmemory-policy check of client.c is not
  * made on a cluster yet.
  */
-#include "notifier/ntf_cw.h"
+#include "notifier/ntf_cluster_int.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/common.h"
-#include "notifier/ntf_cluster.h"
+#include "notifier/ntf_cluster_int.h"
 
 enum { CW_FENCE, CW_PAGE };
 
@@ -41,8 +41,10 @@ struct ntf_cw {
     int shards;
     char **stream_key;  /* per shard */
     char **mark_prefix; /* per shard: "<prefix>:{<tag>}:progress:" */
-    size_t inflight;    /* fences and pages not answered yet; cw is freed at 0 once closing */
+    size_t inflight;    /* fences and pages not answered yet */
     int closing;
+    fo_closed_cb on_closed;
+    void *closed_data;
     char key_refusal[256];
 };
 
@@ -127,17 +129,26 @@ static void cw_free(ntf_cw_t *cw)
     free(cw);
 }
 
-void ntf__cw_close(ntf_cw_t *cw)
+/* The router is gone, and with it every part: each reported FO_ESTOP before. */
+static void on_router_closed(void *data)
+{
+    ntf_cw_t *cw = data;
+    fo_closed_cb done = cw->on_closed;
+    void *done_data = cw->closed_data;
+    cw_free(cw);
+    if (done)
+        done(done_data);
+}
+
+void ntf__cw_close(ntf_cw_t *cw, fo_closed_cb on_closed, void *data)
 {
     if (!cw || cw->closing)
         return;
     cw->closing = 1;
     cw->on_state = NULL;
-    cw->inflight++; /* held while the router is closed: its callbacks may run right now */
-    if (cw->cl)
-        ntf__cluster_close(cw->cl); /* pending parts report FO_ESTOP, now or soon after */
-    if (--cw->inflight == 0)
-        cw_free(cw);
+    cw->on_closed = on_closed;
+    cw->closed_data = data;
+    ntf__cluster_close(cw->cl, on_router_closed, cw); /* parts report FO_ESTOP */
 }
 
 int ntf__cw_ready(const ntf_cw_t *cw)
@@ -243,10 +254,9 @@ static void op_part(cw_op_t *op, int status, const redisReply *rep)
     ntf_progress_cb cb = op->cb;
     void *data = op->data;
     free(op);
+    cw->inflight--;
     if (cb)
         cb(final, (final == 0 || final == NTF_EMOVED) ? &all : NULL, data);
-    if (--cw->inflight == 0 && cw->closing)
-        cw_free(cw); /* the last answer after close */
 }
 
 static void on_part(int status, const redisReply *rep, void *data)

@@ -431,3 +431,13 @@ int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, si
     }
     return 0;
 }
+
+int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_INTEGER)
+        return FO_EREDIS;
+    *backlog = r->element[0]->integer;
+    *shard = (int)r->element[1]->integer;
+    return 0;
+}

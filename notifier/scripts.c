@@ -349,3 +349,26 @@ const char ntf__shard_page_lua[] =
     "           'done', ARGV[4])\n"
     "if ARGV[4] == '1' then redis.call('EXPIRE', pk, ARGV[5]) end\n"
     "return {1, cur, delivered, tonumber(ARGV[4])}\n";
+
+/* The backpressure reading over the shard streams in KEYS (backlog.c, cwrite.c): the
+ * largest backlog of any consumer group, and the index of its stream in KEYS. Read-only, so
+ * it runs even when Redis is out of memory. */
+const char ntf__backlog_lua[] = "#!lua flags=no-writes\n"
+                                "local worst, shard = 0, -1\n"
+                                "for i, key in ipairs(KEYS) do\n"
+                                "  if redis.call('EXISTS', key) == 1 then\n"
+                                "    local len = nil\n"
+                                "    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do\n"
+                                "      local f = {}\n"
+                                "      for k = 1, #g, 2 do f[g[k]] = g[k + 1] end\n"
+                                "      local lag = f['lag']\n"
+                                "      if type(lag) ~= 'number' then\n"
+                                "        len = len or redis.call('XLEN', key)\n"
+                                "        lag = len\n"
+                                "      end\n"
+                                "      local b = lag + (tonumber(f['pending']) or 0)\n"
+                                "      if b > worst then worst, shard = b, i - 1 end\n"
+                                "    end\n"
+                                "  end\n"
+                                "end\n"
+                                "return {worst, shard}\n";

@@ -27,8 +27,7 @@
 #include <hiredis/hiredis.h>
 
 #include "common/common.h"
-#include "notifier/ntf_cluster.h"
-#include "notifier/ntf_cw.h"
+#include "notifier/ntf_cluster_int.h"
 
 static const char *seeds;
 
@@ -281,7 +280,7 @@ static tctx_t *ctx_new_seeds(const char *seed_list, int min_replicas)
 
 static void ctx_free(tctx_t *t)
 {
-    ntf__cluster_close(t->cl);
+    ntf__cluster_close(t->cl, NULL, NULL);
     uv_close((uv_handle_t *)&t->guard, NULL);
     uv_run(&t->loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&t->loop), 0);
@@ -675,7 +674,7 @@ static void test_writer_resumes_from_the_lowest_shard(void **state)
     assert_int_equal(w3.status, FO_EFENCED);
     assert_int_equal(count_entries(c, 4, 9, &of9), 16);
 
-    ntf_client_close(c);
+    ntf_client_close(c, NULL, NULL);
     uv_close((uv_handle_t *)&t.guard, NULL);
     uv_run(&t.loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&t.loop), 0);

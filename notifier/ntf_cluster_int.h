@@ -1,6 +1,7 @@
 /*
- * ntf_cluster.h: the notifier's Redis Cluster router (cluster.c), for the notifier's own
- * files and its tests, never for other folders.
+ * ntf_cluster_int.h: the notifier's Redis Cluster router (cluster.c) and fanoutd's writer on
+ * a cluster over it (cwrite.c), for the notifier's own files and its tests, never for other
+ * folders.
  *
  * Debian 12's hiredis is 0.14, with no cluster client (hiredis-cluster is not packaged and
  * needs hiredis >= 1.0), so this is fanout's own, on the daemon's one libuv loop through
@@ -28,8 +29,8 @@
  *     (with NTF_EREPLICAS if too few replicas acknowledged it).
  *   - Nothing blocks: seeds and map entries must be IP addresses (no DNS on the loop).
  */
-#ifndef FANOUT_NTF_CLUSTER_H
-#define FANOUT_NTF_CLUSTER_H
+#ifndef FANOUT_NTF_CLUSTER_INT_H
+#define FANOUT_NTF_CLUSTER_INT_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -99,8 +100,9 @@ int ntf__cluster_command(ntf_cluster_t *cl, const char *key, size_t keylen, int 
 void ntf__cluster_stats(const ntf_cluster_t *cl, ntf_cluster_stats_t *out);
 
 /* Every pending callback runs with FO_ESTOP (now or from the loop); the memory is released
- * once hiredis and libuv let go, so the loop must run on. */
-void ntf__cluster_close(ntf_cluster_t *cl);
+ * once hiredis and libuv let go, so the loop must run on; then on_closed(data) runs (may be
+ * NULL), from the loop. */
+void ntf__cluster_close(ntf_cluster_t *cl, fo_closed_cb on_closed, void *data);
 
 /* The cluster slot of a key: CRC16-XMODEM mod 16384 of the key, or of the part between the
  * first '{' and the next '}' when that part is not empty. */
@@ -122,5 +124,36 @@ unsigned ntf__shard_tag(int shard, int shards, char *out, size_t size);
 /* Parses "-MOVED <slot> <ip>:<port>" / "-ASK ..." error text: returns 1 (MOVED), 2 (ASK) or
  * 0 (neither, or malformed); fills slot and addr ("ip:port", NUL-terminated) on 1 and 2. */
 int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size);
+
+/*
+ * The writer on a cluster (cwrite.c). Each function has the contract of the ntf_client_t
+ * function of the same name in notifier.h; client.c delegates to these when
+ * cfg->redis_cluster is set.
+ */
+typedef struct ntf_cw ntf_cw_t;
+
+/* NULL, after logging why, for a layout other than stream, a key prefix with braces, or bad
+ * seeds. on_state gets `owner` as its client. */
+ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, ntf_state_cb on_state,
+                      void *data);
+void ntf__cw_close(ntf_cw_t *cw, fo_closed_cb on_closed, void *data);
+int ntf__cw_ready(const ntf_cw_t *cw);
+const char *ntf__cw_key_refusal(const ntf_cw_t *cw);
+size_t ntf__cw_inflight(const ntf_cw_t *cw);
+int ntf__cw_fence(ntf_cw_t *cw, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
+                  void *data);
+int ntf__cw_write_page(ntf_cw_t *cw, const ntf_job_t *job, int64_t expect_cursor,
+                       const int64_t *ids, size_t n, int last, ntf_progress_cb cb, void *data);
+int ntf__cw_backlog(ntf_cw_t *cw, ntf_backlog_cb cb, void *data);
+int ntf__cw_stream_length(ntf_cw_t *cw, int shard, ntf_length_cb cb, void *data);
+
+/* The cluster writer a client delegates to, or NULL on a single Redis (client.c). */
+ntf_cw_t *ntf__client_cw(const ntf_client_t *c);
+
+/* Shard n's stream key, <prefix>:{<tag n>}:stream:<n>; NULL for a bad shard. */
+const char *ntf__cw_stream_key(const ntf_cw_t *cw, int shard);
+
+/* What the router met (MOVED, ASK, ...). */
+void ntf__cw_stats(const ntf_cw_t *cw, ntf_cluster_stats_t *out);
 
 #endif
