@@ -9,11 +9,14 @@ which must show MOVED and ASK in the daemon's log.
 """
 
 import collections
+import json
+import os
 import re
 import signal
+import subprocess
 import time
 
-from harness import Suite, shard_tag
+from harness import SOURCE_DIR, Suite, shard_tag
 
 suite = Suite("test_cluster")
 CLUSTER = dict(cluster=True)
@@ -176,6 +179,86 @@ def slot_migrated_mid_fanout_exact_with_moved_and_ask(s):
     print("  ASK seen %s, MOVED seen %s (log lines at powers of two)"
           % (asks[-1:] or 0, moves[-1:] or 0), flush=True)
     assert asks and moves, d.log_tail()
+
+
+EXAMPLES = os.path.join(SOURCE_DIR, "examples", "consumers")
+
+
+def run_consumer(s, lang, name, out_path, stall_after=0):
+    cmd = {"python": ["/usr/bin/python3", os.path.join(EXAMPLES, "python", "consumer.py")],
+           "node": ["node", os.path.join(EXAMPLES, "node", "consumer.js")],
+           "ruby": ["ruby", os.path.join(EXAMPLES, "ruby", "consumer.rb")]}[lang]
+    args = ["--cluster", "--port", str(s.cluster.primaries()[0]), "--group", "app",
+            "--consumer", name, "--count", "50", "--block-ms", "100", "--min-idle-ms", "2000"]
+    if stall_after:
+        args += ["--stall-after", str(stall_after)]
+    out = open(out_path, "w")
+    err = open(out_path + ".err", "w")
+    try:
+        return subprocess.Popen(cmd + args, stdout=out, stderr=err)
+    finally:
+        out.close()
+        err.close()
+
+
+def handled(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cluster_consumer_reads_everything_once(s, lang):
+    """Consumer A is SIGKILLed holding a batch it partly handled; B takes its entries over
+    (XAUTOCLAIM), drops those A handled (the dedupe marks) and reads the rest: every
+    notification is handled once, nothing is left pending."""
+    if lang == "node":
+        from test_consumers import ensure_node_modules
+        ensure_node_modules()
+    n = 3000
+    s.seed_followers(9, n)
+    s.start_daemon(FANOUT_PAGE_SIZE=500)
+    ev = s.publish(9)
+    s.wait_event_done(ev, timeout=60)
+    a_out, b_out = s.path(lang + "-a.out"), s.path(lang + "-b.out")
+    a = run_consumer(s, lang, "a", a_out, stall_after=40)
+    deadline = time.monotonic() + 60
+    while "stalled" not in open(a_out + ".err").read():
+        assert a.poll() is None and time.monotonic() < deadline, open(a_out + ".err").read()
+        time.sleep(0.05)
+    a.kill()  # holding a batch, part of it handled
+    a.wait()
+    b = run_consumer(s, lang, "b", b_out)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            got = handled(a_out) + handled(b_out)
+            pending = sum(s.redis.xpending(k, "app")["pending"] for k in s.stream_keys())
+            if len({x["id"] for x in got}) >= n and pending == 0:
+                break
+            assert b.poll() is None and time.monotonic() < deadline, (
+                len(got), pending, open(b_out + ".err").read()[-2000:])
+            time.sleep(0.2)
+    finally:
+        b.send_signal(signal.SIGTERM)
+        b.wait(timeout=30)
+    counts = collections.Counter(int(x["recipient"]) for x in got if x["event"] == str(ev))
+    assert set(counts) == set(range(1, n + 1)), len(counts)
+    assert max(counts.values()) == 1, [r for r, c in counts.items() if c > 1][:10]
+    assert len(handled(a_out)) == 40
+
+
+@suite.test(servers=CLUSTER)
+def python_redis_py_cluster_consumer_reads_everything_once(s):
+    cluster_consumer_reads_everything_once(s, "python")
+
+
+@suite.test(servers=CLUSTER)
+def node_ioredis_cluster_consumer_reads_everything_once(s):
+    cluster_consumer_reads_everything_once(s, "node")
+
+
+@suite.test(servers=CLUSTER)
+def ruby_redis_rb_cluster_consumer_reads_everything_once(s):
+    cluster_consumer_reads_everything_once(s, "ruby")
 
 
 @suite.test(servers=CLUSTER)

@@ -14,6 +14,12 @@
 // notification first: its event's body is read once from HGET <stream>:bodies <event> and
 // kept in a small per-event cache, so handle() sees the same fields in either layout.
 //
+// With --cluster the streams are read from a Redis Cluster (ioredis' Redis.Cluster, seeded
+// by --host/--port) under queue format 3's keys <prefix>:{<tag>}:stream:<n>, <tag> being the
+// shard's hash tag (shardTag below, as docs/redis-cluster.md defines it). The streams and
+// marks live on different nodes, so each stream is read on its own and the marks are set
+// one command each (ioredis sends them together), not in one pipeline.
+//
 // Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 // per handled notification (the payload parsed); replace handle() with your own work.
 //
@@ -27,6 +33,7 @@ const usage = `usage: node consumer.js --group G --consumer C [options]
   --host H          Redis host (default 127.0.0.1)
   --port P          Redis port (default 6379)
   --password PW     Redis AUTH password
+  --cluster         read from a Redis Cluster (--host/--port: any node of it)
   --prefix P        key prefix, as FANOUT_KEY_PREFIX (default fanout)
   --shards N        shard streams, as FANOUT_SHARDS (default 16)
   --count N         entries per read (default 100)
@@ -43,6 +50,7 @@ try {
       host: { type: 'string', default: '127.0.0.1' },
       port: { type: 'string', default: '6379' },
       password: { type: 'string' },
+      cluster: { type: 'boolean', default: false },
       prefix: { type: 'string', default: 'fanout' }, // FANOUT_KEY_PREFIX
       shards: { type: 'string', default: '16' }, // FANOUT_SHARDS
       group: { type: 'string' },
@@ -71,10 +79,25 @@ const count = Number(o.count);
 const minIdle = Number(o['min-idle-ms']);
 const seenTtl = Number(o['seen-ttl']);
 const stallAfter = Number(o['stall-after']);
-const keys = Array.from({ length: shards }, (_, n) => `${o.prefix}:stream:${n}`);
+// Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
+// max(1, 16384 / (8 shards)) of the shard's centre slot (docs/redis-cluster.md).
+// cluster-key-slot is ioredis' own CRC16 (installed with it).
+function shardTag(n) {
+  const slotOf = require('cluster-key-slot');
+  const centre = Math.floor(((2 * n + 1) * 16384) / (2 * shards));
+  const half = Math.max(1, Math.floor(16384 / (8 * shards)));
+  let k = 0;
+  while (Math.abs(slotOf(`${n}.${k}`) - centre) > half) k += 1;
+  return `${n}.${k}`;
+}
+const keys = Array.from({ length: shards }, (_, n) =>
+  o.cluster ? `${o.prefix}:{${shardTag(n)}}:stream:${n}` : `${o.prefix}:stream:${n}`);
 const seenKey = (id) => `${o.prefix}:seen:${o.group}:${id}`;
 const claim = `claim:${o.consumer}`;
-const r = new Redis({ host: o.host, port: Number(o.port), password: o.password });
+const r = o.cluster
+  ? new Redis.Cluster([{ host: o.host, port: Number(o.port) }],
+                      { redisOptions: { password: o.password } })
+  : new Redis({ host: o.host, port: Number(o.port), password: o.password });
 
 let stop = false;
 let handled = 0;
@@ -144,13 +167,21 @@ async function processBatch(key, raw) {
   if (raw.length === 0) return;
   const entries = await fullEntries(key, raw.map(([id, flat]) => [id, fields(flat)]));
   const live = entries.filter(([, f]) => f && f.id);
-  const pipe = r.pipeline(); // claim: one consumer at a time handles a notification
-  for (const [, f] of live) pipe.set(seenKey(f.id), claim, 'PX', minIdle, 'NX');
-  const claimed = live.length ? await pipe.exec() : [];
+  // claim: one consumer at a time handles a notification
+  let claimed;
+  if (o.cluster) { // marks in many slots: one command each, sent together
+    claimed = await Promise.all(live.map(([, f]) =>
+      r.set(seenKey(f.id), claim, 'PX', minIdle, 'NX').then((v) => [null, v])));
+  } else {
+    const pipe = r.pipeline();
+    for (const [, f] of live) pipe.set(seenKey(f.id), claim, 'PX', minIdle, 'NX');
+    claimed = live.length ? await pipe.exec() : [];
+  }
   const others = live.filter((_, i) => claimed[i][1] !== 'OK').map(([, f]) => f.id);
   const marks = new Map();
   if (others.length) {
-    const values = await r.mget(others.map(seenKey));
+    const values = o.cluster ? await Promise.all(others.map((id) => r.get(seenKey(id))))
+                             : await r.mget(others.map(seenKey));
     others.forEach((id, i) => marks.set(id, values[i]));
   }
   const ack = [];
@@ -203,9 +234,18 @@ async function main() {
       lastSweep = Date.now();
     }
     const block = Math.max(1, Math.min(Number(o['block-ms']), every));
-    const got = await r.xreadgroup('GROUP', o.group, o.consumer, 'COUNT', count, 'BLOCK', block,
-                                   'STREAMS', ...keys, ...keys.map(() => '>'));
-    for (const [key, entries] of got || []) await processBatch(key, entries);
+    let got = [];
+    if (o.cluster) { // one stream per read: they are in different slots
+      for (const key of keys) {
+        got = got.concat((await r.xreadgroup('GROUP', o.group, o.consumer, 'COUNT', count,
+                                             'STREAMS', key, '>')) || []);
+      }
+      if (got.length === 0) await new Promise((resolve) => setTimeout(resolve, block));
+    } else {
+      got = await r.xreadgroup('GROUP', o.group, o.consumer, 'COUNT', count, 'BLOCK', block,
+                               'STREAMS', ...keys, ...keys.map(() => '>')) || [];
+    }
+    for (const [key, entries] of got) await processBatch(key, entries);
   }
   process.stderr.write(`handled ${handled}\n`);
   r.disconnect();

@@ -15,6 +15,11 @@ notification before anything else: its event's body is read once from the stream
 hash, HGET <stream>:bodies <event>, and kept in a small per-event cache (Bodies), so a batch
 of one event costs one round trip and handle() sees the same fields in either layout.
 
+With --cluster the streams are read from a Redis Cluster (redis-py's RedisCluster, seeded
+by --host/--port), under queue format 3's keys <prefix>:{<tag>}:stream:<n>, where <tag> is
+the shard's hash tag (shard_tag below, as docs/redis-cluster.md defines it); the streams
+live on different nodes, so each is read on its own.
+
 Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 per handled notification (the payload parsed); replace handle() with your own work.
 
@@ -86,12 +91,31 @@ class Bodies:
         return out
 
 
+def shard_tag(n, shards):
+    """Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
+    max(1, 16384 // (8 shards)) of the shard's centre slot (docs/redis-cluster.md)."""
+    from redis.crc import key_slot
+    centre = (2 * n + 1) * 16384 // (2 * shards)
+    half = max(1, 16384 // (8 * shards))
+    k = 0
+    while abs(key_slot(("%d.%d" % (n, k)).encode()) - centre) > half:
+        k += 1
+    return "%d.%d" % (n, k)
+
+
 class Consumer:
     def __init__(self, args):
-        self.r = redis.Redis(host=args.host, port=args.port, password=args.password,
-                             decode_responses=True)
         self.a = args
-        self.keys = ["%s:stream:%d" % (args.prefix, n) for n in range(args.shards)]
+        if args.cluster:
+            from redis.cluster import RedisCluster
+            self.r = RedisCluster(host=args.host, port=args.port, password=args.password,
+                                  decode_responses=True)
+            self.keys = ["%s:{%s}:stream:%d" % (args.prefix, shard_tag(n, args.shards), n)
+                         for n in range(args.shards)]
+        else:
+            self.r = redis.Redis(host=args.host, port=args.port, password=args.password,
+                                 decode_responses=True)
+            self.keys = ["%s:stream:%d" % (args.prefix, n) for n in range(args.shards)]
         self.handled = 0
         self.claim = "claim:" + args.consumer
         self.bodies = Bodies(self.r)
@@ -119,8 +143,8 @@ class Consumer:
             pipe.set(self.seen_key(f["id"]), self.claim, nx=True, px=self.a.min_idle_ms)
         claimed = pipe.execute()
         others = [f["id"] for (_, f), ok in zip(live, claimed) if not ok]
-        marks = dict(zip(others, self.r.mget([self.seen_key(i) for i in others]))) \
-            if others else {}
+        mget = self.r.mget_nonatomic if self.a.cluster else self.r.mget  # marks on many nodes
+        marks = dict(zip(others, mget([self.seen_key(i) for i in others]))) if others else {}
         ack, done_here = [], 0
         for eid, f in entries:
             if f and "id" in f and marks.get(f["id"], self.claim) != self.claim:
@@ -168,9 +192,17 @@ class Consumer:
                 self.sweep()
                 last_sweep = time.monotonic()
             block = int(min(self.a.block_ms, every * 1000))
-            got = self.r.xreadgroup(self.a.group, self.a.consumer,
-                                    {k: ">" for k in self.keys}, count=self.a.count,
-                                    block=max(block, 1))
+            if self.a.cluster:  # one stream per read: they are in different slots
+                got = []
+                for k in self.keys:
+                    got += self.r.xreadgroup(self.a.group, self.a.consumer, {k: ">"},
+                                             count=self.a.count) or []
+                if not got:
+                    time.sleep(max(block, 1) / 1000.0)
+            else:
+                got = self.r.xreadgroup(self.a.group, self.a.consumer,
+                                        {k: ">" for k in self.keys}, count=self.a.count,
+                                        block=max(block, 1))
             for key, entries in got or []:
                 self.process(key, entries)
 
@@ -180,6 +212,8 @@ def main():
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=6379)
     p.add_argument("--password", default=None)
+    p.add_argument("--cluster", action="store_true",
+                   help="read from a Redis Cluster (--host/--port: any node of it)")
     p.add_argument("--prefix", default="fanout", help="FANOUT_KEY_PREFIX")
     p.add_argument("--shards", type=int, default=16, help="FANOUT_SHARDS")
     p.add_argument("--group", required=True)

@@ -15,6 +15,12 @@
 # notification first: its event's body is read once from HGET <stream>:bodies <event> and
 # kept in a small per-event cache (Bodies), so handle sees the same fields in either layout.
 #
+# With --cluster the streams are read from a Redis Cluster (redis-rb's cluster mode, seeded
+# by --host/--port) under queue format 3's keys <prefix>:{<tag>}:stream:<n>, <tag> being the
+# shard's hash tag (shard_tag below, as docs/redis-cluster.md defines it). The streams and
+# marks live on different nodes, so each stream is read on its own and the marks are set one
+# command each rather than pipelined.
+#
 # Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 # per handled notification (the payload parsed); replace handle with your own work.
 #
@@ -71,13 +77,30 @@ class Bodies
   end
 end
 
+# Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
+# max(1, 16384 / (8 shards)) of the shard's centre slot (docs/redis-cluster.md).
+def shard_tag(n, shards)
+  centre = (2 * n + 1) * 16_384 / (2 * shards)
+  half = [1, 16_384 / (8 * shards)].max
+  k = 0
+  k += 1 while (Redis::Cluster::KeySlotConverter.convert("#{n}.#{k}") - centre).abs > half
+  "#{n}.#{k}"
+end
+
 class Consumer
   attr_reader :handled
 
   def initialize(opts)
     @o = opts
-    @r = Redis.new(host: opts[:host], port: opts[:port], password: opts[:password])
-    @keys = (0...opts[:shards]).map { |n| "#{opts[:prefix]}:stream:#{n}" }
+    if opts[:cluster]
+      @r = Redis.new(cluster: ["redis://#{opts[:host]}:#{opts[:port]}"], password: opts[:password])
+      @keys = (0...opts[:shards]).map do |n|
+        "#{opts[:prefix]}:{#{shard_tag(n, opts[:shards])}}:stream:#{n}"
+      end
+    else
+      @r = Redis.new(host: opts[:host], port: opts[:port], password: opts[:password])
+      @keys = (0...opts[:shards]).map { |n| "#{opts[:prefix]}:stream:#{n}" }
+    end
     @handled = 0
     @claim = "claim:#{opts[:consumer]}"
     @bodies = Bodies.new(@r)
@@ -107,11 +130,9 @@ class Consumer
 
     entries = @bodies.full(key, entries)
     live = entries.select { |_, f| f && f['id'] }
-    claimed = @r.pipelined do |pipe| # claim: one consumer at a time handles a notification
-      live.each { |_, f| pipe.set(seen_key(f['id']), @claim, nx: true, px: @o[:min_idle_ms]) }
-    end
+    claimed = claim_marks(live) # claim: one consumer at a time handles a notification
     others = live.zip(claimed).reject { |_, ok| ok }.map { |(_, f), _| f['id'] }
-    marks = others.empty? ? {} : others.zip(@r.mget(*others.map { |i| seen_key(i) })).to_h
+    marks = others.empty? ? {} : others.zip(read_marks(others)).to_h
     ack = []
     done_here = 0
     entries.each do |id, f|
@@ -130,6 +151,20 @@ class Consumer
       ack << id
     end
     @r.xack(key, @o[:group], *ack) unless ack.empty?
+  end
+
+  # On a cluster the marks are in many slots: one command each.
+  def claim_marks(live)
+    set = ->(r, f) { r.set(seen_key(f['id']), @claim, nx: true, px: @o[:min_idle_ms]) }
+    return live.map { |_, f| set.call(@r, f) } if @o[:cluster]
+
+    @r.pipelined { |pipe| live.each { |_, f| set.call(pipe, f) } }
+  end
+
+  def read_marks(ids)
+    return ids.map { |i| @r.get(seen_key(i)) } if @o[:cluster]
+
+    @r.mget(*ids.map { |i| seen_key(i) })
   end
 
   # Test aid: a crash while holding unacknowledged entries (see --stall-after).
@@ -165,10 +200,25 @@ class Consumer
         last_sweep = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       end
       block = [@o[:block_ms], (every * 1000).to_i].min.clamp(1, nil)
-      got = @r.xreadgroup(@o[:group], @o[:consumer], @keys, ['>'] * @keys.size,
-                          count: @o[:count], block: block)
+      got = read(block)
       got.each { |key, entries| process(key, entries) }
     end
+  end
+
+  private
+
+  def read(block)
+    unless @o[:cluster]
+      return @r.xreadgroup(@o[:group], @o[:consumer], @keys, ['>'] * @keys.size,
+                           count: @o[:count], block: block)
+    end
+
+    got = {} # one stream per read: they are in different slots
+    @keys.each do |key|
+      got.merge!(@r.xreadgroup(@o[:group], @o[:consumer], key, '>', count: @o[:count]))
+    end
+    sleep(block / 1000.0) if got.empty?
+    got
   end
 end
 
@@ -179,6 +229,7 @@ parser = OptionParser.new do |p|
   p.on('--host H') { |v| opts[:host] = v }
   p.on('--port N', Integer) { |v| opts[:port] = v }
   p.on('--password P') { |v| opts[:password] = v }
+  p.on('--cluster', 'read from a Redis Cluster (--host/--port: any node of it)') { opts[:cluster] = true }
   p.on('--prefix P', 'FANOUT_KEY_PREFIX') { |v| opts[:prefix] = v }
   p.on('--shards N', Integer, 'FANOUT_SHARDS') { |v| opts[:shards] = v }
   p.on('--group G') { |v| opts[:group] = v }
