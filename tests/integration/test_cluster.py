@@ -262,6 +262,41 @@ def ruby_redis_rb_cluster_consumer_reads_everything_once(s):
 
 
 @suite.test(servers=CLUSTER)
+def backpressure_pauses_until_consumers_catch_up(s):
+    """The backlog script runs per shard stream on its own node; the largest backlog pauses
+    the fan-out and a consumer catching up resumes it."""
+    n = 20000
+    s.seed_followers(10, n)
+    r = s.redis
+    keys = [cluster_stream_key_of(n_) for n_ in range(SHARDS)]
+    for k in keys:
+        r.xgroup_create(k, "app", id="0", mkstream=True)
+    d = s.start_daemon(FANOUT_PAGE_SIZE=200, FANOUT_BACKLOG_HIGH=300, FANOUT_BACKLOG_LOW=50,
+                       FANOUT_BACKLOG_CHECK_MS=50)
+    ev = s.publish(10)
+    d.wait_log("pausing fan-out", timeout=30)
+    time.sleep(0.5)
+    written = job_progress(s, ev)
+    assert 0 < written < n, written
+    time.sleep(0.5)
+    assert job_progress(s, ev) == written, "wrote while paused"
+    deadline = time.monotonic() + 120
+    while s.job_states(ev) != {"done": 1}:
+        assert time.monotonic() < deadline, s.daemon_logs()
+        for k in keys:
+            for key, entries in r.xreadgroup("app", "c1", {k: ">"}, count=1000) or []:
+                if entries:
+                    r.xack(key, "app", *[e[0] for e in entries])
+        time.sleep(0.01)
+    assert "resuming fan-out" in d.log()
+    assert_exactly_once(s, ev, range(1, n + 1))
+
+
+def cluster_stream_key_of(n):
+    return "fanout:{%s}:stream:%d" % (shard_tag(n, SHARDS), n)
+
+
+@suite.test(servers=CLUSTER)
 def fanoutctl_redis_commands_refuse_a_cluster(s):
     for args in (["trim"], ["consume", "--group", "g", "--consumer", "c1"]):
         r = s.fanoutctl(*args)
