@@ -15,6 +15,12 @@ The payload is --payload-bytes long (default 100) as PostgreSQL's jsonb renders 
 It prints a table with the ratio "end to end / Redis ceiling" and, with --results, writes
 bench/results/<name>.md (and a gnuplot PNG when several N were run).
 
+--cluster K[,K...] then runs the same N on a Redis Cluster of K primaries (no replicas) in the
+same run: its ceiling is one redis_ceiling per primary at once, each writing the shards that
+primary owns under queue format 3's keys; the fan-out is fanoutd with FANOUT_REDIS_CLUSTER,
+verified by one stream_check per primary (docs/redis-cluster.md). The report compares each
+cluster's end to end with the single node's and with the cluster's own ceiling.
+
 Servers: throwaway ones (tests/integration/harness.py) unless FANOUT_PG_DSN or PGHOST is set
 (then FANOUT_REDIS_HOST/PORT/PASSWORD name Redis): see bench/README section in README.md.
 """
@@ -658,6 +664,130 @@ def layout_table(results, payload_bytes):
 
 
 # ------------------------------------------------------------------------------------------
+# Redis Cluster (--cluster K)
+# ------------------------------------------------------------------------------------------
+
+def run_per_primary(cmds):
+    """Starts one command per primary at once; returns their outputs (raises on a failure)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    outs = []
+    for c, pr in zip(cmds, procs):
+        out, err = pr.communicate()
+        if pr.returncode != 0:
+            raise BenchError("%s failed: %s" % (os.path.basename(c[0]), err.strip()))
+        outs.append(out)
+    return outs
+
+
+def bench_cluster(args, n, primaries, runs):
+    """N followers on a K-primary cluster: ceiling, fan-out runs, verification."""
+    s = harness.Servers(pg_settings={"shared_preload_libraries": "pg_stat_statements"},
+                        cluster=True, cluster_primaries=primaries, cluster_replicas=0)
+    with s:
+        b = Bench(s, args)
+        log("\n== %s followers on a Redis Cluster of %d primaries: seeding" % (fmt_int(n),
+                                                                            primaries))
+        seed_s = b.seed(n, 1, int(n * args.noise))
+        cl = s.cluster
+        shards = b.shards
+
+        def keys(prefix):
+            return ["%s:{%s}:stream:%d" % (prefix, harness.shard_tag(i, shards), i)
+                    for i in range(shards)]
+
+        owner = [cl.owner(cl.key_slot(k)) for k in keys(s.key_prefix)]
+        nodes = sorted(set(owner))
+
+        def node_keys(prefix, node):
+            return ",".join(k if owner[i] == node else "-" for i, k in enumerate(keys(prefix)))
+
+        def unlink_all(prefix):
+            for k in keys(prefix):
+                s.redis.unlink(k)
+
+        ceil, fan = [], []
+        for run in range(runs):
+            unlink_all(CEILING_PREFIX)
+            outs = run_per_primary([
+                [REDIS_CEILING, "--port", str(node), "--shards", str(shards), "--n", str(n),
+                 "--event", "1", "--author", str(b.author(0)), "--kind", "post",
+                 "--payload", PAYLOAD, "--created-at", "2026-01-01T00:00:00.000000Z",
+                 "--keys", node_keys(CEILING_PREFIX, node)] for node in nodes])
+            secs = max(float(re.search(r"seconds=([0-9.]+)", o).group(1)) for o in outs)
+            wrote = sum(int(re.search(r"entries=(\d+)", o).group(1)) for o in outs)
+            if wrote != n:
+                raise BenchError("cluster ceiling wrote %d entries, not %d" % (wrote, n))
+            unlink_all(CEILING_PREFIX)
+            ceil.append(secs)
+            unlink_all(s.key_prefix)
+            first_start = b.daemon is None
+            d = b.ensure_daemon()
+            if first_start:
+                time.sleep(1)  # the router reads the slot map and loads the scripts
+            t = cl.client(nodes[0]).time()
+            start_ms = t[0] * 1000 + t[1] // 1000 - 1
+            cpu0 = proc_cpu_s(d.pid)
+            ev = s.publish(b.author(0), kind="post", payload=PAYLOAD)
+            b.wait_done([ev], timeout=3600)
+            cpu = proc_cpu_s(d.pid) - cpu0
+            tot = {"entries": 0, "distinct": 0, "duplicates": 0, "outside": 0,
+                   "first_ms": None, "last_ms": 0}
+            for out in run_per_primary([
+                    [STREAM_CHECK, "127.0.0.1", str(node), "keys=" + node_keys(s.key_prefix, node),
+                     str(shards), str(start_ms), "%d:1:%d" % (ev, n)] for node in nodes]):
+                for line in out.splitlines():
+                    g = dict(kv.split("=", 1) for kv in line.split())
+                    if int(g["event"]) != ev:
+                        continue
+                    for k in ("entries", "distinct", "duplicates", "outside"):
+                        tot[k] += int(g.get(k, 0))
+                    if int(g["entries"]):
+                        f = int(g["first_ms"])
+                        tot["first_ms"] = f if tot["first_ms"] is None else min(tot["first_ms"], f)
+                        tot["last_ms"] = max(tot["last_ms"], int(g["last_ms"]))
+            if not (tot["entries"] == n == tot["distinct"] and tot["duplicates"] == 0
+                    and tot["outside"] == 0):
+                raise BenchError("VERIFICATION FAILED on the cluster: %s (expected %d)"
+                                 % (tot, n))
+            t_pub = b.created_ms([ev])[ev]
+            e2e = (tot["last_ms"] - t_pub) / 1000.0
+            fan.append({"e2e_s": e2e, "first_s": (tot["first_ms"] - t_pub) / 1000.0,
+                        "cpu_s": cpu, "rss_kib": proc_hwm_kib(d.pid)})
+            log("   run %d: cluster ceiling %.3f s | fan-out %.3f s (%.2f x ceiling), fanoutd"
+                " CPU %.2f s, RSS %.1f MiB; verified %s entries, all distinct" % (
+                    run + 1, secs, e2e, e2e / secs, cpu, fan[-1]["rss_kib"] / 1024.0,
+                    fmt_int(n)))
+        if b.daemon is not None:
+            rc = b.daemon.stop(timeout=30)
+            if rc != 0:
+                raise BenchError("fanoutd exited with %d on SIGTERM; log:\n%s"
+                                 % (rc, b.daemon.log_tail()))
+    res = {"primaries": primaries, "n": n, "runs": runs, "seed_s": seed_s,
+           "ceilings": ceil, "e2es": [f["e2e_s"] for f in fan],
+           "ceiling_s": median(ceil), "e2e_s": median([f["e2e_s"] for f in fan]),
+           "cpu_s": median([f["cpu_s"] for f in fan]),
+           "rss_kib": max(f["rss_kib"] for f in fan)}
+    res["ratio"] = res["e2e_s"] / res["ceiling_s"] if res["ceiling_s"] else float("inf")
+    return res
+
+
+def cluster_table(single, clusters):
+    rows = ["| Redis | followers | ceiling | end to end | e2e / own ceiling | e2e / single"
+            " node's | fanoutd CPU | fanoutd peak RSS |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| single node | %s | %.3f s | %.3f s | %.2f | 1.00 | %.2f s | %.1f MiB |" % (
+                fmt_int(single["n"]), single["ceiling_s"], single["e2e_s"], single["ratio"],
+                single["cpu_s"], single["rss_kib"] / 1024.0)]
+    for c in clusters:
+        rows.append("| cluster, %d primaries | %s | %.3f s | %.3f s | %.2f | %.2f | %.2f s |"
+                    " %.1f MiB |" % (c["primaries"], fmt_int(c["n"]), c["ceiling_s"],
+                                     c["e2e_s"], c["ratio"], c["e2e_s"] / single["e2e_s"],
+                                     c["cpu_s"], c["rss_kib"] / 1024.0))
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------
 
@@ -783,7 +913,7 @@ def pg_raw(pg):
                                               pg["page_rows"], pg["page_buffers"]))
 
 
-def write_results(name, results, m, v, args, chart):
+def write_results(name, results, m, v, args, chart, clusters=()):
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", name + ".md")
     fair = [r for r in results if "small" in r["fan"]]
@@ -834,6 +964,18 @@ def write_results(name, results, m, v, args, chart):
                         ", ".join("%.3f" % x for x in r["ceilings"]),
                         ", ".join("%.3f" % x for x in r["e2es"]), r["cpu_s"],
                         pg_raw(r["fan"]["pg"])))
+        if clusters:
+            f.write("\n## Redis Cluster\n\nThe same N in the same run on Redis Clusters of K"
+                    " primaries without replicas (AOF on, appendfsync everysec), all on this"
+                    " machine. A cluster's ceiling is one `redis_ceiling` per primary at once,"
+                    " each writing the shards that primary owns (queue format 3's keys);"
+                    " verified by one `stream_check` per primary.\n\n")
+            f.write(cluster_table(results[0], clusters) + "\n\n")
+            for c in clusters:
+                f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s s\n"
+                        % (c["primaries"], c["seed_s"], ", ".join("%.3f" % x for x in
+                                                                  c["ceilings"]),
+                           ", ".join("%.3f" % x for x in c["e2es"])))
         f.write("\nReproduce: `%s`\n" % args.command_line)
     return path
 
@@ -919,6 +1061,9 @@ def parse_args(argv):
     ap.add_argument("--layouts", default="compact,full", metavar="L[,L]",
                     help="stream layouts to run, in the same run (FANOUT_STREAM_ENTRIES;"
                     " default compact,full; the first stands for the size in the main table)")
+    ap.add_argument("--cluster", default="", metavar="K[,K...]",
+                    help="also run N on a Redis Cluster of K primaries (no replicas), in the"
+                    " same run, against that cluster's own ceiling")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="fanoutd setting for the run, e.g. --set PAGE_SIZE=5000")
     args = ap.parse_args(argv)
@@ -936,6 +1081,14 @@ def parse_args(argv):
             ap.error("--set takes NAME=VALUE, got %r" % kv)
         k = k.upper()
         args.daemon_env[k if k.startswith("FANOUT_") else "FANOUT_" + k] = v
+    try:
+        args.clusters = [int(k) for k in args.cluster.split(",") if k]
+    except ValueError:
+        ap.error("--cluster takes primary counts, e.g. --cluster 2,3")
+    if any(k < 1 or k > 8 for k in args.clusters) or (args.clusters and (
+            args.sweep or args.authors > 1 or args.steady)):
+        ap.error("--cluster takes 1 to 8 primaries, with one author (no --sweep, --authors,"
+                 " --steady)")
     args.command_line = " ".join(["bench/loadtest"] + list(argv))
     return args
 
@@ -986,11 +1139,16 @@ def main(argv):
             results.append(bench_size(s, args, n, mode))
         t_sweep[(n, mode)] = time.monotonic() - t0
     print_report(results, m, v)
+    clusters = [bench_cluster(args, args.followers, k, results[0]["runs"])
+                for k in args.clusters]
+    if clusters:
+        print()
+        print(cluster_table(results[0], clusters))
     name = args.results or (None if not args.sweep else "%s-%dcore" % (
         datetime.date.today().isoformat(), m["cores"]))
     if name:
         png = None if args.no_chart else chart(name, results)
-        path = write_results(name, results, m, v, args, png)
+        path = write_results(name, results, m, v, args, png, clusters)
         log("\nwrote %s%s" % (os.path.relpath(path), "" if not png else
                               " and " + os.path.relpath(png)))
     return 0

@@ -16,6 +16,11 @@
  *     that does what fanoutd's page script does per entry (one redis.call('XADD') each) but
  *     without its fencing and progress mark. It shows what Lua itself costs per entry.
  *
+ * --keys K0,K1,... (plain mode) names the shard streams instead of <prefix>:stream:<n>, one
+ * per shard; "-" skips the recipients of that shard. bench/loadtest --cluster runs one process
+ * per cluster primary, each given the keys (queue format 3's, with hash tags) of the shards
+ * that primary owns, all at once: together they are the cluster's ceiling.
+ *
  * It blocks (plain hiredis, one connection): it is a measuring tool, not part of fanoutd.
  * Output: one line "entries=<n> seconds=<s> mode=<m>". Exit 1 with a one-line message on any
  * error, including an error reply to any command.
@@ -46,8 +51,9 @@ static const char lua_page[] =
 
 typedef struct opts {
     const char *host, *prefix, *event, *author, *kind, *payload, *created_at, *password;
-    int port, shards, depth, lua_page;
+    int port, shards, depth, lua_page, nkeys;
     int64_t first, n;
+    char **keys; /* --keys: per shard its stream, or "-" (not here); NULL: <prefix>:stream:<n> */
 } opts_t;
 
 static void die(const char *what, const char *detail)
@@ -68,7 +74,7 @@ static void usage(void)
     fputs("usage: redis_ceiling --port P --n N [--host 127.0.0.1] [--prefix fanout-ceiling]\n"
           "         [--shards 16] [--first 1] [--depth 10000] [--lua-page 0]\n"
           "         [--event 1] [--author 1] [--kind post] [--payload '{}']\n"
-          "         [--created-at 2026-01-01T00:00:00.000000Z]\n"
+          "         [--created-at 2026-01-01T00:00:00.000000Z] [--keys K0,K1,...|-]\n"
           "  REDIS_PASSWORD in the environment is sent with AUTH.\n",
           stderr);
     exit(2);
@@ -89,13 +95,12 @@ static int64_t num(const char *s, int64_t lo, int64_t hi, const char *name)
 
 static void parse(opts_t *o, int argc, char **argv)
 {
-    static const struct option lo[] = {{"host", 1, 0, 'h'},       {"port", 1, 0, 'p'},
-                                       {"prefix", 1, 0, 'x'},     {"shards", 1, 0, 's'},
-                                       {"first", 1, 0, 'f'},      {"n", 1, 0, 'n'},
-                                       {"depth", 1, 0, 'd'},      {"lua-page", 1, 0, 'l'},
-                                       {"event", 1, 0, 'e'},      {"author", 1, 0, 'a'},
-                                       {"kind", 1, 0, 'k'},       {"payload", 1, 0, 'y'},
-                                       {"created-at", 1, 0, 'c'}, {0, 0, 0, 0}};
+    static const struct option lo[] = {
+        {"host", 1, 0, 'h'},       {"port", 1, 0, 'p'},     {"prefix", 1, 0, 'x'},
+        {"shards", 1, 0, 's'},     {"first", 1, 0, 'f'},    {"n", 1, 0, 'n'},
+        {"depth", 1, 0, 'd'},      {"lua-page", 1, 0, 'l'}, {"event", 1, 0, 'e'},
+        {"author", 1, 0, 'a'},     {"kind", 1, 0, 'k'},     {"payload", 1, 0, 'y'},
+        {"created-at", 1, 0, 'c'}, {"keys", 1, 0, 'K'},     {0, 0, 0, 0}};
     *o = (opts_t){.host = "127.0.0.1",
                   .prefix = "fanout-ceiling",
                   .event = "1",
@@ -134,6 +139,20 @@ static void parse(opts_t *o, int argc, char **argv)
         case 'l':
             o->lua_page = (int)num(optarg, 0, 100000, "lua-page");
             break;
+        case 'K': {
+            size_t n = 1;
+            for (const char *q = optarg; *q; q++)
+                n += *q == ',';
+            o->keys = calloc(n + 1, sizeof *o->keys);
+            if (!o->keys)
+                die("out of memory", NULL);
+            char *save = NULL;
+            size_t i = 0;
+            for (char *t = strtok_r(optarg, ",", &save); t; t = strtok_r(NULL, ",", &save))
+                o->keys[i++] = t;
+            o->nkeys = (int)i;
+            break;
+        }
         case 'e':
             o->event = optarg;
             break;
@@ -177,10 +196,17 @@ static void flush_out(redisContext *c)
             die("write failed", c->errstr);
 }
 
-static void append_xadd(redisContext *c, const opts_t *o, int64_t rcpt)
+/* Returns 0 when the recipient's shard is not written here (--keys "-"). */
+static int append_xadd(redisContext *c, const opts_t *o, int64_t rcpt)
 {
     char key[256], id[64], r[24];
-    snprintf(key, sizeof key, "%s:stream:%d", o->prefix, (int)(rcpt % o->shards));
+    int shard = (int)(rcpt % o->shards);
+    if (o->keys && strcmp(o->keys[shard], "-") == 0)
+        return 0;
+    if (o->keys)
+        snprintf(key, sizeof key, "%s", o->keys[shard]);
+    else
+        snprintf(key, sizeof key, "%s:stream:%d", o->prefix, shard);
     snprintf(id, sizeof id, "%s:%" PRId64, o->event, rcpt);
     snprintf(r, sizeof r, "%" PRId64, rcpt);
     const char *argv[] = {"XADD",     key,          "*",          "id", id,     "event", o->event,
@@ -190,6 +216,7 @@ static void append_xadd(redisContext *c, const opts_t *o, int64_t rcpt)
     for (size_t i = 0; i < sizeof argv / sizeof *argv; i++)
         len[i] = strlen(argv[i]);
     redisAppendCommandArgv(c, (int)(sizeof argv / sizeof *argv), argv, len);
+    return 1;
 }
 
 /* One page [from, from+k) as one EVALSHA, ids grouped by shard like fanoutd's encoder. */
@@ -240,6 +267,8 @@ int main(int argc, char **argv)
 {
     opts_t o;
     parse(&o, argc, argv);
+    if (o.keys && (o.lua_page || o.nkeys != o.shards))
+        die("--keys takes one key (or -) per shard, and plain mode only", NULL);
     redisContext *c = redisConnect(o.host, o.port);
     if (!c || c->err)
         die("cannot connect", c ? c->errstr : "out of memory");
@@ -262,26 +291,28 @@ int main(int argc, char **argv)
     int64_t units = (o.n + per - 1) / per;
     int64_t batch = o.lua_page ? (o.depth + per - 1) / per : o.depth;
     double t0 = now_s();
-    int64_t sent = 0, replied = 0;
-    while (replied < units) {
+    int64_t sent = 0, appended = 0, replied = 0;
+    while (sent < units || replied < appended) {
         int64_t end = sent + batch < units ? sent + batch : units;
+        int64_t before = appended;
         for (; sent < end; sent++) {
             int64_t from = o.first + sent * per;
             if (o.lua_page) {
                 int64_t k = o.first + o.n - from < per ? o.first + o.n - from : per;
                 append_page(c, &o, sha, from, k);
+                appended++;
             } else {
-                append_xadd(c, &o, from);
+                appended += append_xadd(c, &o, from);
             }
         }
         flush_out(c);
         /* Keep one batch in flight while the next one is built and sent. */
-        int64_t keep = sent < units ? batch : 0;
-        for (; replied < sent - keep; replied++)
+        int64_t keep = sent < units ? appended - before : 0;
+        for (; replied < appended - keep; replied++)
             check_reply(c);
     }
     double secs = now_s() - t0;
-    printf("entries=%" PRId64 " seconds=%.4f mode=%s\n", o.n, secs,
+    printf("entries=%" PRId64 " seconds=%.4f mode=%s\n", o.lua_page ? o.n : appended, secs,
            o.lua_page ? "lua-page" : "xadd-pipeline");
     redisFree(c);
     return 0;

@@ -8,6 +8,10 @@
  * FIRST .. FIRST+N-1 with a bitmap (N bits): distinct, duplicates and outside. It does this
  * in C because a Python client spends tens of seconds and gigabytes on ten million entries.
  *
+ * PREFIX may instead be keys=K0,K1,... naming the shard streams (bench/loadtest --cluster: the
+ * queue format 3 keys one cluster primary holds); "-" skips a shard. One process per primary,
+ * and the per-event figures add up (the shards are disjoint).
+ *
  * Output, one line per event seen or checked:
  *   event=<id> entries=<c> first_ms=<ms> last_ms=<ms> [distinct=<d> duplicates=<x> outside=<o>]
  * Memory: one record per distinct event in the scanned range plus N/8 bytes per checked event.
@@ -134,6 +138,7 @@ int main(int argc, char **argv)
     if (argc < 6) {
         fputs("usage: stream_check HOST PORT PREFIX SHARDS START_ID [EVENT:FIRST:N ...]\n"
               "  START_ID: an entry id or ms timestamp to scan from ('-' for all);\n"
+              "  PREFIX keys=K0,K1,...: these shard streams instead (- skips one);\n"
               "  REDIS_PASSWORD in the environment is sent with AUTH.\n",
               stderr);
         return 2;
@@ -163,9 +168,20 @@ int main(int argc, char **argv)
             die("AUTH refused", r ? r->str : c->errstr);
         freeReplyObject(r);
     }
+    char *list = strncmp(argv[3], "keys=", 5) == 0 ? argv[3] + 5 : NULL;
+    char *save = NULL, *next = list ? strtok_r(list, ",", &save) : NULL;
     for (int s = 0; s < shards; s++) {
         char key[512];
-        snprintf(key, sizeof key, "%s:stream:%d", argv[3], s);
+        if (list) {
+            if (!next)
+                die("keys= names fewer streams than SHARDS", NULL);
+            snprintf(key, sizeof key, "%s", next);
+            next = strtok_r(NULL, ",", &save);
+            if (strcmp(key, "-") == 0)
+                continue;
+        } else {
+            snprintf(key, sizeof key, "%s:stream:%d", argv[3], s);
+        }
         scan_stream(c, key, argv[5]);
     }
     for (size_t i = 0; i < nstats; i++) {

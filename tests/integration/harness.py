@@ -479,6 +479,10 @@ class RedisCluster:
                 self._start_node(self._free_unused_port())
             for p in self.ports:
                 self._wait_ping(p, timeout)
+            if self.n_primaries < 3:
+                self._assemble_small()  # redis-cli --cluster create wants 3 primaries
+                self.wait_stable(timeout)
+                return self
             cmd = ["redis-cli"] + (["-a", self.password, "--no-auth-warning"]
                                    if self.password else [])
             cmd += ["--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports] + [
@@ -492,6 +496,19 @@ class RedisCluster:
             self.close()
             raise
         return self
+
+    def _assemble_small(self):
+        """One or two primaries (bench/loadtest --cluster 2), no replicas, by hand: equal
+        contiguous slot ranges, distinct config epochs, then CLUSTER MEET."""
+        if self.n_replicas:
+            raise HarnessError("a cluster of fewer than 3 primaries is made without replicas")
+        k = self.n_primaries
+        for i, p in enumerate(self.ports):
+            lo, hi = i * 16384 // k, (i + 1) * 16384 // k - 1
+            self.client(p).execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+            self.client(p).execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+        for p in self.ports[1:]:
+            self.client(self.ports[0]).execute_command("CLUSTER", "MEET", "127.0.0.1", p)
 
     def _free_unused_port(self):
         # The cluster bus listens on port + 10000: both must be free.
@@ -964,12 +981,14 @@ class Servers:
     """
 
     def __init__(self, migrate=True, aof=True, key_prefix="fanout", shards=None,
-                 pg_settings=None, keep=False, cluster=False):
+                 pg_settings=None, keep=False, cluster=False, cluster_primaries=3,
+                 cluster_replicas=1):
         self.keep = keep
         # cluster=True: a RedisCluster (3 primaries + 3 replicas) instead of one redis-server;
         # fanoutd gets FANOUT_REDIS_CLUSTER, stream_keys() are queue format 3's.
         self.cluster = None
         self.want_cluster = cluster
+        self.cluster_shape = (cluster_primaries, cluster_replicas)
         self.migrate_on_start = migrate
         self.pg_settings = dict(pg_settings or {})
         self.aof = aof
@@ -1009,7 +1028,8 @@ class Servers:
         try:
             self._start_pg()
             if self.want_cluster:
-                self.cluster = RedisCluster(aof=self.aof, root=self.dir).start()
+                self.cluster = RedisCluster(self.cluster_shape[0], self.cluster_shape[1],
+                                            aof=self.aof, root=self.dir).start()
                 self.redis_port = self.cluster.primaries()[0]
             else:
                 self._start_redis()
