@@ -670,6 +670,7 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
 {
     if (cfg->redis_cluster && *cfg->redis_cluster) {
         ntf_client_t *c = fo_xcalloc(1, sizeof *c);
+        c->cfg = cfg; /* ntf__client_cfg: the other notifier files read settings through it */
         c->cw = ntf__cw_new(loop, cfg, c, on_state, data);
         if (!c->cw) {
             free(c);

@@ -171,6 +171,12 @@ const char *ntf__cw_stream_key(const ntf_cw_t *cw, int shard)
     return shard >= 0 && shard < cw->shards ? cw->stream_key[shard] : NULL;
 }
 
+int ntf__cw_command(ntf_cw_t *cw, const char *key, int argc, const char **argv,
+                    const size_t *argvlen, ntf_raw_cb cb, void *data)
+{
+    return ntf__cluster_command(cw->cl, key, strlen(key), 0, argc, argv, argvlen, cb, data);
+}
+
 void ntf__cw_stats(const ntf_cw_t *cw, ntf_cluster_stats_t *out)
 {
     ntf__cluster_stats(cw->cl, out);

@@ -153,6 +153,11 @@ ntf_cw_t *ntf__client_cw(const ntf_client_t *c);
 /* Shard n's stream key, <prefix>:{<tag n>}:stream:<n>; NULL for a bad shard. */
 const char *ntf__cw_stream_key(const ntf_cw_t *cw, int shard);
 
+/* Any command routed by key (its slot), for the notifier's other files (retention.c):
+ * ntf__cluster_command's contract. */
+int ntf__cw_command(ntf_cw_t *cw, const char *key, int argc, const char **argv,
+                    const size_t *argvlen, ntf_raw_cb cb, void *data);
+
 /* What the router met (MOVED, ASK, ...). */
 void ntf__cw_stats(const ntf_cw_t *cw, ntf_cluster_stats_t *out);
 

@@ -4,6 +4,7 @@
  * one call in flight at a time, so retention never crowds the page writes.
  */
 #include "common/common.h"
+#include "notifier/ntf_cluster_int.h"
 #include "notifier/ntf_int.h"
 
 #include <stdio.h>
@@ -56,7 +57,10 @@ int ntf_retain(ntf_client_t *c, int shard, ntf_retention_cb cb, void *data)
     const cfg_t *cfg = ntf__client_cfg(c);
     if (shard < 0 || shard >= cfg->shards)
         return FO_EINVAL;
-    char *stream = ntf_stream_key(cfg->key_prefix, shard);
+    /* on a cluster the shard's stream carries its hash tag, and so do its bodies and refs */
+    ntf_cw_t *cw = ntf__client_cw(c);
+    char *stream =
+        cw ? fo_xstrdup(ntf__cw_stream_key(cw, shard)) : ntf_stream_key(cfg->key_prefix, shard);
     char *bodies = fo_xasprintf("%s:bodies", stream), *refs = fo_xasprintf("%s:refs", stream);
     char age[24], len[24], grace[24], limit[24];
     snprintf(age, sizeof age, "%lld", cfg->retention_max_age_s);
@@ -70,7 +74,8 @@ int ntf_retain(ntf_client_t *c, int shard, ntf_retention_cb cb, void *data)
         argvlen[i] = strlen(argv[i]);
     retain_req_t *q = fo_xmalloc(sizeof *q);
     *q = (retain_req_t){c, cb, data};
-    int rc = ntf__command(c, 10, argv, argvlen, on_retain, q);
+    int rc = cw ? ntf__cw_command(cw, stream, 10, argv, argvlen, on_retain, q)
+                : ntf__command(c, 10, argv, argvlen, on_retain, q);
     if (rc < 0)
         free(q);
     free(stream);

@@ -280,16 +280,26 @@ def backpressure_pauses_until_consumers_catch_up(s):
     assert 0 < written < n, written
     time.sleep(0.5)
     assert job_progress(s, ev) == written, "wrote while paused"
+    # The consumer reads and acknowledges; fanoutd's retention (per shard, on the shard's
+    # node) may trim what it acknowledged, so what it read is what is counted.
+    seen = collections.Counter()
     deadline = time.monotonic() + 120
-    while s.job_states(ev) != {"done": 1}:
-        assert time.monotonic() < deadline, s.daemon_logs()
+    while True:
+        done = s.job_states(ev) == {"done": 1}
+        got = 0
         for k in keys:
             for key, entries in r.xreadgroup("app", "c1", {k: ">"}, count=1000) or []:
                 if entries:
+                    got += len(entries)
+                    seen.update(int(f["recipient"]) for _, f in entries)
                     r.xack(key, "app", *[e[0] for e in entries])
+        if done and not got:
+            break
+        assert time.monotonic() < deadline, s.daemon_logs()
         time.sleep(0.01)
     assert "resuming fan-out" in d.log()
-    assert_exactly_once(s, ev, range(1, n + 1))
+    assert set(seen) == set(range(1, n + 1)) and max(seen.values()) == 1, (
+        len(seen), [x for x, c in seen.items() if c > 1][:5])
 
 
 def cluster_stream_key_of(n):
