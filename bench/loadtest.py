@@ -921,7 +921,7 @@ def pg_raw(pg):
                                               pg["page_rows"], pg["page_buffers"]))
 
 
-def write_results(name, results, m, v, args, chart, clusters=()):
+def write_results(name, results, m, v, args, chart, clusters=(), cluster_png=None):
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", name + ".md")
     fair = [r for r in results if "small" in r["fan"]]
@@ -976,9 +976,12 @@ def write_results(name, results, m, v, args, chart, clusters=()):
             f.write("\n## Redis Cluster\n\nThe same N in the same run on Redis Clusters of K"
                     " primaries without replicas (AOF on, appendfsync everysec), all on this"
                     " machine. A cluster's ceiling is one `redis_ceiling` per primary at once,"
-                    " each writing the shards that primary owns (queue format 3's keys);"
+                    " each writing the shards that primary owns (the cluster key layout);"
                     " verified by one `stream_check` per primary.\n\n")
             f.write(cluster_table(results[0], clusters) + "\n\n")
+            if cluster_png:
+                f.write("![end to end and ceiling, single node and clusters](%s)\n\n"
+                        % os.path.basename(cluster_png))
             for c in clusters:
                 f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s s\n"
                         % (c["primaries"], c["seed_s"], ", ".join("%.3f" % x for x in
@@ -986,6 +989,41 @@ def write_results(name, results, m, v, args, chart, clusters=()):
                            ", ".join("%.3f" % x for x in c["e2es"])))
         f.write("\nReproduce: `%s`\n" % args.command_line)
     return path
+
+
+def cluster_chart(name, single_res, clusters):
+    """Bars per setup: end to end and its own ceiling (seconds), single node vs clusters."""
+    if not clusters or not shutil.which("gnuplot"):
+        return None
+    single = single_res["layouts"].get("full", single_res) if "layouts" in single_res \
+        else single_res
+    rows = [("single", single["e2e_s"], single_res["ceiling_s"])]
+    rows += [("cluster-%d" % c["primaries"], c["e2e_s"], c["ceiling_s"]) for c in clusters]
+    data = os.path.join(HERE, "results", name + "-cluster.dat")
+    png = os.path.join(HERE, "results", name + "-cluster.png")
+    with open(data, "w") as f:
+        for label, e2e, ceil in rows:
+            f.write("%s %.4f %.4f\n" % (label, e2e, ceil))
+    script = """
+set terminal pngcairo size 900,540 font ",10" noenhanced
+set output '%s'
+set title 'fanout: %s followers, single Redis vs Redis Cluster (full entries, same run)'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set ylabel 'seconds'
+set yrange [0:*]
+set grid ytics
+set key top right
+plot '%s' using 2:xtic(1) title 'fanoutd: publish to last notification', \\
+     '' using 3 title 'ceiling (XADD pipelines, one per primary at once)'
+""" % (png, fmt_int(single_res["n"]), data)
+    r = subprocess.run(["gnuplot"], input=script, text=True, capture_output=True)
+    os.unlink(data)
+    if r.returncode != 0:
+        log("gnuplot failed: %s" % r.stderr.strip())
+        return None
+    return png
 
 
 def chart(name, results):
@@ -1156,7 +1194,8 @@ def main(argv):
         datetime.date.today().isoformat(), m["cores"]))
     if name:
         png = None if args.no_chart else chart(name, results)
-        path = write_results(name, results, m, v, args, png, clusters)
+        cpng = None if args.no_chart else cluster_chart(name, results[0], clusters)
+        path = write_results(name, results, m, v, args, png, clusters, cpng)
         log("\nwrote %s%s" % (os.path.relpath(path), "" if not png else
                               " and " + os.path.relpath(png)))
     return 0
