@@ -164,6 +164,15 @@ void fo_log(fo_log_level_t level, const char *msg, const char *kv_fmt, ...)
             level_names[level], qmsg, kv[0] ? " " : "", kv);
 }
 
+int fo_log_repeat_due(unsigned n)
+{
+    if (n == 0)
+        return 0;
+    if (n <= FO_LOG_REPEAT_EVERY)
+        return (n & (n - 1)) == 0;
+    return n % FO_LOG_REPEAT_EVERY == 0;
+}
+
 uint64_t fo_now_ms(void)
 {
     struct timespec ts;

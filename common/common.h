@@ -74,6 +74,16 @@ const char *fo_log_quote(char *buf, size_t size, const char *s);
  * from the loop, after the object released everything; data is the caller's. */
 typedef void (*fo_closed_cb)(void *data);
 
+/*
+ * The one throttle of repeated failure lines (a server unreachable, a password refused), for
+ * PostgreSQL and Redis alike: failure n (1-based) of an unbroken run is logged when
+ * fo_log_repeat_due(n), i.e. on 1, 2, 4, 8, 16, 32, 64 and then on every 64th, so an outage
+ * costs a few lines at first and then one per 64 attempts (minutes, with the reconnect
+ * backoff), never one per retry. Lines logged this way carry attempts=n.
+ */
+enum { FO_LOG_REPEAT_EVERY = 64 };
+int fo_log_repeat_due(unsigned n);
+
 /* Milliseconds from an arbitrary fixed point (CLOCK_MONOTONIC). */
 uint64_t fo_now_ms(void);
 

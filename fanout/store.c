@@ -525,7 +525,7 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
         uint64_t wait = 1000u << k;
         s->claim_retry_at =
             fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
-        if (s->claim_refusals++ % 30 == 0) {
+        if (fo_log_repeat_due(++s->claim_refusals)) { /* the common throttle */
             char what[512];
             fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
             fo_log(FO_LOG_ERROR, fix, "op=claim error=%s refusals=%u", what, s->claim_refusals);

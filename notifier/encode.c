@@ -262,6 +262,10 @@ static char *put_layout_tail(ntf_enc_t *e, char *pos, const ntf_layout_t *lay)
     pos = put_i64(e, pos, lay->inbox_ttl_s);
     put_str(e, lay->sidekiq_queue);
     put_str(e, lay->sidekiq_class);
+    if (lay->sidekiq_retry == CFG_RETRY_FALSE) {
+        put_ref(e, "false", 5); /* spliced into the job's JSON as its retry field */
+        return pos;
+    }
     return put_i64(e, pos, lay->sidekiq_retry);
 }
 

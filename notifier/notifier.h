@@ -47,11 +47,12 @@ typedef struct ntf_client ntf_client_t;
 typedef void (*ntf_state_cb)(ntf_client_t *c, int up, void *data);
 
 /*
- * Creates a client on `loop` for cfg's redis_host, redis_port, redis_password, key_prefix,
- * shards and reconnect_max_ms, and starts connecting at once. cfg must outlive the client.
- * on_state may run only from the loop, never before this returns.
- * Returns NULL, after logging why, if redis_host is not an IP address (hiredis would
- * resolve a name with a blocking getaddrinfo) or shards < 1.
+ * Creates a client on `loop` for cfg's redis_socket, or redis_host (a name is resolved with
+ * uv_getaddrinfo, off the loop, before every connect) and redis_port; redis_user,
+ * redis_password, redis_db, key_prefix, shards and reconnect_max_ms, and starts connecting
+ * at once. cfg must outlive the client. on_state may run only from the loop, never before
+ * this returns. Returns NULL, after logging why, if neither host nor socket is set or
+ * shards < 1.
  */
 ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state, void *data);
 
