@@ -67,9 +67,10 @@ static void send_status(app_t *a, int force)
     met_t *m = fod_daemon_metrics(a->daemon);
     char msg[256];
     snprintf(msg, sizeof msg,
-             "STATUS=%s: jobs running %" PRId64 ", jobs done %llu, notifications %llu",
+             "STATUS=%s: jobs running %" PRId64 ", events done %lld, notifications %llu",
              m->ready ? "ready" : "waiting for PostgreSQL and Redis", m->jobs_running,
-             (unsigned long long)m->events_done, (unsigned long long)m->notifications);
+             /* whole events: a split event counts once all its parts are done here */
+             (long long)(m->events_done + 1e-9), (unsigned long long)m->notifications);
     if (!force && strcmp(msg, a->last_status) == 0)
         return;
     snprintf(a->last_status, sizeof a->last_status, "%s", msg);

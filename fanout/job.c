@@ -343,7 +343,6 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
     fod_job_t *j = call->job;
     met_t *m = j->io.metrics;
     if (m && status != FO_ESTOP) {
-        met_hist_observe(&m->page_read, seconds_since(call->sent_ns));
         if (status < 0) {
             m->errors[MET_PG]++;
         } else {

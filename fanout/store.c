@@ -157,7 +157,8 @@ static const char SQL_FINISH[] =
     " WHERE id = $1 AND token = $2 AND state = 'running'"
     " RETURNING extract(epoch FROM finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id"
-    "    AND isfinite(e.created_at)))::float8";
+    "    AND isfinite(e.created_at)))::float8,"
+    " (SELECT count(*) FROM fanout.jobs o WHERE o.event_id = jobs.event_id)";
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
@@ -300,15 +301,18 @@ static void on_rec(int status, const PGresult *res, void *data)
         fo_log_quote(err, sizeof err, r->error);
     int written = atoi(PQcmdTuples((PGresult *)res)) > 0;
     if (written && r->kind == REC_FINISH) {
-        m->events_done++;
+        m->jobs_done++;
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
             met_hist_observe(&m->publish_to_done, atof(PQgetvalue(res, 0, 0)));
+        /* the parts of a split event are all created before any of them runs */
+        long parts = PQntuples(res) == 1 && PQnfields(res) > 1 ? atol(PQgetvalue(res, 0, 1)) : 1;
+        m->events_done += 1.0 / (double)(parts > 0 ? parts : 1);
     } else if (written && r->kind == REC_DEAD) {
-        m->events_dead++;
+        m->jobs_dead++;
     } else if (written && r->kind == REC_FAIL) {
-        m->events_failed++;
+        m->jobs_failed++;
         if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
-            m->events_dead++;
+            m->jobs_dead++;
     }
     if (!written)
         fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
@@ -553,7 +557,7 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
         if (strcmp(PQgetvalue(res, 0, 9), "dead") == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
-            s->metrics->events_dead++;
+            s->metrics->jobs_dead++;
             fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {

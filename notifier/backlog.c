@@ -3,7 +3,8 @@
  * backpressure) and the stream lengths (for metrics).
  *
  * One EVAL over all shard streams (a read-only script, so it runs even when Redis is out of
- * memory) returns the largest per-group backlog and the shard it is in. XINFO GROUPS gives
+ * memory) returns the largest per-group backlog and the shard it is in, then each group's
+ * largest backlog over the shards (name, backlog pairs; groups are few). XINFO GROUPS gives
  * each group's lag (entries not yet delivered to it; Redis 7 reports nil when it cannot
  * tell, after deletions, and then the stream length stands in: an over-estimate is the safe
  * side) and pending (delivered, not acknowledged). Nothing here trims anything.
@@ -17,6 +18,7 @@
 
 static const char backlog_lua[] = "#!lua flags=no-writes\n"
                                   "local worst, shard = 0, -1\n"
+                                  "local per, order = {}, {}\n"
                                   "for i, key in ipairs(KEYS) do\n"
                                   "  if redis.call('EXISTS', key) == 1 then\n"
                                   "    local len = nil\n"
@@ -30,10 +32,20 @@ static const char backlog_lua[] = "#!lua flags=no-writes\n"
                                   "      end\n"
                                   "      local b = lag + (tonumber(f['pending']) or 0)\n"
                                   "      if b > worst then worst, shard = b, i - 1 end\n"
+                                  "      local name = f['name']\n"
+                                  "      if per[name] == nil then\n"
+                                  "        per[name] = b\n"
+                                  "        order[#order + 1] = name\n"
+                                  "      elseif b > per[name] then per[name] = b end\n"
                                   "    end\n"
                                   "  end\n"
                                   "end\n"
-                                  "return {worst, shard}\n";
+                                  "local out = {worst, shard}\n"
+                                  "for _, name in ipairs(order) do\n"
+                                  "  out[#out + 1] = name\n"
+                                  "  out[#out + 1] = per[name]\n"
+                                  "end\n"
+                                  "return out\n";
 
 typedef struct backlog_req {
     ntf_backlog_cb cb;
@@ -42,7 +54,7 @@ typedef struct backlog_req {
 
 int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard)
 {
-    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->elements % 2 != 0 ||
         r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_INTEGER)
         return FO_EREDIS;
     *backlog = r->element[0]->integer;
@@ -61,7 +73,15 @@ static void on_backlog(int status, const redisReply *reply, void *data)
                                                                        : "unexpected reply");
         status = FO_EREDIS;
     }
-    q->cb(status, backlog, shard, q->data);
+    ntf_group_backlog_t groups[NTF_MAX_GROUPS];
+    size_t ngroups = 0;
+    for (size_t i = 2; status == 0 && i + 1 < reply->elements && ngroups < NTF_MAX_GROUPS; i += 2) {
+        const redisReply *name = reply->element[i], *b = reply->element[i + 1];
+        if (name->type != REDIS_REPLY_STRING || b->type != REDIS_REPLY_INTEGER)
+            continue;
+        groups[ngroups++] = (ntf_group_backlog_t){name->str, name->len, b->integer};
+    }
+    q->cb(status, backlog, shard, groups, ngroups, q->data);
     free(q);
 }
 

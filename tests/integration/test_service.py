@@ -8,6 +8,7 @@ name) and point NOTIFY_SOCKET at it, the way systemd does.
 
 import glob
 import http.client
+import json
 import os
 import re
 import shutil
@@ -187,12 +188,14 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         notify.wait_for("READY", "1", daemon=d)
         assert http_get(port, "/healthz")[0::2] == (200, "ready\n")
         before = scrape(port)
-        for name in ("fanout_events_claimed_total", "fanout_events_done_total",
-                     "fanout_events_failed_total", "fanout_events_dead_total",
+        for name in ("fanout_jobs_claimed_total", "fanout_events_done_total",
+                     "fanout_jobs_done_total", "fanout_jobs_failed_total", "fanout_jobs_dead_total",
                      "fanout_notifications_written_total", "fanout_pages_read_total",
                      "fanout_rows_read_total", "fanout_paused_by_backpressure"):
             assert before[name] == 0, (name, before[name])
         assert before["fanout_ready"] == 1
+        assert before['fanout_server_up{server="postgresql"}'] == 1
+        assert before['fanout_server_up{server="redis"}'] == 1
         for server in ("postgresql", "redis"):
             assert 'fanout_reconnects_total{server="%s"}' % server in before
             assert 'fanout_errors_total{server="%s"}' % server in before
@@ -201,7 +204,7 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         ev = s.publish(5)
         # the gate holds the fan-out after the first 5000 followers: the counters stand there
         mid = wait_metric(port, "fanout_notifications_written_total", 5000)
-        assert mid["fanout_events_claimed_total"] == 1
+        assert mid["fanout_jobs_claimed_total"] == 1
         assert mid["fanout_rows_read_total"] == 5000
         assert mid["fanout_pages_read_total"] == 5000 // page
         assert mid["fanout_jobs_running"] == 1
@@ -249,10 +252,12 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         assert end["fanout_rows_read_total"] == delivered
         assert end["fanout_pages_read_total"] == n_followers // page + 1 + 1  # + empty last, ev2
         assert end["fanout_page_read_seconds_count"] == end["fanout_pages_read_total"]
+        assert end["fanout_page_wait_seconds_count"] == end["fanout_pages_read_total"]
         assert end["fanout_redis_write_seconds_count"] >= n_followers // page
         assert end["fanout_publish_to_done_seconds_count"] == 2
         assert end["fanout_publish_to_done_seconds_sum"] > 0
-        assert end["fanout_events_claimed_total"] == 2
+        assert end["fanout_jobs_claimed_total"] == 2
+        assert end["fanout_jobs_done_total"] == 2
         assert end["fanout_jobs_running"] == 0
         assert end["fanout_pages_in_flight"] == 0
         # stream lengths (XLEN on the 5 s timer) add up to what was written
@@ -332,6 +337,80 @@ def metrics_pass_promtool_and_match_the_docs(s):
         documented |= {re.sub(r"\{.*\}", "", n) for n in re.findall(r"`([^`]+)`", row)}
     assert served == documented, "served, not documented: %s; documented, not served: %s" % (
         sorted(served - documented), sorted(documented - served))
+    assert d.stop() == 0
+
+
+RULES = os.path.join(SOURCE_DIR, "deploy", "prometheus", "fanout.rules.yml")
+DASHBOARD = os.path.join(SOURCE_DIR, "deploy", "grafana", "fanout-dashboard.json")
+
+
+def metric_names(expr):
+    """fanout_* and process_* series an expression reads (histogram suffixes removed)."""
+    return {re.sub(r"_(bucket|sum|count)$", "", n)
+            for n in re.findall(r"\b((?:fanout|process)_[a-z0-9_]+)", expr)}
+
+
+@suite.test
+def alert_rules_and_dashboard_pass_promtool_and_name_served_metrics(s):
+    r = subprocess.run(["promtool", "check", "rules", RULES], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+    with open(RULES) as f:
+        rules = f.read()
+    alerts = set(re.findall(r"^\s*- alert: (\S+)", rules, re.M))
+    # the alerts issue 16 asks for: stuck fan-out, dead jobs, backpressure pause, Redis or
+    # PostgreSQL unreachable, growing consumer lag
+    assert {"FanoutStuck", "FanoutDeadJobs", "FanoutPausedByBackpressure",
+            "FanoutRedisUnreachable", "FanoutPostgresUnreachable",
+            "FanoutConsumerLagGrowing"} <= alerts, alerts
+    with open(DASHBOARD) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10, exprs
+    exprs += re.findall(r"^\s*expr: (.*)$", rules, re.M)
+    named = set().union(*(metric_names(e) for e in exprs))
+    # everything named must be served: scrape a fanoutd that has a consumer group to show
+    port = free_port()
+    s.redis.xgroup_create("fanout:stream:0", "g", id="0", mkstream=True)
+    d = s.start_daemon(FANOUT_METRICS_PORT=port)
+    d.wait_log("listening", timeout=30)
+    deadline = time.monotonic() + 20
+    while 'fanout_consumer_backlog{group="g"}' not in scrape(port):
+        assert time.monotonic() < deadline, "no consumer backlog sample"
+        time.sleep(0.2)
+    served = set(re.findall(r"^# TYPE (\S+) ", http_get(port, "/metrics")[2], re.M))
+    assert named <= served, "named by the rules or dashboard, not served: %s" % sorted(
+        named - served)
+    assert d.stop() == 0
+
+
+@suite.test
+def events_and_jobs_counted_apart_backlog_per_group_and_budget_wait(s):
+    # one event split into 4 jobs counts 1 event and 4 jobs; page read time is the query's,
+    # the wait behind the read budget is its own histogram
+    s.seed_followers(7, 40)
+    port = free_port()
+    d = s.start_daemon(FANOUT_METRICS_PORT=port, FANOUT_SPLIT_MIN_SPAN=10, FANOUT_SPLIT_PARTS=4,
+                       FANOUT_PAGE_SIZE=5, FANOUT_READ_BUDGET_ROWS_S=100, FANOUT_SHARDS=1)
+    ev = s.publish(7)
+    s.wait_event_done(ev)
+    assert s.sql_value("SELECT count(*) FROM fanout.jobs WHERE event_id = %s", (ev,)) == 4
+    m = wait_metric(port, "fanout_jobs_done_total", 4)
+    assert m["fanout_events_done_total"] == 1 and m["fanout_jobs_claimed_total"] == 4, m
+    assert m["fanout_page_wait_seconds_count"] == m["fanout_pages_read_total"]
+    # 40 rows at 100 rows/s in pages of 5: the budget makes pages wait, not the queries
+    assert m["fanout_page_wait_seconds_sum"] > 0.1, m["fanout_page_wait_seconds_sum"]
+    # consumer backlog per group: g1 from the start (all 40 unread), g2 from now (none)
+    s.redis.xgroup_create("fanout:stream:0", "g1", id="0")
+    s.redis.xgroup_create("fanout:stream:0", "g2", id="$")
+    deadline = time.monotonic() + 20
+    while True:
+        m = scrape(port)
+        if m.get('fanout_consumer_backlog{group="g1"}') == 40 and \
+                m.get('fanout_consumer_backlog{group="g2"}') == 0:
+            break
+        assert time.monotonic() < deadline, {k: v for k, v in m.items() if "backlog" in k}
+        time.sleep(0.2)
     assert d.stop() == 0
 
 
@@ -599,6 +678,8 @@ def installed_tree_runs(s):
               "share/doc/fanout/changelog.gz", "share/doc/fanout/LICENSE",
               "share/doc/fanout/examples/consumers/python/consumer.py",
               "share/man/man8/fanoutd.8.gz", "share/man/man1/fanoutctl.1.gz",
+              "share/doc/fanout/prometheus/fanout.rules.yml",
+              "share/doc/fanout/grafana/fanout-dashboard.json",
               "share/fanout/sql/001_relationships.sql"]
     for p in expect:
         assert os.path.isfile(os.path.join(root, p)), "not installed: %s" % p
