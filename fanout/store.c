@@ -318,14 +318,18 @@ static void on_rec(int status, const PGresult *res, void *data)
         fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
                "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
                r->token);
-    else
-        fo_log(r->kind == REC_DEAD   ? FO_LOG_ERROR
-               : r->kind == REC_FAIL ? FO_LOG_WARN
-                                     : FO_LOG_INFO,
+    else {
+        /* done and released are routine (one per job): rate-limited; failures never */
+        static fo_log_rate_t done_rate, released_rate;
+        fo_log(r->kind == REC_DEAD      ? FO_LOG_ERROR
+               : r->kind == REC_FAIL    ? FO_LOG_WARN
+               : r->kind == REC_RELEASE ? fo_log_rated(&released_rate, what[r->kind], FO_LOG_INFO)
+                                        : fo_log_rated(&done_rate, what[r->kind], FO_LOG_INFO),
                what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
                r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
                err[0] ? " error=" : "", err);
+    }
     rec_free(r);
     s->ev.settled(s->ev.ctx, 1);
 }
@@ -435,7 +439,9 @@ static void on_split(int status, const PGresult *res, void *data)
     }
     int got_range = status == 0 && !PQgetisnull(res, 0, 0);
     if (got_range && row_int64(res, 0, &sc->claim.range_hi) == 0) {
-        fo_log(FO_LOG_INFO, "job split into follower-id ranges",
+        static fo_log_rate_t split_rate;
+        fo_log(fo_log_rated(&split_rate, "job split", FO_LOG_INFO),
+               "job split into follower-id ranges",
                "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
                sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
     } else if (got_range || !res) {
@@ -561,7 +567,8 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
             fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
-            fo_log(FO_LOG_INFO, "job claimed",
+            static fo_log_rate_t claimed_rate;
+            fo_log(fo_log_rated(&claimed_rate, "job claimed", FO_LOG_INFO), "job claimed",
                    "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
                    " range_lo=%" PRId64,
                    c.job_id, c.event_id, c.author, c.token, c.range_lo);

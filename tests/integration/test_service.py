@@ -18,7 +18,7 @@ import subprocess
 import time
 import uuid
 
-from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get
+from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get, parse_logfmt
 
 suite = Suite("test_service")
 
@@ -430,13 +430,43 @@ def logs_are_logfmt_with_journald_priorities_and_no_secrets(s):
     lines = d.log().splitlines()
     assert lines, "no log"
     for line in lines:
-        m = re.match(r"^<([3467])>ts=\S+Z level=(error|warn|info|debug) msg=", line)
-        assert m, "not a journald-prefixed logfmt line: %r" % line
-        assert {"3": "error", "4": "warn", "6": "info", "7": "debug"}[m.group(1)] == \
-            re.search(r"level=(\w+)", line).group(1)
+        assert "priority" in parse_logfmt(line), "no journald prefix: %r" % line
     assert secret not in d.log()
     # no line per notification or per page on the hot path: 50 pages, a handful of lines
     assert len(lines) < 25, "%d lines for one 500-follower event" % len(lines)
+
+
+@suite.test
+def per_job_lines_are_rate_limited_and_debug_shows_each_page(s):
+    s.seed_followers(4, 30)
+    counts = {}
+    for level in ("info", "debug"):
+        d = s.start_daemon(FANOUT_LOG_LEVEL=level, FANOUT_PAGE_SIZE=10)
+        events = [s.publish(4) for _ in range(12)]
+        for ev in events:
+            s.wait_event_done(ev)
+        assert d.stop() == 0
+        log = d.log()
+        counts[level] = (log.count('msg="job claimed"'), log.count('msg="job done"'),
+                         log.count('msg="page written"'), log.count('msg="page read"'))
+    # info: at most FO_LOG_BURST (5) per kind per 10 s; debug: every job, every page
+    assert counts["info"][0] <= 5 and counts["info"][1] <= 5 and counts["info"][2:] == (0, 0), \
+        counts
+    assert counts["debug"][:2] == (12, 12) and counts["debug"][2] >= 12 * 3, counts
+    assert counts["debug"][3] >= 12 * 3, counts
+
+
+@suite.test(servers=dict(migrate=False))
+def the_log_check_refuses_what_is_not_logfmt(s):
+    from harness import log_lines_not_logfmt
+    good = ('ts=2026-12-01T10:00:00.000Z level=info msg="job done" job=1 error="a \\"b\\""\n'
+            '<3>ts=2026-12-01T10:00:00.000Z level=error msg=x\n==12== valgrind says\n')
+    assert log_lines_not_logfmt(good) == []
+    bad = ["fanoutd: shards is 0", "problems=1; see docs/x.md",
+           "ts=2026-12-01T10:00:00.000Z level=loud msg=x",
+           "<6>ts=2026-12-01T10:00:00.000Z level=error msg=x",
+           'ts=2026-12-01T10:00:00.000Z level=info msg="unterminated']
+    assert [no for no, _ in log_lines_not_logfmt("\n".join(bad))] == [1, 2, 3, 4, 5]
 
 
 @suite.test
@@ -562,9 +592,15 @@ def configuration_errors_name_the_setting_and_what_is_accepted(s):
         r = run_fanoutd(s, *args, env=env)
         assert r.returncode == 2, (env, args, r.returncode, r.stderr)
         lines = r.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("fanoutd: ") and want in lines[0], \
-            (env, args, r.stderr)
+        assert len(lines) == 1, (env, args, r.stderr)
+        line = parse_logfmt(lines[0])  # logfmt like every other line
+        assert line["level"] == "error" and want in line["error"], (env, args, r.stderr)
         assert r.stdout == ""
+    # under systemd the same line carries priority err (<3>), for `journalctl -p err`
+    e = dict(s.env_for_daemon(FANOUT_SHARDS="0"), JOURNAL_STREAM="8:12345")
+    r = subprocess.run([FANOUTD], env=e, capture_output=True, text=True, timeout=30)
+    line = parse_logfmt(r.stderr.strip())
+    assert r.returncode == 2 and line["priority"] == 3 and "shards" in line["error"], r.stderr
     # a metrics address that is not an IP address
     r = run_fanoutd(s, env={"FANOUT_METRICS_HOST": "localhost", "FANOUT_METRICS_PORT": "1"})
     assert r.returncode == 1 and "FANOUT_METRICS_HOST" in r.stderr, r.stderr
