@@ -432,7 +432,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
             d->contract = CONTRACT_BROKEN;
             d->failed = FAIL_CONTRACT;
             fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
-                   "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+                   "problems=%d see=docs/shared-database.md", rel_contract_refusals(k));
             if (d->fatal)
                 d->fatal(d, d->fatal_data);
             return;
@@ -440,7 +440,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
         if (news)
             fo_log(FO_LOG_ERROR,
                    "contract broken while running; fan-out paused until it holds again",
-                   "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+                   "problems=%d see=docs/shared-database.md", rel_contract_refusals(k));
         int was_ok = d->contract == CONTRACT_OK;
         d->contract = CONTRACT_PAUSED;
         update_ready(d);

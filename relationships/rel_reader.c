@@ -330,8 +330,10 @@ static int parse_page(req_t *q, int status, const PGresult *res, size_t *n, cons
     if (status == 0) {
         int rows = PQntuples(res);
         if (PQnfields(res) != 1 || PQftype(res, 0) != 20 /* int8 */ || rows > q->limit) {
-            fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
-                   "fields=%d rows=%d; the follower column must be bigint", PQnfields(res), rows);
+            fo_log(FO_LOG_ERROR,
+                   "contract view returned an unexpected shape: one bigint follower column "
+                   "expected",
+                   "fields=%d rows=%d limit=%d", PQnfields(res), rows, q->limit);
             *err = "the contract view's follower column is not bigint";
             return FO_ECONTRACT;
         }
