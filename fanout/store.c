@@ -52,6 +52,8 @@ struct fod_store {
     met_t *metrics;
     fod_store_events_t ev;
     store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
+    /* the per-job lines' rate limits (fo_log_rated) */
+    fo_log_rate_t claimed_rate, split_rate, done_rate, released_rate;
     int claiming, claim_again;
     unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
@@ -320,11 +322,11 @@ static void on_rec(int status, const PGresult *res, void *data)
                r->token);
     else {
         /* done and released are routine (one per job): rate-limited; failures never */
-        static fo_log_rate_t done_rate, released_rate;
-        fo_log(r->kind == REC_DEAD      ? FO_LOG_ERROR
-               : r->kind == REC_FAIL    ? FO_LOG_WARN
-               : r->kind == REC_RELEASE ? fo_log_rated(&released_rate, what[r->kind], FO_LOG_INFO)
-                                        : fo_log_rated(&done_rate, what[r->kind], FO_LOG_INFO),
+        fo_log(r->kind == REC_DEAD   ? FO_LOG_ERROR
+               : r->kind == REC_FAIL ? FO_LOG_WARN
+               : r->kind == REC_RELEASE
+                   ? fo_log_rated(&s->released_rate, what[r->kind], FO_LOG_INFO)
+                   : fo_log_rated(&s->done_rate, what[r->kind], FO_LOG_INFO),
                what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
                r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
@@ -439,8 +441,7 @@ static void on_split(int status, const PGresult *res, void *data)
     }
     int got_range = status == 0 && !PQgetisnull(res, 0, 0);
     if (got_range && row_int64(res, 0, &sc->claim.range_hi) == 0) {
-        static fo_log_rate_t split_rate;
-        fo_log(fo_log_rated(&split_rate, "job split", FO_LOG_INFO),
+        fo_log(fo_log_rated(&s->split_rate, "job split", FO_LOG_INFO),
                "job split into follower-id ranges",
                "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
                sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
@@ -567,8 +568,7 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
             fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
-            static fo_log_rate_t claimed_rate;
-            fo_log(fo_log_rated(&claimed_rate, "job claimed", FO_LOG_INFO), "job claimed",
+            fo_log(fo_log_rated(&s->claimed_rate, "job claimed", FO_LOG_INFO), "job claimed",
                    "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
                    " range_lo=%" PRId64,
                    c.job_id, c.event_id, c.author, c.token, c.range_lo);
