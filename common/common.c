@@ -164,6 +164,33 @@ void fo_log(fo_log_level_t level, const char *msg, const char *kv_fmt, ...)
             level_names[level], qmsg, kv[0] ? " " : "", kv);
 }
 
+int fo_log_repeat_due(unsigned n)
+{
+    if (n == 0)
+        return 0;
+    if (n <= FO_LOG_REPEAT_EVERY)
+        return (n & (n - 1)) == 0;
+    return n % FO_LOG_REPEAT_EVERY == 0;
+}
+
+fo_log_level_t fo_log_rated(fo_log_rate_t *r, const char *what, fo_log_level_t level)
+{
+    uint64_t now = fo_now_ms();
+    if (r->n == 0 || now - r->window_ms >= FO_LOG_BURST_MS) {
+        if (r->demoted)
+            fo_log(FO_LOG_INFO, "routine lines sent to debug (FANOUT_LOG_LEVEL=debug shows them)",
+                   "what=\"%s\" lines=%u seconds=%u", what, r->demoted,
+                   (unsigned)((now - r->window_ms) / 1000));
+        r->window_ms = now;
+        r->n = 0;
+        r->demoted = 0;
+    }
+    if (++r->n <= FO_LOG_BURST)
+        return level;
+    r->demoted++;
+    return FO_LOG_DEBUG;
+}
+
 uint64_t fo_now_ms(void)
 {
     struct timespec ts;

@@ -74,6 +74,31 @@ const char *fo_log_quote(char *buf, size_t size, const char *s);
  * from the loop, after the object released everything; data is the caller's. */
 typedef void (*fo_closed_cb)(void *data);
 
+/*
+ * The one throttle of repeated failure lines (a server unreachable, a password refused), for
+ * PostgreSQL and Redis alike: failure n (1-based) of an unbroken run is logged when
+ * fo_log_repeat_due(n), i.e. on 1, 2, 4, 8, 16, 32, 64 and then on every 64th, so an outage
+ * costs a few lines at first and then one per 64 attempts (minutes, with the reconnect
+ * backoff), never one per retry. Lines logged this way carry attempts=n.
+ */
+enum { FO_LOG_REPEAT_EVERY = 64 };
+int fo_log_repeat_due(unsigned n);
+
+/*
+ * The one rate limit of routine lines, those written once per job (claimed, done, split):
+ * at most FO_LOG_BURST of one kind per FO_LOG_BURST_MS keep their level; the rest of the
+ * window goes to debug, so FANOUT_LOG_LEVEL=debug still shows every one, and when the
+ * window has passed one info line says how many of `what` went to debug. A zeroed
+ * fo_log_rate_t is ready. Returns the level to log this line at.
+ */
+enum { FO_LOG_BURST = 5, FO_LOG_BURST_MS = 10000 };
+typedef struct fo_log_rate {
+    uint64_t window_ms; /* start of the current window */
+    unsigned n;         /* lines of the window so far */
+    unsigned demoted;   /* of those, sent to debug */
+} fo_log_rate_t;
+fo_log_level_t fo_log_rated(fo_log_rate_t *r, const char *what, fo_log_level_t level);
+
 /* Milliseconds from an arbitrary fixed point (CLOCK_MONOTONIC). */
 uint64_t fo_now_ms(void);
 

@@ -21,7 +21,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-typedef enum { T_STR, T_INT, T_INT64, T_LEVEL } cfg_type_t;
+/* T_RETRY: an int within range, or the word false stored as CFG_RETRY_FALSE */
+typedef enum { T_STR, T_INT, T_INT64, T_LEVEL, T_RETRY } cfg_type_t;
 
 typedef struct cfg_row {
     const char *name;
@@ -64,8 +65,17 @@ static const cfg_row_t rows[] = {
     {"replica_max_lag_ms", INT(replica_max_lag_ms), 100, 3600000, "10000", 0,
      "read from the replica only while its replay lag is below this; else the primary"},
     {"redis_host", STR(redis_host), 1, 0, "127.0.0.1", 0,
-     "Redis server IP address (no DNS: resolving would block the loop)"},
+     "Redis server host name or IP address; a name is resolved off the loop (uv_getaddrinfo) "
+     "before every connect, so a moved server is found on reconnect"},
     {"redis_port", INT(redis_port), 1, 65535, "6379", 0, "Redis server port"},
+    {"redis_socket", STR(redis_socket), 0, 0, "", 0,
+     "path of Redis's Unix socket (its unixsocket setting); set: redis_host and redis_port are "
+     "not used"},
+    {"redis_db", INT(redis_db), 0, 1000000, "0", 0,
+     "Redis database index (SELECT), e.g. 1 when Sidekiq lives on /1; below the server's "
+     "databases setting"},
+    {"redis_user", STR(redis_user), 0, 0, "", 0,
+     "Redis ACL user name (AUTH user password); empty: the default user"},
     {"redis_password", STR(redis_password), 0, 0, "", 1, "Redis AUTH password; empty: none"},
     {"redis_min_replicas", INT(redis_min_replicas), 0, 64, "0", 0,
      "replicas that must acknowledge each page (WAIT) before it counts as written and "
@@ -117,8 +127,9 @@ static const cfg_row_t rows[] = {
      "layout sidekiq: the queue, i.e. keys queues (set) and queue:<name> (list)"},
     {"sidekiq_class", STR(sidekiq_class), 1, 0, "FanoutNotificationJob", 0,
      "layout sidekiq: the job class (a Ruby constant name) the workers run"},
-    {"sidekiq_retry", INT(sidekiq_retry), 0, 1000, "25", 0,
-     "layout sidekiq: the job's retry count (Sidekiq's own default is 25)"},
+    {"sidekiq_retry", T_RETRY, offsetof(cfg_t, sidekiq_retry), 0, 1000, "25", 0,
+     "layout sidekiq: the job's retry field, a count or false (no retries and no Dead set; "
+     "Sidekiq's own default is 25)"},
     {"worker_id", STR(worker_id), 0, 0, "", 0,
      "lease owner name; a second live fanoutd with the same one is refused; empty: the host "
      "name plus a random suffix, unique per process"},
@@ -211,6 +222,19 @@ static int set_value(cfg_t *cfg, const cfg_row_t *r, const char *value, const ch
     long long v;
     fo_log_level_t level;
     switch (r->type) {
+    case T_RETRY:
+        if (strcmp(value, "false") == 0) {
+            *int_field(cfg, r) = CFG_RETRY_FALSE;
+            return 0;
+        }
+        if (fo_parse_int(value, r->min, r->max, &v) < 0) {
+            errf(err, errsize,
+                 "%s: %s is \"%s\"; expected false or a whole number from %lld to %lld", source,
+                 r->name, value, r->min, r->max);
+            return FO_EINVAL;
+        }
+        *int_field(cfg, r) = (int)v;
+        return 0;
     case T_INT:
     case T_INT64:
         if (fo_parse_int(value, r->min, r->max, &v) < 0) {
@@ -433,13 +457,18 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
     if (check_dsn("pg_dsn", cfg->pg_dsn, err, errsize) < 0 ||
         check_dsn("replica_dsn", cfg->replica_dsn, err, errsize) < 0)
         return FO_EINVAL;
-    unsigned char addr[16];
-    if (inet_pton(AF_INET, cfg->redis_host, addr) != 1 &&
-        inet_pton(AF_INET6, cfg->redis_host, addr) != 1) {
-        errf(err, errsize,
-             "redis_host \"%s\" is not an IP address; give one (fanoutd resolves no names: "
-             "a lookup would block its loop)",
-             cfg->redis_host);
+    for (const char *c = cfg->redis_host; *c; c++) {
+        if (isspace((unsigned char)*c) || *c == '/') {
+            errf(err, errsize,
+                 "redis_host \"%s\" is not a host name or IP address; for a Unix socket set "
+                 "redis_socket",
+                 cfg->redis_host);
+            return FO_EINVAL;
+        }
+    }
+    if (cfg->redis_socket[0] && cfg->redis_socket[0] != '/') {
+        errf(err, errsize, "redis_socket \"%s\" is not an absolute path; give the full path",
+             cfg->redis_socket);
         return FO_EINVAL;
     }
     if (cfg->backlog_low > cfg->backlog_high) {
@@ -657,7 +686,7 @@ int cfg_apply_reload(cfg_t *live, cfg_t *fresh, char *changed, size_t csize, cha
         const cfg_row_t *r = &rows[i];
         int differs;
         char was[64] = "", now[64] = "";
-        if (r->type == T_INT) {
+        if (r->type == T_INT || r->type == T_RETRY) {
             int *a = int_field(live, r), *b = int_field(fresh, r);
             differs = *a != *b;
             snprintf(was, sizeof was, "%d", *a);
@@ -786,6 +815,14 @@ void cfg_print(const cfg_t *cfg, FILE *out)
         }
         if (r->type == T_INT64) {
             fprintf(out, "%s=%lld\n", r->name, *int64_field((cfg_t *)cfg, r));
+            continue;
+        }
+        if (r->type == T_RETRY) {
+            int v = *int_field((cfg_t *)cfg, r);
+            if (v == CFG_RETRY_FALSE)
+                fprintf(out, "%s=false\n", r->name);
+            else
+                fprintf(out, "%s=%d\n", r->name, v);
             continue;
         }
         const char *v = *str_field((cfg_t *)cfg, r);

@@ -39,9 +39,13 @@ typedef struct cfg {
     char *replica_dsn; /* secret: printed with its password hidden */
     int replica_max_lag_ms;
 
-    /* Redis: an IP address (no DNS on the loop), a port and an optional password. */
+    /* Redis: a host name (resolved off the loop) or IP address and a port, or a Unix socket;
+     * a database index and an optional ACL user and password. */
     char *redis_host;
     int redis_port;
+    char *redis_socket; /* set: used instead of host and port */
+    int redis_db;
+    char *redis_user;
     char *redis_password;   /* secret: never printed */
     int redis_min_replicas; /* replicas that must acknowledge a page (WAIT); 0: none */
     /* Redis Cluster seed nodes "ip:port[,ip:port...]"; empty: the single Redis above. */
@@ -74,7 +78,7 @@ typedef struct cfg {
     int inbox_ttl_s;     /* expiry of an inbox, renewed on each write; 0: none */
     char *sidekiq_queue; /* keys queues and queue:<name> */
     char *sidekiq_class; /* the job's class */
-    int sidekiq_retry;   /* the job's retry field */
+    int sidekiq_retry;   /* the job's retry field; CFG_RETRY_FALSE: false */
     char *worker_id;     /* lease owner name; a restarted worker takes back its own leases */
     int max_attempts;    /* attempts of one job failed by an error before it is dead */
     /* claims of a job after its holder vanished, with no progress between, before dead */
@@ -98,6 +102,9 @@ typedef struct cfg {
 
 /* Bits of cfg_t.layout_mask. */
 enum { CFG_LAYOUT_STREAM = 1, CFG_LAYOUT_INBOX = 2, CFG_LAYOUT_SIDEKIQ = 4 };
+
+/* cfg_t.sidekiq_retry when the setting is false */
+enum { CFG_RETRY_FALSE = -1 };
 
 /* Parses a layouts list ("stream,inbox") into CFG_LAYOUT_* bits. Returns 0, or FO_EINVAL
  * with one line in err naming the bad item. */

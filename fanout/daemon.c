@@ -192,7 +192,7 @@ static void on_claimed(void *ctx, const fod_claim_t *claim)
     fod_job_t *j = fod_job_new(&d->io, d->cfg, claim);
     d->started_ms[d->njobs] = fo_now_ms();
     d->jobs[d->njobs++] = j;
-    d->metrics.events_claimed++;
+    d->metrics.jobs_claimed++;
     d->metrics.jobs_running = d->njobs;
     fod_job_start(j, fo_now_ms());
     /* claimed by a query that was already out when the stop began: give it back at once */
@@ -206,15 +206,35 @@ static int io_may_write(void *ctx)
     return !d->paused;
 }
 
+/* reader: one page answered; its query time apart from its wait for the read budget */
+static void on_page_timing(double wait_s, double query_s, void *data)
+{
+    met_t *m = data;
+    met_hist_observe(&m->page_wait, wait_s);
+    met_hist_observe(&m->page_read, query_s);
+}
+
 /* --- backpressure --- */
 
-static void on_backlog(int status, long long backlog, int shard, void *data)
+static void on_backlog(int status, long long backlog, int shard, const ntf_group_backlog_t *groups,
+                       size_t ngroups, void *data)
 {
     fod_daemon_t *d = data;
     d->backlog_busy = 0;
     if (status < 0)
         return; /* measured again on the next tick; the pause state stays as it was */
+    met_t *m = &d->metrics;
+    m->ngroups = 0;
+    for (size_t i = 0; i < ngroups && m->ngroups < MET_MAX_GROUPS; i++) {
+        size_t n =
+            groups[i].name_len < MET_GROUP_NAME - 1 ? groups[i].name_len : MET_GROUP_NAME - 1;
+        memcpy(m->groups[m->ngroups].name, groups[i].name, n);
+        m->groups[m->ngroups].name[n] = '\0';
+        m->groups[m->ngroups++].backlog = groups[i].backlog;
+    }
     const cfg_t *cfg = d->cfg;
+    if (cfg->backlog_high == 0)
+        return; /* measured for the metrics only */
     if (!d->paused && backlog > cfg->backlog_high) {
         d->paused = 1;
         d->metrics.paused_backpressure = 1;
@@ -328,6 +348,8 @@ static void update_ready(fod_daemon_t *d)
     int ready =
         d->ctl_up == 1 && d->pages_up == 1 && d->redis_up == 1 && d->contract == CONTRACT_OK;
     d->metrics.ready = ready;
+    d->metrics.server_up[MET_PG] = d->ctl_up == 1 && d->pages_up == 1;
+    d->metrics.server_up[MET_REDIS] = d->redis_up == 1;
     if (ready != d->ready) {
         d->ready = ready;
         if (d->on_ready && !d->stopping)
@@ -410,7 +432,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
             d->contract = CONTRACT_BROKEN;
             d->failed = FAIL_CONTRACT;
             fo_log(FO_LOG_ERROR, "contract check failed; refusing to start",
-                   "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+                   "problems=%d see=docs/shared-database.md", rel_contract_refusals(k));
             if (d->fatal)
                 d->fatal(d, d->fatal_data);
             return;
@@ -418,7 +440,7 @@ static void on_contract(int status, const rel_contract_t *k, void *data)
         if (news)
             fo_log(FO_LOG_ERROR,
                    "contract broken while running; fan-out paused until it holds again",
-                   "problems=%d; see docs/shared-database.md", rel_contract_refusals(k));
+                   "problems=%d see=docs/shared-database.md", rel_contract_refusals(k));
         int was_ok = d->contract == CONTRACT_OK;
         d->contract = CONTRACT_PAUSED;
         update_ready(d);
@@ -555,6 +577,9 @@ static void on_stats_timer(uv_timer_t *t)
         d->stats_busy++;
     if (!d->redis || !ntf_client_ready(d->redis))
         return;
+    /* with backpressure on, its own timer measures the backlog (and these gauges) */
+    if (d->cfg->backlog_high == 0 && !d->backlog_busy && ntf_backlog(d->redis, on_backlog, d) == 0)
+        d->backlog_busy = 1;
     for (int i = 0; i < d->metrics.nshards; i++) {
         xlen_call_t *x = fo_xmalloc(sizeof *x);
         *x = (xlen_call_t){d, i};
@@ -696,6 +721,7 @@ void fod_daemon_start(fod_daemon_t *d)
     pgc_conn_setup_limits(d->ctl, cfg);
     pgc_conn_setup(d->ctl, "LISTEN fanout_events");
     d->reader = rel_reader_new(d->loop, cfg, on_pages_state, d);
+    rel_reader_set_timing(d->reader, on_page_timing, &d->metrics);
     fod_store_events_t store_events = {
         .claimed = on_claimed, .settled = on_store_settled, .lease_lost = on_lease_lost, .ctx = d};
     d->store = fod_store_new(d->ctl, d->reader, cfg, &d->metrics, &store_events);

@@ -67,9 +67,10 @@ static void send_status(app_t *a, int force)
     met_t *m = fod_daemon_metrics(a->daemon);
     char msg[256];
     snprintf(msg, sizeof msg,
-             "STATUS=%s: jobs running %" PRId64 ", jobs done %llu, notifications %llu",
+             "STATUS=%s: jobs running %" PRId64 ", events done %lld, notifications %llu",
              m->ready ? "ready" : "waiting for PostgreSQL and Redis", m->jobs_running,
-             (unsigned long long)m->events_done, (unsigned long long)m->notifications);
+             /* whole events: a split event counts once all its parts are done here */
+             (long long)(m->events_done + 1e-9), (unsigned long long)m->notifications);
     if (!force && strcmp(msg, a->last_status) == 0)
         return;
     snprintf(a->last_status, sizeof a->last_status, "%s", msg);
@@ -236,11 +237,13 @@ int main(int argc, char **argv)
         }
     }
     cfg_t cfg;
-    char err[512];
+    char err[512], qerr[600];
+    fo_log_init(FO_LOG_INFO); /* the level is a setting: until it is read, info */
     if (cfg_load(&cfg, argc, argv, 1, environ, NULL, err, sizeof err) < 0) {
-        /* under systemd, <3> makes journald file the line at priority err, where
-         * `journalctl -p err` shows why the unit failed */
-        fprintf(stderr, "%sfanoutd: %s\n", getenv("JOURNAL_STREAM") ? "<3>" : "", err);
+        /* a logfmt line like every other; under systemd its <3> prefix files it at priority
+         * err, where `journalctl -p err` shows why the unit failed */
+        fo_log(FO_LOG_ERROR, "configuration error; not starting", "error=%s exit=2",
+               fo_log_quote(qerr, sizeof qerr, err));
         return 2;
     }
     if (check_only) {

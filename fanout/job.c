@@ -253,8 +253,9 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
 {
     job_call_t *call = data;
     fod_job_t *j = call->job;
+    double ms = seconds_since(call->sent_ns) * 1000.0; /* call is freed by call_done */
     if (j->io.metrics) {
-        met_hist_observe(&j->io.metrics->redis_write, seconds_since(call->sent_ns));
+        met_hist_observe(&j->io.metrics->redis_write, ms / 1000.0);
         if (status != 0 && status != NTF_EMOVED && status != FO_EFENCED && status != FO_ESTOP &&
             status != NTF_EKEY)
             j->io.metrics->errors[MET_REDIS]++;
@@ -264,6 +265,10 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
         j->inflight--;
         switch (status) {
         case 0:
+            fo_log(FO_LOG_DEBUG, "page written",
+                   "job=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64
+                   " done=%d inflight=%d ms=%.1f",
+                   j->job_id, p->cursor, p->delivered, p->done, j->inflight, ms);
             j->acked_cursor = p->cursor;
             j->delivered = p->delivered;
             note_delivered(j, p->delivered);
@@ -341,9 +346,9 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
 {
     job_call_t *call = data;
     fod_job_t *j = call->job;
+    double ms = seconds_since(call->sent_ns) * 1000.0; /* call is freed by call_done */
     met_t *m = j->io.metrics;
     if (m && status != FO_ESTOP) {
-        met_hist_observe(&m->page_read, seconds_since(call->sent_ns));
         if (status < 0) {
             m->errors[MET_PG]++;
         } else {
@@ -368,6 +373,8 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
             go_wait(j, "follower page read failed");
         } else {
             (void)ids; /* they are in j->page */
+            fo_log(FO_LOG_DEBUG, "page read", "job=%" PRId64 " after=%" PRId64 " rows=%zu ms=%.1f",
+                   j->job_id, j->read_cursor, n, ms);
             j->ready = 1;
             j->ready_n = n;
             if (n > 0)

@@ -52,6 +52,8 @@ struct fod_store {
     met_t *metrics;
     fod_store_events_t ev;
     store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
+    /* the per-job lines' rate limits (fo_log_rated) */
+    fo_log_rate_t claimed_rate, split_rate, done_rate, released_rate;
     int claiming, claim_again;
     unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
@@ -157,7 +159,8 @@ static const char SQL_FINISH[] =
     " WHERE id = $1 AND token = $2 AND state = 'running'"
     " RETURNING extract(epoch FROM finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id"
-    "    AND isfinite(e.created_at)))::float8";
+    "    AND isfinite(e.created_at)))::float8,"
+    " (SELECT count(*) FROM fanout.jobs o WHERE o.event_id = jobs.event_id)";
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
@@ -300,28 +303,35 @@ static void on_rec(int status, const PGresult *res, void *data)
         fo_log_quote(err, sizeof err, r->error);
     int written = atoi(PQcmdTuples((PGresult *)res)) > 0;
     if (written && r->kind == REC_FINISH) {
-        m->events_done++;
+        m->jobs_done++;
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
             met_hist_observe(&m->publish_to_done, atof(PQgetvalue(res, 0, 0)));
+        /* the parts of a split event are all created before any of them runs */
+        long parts = PQntuples(res) == 1 && PQnfields(res) > 1 ? atol(PQgetvalue(res, 0, 1)) : 1;
+        m->events_done += 1.0 / (double)(parts > 0 ? parts : 1);
     } else if (written && r->kind == REC_DEAD) {
-        m->events_dead++;
+        m->jobs_dead++;
     } else if (written && r->kind == REC_FAIL) {
-        m->events_failed++;
+        m->jobs_failed++;
         if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
-            m->events_dead++;
+            m->jobs_dead++;
     }
     if (!written)
         fo_log(FO_LOG_WARN, "job record not written: the lease moved on",
                "job=%" PRId64 " event=%" PRId64 " token=%" PRId64, r->job_id, r->event_id,
                r->token);
-    else
+    else {
+        /* done and released are routine (one per job): rate-limited; failures never */
         fo_log(r->kind == REC_DEAD   ? FO_LOG_ERROR
                : r->kind == REC_FAIL ? FO_LOG_WARN
-                                     : FO_LOG_INFO,
+               : r->kind == REC_RELEASE
+                   ? fo_log_rated(&s->released_rate, what[r->kind], FO_LOG_INFO)
+                   : fo_log_rated(&s->done_rate, what[r->kind], FO_LOG_INFO),
                what[r->kind],
                "job=%" PRId64 " event=%" PRId64 " delivered=%" PRId64 " seconds=%.3f%s%s",
                r->job_id, r->event_id, r->delivered, (double)(fo_now_ms() - r->started_ms) / 1000.0,
                err[0] ? " error=" : "", err);
+    }
     rec_free(r);
     s->ev.settled(s->ev.ctx, 1);
 }
@@ -431,7 +441,8 @@ static void on_split(int status, const PGresult *res, void *data)
     }
     int got_range = status == 0 && !PQgetisnull(res, 0, 0);
     if (got_range && row_int64(res, 0, &sc->claim.range_hi) == 0) {
-        fo_log(FO_LOG_INFO, "job split into follower-id ranges",
+        fo_log(fo_log_rated(&s->split_rate, "job split", FO_LOG_INFO),
+               "job split into follower-id ranges",
                "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
                sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
     } else if (got_range || !res) {
@@ -525,7 +536,7 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
         uint64_t wait = 1000u << k;
         s->claim_retry_at =
             fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
-        if (s->claim_refusals++ % 30 == 0) {
+        if (fo_log_repeat_due(++s->claim_refusals)) { /* the common throttle */
             char what[512];
             fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
             fo_log(FO_LOG_ERROR, fix, "op=claim error=%s refusals=%u", what, s->claim_refusals);
@@ -553,11 +564,11 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
         if (strcmp(PQgetvalue(res, 0, 9), "dead") == 0) {
             char what[512];
             fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
-            s->metrics->events_dead++;
+            s->metrics->jobs_dead++;
             fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
                    "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
         } else {
-            fo_log(FO_LOG_INFO, "job claimed",
+            fo_log(fo_log_rated(&s->claimed_rate, "job claimed", FO_LOG_INFO), "job claimed",
                    "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
                    " range_lo=%" PRId64,
                    c.job_id, c.event_id, c.author, c.token, c.range_lo);

@@ -74,12 +74,26 @@ static void gauge(fo_buf_t *b, const char *name, const char *help, double v)
     fo_buf_printf(b, "%s %.17g\n", name, v);
 }
 
+static const char *const servers[MET_NSERVERS] = {"postgresql", "redis"};
+
 static void by_server(fo_buf_t *b, const char *name, const char *help, const uint64_t *v)
 {
-    static const char *const servers[MET_NSERVERS] = {"postgresql", "redis"};
     head(b, name, "counter", help);
     for (int i = 0; i < MET_NSERVERS; i++)
         fo_buf_printf(b, "%s{server=\"%s\"} %llu\n", name, servers[i], (unsigned long long)v[i]);
+}
+
+/* A label value, escaped as the text format demands (\\, \", \n). */
+static void label_value(fo_buf_t *b, const char *v)
+{
+    for (const char *c = v; *c; c++) {
+        if (*c == '\\' || *c == '"')
+            fo_buf_printf(b, "\\%c", *c);
+        else if (*c == '\n')
+            fo_buf_printf(b, "\\n");
+        else
+            fo_buf_printf(b, "%c", *c);
+    }
 }
 
 static void histogram(fo_buf_t *b, const char *name, const char *help, const met_hist_t *h)
@@ -103,14 +117,7 @@ static void reason_info(fo_buf_t *b, const char *name, const char *help, const c
     if (!why[0])
         return;
     fo_buf_printf(b, "%s{reason=\"", name);
-    for (const char *c = why; *c; c++) {
-        if (*c == '\\' || *c == '"')
-            fo_buf_printf(b, "\\%c", *c);
-        else if (*c == '\n')
-            fo_buf_printf(b, "\\n");
-        else
-            fo_buf_printf(b, "%c", *c);
-    }
+    label_value(b, why);
     fo_buf_printf(b, "\"} 1\n");
 }
 
@@ -154,13 +161,15 @@ void met_render(const met_t *m, fo_buf_t *b)
     head(b, "fanout_build_info", "gauge", "1, labelled with the version of this fanoutd.");
     fo_buf_printf(b, "fanout_build_info{version=\"%s\"} 1\n", FANOUT_VERSION);
     process_metrics(m, b);
-    counter(b, "fanout_events_claimed_total", "Jobs claimed (one per event, again after a crash).",
-            m->events_claimed);
-    counter(b, "fanout_events_done_total", "Jobs recorded done in PostgreSQL.", m->events_done);
-    counter(b, "fanout_events_failed_total", "Job attempts that ended in an error.",
-            m->events_failed);
-    counter(b, "fanout_events_dead_total", "Jobs given up after their last attempt.",
-            m->events_dead);
+    head(b, "fanout_events_done_total", "counter",
+         "Events fanned out completely: each job done adds 1/(jobs of its event).");
+    fo_buf_printf(b, "fanout_events_done_total %.17g\n", m->events_done);
+    counter(b, "fanout_jobs_claimed_total",
+            "Jobs claimed (an event, or one range of a split event; again after a crash).",
+            m->jobs_claimed);
+    counter(b, "fanout_jobs_done_total", "Jobs recorded done in PostgreSQL.", m->jobs_done);
+    counter(b, "fanout_jobs_failed_total", "Job attempts that ended in an error.", m->jobs_failed);
+    counter(b, "fanout_jobs_dead_total", "Jobs given up after their last attempt.", m->jobs_dead);
     counter(b, "fanout_notifications_written_total", "Stream entries Redis confirmed written.",
             m->notifications);
     counter(b, "fanout_pages_read_total", "Keyset pages read from the contract view.",
@@ -196,6 +205,18 @@ void met_render(const met_t *m, fo_buf_t *b)
             m->replica_fallbacks);
     gauge(b, "fanout_replica_lag_seconds", "Last measured replica lag (-1: unknown or no replica).",
           m->replica_lag_ms < 0 ? -1.0 : m->replica_lag_ms / 1000.0);
+    head(b, "fanout_server_up", "gauge",
+         "1 while every connection of fanoutd to that server is up (Redis: and accepted).");
+    for (int i = 0; i < MET_NSERVERS; i++)
+        fo_buf_printf(b, "fanout_server_up{server=\"%s\"} %lld\n", servers[i],
+                      (long long)m->server_up[i]);
+    head(b, "fanout_consumer_backlog", "gauge",
+         "Entries of a consumer group not read or not acknowledged, in its worst shard.");
+    for (int i = 0; i < m->ngroups; i++) {
+        fo_buf_printf(b, "fanout_consumer_backlog{group=\"");
+        label_value(b, m->groups[i].name);
+        fo_buf_printf(b, "\"} %lld\n", m->groups[i].backlog);
+    }
     gauge(b, "fanout_ready",
           "1 when both PostgreSQL connections and Redis are up and the contract holds.",
           (double)m->ready);
@@ -219,7 +240,10 @@ void met_render(const met_t *m, fo_buf_t *b)
         if (m->retained_bytes[i] >= 0)
             fo_buf_printf(b, "fanout_stream_retained_bytes{shard=\"%d\"} %lld\n", i,
                           (long long)m->retained_bytes[i]);
-    histogram(b, "fanout_page_read_seconds", "Latency of one keyset page query.", &m->page_read);
+    histogram(b, "fanout_page_read_seconds",
+              "Latency of one keyset page query, from sent to answered.", &m->page_read);
+    histogram(b, "fanout_page_wait_seconds",
+              "Time one page waited for the read budget or a free page connection.", &m->page_wait);
     histogram(b, "fanout_redis_write_seconds", "Latency of one page script in Redis.",
               &m->redis_write);
     histogram(b, "fanout_publish_to_done_seconds",

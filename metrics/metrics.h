@@ -32,15 +32,22 @@ typedef struct met_hist {
 /* The servers a connection or an error belongs to. */
 typedef enum { MET_PG = 0, MET_REDIS = 1, MET_NSERVERS = 2 } met_server_kind_t;
 
+/* Consumer groups shown by fanout_consumer_backlog (more are left out), and name length. */
+enum { MET_MAX_GROUPS = 32, MET_GROUP_NAME = 96 };
+
 typedef struct met {
     /* counters */
-    uint64_t events_claimed; /* jobs claimed (an event may be claimed again after a crash) */
-    uint64_t events_done;    /* jobs recorded done */
-    uint64_t events_failed;  /* attempts that ended in an error (retried later) */
-    uint64_t events_dead;    /* jobs given up (declared dead) */
-    uint64_t notifications;  /* stream entries Redis confirmed */
-    uint64_t pages_read;     /* keyset pages read from the contract view */
-    uint64_t rows_read;      /* follower ids in those pages */
+    /* A job is one event, or one follower-id range of a split event. */
+    uint64_t jobs_claimed; /* jobs claimed (a job may be claimed again after a crash) */
+    uint64_t jobs_done;    /* jobs recorded done */
+    uint64_t jobs_failed;  /* attempts that ended in an error (retried later) */
+    uint64_t jobs_dead;    /* jobs given up (declared dead) */
+    /* Events: each job recorded done adds 1 / (jobs of its event), so a whole event adds 1
+     * however many parts (and workers) it was split into; sum() over workers is exact. */
+    double events_done;
+    uint64_t notifications;            /* stream entries Redis confirmed */
+    uint64_t pages_read;               /* keyset pages read from the contract view */
+    uint64_t rows_read;                /* follower ids in those pages */
     uint64_t reconnects[MET_NSERVERS]; /* connections that came back after being lost */
     uint64_t errors[MET_NSERVERS];     /* failed queries or commands, lost connections */
     uint64_t reloads, reload_errors;   /* SIGHUP outcomes */
@@ -49,25 +56,33 @@ typedef struct met {
 
     /* gauges, refreshed by their owner */
     int64_t jobs_running;
-    int64_t pages_in_flight;     /* page and fence scripts sent to Redis, not yet answered */
-    int64_t paused_backpressure; /* 1 while fan-out is paused because consumers lag */
-    int64_t jobs_waiting;        /* jobs waiting to retry (Redis refused, a wrong-typed key) */
-    char waiting_reason[256];    /* why one of them waits ("" when none) */
-    int64_t redis_refused;       /* 1 while Redis's maxmemory-policy is refused */
-    char redis_refusal[256];     /* the policy and the fix ("" when accepted) */
-    uint64_t replica_pages;      /* pages read from the replica (FANOUT_REPLICA_DSN) */
-    uint64_t fallback_pages;     /* pages read from the primary although a replica is set */
-    uint64_t replica_fallbacks;  /* times the replica became unusable (down, lagging) */
-    int64_t replica_lag_ms;      /* last measured replica lag; -1 unknown or no replica */
-    int64_t ready;               /* 1: both PostgreSQL connections and Redis are up */
-    double oldest_pending_age_s; /* age of the oldest unfinished event; -1: unknown */
+    int64_t pages_in_flight;         /* page and fence scripts sent to Redis, not yet answered */
+    int64_t paused_backpressure;     /* 1 while fan-out is paused because consumers lag */
+    int64_t jobs_waiting;            /* jobs waiting to retry (Redis refused, a wrong-typed key) */
+    char waiting_reason[256];        /* why one of them waits ("" when none) */
+    int64_t redis_refused;           /* 1 while Redis's maxmemory-policy is refused */
+    char redis_refusal[256];         /* the policy and the fix ("" when accepted) */
+    uint64_t replica_pages;          /* pages read from the replica (FANOUT_REPLICA_DSN) */
+    uint64_t fallback_pages;         /* pages read from the primary although a replica is set */
+    uint64_t replica_fallbacks;      /* times the replica became unusable (down, lagging) */
+    int64_t replica_lag_ms;          /* last measured replica lag; -1 unknown or no replica */
+    int64_t ready;                   /* 1: both PostgreSQL connections and Redis are up */
+    int64_t server_up[MET_NSERVERS]; /* 1: every connection to that server is up */
+    double oldest_pending_age_s;     /* age of the oldest unfinished event; -1: unknown */
     int nshards;
     int64_t *stream_length;  /* nshards entries, -1: not read yet; owned (met_init/met_free) */
     int64_t *retained_bytes; /* nshards entries: a stream, its bodies and refs; -1: unknown */
-    double start_time_s;     /* wall clock at met_init: process_start_time_seconds */
+    /* each consumer group's backlog (unread + pending) in its worst shard, as last measured */
+    int ngroups;
+    struct {
+        char name[MET_GROUP_NAME];
+        long long backlog;
+    } groups[MET_MAX_GROUPS];
+    double start_time_s; /* wall clock at met_init: process_start_time_seconds */
 
     /* histograms, in seconds */
-    met_hist_t page_read;       /* one keyset page query */
+    met_hist_t page_read;       /* one keyset page query, sent to answered */
+    met_hist_t page_wait;       /* a page's wait before its query is sent (budget, a slot) */
     met_hist_t redis_write;     /* one page script, sent to answered */
     met_hist_t publish_to_done; /* event created_at to its job recorded done */
 } met_t;

@@ -3,7 +3,8 @@
  * backpressure) and the stream lengths (for metrics).
  *
  * One EVAL over all shard streams (a read-only script, so it runs even when Redis is out of
- * memory) returns the largest per-group backlog and the shard it is in. XINFO GROUPS gives
+ * memory) returns the largest per-group backlog and the shard it is in, then each group's
+ * largest backlog over the shards (name, backlog pairs; groups are few). XINFO GROUPS gives
  * each group's lag (entries not yet delivered to it; Redis 7 reports nil when it cannot
  * tell, after deletions, and then the stream length stands in: an over-estimate is the safe
  * side) and pending (delivered, not acknowledged). Nothing here trims anything.
@@ -32,7 +33,15 @@ static void on_backlog(int status, const redisReply *reply, void *data)
                                                                        : "unexpected reply");
         status = FO_EREDIS;
     }
-    q->cb(status, backlog, shard, q->data);
+    ntf_group_backlog_t groups[NTF_MAX_GROUPS];
+    size_t ngroups = 0;
+    for (size_t i = 2; status == 0 && i + 1 < reply->elements && ngroups < NTF_MAX_GROUPS; i += 2) {
+        const redisReply *name = reply->element[i], *b = reply->element[i + 1];
+        if (name->type != REDIS_REPLY_STRING || b->type != REDIS_REPLY_INTEGER)
+            continue;
+        groups[ngroups++] = (ntf_group_backlog_t){name->str, name->len, b->integer};
+    }
+    q->cb(status, backlog, shard, groups, ngroups, q->data);
     free(q);
 }
 

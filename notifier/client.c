@@ -1,8 +1,10 @@
 /*
  * client.c: ntf_client_t, one self-healing hiredis async connection on the daemon's loop.
  *
- * Life of a connection: IDLE --(timer)--> CONNECTING --(TCP up)--> HANDSHAKE (AUTH if a
- * password is set, INFO memory, SCRIPT LOAD of both scripts, all pipelined) --> READY, or
+ * Life of a connection: IDLE --(timer)--> [RESOLVING: uv_getaddrinfo of a host name, on the
+ * threadpool, again before every connect] --> CONNECTING (TCP or the Unix socket) --(up)-->
+ * HANDSHAKE (AUTH [user] password if set, SELECT db if not 0, INFO memory, SCRIPT LOAD of
+ * both scripts, all pipelined) --> READY, or
  * REFUSED when the maxmemory policy lets Redis evict fanout's keys. READY and REFUSED swap
  * as INFO memory, re-read every NTF_POLICY_CHECK_MS, says; REFUSED keeps the connection and
  * takes no new command. Any failure, a deadline, an auth refusal or NOSCRIPT leads back to
@@ -47,9 +49,11 @@
 #define NTF_ERR_LOG_INTERVAL_MS 10000 /* identical Redis errors are logged once per interval */
 #define NTF_POLICY_CHECK_MS 2000      /* INFO memory while connected: a policy can change */
 #define NTF_WAIT_MS 2000              /* WAIT's timeout; well below the command deadline */
+#define NTF_MAX_ADDRS 8               /* addresses of a host name tried in turn */
 
 typedef enum {
     ST_IDLE,       /* no context; c->timer starts the next connect */
+    ST_RESOLVING,  /* uv_getaddrinfo of redis_host in flight (threadpool); no deadline */
     ST_CONNECTING, /* TCP connect in flight; c->timer is the deadline */
     ST_HANDSHAKE,  /* AUTH / SCRIPT LOAD in flight; c->timer is still the deadline */
     ST_READY,      /* commands accepted; c->timer is the command watchdog */
@@ -60,6 +64,7 @@ typedef enum {
 
 typedef enum {
     REQ_AUTH,
+    REQ_SELECT,
     REQ_LOAD_FENCE,
     REQ_LOAD_PAGE,
     REQ_POLICY, /* INFO memory */
@@ -114,8 +119,13 @@ struct ntf_client {
     unsigned err_suppressed;
     char refusal[256];     /* why the policy is refused; empty: accepted */
     char key_refusal[256]; /* the last wrong-typed key error of a script */
-    int policy_busy;       /* an INFO memory is out */
-    uint64_t policy_ms;    /* when the last one was sent */
+    char where[320];       /* "host=.. port=.." or "socket=..", for log lines */
+    uv_getaddrinfo_t gai;  /* resolving redis_host; c->resolving while in flight */
+    int resolving;
+    char addrs[NTF_MAX_ADDRS][INET6_ADDRSTRLEN]; /* the last resolution's addresses */
+    int naddr, addr_next; /* how many; the next to try before resolving again */
+    int policy_busy;      /* an INFO memory is out */
+    uint64_t policy_ms;   /* when the last one was sent */
 };
 
 static void on_timer(uv_timer_t *t);
@@ -158,34 +168,40 @@ static void schedule_retry(ntf_client_t *c)
     uv_timer_start(&c->timer, on_timer, delay, 0);
 }
 
-/* Failed attempts are logged on attempts 1, 2, 4, 8, ... so a long outage or a wrong
- * password costs a few lines, not one per retry. */
+/* Failed attempts are logged by the common throttle (fo_log_repeat_due), as PostgreSQL's,
+ * so a long outage or a wrong password costs a few lines, not one per retry. */
 static int attempt_logged(const ntf_client_t *c)
 {
-    return (c->attempts & (c->attempts - 1)) == 0;
+    return fo_log_repeat_due(c->attempts + 1);
 }
 
 /* A connect attempt ended without a usable connection. */
 static void connect_failed(ntf_client_t *c, const char *why)
 {
+    if (c->addr_next < c->naddr) {
+        /* the host name has another address (localhost: ::1, then 127.0.0.1): try it now */
+        char q[256];
+        fo_log(FO_LOG_DEBUG, "redis address failed; trying the next", "server=redis %s error=%s",
+               c->where, fo_log_quote(q, sizeof q, why));
+        c->state = ST_IDLE;
+        uv_timer_start(&c->timer, on_timer, 0, 0);
+        return;
+    }
     if (attempt_logged(c)) {
         char q[256];
-        fo_log(FO_LOG_WARN, "redis connect failed",
-               "server=redis host=%s port=%d error=%s attempt=%u", c->cfg->redis_host,
-               c->cfg->redis_port, fo_log_quote(q, sizeof q, why), c->attempts + 1);
+        fo_log(FO_LOG_WARN, "redis connect failed", "server=redis %s error=%s attempts=%u",
+               c->where, fo_log_quote(q, sizeof q, why), c->attempts + 1);
         /* after a few, say what to check, as the PostgreSQL side does */
         if (why && strstr(why, "Protocol error"))
             fo_log(FO_LOG_ERROR,
                    "the server at FANOUT_REDIS_HOST:FANOUT_REDIS_PORT does not speak the Redis "
                    "protocol: fix FANOUT_REDIS_HOST and FANOUT_REDIS_PORT; retrying",
-                   "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port,
-                   q);
+                   "server=redis %s error=%s", c->where, q);
         else if (c->attempts + 1 >= 4)
             fo_log(FO_LOG_ERROR,
                    "redis unreachable: check FANOUT_REDIS_HOST and FANOUT_REDIS_PORT, the server "
                    "and the network; retrying",
-                   "server=redis host=%s port=%d attempts=%u error=%s", c->cfg->redis_host,
-                   c->cfg->redis_port, c->attempts + 1, q);
+                   "server=redis %s attempts=%u error=%s", c->where, c->attempts + 1, q);
     }
     schedule_retry(c);
     report(c, 0);
@@ -193,7 +209,7 @@ static void connect_failed(ntf_client_t *c, const char *why)
 
 static void client_maybe_free(ntf_client_t *c)
 {
-    if (c->state != ST_CLOSED || c->open_handles || c->ac)
+    if (c->state != ST_CLOSED || c->open_handles || c->ac || c->resolving)
         return;
     assert(!c->head && c->inflight == 0);
     fo_closed_cb on_closed = c->on_closed;
@@ -221,8 +237,8 @@ static void conn_lost(ntf_client_t *c, const char *why)
         return;
     }
     char q[256];
-    fo_log(FO_LOG_WARN, "redis connection lost", "server=redis host=%s port=%d error=%s",
-           c->cfg->redis_host, c->cfg->redis_port, fo_log_quote(q, sizeof q, why));
+    fo_log(FO_LOG_WARN, "redis connection lost", "server=redis %s error=%s", c->where,
+           fo_log_quote(q, sizeof q, why));
     schedule_retry(c);
     report(c, 0);
 }
@@ -301,13 +317,29 @@ static void send_policy_check(ntf_client_t *c)
 
 static void send_handshake(ntf_client_t *c)
 {
-    const char *pw = c->cfg->redis_password;
+    const char *pw = c->cfg->redis_password ? c->cfg->redis_password : "";
+    const char *user = c->cfg->redis_user ? c->cfg->redis_user : "";
     c->handshake_left = 2;
     int rc = 0;
-    if (pw && *pw) {
+    if (*user) {
+        /* an ACL user; one with nopass takes any password, so an empty one is sent too */
+        const char *argv[] = {"AUTH", user, pw};
+        size_t len[] = {4, strlen(user), strlen(pw)};
+        rc |= send_req(c, REQ_AUTH, NULL, NULL, 0, 3, argv, len);
+        c->handshake_left++;
+    } else if (*pw) {
         const char *argv[] = {"AUTH", pw};
         size_t len[] = {4, strlen(pw)};
         rc |= send_req(c, REQ_AUTH, NULL, NULL, 0, 2, argv, len);
+        c->handshake_left++;
+    }
+    if (c->cfg->redis_db > 0) {
+        /* before the scripts: EVALSHA, XINFO and the keys all live in the selected database */
+        char db[16];
+        snprintf(db, sizeof db, "%d", c->cfg->redis_db);
+        const char *argv[] = {"SELECT", db};
+        size_t len[] = {6, strlen(db)};
+        rc |= send_req(c, REQ_SELECT, NULL, NULL, 0, 2, argv, len);
         c->handshake_left++;
     }
     const char *iargv[] = {"INFO", "memory"};
@@ -341,17 +373,23 @@ static void on_connect(const redisAsyncContext *ac, int status)
     }
     c->connected = 1;
     c->state = ST_HANDSHAKE;
-    fo_log(FO_LOG_DEBUG, "redis connected", "server=redis host=%s port=%d", c->cfg->redis_host,
-           c->cfg->redis_port);
+    fo_log(FO_LOG_DEBUG, "redis connected", "server=redis %s", c->where);
     send_handshake(c);
 }
 
-static void connect_start(ntf_client_t *c)
+static int is_ip(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    return host && (inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1);
+}
+
+/* Starts the hiredis connect to a Unix socket (path) or a numeric address (ip): hiredis
+ * resolves with a blocking getaddrinfo, which returns at once for a numeric address. */
+static void connect_to(ntf_client_t *c, const char *path, const char *ip)
 {
     const char *why = "out of memory";
-    /* redisAsyncConnect resolves names with a blocking getaddrinfo: redis_host is an IP
-     * (checked in ntf_client_new), so this never blocks. */
-    redisAsyncContext *ac = redisAsyncConnect(c->cfg->redis_host, c->cfg->redis_port);
+    redisAsyncContext *ac =
+        path ? redisAsyncConnectUnix(path) : redisAsyncConnect(ip, c->cfg->redis_port);
     if (!ac)
         goto failed;
     why = ac->c.errstr;
@@ -361,7 +399,8 @@ static void connect_start(ntf_client_t *c)
         why = "could not poll the socket";
         goto failed_ac;
     }
-    redisEnableKeepAlive(&ac->c); /* notice a dead server on an idle connection */
+    if (!path)
+        redisEnableKeepAlive(&ac->c); /* notice a dead server on an idle connection */
     ac->data = c;
     c->ac = ac;
     c->state = ST_CONNECTING;
@@ -381,6 +420,76 @@ failed:
     connect_failed(c, why);
 }
 
+/* redis_host resolved (on the threadpool, so the loop never waits for DNS): connect to the
+ * first address. A name is resolved again before every connect, so a server that moved
+ * (a new IP behind the same name) is found on the next reconnect. */
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    ntf_client_t *c = req->data;
+    c->resolving = 0;
+    c->naddr = c->addr_next = 0;
+    char list[NTF_MAX_ADDRS * (INET6_ADDRSTRLEN + 1)] = "";
+    for (struct addrinfo *ai = status == 0 ? res : NULL; ai && c->naddr < NTF_MAX_ADDRS;
+         ai = ai->ai_next) {
+        const void *a = ai->ai_family == AF_INET6
+                            ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                            : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+        if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+            !inet_ntop(ai->ai_family, a, c->addrs[c->naddr], sizeof c->addrs[0]))
+            continue;
+        int dup = 0;
+        for (int i = 0; i < c->naddr; i++)
+            dup |= strcmp(c->addrs[i], c->addrs[c->naddr]) == 0;
+        if (dup)
+            continue;
+        size_t n = strlen(list);
+        snprintf(list + n, sizeof list - n, "%s%s", n ? "," : "", c->addrs[c->naddr]);
+        c->naddr++;
+    }
+    uv_freeaddrinfo(res);
+    if (c->state == ST_CLOSED) {
+        client_maybe_free(c);
+        return;
+    }
+    if (c->naddr == 0) {
+        char why[160];
+        snprintf(why, sizeof why, "cannot resolve the host name: %s",
+                 status < 0 ? uv_strerror(status) : "no address");
+        connect_failed(c, why);
+        return;
+    }
+    fo_log(FO_LOG_DEBUG, "redis host resolved", "server=redis %s addresses=%s", c->where, list);
+    connect_to(c, NULL, c->addrs[c->addr_next++]);
+}
+
+static void connect_start(ntf_client_t *c)
+{
+    const cfg_t *cfg = c->cfg;
+    if (cfg->redis_socket && cfg->redis_socket[0]) {
+        connect_to(c, cfg->redis_socket, NULL);
+        return;
+    }
+    if (is_ip(cfg->redis_host)) {
+        connect_to(c, NULL, cfg->redis_host);
+        return;
+    }
+    if (c->addr_next < c->naddr) {
+        connect_to(c, NULL, c->addrs[c->addr_next++]);
+        return;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    c->gai.data = c;
+    c->state = ST_RESOLVING;
+    int rc = uv_getaddrinfo(c->loop, &c->gai, on_resolved, cfg->redis_host, NULL, &hints);
+    if (rc < 0) {
+        char why[160];
+        snprintf(why, sizeof why, "cannot resolve the host name: %s", uv_strerror(rc));
+        connect_failed(c, why);
+        return;
+    }
+    c->resolving = 1;
+}
+
 /* The command watchdog, for READY and REFUSED alike. */
 static void start_watchdog(ntf_client_t *c)
 {
@@ -396,8 +505,7 @@ static void start_watchdog(ntf_client_t *c)
 static void become_refused(ntf_client_t *c)
 {
     c->state = ST_REFUSED;
-    fo_log(FO_LOG_ERROR, c->refusal, "server=redis host=%s port=%d", c->cfg->redis_host,
-           c->cfg->redis_port);
+    fo_log(FO_LOG_ERROR, c->refusal, "server=redis %s", c->where);
     start_watchdog(c);
     report(c, 0);
 }
@@ -405,9 +513,9 @@ static void become_refused(ntf_client_t *c)
 static void become_ready(ntf_client_t *c)
 {
     c->state = ST_READY;
-    fo_log(FO_LOG_INFO, "redis ready", "server=redis host=%s port=%d attempts=%u",
-           c->cfg->redis_host, c->cfg->redis_port, c->attempts + 1);
+    fo_log(FO_LOG_INFO, "redis ready", "server=redis %s attempts=%u", c->where, c->attempts + 1);
     c->attempts = 0;
+    c->naddr = c->addr_next = 0; /* a reconnect resolves the host name afresh */
     start_watchdog(c);
     report(c, 1);
 }
@@ -432,8 +540,8 @@ static void on_timer(uv_timer_t *t)
             send_policy_check(c);
         if (c->head && uv_now(c->loop) - c->head->sent_ms > c->command_timeout_ms) {
             fo_log(FO_LOG_WARN, "redis did not answer in time, reconnecting",
-                   "server=redis host=%s port=%d timeout_ms=%llu inflight=%zu", c->cfg->redis_host,
-                   c->cfg->redis_port, (unsigned long long)c->command_timeout_ms, c->inflight);
+                   "server=redis %s timeout_ms=%llu inflight=%zu", c->where,
+                   (unsigned long long)c->command_timeout_ms, c->inflight);
             c->state = ST_DROPPING;
             c->drop_why = "command timed out";
             uv_timer_stop(&c->timer);
@@ -453,17 +561,27 @@ static void handshake_error(ntf_client_t *c, ntf_req_kind_t kind, const char *te
         return;
     char q[256];
     fo_log_quote(q, sizeof q, text);
-    if (kind == REQ_AUTH)
+    if (kind == REQ_AUTH && c->cfg->redis_user && c->cfg->redis_user[0])
+        fo_log(FO_LOG_ERROR,
+               "redis refused the user name or password: set FANOUT_REDIS_USER (an ACL user, "
+               "or empty for the default one) and FANOUT_REDIS_PASSWORD to the server's",
+               "server=redis %s error=%s attempts=%u", c->where, q, c->attempts + 1);
+    else if (kind == REQ_AUTH)
         fo_log(FO_LOG_ERROR,
                "redis refused the password: set FANOUT_REDIS_PASSWORD to the server's password "
                "(or leave it empty if the server has none)",
-               "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
+               "server=redis %s error=%s attempts=%u", c->where, q, c->attempts + 1);
+    else if (kind == REQ_SELECT)
+        fo_log(FO_LOG_ERROR,
+               "redis refused the database index: set FANOUT_REDIS_DB below the server's "
+               "databases setting (Redis Cluster has database 0 only)",
+               "server=redis %s error=%s attempts=%u", c->where, q, c->attempts + 1);
     else if (strncmp(text, "NOAUTH", 6) == 0)
         fo_log(FO_LOG_ERROR, "redis requires a password: set FANOUT_REDIS_PASSWORD",
-               "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
+               "server=redis %s error=%s attempts=%u", c->where, q, c->attempts + 1);
     else
         fo_log(FO_LOG_ERROR, "redis refused to load the fanout scripts (Redis 7 or newer needed)",
-               "server=redis host=%s port=%d error=%s", c->cfg->redis_host, c->cfg->redis_port, q);
+               "server=redis %s error=%s attempts=%u", c->where, q, c->attempts + 1);
 }
 
 /* An INFO memory reply, at the handshake or later: swaps READY and REFUSED as it says. */
@@ -518,13 +636,15 @@ static void handshake_reply(ntf_client_t *c, ntf_req_kind_t kind, const redisRep
         handshake_error(c, kind, text);
         if (kind == REQ_AUTH)
             conn_drop(c, "password refused");
+        else if (kind == REQ_SELECT)
+            conn_drop(c, "database index refused");
         else if (strncmp(text, "NOAUTH", 6) == 0)
             conn_drop(c, "password required");
         else
             conn_drop(c, "SCRIPT LOAD refused");
         return;
     }
-    if (kind != REQ_AUTH) {
+    if (kind != REQ_AUTH && kind != REQ_SELECT) {
         if (rep->type != REDIS_REPLY_STRING || rep->len != 40) {
             fo_log(FO_LOG_ERROR, "redis sent an unexpected SCRIPT LOAD reply", "server=redis");
             conn_drop(c, "bad SCRIPT LOAD reply");
@@ -660,12 +780,6 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 
 /* ---- public API ---- */
 
-static int is_ip(const char *host)
-{
-    unsigned char buf[sizeof(struct in6_addr)];
-    return host && (inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1);
-}
-
 ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state, void *data)
 {
     if (cfg->redis_cluster && *cfg->redis_cluster) {
@@ -678,9 +792,8 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
         }
         return c;
     }
-    if (!is_ip(cfg->redis_host)) {
-        fo_log(FO_LOG_ERROR, "redis host must be an IP address (no DNS on the loop)",
-               "server=redis setting=FANOUT_REDIS_HOST");
+    if (!(cfg->redis_socket && cfg->redis_socket[0]) && !(cfg->redis_host && cfg->redis_host[0])) {
+        fo_log(FO_LOG_ERROR, "notifier needs a redis host or socket", "server=redis");
         return NULL;
     }
     if (cfg->shards < 1 || !cfg->key_prefix) {
@@ -701,6 +814,17 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     c->on_state = on_state;
     c->data = data;
     c->reported = -1;
+    char q[300];
+    if (cfg->redis_socket && cfg->redis_socket[0])
+        snprintf(c->where, sizeof c->where, "socket=%s",
+                 fo_log_quote(q, sizeof q, cfg->redis_socket));
+    else
+        snprintf(c->where, sizeof c->where, "host=%s port=%d",
+                 fo_log_quote(q, sizeof q, cfg->redis_host), cfg->redis_port);
+    if (cfg->redis_db > 0) {
+        size_t n = strlen(c->where);
+        snprintf(c->where + n, sizeof c->where - n, " db=%d", cfg->redis_db);
+    }
     c->connect_timeout_ms = NTF_CONNECT_TIMEOUT_MS;
     c->command_timeout_ms = NTF_COMMAND_TIMEOUT_MS;
     ntf__enc_init(&c->enc);
@@ -784,6 +908,8 @@ void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data)
     c->on_closed = on_closed;
     c->closed_data = data;
     c->on_state = NULL;
+    if (c->resolving)
+        uv_cancel((uv_req_t *)&c->gai); /* on_resolved runs (UV_ECANCELED or done) and frees */
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->defer, on_handle_closed);
     if (c->ac && !c->freeing) {

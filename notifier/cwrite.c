@@ -382,7 +382,38 @@ typedef struct cw_backlog {
     int status;
     long long worst;
     int shard;
+    /* each group's largest backlog over the shards answered so far (names copied: the
+     * replies are gone by the time the last shard answers) */
+    char *name[NTF_MAX_GROUPS];
+    size_t name_len[NTF_MAX_GROUPS];
+    long long group_backlog[NTF_MAX_GROUPS];
+    size_t ngroups;
 } cw_backlog_t;
+
+/* Folds one shard's per-group backlogs ({worst, shard, name, backlog, ...}) into b. */
+static void merge_groups(cw_backlog_t *b, const redisReply *rep)
+{
+    for (size_t i = 2; i + 1 < rep->elements; i += 2) {
+        const redisReply *name = rep->element[i], *v = rep->element[i + 1];
+        if (name->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_INTEGER)
+            continue;
+        size_t g = 0;
+        while (g < b->ngroups &&
+               !(b->name_len[g] == name->len && memcmp(b->name[g], name->str, name->len) == 0))
+            g++;
+        if (g == b->ngroups) {
+            if (g == NTF_MAX_GROUPS)
+                continue;
+            b->name[g] = fo_xmalloc(name->len + 1);
+            memcpy(b->name[g], name->str, name->len);
+            b->name_len[g] = name->len;
+            b->group_backlog[g] = v->integer;
+            b->ngroups++;
+        } else if (v->integer > b->group_backlog[g]) {
+            b->group_backlog[g] = v->integer;
+        }
+    }
+}
 
 typedef struct cw_backlog_part {
     cw_backlog_t *b;
@@ -403,16 +434,18 @@ static void on_backlog_part(int status, const redisReply *rep, void *data)
         b->worst = backlog;
         b->shard = part->shard;
     }
+    if (status == 0)
+        merge_groups(b, rep);
     free(part);
     if (--b->left > 0)
         return;
-    ntf_backlog_cb cb = b->cb;
-    void *cdata = b->data;
-    int st = b->status;
-    long long worst = b->worst;
-    int shard = b->shard;
+    ntf_group_backlog_t groups[NTF_MAX_GROUPS];
+    for (size_t g = 0; g < b->ngroups; g++)
+        groups[g] = (ntf_group_backlog_t){b->name[g], b->name_len[g], b->group_backlog[g]};
+    b->cb(b->status, b->worst, b->shard, groups, b->status == 0 ? b->ngroups : 0, b->data);
+    for (size_t g = 0; g < b->ngroups; g++)
+        free(b->name[g]);
     free(b);
-    cb(st, worst, shard, cdata);
 }
 
 int ntf__cw_backlog(ntf_cw_t *cw, ntf_backlog_cb cb, void *data)

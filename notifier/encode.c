@@ -262,6 +262,10 @@ static char *put_layout_tail(ntf_enc_t *e, char *pos, const ntf_layout_t *lay)
     pos = put_i64(e, pos, lay->inbox_ttl_s);
     put_str(e, lay->sidekiq_queue);
     put_str(e, lay->sidekiq_class);
+    if (lay->sidekiq_retry == CFG_RETRY_FALSE) {
+        put_ref(e, "false", 5); /* spliced into the job's JSON as its retry field */
+        return pos;
+    }
     return put_i64(e, pos, lay->sidekiq_retry);
 }
 
@@ -434,7 +438,7 @@ int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, si
 
 int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard)
 {
-    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->elements % 2 != 0 ||
         r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_INTEGER)
         return FO_EREDIS;
     *backlog = r->element[0]->integer;

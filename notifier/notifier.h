@@ -47,11 +47,12 @@ typedef struct ntf_client ntf_client_t;
 typedef void (*ntf_state_cb)(ntf_client_t *c, int up, void *data);
 
 /*
- * Creates a client on `loop` for cfg's redis_host, redis_port, redis_password, key_prefix,
- * shards and reconnect_max_ms, and starts connecting at once. cfg must outlive the client.
- * on_state may run only from the loop, never before this returns.
- * Returns NULL, after logging why, if redis_host is not an IP address (hiredis would
- * resolve a name with a blocking getaddrinfo) or shards < 1.
+ * Creates a client on `loop` for cfg's redis_socket, or redis_host (a name is resolved with
+ * uv_getaddrinfo, off the loop, before every connect) and redis_port; redis_user,
+ * redis_password, redis_db, key_prefix, shards and reconnect_max_ms, and starts connecting
+ * at once. cfg must outlive the client. on_state may run only from the loop, never before
+ * this returns. Returns NULL, after logging why, if neither host nor socket is set or
+ * shards < 1.
  */
 ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_state, void *data);
 
@@ -147,10 +148,18 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
  * Measures how far consumers are behind: for every shard stream, the largest backlog over
  * its consumer groups, where a group's backlog is the entries it has not read yet (lag, or
  * the stream length when Redis cannot tell) plus those read and not acknowledged
- * (pending). Streams without groups count 0. cb gets the largest backlog and its shard.
+ * (pending). Streams without groups count 0. cb gets the largest backlog and its shard, and
+ * each group's largest backlog over the shards (at most NTF_MAX_GROUPS of them).
  * Returns 0 if sent (cb runs later), FO_EREDIS if not ready (cb never runs).
  */
-typedef void (*ntf_backlog_cb)(int status, long long backlog, int shard, void *data);
+typedef struct ntf_group_backlog {
+    const char *name; /* borrowed until the callback returns; not NUL-terminated */
+    size_t name_len;
+    long long backlog; /* the group's largest backlog over the shards */
+} ntf_group_backlog_t;
+enum { NTF_MAX_GROUPS = 64 }; /* groups reported (the backlog itself covers all) */
+typedef void (*ntf_backlog_cb)(int status, long long backlog, int shard,
+                               const ntf_group_backlog_t *groups, size_t ngroups, void *data);
 int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data);
 
 /*

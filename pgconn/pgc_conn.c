@@ -410,7 +410,7 @@ static void setup_failed(pgc_conn_t *c, const pgc_query_t *q)
         return;
     }
     c->permanent++;
-    if (c->permanent == 1 || c->permanent % 30 == 0)
+    if (fo_log_repeat_due(c->permanent))
         fo_log(FO_LOG_ERROR, fix, "server=postgresql conn=%s error=%s refusals=%u", c->name, what,
                c->permanent);
 }
@@ -601,18 +601,24 @@ static void connect_done(uv_work_t *w, int status)
         const char *fix = pg ? pgc_refusal_fix(PQerrorMessage(pg)) : NULL;
         if (fix) {
             c->permanent++;
-            if (c->permanent == 1 || c->permanent % 30 == 0)
+            if (fo_log_repeat_due(c->permanent))
                 fo_log(FO_LOG_ERROR, fix, "server=postgresql conn=%s error=%s refusals=%u", c->name,
                        what, c->permanent);
-        } else {
+        } else if (fo_log_repeat_due(c->attempt + 1)) {
             c->permanent = 0;
-            fo_log(FO_LOG_WARN, "cannot connect; retrying", "server=postgresql conn=%s error=%s",
-                   c->name, what);
-            if (c->attempt == 4 || (c->attempt > 4 && c->attempt % 50 == 0))
+            /* the common throttle: attempts 1, 2, 4, ... then every 64th */
+            if (c->attempt + 1 < 4)
+                fo_log(FO_LOG_WARN, "cannot connect; retrying",
+                       "server=postgresql conn=%s error=%s attempts=%u", c->name, what,
+                       c->attempt + 1);
+            else
                 fo_log(FO_LOG_ERROR,
                        "postgresql unreachable: check FANOUT_PG_DSN (or PG* variables), the "
                        "server and the network; retrying",
-                       "conn=%s attempts=%u error=%s", c->name, c->attempt + 1, what);
+                       "server=postgresql conn=%s attempts=%u error=%s", c->name, c->attempt + 1,
+                       what);
+        } else {
+            c->permanent = 0;
         }
         PQfinish(pg);
         c->state = ST_DOWN;

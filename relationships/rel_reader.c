@@ -139,7 +139,8 @@ typedef struct req {
     rel_page_cb cb;
     void *data;
     int replica, slot;
-    char why[160]; /* a message of our own, when err is not the server's */
+    uint64_t queued_ns, sent_ns; /* fetch called; query sent (after the budget, a slot) */
+    char why[160];               /* a message of our own, when err is not the server's */
 } req_t;
 
 typedef struct pool {
@@ -171,6 +172,8 @@ struct rel_reader {
     int not_standby;         /* the replica DSN names a server not in recovery */
     const char *why;         /* why the replica is not used now (a static string) */
     rel_reader_stats_t stats;
+    rel_timing_cb on_timing;
+    void *timing_data;
 };
 
 static void dispatch(rel_reader_t *r);
@@ -327,8 +330,10 @@ static int parse_page(req_t *q, int status, const PGresult *res, size_t *n, cons
     if (status == 0) {
         int rows = PQntuples(res);
         if (PQnfields(res) != 1 || PQftype(res, 0) != 20 /* int8 */ || rows > q->limit) {
-            fo_log(FO_LOG_ERROR, "contract view returned an unexpected shape",
-                   "fields=%d rows=%d; the follower column must be bigint", PQnfields(res), rows);
+            fo_log(FO_LOG_ERROR,
+                   "contract view returned an unexpected shape: one bigint follower column "
+                   "expected",
+                   "fields=%d rows=%d limit=%d", PQnfields(res), rows, q->limit);
             *err = "the contract view's follower column is not bigint";
             return FO_ECONTRACT;
         }
@@ -376,6 +381,11 @@ static void on_page(int status, const PGresult *res, void *data)
     size_t n;
     const char *err;
     status = parse_page(q, status, res, &n, &err);
+    if (r->on_timing && status != FO_ESTOP) {
+        uint64_t now = uv_hrtime();
+        r->on_timing((double)(q->sent_ns - q->queued_ns) / 1e9, (double)(now - q->sent_ns) / 1e9,
+                     r->timing_data);
+    }
     pool_t *p = q->replica ? &r->replica : &r->primary;
     p->busy[q->slot] = 0;
     rel__bucket_give(&r->bucket, q->limit - (int)n);
@@ -419,6 +429,7 @@ static void dispatch(rel_reader_t *r)
             r->tail = NULL;
         q->replica = replica;
         q->slot = slot;
+        q->sent_ns = uv_hrtime();
         p->busy[slot] = 1;
         rel__bucket_take(&r->bucket, q->limit);
         char author[24], after[24], upto[24], limit[16];
@@ -496,7 +507,8 @@ int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upt
                  .limit = limit,
                  .out = out,
                  .cb = cb,
-                 .data = data};
+                 .data = data,
+                 .queued_ns = uv_hrtime()};
     if (r->tail)
         r->tail->next = q;
     else
@@ -504,6 +516,12 @@ int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upt
     r->tail = q;
     dispatch(r);
     return 0;
+}
+
+void rel_reader_set_timing(rel_reader_t *r, rel_timing_cb cb, void *data)
+{
+    r->on_timing = cb;
+    r->timing_data = data;
 }
 
 void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out)

@@ -67,6 +67,12 @@ int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upt
 
 void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out);
 
+/* For the latency metrics, per answered page (not for pages failed by a close): wait_s from
+ * rel_reader_fetch to the query being sent (the read budget, or every page connection
+ * busy), query_s from sent to answered. cb NULL: none. */
+typedef void (*rel_timing_cb)(double wait_s, double query_s, void *data);
+void rel_reader_set_timing(rel_reader_t *r, rel_timing_cb cb, void *data);
+
 /*
  * Runs one other read of the contract view (pgc_conn_query_view) on a read-only page
  * connection to the primary, queued behind its page query if one is running. For small

@@ -37,6 +37,38 @@ static void test_defaults(void **state)
     cfg_free(&c);
 }
 
+/* Redis by host name, Unix socket, database index and ACL user; sidekiq retry may be false. */
+static void test_redis_connection_settings(void **state)
+{
+    char *env[] = {"FANOUT_REDIS_HOST=redis.internal",
+                   "FANOUT_REDIS_SOCKET=/run/redis/redis.sock",
+                   "FANOUT_REDIS_DB=1",
+                   "FANOUT_REDIS_USER=fanout",
+                   "FANOUT_SIDEKIQ_RETRY=false",
+                   NULL};
+    char *argv[] = {"fanoutd", NULL};
+    cfg_t c;
+    assert_int_equal(load(env, 1, argv, &c), 0);
+    assert_string_equal(c.redis_host, "redis.internal");
+    assert_string_equal(c.redis_socket, "/run/redis/redis.sock");
+    assert_int_equal(c.redis_db, 1);
+    assert_string_equal(c.redis_user, "fanout");
+    assert_int_equal(c.sidekiq_retry, CFG_RETRY_FALSE);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&buf, &len);
+    cfg_print(&c, out);
+    fclose(out);
+    assert_non_null(strstr(buf, "\nsidekiq_retry=false\n"));
+    assert_non_null(strstr(buf, "\nredis_db=1\n"));
+    free(buf);
+    cfg_free(&c);
+    char *env2[] = {"FANOUT_SIDEKIQ_RETRY=3", NULL};
+    assert_int_equal(load(env2, 1, argv, &c), 0);
+    assert_int_equal(c.sidekiq_retry, 3);
+    cfg_free(&c);
+}
+
 static void test_env_then_flags_win(void **state)
 {
     char *env[] = {"FANOUT_SHARDS=8", "FANOUT_PAGE_SIZE=100", "PATH=/bin", "OTHER_X=1", NULL};
@@ -97,8 +129,12 @@ static void test_bad_strings(void **state)
     expect_error(e1, 1, argv, "expected error, warn, info or debug");
     char *e2[] = {"FANOUT_REDIS_HOST=", NULL};
     expect_error(e2, 1, argv, "redis_host is empty");
-    char *e2b[] = {"FANOUT_REDIS_HOST=localhost", NULL};
-    expect_error(e2b, 1, argv, "redis_host \"localhost\" is not an IP address");
+    char *e2b[] = {"FANOUT_REDIS_HOST=/run/redis.sock", NULL};
+    expect_error(e2b, 1, argv, "for a Unix socket set redis_socket");
+    char *e2c[] = {"FANOUT_REDIS_SOCKET=redis.sock", NULL};
+    expect_error(e2c, 1, argv, "redis_socket \"redis.sock\" is not an absolute path");
+    char *e2d[] = {"FANOUT_SIDEKIQ_RETRY=no", NULL};
+    expect_error(e2d, 1, argv, "expected false or a whole number");
     char *e3[] = {"FANOUT_KEY_PREFIX=a b", NULL};
     expect_error(e3, 1, argv, "key_prefix");
 }
@@ -383,6 +419,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_env_then_flags_win),
+        cmocka_unit_test(test_redis_connection_settings),
         cmocka_unit_test(test_bad_numbers),
         cmocka_unit_test(test_unknown_names),
         cmocka_unit_test(test_bad_strings),

@@ -72,6 +72,57 @@ TEST_USER = "fanout-test"
 
 # A report of ASan/LSan ("==123==ERROR: AddressSanitizer: ...", "ERROR: LeakSanitizer: ...")
 # or UBSan ("file.c:12:5: runtime error: ..."), as the sanitizer build writes to stderr.
+LOG_LEVELS = {"error": 3, "warn": 4, "info": 6, "debug": 7}  # and their journald priorities
+_LOGFMT_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|[^\s"=]*)(?: |$)')
+# lines a tool wrapped around fanoutd writes into its log, not fanoutd's own
+_FOREIGN_LINE = re.compile(r"^==\d+==|^--\d+--")
+
+
+def parse_logfmt(line):
+    """One fanoutd log line -> {key: value} (quoted values unescaped), with "priority" set
+    when the line carries journald's <N> prefix. Raises ValueError naming what is wrong
+    when the line is not logfmt as fanoutd writes it: an optional <N>, then ts=...Z,
+    level=, msg=, then key=value pairs, values bare or quoted with \\ \" \\n escapes."""
+    out = {}
+    m = re.match(r"^<([0-7])>", line)
+    if m:
+        out["priority"] = int(m.group(1))
+        line = line[m.end():]
+    pos = 0
+    while pos < len(line):
+        pm = _LOGFMT_PAIR.match(line, pos)
+        if not pm or pm.end() == pos:
+            raise ValueError("not logfmt at column %d: %r" % (pos, line))
+        key, value = pm.group(1), pm.group(2)
+        if value.startswith('"'):
+            value = re.sub(r'\\(.)', lambda e: "\n" if e.group(1) == "n" else e.group(1),
+                           value[1:-1])
+        out[key] = value
+        pos = pm.end()
+    if [k for k in out if k != "priority"][:3] != ["ts", "level", "msg"]:
+        raise ValueError("does not start ts= level= msg=: %r" % line)
+    if not re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", out["ts"]):
+        raise ValueError("ts is not UTC with milliseconds: %r" % line)
+    if out["level"] not in LOG_LEVELS:
+        raise ValueError("unknown level: %r" % line)
+    if "priority" in out and out["priority"] != LOG_LEVELS[out["level"]]:
+        raise ValueError("journald priority does not match the level: %r" % line)
+    return out
+
+
+def log_lines_not_logfmt(text):
+    """[(line number, why)] for every line of a fanoutd log that parse_logfmt refuses."""
+    bad = []
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line or _FOREIGN_LINE.match(line):
+            continue
+        try:
+            parse_logfmt(line)
+        except ValueError as e:
+            bad.append((no, str(e)))
+    return bad
+
+
 SANITIZER_REPORT = re.compile(r"^.*(ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:).*$",
                               re.M)
 
@@ -1636,6 +1687,7 @@ class Suite:
                         s = shared
                     fn(s)
                     self.check_sanitizers(s)
+                    self.check_logs(s)
                     passed += 1
                     print("ok   %s (%.1fs)" % (fn.__name__, time.monotonic() - started),
                           flush=True)
@@ -1666,6 +1718,22 @@ class Suite:
         if reports:
             raise AssertionError("sanitizer report in the daemon log: " + "; ".join(
                 "%s: %s" % r for r in reports))
+
+    @staticmethod
+    def check_logs(s):
+        """Raises AssertionError naming each line of the daemons' logs that is not logfmt
+        with a matching journald priority (every line of every daemon the suite started,
+        configuration errors included)."""
+        bad = []
+        for d in s.daemons:
+            try:
+                text = d.log()
+            except OSError:
+                continue
+            bad += ["%s line %d: %s" % (d.name, no, why)
+                    for no, why in log_lines_not_logfmt(text)]
+        if bad:
+            raise AssertionError("daemon log lines that are not logfmt:\n" + "\n".join(bad[:20]))
 
     def main(self):
         sys.exit(self.run(sys.argv[1:]))

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 
-from harness import FANOUTCTL, SOURCE_DIR, Suite
+from harness import FANOUTCTL, SOURCE_DIR, Suite, parse_logfmt
 
 suite = Suite("test_consumers")
 
@@ -319,7 +319,8 @@ def new_options_fail_with_one_line(s):
     # fanoutd refuses a bad layout list with one line naming the setting
     d = s.start_daemon(FANOUT_LAYOUTS="stream,mailbox")
     assert d.wait() == 2, d.log_tail()
-    assert 'layouts is "stream,mailbox"' in d.log(), d.log_tail()
+    line = parse_logfmt(d.log().strip())
+    assert 'layouts is "stream,mailbox"' in line["error"], d.log_tail()
 
 
 

@@ -8,6 +8,7 @@ name) and point NOTIFY_SOCKET at it, the way systemd does.
 
 import glob
 import http.client
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import time
 import uuid
 
-from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get
+from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get, parse_logfmt
 
 suite = Suite("test_service")
 
@@ -187,12 +188,14 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         notify.wait_for("READY", "1", daemon=d)
         assert http_get(port, "/healthz")[0::2] == (200, "ready\n")
         before = scrape(port)
-        for name in ("fanout_events_claimed_total", "fanout_events_done_total",
-                     "fanout_events_failed_total", "fanout_events_dead_total",
+        for name in ("fanout_jobs_claimed_total", "fanout_events_done_total",
+                     "fanout_jobs_done_total", "fanout_jobs_failed_total", "fanout_jobs_dead_total",
                      "fanout_notifications_written_total", "fanout_pages_read_total",
                      "fanout_rows_read_total", "fanout_paused_by_backpressure"):
             assert before[name] == 0, (name, before[name])
         assert before["fanout_ready"] == 1
+        assert before['fanout_server_up{server="postgresql"}'] == 1
+        assert before['fanout_server_up{server="redis"}'] == 1
         for server in ("postgresql", "redis"):
             assert 'fanout_reconnects_total{server="%s"}' % server in before
             assert 'fanout_errors_total{server="%s"}' % server in before
@@ -201,7 +204,7 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         ev = s.publish(5)
         # the gate holds the fan-out after the first 5000 followers: the counters stand there
         mid = wait_metric(port, "fanout_notifications_written_total", 5000)
-        assert mid["fanout_events_claimed_total"] == 1
+        assert mid["fanout_jobs_claimed_total"] == 1
         assert mid["fanout_rows_read_total"] == 5000
         assert mid["fanout_pages_read_total"] == 5000 // page
         assert mid["fanout_jobs_running"] == 1
@@ -249,10 +252,12 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
         assert end["fanout_rows_read_total"] == delivered
         assert end["fanout_pages_read_total"] == n_followers // page + 1 + 1  # + empty last, ev2
         assert end["fanout_page_read_seconds_count"] == end["fanout_pages_read_total"]
+        assert end["fanout_page_wait_seconds_count"] == end["fanout_pages_read_total"]
         assert end["fanout_redis_write_seconds_count"] >= n_followers // page
         assert end["fanout_publish_to_done_seconds_count"] == 2
         assert end["fanout_publish_to_done_seconds_sum"] > 0
-        assert end["fanout_events_claimed_total"] == 2
+        assert end["fanout_jobs_claimed_total"] == 2
+        assert end["fanout_jobs_done_total"] == 2
         assert end["fanout_jobs_running"] == 0
         assert end["fanout_pages_in_flight"] == 0
         # stream lengths (XLEN on the 5 s timer) add up to what was written
@@ -335,6 +340,80 @@ def metrics_pass_promtool_and_match_the_docs(s):
     assert d.stop() == 0
 
 
+RULES = os.path.join(SOURCE_DIR, "deploy", "prometheus", "fanout.rules.yml")
+DASHBOARD = os.path.join(SOURCE_DIR, "deploy", "grafana", "fanout-dashboard.json")
+
+
+def metric_names(expr):
+    """fanout_* and process_* series an expression reads (histogram suffixes removed)."""
+    return {re.sub(r"_(bucket|sum|count)$", "", n)
+            for n in re.findall(r"\b((?:fanout|process)_[a-z0-9_]+)", expr)}
+
+
+@suite.test
+def alert_rules_and_dashboard_pass_promtool_and_name_served_metrics(s):
+    r = subprocess.run(["promtool", "check", "rules", RULES], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+    with open(RULES) as f:
+        rules = f.read()
+    alerts = set(re.findall(r"^\s*- alert: (\S+)", rules, re.M))
+    # the alerts issue 16 asks for: stuck fan-out, dead jobs, backpressure pause, Redis or
+    # PostgreSQL unreachable, growing consumer lag
+    assert {"FanoutStuck", "FanoutDeadJobs", "FanoutPausedByBackpressure",
+            "FanoutRedisUnreachable", "FanoutPostgresUnreachable",
+            "FanoutConsumerLagGrowing"} <= alerts, alerts
+    with open(DASHBOARD) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10, exprs
+    exprs += re.findall(r"^\s*expr: (.*)$", rules, re.M)
+    named = set().union(*(metric_names(e) for e in exprs))
+    # everything named must be served: scrape a fanoutd that has a consumer group to show
+    port = free_port()
+    s.redis.xgroup_create("fanout:stream:0", "g", id="0", mkstream=True)
+    d = s.start_daemon(FANOUT_METRICS_PORT=port)
+    d.wait_log("listening", timeout=30)
+    deadline = time.monotonic() + 20
+    while 'fanout_consumer_backlog{group="g"}' not in scrape(port):
+        assert time.monotonic() < deadline, "no consumer backlog sample"
+        time.sleep(0.2)
+    served = set(re.findall(r"^# TYPE (\S+) ", http_get(port, "/metrics")[2], re.M))
+    assert named <= served, "named by the rules or dashboard, not served: %s" % sorted(
+        named - served)
+    assert d.stop() == 0
+
+
+@suite.test
+def events_and_jobs_counted_apart_backlog_per_group_and_budget_wait(s):
+    # one event split into 4 jobs counts 1 event and 4 jobs; page read time is the query's,
+    # the wait behind the read budget is its own histogram
+    s.seed_followers(7, 40)
+    port = free_port()
+    d = s.start_daemon(FANOUT_METRICS_PORT=port, FANOUT_SPLIT_MIN_SPAN=10, FANOUT_SPLIT_PARTS=4,
+                       FANOUT_PAGE_SIZE=5, FANOUT_READ_BUDGET_ROWS_S=100, FANOUT_SHARDS=1)
+    ev = s.publish(7)
+    s.wait_event_done(ev)
+    assert s.sql_value("SELECT count(*) FROM fanout.jobs WHERE event_id = %s", (ev,)) == 4
+    m = wait_metric(port, "fanout_jobs_done_total", 4)
+    assert m["fanout_events_done_total"] == 1 and m["fanout_jobs_claimed_total"] == 4, m
+    assert m["fanout_page_wait_seconds_count"] == m["fanout_pages_read_total"]
+    # 40 rows at 100 rows/s in pages of 5: the budget makes pages wait, not the queries
+    assert m["fanout_page_wait_seconds_sum"] > 0.1, m["fanout_page_wait_seconds_sum"]
+    # consumer backlog per group: g1 from the start (all 40 unread), g2 from now (none)
+    s.redis.xgroup_create("fanout:stream:0", "g1", id="0")
+    s.redis.xgroup_create("fanout:stream:0", "g2", id="$")
+    deadline = time.monotonic() + 20
+    while True:
+        m = scrape(port)
+        if m.get('fanout_consumer_backlog{group="g1"}') == 40 and \
+                m.get('fanout_consumer_backlog{group="g2"}') == 0:
+            break
+        assert time.monotonic() < deadline, {k: v for k, v in m.items() if "backlog" in k}
+        time.sleep(0.2)
+    assert d.stop() == 0
+
+
 # --------------------------------------------------------------------------------------------
 # logs
 # --------------------------------------------------------------------------------------------
@@ -351,13 +430,43 @@ def logs_are_logfmt_with_journald_priorities_and_no_secrets(s):
     lines = d.log().splitlines()
     assert lines, "no log"
     for line in lines:
-        m = re.match(r"^<([3467])>ts=\S+Z level=(error|warn|info|debug) msg=", line)
-        assert m, "not a journald-prefixed logfmt line: %r" % line
-        assert {"3": "error", "4": "warn", "6": "info", "7": "debug"}[m.group(1)] == \
-            re.search(r"level=(\w+)", line).group(1)
+        assert "priority" in parse_logfmt(line), "no journald prefix: %r" % line
     assert secret not in d.log()
     # no line per notification or per page on the hot path: 50 pages, a handful of lines
     assert len(lines) < 25, "%d lines for one 500-follower event" % len(lines)
+
+
+@suite.test
+def per_job_lines_are_rate_limited_and_debug_shows_each_page(s):
+    s.seed_followers(4, 30)
+    counts = {}
+    for level in ("info", "debug"):
+        d = s.start_daemon(FANOUT_LOG_LEVEL=level, FANOUT_PAGE_SIZE=10)
+        events = [s.publish(4) for _ in range(12)]
+        for ev in events:
+            s.wait_event_done(ev)
+        assert d.stop() == 0
+        log = d.log()
+        counts[level] = (log.count('msg="job claimed"'), log.count('msg="job done"'),
+                         log.count('msg="page written"'), log.count('msg="page read"'))
+    # info: at most FO_LOG_BURST (5) per kind per 10 s; debug: every job, every page
+    assert counts["info"][0] <= 5 and counts["info"][1] <= 5 and counts["info"][2:] == (0, 0), \
+        counts
+    assert counts["debug"][:2] == (12, 12) and counts["debug"][2] >= 12 * 3, counts
+    assert counts["debug"][3] >= 12 * 3, counts
+
+
+@suite.test(servers=dict(migrate=False))
+def the_log_check_refuses_what_is_not_logfmt(s):
+    from harness import log_lines_not_logfmt
+    good = ('ts=2026-12-01T10:00:00.000Z level=info msg="job done" job=1 error="a \\"b\\""\n'
+            '<3>ts=2026-12-01T10:00:00.000Z level=error msg=x\n==12== valgrind says\n')
+    assert log_lines_not_logfmt(good) == []
+    bad = ["fanoutd: shards is 0", "problems=1; see docs/x.md",
+           "ts=2026-12-01T10:00:00.000Z level=loud msg=x",
+           "<6>ts=2026-12-01T10:00:00.000Z level=error msg=x",
+           'ts=2026-12-01T10:00:00.000Z level=info msg="unterminated']
+    assert [no for no, _ in log_lines_not_logfmt("\n".join(bad))] == [1, 2, 3, 4, 5]
 
 
 @suite.test
@@ -483,9 +592,15 @@ def configuration_errors_name_the_setting_and_what_is_accepted(s):
         r = run_fanoutd(s, *args, env=env)
         assert r.returncode == 2, (env, args, r.returncode, r.stderr)
         lines = r.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("fanoutd: ") and want in lines[0], \
-            (env, args, r.stderr)
+        assert len(lines) == 1, (env, args, r.stderr)
+        line = parse_logfmt(lines[0])  # logfmt like every other line
+        assert line["level"] == "error" and want in line["error"], (env, args, r.stderr)
         assert r.stdout == ""
+    # under systemd the same line carries priority err (<3>), for `journalctl -p err`
+    e = dict(s.env_for_daemon(FANOUT_SHARDS="0"), JOURNAL_STREAM="8:12345")
+    r = subprocess.run([FANOUTD], env=e, capture_output=True, text=True, timeout=30)
+    line = parse_logfmt(r.stderr.strip())
+    assert r.returncode == 2 and line["priority"] == 3 and "shards" in line["error"], r.stderr
     # a metrics address that is not an IP address
     r = run_fanoutd(s, env={"FANOUT_METRICS_HOST": "localhost", "FANOUT_METRICS_PORT": "1"})
     assert r.returncode == 1 and "FANOUT_METRICS_HOST" in r.stderr, r.stderr
@@ -599,6 +714,8 @@ def installed_tree_runs(s):
               "share/doc/fanout/changelog.gz", "share/doc/fanout/LICENSE",
               "share/doc/fanout/examples/consumers/python/consumer.py",
               "share/man/man8/fanoutd.8.gz", "share/man/man1/fanoutctl.1.gz",
+              "share/doc/fanout/prometheus/fanout.rules.yml",
+              "share/doc/fanout/grafana/fanout-dashboard.json",
               "share/fanout/sql/001_relationships.sql"]
     for p in expect:
         assert os.path.isfile(os.path.join(root, p)), "not installed: %s" % p

@@ -199,7 +199,7 @@ static void run_for(tctx_t *t, uint64_t ms)
     run_until(t, &never, 1, ms);
 }
 
-static tctx_t *ctx_new(int port, const char *prefix, const char *password)
+static tctx_t *ctx_new_at(int port, const char *prefix, const char *password, const char *host)
 {
     tctx_t *t = calloc(1, sizeof *t);
     assert_int_equal(uv_loop_init(&t->loop), 0);
@@ -207,7 +207,7 @@ static tctx_t *ctx_new(int port, const char *prefix, const char *password)
     t->guard.data = t;
     t->port = port;
     snprintf(t->prefix, sizeof t->prefix, "%s", prefix);
-    t->cfg.redis_host = "127.0.0.1";
+    t->cfg.redis_host = (char *)host;
     t->cfg.redis_port = port;
     t->cfg.redis_password = (char *)(password ? password : "");
     t->cfg.key_prefix = t->prefix;
@@ -217,6 +217,11 @@ static tctx_t *ctx_new(int port, const char *prefix, const char *password)
     t->c = ntf_client_new(&t->loop, &t->cfg, on_state, t);
     assert_non_null(t->c);
     return t;
+}
+
+static tctx_t *ctx_new(int port, const char *prefix, const char *password)
+{
+    return ctx_new_at(port, prefix, password, "127.0.0.1");
 }
 
 static void ctx_free(tctx_t *t)
@@ -842,18 +847,26 @@ static void test_deadlines(void **state)
     redis_stop(pid);
 }
 
-static void test_not_an_ip(void **state)
+/* A host name is resolved (uv_getaddrinfo, off the loop) and the client becomes ready; a
+ * page written through it lands as through an IP address. */
+static void test_host_name(void **state)
 {
     (void)state;
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    cfg_t cfg = {.redis_host = "localhost",
-                 .redis_port = 6379,
-                 .redis_password = "",
-                 .key_prefix = "x",
-                 .shards = 1};
-    assert_null(ntf_client_new(&loop, &cfg, NULL, NULL));
-    assert_int_equal(uv_loop_close(&loop), 0);
+    tctx_t *t = ctx_new_at(shared_port, "hostname", NULL, "localhost");
+    connect_ready(t);
+    ntf_job_t job = make_job(71, 1);
+    result_t f = fence(t, &job, 0);
+    assert_int_equal(f.status, 0);
+    ctx_free(t);
+}
+
+/* Closing while the name is being resolved frees everything once the lookup ends. */
+static void test_close_while_resolving(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new_at(shared_port, "resolving", NULL, "localhost");
+    uv_run(&t->loop, UV_RUN_NOWAIT); /* the connect timer fires: the lookup starts */
+    ctx_free(t);
 }
 
 static int group_setup(void **state)
@@ -895,7 +908,8 @@ int main(void)
         cmocka_unit_test(test_min_replicas_unconfirmed),
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_deadlines),
-        cmocka_unit_test(test_not_an_ip),
+        cmocka_unit_test(test_host_name),
+        cmocka_unit_test(test_close_while_resolving),
     };
     return cmocka_run_group_tests_name("ntf_client", tests, group_setup, group_teardown);
 }
