@@ -75,16 +75,10 @@ uint64_t fod_sd_watchdog_usec(const char *usec, const char *pid)
 {
     if (!usec || !*usec)
         return 0;
-    if (pid && *pid) {
-        char *end;
-        long p = strtol(pid, &end, 10);
-        if (*end || p != (long)getpid())
-            return 0; /* meant for another process (a wrapper's child) */
-    }
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(usec, &end, 10);
-    if (errno || *end || usec[0] == '-')
+    long long v;
+    if (pid && *pid && (fo_parse_int(pid, 1, INT32_MAX, &v) < 0 || v != (long long)getpid()))
+        return 0; /* meant for another process (a wrapper's child) */
+    if (fo_parse_int(usec, 0, INT64_MAX, &v) < 0)
         return 0;
     return (uint64_t)v;
 }

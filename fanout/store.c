@@ -227,6 +227,13 @@ static void log_pg_error(const char *msg, const PGresult *res)
 
 #define I64(buf, v) snprintf(buf, sizeof buf, "%" PRId64, (int64_t)(v))
 
+/* The rows an UPDATE changed (PQcmdTuples, parsed strictly; 0 when it says nothing). */
+static long long rows_changed(const PGresult *res)
+{
+    long long n;
+    return fo_parse_int(PQcmdTuples((PGresult *)res), 0, INT64_MAX, &n) == 0 ? n : 0;
+}
+
 /* --- records --- */
 
 static void rec_send(store_rec_t *r);
@@ -301,7 +308,7 @@ static void on_rec(int status, const PGresult *res, void *data)
     char err[512] = "";
     if (r->error)
         fo_log_quote(err, sizeof err, r->error);
-    int written = atoi(PQcmdTuples((PGresult *)res)) > 0;
+    int written = rows_changed(res) > 0;
     if (written && r->kind == REC_FINISH) {
         m->jobs_done++;
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
@@ -441,10 +448,13 @@ static void on_split(int status, const PGresult *res, void *data)
     }
     int got_range = status == 0 && !PQgetisnull(res, 0, 0);
     if (got_range && row_int64(res, 0, &sc->claim.range_hi) == 0) {
+        long long added = 0;
+        if (fo_parse_int(PQgetvalue(res, 0, 1), 0, INT32_MAX, &added) < 0)
+            added = 0;
         fo_log(fo_log_rated(&s->split_rate, "job split", FO_LOG_INFO),
                "job split into follower-id ranges",
-               "job=%" PRId64 " event=%" PRId64 " parts=%d range_hi=%" PRId64, sc->claim.job_id,
-               sc->claim.event_id, 1 + atoi(PQgetvalue(res, 0, 1)), sc->claim.range_hi);
+               "job=%" PRId64 " event=%" PRId64 " parts=%lld range_hi=%" PRId64, sc->claim.job_id,
+               sc->claim.event_id, 1 + added, sc->claim.range_hi);
     } else if (got_range || !res) {
         /* The connection died (or the range end is not a number) with the split's outcome
          * unknown: it may have committed, and running the job whole would then repeat the other
@@ -646,7 +656,7 @@ static void on_marked(int status, const PGresult *res, void *data)
     mark_call_t *mc = data;
     if (status == FO_EPG)
         mc->s->metrics->errors[MET_PG]++;
-    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0)
+    if (status == 0 && rows_changed(res) == 0)
         status = FO_EPG; /* the lease moved on: the renewal stops the job */
     else if (status < 0 && status != FO_ESTOP && res)
         log_pg_error("progress mark not recorded; retrying", res);
@@ -682,7 +692,7 @@ static void on_renew(int status, const PGresult *res, void *data)
     fod_store_t *s = rc->s;
     if (status == FO_EPG)
         s->metrics->errors[MET_PG]++;
-    if (status == 0 && atoi(PQcmdTuples((PGresult *)res)) == 0)
+    if (status == 0 && rows_changed(res) == 0)
         s->ev.lease_lost(s->ev.ctx, rc->job_id, rc->token);
     free(rc);
 }
