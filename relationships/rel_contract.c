@@ -69,7 +69,7 @@ static const char SQL_PRIVS[] =
 static const char SQL_SEQSCAN_OFF[] = "SELECT set_config('enable_seqscan', 'off', false)";
 static const char SQL_SEQSCAN_RESET[] = "RESET enable_seqscan";
 
-/* The page query itself (REL_PAGE_SQL_FMT, the text rel_followers.c prepares), under
+/* The page query itself (REL_PAGE_SQL_FMT, the text rel_reader.c prepares), under
  * EXPLAIN. */
 static const char SQL_PLAN_FMT[] = "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGE_SQL_FMT;
 

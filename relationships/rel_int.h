@@ -8,7 +8,7 @@
 /* Parses one binary int8 column value (network byte order). */
 int64_t rel__int8_from_binary(const char *v);
 
-/* The page query, written once: the follower reader prepares it (rel_followers.c) and the
+/* The page query, written once: the follower reader prepares it (rel_reader.c) and the
  * contract check EXPLAINs it (rel_contract.c). The view is "%1$s.%2$s" (pgc_quote_sql). */
 #define REL_PAGE_SQL_FMT                                                                           \
     "SELECT follower FROM %1$s.%2$s WHERE author = $1 AND follower > $2 AND follower <= $3"        \
