@@ -43,11 +43,14 @@ uint64_t fo_random_upto(uint64_t n)
     return n == UINT64_MAX ? r : r % (n + 1);
 }
 
-uint64_t fo_backoff_ms(unsigned failures, uint64_t cap_ms)
+uint64_t fo_doubling_ms(unsigned failures, uint64_t first_ms, uint64_t cap_ms)
 {
     unsigned shift = failures < BACKOFF_MAX_SHIFT ? failures : BACKOFF_MAX_SHIFT;
-    uint64_t ceiling = (uint64_t)BACKOFF_START_MS << shift;
-    if (ceiling > cap_ms)
-        ceiling = cap_ms;
-    return BACKOFF_FLOOR_MS + fo_random_upto(ceiling);
+    uint64_t ms = first_ms << shift;
+    return ms < cap_ms ? ms : cap_ms;
+}
+
+uint64_t fo_backoff_ms(unsigned failures, uint64_t cap_ms)
+{
+    return BACKOFF_FLOOR_MS + fo_random_upto(fo_doubling_ms(failures, BACKOFF_START_MS, cap_ms));
 }

@@ -118,6 +118,9 @@ int fo_parse_int64(const char *s, int64_t *out);
  * every retry of fanoutd uses it.
  */
 uint64_t fo_backoff_ms(unsigned failures, uint64_t cap_ms);
+/* The same ceiling without jitter: first_ms << failures, at most cap_ms. For waits that
+ * someone must end by fixing something (a refused record, claim or login): ask rarely. */
+uint64_t fo_doubling_ms(unsigned failures, uint64_t first_ms, uint64_t cap_ms);
 /* A uniformly random integer in [0, n] from a generator seeded once per process (and again
  * after a fork): two processes started together draw different values. Not for secrets. */
 uint64_t fo_random_upto(uint64_t n);

@@ -255,10 +255,8 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
 {
     static const char *const names[] = {"done", "released", "failed attempt", "dead"};
     uint64_t now = fo_now_ms();
-    unsigned k = r->tries < 4 ? r->tries : 4;
-    uint64_t delay = (uint64_t)REC_RETRY_MS << k;
+    r->retry_at = now + fo_doubling_ms(r->tries, REC_RETRY_MS, REC_RETRY_MAX_MS);
     r->tries++;
-    r->retry_at = now + (delay < REC_RETRY_MAX_MS ? delay : REC_RETRY_MAX_MS);
     if (!res || pgc_err_classify_result(res) == PGC_ERR_TRANSIENT) {
         r->refused_since = 0; /* the connection, not the record: wait for it */
         return;
@@ -542,10 +540,8 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
         }
         /* a missing grant or schema: someone must act; say how, rarely, and ask the server
          * rarely too (its log holds every refusal) */
-        unsigned k = s->claim_refusals < 6 ? s->claim_refusals : 6;
-        uint64_t wait = 1000u << k;
         s->claim_retry_at =
-            fo_now_ms() + (wait < CLAIM_BACKOFF_MAX_MS ? wait : CLAIM_BACKOFF_MAX_MS);
+            fo_now_ms() + fo_doubling_ms(s->claim_refusals, 1000, CLAIM_BACKOFF_MAX_MS);
         if (fo_log_repeat_due(++s->claim_refusals)) { /* the common throttle */
             char what[512];
             fo_log_quote(what, sizeof what, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));

@@ -554,10 +554,7 @@ static void schedule_reconnect(pgc_conn_t *c)
     if (c->permanent > 0) {
         /* someone has to change a setting or the database: ask rarely, so that the
          * server's log holds a few lines, not one per reconnect */
-        unsigned k = c->permanent - 1 < 6 ? c->permanent - 1 : 6;
-        uint64_t step = (uint64_t)PERMANENT_MIN_MS << k;
-        if (step > PERMANENT_MAX_MS)
-            step = PERMANENT_MAX_MS;
+        uint64_t step = fo_doubling_ms(c->permanent - 1, PERMANENT_MIN_MS, PERMANENT_MAX_MS);
         if (step < cap)
             step = cap;
         uint64_t half = step / 2 + 1;

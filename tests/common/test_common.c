@@ -95,6 +95,11 @@ static void test_backoff_bounds(void **state)
     for (int i = 0; i < 100; i++)
         assert_true(fo_random_upto(3) <= 3);
     assert_int_equal(fo_random_upto(0), 0);
+    /* the ceiling alone, for waits that someone must end */
+    assert_int_equal(fo_doubling_ms(0, 500, 5000), 500);
+    assert_int_equal(fo_doubling_ms(3, 500, 5000), 4000);
+    assert_int_equal(fo_doubling_ms(4, 500, 5000), 5000);
+    assert_int_equal(fo_doubling_ms(1000, 1000, 60000), 60000);
 }
 
 /* Two processes draw different delays: the generator is seeded per process (a forked child
