@@ -1,12 +1,14 @@
 /*
  * daemon.c: fanoutd's scheduler: connections, wake-ups, timers and the running jobs.
  *
- * The control connection LISTENs on fanout_events and runs the job store's statements
- * (store.c); the reader (relationships/rel_reader.c) owns the read-only connections follower
- * pages come from, paced by the read budget. Nothing is claimed before the contract check
- * (relationships/rel_contract.c) has passed on the control connection; a check that finds the
- * contract broken reports each finding and calls the fatal callback (fanoutd exits non-zero).
- * A claim is attempted on
+ * The control connection (pgconn/) LISTENs on fanout_events and carries the job store
+ * (store.c, fod_store_t) and the worker's identity (identity.c, fod_identity_t); the reader
+ * (relationships/rel_reader.c) owns the read-only connections follower pages come from,
+ * paced by the read budget. This file calls them and the jobs (job.c); they answer only
+ * through the callbacks given when they were created, and struct fod_daemon is this file's
+ * alone. Nothing is claimed before the contract check (relationships/rel_contract.c) has
+ * passed on the control connection; a check that finds the contract broken reports each
+ * finding and calls the fatal callback (fanoutd exits non-zero). A claim is attempted on
  * every wake-up: a NOTIFY, the poll timer (NOTIFY is only a hint), the control connection
  * coming (back) up, and a job finishing. Jobs are interleaved on the shared connections:
  * each has at most one page read and `window` page writes in flight.
