@@ -312,8 +312,11 @@ static void on_rec(int status, const PGresult *res, void *data)
         if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
             met_hist_observe(&m->publish_to_done, atof(PQgetvalue(res, 0, 0)));
         /* the parts of a split event are all created before any of them runs */
-        long parts = PQntuples(res) == 1 && PQnfields(res) > 1 ? atol(PQgetvalue(res, 0, 1)) : 1;
-        m->events_done += 1.0 / (double)(parts > 0 ? parts : 1);
+        long long parts = 1;
+        if (PQntuples(res) == 1 && PQnfields(res) > 1 &&
+            fo_parse_int(PQgetvalue(res, 0, 1), 1, INT32_MAX, &parts) != 0)
+            parts = 1;
+        m->events_done += 1.0 / (double)parts;
     } else if (written && r->kind == REC_DEAD) {
         m->jobs_dead++;
     } else if (written && r->kind == REC_FAIL) {

@@ -227,9 +227,8 @@ static int split_addr(const char *addr, char *host, size_t hsize, int *port)
         return -1;
     memcpy(host, addr, (size_t)(colon - addr));
     host[colon - addr] = 0;
-    char *end;
-    long p = strtol(colon + 1, &end, 10);
-    if (*end || p < 1 || p > 65535)
+    long long p;
+    if (fo_parse_int(colon + 1, 1, 65535, &p) != 0)
         return -1;
     unsigned char buf[sizeof(struct in6_addr)];
     if (inet_pton(AF_INET, host, buf) != 1 && inet_pton(AF_INET6, host, buf) != 1)
