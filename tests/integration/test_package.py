@@ -79,16 +79,21 @@ class Machine:
         finally:
             log.close()
         self.leader = None
+        st = "no systemd yet"
         deadline = time.monotonic() + 120
         while True:
             assert self.proc.poll() is None, "systemd-nspawn exited:\n" + self.log()
-            assert time.monotonic() < deadline, "the container did not boot:\n" + self.log()
+            assert time.monotonic() < deadline, ("the container did not boot (last state: %s):\n"
+                                                 % st) + self.log()
             if self.leader is None:
-                kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                # The container's PID 1 is nspawn's child named systemd: nspawn's first child
+                # is a short-lived helper that exits once it has started the container, and
+                # taking it for the leader made every later nsenter fail (seen under load).
+                kids = subprocess.run(["pgrep", "-x", "-P", str(self.proc.pid), "systemd"],
                                       capture_output=True, text=True).stdout.split()
                 self.leader = int(kids[0]) if kids else None
             if self.leader is not None:
-                st = self.sh("systemctl is-system-running").stdout.strip()
+                st = self.sh("systemctl is-system-running").stdout.strip() or "no answer"
                 if st in ("running", "degraded"):
                     return
             time.sleep(0.2)
