@@ -531,8 +531,10 @@ static void on_pages_state(rel_reader_t *r, int up, void *data)
 {
     fod_daemon_t *d = data;
     note_state(d, &d->pages_up, up, MET_PG);
-    if (up)
+    if (up) {
         kick_all(data);
+        claim(d); /* claims wait for readable pages */
+    }
 }
 
 static void on_redis_state(ntf_client_t *c, int up, void *data)
@@ -685,11 +687,13 @@ static void on_lease_lost(void *ctx, int64_t job_id, int64_t token)
     }
 }
 
-/* Claims when this worker may: running, below max_jobs, the contract holding, the id held. */
+/* Claims when this worker may: running, below max_jobs, the contract holding, the id held,
+ * and pages readable: a claim decides the split from the event's follower bounds, so a job
+ * claimed before the pages connection was up ran unsplit. */
 static void claim(fod_daemon_t *d)
 {
     if (d->closed || d->stopping || d->njobs >= d->cfg->max_jobs || d->contract != CONTRACT_OK ||
-        !fod_identity_held(d->identity))
+        d->pages_up != 1 || !fod_identity_held(d->identity))
         return;
     fod_held_t held[d->njobs > 0 ? d->njobs : 1];
     for (int i = 0; i < d->njobs; i++)
