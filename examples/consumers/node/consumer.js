@@ -81,7 +81,7 @@ const seenTtl = Number(o['seen-ttl']);
 const stallAfter = Number(o['stall-after']);
 // Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
 // max(1, 16384 / (8 shards)) of the shard's centre slot (docs/redis-cluster.md).
-// cluster-key-slot is ioredis' own CRC16 (installed with it).
+// cluster-key-slot is the CRC16 ioredis itself uses; package.json declares it.
 function shardTag(n) {
   const slotOf = require('cluster-key-slot');
   const centre = Math.floor(((2 * n + 1) * 16384) / (2 * shards));
