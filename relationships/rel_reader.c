@@ -200,11 +200,31 @@ static int check_interval_ms(const cfg_t *cfg)
     return ms < 50 ? 50 : ms > 1000 ? 1000 : ms;
 }
 
-/* Decides whether pages come from the replica now; logs each switch. */
+static int usable(const rel_reader_t *r)
+{
+    return pool_ready(&r->primary) || (r->replica_usable == 1 && pool_ready(&r->replica));
+}
+
+/* The owner hears "pages can be read" or not, once per change, whatever changed it: a
+ * connection (primary or replica) that came or went, or the lag check judging the replica. */
+static void report_state(rel_reader_t *r)
+{
+    int now = usable(r);
+    if (r->on_state && now != r->reported_up) {
+        r->reported_up = now;
+        r->on_state(r, now, r->data);
+    }
+}
+
+/* Decides whether pages come from the replica now (logging each switch), then sends what
+ * waits and reports a change of "pages can be read". */
 static void judge_replica(rel_reader_t *r)
 {
-    if (r->replica.n == 0)
+    if (r->replica.n == 0) {
+        dispatch(r);
+        report_state(r);
         return;
+    }
     uint64_t now = fo_now_ms();
     const char *why = NULL;
     int64_t bound = r->cfg->replica_max_lag_ms;
@@ -235,6 +255,7 @@ static void judge_replica(rel_reader_t *r)
     r->stats.replica_usable = usable;
     r->stats.replica_lag_ms = r->replica_lag_ms;
     dispatch(r);
+    report_state(r);
 }
 
 static void on_primary_lsn(int status, const PGresult *res, void *data)
@@ -298,25 +319,12 @@ static void fail_queued(rel_reader_t *r, int status)
     }
 }
 
-static int usable(const rel_reader_t *r)
-{
-    return pool_ready(&r->primary) || (r->replica_usable == 1 && pool_ready(&r->replica));
-}
-
 static void on_conn_state(pgc_conn_t *c, int up, void *data)
 {
     rel_reader_t *r = data;
     if (!up && !usable(r))
         fail_queued(r, FO_EPG);
-    judge_replica(r);
-    dispatch(r);
-    /* the owner hears "pages can be read" or not, once per change, whichever of the
-     * connections (primary or replica) came or went */
-    int now = usable(r);
-    if (r->on_state && now != r->reported_up) {
-        r->reported_up = now;
-        r->on_state(r, now, r->data);
-    }
+    judge_replica(r); /* dispatches and reports */
 }
 
 /*
