@@ -39,7 +39,7 @@ def start_socket_redis(s):
     # exactly what docs/configuration.md ("Reaching Redis") tells operators to grant
     admin.execute_command("ACL", "SETUSER", "fanout", "on", ">pw-fanout", "~fanout:*",
                           "~queues", "~queue:*", "+@read", "+@write", "+@stream",
-                          "+@scripting", "+info", "+select", "+wait", "+ping")
+                          "+@scripting", "+info", "+select", "+wait", "+ping", "+time")
     admin.execute_command("ACL", "SETUSER", "default", ">admin-pw")
     admin.close()
     return sock, redis_py.Redis(unix_socket_path=sock, username="default", password="admin-pw",
@@ -68,7 +68,7 @@ def unix_socket_database_index_and_acl_user(s):
                    FANOUT_REDIS_PASSWORD="pw-fanout",
                    FANOUT_REDIS_HOST="no-such-host.invalid", FANOUT_REDIS_PORT=1)
         s.seed_followers(5, 40)
-        d = s.start_daemon(**via)
+        d = s.start_daemon(FANOUT_RETENTION_MS=200, **via)
         d.wait_log(r'msg="redis ready" server=redis socket=\S+ db=3', timeout=20)
         ev = s.publish(5)
         s.wait_event_done(ev)
@@ -83,6 +83,12 @@ def unix_socket_database_index_and_acl_user(s):
         assert c.returncode == 0, c.stderr
         got = sorted(int(json.loads(line)["recipient"]) for line in c.stdout.splitlines())
         assert got == list(range(1, 41)), c.stdout[:400]
+        # the grant covers retention too: what the group acknowledged is trimmed
+        deadline = time.monotonic() + 20
+        while sum(r3.xlen(k) for k in r3.scan_iter(match="fanout:stream:*", _type="STREAM")):
+            assert time.monotonic() < deadline, d.log_tail()
+            time.sleep(0.1)
+        assert "retention failed" not in d.log(), d.log_tail()
         # a wrong ACL password: fanoutd says which settings to fix, fanoutctl fails cleanly
         bad = dict(via, FANOUT_REDIS_PASSWORD="wrong")
         c = s.fanoutctl("trim", **bad)
