@@ -59,7 +59,7 @@ int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
         redisReply *rep = fctl_redis_run(c, "trim", 10, args, 0);
         if (!rep) {
             status = FCTL_EXIT_RUNTIME;
-        } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 ||
+        } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 5 ||
                    rep->element[0]->type != REDIS_REPLY_INTEGER ||
                    rep->element[1]->type != REDIS_REPLY_STRING ||
                    rep->element[2]->type != REDIS_REPLY_INTEGER) {

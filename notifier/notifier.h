@@ -174,16 +174,18 @@ int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data);
  * Retention of one shard stream (scripts.c says how): trims <prefix>:stream:<shard> up to
  * what every consumer group has acknowledged (or, for a stream without groups,
  * cfg->retention_max_age_s / retention_max_len if set) and drops, cfg->body_grace_s after,
- * the compact bodies no entry refers to any more. cb gets status 0 and what it did,
- * NTF_EKEY (a key of the wrong type; ntf_client_key_refusal names it), FO_EREDIS or
- * FO_ESTOP. Returns 0 if sent (cb runs later), FO_EREDIS if not ready, FO_EINVAL for a bad
- * shard.
+ * the compact bodies no entry refers to any more. cb gets status 0 and what it did, or
+ * NTF_EKEY (a key of the wrong type), FO_EREDIS or FO_ESTOP with r->error saying what
+ * failed; r is never NULL. Returns 0 if sent (cb runs later), FO_EREDIS if not ready,
+ * FO_EINVAL for a bad shard.
  */
 typedef struct ntf_retention {
     int groups;             /* consumer groups of the stream */
     int64_t trimmed;        /* entries removed */
     int64_t bodies_dropped; /* compact bodies removed */
     int64_t bytes;          /* MEMORY USAGE (sampled) of the stream, its bodies and refs */
+    int64_t bodies_marked;  /* bodies found without entries, to drop after the grace */
+    char error[256];        /* when status is not 0: what failed */
 } ntf_retention_t;
 typedef void (*ntf_retention_cb)(int status, const ntf_retention_t *r, void *data);
 int ntf_retain(ntf_client_t *c, int shard, ntf_retention_cb cb, void *data);
@@ -202,8 +204,9 @@ ntf_retainer_t *ntf_retainer_new(uv_loop_t *loop, ntf_client_t *client, const cf
 void ntf_retainer_close(ntf_retainer_t *r, fo_closed_cb on_closed, void *data);
 
 /* The retention script itself, for `fanoutctl trim`: KEYS <stream>, <stream>:bodies,
- * <stream>:refs; ARGV max_age_s, max_len, body_grace_ms, limit (bodies per call); reply
- * {groups, bound ('' when no group bounds it), trimmed, bodies_dropped, bytes}. */
+ * <stream>:refs; ARGV max_age_s, max_len, body_grace_ms, limit (bodies marked and bodies
+ * dropped per call, each); reply {groups, bound ('' when no group bounds it), trimmed,
+ * bodies_dropped, bytes, bodies_marked}. */
 extern const char ntf_retention_lua[];
 
 /* The shard stream a recipient's notifications go to: recipient mod shards, in 0..shards-1,

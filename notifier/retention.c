@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Bodies handled per call: bounds the work of one script run. */
+/* Bodies marked, and bodies dropped, per call: bounds the work of one script run. A call
+ * that reaches the limit runs again on the same shard at once, so the drop rate keeps up
+ * with any event rate instead of 1000 per shard per period. */
 #define NTF_RETAIN_LIMIT 1000
 
 typedef struct retain_req {
@@ -22,16 +24,17 @@ typedef struct retain_req {
 
 int ntf__parse_retention(const redisReply *r, ntf_retention_t *out)
 {
-    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 5 ||
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 6 ||
         r->element[0]->type != REDIS_REPLY_INTEGER || r->element[1]->type != REDIS_REPLY_STRING)
         return FO_EREDIS;
-    for (int i = 2; i < 5; i++)
+    for (int i = 2; i < 6; i++)
         if (r->element[i]->type != REDIS_REPLY_INTEGER || r->element[i]->integer < 0)
             return FO_EREDIS;
     out->groups = (int)r->element[0]->integer;
     out->trimmed = r->element[2]->integer;
     out->bodies_dropped = r->element[3]->integer;
     out->bytes = r->element[4]->integer;
+    out->bodies_marked = r->element[5]->integer;
     return 0;
 }
 
@@ -44,11 +47,19 @@ static void on_retain(int status, const redisReply *reply, void *data)
         ntf__client_set_key_refusal(q->c, reply->str);
         status = NTF_EKEY;
     } else if (status == 0 && ntf__parse_retention(reply, &res) < 0) {
-        fo_log(FO_LOG_WARN, "retention failed", "server=redis error=\"%s\"",
-               reply->type == REDIS_REPLY_ERROR && reply->str ? reply->str : "unexpected reply");
         status = FO_EREDIS;
     }
-    q->cb(status, status == 0 ? &res : NULL, q->data);
+    if (status != 0) { /* the retainer logs it, throttled: a refused grant fails every shard */
+        const char *why = "unexpected reply";
+        if (status == FO_ESTOP)
+            why = "stopped";
+        else if (!reply)
+            why = "connection lost";
+        else if (reply->type == REDIS_REPLY_ERROR && reply->str)
+            why = reply->str;
+        snprintf(res.error, sizeof res.error, "%s", why);
+    }
+    q->cb(status, &res, q->data);
     free(q);
 }
 
@@ -92,10 +103,11 @@ struct ntf_retainer {
     ntf_retained_cb cb;
     void *data;
     uv_timer_t timer;
-    int shard;   /* the shard in flight; -1: none */
-    int closing; /* ntf_retainer_close was called */
-    int open;    /* the timer handle is not closed yet */
-    int warned;  /* a failure was logged since the last success */
+    int shard;         /* the shard in flight; -1: none */
+    int closing;       /* ntf_retainer_close was called */
+    int open;          /* the timer handle is not closed yet */
+    unsigned failures; /* failed calls since the last round without any (log throttle) */
+    int round_failed;  /* a call of the current round failed */
     fo_closed_cb on_closed;
     void *closed_data;
 };
@@ -123,15 +135,29 @@ static void on_retained(int status, const ntf_retention_t *res, void *data)
         return;
     }
     if (status == 0) {
-        r->warned = 0;
         r->cb(shard, res, r->data);
-    } else if (status == NTF_EKEY && !r->warned) {
-        fo_log(FO_LOG_ERROR, "retention skips a shard: a key has the wrong type",
-               "shard=%d error=\"%s\"", shard, ntf_client_key_refusal(r->client));
-        r->warned = 1;
+        if (res->bodies_marked >= NTF_RETAIN_LIMIT || res->bodies_dropped >= NTF_RETAIN_LIMIT) {
+            retain_next(r, shard); /* more to do here: not one period per 1000 bodies */
+            return;
+        }
+    } else {
+        r->round_failed = 1;
+        if (fo_log_repeat_due(++r->failures)) {
+            char q[300];
+            fo_log(status == NTF_EKEY ? FO_LOG_ERROR : FO_LOG_WARN,
+                   status == NTF_EKEY ? "retention skips a shard: a key has the wrong type"
+                                      : "retention failed",
+                   "server=redis shard=%d attempts=%u error=%s", shard, r->failures,
+                   fo_log_quote(q, sizeof q, res->error));
+        }
     }
-    if (shard + 1 < r->cfg->shards)
+    if (shard + 1 < r->cfg->shards) {
         retain_next(r, shard + 1);
+    } else {
+        if (!r->round_failed)
+            r->failures = 0;
+        r->round_failed = 0;
+    }
 }
 
 static void retain_next(ntf_retainer_t *r, int shard)

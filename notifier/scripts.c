@@ -224,14 +224,16 @@ const char ntf__page_lua[] =
  * again in between sets a positive score (and its body is still there), so the body stays.
  *
  * One script, so the bound and the trim are one atomic step: a group created (or moved back
- * with XGROUP SETID) meanwhile cannot lose entries to a stale bound. No "#!lua" line on
- * purpose: an old-style script is checked command by command against maxmemory, and these
- * commands only free memory, so retention still runs on a full Redis. Every key is
- * type-checked before the first write. Ids are compared as decimal strings (length, then
- * bytes): Lua numbers are doubles and a sequence number can exceed 2^53.
+ * with XGROUP SETID) meanwhile cannot lose entries to a stale bound. flags=allow-oom: the
+ * script only frees memory (its one growing write, ZADD, rescores members that exist), so it
+ * must run on a full Redis, which would refuse a script without the flag (or an old-style
+ * one at its first ZADD). Every key is type-checked before the first write. Ids are compared
+ * as decimal strings (length, then bytes): Lua numbers are doubles and a sequence number can
+ * exceed 2^53; max_len likewise goes to XTRIM as the string given, never a Lua number
+ * (formatted as 1e+17 from there on). Bodies go in chunks of 1000 (unpack has a limit).
  */
-const char ntf_retention_lua[] = NTF_LUA_WANT
-    "local sk, bk, rk = KEYS[1], KEYS[2], KEYS[3]\n"
+const char ntf_retention_lua[] =
+    "#!lua flags=allow-oom\n" NTF_LUA_WANT "local sk, bk, rk = KEYS[1], KEYS[2], KEYS[3]\n"
     "local maxage, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2])\n"
     "local grace, limit = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
     "local e = want(sk, 'stream') or want(bk, 'hash') or want(rk, 'zset')\n"
@@ -284,10 +286,10 @@ const char ntf_retention_lua[] = NTF_LUA_WANT
     "    if maxage > 0 and maxage * 1000 < now then\n"
     "      trimmed = redis.call('XTRIM', sk, 'MINID', string.format('%d', now - maxage * 1000))\n"
     "    end\n"
-    "    if maxlen > 0 then trimmed = trimmed + redis.call('XTRIM', sk, 'MAXLEN', maxlen) end\n"
+    "    if maxlen > 0 then trimmed = trimmed + redis.call('XTRIM', sk, 'MAXLEN', ARGV[2]) end\n"
     "  end\n"
     "end\n"
-    "local dropped = 0\n"
+    "local dropped, marked = 0, 0\n"
     "if redis.call('EXISTS', rk) == 1 then\n"
     "  local oldest = now + 1\n"
     "  local first = redis.call('XRANGE', sk, '-', '+', 'COUNT', 1)[1]\n"
@@ -295,19 +297,21 @@ const char ntf_retention_lua[] = NTF_LUA_WANT
     "  for _, ev in ipairs(redis.call('ZRANGEBYSCORE', rk, 0, '(' .. oldest, 'LIMIT', 0,\n"
     "                                 limit)) do\n"
     "    redis.call('ZADD', rk, -now, ev)\n"
+    "    marked = marked + 1\n"
     "  end\n"
     "  local gone = redis.call('ZRANGEBYSCORE', rk, grace - now, '(0', 'LIMIT', 0, limit)\n"
-    "  if #gone > 0 then\n"
-    "    redis.call('HDEL', bk, unpack(gone))\n"
-    "    redis.call('ZREM', rk, unpack(gone))\n"
-    "    dropped = #gone\n"
+    "  for i = 1, #gone, 1000 do\n"
+    "    local j = math.min(i + 999, #gone)\n"
+    "    redis.call('HDEL', bk, unpack(gone, i, j))\n"
+    "    redis.call('ZREM', rk, unpack(gone, i, j))\n"
     "  end\n"
+    "  dropped = #gone\n"
     "end\n"
     "local bytes = 0\n"
     "for _, k in ipairs({sk, bk, rk}) do\n"
     "  bytes = bytes + (redis.call('MEMORY', 'USAGE', k) or 0)\n"
     "end\n"
-    "return {ngroups, bound, trimmed, dropped, bytes}\n";
+    "return {ngroups, bound, trimmed, dropped, bytes, marked}\n";
 
 /*
  * Queue format version 3's unit on a Redis Cluster: one shard's part of one page, with that

@@ -249,5 +249,45 @@ def retention_names_a_wrong_typed_key_and_touches_nothing(s):
     assert s.redis.get("fanout:stream:0:refs") == "oops"
 
 
+def seed_orphan_bodies(s, key, n):
+    """n bodies whose entries are long gone (refs score 1 ms), as retention finds them."""
+    p = s.redis.pipeline(transaction=False)
+    for i in range(0, n, 1000):
+        ids = range(i + 1, min(i + 1000, n) + 1)
+        p.hset(key + ":bodies", mapping={str(e): "1\nk\n2026\n{}" for e in ids})
+        p.zadd(key + ":refs", {str(e): 1 for e in ids})
+    p.execute()
+
+
+@suite.test
+def a_round_drops_any_number_of_bodies(s):
+    # 2,500 bodies at 1,000 per call: the shard runs again at once, not one period later
+    seed_orphan_bodies(s, "fanout:stream:0", 2500)
+    d = s.start_daemon(FANOUT_SHARDS=1, FANOUT_RETENTION_MS=3000, FANOUT_BODY_GRACE_S=0,
+                       FANOUT_LOG_LEVEL="debug")
+    wait_for("bodies dropped", lambda: not s.redis.exists("fanout:stream:0:bodies"))
+    lines = re.findall(r"^ts=\S+:(\d+\.\d+)Z .*msg=retention shard=0 .*bodies_dropped=(\d+)",
+                       d.log(), re.M)
+    assert [int(n) for _, n in lines] == [1000, 1000, 500], lines
+    secs = [float(t) for t, _ in lines]
+    assert max(secs) - min(secs) < 1.5, "three calls of one round, not three rounds: %s" % lines
+    assert not s.redis.exists("fanout:stream:0:refs")
+
+
+@suite.test
+def trim_drops_thousands_of_bodies_on_a_full_redis(s):
+    # more bodies than Lua's unpack takes at once, and a Redis out of memory: retention only
+    # frees memory, so it must run there (allow-oom)
+    seed_orphan_bodies(s, "fanout:stream:0", 9000)
+    s.redis.config_set("maxmemory", 1)
+    try:
+        r = s.fanoutctl("trim", FANOUT_SHARDS=1, FANOUT_BODY_GRACE_S=0)
+        assert r.returncode == 0, r.stderr
+        assert s.redis.hlen("fanout:stream:0:bodies") == 0
+        assert s.redis.zcard("fanout:stream:0:refs") == 0
+    finally:
+        s.redis.config_set("maxmemory", 0)
+
+
 if __name__ == "__main__":
     suite.main()

@@ -344,24 +344,26 @@ static int parse_and_free(redisReply *r, ntf_progress_t *p)
     return st;
 }
 
-/* The retention script's {groups, bound, trimmed, bodies_dropped, bytes}. */
+/* The retention script's {groups, bound, trimmed, bodies_dropped, bytes, bodies_marked}. */
 static void test_parse_retention(void **state)
 {
     (void)state;
     ntf_retention_t res = {0};
-    redisReply *r =
-        r_arr(5, r_int(2), r_str(REDIS_REPLY_STRING, "5-1"), r_int(40), r_int(1), r_int(4096));
+    redisReply *r = r_arr(6, r_int(2), r_str(REDIS_REPLY_STRING, "5-1"), r_int(40), r_int(1),
+                          r_int(4096), r_int(7));
     assert_int_equal(ntf__parse_retention(r, &res), 0);
     assert_int_equal(res.groups, 2);
     assert_int_equal(res.trimmed, 40);
     assert_int_equal(res.bodies_dropped, 1);
     assert_int_equal(res.bytes, 4096);
+    assert_int_equal(res.bodies_marked, 7);
     freeReplyObject(r);
     redisReply *bad[] = {
-        r_arr(4, r_int(2), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(0)),
-        r_arr(5, r_int(2), r_int(1), r_int(0), r_int(0), r_int(0)),
-        r_arr(5, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(-1), r_int(0), r_int(0)),
-        r_arr(5, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_nil(), r_int(0)),
+        r_arr(5, r_int(2), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(0), r_int(0)),
+        r_arr(6, r_int(2), r_int(1), r_int(0), r_int(0), r_int(0), r_int(0)),
+        r_arr(6, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(-1), r_int(0), r_int(0), r_int(0)),
+        r_arr(6, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_nil(), r_int(0), r_int(0)),
+        r_arr(6, r_int(0), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(0), r_int(0), r_int(-2)),
         r_str(REDIS_REPLY_ERROR, "ERR no"),
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
