@@ -234,6 +234,46 @@ def fanoutctl_consume_sees_each_recipient_once(s):
     run_consumers(s, "c")
 
 
+@suite.test
+def body_cache_holds_what_a_batch_needs_and_a_missing_body_fails_alone(s):
+    ensure_node_modules()
+    # Stream 0, written here in the compact layout: event 1000, then 255 one-entry events,
+    # then 1000 again beside a new event 3000, then 4000 (its body missing) and 3000 again.
+    # Read in batches of COUNT (50), the sixth batch finds 1000 cached as the oldest of 250
+    # and brings 7 new events: a cache of 256 that evicts while mapping the batch loses 1000.
+    key = "fanout:stream:0"
+    entries = ([("1000", "1")] + [(str(2000 + i), "1") for i in range(255)] +
+               [("1000", "2"), ("3000", "1"), ("4000", "1"), ("3000", "2")])
+    assert COUNT == 50
+    want = {"%s:%s" % e for e in entries if e[0] != "4000"}
+    for lang in ("python", "node", "ruby"):
+        s.redis.flushall()
+        p = s.redis.pipeline(transaction=False)
+        for ev, rcpt in entries:
+            p.xadd(key, {"event": ev, "recipient": rcpt})
+            if ev != "4000":
+                p.hset(key + ":bodies", ev, '{"author":"7","kind":"k","created_at":'
+                       '"2026-12-02T00:00:00.000Z","payload":{"e":%s}}' % ev)
+        p.execute()
+        c = Consumer(s, lang, "x")
+        try:
+            c.wait_stderr(r"has no body for event 4000: its entries stay pending")
+            deadline = time.monotonic() + 60
+            while len(c.handled()) < len(want):
+                assert c.proc.poll() is None and time.monotonic() < deadline, c.stderr()
+                time.sleep(0.05)
+            c.stop()
+        finally:
+            c.kill()
+        got = c.handled()
+        assert sorted(i for i, _ in got) == sorted(want), (lang, len(got))
+        assert all(payload == {"e": int(i.split(":")[0])} for i, payload in got), lang
+        assert c.stderr().count("has no body") == 1, (lang, c.stderr())
+        pend = s.redis.xpending_range(key, "app", "-", "+", 10)
+        assert [s.redis.xrange(key, x["message_id"], x["message_id"])[0][1]["event"]
+                for x in pend] == ["4000"], (lang, pend)
+
+
 def trim(s, shards):
     r = s.fanoutctl("trim", FANOUT_SHARDS=shards)
     assert r.returncode == 0 and r.stderr == "", (r.returncode, r.stderr)

@@ -131,27 +131,49 @@ function parseBody(body) {
 }
 
 // entries with every compact one replaced by the full notification's fields, in its order.
+// The entries of an event whose body is missing are left out, so they stay pending while the
+// rest of the batch is handled (a bad event fails alone), and it is named once.
+const missing = new Set();
 async function fullEntries(key, entries) {
-  const want = [...new Set(entries.filter(([, f]) => f && !('payload' in f) && f.event)
-    .map(([, f]) => f.event))].filter((ev) => !bodies.has(`${key} ${ev}`));
+  const evs = [...new Set(entries.filter(([, f]) => f && !('payload' in f) && f.event)
+    .map(([, f]) => f.event))];
+  const have = new Map();
+  for (const ev of evs) if (bodies.has(`${key} ${ev}`)) have.set(ev, bodies.get(`${key} ${ev}`));
+  const want = evs.filter((ev) => !have.has(ev));
   if (want.length) {
     const got = await r.hmget(`${key}:bodies`, ...want);
     want.forEach((ev, i) => {
-      if (got[i] === null) {
-        throw new Error(`${key}:bodies has no body for event ${ev}; fanoutd keeps it while ` +
-                        'entries refer to it: was it deleted by hand?');
+      if (got[i] !== null) {
+        have.set(ev, parseBody(got[i]));
+      } else if (!missing.has(`${key} ${ev}`)) {
+        if (missing.size >= 4096) missing.clear();
+        missing.add(`${key} ${ev}`);
+        process.stderr.write(`consumer: ${key}:bodies has no body for event ${ev}: its ` +
+                             'entries stay pending; fanoutd keeps a body while entries ' +
+                             'refer to it, so restore it or XACK them\n');
       }
-      bodies.set(`${key} ${ev}`, parseBody(got[i]));
-      while (bodies.size > BODY_CACHE) bodies.delete(bodies.keys().next().value);
     });
   }
-  return entries.map(([id, f]) => {
-    if (!f || 'payload' in f || !f.event) return [id, f];
-    const b = bodies.get(`${key} ${f.event}`);
-    return [id, { id: `${f.event}:${f.recipient}`, event: f.event, author: b.author,
-                  recipient: f.recipient, kind: b.kind, payload: b.payload,
-                  created_at: b.created_at }];
-  });
+  const out = [];
+  for (const [id, f] of entries) {
+    if (!f || 'payload' in f || !f.event) {
+      out.push([id, f]);
+      continue;
+    }
+    const b = have.get(f.event);
+    if (!b) continue; // left pending
+    out.push([id, { id: `${f.event}:${f.recipient}`, event: f.event, author: b.author,
+                    recipient: f.recipient, kind: b.kind, payload: b.payload,
+                    created_at: b.created_at }]);
+  }
+  // cached only now, each used one moved to the newest end: evicting while the batch was
+  // mapped could drop a body it needs
+  for (const [ev, b] of have) {
+    bodies.delete(`${key} ${ev}`);
+    bodies.set(`${key} ${ev}`, b);
+  }
+  while (bodies.size > BODY_CACHE) bodies.delete(bodies.keys().next().value);
+  return out;
 }
 
 // Test aid: a crash while holding unacknowledged entries (see --stall-after).

@@ -55,6 +55,7 @@ class Bodies:
 
     def __init__(self, r, size=256):
         self.r, self.size, self.cache = r, size, collections.OrderedDict()
+        self.missing = set()  # (stream, event) pairs already named
 
     @staticmethod
     def parse(body):
@@ -65,29 +66,40 @@ class Bodies:
         return meta["author"], meta["kind"], meta["created_at"], payload[:-1]
 
     def full(self, key, entries):
-        """entries with every compact one replaced by the full notification's fields."""
-        want = {f["event"] for _, f in entries
-                if f and "payload" not in f and (key, f.get("event")) not in self.cache}
-        want.discard(None)
+        """entries with every compact one replaced by the full notification's fields. The
+        entries of an event whose body is missing are left out, so they stay pending while
+        the rest of the batch is handled (a bad event fails alone), and it is named once."""
+        evs = {f["event"] for _, f in entries if f and "payload" not in f and "event" in f}
+        have = {ev: self.cache[(key, ev)] for ev in evs if (key, ev) in self.cache}
+        want = sorted(evs - have.keys())
         if want:
-            want = sorted(want)
             for ev, body in zip(want, self.r.hmget(key + ":bodies", want)):
-                if body is None:
-                    raise RuntimeError("%s:bodies has no body for event %s; fanoutd keeps it "
-                                       "while entries refer to it: was it deleted by hand?"
-                                       % (key, ev))
-                self.cache[(key, ev)] = self.parse(body)
-                while len(self.cache) > self.size:
-                    self.cache.popitem(last=False)
+                if body is not None:
+                    have[ev] = self.parse(body)
+                elif (key, ev) not in self.missing:
+                    if len(self.missing) >= 4096:
+                        self.missing.clear()
+                    self.missing.add((key, ev))
+                    sys.stderr.write("consumer: %s:bodies has no body for event %s: its "
+                                     "entries stay pending; fanoutd keeps a body while entries "
+                                     "refer to it, so restore it or XACK them\n" % (key, ev))
+                    sys.stderr.flush()
         out = []
         for eid, f in entries:
             if f and "payload" not in f and "event" in f:
-                author, kind, created, payload = self.cache[(key, f["event"])]
-                self.cache.move_to_end((key, f["event"]))
+                if f["event"] not in have:
+                    continue  # left pending
+                author, kind, created, payload = have[f["event"]]
                 f = {"id": "%s:%s" % (f["event"], f["recipient"]), "event": f["event"],
                      "author": author, "recipient": f["recipient"], "kind": kind,
                      "payload": payload, "created_at": created}
             out.append((eid, f))
+        # cached only now: evicting while the batch was mapped could drop a body it needs
+        for ev, body in have.items():
+            self.cache[(key, ev)] = body
+            self.cache.move_to_end((key, ev))
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
         return out
 
 

@@ -27,6 +27,7 @@
 #   consumer.rb --port 6379 --group mailer --consumer mailer-1
 
 require 'json'
+require 'set'
 require 'optparse'
 require 'redis'
 
@@ -44,6 +45,7 @@ class Bodies
   def initialize(redis)
     @r = redis
     @cache = {}
+    @missing = Set.new # [stream, event] pairs already named
   end
 
   # {"author":..,"kind":..,"created_at":..,"payload":<raw JSON>}: the payload is last, raw.
@@ -54,26 +56,42 @@ class Bodies
   end
 
   # entries with every compact one replaced by the full notification's fields, in its order.
+  # The entries of an event whose body is missing are left out, so they stay pending while
+  # the rest of the batch is handled (a bad event fails alone), and it is named once.
   def full(key, entries)
-    want = entries.map { |_, f| f['event'] if f && !f.key?('payload') }.compact.uniq
-                  .reject { |ev| @cache.key?([key, ev]) }
+    evs = entries.map { |_, f| f['event'] if f && !f.key?('payload') }.compact.uniq
+    have = evs.select { |ev| @cache.key?([key, ev]) }.to_h { |ev| [ev, @cache[[key, ev]]] }
+    want = evs.reject { |ev| have.key?(ev) }
     unless want.empty?
       @r.hmget("#{key}:bodies", *want).zip(want).each do |body, ev|
-        raise "#{key}:bodies has no body for event #{ev}; fanoutd keeps it while entries " \
-              'refer to it: was it deleted by hand?' if body.nil?
-
-        @cache[[key, ev]] = Bodies.parse(body)
-        @cache.delete(@cache.first[0]) while @cache.size > SIZE
+        if body
+          have[ev] = Bodies.parse(body)
+        elsif !@missing.include?([key, ev])
+          @missing.clear if @missing.size >= 4096
+          @missing << [key, ev]
+          warn "consumer: #{key}:bodies has no body for event #{ev}: its entries stay " \
+               'pending; fanoutd keeps a body while entries refer to it, so restore it or ' \
+               'XACK them'
+        end
       end
     end
-    entries.map do |id, f|
+    out = entries.filter_map do |id, f|
       next [id, f] if f.nil? || f.key?('payload') || !f['event']
+      next nil unless have.key?(f['event']) # left pending
 
-      author, kind, created, payload = @cache.fetch([key, f['event']])
+      author, kind, created, payload = have[f['event']]
       [id, { 'id' => "#{f['event']}:#{f['recipient']}", 'event' => f['event'], 'author' => author,
              'recipient' => f['recipient'], 'kind' => kind, 'payload' => payload,
              'created_at' => created }]
     end
+    # cached only now, each used one moved to the newest end: evicting while the batch was
+    # mapped could drop a body it needs
+    have.each do |ev, b|
+      @cache.delete([key, ev])
+      @cache[[key, ev]] = b
+    end
+    @cache.delete(@cache.first[0]) while @cache.size > SIZE
+    out
   end
 end
 
