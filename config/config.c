@@ -502,6 +502,14 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
              cfg->stream_entries);
         return FO_EINVAL;
     }
+    if (cfg->redis_cluster[0] && (cfg->redis_socket[0] || cfg->redis_db != 0)) {
+        errf(err, errsize,
+             "%s with redis_cluster: a Redis Cluster is reached over TCP at its seed nodes "
+             "and has database 0 only; leave %s unset, or leave redis_cluster empty",
+             cfg->redis_socket[0] ? "redis_socket" : "redis_db",
+             cfg->redis_socket[0] ? "redis_socket" : "redis_db");
+        return FO_EINVAL;
+    }
     if (cfg->redis_cluster[0] && cfg->layout_mask != CFG_LAYOUT_STREAM) {
         errf(err, errsize,
              "layouts \"%s\" with redis_cluster: only the stream layout runs on a Redis "

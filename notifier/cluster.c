@@ -84,6 +84,7 @@ struct ntf_cluster {
     uv_loop_t *loop;
     ntf_cluster_state_cb on_state;
     void *data;
+    char *user;
     char *password;
     char **scripts;
     size_t nscripts;
@@ -374,9 +375,10 @@ static void handshake(cl_node_t *n)
     n->state = N_LOADING;
     n->loading = 0;
     if (cl->password && *cl->password) {
-        const char *argv[] = {"AUTH", cl->password};
-        size_t len[] = {4, strlen(cl->password)};
-        if (node_send(n, S_AUTH, NULL, 0, 2, argv, len) == 0)
+        int named = cl->user && *cl->user;
+        const char *argv[] = {"AUTH", named ? cl->user : cl->password, cl->password};
+        size_t len[] = {4, strlen(argv[1]), strlen(cl->password)};
+        if (node_send(n, S_AUTH, NULL, 0, named ? 3 : 2, argv, len) == 0)
             n->loading++;
     }
     for (size_t i = 0; i < cl->nscripts; i++) {
@@ -828,8 +830,8 @@ static void handshake_reply(cl_node_t *n, cl_send_t *s, const redisReply *rep)
     if (rep->type == REDIS_REPLY_ERROR) {
         char q[256];
         fo_log(FO_LOG_ERROR,
-               s->kind == S_AUTH ? "redis cluster node refused the password "
-                                   "(FANOUT_REDIS_PASSWORD)"
+               s->kind == S_AUTH ? "redis cluster node refused the user name or password "
+                                   "(FANOUT_REDIS_USER, FANOUT_REDIS_PASSWORD)"
                                  : "redis cluster node refused to load a script",
                "server=redis node=%s error=%s", n->addr, fo_log_quote(q, sizeof q, rep->str));
         redisAsyncDisconnect(n->ac);
@@ -910,6 +912,7 @@ static void maybe_free(ntf_cluster_t *cl)
         free(cl->scripts[i]);
     free(cl->scripts);
     free(cl->sha);
+    free(cl->user);
     free(cl->password);
     fo_closed_cb done = cl->on_closed;
     void *done_data = cl->closed_data;
@@ -931,6 +934,7 @@ ntf_cluster_t *ntf__cluster_new(uv_loop_t *loop, const ntf_cluster_opts_t *o,
     cl->on_state = on_state;
     cl->data = data;
     cl->reported = -1;
+    cl->user = o->user ? fo_xstrdup(o->user) : NULL;
     cl->password = o->password ? fo_xstrdup(o->password) : NULL;
     cl->nscripts = o->nscripts;
     cl->scripts = fo_xcalloc(o->nscripts ? o->nscripts : 1, sizeof *cl->scripts);

@@ -105,6 +105,7 @@ ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, nt
         snprintf(cw->mark_prefix[n], len, "%s:{%s}:progress:", cfg->key_prefix, tag);
     }
     ntf_cluster_opts_t o = {.seeds = cfg->redis_cluster,
+                            .user = cfg->redis_user,
                             .password = cfg->redis_password,
                             .scripts = cw_scripts,
                             .nscripts = 2,

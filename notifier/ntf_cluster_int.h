@@ -45,6 +45,7 @@ typedef struct ntf_cluster ntf_cluster_t;
 
 typedef struct ntf_cluster_opts {
     const char *seeds;          /* "ip:port[,ip:port...]": where the slot map is read first */
+    const char *user;           /* the ACL user of AUTH; NULL or "": the default user */
     const char *password;       /* AUTH after every connect; NULL or "": none */
     const char *const *scripts; /* Lua bodies to SCRIPT LOAD on every node */
     size_t nscripts;

@@ -191,6 +191,24 @@ static void test_layouts(void **state)
     expect_error(e7, 1, argv, "inbox_cap");
 }
 
+/* A cluster has neither a Unix socket nor databases: those settings would be ignored. */
+static void test_cluster_refuses_socket_and_db(void **state)
+{
+    (void)state;
+    char *argv[] = {"fanoutd", NULL};
+    char *e1[] = {"FANOUT_REDIS_CLUSTER=127.0.0.1:7000", "FANOUT_STREAM_ENTRIES=full",
+                  "FANOUT_REDIS_SOCKET=/run/redis/redis.sock", NULL};
+    expect_error(e1, 1, argv, "redis_socket with redis_cluster");
+    char *e2[] = {"FANOUT_REDIS_CLUSTER=127.0.0.1:7000", "FANOUT_STREAM_ENTRIES=full",
+                  "FANOUT_REDIS_DB=1", NULL};
+    expect_error(e2, 1, argv, "redis_db with redis_cluster");
+    char *ok[] = {"FANOUT_REDIS_CLUSTER=127.0.0.1:7000", "FANOUT_STREAM_ENTRIES=full",
+                  "FANOUT_REDIS_USER=fanout", "FANOUT_REDIS_PASSWORD=pw", NULL};
+    cfg_t c;
+    assert_int_equal(load(ok, 1, argv, &c), 0); /* an ACL user works on a cluster too */
+    cfg_free(&c);
+}
+
 static void test_rest_stops_at_command(void **state)
 {
     char *env[] = {NULL};
@@ -434,6 +452,7 @@ int main(void)
         cmocka_unit_test(test_redact_follows_libpq),
         cmocka_unit_test(test_unparsable_dsn_is_refused_unechoed),
         cmocka_unit_test(test_layouts),
+        cmocka_unit_test(test_cluster_refuses_socket_and_db),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }

@@ -75,7 +75,15 @@ def s_key_slot(key):
 def follower_counts_around_the_page_size_are_exact(s):
     page = 1000
     sizes = [0, 1, page, page + 1, 200000]
-    s.start_daemon(FANOUT_PAGE_SIZE=page)
+    # as an ACL user with the grant docs/configuration.md gives, set on every node (a
+    # cluster does not share its ACLs)
+    for port in s.cluster.alive():
+        s.cluster.client(port).execute_command(
+            "ACL", "SETUSER", "fanout", "on", ">pw-fanout", "~fanout:*", "+@read", "+@write",
+            "+@stream", "+@scripting", "+info", "+select", "+wait", "+ping", "+time",
+            "+cluster|slots", "+asking")
+    s.start_daemon(FANOUT_PAGE_SIZE=page, FANOUT_REDIS_USER="fanout",
+                   FANOUT_REDIS_PASSWORD="pw-fanout")
     events = {}
     first = 1
     for i, n in enumerate(sizes):
