@@ -83,16 +83,41 @@ static void by_server(fo_buf_t *b, const char *name, const char *help, const uin
         fo_buf_printf(b, "%s{server=\"%s\"} %llu\n", name, servers[i], (unsigned long long)v[i]);
 }
 
-/* A label value, escaped as the text format demands (\\, \", \n). */
+/* The length of the well-formed UTF-8 sequence at s (1 to 4), or 0: a stray or truncated
+ * byte, an overlong form or a surrogate. */
+static int utf8_len(const unsigned char *s)
+{
+    if (s[0] < 0x80)
+        return 1;
+    int n = s[0] >= 0xC2 && s[0] <= 0xDF   ? 2
+            : s[0] >= 0xE0 && s[0] <= 0xEF ? 3
+            : s[0] >= 0xF0 && s[0] <= 0xF4 ? 4
+                                           : 0;
+    for (int i = 1; i < n; i++)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    if ((n == 3 && ((s[0] == 0xE0 && s[1] < 0xA0) || (s[0] == 0xED && s[1] > 0x9F))) ||
+        (n == 4 && ((s[0] == 0xF0 && s[1] < 0x90) || (s[0] == 0xF4 && s[1] > 0x8F))))
+        return 0;
+    return n;
+}
+
+/* A label value, escaped as the text format demands (\\, \", \n). The format is UTF-8 and
+ * one bad value fails the whole scrape, so a byte that is not (a consumer group's name is
+ * any bytes, and a long one is cut) becomes U+FFFD. */
 static void label_value(fo_buf_t *b, const char *v)
 {
-    for (const char *c = v; *c; c++) {
-        if (*c == '\\' || *c == '"')
+    for (const unsigned char *c = (const unsigned char *)v; *c;) {
+        int n = utf8_len(c);
+        if (n == 0)
+            fo_buf_printf(b, "\xEF\xBF\xBD");
+        else if (*c == '\\' || *c == '"')
             fo_buf_printf(b, "\\%c", *c);
         else if (*c == '\n')
             fo_buf_printf(b, "\\n");
         else
-            fo_buf_printf(b, "%c", *c);
+            fo_buf_printf(b, "%.*s", n, (const char *)c);
+        c += n ? n : 1;
     }
 }
 
