@@ -27,6 +27,7 @@ Servers: throwaway ones (tests/integration/harness.py) unless FANOUT_PG_DSN or P
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -208,6 +209,7 @@ class Bench:
         self.shards = int(effective["shards"])
         self.prefix = s.key_prefix
         self.daemon = None
+        self.small_followers = 10
         self.statements = self._setup_pg_stat_statements()
 
     # -- identities ---------------------------------------------------------------------
@@ -217,6 +219,18 @@ class Bench:
 
     def small_author(self, i):
         return self.base + 100000 + i
+
+    def small_first(self, i):
+        """The i-th small author's followers are small_first(i) .. + small_followers - 1:
+        ranges of their own, so that small events spread over every shard."""
+        return 1 + i * self.small_followers
+
+    def small_checks(self, events):
+        """stream_check's EVENT:FIRST:N for small events, from their authors."""
+        rows = self.s.sql("/* bench */ SELECT id, author FROM fanout.events WHERE id = ANY(%s)",
+                          (list(events),))
+        return [(e, self.small_first(a - self.small_author(0)), self.small_followers)
+                for e, a in rows]
 
     # -- environment for the tools -----------------------------------------------------
     def redis_addr(self):
@@ -262,8 +276,12 @@ class Bench:
               (ids + noise_authors,))
         for a in range(authors):
             s.seed_followers(self.author(a), followers_each)
-        for a in range(small_authors):
-            s.seed_followers(self.small_author(a), small_followers)
+        self.small_followers = small_followers
+        if small_authors:
+            s.sql("INSERT INTO relationships.follows (followee_id, follower_id)"
+                  " SELECT %s + a, 1 + a * %s + k FROM generate_series(0, %s - 1) a,"
+                  " generate_series(0, %s - 1) k ON CONFLICT DO NOTHING",
+                  (self.small_author(0), small_followers, small_authors, small_followers))
         if noise:
             # 1,000 noise authors around the bench authors in the index, follower ids spread.
             s.sql("INSERT INTO relationships.follows (followee_id, follower_id)"
@@ -315,22 +333,36 @@ END $$;""" % (author, self.page_size)
         if self.statements:
             self.s.sql("SELECT pg_stat_statements_reset()")
 
+    def _fanoutd_statements(self):
+        """pg_stat_statements' rows of fanoutd's statements (on given servers: all but the
+        bench's own)."""
+        if self.external:
+            return "query NOT LIKE '%%/* bench */%%' AND query NOT LIKE '%%pg_stat_statements%%'"
+        return "userid = (SELECT oid FROM pg_roles WHERE rolname = 'fanoutd')"
+
+    def pg_top_statements(self, limit=8):
+        """fanoutd's most frequent statements since the last reset: calls, rows, total time
+        and the normalised text, whitespace collapsed, cut at 160 characters."""
+        if not self.statements:
+            return []
+        return [{"calls": int(c), "rows": int(r), "ms": float(t), "query": q} for c, r, t, q in
+                self.s.sql("/* bench */ SELECT calls, rows, total_exec_time,"
+                           " left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
+                           " FROM pg_stat_statements WHERE " + self._fanoutd_statements() +
+                           " ORDER BY calls DESC LIMIT %d" % limit)]
+
     def pg_statements(self):
         """(statements issued by fanoutd, rows its page queries returned, their buffer hits
         and reads), since the last reset."""
         if not self.statements:
             return None
-        if self.external:
-            who = "query NOT LIKE '%%/* bench */%%' AND query NOT LIKE '%%pg_stat_statements%%'"
-        else:
-            who = "userid = (SELECT oid FROM pg_roles WHERE rolname = 'fanoutd')"
         row = self.s.sql(
             "/* bench */ SELECT coalesce(sum(calls), 0),"
             " coalesce(sum(rows) FILTER (WHERE query LIKE '%%notification_recipients%%'), 0),"
             " coalesce(sum(calls) FILTER (WHERE query LIKE '%%notification_recipients%%'), 0),"
             " coalesce(sum(shared_blks_hit + shared_blks_read)"
             "   FILTER (WHERE query LIKE '%%notification_recipients%%'), 0)"
-            " FROM pg_stat_statements WHERE " + who)[0]
+            " FROM pg_stat_statements WHERE " + self._fanoutd_statements())[0]
         return {"statements": int(row[0]), "page_rows": int(row[1]),
                 "page_queries": int(row[2]), "page_buffers": int(row[3])}
 
@@ -381,9 +413,9 @@ END $$;""" % (author, self.page_size)
 
     def stream_check(self, start_ms, checks):
         host, port = self.redis_addr()
-        cmd = [STREAM_CHECK, host, str(port), self.prefix, str(self.shards), str(start_ms)]
-        cmd += ["%d:%d:%d" % c for c in checks]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=self.tool_env())
+        cmd = [STREAM_CHECK, host, str(port), self.prefix, str(self.shards), str(start_ms), "-"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=self.tool_env(),
+                             input="".join("%d:%d:%d\n" % c for c in checks))
         if out.returncode != 0:
             raise BenchError("stream_check failed: %s" % out.stderr.strip())
         res = {}
@@ -472,8 +504,7 @@ END $$;""" % (author, self.page_size)
                     raise BenchError("VERIFICATION FAILED: %s:bodies has no body for event %d"
                                      % (key, ev))
 
-    def fanout_run(self, n_each, authors, steady_rate=0, small_followers=10, small_authors=0,
-                   layout="compact"):
+    def fanout_run(self, n_each, authors, steady_rate=0, small_authors=0, layout="compact"):
         """One measured fan-out: publish, wait, verify. Returns the figures."""
         self.use_layout(layout)
         d = self.ensure_daemon()
@@ -494,18 +525,12 @@ END $$;""" % (author, self.page_size)
                 self.wait_done(events + small, timeout=3600)
         cpu = proc_cpu_s(d.pid) - cpu0
         pg = self.pg_statements()
-        checks = [(e, 1, n_each) for e in events] + [(e, 1, small_followers) for e in small]
+        checks = [(e, 1, n_each) for e in events] + self.small_checks(small)
         got = self.stream_check(start_ms, checks)
         created = self.created_ms(events + small)
         for e, _, n in checks:
             g = got.get(e, {"entries": 0, "distinct": 0, "duplicates": 0, "outside": 0})
-            if not (g["entries"] == n == g["distinct"] and g["duplicates"] == 0
-                    and g["outside"] == 0):
-                raise BenchError(
-                    "VERIFICATION FAILED for event %d: expected %d entries, got %d entries,"
-                    " %d distinct recipients, %d duplicates, %d outside the follower range"
-                    % (e, n, g["entries"], g.get("distinct", 0), g.get("duplicates", 0),
-                       g.get("outside", 0)))
+            verify_event(e, n, g)
         if layout == "compact":
             self.check_bodies(events)
         t_pub = min(created[e] for e in events)
@@ -522,6 +547,7 @@ END $$;""" % (author, self.page_size)
         if small:
             lat = sorted(got[e]["last_ms"] - created[e] for e in small)
             res["small"] = {"count": len(lat), "rate": steady_rate,
+                            "achieved": self.steady_achieved,
                             "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
                             "p99_ms": pct(lat, 99), "max_ms": lat[-1]}
         return res
@@ -529,25 +555,76 @@ END $$;""" % (author, self.page_size)
     def steady(self, big_events, rate, small_authors):
         """Publishes `rate` small events per second (round robin over the small authors) for
         as long as the big fan-out runs; returns their event ids."""
-        conn = self.s.connect(None if self.external else "producer")
-        ids, i = [], 0
-        period = 1.0 / rate
-        next_t = time.monotonic()
+        pub = SteadyPublisher(self, rate, small_authors).start()
         try:
-            with conn.cursor() as cur:
-                while self.jobs_left(big_events):
-                    now = time.monotonic()
-                    if now < next_t:
-                        time.sleep(min(next_t - now, 0.01))
-                        continue
-                    cur.execute("/* bench */ SELECT fanout.publish(%s, 'small', '{}')",
-                                (self.small_author(i % small_authors),))
-                    ids.append(cur.fetchone()[0])
-                    i += 1
-                    next_t += period
+            while self.jobs_left(big_events):
+                time.sleep(0.02)
         finally:
-            conn.close()
+            ids = pub.stop()
+        self.steady_achieved = pub.achieved
         return ids
+
+
+def verify_event(e, n, g):
+    """Exactly once: n entries, n distinct recipients, all in the event's follower range."""
+    if not (g["entries"] == n == g.get("distinct") and g["duplicates"] == 0
+            and g["outside"] == 0):
+        raise BenchError(
+            "VERIFICATION FAILED for event %d: expected %d entries, got %d entries,"
+            " %d distinct recipients, %d duplicates, %d outside the follower range"
+            % (e, n, g["entries"], g.get("distinct", 0), g.get("duplicates", 0),
+               g.get("outside", 0)))
+
+
+class SteadyPublisher:
+    """Publishes `rate` small events per second from a thread of its own, on a connection of
+    its own (the producer role): every `tick` seconds one statement publishes the events due
+    by then, so the rate holds even when one statement takes longer than 1/rate. Round robin
+    over the first `authors` small authors. stop() returns the event ids; `achieved` is the
+    rate it held (events / seconds from start to stop)."""
+
+    def __init__(self, bench, rate, authors, tick=0.005):
+        self.b, self.rate, self.authors, self.tick = bench, rate, authors, tick
+        self.ids, self.error, self.achieved, self.backend_pid = [], None, 0.0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._conn = bench.s.connect(None if bench.external else "producer")
+        with self._conn.cursor() as cur:
+            cur.execute("/* bench */ SELECT pg_backend_pid()")
+            self.backend_pid = cur.fetchone()[0]
+
+    def start(self):
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _run(self):
+        sent = 0
+        try:
+            with self._conn.cursor() as cur:
+                while not self._stop.is_set():
+                    # event k is due at k / rate: the first one at once
+                    due = int((time.monotonic() - self._t0) * self.rate) + 1 - sent
+                    if due > 0:
+                        authors = [self.b.small_author((sent + k) % self.authors)
+                                   for k in range(due)]
+                        cur.execute("/* bench */ SELECT fanout.publish(a, 'small', %s::jsonb)"
+                                    " FROM unnest(%s::bigint[]) a", (PAYLOAD, authors))
+                        self.ids += [row[0] for row in cur.fetchall()]
+                        sent += due
+                    self._stop.wait(self.tick)
+        except Exception as e:  # reported by stop()
+            self.error = e
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        elapsed = time.monotonic() - self._t0
+        self._conn.close()
+        if self.error is not None:
+            raise BenchError("the steady publisher failed: %s" % self.error)
+        self.achieved = len(self.ids) / elapsed if elapsed > 0 else 0.0
+        return self.ids
 
 
 def pct(sorted_vals, p):
@@ -1073,6 +1150,509 @@ plot '%s' using 1:2 with linespoints lw 2 title 'fanoutd: publish to last notifi
 
 
 # ------------------------------------------------------------------------------------------
+# many small events (--small E): drain rate, latency at a steady rate, mixed load, cost
+# ------------------------------------------------------------------------------------------
+
+# Issue 17's acceptance on this machine: key of the median figure, what it is, goal, whether
+# the figure must stay at most ("max") or reach at least ("min") the goal.
+SMALL_GOALS = [
+    ("drain.events_per_s", "drain rate (events/s), exact", 10000, "min"),
+    ("drain.events_per_s", "drain rate, stretch goal (events/s)", 20000, "min"),
+    ("steady.p99_ms", "publish -> delivered p99 at the steady rate (ms)", 20, "max"),
+    ("mixed.small_p99_ms", "small events' p99 during the big fan-out (ms)", 50, "max"),
+    ("mixed.ratio", "big fan-out with small events / alone", 1.2, "max"),
+    ("steady.statements_per_event", "PostgreSQL statements per small event", 1.0, "max"),
+]
+BASELINE = os.path.join(HERE, "results", "2026-12-02-small-baseline.json")
+
+
+def postmaster_pid(s):
+    """The throwaway cluster's postmaster (first line of postmaster.pid); None elsewhere."""
+    if isinstance(s, harness.External):
+        return None
+    with open(os.path.join(s.path("pgdata"), "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def children_cpu_s(ppid):
+    """{pid: utime + stime in seconds} of ppid's children (PostgreSQL's backends)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == ppid:
+            out[int(name)] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+class CostWindow:
+    """What one measured window cost: CPU seconds of fanoutd and of PostgreSQL's backends
+    (the postmaster's children, /proc/<pid>/stat before and after), split by role through
+    pg_stat_activity into fanoutd's connections, the bench's publisher (role producer) and
+    the rest (the bench's own polling, autovacuum, the WAL writer...); and the statements
+    fanoutd's role ran, from pg_stat_statements reset when the window opens. A backend that
+    exits inside the window takes its CPU with it (fanoutd's connections stay up)."""
+
+    def __init__(self, bench):
+        self.b = bench
+        self.postmaster = postmaster_pid(bench.s)
+
+    def _roles(self):
+        return {pid: (user or kind, app or "") for pid, user, app, kind in self.b.s.sql(
+            "/* bench */ SELECT pid, usename, application_name, backend_type"
+            " FROM pg_stat_activity")}
+
+    def __enter__(self):
+        self.b.pg_reset_statements()
+        self.who = self._roles()
+        self.pg0 = children_cpu_s(self.postmaster) if self.postmaster else {}
+        self.d0 = proc_cpu_s(self.b.daemon.pid)
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            return False
+        self.wall = time.monotonic() - self.t0
+        self.fanoutd_cpu = proc_cpu_s(self.b.daemon.pid) - self.d0
+        pg1 = children_cpu_s(self.postmaster) if self.postmaster else {}
+        self.who.update(self._roles())
+        self.groups = {"fanoutd": 0.0, "publisher": 0.0, "other": 0.0}
+        self.conns = []
+        for pid, cpu in sorted(pg1.items()):
+            d = cpu - self.pg0.get(pid, 0.0)
+            role, app = self.who.get(pid, ("other", ""))
+            group = {"fanoutd": "fanoutd", "producer": "publisher"}.get(role, "other")
+            self.groups[group] += d
+            if group == "fanoutd":
+                self.conns.append({"pid": pid, "application_name": app, "cpu_s": d})
+        self.pg = self.b.pg_statements()
+        self.top = self.b.pg_top_statements()
+        return False
+
+    def summary(self, events):
+        w = self.wall
+        out = {"window_s": w, "fanoutd_cpu_s": self.fanoutd_cpu,
+               "fanoutd_cpu_pct": 100.0 * self.fanoutd_cpu / w}
+        if self.postmaster:
+            out.update({"pg_fanoutd_cpu_s": self.groups["fanoutd"],
+                        "pg_fanoutd_cpu_pct": 100.0 * self.groups["fanoutd"] / w,
+                        "pg_publisher_cpu_s": self.groups["publisher"],
+                        "pg_other_cpu_s": self.groups["other"],
+                        "pg_fanoutd_connections": [
+                            dict(c, cpu_pct=100.0 * c["cpu_s"] / w) for c in self.conns]})
+        if self.pg:
+            out["statements"] = self.pg["statements"]
+            out["statements_per_event"] = self.pg["statements"] / float(max(events, 1))
+            out["top_statements"] = self.top
+        return out
+
+
+def wait_small_done(b, ids, timeout=3600):
+    """Until no job of the events ids (one contiguous publish) is pending or running; polls
+    the partial index of unfinished jobs every 50 ms, so that waiting costs PostgreSQL
+    little. A job that died fails the run."""
+    lo, hi = min(ids), max(ids)
+    deadline = time.monotonic() + timeout
+    while b.s.sql_value("/* bench */ SELECT count(*) FROM fanout.jobs WHERE state IN"
+                        " ('pending', 'running') AND event_id BETWEEN %s AND %s", (lo, hi)):
+        if not b.daemon.alive():
+            raise BenchError("fanoutd exited; log:\n%s" % b.daemon.log_tail())
+        if time.monotonic() > deadline:
+            raise BenchError("small events not done after %d s" % timeout)
+        time.sleep(0.05)
+    dead = b.s.sql_value("/* bench */ SELECT count(*) FROM fanout.jobs WHERE state = 'dead'"
+                         " AND event_id BETWEEN %s AND %s", (lo, hi))
+    if dead:
+        raise BenchError("%d small events' jobs died; fanoutd log:\n%s"
+                         % (dead, b.daemon.log_tail()))
+
+
+def check_small(b, start_ms, ids):
+    """Every recipient of every event exactly once, and no entry of any other event: counts
+    entries and distinct (event, recipient) pairs (stream_check's bitmaps). Returns
+    stream_check's figures per event and the totals."""
+    checks = b.small_checks(ids)
+    if len(checks) != len(ids):
+        raise BenchError("VERIFICATION FAILED: %d events published, %d found in fanout.events"
+                         % (len(ids), len(checks)))
+    got = b.stream_check(start_ms, checks)
+    for e, _, n in checks:
+        verify_event(e, n, got.get(e, {"entries": 0, "duplicates": 0, "outside": 0}))
+    stray = [e for e in got if e not in set(ids) and got[e]["entries"]]
+    if stray:
+        raise BenchError("VERIFICATION FAILED: entries of %d events this run did not publish"
+                         " (event %d first)" % (len(stray), stray[0]))
+    return got, {"entries": sum(got[e]["entries"] for e in ids),
+                 "distinct_pairs": sum(got[e]["distinct"] for e in ids)}
+
+
+def small_drain(b, events, authors):
+    """E small events published with one statement (one transaction), drained."""
+    b.ensure_daemon()
+    b.clear_streams()
+    start_ms = b.redis_now_ms() - 1
+    conn = b.s.connect(None if b.external else "producer", autocommit=False)
+    try:
+        with CostWindow(b) as w:
+            t0 = time.time()
+            with conn.cursor() as cur:
+                cur.execute("/* bench */ SELECT fanout.publish(%s + g %% %s, 'small', %s::jsonb)"
+                            " FROM generate_series(0, %s - 1) g",
+                            (b.small_author(0), authors, PAYLOAD, events))
+                ids = [row[0] for row in cur.fetchall()]
+            conn.commit()
+            t_commit = time.time()
+            wait_small_done(b, ids)
+    finally:
+        conn.close()
+    got, tot = check_small(b, start_ms, ids)
+    last_ms = max(got[e]["last_ms"] for e in ids)
+    drain = (last_ms - t_commit * 1000.0) / 1000.0
+    res = {"events": len(ids), "notifications": tot["entries"],
+           "distinct_pairs": tot["distinct_pairs"], "exact": True,
+           "publish_s": t_commit - t0, "drain_s": drain, "publish_to_last_s": last_ms / 1000.0
+           - t0, "events_per_s": len(ids) / drain if drain > 0 else float("inf"),
+           "notifications_per_s": tot["entries"] / drain if drain > 0 else float("inf")}
+    res.update(w.summary(len(ids)))
+    return res
+
+
+def latency_figures(lat):
+    lat = sorted(lat)
+    return {"p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+            "max_ms": lat[-1] if lat else 0}
+
+
+def small_steady(b, rate, seconds, authors):
+    """`rate` small events/s for `seconds` from SteadyPublisher; per event, publish (its
+    fanout.events.created_at: the start of the publishing transaction) -> delivered (the
+    millisecond part of the Redis entry id of its last recipient's entry)."""
+    b.ensure_daemon()
+    b.clear_streams()
+    start_ms = b.redis_now_ms() - 1
+    pub = SteadyPublisher(b, rate, authors)
+    with CostWindow(b) as w:
+        pub.start()
+        time.sleep(seconds)
+        ids = pub.stop()
+        if not ids:
+            raise BenchError("the steady publisher published nothing")
+        wait_small_done(b, ids)
+    got, tot = check_small(b, start_ms, ids)
+    created = b.created_ms(ids)
+    res = {"events": len(ids), "rate": rate, "achieved_rate": pub.achieved,
+           "notifications": tot["entries"], "distinct_pairs": tot["distinct_pairs"],
+           "exact": True}
+    res.update(latency_figures([got[e]["last_ms"] - created[e] for e in ids]))
+    res.update(w.summary(len(ids)))
+    return res
+
+
+def small_mixed(b, n, rate, authors, layout):
+    """The N-follower fan-out alone, then again with `rate` small events/s published for as
+    long as it runs (fanout_run verifies both, small events included)."""
+    alone = b.fanout_run(n, 1, layout=layout)
+    mixed = b.fanout_run(n, 1, steady_rate=rate, small_authors=authors, layout=layout)
+    sm = mixed["small"]
+    return {"followers": n, "alone_s": alone["e2e_s"], "with_small_s": mixed["e2e_s"],
+            "ratio": mixed["e2e_s"] / alone["e2e_s"] if alone["e2e_s"] > 0 else float("inf"),
+            "small_events": sm["count"], "rate": rate, "achieved_rate": sm["achieved"],
+            "small_p50_ms": sm["p50_ms"], "small_p95_ms": sm["p95_ms"],
+            "small_p99_ms": sm["p99_ms"], "small_max_ms": sm["max_ms"], "exact": True,
+            "fanoutd_cpu_alone_s": alone["cpu_s"], "fanoutd_cpu_with_small_s": mixed["cpu_s"],
+            "statements_alone": (alone["pg"] or {}).get("statements"),
+            "statements_with_small": (mixed["pg"] or {}).get("statements")}
+
+
+def medians(runs):
+    """Per numeric figure, the median over the runs (a list stays the median run's)."""
+    if not runs:
+        return {}
+    out = {}
+    for k, v in runs[0].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        out[k] = median(vals)
+    out["exact"] = all(r.get("exact") for r in runs)
+    return out
+
+
+def run_small(args):
+    """bench/loadtest --small E: every phase of args.phases, args.runs times, interleaved
+    (drain, steady, mixed; then again), on one set of throwaway servers."""
+    m = machine()
+    runs = args.runs or 3
+    pool = args.small_authors or args.small
+    big = args.followers if "mixed" in args.phases else 0
+    if os.environ.get("FANOUT_PG_DSN") or os.environ.get("PGHOST"):
+        s = harness.External()
+    else:
+        s = harness.Servers(pg_settings={"shared_preload_libraries": "pg_stat_statements"})
+    with s:
+        log("servers: PostgreSQL on %s, Redis on %s" % (s.pg_where(), s.redis_where()))
+        v = server_versions(s)
+        b = Bench(s, args)
+        b.use_layout(args.layouts[0])
+        noise = int(args.noise * (pool * args.followers_each + big))
+        log("\n== small events: %s authors x %d followers%s; %s noise rows" % (
+            fmt_int(pool), args.followers_each,
+            " and one author with %s" % fmt_int(big) if big else "", fmt_int(noise)))
+        seed_s = b.seed(big, 1 if big else 0, noise, pool, args.followers_each)
+        log("   seeded in %.1f s" % seed_s)
+        r = s.redis
+        old_pct = r.config_get("auto-aof-rewrite-percentage").get("auto-aof-rewrite-percentage")
+        r.config_set("auto-aof-rewrite-percentage", 0)
+        out = {p: [] for p in args.phases}
+        try:
+            for i in range(runs):
+                if "drain" in args.phases:
+                    d = small_drain(b, args.small, pool)
+                    out["drain"].append(d)
+                    log("   run %d, drain: %s events x %d in %.3f s (publish %.3f s): %s events/s,"
+                        " %s notifications/s, exact; %.2f statements/event; fanoutd %.0f %%,"
+                        " its PostgreSQL backends %s of a core" % (
+                            i + 1, fmt_int(d["events"]), args.followers_each, d["drain_s"],
+                            d["publish_s"], fmt_int(int(d["events_per_s"])),
+                            fmt_int(int(d["notifications_per_s"])),
+                            d.get("statements_per_event", float("nan")), d["fanoutd_cpu_pct"],
+                            "%.0f %%" % d["pg_fanoutd_cpu_pct"] if "pg_fanoutd_cpu_pct" in d
+                            else "n/a"))
+                if "steady" in args.phases:
+                    st = small_steady(b, args.rate, args.duration, pool)
+                    out["steady"].append(st)
+                    log("   run %d, steady: %s events at %.0f/s (asked %d/s): p50 %d ms, p99 %d"
+                        " ms, max %d ms, exact; %.2f statements/event" % (
+                            i + 1, fmt_int(st["events"]), st["achieved_rate"], args.rate,
+                            st["p50_ms"], st["p99_ms"], st["max_ms"],
+                            st.get("statements_per_event", float("nan"))))
+                if "mixed" in args.phases:
+                    mx = small_mixed(b, big, args.rate, pool, args.layouts[0])
+                    out["mixed"].append(mx)
+                    log("   run %d, mixed: %s followers alone %.3f s, with %d small events at"
+                        " %.0f/s %.3f s (%.2f x); small p50 %d ms, p99 %d ms, exact" % (
+                            i + 1, fmt_int(big), mx["alone_s"], mx["small_events"],
+                            mx["achieved_rate"], mx["with_small_s"], mx["ratio"],
+                            mx["small_p50_ms"], mx["small_p99_ms"]))
+            if b.daemon is not None:
+                rc = b.daemon.stop(timeout=30)
+                if rc != 0:
+                    raise BenchError("fanoutd exited with %d on SIGTERM; log:\n%s"
+                                     % (rc, b.daemon.log_tail()))
+        finally:
+            if old_pct is not None:
+                r.config_set("auto-aof-rewrite-percentage", old_pct)
+    res = {"bench": "small", "command": args.command_line, "date": m["date"],
+           "commit": m["commit"], "machine": m, "versions": v, "runs": runs,
+           "load_at_end": "%.2f %.2f %.2f" % os.getloadavg(),
+           "settings": {"events": args.small, "followers_each": args.followers_each,
+                        "authors": pool, "rate": args.rate, "duration_s": args.duration,
+                        "big_followers": big, "noise_rows": noise, "layout": args.layouts[0],
+                        "page_size": b.page_size, "shards": b.shards,
+                        "fanoutd_settings": args.daemon_env},
+           "seed_s": seed_s}
+    for p in args.phases:
+        mid = sorted(range(len(out[p])), key=lambda k: out[p][k].get(
+            {"drain": "drain_s", "steady": "p99_ms", "mixed": "ratio"}[p]))[len(out[p]) // 2]
+        res[p] = {"median": medians(out[p]), "runs": out[p], "median_run": mid}
+    res["baseline"] = load_baseline(args)
+    res["acceptance"] = acceptance(res)
+    print()
+    print(small_report(res))
+    text = json.dumps(res, indent=1, sort_keys=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+        log("\nwrote %s" % args.json)
+    if args.results:
+        path = os.path.join(HERE, "results", args.results)
+        with open(path + ".json", "w") as f:
+            f.write(text + "\n")
+        with open(path + ".md", "w") as f:
+            f.write(small_markdown(res))
+        log("wrote %s.md and .json" % os.path.relpath(path))
+    return 0
+
+
+def load_baseline(args):
+    """The medians of the baseline run (--baseline FILE, default the committed one), or None
+    (none yet, or this run writes it)."""
+    path = args.baseline or BASELINE
+    if args.results and os.path.abspath(os.path.join(HERE, "results", args.results + ".json")) \
+            == os.path.abspath(path):
+        return None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    return {"file": os.path.relpath(path, os.path.dirname(HERE)), "commit": old.get("commit"),
+            "date": old.get("date"),
+            "median": {p: old[p]["median"] for p in ("drain", "steady", "mixed") if p in old}}
+
+
+def figure(res, key):
+    phase, name = key.split(".")
+    return res.get(phase, {}).get("median", {}).get(name)
+
+
+def acceptance(res):
+    rows = []
+    base = res.get("baseline")
+    for key, what, goal, sense in SMALL_GOALS:
+        val = figure(res, key)
+        if val is None:
+            continue
+        met = val >= goal if sense == "min" else val <= goal
+        was = figure(base, key) if base else None
+        rows.append({"figure": key, "what": what, "value": val, "goal": goal, "sense": sense,
+                     "vs_goal": val / goal, "met": met, "baseline": was,
+                     "vs_baseline": val / was if was else None})
+    return rows
+
+
+def fmt_fig(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and abs(v) < 100:
+        return "%.2f" % v
+    return fmt_int(int(round(v)))
+
+
+def small_tables(res):
+    """The phases' medians, the cost per phase and the acceptance, as markdown tables."""
+    st = res["settings"]
+    out = []
+    rows = ["| phase | events | figure | median | runs |", "|---|---:|---|---:|---|"]
+    d = res.get("drain")
+    if d:
+        md = d["median"]
+        runs = ", ".join("%.3f s" % r["drain_s"] for r in d["runs"])
+        rows.append("| drain: %s x %d followers, one publish | %s | commit -> last entry |"
+                    " %.3f s | %s |" % (fmt_int(st["events"]), st["followers_each"],
+                                         fmt_int(int(md["events"])), md["drain_s"], runs))
+        rows.append("| | | events/s | %s | |" % fmt_int(int(md["events_per_s"])))
+        rows.append("| | | notifications/s | %s | |" % fmt_int(int(md["notifications_per_s"])))
+        rows.append("| | | publish statement + commit | %.3f s | |" % md["publish_s"])
+        rows.append("| | | exact (entries = distinct pairs = E x F) | %s | |"
+                    % ("yes" if md["exact"] else "NO"))
+    s_ = res.get("steady")
+    if s_:
+        ms = s_["median"]
+        rows.append("| steady: %d events/s for %s s | %s | rate held | %.0f/s | %s |" % (
+            st["rate"], fmt_fig(st["duration_s"]), fmt_int(int(ms["events"])),
+            ms["achieved_rate"], ", ".join("%.0f" % r["achieved_rate"] for r in s_["runs"])))
+        for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+            rows.append("| | | publish -> delivered %s | %d ms | %s |" % (
+                k[:-3], ms[k], ", ".join("%d" % r[k] for r in s_["runs"])))
+    x = res.get("mixed")
+    if x:
+        mx = x["median"]
+        rows.append("| mixed: %s followers, then with %d small events/s | %s | alone |"
+                    " %.3f s | %s |" % (fmt_int(st["big_followers"]), st["rate"],
+                                        fmt_int(int(mx["small_events"])), mx["alone_s"],
+                                        ", ".join("%.3f" % r["alone_s"] for r in x["runs"])))
+        rows.append("| | | with small events | %.3f s | %s |" % (
+            mx["with_small_s"], ", ".join("%.3f" % r["with_small_s"] for r in x["runs"])))
+        rows.append("| | | ratio | %.2f | %s |" % (
+            mx["ratio"], ", ".join("%.2f" % r["ratio"] for r in x["runs"])))
+        rows.append("| | | small events' rate held | %.0f/s | |" % mx["achieved_rate"])
+        for k in ("small_p50_ms", "small_p99_ms", "small_max_ms"):
+            rows.append("| | | small events' %s | %d ms | %s |" % (
+                k[6:-3], mx[k], ", ".join("%d" % r[k] for r in x["runs"])))
+    out.append("\n".join(rows))
+    cost = ["| phase | window | fanoutd CPU | PostgreSQL: fanoutd's backends | publisher's"
+            " | other backends | fanoutd statements | per event |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in ("drain", "steady"):
+        if p not in res:
+            continue
+        mp = res[p]["median"]
+        cost.append("| %s | %.2f s | %.2f s (%.0f %%) | %s | %s | %s | %s | %s |" % (
+            p, mp["window_s"], mp["fanoutd_cpu_s"], mp["fanoutd_cpu_pct"],
+            "%.2f s (%.0f %%)" % (mp["pg_fanoutd_cpu_s"], mp["pg_fanoutd_cpu_pct"])
+            if "pg_fanoutd_cpu_s" in mp else "n/a",
+            "%.2f s" % mp["pg_publisher_cpu_s"] if "pg_publisher_cpu_s" in mp else "n/a",
+            "%.2f s" % mp["pg_other_cpu_s"] if "pg_other_cpu_s" in mp else "n/a",
+            fmt_int(int(mp["statements"])) if "statements" in mp else "n/a",
+            "%.2f" % mp["statements_per_event"] if "statements_per_event" in mp else "n/a"))
+    out.append("\n".join(cost))
+    for p in ("drain", "steady"):
+        if p not in res:
+            continue
+        run = res[p]["runs"][res[p]["median_run"]]
+        conns = run.get("pg_fanoutd_connections") or []
+        lines = ["%s (median run): fanoutd's PostgreSQL connections: %s" % (p, ", ".join(
+            "pid %d %s %.2f s (%.0f %% of a core)" % (c["pid"], c["application_name"] or "-",
+                                                     c["cpu_s"], c["cpu_pct"])
+            for c in conns) or "n/a")]
+        if run.get("top_statements"):
+            lines.append("")
+            lines.append("| calls | per event | rows | time | statement (fanoutd's role) |")
+            lines.append("|---:|---:|---:|---:|---|")
+            for t in run["top_statements"]:
+                lines.append("| %s | %.2f | %s | %.0f ms | `%s` |" % (
+                    fmt_int(t["calls"]), t["calls"] / float(run["events"]),
+                    fmt_int(t["rows"]), t["ms"], t["query"].replace("|", "\\|")))
+        out.append("\n".join(lines))
+    acc = ["| issue 17 acceptance | median | goal | median / goal | met | baseline |"
+           " vs baseline |", "|---|---:|---:|---:|---|---:|---:|"]
+    for a in res["acceptance"]:
+        acc.append("| %s | %s | %s %s | %.2f | %s | %s | %s |" % (
+            a["what"], fmt_fig(a["value"]), "<=" if a["sense"] == "max" else ">=",
+            fmt_fig(a["goal"]), a["vs_goal"], "**met**" if a["met"] else "missed",
+            fmt_fig(a["baseline"]),
+            "%.2f x" % a["vs_baseline"] if a["vs_baseline"] is not None else "-"))
+    out.append("\n".join(acc))
+    return out
+
+
+def small_report(res):
+    m = res["machine"]
+    head = ("machine: %d cores, %s, load average at start %s, at end %s\nversions: PostgreSQL"
+            " %s, Redis %s, fanout %s; %d runs, medians%s" % (
+                m["cores"], m["cpu"], m["load"], res["load_at_end"],
+                res["versions"]["postgresql"], res["versions"]["redis"], m["commit"],
+                res["runs"], "" if not res.get("baseline") else "; baseline %s (%s)" % (
+                    res["baseline"]["file"], res["baseline"]["commit"])))
+    return head + "\n\n" + "\n\n".join(small_tables(res))
+
+
+def small_markdown(res):
+    m = res["machine"]
+    st = res["settings"]
+    return ("# fanout load test: many small events\n\nProduced by `%s` on %s.\n\n"
+            "| machine | |\n|---|---|\n| cores | %d |\n| CPU | %s |\n| kernel | %s |\n"
+            "| load average at start / end | %s / %s |\n| PostgreSQL | %s (pg_stat_statements"
+            " preloaded) |\n| Redis | %s (appendonly yes, appendfsync everysec) |\n"
+            "| fanout | %s |\n| fanoutd settings | page_size %d, shards %d, %s entries%s |\n\n"
+            "Medians of %d runs (phases interleaved). Drain: the E events are published"
+            " by one `SELECT fanout.publish(...) FROM generate_series(...)` in one transaction;"
+            " timed from its commit to the Redis entry id of the last notification. Delivered:"
+            " an event is delivered when its last recipient's entry is appended (the"
+            " millisecond part of that entry's id, Redis's clock); published at its"
+            " `fanout.events.created_at` (the start of the publishing transaction, the same"
+            " machine's clock). CPU from /proc/<pid>/stat over the window (publish to the last"
+            " job done); statements from pg_stat_statements, calls by fanoutd's role over the"
+            " same window, divided by the events.\n\n%s\n\nThe full figures of every run:"
+            " [%s](%s).\n\nReproduce: `%s`\n" % (
+                res["command"], res["date"], m["cores"], m["cpu"], m["kernel"], m["load"],
+                res["load_at_end"], res["versions"]["postgresql"], res["versions"]["redis"],
+                m["commit"], st["page_size"], st["shards"], st["layout"],
+                "".join(", %s=%s" % kv for kv in sorted(st["fanoutd_settings"].items())),
+                res["runs"], "\n\n".join(small_tables(res)),
+                os.path.basename(res["command"].split("--results ")[-1].split()[0]) + ".json"
+                if "--results " in res["command"] else "-",
+                os.path.basename(res["command"].split("--results ")[-1].split()[0]) + ".json"
+                if "--results " in res["command"] else "-", res["command"]))
+
+
+# ------------------------------------------------------------------------------------------
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
@@ -1089,8 +1669,34 @@ def parse_args(argv):
                     " followers each) while the fan-out runs; report their latency")
     ap.add_argument("--noise", type=float, default=2.0, metavar="F",
                     help="noise rows for other authors, as a multiple of N (default 2)")
-    ap.add_argument("--runs", type=int, default=0, metavar="K",
-                    help="runs per size, medians reported (default 3 up to 1M, else 1)")
+    ap.add_argument("--runs", "--repeat", type=int, default=0, metavar="K", dest="runs",
+                    help="runs per size (or per phase of --small), medians reported (default"
+                    " 3 up to 1M, else 1)")
+    sm = ap.add_argument_group(
+        "many small events (--small E)",
+        "Drain rate of E events of F followers each (published by one statement), publish ->"
+        " delivered latency at a steady rate, and a mixed load (the --followers fan-out alone,"
+        " then with the steady small events), each verified exact; CPU of fanoutd and of"
+        " PostgreSQL's backends, fanoutd's PostgreSQL statements per event; medians of"
+        " --repeat runs against issue 17's goals and the baseline.")
+    sm.add_argument("--small", type=int, default=0, metavar="E",
+                    help="run the small-events bench with E events in the drain phase")
+    sm.add_argument("--followers-each", type=int, default=10, metavar="F",
+                    help="followers of each small author (default 10)")
+    sm.add_argument("--small-authors", type=int, default=0, metavar="A",
+                    help="small authors, each with F followers of their own (default E: each"
+                    " drain event has its own author; the steady events go round robin)")
+    sm.add_argument("--rate", type=int, default=1000, metavar="R",
+                    help="steady publishing rate, small events/s (default 1,000)")
+    sm.add_argument("--duration", type=float, default=5.0, metavar="S",
+                    help="seconds of steady publishing (default 5: 5,000 events at 1,000/s)")
+    sm.add_argument("--phases", default="drain,steady,mixed", metavar="P[,P...]",
+                    help="phases to run: drain, steady, mixed (default all three; mixed uses"
+                    " --followers, default 1,000,000)")
+    sm.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+    sm.add_argument("--baseline", metavar="FILE",
+                    help="a --small run's JSON to compare with (default %s)"
+                    % os.path.relpath(BASELINE, os.path.dirname(HERE)))
     ap.add_argument("--sweep", action="store_true",
                     help="10k, 100k and 1M followers, then at 1M 4 authors and --steady 50;"
                     " writes bench/results/<name>.md and .png")
@@ -1118,6 +1724,15 @@ def parse_args(argv):
     if args.payload_bytes < 12:
         ap.error("--payload-bytes must be at least 12 (the shortest {\"text\": \"...\"})")
     args.layouts = args.layouts.split(",")
+    args.phases = args.phases.split(",")
+    if args.small < 0 or args.followers_each < 1 or args.rate < 1 or args.duration <= 0 \
+            or args.small_authors < 0:
+        ap.error("--small must be >= 0, --followers-each, --rate and --duration positive")
+    if args.small and (not args.phases or any(
+            p not in ("drain", "steady", "mixed") for p in args.phases)):
+        ap.error("--phases takes drain, steady and mixed, comma-separated")
+    if args.small and (args.sweep or args.cluster or args.steady or args.authors > 1):
+        ap.error("--small runs alone (no --sweep, --cluster, --steady or --authors)")
     if not args.layouts or any(x not in ("compact", "full") for x in args.layouts):
         ap.error("--layouts takes compact, full or both, comma-separated")
     args.daemon_env = {}
@@ -1148,6 +1763,8 @@ def main(argv):
         if not os.access(tool, os.X_OK):
             raise BenchError("%s is not built (build with -DFANOUT_BUILD_BENCH=ON, or run"
                              " bench/loadtest, which builds it)" % tool)
+    if args.small:
+        return run_small(args)
     external = bool(os.environ.get("FANOUT_PG_DSN") or os.environ.get("PGHOST"))
     if args.sweep:
         plan = [(n, ("single",)) for n in (10000, 100000, 1000000)]

@@ -14,6 +14,8 @@
  *
  * Output, one line per event seen or checked:
  *   event=<id> entries=<c> first_ms=<ms> last_ms=<ms> [distinct=<d> duplicates=<x> outside=<o>]
+ * A check given as "-" reads further EVENT:FIRST:N checks, whitespace-separated, from stdin
+ * (tens of thousands of small events do not fit a command line).
  * Memory: one record per distinct event in the scanned range plus N/8 bytes per checked event.
  * Exit 1 with a one-line message on a Redis error or an entry without event/recipient fields.
  */
@@ -33,6 +35,9 @@ typedef struct ev_stat {
 
 static ev_stat_t *stats;
 static size_t nstats, capstats;
+/* index into stats by event id: open addressing, power-of-two size, kept under half full
+ * (bench/loadtest --small checks tens of thousands of events, each entry looks one up) */
+static size_t *slots, nslots;
 
 static void die(const char *what, const char *detail)
 {
@@ -40,16 +45,34 @@ static void die(const char *what, const char *detail)
     exit(1);
 }
 
+static size_t slot_of(int64_t event)
+{
+    uint64_t h = (uint64_t)event * 0x9E3779B97F4A7C15ull;
+    size_t i = (size_t)(h >> 20) & (nslots - 1);
+    while (slots[i] != SIZE_MAX && stats[slots[i]].event != event)
+        i = (i + 1) & (nslots - 1);
+    return i;
+}
+
+static void grow_slots(void)
+{
+    free(slots);
+    nslots = nslots ? nslots * 2 : 1024;
+    slots = malloc(nslots * sizeof *slots);
+    if (!slots)
+        die("out of memory", NULL);
+    memset(slots, 0xff, nslots * sizeof *slots);
+    for (size_t k = 0; k < nstats; k++)
+        slots[slot_of(stats[k].event)] = k;
+}
+
 static ev_stat_t *stat_of(int64_t event)
 {
-    /* Few events per run (at most a few thousand small ones): a linear scan from the most
-     * recently used record is fast enough, since entries of one event come in runs. */
-    static size_t last;
-    if (last < nstats && stats[last].event == event)
-        return &stats[last];
-    for (size_t i = 0; i < nstats; i++)
-        if (stats[i].event == event)
-            return &stats[last = i];
+    if (2 * (nstats + 1) > nslots)
+        grow_slots();
+    size_t i = slot_of(event);
+    if (slots[i] != SIZE_MAX)
+        return &stats[slots[i]];
     if (nstats == capstats) {
         capstats = capstats ? capstats * 2 : 64;
         stats = realloc(stats, capstats * sizeof *stats);
@@ -57,7 +80,7 @@ static ev_stat_t *stat_of(int64_t event)
             die("out of memory", NULL);
     }
     stats[nstats] = (ev_stat_t){.event = event, .first_ms = INT64_MAX, .last_ms = -1};
-    last = nstats;
+    slots[i] = nstats;
     return &stats[nstats++];
 }
 
@@ -110,6 +133,20 @@ static void add_entry(const redisReply *e)
     }
 }
 
+static void add_check(const char *arg)
+{
+    long long ev, first, n;
+    if (sscanf(arg, "%lld:%lld:%lld", &ev, &first, &n) != 3 || n < 0)
+        die("checked events are EVENT:FIRST:N", arg);
+    ev_stat_t *s = stat_of(ev);
+    s->checked = 1;
+    s->first = first;
+    s->n = n;
+    s->bits = calloc((size_t)n / 8 + 1, 1);
+    if (!s->bits)
+        die("out of memory", NULL);
+}
+
 static void scan_stream(redisContext *c, const char *key, const char *start)
 {
     char from[64];
@@ -138,6 +175,7 @@ int main(int argc, char **argv)
     if (argc < 6) {
         fputs("usage: stream_check HOST PORT PREFIX SHARDS START_ID [EVENT:FIRST:N ...]\n"
               "  START_ID: an entry id or ms timestamp to scan from ('-' for all);\n"
+              "  a check '-' reads more EVENT:FIRST:N checks from stdin;\n"
               "  PREFIX keys=K0,K1,...: these shard streams instead (- skips one);\n"
               "  REDIS_PASSWORD in the environment is sent with AUTH.\n",
               stderr);
@@ -147,16 +185,13 @@ int main(int argc, char **argv)
     if (shards < 1)
         die("SHARDS must be a positive integer", argv[4]);
     for (int i = 6; i < argc; i++) {
-        long long ev, first, n;
-        if (sscanf(argv[i], "%lld:%lld:%lld", &ev, &first, &n) != 3 || n < 0)
-            die("checked events are EVENT:FIRST:N", argv[i]);
-        ev_stat_t *s = stat_of(ev);
-        s->checked = 1;
-        s->first = first;
-        s->n = n;
-        s->bits = calloc((size_t)n / 8 + 1, 1);
-        if (!s->bits)
-            die("out of memory", NULL);
+        if (strcmp(argv[i], "-") == 0) {
+            char word[96];
+            while (scanf("%95s", word) == 1)
+                add_check(word);
+        } else {
+            add_check(argv[i]);
+        }
     }
     redisContext *c = redisConnect(argv[1], atoi(argv[2]));
     if (!c || c->err)
@@ -195,6 +230,7 @@ int main(int argc, char **argv)
         free(s->bits);
     }
     free(stats);
+    free(slots);
     redisFree(c);
     return 0;
 }

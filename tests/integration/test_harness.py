@@ -83,6 +83,42 @@ def demo_and_loadtest_run_on_given_servers(s):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@suite.test
+def loadtest_small_events_runs_exact(s):
+    """bench/loadtest --small at a tiny size, on throwaway servers of its own (pg_stat_statements
+    preloaded): every phase runs, verifies exactly once and writes its JSON. Figures are not
+    asserted, only that they are there."""
+    out = s.path("small.json")
+    env = dict(_clean_env(), FANOUT_BUILD_DIR=BUILD_DIR)
+    r = subprocess.run([os.path.join(SOURCE_DIR, "bench", "loadtest"), "--small", "60",
+                        "--followers-each", "3", "--followers", "5000", "--rate", "100",
+                        "--duration", "0.5", "--repeat", "1", "--noise", "0", "--json", out],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(out))
+    drain = res["drain"]["median"]
+    assert drain["exact"] and drain["events"] == 60, drain
+    assert drain["notifications"] == drain["distinct_pairs"] == 180, drain
+    for phase in ("drain", "steady"):
+        m = res[phase]["median"]
+        for k in ("fanoutd_cpu_s", "pg_fanoutd_cpu_s", "pg_publisher_cpu_s", "statements",
+                  "statements_per_event"):
+            assert k in m, (phase, k, m)
+        assert res[phase]["runs"][0]["top_statements"], res[phase]
+    steady = res["steady"]["median"]
+    assert steady["exact"] and steady["notifications"] == 3 * steady["events"] > 0, steady
+    for k in ("p50_ms", "p99_ms", "achieved_rate"):
+        assert k in steady, (k, steady)
+    mixed = res["mixed"]["median"]
+    assert mixed["exact"], mixed
+    for k in ("alone_s", "with_small_s", "ratio", "small_p99_ms"):
+        assert k in mixed, (k, mixed)
+    assert {a["figure"] for a in res["acceptance"]} == {
+        "drain.events_per_s", "steady.p99_ms", "mixed.small_p99_ms", "mixed.ratio",
+        "steady.statements_per_event"}, res["acceptance"]
+    assert "issue 17 acceptance" in r.stdout, r.stdout
+
+
 @suite.test(servers=dict(migrate=False))
 def demo_keep_leaves_servers_up_and_stop_ends_them(s):
     """scripts/demo --keep: the servers and a fanoutd outlive the demo, and the commands it
