@@ -21,6 +21,25 @@ primary owns under queue format 3's keys; the fan-out is fanoutd with FANOUT_RED
 verified by one stream_check per primary (docs/redis-cluster.md). The report compares each
 cluster's end to end with the single node's and with the cluster's own ceiling.
 
+--small E (issue 17) measures many small fan-outs instead, on one set of servers, each phase
+--repeat K times (default 3), interleaved, medians against the issue's goals and a baseline run
+(--baseline, default bench/results/2026-12-02-small-baseline.json), printed as tables and
+written as JSON (--json PATH; --results NAME writes bench/results/NAME.md and .json):
+  drain   E events of --followers-each F followers (each small author has F followers of its
+          own), published with one SELECT fanout.publish(...) FROM generate_series(...);
+          commit -> the last notification's Redis entry id; events/s and notifications/s;
+  steady  --rate R events/s (default 1,000) for --duration S seconds (default 5), published
+          from a thread and connection of their own every 5 ms; per event publish (its
+          fanout.events.created_at) -> delivered (the ms of the Redis entry id of its last
+          recipient's entry), p50/p95/p99/max, and the rate the publisher held;
+  mixed   the --followers fan-out (default 1M) alone, then with R small events/s published for
+          as long as it runs: the ratio of the two times and the small events' p99.
+Every event of every phase is verified exactly once (entries = distinct (event, recipient)
+pairs = F per event, nothing else written). Drain and steady report the CPU of fanoutd and of
+PostgreSQL's backends (the postmaster's children, /proc/<pid>/stat before and after; fanoutd's
+connections apart from the publisher's and the rest, by pg_stat_activity's role) and fanoutd's
+statements per event (pg_stat_statements, reset when the window opens; the top statements).
+
 Servers: throwaway ones (tests/integration/harness.py) unless FANOUT_PG_DSN or PGHOST is set
 (then FANOUT_REDIS_HOST/PORT/PASSWORD name Redis): see bench/README section in README.md.
 """
