@@ -1231,6 +1231,7 @@ class CostWindow:
         self.who = self._roles()
         self.pg0 = children_cpu_s(self.postmaster) if self.postmaster else {}
         self.d0 = proc_cpu_s(self.b.daemon.pid)
+        self.r0 = redis_cpu(self.b.s.redis)
         self.t0 = time.monotonic()
         return self
 
@@ -1239,6 +1240,9 @@ class CostWindow:
             return False
         self.wall = time.monotonic() - self.t0
         self.fanoutd_cpu = proc_cpu_s(self.b.daemon.pid) - self.d0
+        r1 = redis_cpu(self.b.s.redis)
+        self.redis_cpu = sum(r1[k] - self.r0[k] for k in ("used_cpu_user_main_thread",
+                                                            "used_cpu_sys_main_thread"))
         pg1 = children_cpu_s(self.postmaster) if self.postmaster else {}
         self.who.update(self._roles())
         self.groups = {"fanoutd": 0.0, "publisher": 0.0, "other": 0.0}
@@ -1257,7 +1261,8 @@ class CostWindow:
     def summary(self, events):
         w = self.wall
         out = {"window_s": w, "fanoutd_cpu_s": self.fanoutd_cpu,
-               "fanoutd_cpu_pct": 100.0 * self.fanoutd_cpu / w}
+               "fanoutd_cpu_pct": 100.0 * self.fanoutd_cpu / w,
+               "redis_main_cpu_s": self.redis_cpu, "redis_main_cpu_pct": 100.0 * self.redis_cpu / w}
         if self.postmaster:
             out.update({"pg_fanoutd_cpu_s": self.groups["fanoutd"],
                         "pg_fanoutd_cpu_pct": 100.0 * self.groups["fanoutd"] / w,
@@ -1510,9 +1515,11 @@ def load_baseline(args):
         return None
     with open(path) as f:
         old = json.load(f)
-    return {"file": os.path.relpath(path, os.path.dirname(HERE)), "commit": old.get("commit"),
-            "date": old.get("date"),
-            "median": {p: old[p]["median"] for p in ("drain", "steady", "mixed") if p in old}}
+    base = {"file": os.path.relpath(path, os.path.dirname(HERE)), "commit": old.get("commit"),
+            "date": old.get("date")}
+    base.update({p: {"median": old[p]["median"]} for p in ("drain", "steady", "mixed")
+                 if p in old})
+    return base
 
 
 def figure(res, key):
@@ -1586,18 +1593,20 @@ def small_tables(res):
                 k[6:-3], mx[k], ", ".join("%d" % r[k] for r in x["runs"])))
     out.append("\n".join(rows))
     cost = ["| phase | window | fanoutd CPU | PostgreSQL: fanoutd's backends | publisher's"
-            " | other backends | fanoutd statements | per event |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            " | other backends | Redis main thread | fanoutd statements | per event |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in ("drain", "steady"):
         if p not in res:
             continue
         mp = res[p]["median"]
-        cost.append("| %s | %.2f s | %.2f s (%.0f %%) | %s | %s | %s | %s | %s |" % (
+        cost.append("| %s | %.2f s | %.2f s (%.0f %%) | %s | %s | %s | %s | %s | %s |" % (
             p, mp["window_s"], mp["fanoutd_cpu_s"], mp["fanoutd_cpu_pct"],
             "%.2f s (%.0f %%)" % (mp["pg_fanoutd_cpu_s"], mp["pg_fanoutd_cpu_pct"])
             if "pg_fanoutd_cpu_s" in mp else "n/a",
             "%.2f s" % mp["pg_publisher_cpu_s"] if "pg_publisher_cpu_s" in mp else "n/a",
             "%.2f s" % mp["pg_other_cpu_s"] if "pg_other_cpu_s" in mp else "n/a",
+            "%.2f s (%.0f %%)" % (mp["redis_main_cpu_s"], mp["redis_main_cpu_pct"])
+            if "redis_main_cpu_s" in mp else "n/a",
             fmt_int(int(mp["statements"])) if "statements" in mp else "n/a",
             "%.2f" % mp["statements_per_event"] if "statements_per_event" in mp else "n/a"))
     out.append("\n".join(cost))
@@ -1626,7 +1635,7 @@ def small_tables(res):
             a["what"], fmt_fig(a["value"]), "<=" if a["sense"] == "max" else ">=",
             fmt_fig(a["goal"]), a["vs_goal"], "**met**" if a["met"] else "missed",
             fmt_fig(a["baseline"]),
-            "%.2f x" % a["vs_baseline"] if a["vs_baseline"] is not None else "-"))
+            "%.3g x" % a["vs_baseline"] if a["vs_baseline"] is not None else "-"))
     out.append("\n".join(acc))
     return out
 
