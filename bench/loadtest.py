@@ -1232,6 +1232,7 @@ class CostWindow:
         self.pg0 = children_cpu_s(self.postmaster) if self.postmaster else {}
         self.d0 = proc_cpu_s(self.b.daemon.pid)
         self.r0 = redis_cpu(self.b.s.redis)
+        self.c0 = redis_cmdstats(self.b.s.redis)
         self.t0 = time.monotonic()
         return self
 
@@ -1243,6 +1244,9 @@ class CostWindow:
         r1 = redis_cpu(self.b.s.redis)
         self.redis_cpu = sum(r1[k] - self.r0[k] for k in ("used_cpu_user_main_thread",
                                                             "used_cpu_sys_main_thread"))
+        c1 = redis_cmdstats(self.b.s.redis)
+        self.redis_calls = {k: v[0] - self.c0.get(k, (0, 0))[0] for k, v in c1.items()
+                            if v[0] > self.c0.get(k, (0, 0))[0] and k != "info"}
         pg1 = children_cpu_s(self.postmaster) if self.postmaster else {}
         self.who.update(self._roles())
         self.groups = {"fanoutd": 0.0, "publisher": 0.0, "other": 0.0}
@@ -1262,7 +1266,9 @@ class CostWindow:
         w = self.wall
         out = {"window_s": w, "fanoutd_cpu_s": self.fanoutd_cpu,
                "fanoutd_cpu_pct": 100.0 * self.fanoutd_cpu / w,
-               "redis_main_cpu_s": self.redis_cpu, "redis_main_cpu_pct": 100.0 * self.redis_cpu / w}
+               "redis_main_cpu_s": self.redis_cpu, "redis_main_cpu_pct": 100.0 * self.redis_cpu / w,
+               "redis_calls": self.redis_calls,
+               "redis_calls_per_event": sum(self.redis_calls.values()) / float(max(events, 1))}
         if self.postmaster:
             out.update({"pg_fanoutd_cpu_s": self.groups["fanoutd"],
                         "pg_fanoutd_cpu_pct": 100.0 * self.groups["fanoutd"] / w,
@@ -1619,6 +1625,12 @@ def small_tables(res):
             "pid %d %s %.2f s (%.0f %% of a core)" % (c["pid"], c["application_name"] or "-",
                                                      c["cpu_s"], c["cpu_pct"])
             for c in conns) or "n/a")]
+        calls = run.get("redis_calls") or {}
+        if calls:
+            lines.append("")
+            lines.append("%s (median run): Redis commands per event: %s" % (p, ", ".join(
+                "%s %.2f" % (k, v / float(run["events"]))
+                for k, v in sorted(calls.items(), key=lambda kv: -kv[1]))))
         if run.get("top_statements"):
             lines.append("")
             lines.append("| calls | per event | rows | time | statement (fanoutd's role) |")
