@@ -57,6 +57,8 @@ typedef struct cfg {
     int page_size;        /* follower ids read per keyset page and written per atomic unit */
     int window;           /* pages of one job in flight to Redis at once */
     int max_jobs;         /* jobs a worker runs at once; their pages are interleaved */
+    int page_batch;       /* page reads one follower query serves at most */
+    int claim_batch;      /* jobs per claim statement; records, marks, renewals per statement */
     int lease_ms;         /* a claimed job's lease; renewed every lease_ms / 3 */
     int poll_ms;          /* polling fallback when no NOTIFY wake-up arrives */
     int stop_timeout_ms;  /* graceful stop bound */

@@ -131,6 +131,13 @@ static int io_record_mark(void *ctx, int64_t job_id, int64_t token,
     return d->closed ? FO_EPG : fod_store_record_mark(d->store, job_id, token, cb, data);
 }
 
+static int io_split(void *ctx, int64_t job_id, int64_t token, int64_t author, int64_t lo,
+                    fod_split_cb cb, void *data)
+{
+    fod_daemon_t *d = ctx;
+    return d->closed ? FO_EPG : fod_store_split(d->store, job_id, token, author, lo, cb, data);
+}
+
 /* --- jobs --- */
 
 static int job_slot(fod_daemon_t *d, fod_job_t *j)
@@ -617,7 +624,8 @@ fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg, const fod_host_t
                            .metrics = &d->metrics,
                            .contract_broken = on_contract_broken,
                            .key_refusal = io_key_refusal,
-                           .record_mark = io_record_mark};
+                           .record_mark = io_record_mark,
+                           .split = io_split};
     uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
                             &d->stop_timer, &d->backlog_timer, &d->stats_timer};
     for (size_t i = 0; i < 6; i++) {
@@ -687,18 +695,24 @@ static void on_lease_lost(void *ctx, int64_t job_id, int64_t token)
     }
 }
 
-/* Claims when this worker may: running, below max_jobs, the contract holding, the id held,
- * and pages readable: a claim decides the split from the event's follower bounds, so a job
- * claimed before the pages connection was up ran unsplit. */
+/* Claims, as many as there are free slots, when this worker may: running, below max_jobs,
+ * the contract holding, the id held, and pages readable (a job's first page decides its
+ * split). */
 static void claim(fod_daemon_t *d)
 {
     if (d->closed || d->stopping || d->njobs >= d->cfg->max_jobs || d->contract != CONTRACT_OK ||
         d->pages_up != 1 || !fod_identity_held(d->identity))
         return;
+    /* a slot or two freed while many jobs run: wait for a few more, so that one claim
+     * takes a batch rather than every finished job paying for its own claim */
+    int free_slots = d->cfg->max_jobs - d->njobs;
+    int batch = d->cfg->claim_batch < d->cfg->max_jobs ? d->cfg->claim_batch : d->cfg->max_jobs;
+    if (d->njobs > 0 && free_slots < batch / 4)
+        return;
     fod_held_t held[d->njobs > 0 ? d->njobs : 1];
     for (int i = 0; i < d->njobs; i++)
         held[i] = (fod_held_t){fod_job_id(d->jobs[i]), fod_job_event_id(d->jobs[i])};
-    fod_store_claim(d->store, d->worker_id, held, (size_t)d->njobs);
+    fod_store_claim(d->store, d->worker_id, held, (size_t)d->njobs, free_slots);
 }
 
 /* Renews every running job's lease (and checkpoints its progress) and refreshes this
@@ -707,11 +721,13 @@ static void renew(fod_daemon_t *d)
 {
     if (d->closed || !d->store)
         return;
+    fod_renewal_t jobs[d->njobs > 0 ? d->njobs : 1];
     for (int i = 0; i < d->njobs; i++) {
         fod_job_t *j = d->jobs[i];
-        fod_store_renew(d->store, fod_job_id(j), fod_job_token(j), fod_job_cursor(j),
-                        fod_job_delivered(j), fod_job_waiting(j));
+        jobs[i] = (fod_renewal_t){fod_job_id(j), fod_job_token(j), fod_job_cursor(j),
+                                  fod_job_delivered(j), fod_job_waiting(j)};
     }
+    fod_store_renew(d->store, jobs, (size_t)d->njobs);
     const char *paused = d->paused ? d->paused_reason : NULL;
     if (!paused && d->contract == CONTRACT_PAUSED)
         paused = "contract broken: fanoutctl check-db names the finding and the fix";

@@ -46,6 +46,9 @@ typedef enum {
 
 typedef struct fod_job fod_job_t;
 
+/* A split's answer (fod_store_split): status 0 and the job's range end now. */
+typedef void (*fod_split_cb)(int status, int64_t range_hi, void *data);
+
 typedef struct fod_job_io {
     int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
                  rel_page_cb cb, void *data);
@@ -70,6 +73,10 @@ typedef struct fod_job_io {
      * < 0 if it cannot be sent (cb never runs). NULL: nothing to record (tests). */
     int (*record_mark)(void *ctx, int64_t job_id, int64_t token, void (*cb)(int status, void *data),
                        void *data);
+    /* A job claimed whole for the first time read a full first page starting at lo: split
+     * it if its span is worth it (fod_store_split's contract). NULL: never split. */
+    int (*split)(void *ctx, int64_t job_id, int64_t token, int64_t author, int64_t lo,
+                 fod_split_cb cb, void *data);
 } fod_job_io_t;
 
 /* What a claim returned. Strings are copied. pg_progress and pg_delivered are the job
@@ -78,6 +85,7 @@ typedef struct fod_job_io {
 typedef struct fod_claim {
     int64_t job_id, event_id, author, token, range_lo, range_hi, pg_progress, pg_delivered;
     int pg_marked;
+    int split_candidate; /* claimed for the first time, whole: a full first page may split it */
     const char *kind, *payload, *created_at;
 } fod_claim_t;
 
@@ -148,18 +156,31 @@ typedef struct fod_outcome {
  * bounds query (read-only, through the contract view). Counters go to metrics. */
 fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *cfg, met_t *metrics,
                            const fod_store_events_t *events);
-/* Claims one job for worker_id unless a claim is out (then once more after it) or refusals
- * asked to wait; held[0..n): the jobs running here. */
-void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n);
+/* Claims up to want jobs (at most cfg->claim_batch, in one statement) for worker_id unless a
+ * claim is out (then once more after it) or refusals asked to wait; held[0..n): the jobs
+ * running here. */
+void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n,
+                     int want);
+/* io->split: reads the author's highest follower and, when the span from lo (the lowest, the
+ * first page's first id) is at least split_min_span, splits the job (token-checked). cb gets
+ * 0 and the job's range end (INT64_MAX: not split), FO_EPG when the outcome is unknown (the
+ * job must stop and be left to its lease), FO_ESTOP when closing. Returns 0, or < 0 when
+ * nothing was sent (cb never runs; the job runs whole). */
+int fod_store_split(fod_store_t *s, int64_t job_id, int64_t token, int64_t author, int64_t lo,
+                    fod_split_cb cb, void *data);
 /* 1 while a claim or split is out or a record is not written yet. */
 int fod_store_busy(const fod_store_t *s);
 void fod_store_record(fod_store_t *s, const fod_outcome_t *o);
 /* Sends the records whose retry time has come. */
 void fod_store_retry(fod_store_t *s, uint64_t now);
-/* Renews one running job's lease and checkpoints its progress (waiting: why it waits, or
- * NULL); events->lease_lost when the lease moved on. */
-void fod_store_renew(fod_store_t *s, int64_t job_id, int64_t token, int64_t cursor,
-                     int64_t delivered, const char *waiting);
+/* One running job's lease to renew, its checkpoint, why it waits (or NULL; borrowed). */
+typedef struct fod_renewal {
+    int64_t job_id, token, cursor, delivered;
+    const char *waiting;
+} fod_renewal_t;
+/* Renews the running jobs' leases and checkpoints their progress, in one statement;
+ * events->lease_lost for each whose lease moved on. */
+void fod_store_renew(fod_store_t *s, const fod_renewal_t *jobs, size_t n);
 /* io->record_mark: fanout.jobs.mark_created = true, with the token check. */
 int fod_store_record_mark(fod_store_t *s, int64_t job_id, int64_t token,
                           void (*cb)(int status, void *data), void *data);

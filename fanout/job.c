@@ -59,7 +59,8 @@ struct fod_job {
     int have_base;   /* counted holds the mark found by the first fence (earlier owners') */
     int64_t pg_progress, pg_delivered; /* PostgreSQL's checkpoint at the claim */
     int pg_marked;                     /* PostgreSQL knows the mark exists */
-    ntf_progress_t fenced;             /* the mark a fence found, while that is recorded */
+    int split_candidate;     /* a full first page asks whether to split (fod_job_io_t.split) */
+    ntf_progress_t fenced;   /* the mark a fence found, while that is recorded */
     int fatal;               /* FAILED over the progress mark: dead until fanoutctl retry */
     char *waiting;           /* WAITING: why; NULL otherwise */
     uint64_t wait_logged_ms; /* when the waiting reason was last logged */
@@ -69,6 +70,7 @@ typedef struct job_call {
     fod_job_t *job;
     unsigned epoch;
     uint64_t sent_ns; /* for the latency histograms */
+    size_t split_n;   /* a split's question: the ids of the first page in the buffer */
 } job_call_t;
 
 static const char *const state_names[] = {"fencing", "running", "waiting", "draining",
@@ -103,6 +105,7 @@ static job_call_t *call_new(fod_job_t *j)
     c->job = j;
     c->epoch = j->epoch;
     c->sent_ns = uv_hrtime();
+    c->split_n = 0;
     return c;
 }
 
@@ -342,6 +345,66 @@ static void send_ready(fod_job_t *j)
 
 /* --- reads --- */
 
+/* The buffer holds n ids of the current epoch to send. */
+static void page_ready(fod_job_t *j, size_t n)
+{
+    j->ready = 1;
+    j->ready_n = n;
+    if (n > 0)
+        j->read_cursor = j->page[n - 1];
+    if (n < (size_t)j->page_size)
+        j->eof = 1;
+}
+
+/* The split's answer. A committed split changes the range whatever the job does meanwhile
+ * (a later fence must not read past the new end); an unknown outcome stops the job without a
+ * record (it may have committed: the next claim of this worker's own lease gets the range
+ * PostgreSQL holds). The first page, still in the buffer, keeps the ids within the range. */
+static void on_split(int status, int64_t range_hi, void *data)
+{
+    job_call_t *call = data;
+    size_t n = call->split_n;
+    fod_job_t *j;
+    int current = call_done(data, &j);
+    j->reading = 0;
+    if (status == 0) {
+        j->range_hi = range_hi;
+        if (current && j->state == FOD_JOB_RUNNING) {
+            size_t keep = 0;
+            while (keep < n && j->page[keep] <= range_hi)
+                keep++;
+            page_ready(j, keep);
+            if (keep < n)
+                j->eof = 1; /* the lowest ids of the whole list: all of this range */
+        }
+    } else if (status == FO_ESTOP) {
+        if (!terminal(j->state))
+            j->state = FOD_JOB_STOPPED;
+        j->epoch++;
+    } else if (!terminal(j->state)) {
+        j->state = FOD_JOB_FENCED; /* left to the lease; nothing recorded */
+        j->epoch++;
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+/* Asks whether the job, whose full first page (n ids from its lowest follower) is in the
+ * buffer, should be split before anything of it is written. Asked once. */
+static void ask_split(fod_job_t *j, size_t n)
+{
+    j->split_candidate = 0;
+    job_call_t *c = call_new(j);
+    c->split_n = n;
+    if (j->io.split(j->io.ctx, j->job_id, j->token, j->author, j->page[0], on_split, c) < 0) {
+        free(c);
+        page_ready(j, n); /* not asked: the job runs whole */
+        return;
+    }
+    j->outstanding++;
+    j->reading = 1; /* the buffer is taken until the answer */
+}
+
 static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
 {
     job_call_t *call = data;
@@ -371,16 +434,13 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
                 j->io.contract_broken(j->io.ctx, err);
         } else if (status < 0) {
             go_wait(j, "follower page read failed");
+        } else if (j->split_candidate && n == (size_t)j->page_size && j->io.split) {
+            ask_split(j, n); /* the page waits in the buffer for the answer */
         } else {
             (void)ids; /* they are in j->page */
             fo_log(FO_LOG_DEBUG, "page read", "job=%" PRId64 " after=%" PRId64 " rows=%zu ms=%.1f",
                    j->job_id, j->read_cursor, n, ms);
-            j->ready = 1;
-            j->ready_n = n;
-            if (n > 0)
-                j->read_cursor = j->page[n - 1];
-            if (n < (size_t)j->page_size)
-                j->eof = 1;
+            page_ready(j, n);
         }
     }
     pump(j);
@@ -528,6 +588,7 @@ fod_job_t *fod_job_new(const fod_job_io_t *io, const cfg_t *cfg, const fod_claim
     j->pg_progress = claim->pg_progress;
     j->pg_delivered = claim->pg_delivered;
     j->pg_marked = claim->pg_marked;
+    j->split_candidate = claim->split_candidate;
     j->page_size = cfg->page_size;
     j->page = fo_xmalloc((size_t)j->page_size * sizeof *j->page);
     j->state = FOD_JOB_WAITING;

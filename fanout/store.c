@@ -1,9 +1,18 @@
 /*
  * store.c: the job store, fanout.jobs, as fanoutd uses it through the control connection.
  *
- * Claims: one job per query (FOR UPDATE SKIP LOCKED, token + 1, lease), one query at a time,
- * repeated until max_jobs run or nothing is claimable. A job claimed for the first time may be
- * split into follower-id ranges first (SQL_SPLIT), before anything of it reaches Redis.
+ * Claims: up to claim_batch jobs per query (FOR UPDATE SKIP LOCKED, token + 1, lease), one
+ * query at a time, repeated until max_jobs run or nothing is claimable. A job claimed for the
+ * first time whose first page comes back full may be split into follower-id ranges
+ * (fod_store_split, SQL_SPLIT) before anything of it reaches Redis; a job whose audience fits
+ * in one page never pays for that question.
+ *
+ * Batches: what many jobs need from fanout.jobs at about the same time goes in one statement
+ * over arrays (unnest), each row with the same token check its single-job form has: the done
+ * records, the marks' records and the lease renewals. One batch of a kind is out at a time;
+ * what arrives meanwhile goes in the next one, so a lone job waits for nothing and a flood
+ * costs one statement per batch. A batched done record the server refuses is sent again
+ * alone, so that a bad record fails alone.
  *
  * Records: a finished job leaves a small record of its outcome (done, released on a graceful
  * stop, or a failed attempt) that is written with a token check and retried on the tick
@@ -26,11 +35,19 @@
 
 typedef enum { REC_FINISH, REC_RELEASE, REC_FAIL, REC_DEAD } rec_kind_t;
 typedef struct store_rec store_rec_t;
+typedef struct mark_call mark_call_t;
 
 #define REC_RETRY_MS 500      /* first retry of a record not written; doubles, */
 #define REC_RETRY_MAX_MS 5000 /* up to this */
 #define REC_LOG_MS 30000      /* at most one "not written" line per record in this time */
 #define REC_GIVE_UP_LEASES 10 /* refused this many lease_ms in a row: the job is dead */
+
+struct mark_call {
+    mark_call_t *next;
+    int64_t job_id, token;
+    void (*cb)(int status, void *data);
+    void *data;
+};
 
 struct store_rec {
     store_rec_t *next;
@@ -41,6 +58,7 @@ struct store_rec {
     uint64_t refused_since, logged_at; /* refusals by the server (0: none yet) */
     unsigned tries;
     int sending;
+    int solo;    /* REC_FINISH refused in a batch: sent alone from now on */
     int fatal;   /* REC_FAIL: dead at once */
     char *error; /* REC_FAIL, REC_DEAD */
 };
@@ -51,10 +69,14 @@ struct fod_store {
     const cfg_t *cfg;
     met_t *metrics;
     fod_store_events_t ev;
-    store_rec_t *recs; /* outcomes not yet written to fanout.jobs */
+    store_rec_t *recs;                /* outcomes not yet written to fanout.jobs */
+    int finishing;                    /* a batch of done records is out */
+    mark_call_t *marks, **marks_tail; /* marks' records waiting for the next batch */
+    int marking;                      /* a batch of marks' records is out */
     /* the per-job lines' rate limits (fo_log_rated) */
     fo_log_rate_t claimed_rate, split_rate, done_rate, released_rate;
     int claiming, claim_again;
+    int splits;              /* splits out (their jobs run here meanwhile) */
     unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
 };
@@ -73,7 +95,7 @@ struct fod_store {
  * number of crashes that let it move on, while one that kills every worker holding it, at
  * the same place, is declared dead after max_lease_losses.
  * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts,
- * $6 max lease losses.
+ * $6 max lease losses, $7 how many jobs at most (ordered as one at a time would be).
  */
 static const char SQL_CLAIM[] =
     "WITH c AS ("
@@ -82,7 +104,7 @@ static const char SQL_CLAIM[] =
     "   AND (state = 'pending' OR lease_until < now()"
     "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
     "   AND NOT (event_id = ANY ($4::bigint[]))"
-    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT 1),"
+    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT $7::int),"
     " v AS (SELECT c.id, c.lost, CASE WHEN c.lost THEN j.lease_losses + 1 > $6"
     "                               ELSE j.attempts >= $5 END AS dead"
     "       FROM c JOIN fanout.jobs j ON j.id = c.id)"
@@ -112,17 +134,16 @@ static const char SQL_CLAIM[] =
     "   j.progress, j.delivered, j.mark_created::int";
 
 /*
- * A job claimed for the first time (token 1, the whole range, nothing written yet) may be
- * split into follower-id ranges. First the author's lowest and highest follower are read
- * through the contract view on a read-only page connection (every read of the view is
- * read-only); then, when they span at least split_min_span ids, one statement on the control
- * connection cuts (lo, hi] into split_parts ranges of equal span: this job keeps the first,
- * the others become pending jobs, and a NOTIFY wakes the other workers. One statement, so a
- * crash splits all or nothing.
+ * A job claimed for the first time (token 1, the whole range, nothing written yet) whose
+ * first page came back full may be split into follower-id ranges. Its first page gives the
+ * author's lowest follower; the highest is read through the contract view on a read-only
+ * page connection (every read of the view is read-only); then, when they span at least
+ * split_min_span ids, one statement on the control connection cuts (lo, hi] into split_parts
+ * ranges of equal span: this job keeps the first, the others become pending jobs, and a
+ * NOTIFY wakes the other workers. One statement, so a crash splits all or nothing.
  */
 static const char SQL_BOUNDS[] =
-    "SELECT (SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower LIMIT 1),"
-    "       (SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower DESC LIMIT 1)";
+    "SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower DESC LIMIT 1";
 
 /* $1 job, $2 token, $3 parts, $4 lowest follower, $5 highest. Returns the job's new
  * range_hi (NULL when it was not split: the lease moved on) and the jobs added. */
@@ -139,18 +160,39 @@ static const char SQL_SPLIT[] =
     " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
     "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
 
-/* Progress since the last checkpoint clears the count of vanished holders (SQL_CLAIM).
- * $6: why the job waits (NULL: it does not), for fanoutctl status. */
+/* Every lease this worker holds, in one statement. Progress since the last checkpoint
+ * clears the count of vanished holders (SQL_CLAIM). $1 job ids, $2 their tokens, $3 lease
+ * ms, $4 cursors, $5 delivered counts, $6 why each waits (NULL: it does not), for fanoutctl
+ * status. Returns the ids renewed: a job missing from them lost its lease. */
 static const char SQL_RENEW[] =
-    "UPDATE fanout.jobs SET lease_until = now() + $3::bigint * interval '1 millisecond',"
-    " lease_losses = CASE WHEN $4::bigint > progress THEN 0 ELSE lease_losses END,"
-    " progress = greatest(progress, $4), delivered = greatest(delivered, $5),"
-    " waiting_reason = $6"
-    " WHERE id = $1 AND token = $2 AND state = 'running'";
+    "UPDATE fanout.jobs j SET lease_until = now() + $3::bigint * interval '1 millisecond',"
+    " lease_losses = CASE WHEN u.progress > j.progress THEN 0 ELSE j.lease_losses END,"
+    " progress = greatest(j.progress, u.progress), delivered = greatest(j.delivered, u.delivered),"
+    " waiting_reason = u.waiting"
+    " FROM unnest($1::bigint[], $2::bigint[], $4::bigint[], $5::bigint[], $6::text[])"
+    "   AS u(id, token, progress, delivered, waiting)"
+    " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running' RETURNING j.id";
 
-/* The job's progress mark exists in Redis: before its first page (see fod_job_io_t). */
-static const char SQL_MARKED[] = "UPDATE fanout.jobs SET mark_created = true"
-                                 " WHERE id = $1 AND token = $2 AND state = 'running'";
+/* The jobs' progress marks exist in Redis: before their first page (see fod_job_io_t).
+ * $1 job ids, $2 their tokens; returns the ids recorded. */
+static const char SQL_MARKED[] =
+    "UPDATE fanout.jobs j SET mark_created = true"
+    " FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)"
+    " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running' RETURNING j.id";
+
+/* Done records of many jobs: $1 ids, $2 tokens, $3 cursors, $4 delivered counts. Returns, per
+ * job written, its id, the seconds from publish to done and the jobs of its event. */
+static const char SQL_FINISH_MANY[] =
+    "UPDATE fanout.jobs j SET state = 'done', progress = u.progress, delivered = u.delivered,"
+    " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL,"
+    " waiting_reason = NULL"
+    " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])"
+    "   AS u(id, token, progress, delivered)"
+    " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running'"
+    " RETURNING j.id, extract(epoch FROM j.finished_at -"
+    "   (SELECT e.created_at FROM fanout.events e WHERE e.id = j.event_id"
+    "    AND isfinite(e.created_at)))::float8,"
+    " (SELECT count(*) FROM fanout.jobs o WHERE o.event_id = j.event_id)";
 
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
@@ -201,10 +243,12 @@ fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *c
 {
     fod_store_t *s = fo_xcalloc(1, sizeof *s);
     *s = (fod_store_t){.ctl = ctl, .reader = reader, .cfg = cfg, .metrics = metrics, .ev = *events};
-    pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 6);
+    s->marks_tail = &s->marks;
+    pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 7);
     pgc_conn_prepare(ctl, "fo_renew", SQL_RENEW, 6);
     pgc_conn_prepare(ctl, "fo_marked", SQL_MARKED, 2);
     pgc_conn_prepare(ctl, "fo_finish", SQL_FINISH, 4);
+    pgc_conn_prepare(ctl, "fo_finish_many", SQL_FINISH_MANY, 4);
     pgc_conn_prepare(ctl, "fo_release", SQL_RELEASE, 4);
     pgc_conn_prepare(ctl, "fo_fail", SQL_FAIL, 8);
     pgc_conn_prepare(ctl, "fo_dead", SQL_DEAD, 5);
@@ -215,7 +259,7 @@ fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *c
 
 int fod_store_busy(const fod_store_t *s)
 {
-    return s->claiming || s->recs != NULL;
+    return s->claiming || s->recs != NULL || s->splits > 0;
 }
 
 static void log_pg_error(const char *msg, const PGresult *res)
@@ -288,40 +332,34 @@ static void rec_refused(store_rec_t *r, const PGresult *res)
     r->retry_at = now;
 }
 
-static void on_rec(int status, const PGresult *res, void *data)
+/* A record's statement answered: res row `row` is its returned row (-1: none), written
+ * whether it changed the job. Logs, counts, frees the record and reports it settled. */
+static void rec_settle(store_rec_t *r, const PGresult *res, int row, int written)
 {
-    store_rec_t *r = data;
     fod_store_t *s = r->s;
     met_t *m = s->metrics;
-    r->sending = 0;
-    if (status == FO_ESTOP)
-        return; /* closing: records are freed with the store */
-    if (status < 0) {
-        m->errors[MET_PG]++;
-        rec_refused(r, res);
-        return;
-    }
     static const char *const what[] = {"job done", "job released", "job attempt failed",
                                        "job is dead: its outcome could not be recorded"};
     char err[512] = "";
     if (r->error)
         fo_log_quote(err, sizeof err, r->error);
-    int written = rows_changed(res) > 0;
+    /* the columns after the id (batched done records) or from the first (single) */
+    int c0 = r->kind == REC_FINISH && PQnfields(res) == 3 ? 1 : 0;
     if (written && r->kind == REC_FINISH) {
         m->jobs_done++;
-        if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
-            met_hist_observe(&m->publish_to_done, atof(PQgetvalue(res, 0, 0)));
+        if (row >= 0 && !PQgetisnull(res, row, c0))
+            met_hist_observe(&m->publish_to_done, atof(PQgetvalue(res, row, c0)));
         /* the parts of a split event are all created before any of them runs */
         long long parts = 1;
-        if (PQntuples(res) == 1 && PQnfields(res) > 1 &&
-            fo_parse_int(PQgetvalue(res, 0, 1), 1, INT32_MAX, &parts) != 0)
+        if (row >= 0 && PQnfields(res) > c0 + 1 &&
+            fo_parse_int(PQgetvalue(res, row, c0 + 1), 1, INT32_MAX, &parts) != 0)
             parts = 1;
         m->events_done += 1.0 / (double)parts;
     } else if (written && r->kind == REC_DEAD) {
         m->jobs_dead++;
     } else if (written && r->kind == REC_FAIL) {
         m->jobs_failed++;
-        if (strcmp(PQgetvalue(res, 0, 0), "dead") == 0)
+        if (strcmp(PQgetvalue(res, row, 0), "dead") == 0)
             m->jobs_dead++;
     }
     if (!written)
@@ -342,6 +380,147 @@ static void on_rec(int status, const PGresult *res, void *data)
     }
     rec_free(r);
     s->ev.settled(s->ev.ctx, 1);
+}
+
+static void on_rec(int status, const PGresult *res, void *data)
+{
+    store_rec_t *r = data;
+    r->sending = 0;
+    if (status == FO_ESTOP)
+        return; /* closing: records are freed with the store */
+    if (status < 0) {
+        r->s->metrics->errors[MET_PG]++;
+        rec_refused(r, res);
+        return;
+    }
+    rec_settle(r, res, PQntuples(res) > 0 ? 0 : -1, rows_changed(res) > 0);
+}
+
+/* --- arrays for the batched statements ("{1,2,3}", text elements quoted) --- */
+
+static void arr_i64(fo_buf_t *b, int64_t v)
+{
+    fo_buf_printf(b, "%s%" PRId64, b->len ? "," : "{", v);
+}
+
+static void arr_text(fo_buf_t *b, const char *v)
+{
+    fo_buf_puts(b, b->len ? "," : "{");
+    if (!v) {
+        fo_buf_puts(b, "NULL");
+        return;
+    }
+    fo_buf_puts(b, "\"");
+    for (const char *p = v; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fo_buf_puts(b, "\\");
+        fo_buf_put(b, p, 1);
+    }
+    fo_buf_puts(b, "\"");
+}
+
+/* Closes an array (an empty one too) so that b->p is the parameter. */
+static const char *arr_end(fo_buf_t *b)
+{
+    fo_buf_puts(b, b->len ? "}" : "{}");
+    return b->p;
+}
+
+/* The row of res whose first column is id, or -1 (the batches return their ids). */
+static int row_of(const PGresult *res, int64_t id)
+{
+    for (int i = 0; i < PQntuples(res); i++) {
+        int64_t v;
+        if (fo_parse_int64(PQgetvalue(res, i, 0), &v) == 0 && v == id)
+            return i;
+    }
+    return -1;
+}
+
+/* --- done records, batched --- */
+
+typedef struct finish_batch {
+    fod_store_t *s;
+    size_t n;
+    store_rec_t *recs[];
+} finish_batch_t;
+
+static void finish_flush(fod_store_t *s);
+
+static void on_finish_batch(int status, const PGresult *res, void *data)
+{
+    finish_batch_t *b = data;
+    fod_store_t *s = b->s;
+    s->finishing = 0;
+    if (status == FO_ESTOP) { /* closing: records are freed with the store */
+        free(b);
+        return;
+    }
+    if (status < 0)
+        s->metrics->errors[MET_PG]++;
+    int transient = !res || pgc_err_classify_result(res) == PGC_ERR_TRANSIENT;
+    for (size_t i = 0; i < b->n; i++) {
+        store_rec_t *r = b->recs[i];
+        r->sending = 0;
+        if (status < 0 && b->n > 1 && !transient) {
+            r->solo = 1; /* which one the server refuses: each goes alone now */
+            r->retry_at = 0;
+        } else if (status < 0) {
+            rec_refused(r, res);
+        } else {
+            int row = row_of(res, r->job_id);
+            rec_settle(r, res, row, row >= 0);
+        }
+    }
+    int split = status < 0 && b->n > 1 && !transient;
+    free(b);
+    if (split) {
+        for (store_rec_t *r = s->recs; r; r = r->next)
+            if (r->solo && !r->sending)
+                rec_send(r);
+    }
+    finish_flush(s);
+}
+
+/* Sends the done records that are due in one statement, unless a batch is out (its answer
+ * sends the next). */
+static void finish_flush(fod_store_t *s)
+{
+    if (s->finishing || !pgc_conn_ready(s->ctl))
+        return;
+    uint64_t now = fo_now_ms();
+    size_t n = 0, cap = (size_t)s->cfg->claim_batch;
+    for (store_rec_t *r = s->recs; r; r = r->next)
+        n += r->kind == REC_FINISH && !r->solo && !r->sending && now >= r->retry_at;
+    if (n == 0)
+        return;
+    n = n < cap ? n : cap;
+    finish_batch_t *b = fo_xmalloc(sizeof *b + n * sizeof b->recs[0]);
+    b->s = s;
+    b->n = 0;
+    fo_buf_t ids = {0}, tokens = {0}, cursors = {0}, delivered = {0};
+    for (store_rec_t *r = s->recs; r && b->n < n; r = r->next) {
+        if (r->kind != REC_FINISH || r->solo || r->sending || now < r->retry_at)
+            continue;
+        b->recs[b->n++] = r;
+        arr_i64(&ids, r->job_id);
+        arr_i64(&tokens, r->token);
+        arr_i64(&cursors, r->cursor);
+        arr_i64(&delivered, r->delivered);
+    }
+    const char *params[] = {arr_end(&ids), arr_end(&tokens), arr_end(&cursors),
+                            arr_end(&delivered)};
+    if (pgc_conn_exec(s->ctl, "fo_finish_many", 4, params, 0, on_finish_batch, b) == 0) {
+        s->finishing = 1;
+        for (size_t i = 0; i < b->n; i++)
+            b->recs[i]->sending = 1;
+    } else {
+        free(b);
+    }
+    fo_buf_free(&ids);
+    fo_buf_free(&tokens);
+    fo_buf_free(&cursors);
+    fo_buf_free(&delivered);
 }
 
 static void rec_send(store_rec_t *r)
@@ -381,14 +560,18 @@ void fod_store_record(fod_store_t *s, const fod_outcome_t *o)
     r->fatal = o->fatal;
     r->next = s->recs;
     s->recs = r;
-    rec_send(r);
+    if (r->kind == REC_FINISH)
+        finish_flush(s);
+    else
+        rec_send(r);
 }
 
 void fod_store_retry(fod_store_t *s, uint64_t now)
 {
     for (store_rec_t *r = s->recs; r; r = r->next)
-        if (!r->sending && now >= r->retry_at)
+        if (!r->sending && now >= r->retry_at && (r->kind != REC_FINISH || r->solo))
             rec_send(r);
+    finish_flush(s);
 }
 
 void fod_store_free(fod_store_t *s)
@@ -401,41 +584,38 @@ void fod_store_free(fod_store_t *s)
         free(r->error);
         free(r);
     }
+    while (s->marks) { /* none: the closing batch answered them */
+        mark_call_t *mc = s->marks;
+        s->marks = mc->next;
+        free(mc);
+    }
     free(s);
 }
 
 /* --- claims and splits --- */
 
-/* A bigint column of the first row, parsed strictly; 0 or -1. */
-static int row_int64(const PGresult *res, int col, int64_t *out)
+/* A bigint column of a row, parsed strictly; 0 or -1. */
+static int row_int64(const PGresult *res, int row, int col, int64_t *out)
 {
-    return fo_parse_int64(PQgetvalue(res, 0, col), out);
+    return fo_parse_int64(PQgetvalue(res, row, col), out);
 }
 
-/* A claim being split: the claim's strings are copied until the split answers. */
+/* A split on its way: the bounds query, then the split statement. */
 typedef struct split_call {
     fod_store_t *s;
-    fod_claim_t claim;
-    char *kind, *payload, *created_at;
+    int64_t job_id, token, lo;
+    fod_split_cb cb;
+    void *data;
 } split_call_t;
 
-static void split_free(split_call_t *sc)
+/* The split is over: status 0 with the job's range end (INT64_MAX: not split, the job runs
+ * whole, exact either way since nothing of it was written), FO_EPG when its outcome is
+ * unknown, FO_ESTOP when closing. */
+static void split_done(split_call_t *sc, int status, int64_t range_hi)
 {
-    free(sc->kind);
-    free(sc->payload);
-    free(sc->created_at);
+    sc->s->splits--;
+    sc->cb(status, range_hi, sc->data);
     free(sc);
-}
-
-/* The split is over, one way or the other: run the job (whole or its first range; exact
- * either way, since nothing of it was written before) and claim on. */
-static void split_done(split_call_t *sc)
-{
-    fod_store_t *s = sc->s;
-    s->claiming = 0;
-    s->ev.claimed(s->ev.ctx, &sc->claim);
-    split_free(sc);
-    s->ev.settled(s->ev.ctx, 1);
 }
 
 static void on_split(int status, const PGresult *res, void *data)
@@ -443,34 +623,34 @@ static void on_split(int status, const PGresult *res, void *data)
     split_call_t *sc = data;
     fod_store_t *s = sc->s;
     if (status == FO_ESTOP) {
-        s->claiming = 0;
-        split_free(sc);
+        split_done(sc, FO_ESTOP, 0);
         return;
     }
+    int64_t hi;
     int got_range = status == 0 && !PQgetisnull(res, 0, 0);
-    if (got_range && row_int64(res, 0, &sc->claim.range_hi) == 0) {
+    if (got_range && row_int64(res, 0, 0, &hi) == 0) {
         long long added = 0;
         if (fo_parse_int(PQgetvalue(res, 0, 1), 0, INT32_MAX, &added) < 0)
             added = 0;
         fo_log(fo_log_rated(&s->split_rate, "job split", FO_LOG_INFO),
-               "job split into follower-id ranges",
-               "job=%" PRId64 " event=%" PRId64 " parts=%lld range_hi=%" PRId64, sc->claim.job_id,
-               sc->claim.event_id, 1 + added, sc->claim.range_hi);
-    } else if (got_range || !res) {
+               "job split into follower-id ranges", "job=%" PRId64 " parts=%lld range_hi=%" PRId64,
+               sc->job_id, 1 + added, hi);
+        split_done(sc, 0, hi);
+        return;
+    }
+    if (got_range || !res) {
         /* The connection died (or the range end is not a number) with the split's outcome
          * unknown: it may have committed, and running the job whole would then repeat the other
          * ranges. Leave the job to its lease: once the connection is back, this worker re-claims
          * its own lease and gets the job with whatever range is committed. */
         fo_log(FO_LOG_WARN, "split outcome unknown (connection lost); the job is re-claimed",
-               "job=%" PRId64, sc->claim.job_id);
-        s->claiming = 0;
-        split_free(sc);
-        s->ev.settled(s->ev.ctx, 0);
+               "job=%" PRId64, sc->job_id);
+        split_done(sc, FO_EPG, 0);
         return;
-    } else if (status != 0) {
-        log_pg_error("split failed; the job runs whole", res);
     }
-    split_done(sc);
+    if (status != 0)
+        log_pg_error("split failed; the job runs whole", res);
+    split_done(sc, 0, INT64_MAX); /* not split: the lease moved on, or it failed */
 }
 
 static void on_bounds(int status, const PGresult *res, void *data)
@@ -478,60 +658,84 @@ static void on_bounds(int status, const PGresult *res, void *data)
     split_call_t *sc = data;
     fod_store_t *s = sc->s;
     if (status == FO_ESTOP) {
-        s->claiming = 0;
-        split_free(sc);
+        split_done(sc, FO_ESTOP, 0);
         return;
     }
-    if (status != 0 || PQgetisnull(res, 0, 0) || PQgetisnull(res, 0, 1)) {
+    if (status != 0 || PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
         if (status != 0)
             log_pg_error("follower bounds not read; the job runs whole", res);
-        split_done(sc);
+        split_done(sc, 0, INT64_MAX);
         return;
     }
-    int64_t lo, hi;
-    if (row_int64(res, 0, &lo) < 0 || row_int64(res, 1, &hi) < 0 ||
-        hi - lo < s->cfg->split_min_span) {
-        split_done(sc); /* not worth it */
+    int64_t hi;
+    if (row_int64(res, 0, 0, &hi) < 0 || hi - sc->lo < s->cfg->split_min_span) {
+        split_done(sc, 0, INT64_MAX); /* not worth it */
         return;
     }
     char id[24], token[24], parts[16], los[24], his[24];
-    I64(id, sc->claim.job_id);
-    I64(token, sc->claim.token);
+    I64(id, sc->job_id);
+    I64(token, sc->token);
     I64(parts, s->cfg->split_parts);
-    I64(los, lo);
+    I64(los, sc->lo);
     I64(his, hi);
     const char *params[] = {id, token, parts, los, his};
     if (pgc_conn_exec(s->ctl, "fo_split", 5, params, 0, on_split, sc) < 0)
-        split_done(sc);
+        split_done(sc, 0, INT64_MAX); /* not sent: nothing changed */
 }
 
-/* Splits a fresh job if it is worth it; returns 1 when the bounds query was sent. */
-static int maybe_split(fod_store_t *s, const fod_claim_t *c)
+int fod_store_split(fod_store_t *s, int64_t job_id, int64_t token, int64_t author, int64_t lo,
+                    fod_split_cb cb, void *data)
 {
     if (s->cfg->split_min_span <= 0 || !s->reader)
-        return 0;
-    split_call_t *sc = fo_xcalloc(1, sizeof *sc);
-    sc->s = s;
-    sc->claim = *c;
-    sc->claim.kind = sc->kind = fo_xstrdup(c->kind);
-    sc->claim.payload = sc->payload = fo_xstrdup(c->payload);
-    sc->claim.created_at = sc->created_at = fo_xstrdup(c->created_at);
-    char author[24];
-    I64(author, c->author);
-    const char *params[] = {author};
-    if (rel_reader_query_view(s->reader, SQL_BOUNDS, 1, params, on_bounds, sc) == 0) {
-        s->claiming = 1; /* no other claim until this job runs */
-        return 1;
+        return FO_EINVAL;
+    split_call_t *sc = fo_xmalloc(sizeof *sc);
+    *sc = (split_call_t){s, job_id, token, lo, cb, data};
+    char a[24];
+    I64(a, author);
+    const char *params[] = {a};
+    if (rel_reader_query_view(s->reader, SQL_BOUNDS, 1, params, on_bounds, sc) < 0) {
+        free(sc);
+        return FO_EPG;
     }
-    split_free(sc);
+    s->splits++;
     return 0;
 }
 
 #define CLAIM_BACKOFF_MAX_MS 60000
 
-/* Returns 1 when there may be more to claim at once, -1 when a split took the claim over
- * (it settles), 0 otherwise. */
-static int claim_result(fod_store_t *s, int status, const PGresult *res)
+/* One claimed row: a job to start, or one the claim declared dead. */
+static void claim_row(fod_store_t *s, const PGresult *res, int i)
+{
+    fod_claim_t c = {0};
+    if (row_int64(res, i, 0, &c.job_id) || row_int64(res, i, 1, &c.event_id) ||
+        row_int64(res, i, 2, &c.author) || row_int64(res, i, 6, &c.token) ||
+        row_int64(res, i, 7, &c.range_lo) || row_int64(res, i, 8, &c.range_hi) ||
+        row_int64(res, i, 12, &c.pg_progress) || row_int64(res, i, 13, &c.pg_delivered)) {
+        fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
+        return;
+    }
+    c.pg_marked = strcmp(PQgetvalue(res, i, 14), "1") == 0;
+    c.kind = PQgetvalue(res, i, 3);
+    c.payload = PQgetvalue(res, i, 4);
+    c.created_at = PQgetvalue(res, i, 5);
+    if (strcmp(PQgetvalue(res, i, 9), "dead") == 0) {
+        char what[512];
+        fo_log_quote(what, sizeof what, PQgetvalue(res, i, 11));
+        s->metrics->jobs_dead++;
+        fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
+               "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
+        return;
+    }
+    fo_log(fo_log_rated(&s->claimed_rate, "job claimed", FO_LOG_INFO), "job claimed",
+           "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
+           " range_lo=%" PRId64,
+           c.job_id, c.event_id, c.author, c.token, c.range_lo);
+    c.split_candidate = strcmp(PQgetvalue(res, i, 10), "1") == 0 && s->cfg->split_min_span > 0;
+    s->ev.claimed(s->ev.ctx, &c);
+}
+
+/* Returns 1 when there may be more to claim at once, 0 otherwise. */
+static int claim_result(fod_store_t *s, int status, const PGresult *res, int asked)
 {
     if (status < 0) {
         s->metrics->errors[MET_PG]++;
@@ -556,48 +760,28 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res)
     s->claim_retry_at = 0;
     int again = s->claim_again;
     s->claim_again = 0;
-    if (PQntuples(res) == 1) {
-        fod_claim_t c = {0};
-        if (row_int64(res, 0, &c.job_id) || row_int64(res, 1, &c.event_id) ||
-            row_int64(res, 2, &c.author) || row_int64(res, 6, &c.token) ||
-            row_int64(res, 7, &c.range_lo) || row_int64(res, 8, &c.range_hi) ||
-            row_int64(res, 12, &c.pg_progress) || row_int64(res, 13, &c.pg_delivered)) {
-            fo_log(FO_LOG_ERROR, "claim returned a malformed row", NULL);
-            return 0;
-        }
-        c.pg_marked = strcmp(PQgetvalue(res, 0, 14), "1") == 0;
-        c.kind = PQgetvalue(res, 0, 3);
-        c.payload = PQgetvalue(res, 0, 4);
-        c.created_at = PQgetvalue(res, 0, 5);
-        again = 1; /* there may be more */
-        if (strcmp(PQgetvalue(res, 0, 9), "dead") == 0) {
-            char what[512];
-            fo_log_quote(what, sizeof what, PQgetvalue(res, 0, 11));
-            s->metrics->jobs_dead++;
-            fo_log(FO_LOG_ERROR, "job is dead; fanoutctl retry EVENT requeues it",
-                   "job=%" PRId64 " event=%" PRId64 " error=%s", c.job_id, c.event_id, what);
-        } else {
-            fo_log(fo_log_rated(&s->claimed_rate, "job claimed", FO_LOG_INFO), "job claimed",
-                   "job=%" PRId64 " event=%" PRId64 " author=%" PRId64 " token=%" PRId64
-                   " range_lo=%" PRId64,
-                   c.job_id, c.event_id, c.author, c.token, c.range_lo);
-            if (strcmp(PQgetvalue(res, 0, 10), "1") == 0 && maybe_split(s, &c))
-                return -1; /* on_split starts the job and claims on */
-            s->ev.claimed(s->ev.ctx, &c);
-        }
-    }
-    return again;
+    int n = PQntuples(res);
+    for (int i = 0; i < n; i++)
+        claim_row(s, res, i);
+    return again || n >= asked; /* a full batch: there may be more */
 }
+
+typedef struct claim_call {
+    fod_store_t *s;
+    int asked;
+} claim_call_t;
 
 static void on_claim(int status, const PGresult *res, void *data)
 {
-    fod_store_t *s = data;
+    claim_call_t *cc = data;
+    fod_store_t *s = cc->s;
+    int asked = cc->asked;
+    free(cc);
     s->claiming = 0;
     if (status == FO_ESTOP)
         return;
-    int more = claim_result(s, status, res);
-    if (more >= 0) /* a stop waiting for this claim may complete now */
-        s->ev.settled(s->ev.ctx, more);
+    int more = claim_result(s, status, res, asked);
+    s->ev.settled(s->ev.ctx, more); /* a stop waiting for this claim may complete now */
 }
 
 /* "{1,2,3}": a bigint[] literal of the jobs (or their events) this worker holds: running
@@ -605,84 +789,135 @@ static void on_claim(int status, const PGresult *res, void *data)
  * count an attempt that did not fail, or lose the outcome). */
 static char *held_array(const fod_store_t *s, const fod_held_t *held, size_t nheld, int events)
 {
-    size_t n = nheld;
-    for (store_rec_t *r = s->recs; r; r = r->next)
-        n++;
-    size_t cap = 3 + n * 21, o = 1;
-    char *out = fo_xmalloc(cap);
-    out[0] = '{';
+    fo_buf_t b = {0};
     for (size_t i = 0; i < nheld; i++)
-        o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
-                              events ? held[i].event_id : held[i].job_id);
+        arr_i64(&b, events ? held[i].event_id : held[i].job_id);
     for (store_rec_t *r = s->recs; r; r = r->next)
-        o += (size_t)snprintf(out + o, cap - o, "%s%" PRId64, o > 1 ? "," : "",
-                              events ? r->event_id : r->job_id);
-    snprintf(out + o, cap - o, "}");
-    return out;
+        arr_i64(&b, events ? r->event_id : r->job_id);
+    arr_end(&b);
+    return b.p;
 }
 
-void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n)
+void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n,
+                     int want)
 {
-    if (!pgc_conn_ready(s->ctl) || fo_now_ms() < s->claim_retry_at)
+    if (!pgc_conn_ready(s->ctl) || fo_now_ms() < s->claim_retry_at || want <= 0)
         return;
     if (s->claiming) {
         s->claim_again = 1;
         return;
     }
+    if (want > s->cfg->claim_batch)
+        want = s->cfg->claim_batch;
     char *jobs = held_array(s, held, n, 0);
     char *events = held_array(s, held, n, 1);
-    char lease[16], max[16], losses[16];
+    char lease[16], max[16], losses[16], limit[16];
     I64(lease, s->cfg->lease_ms);
     I64(max, s->cfg->max_attempts);
     I64(losses, s->cfg->max_lease_losses);
-    const char *params[] = {worker_id, lease, jobs, events, max, losses};
-    if (pgc_conn_exec(s->ctl, "fo_claim", 6, params, 0, on_claim, s) == 0)
+    I64(limit, want);
+    const char *params[] = {worker_id, lease, jobs, events, max, losses, limit};
+    claim_call_t *cc = fo_xmalloc(sizeof *cc);
+    *cc = (claim_call_t){s, want};
+    if (pgc_conn_exec(s->ctl, "fo_claim", 7, params, 0, on_claim, cc) == 0)
         s->claiming = 1;
+    else
+        free(cc);
     free(jobs);
     free(events);
 }
 
-/* --- the mark's record --- */
+/* --- the marks' records, batched --- */
 
-typedef struct mark_call {
+typedef struct mark_batch {
     fod_store_t *s;
-    void (*cb)(int status, void *data);
-    void *data;
-} mark_call_t;
+    mark_call_t *calls;
+} mark_batch_t;
+
+static void mark_flush(fod_store_t *s);
+
+/* Answers every call of the list (and frees it): written when the job's id is in res. */
+static void marks_answer(fod_store_t *s, mark_call_t *calls, int status, const PGresult *res)
+{
+    while (calls) {
+        mark_call_t *mc = calls;
+        calls = mc->next;
+        int st = status;
+        if (st == 0 && row_of(res, mc->job_id) < 0)
+            st = FO_EPG; /* the lease moved on: the renewal stops the job */
+        mc->cb(st, mc->data);
+        free(mc);
+    }
+    (void)s;
+}
 
 static void on_marked(int status, const PGresult *res, void *data)
 {
-    mark_call_t *mc = data;
+    mark_batch_t *b = data;
+    fod_store_t *s = b->s;
+    mark_call_t *calls = b->calls;
+    free(b);
+    s->marking = 0;
     if (status == FO_EPG)
-        mc->s->metrics->errors[MET_PG]++;
-    if (status == 0 && rows_changed(res) == 0)
-        status = FO_EPG; /* the lease moved on: the renewal stops the job */
-    else if (status < 0 && status != FO_ESTOP && res)
+        s->metrics->errors[MET_PG]++;
+    if (status < 0 && status != FO_ESTOP && res)
         log_pg_error("progress mark not recorded; retrying", res);
-    mc->cb(status, mc->data);
-    free(mc);
+    if (status == FO_ESTOP) { /* closing: what waits for the next batch ends too */
+        marks_answer(s, s->marks, FO_ESTOP, NULL);
+        s->marks = NULL;
+        s->marks_tail = &s->marks;
+    }
+    marks_answer(s, calls, status, res);
+    mark_flush(s);
+}
+
+static void mark_flush(fod_store_t *s)
+{
+    if (s->marking || !s->marks)
+        return;
+    mark_batch_t *b = fo_xmalloc(sizeof *b);
+    b->s = s;
+    b->calls = s->marks;
+    mark_call_t **tail = &s->marks;
+    fo_buf_t ids = {0}, tokens = {0};
+    for (int n = 0; *tail && n < s->cfg->claim_batch; n++, tail = &(*tail)->next) {
+        arr_i64(&ids, (*tail)->job_id);
+        arr_i64(&tokens, (*tail)->token);
+    }
+    s->marks = *tail; /* the rest waits for the next batch */
+    *tail = NULL;
+    if (!s->marks)
+        s->marks_tail = &s->marks;
+    const char *params[] = {arr_end(&ids), arr_end(&tokens)};
+    if (pgc_conn_exec(s->ctl, "fo_marked", 2, params, 0, on_marked, b) == 0) {
+        s->marking = 1;
+    } else {
+        marks_answer(s, b->calls, FO_EPG, NULL); /* from a reply, never from the caller */
+        free(b);
+    }
+    fo_buf_free(&ids);
+    fo_buf_free(&tokens);
 }
 
 int fod_store_record_mark(fod_store_t *s, int64_t job_id, int64_t token,
                           void (*cb)(int status, void *data), void *data)
 {
-    char id[24], tok[24];
-    I64(id, job_id);
-    I64(tok, token);
-    const char *params[] = {id, tok};
+    if (!pgc_conn_ready(s->ctl))
+        return FO_EPG;
     mark_call_t *mc = fo_xmalloc(sizeof *mc);
-    *mc = (mark_call_t){s, cb, data};
-    int rc = pgc_conn_exec(s->ctl, "fo_marked", 2, params, 0, on_marked, mc);
-    if (rc < 0)
-        free(mc);
-    return rc;
+    *mc = (mark_call_t){NULL, job_id, token, cb, data};
+    *s->marks_tail = mc;
+    s->marks_tail = &mc->next;
+    mark_flush(s);
+    return 0;
 }
 
 /* --- lease renewal --- */
 
 typedef struct renew_call {
     fod_store_t *s;
-    int64_t job_id, token;
+    size_t n;
+    fod_renewal_t jobs[];
 } renew_call_t;
 
 static void on_renew(int status, const PGresult *res, void *data)
@@ -691,25 +926,40 @@ static void on_renew(int status, const PGresult *res, void *data)
     fod_store_t *s = rc->s;
     if (status == FO_EPG)
         s->metrics->errors[MET_PG]++;
-    if (status == 0 && rows_changed(res) == 0)
-        s->ev.lease_lost(s->ev.ctx, rc->job_id, rc->token);
+    for (size_t i = 0; status == 0 && i < rc->n; i++)
+        if (row_of(res, rc->jobs[i].job_id) < 0)
+            s->ev.lease_lost(s->ev.ctx, rc->jobs[i].job_id, rc->jobs[i].token);
     free(rc);
 }
 
-void fod_store_renew(fod_store_t *s, int64_t job_id, int64_t token, int64_t cursor,
-                     int64_t delivered, const char *waiting)
+void fod_store_renew(fod_store_t *s, const fod_renewal_t *jobs, size_t n)
 {
-    char id[24], tok[24], lease[16], cur[24], del[24];
-    I64(id, job_id);
-    I64(tok, token);
+    if (n == 0)
+        return;
+    fo_buf_t ids = {0}, tokens = {0}, cursors = {0}, delivered = {0}, waiting = {0};
+    for (size_t i = 0; i < n; i++) {
+        arr_i64(&ids, jobs[i].job_id);
+        arr_i64(&tokens, jobs[i].token);
+        arr_i64(&cursors, jobs[i].cursor);
+        arr_i64(&delivered, jobs[i].delivered);
+        arr_text(&waiting, jobs[i].waiting);
+    }
+    char lease[16];
     I64(lease, s->cfg->lease_ms);
-    I64(cur, cursor);
-    I64(del, delivered);
-    const char *params[] = {id, tok, lease, cur, del, waiting};
-    renew_call_t *rc = fo_xmalloc(sizeof *rc);
-    *rc = (renew_call_t){s, job_id, token};
+    const char *params[] = {arr_end(&ids),     arr_end(&tokens),    lease,
+                            arr_end(&cursors), arr_end(&delivered), arr_end(&waiting)};
+    renew_call_t *rc = fo_xmalloc(sizeof *rc + n * sizeof rc->jobs[0]);
+    rc->s = s;
+    rc->n = n;
+    for (size_t i = 0; i < n; i++)
+        rc->jobs[i] = (fod_renewal_t){jobs[i].job_id, jobs[i].token, 0, 0, NULL};
     if (pgc_conn_exec(s->ctl, "fo_renew", 6, params, 0, on_renew, rc) < 0)
         free(rc);
+    fo_buf_free(&ids);
+    fo_buf_free(&tokens);
+    fo_buf_free(&cursors);
+    fo_buf_free(&delivered);
+    fo_buf_free(&waiting);
 }
 
 /* --- the oldest unfinished event --- */

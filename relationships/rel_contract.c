@@ -26,7 +26,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { STEP_SHAPE, STEP_PRIVS, STEP_SEQSCAN_OFF, STEP_PLAN, STEP_SEQSCAN_RESET, NSTEPS };
+enum {
+    STEP_SHAPE,
+    STEP_PRIVS,
+    STEP_SEQSCAN_OFF,
+    STEP_PLAN,
+    STEP_PLAN_MANY,
+    STEP_SEQSCAN_RESET,
+    NSTEPS
+};
 
 /* One row per needed column: name, relkind, type, type ok, schema USAGE, view SELECT,
  * superuser, role. $1 schema, $2 view. */
@@ -72,6 +80,9 @@ static const char SQL_SEQSCAN_RESET[] = "RESET enable_seqscan";
 /* The page query itself (REL_PAGE_SQL_FMT, the text rel_reader.c prepares), under
  * EXPLAIN. */
 static const char SQL_PLAN_FMT[] = "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGE_SQL_FMT;
+/* And the batched page query (REL_PAGES_SQL_FMT): each of its reads must be the same range
+ * scan. */
+static const char SQL_PLAN_MANY_FMT[] = "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGES_SQL_FMT;
 
 typedef struct finding {
     char *line;
@@ -80,7 +91,7 @@ typedef struct finding {
 
 struct rel_contract {
     const cfg_t *cfg;
-    char limit[16];
+    char limit[16], limits[18];
     finding_t *found;
     size_t n, cap;
     int refusals;
@@ -95,6 +106,7 @@ rel_contract_t *rel_contract_new(const cfg_t *cfg)
     rel_contract_t *k = fo_xcalloc(1, sizeof *k);
     k->cfg = cfg;
     snprintf(k->limit, sizeof k->limit, "%d", cfg->page_size);
+    snprintf(k->limits, sizeof k->limits, "{%d}", cfg->page_size);
     snprintf(k->role, sizeof k->role, "(unknown)");
     return k;
 }
@@ -118,6 +130,9 @@ static void add(rel_contract_t *k, int refuse, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
+    for (size_t i = 0; i < k->n; i++)
+        if (strcmp(k->found[i].line, line) == 0)
+            return; /* both page queries found it: said once */
     if (k->n == k->cap) {
         k->cap = k->cap ? k->cap * 2 : 8;
         k->found = fo_xrealloc(k->found, k->cap * sizeof *k->found);
@@ -303,7 +318,7 @@ int rel_contract_steps(void)
 
 const char *rel_contract_step_sql(int step, int *reads_view)
 {
-    *reads_view = step == STEP_PLAN;
+    *reads_view = step == STEP_PLAN || step == STEP_PLAN_MANY;
     switch (step) {
     case STEP_SHAPE:
         return SQL_SHAPE;
@@ -313,6 +328,8 @@ const char *rel_contract_step_sql(int step, int *reads_view)
         return SQL_SEQSCAN_OFF;
     case STEP_PLAN:
         return SQL_PLAN_FMT;
+    case STEP_PLAN_MANY:
+        return SQL_PLAN_MANY_FMT;
     default:
         return SQL_SEQSCAN_RESET;
     }
@@ -333,6 +350,12 @@ int rel_contract_step_params(const rel_contract_t *k, int step, const char *para
         params[2] = "9223372036854775807";
         params[3] = k->limit;
         return 4;
+    case STEP_PLAN_MANY: /* the same read, as a batch of one */
+        params[0] = "{1}";
+        params[1] = "{0}";
+        params[2] = "{9223372036854775807}";
+        params[3] = k->limits;
+        return 4;
     default:
         return 0;
     }
@@ -348,6 +371,7 @@ void rel_contract_step_result(rel_contract_t *k, int step, const PGresult *res)
         judge_privs(k, res);
         break;
     case STEP_PLAN:
+    case STEP_PLAN_MANY:
         judge_plan(k, res);
         break;
     default:

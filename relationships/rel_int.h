@@ -14,6 +14,16 @@ int64_t rel__int8_from_binary(const char *v);
     "SELECT follower FROM %1$s.%2$s WHERE author = $1 AND follower > $2 AND follower <= $3"        \
     " ORDER BY follower LIMIT $4"
 
+/* The page query for several reads at once (one per job, jobs of any events): arrays of
+ * authors, cursors, range ends and limits, each read the page query's keyset range scan;
+ * rows (read number from 1, follower) in read order. Prepared and EXPLAINed like the other. */
+#define REL_PAGES_SQL_FMT                                                                          \
+    "SELECT b.i, f.follower FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[])"      \
+    " WITH ORDINALITY AS b(author, after, upto, lim, i)"                                           \
+    " CROSS JOIN LATERAL (SELECT follower FROM %1$s.%2$s WHERE author = b.author"                  \
+    " AND follower > b.after AND follower <= b.upto ORDER BY follower LIMIT b.lim) f"              \
+    " ORDER BY b.i, f.follower"
+
 /* --- rel_reader.c's arithmetic, pure so that unit tests can drive it --- */
 
 /* A token bucket of `rate` rows per second holding at most `cap`; tokens may go negative

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #define PAGE_STMT "fo_followers_page"
+#define PAGES_STMT "fo_followers_pages"
 
 int64_t rel__int8_from_binary(const char *v)
 {
@@ -139,6 +140,7 @@ typedef struct req {
     rel_page_cb cb;
     void *data;
     int replica, slot;
+    int solo; /* its batch was refused: read alone, so that a bad read fails alone */
     uint64_t queued_ns, sent_ns; /* fetch called; query sent (after the budget, a slot) */
     char why[160];               /* a message of our own, when err is not the server's */
 } req_t;
@@ -327,6 +329,24 @@ static void on_conn_state(pgc_conn_t *c, int up, void *data)
     judge_replica(r); /* dispatches and reports */
 }
 
+static int page_error(int status, const PGresult *res, const char **err);
+
+/* Appends id to q's page (q->out holds *n ids): 0, or FO_EQUERY when it is not above the
+ * last one (a view that repeats a follower would make the page unwritable forever: the
+ * attempt fails with a message for the owner) or over the limit. */
+static int page_add(req_t *q, size_t *n, int64_t id)
+{
+    if ((*n > 0 && id <= q->out[*n - 1]) || *n >= (size_t)q->limit) {
+        snprintf(q->why, sizeof q->why,
+                 "the contract view returned follower %lld twice or out of order;"
+                 " it must return each follower once (fix the view)",
+                 (long long)id);
+        return FO_EQUERY;
+    }
+    q->out[(*n)++] = id;
+    return 0;
+}
+
 /*
  * Turns a page query's result into ids in q->out: status 0, or FO_ECONTRACT, FO_EQUERY or
  * FO_EPG (see rel_page_cb) with *err set for the first two. *n is the number of ids.
@@ -346,22 +366,22 @@ static int parse_page(req_t *q, int status, const PGresult *res, size_t *n, cons
             return FO_ECONTRACT;
         }
         for (int i = 0; i < rows; i++) {
-            int64_t id = rel__int8_from_binary(PQgetvalue(res, i, 0));
-            if (*n > 0 && id <= q->out[*n - 1]) {
-                /* a join in the view that repeats a follower would make the page
-                 * unwritable forever: fail the attempt with a message for the owner */
-                snprintf(q->why, sizeof q->why,
-                         "the contract view returned follower %lld twice or out of order;"
-                         " it must return each follower once (fix the view)",
-                         (long long)id);
+            if (page_add(q, n, rel__int8_from_binary(PQgetvalue(res, i, 0))) < 0) {
                 *err = q->why;
                 *n = 0;
                 return FO_EQUERY;
             }
-            q->out[(*n)++] = id;
         }
         return 0;
     }
+    return page_error(status, res, err);
+}
+
+/* A failed page query: FO_EPG (lost, or an error of the moment), FO_ESTOP, FO_ECONTRACT or
+ * FO_EQUERY, with *err set for the last two. */
+static int page_error(int status, const PGresult *res, const char **err)
+{
+    *err = NULL;
     if (!res)
         return status; /* lost (FO_EPG) or closing (FO_ESTOP) */
     /* Errors of the moment (a standby's recovery conflict, lack of resources, a server
@@ -382,20 +402,15 @@ static int parse_page(req_t *q, int status, const PGresult *res, size_t *n, cons
     return kind == PGC_ERR_CONTRACT ? FO_ECONTRACT : FO_EQUERY;
 }
 
-static void on_page(int status, const PGresult *res, void *data)
+/* One read answered (status and n from its query's result): account for it, hand it to its
+ * job and free it. */
+static void page_done(rel_reader_t *r, req_t *q, int status, size_t n, const char *err)
 {
-    req_t *q = data;
-    rel_reader_t *r = q->r;
-    size_t n;
-    const char *err;
-    status = parse_page(q, status, res, &n, &err);
     if (r->on_timing && status != FO_ESTOP) {
         uint64_t now = uv_hrtime();
         r->on_timing((double)(q->sent_ns - q->queued_ns) / 1e9, (double)(now - q->sent_ns) / 1e9,
                      r->timing_data);
     }
-    pool_t *p = q->replica ? &r->replica : &r->primary;
-    p->busy[q->slot] = 0;
     rel__bucket_give(&r->bucket, q->limit - (int)n);
     if (status == 0) {
         r->stats.rows += n;
@@ -408,8 +423,148 @@ static void on_page(int status, const PGresult *res, void *data)
     }
     q->cb(status, q->out, n, err, q->data);
     free(q);
+}
+
+static void on_page(int status, const PGresult *res, void *data)
+{
+    req_t *q = data;
+    rel_reader_t *r = q->r;
+    size_t n;
+    const char *err;
+    status = parse_page(q, status, res, &n, &err);
+    pool_t *p = q->replica ? &r->replica : &r->primary;
+    p->busy[q->slot] = 0;
+    page_done(r, q, status, n, err);
     if (!r->closing)
         dispatch(r);
+}
+
+/* Several reads in one query (REL_PAGES_SQL_FMT), in the order they were queued. */
+typedef struct batch {
+    rel_reader_t *r;
+    int replica, slot, n;
+    req_t *reqs[];
+} batch_t;
+
+static void on_pages(int status, const PGresult *res, void *data)
+{
+    batch_t *b = data;
+    rel_reader_t *r = b->r;
+    (b->replica ? &r->replica : &r->primary)->busy[b->slot] = 0;
+    const char *err = NULL;
+    size_t *got = fo_xcalloc((size_t)b->n, sizeof *got);
+    int *bad = fo_xcalloc((size_t)b->n, sizeof *bad);
+    if (status == 0 && (PQnfields(res) != 2 || PQftype(res, 0) != 20 || PQftype(res, 1) != 20)) {
+        fo_log(FO_LOG_ERROR,
+               "contract view returned an unexpected shape: one bigint follower column expected",
+               "fields=%d", PQnfields(res));
+        err = "the contract view's follower column is not bigint";
+        status = FO_ECONTRACT;
+    } else if (status == 0) {
+        for (int row = 0; row < PQntuples(res); row++) {
+            int64_t i = rel__int8_from_binary(PQgetvalue(res, row, 0)) - 1;
+            if (i < 0 || i >= b->n)
+                continue; /* cannot be: the query numbers its reads */
+            if (!bad[i] &&
+                page_add(b->reqs[i], &got[i], rel__int8_from_binary(PQgetvalue(res, row, 1))) < 0)
+                bad[i] = 1;
+        }
+    } else {
+        status = page_error(status, res, &err);
+    }
+    if (status == FO_EQUERY && b->n > 1) {
+        /* which read the server refuses (a timeout, an error in one author's rows) only a
+         * read alone can say: back to the head of the queue, each to be read alone */
+        for (int i = b->n - 1; i >= 0; i--) {
+            req_t *q = b->reqs[i];
+            rel__bucket_give(&r->bucket, q->limit);
+            q->solo = 1;
+            q->next = r->head;
+            r->head = q;
+            if (!r->tail)
+                r->tail = q;
+        }
+    } else {
+        for (int i = 0; i < b->n; i++) {
+            req_t *q = b->reqs[i];
+            if (status == 0 && bad[i])
+                page_done(r, q, FO_EQUERY, 0, q->why);
+            else
+                page_done(r, q, status, status == 0 ? got[i] : 0, err);
+        }
+    }
+    free(got);
+    free(bad);
+    free(b);
+    if (!r->closing)
+        dispatch(r);
+}
+
+/* Sends the reads at the head of the queue that one query serves (up to page_batch; a read
+ * whose batch was refused goes alone) on connection `slot` of p. */
+static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
+{
+    int n = 0;
+    for (req_t *q = r->head; q && n < r->cfg->page_batch && !(n > 0 && q->solo); q = q->next) {
+        n++;
+        if (q->solo)
+            break;
+    }
+    req_t *first = r->head;
+    uint64_t now = uv_hrtime();
+    batch_t *b = n > 1 ? fo_xmalloc(sizeof *b + (size_t)n * sizeof b->reqs[0]) : NULL;
+    fo_buf_t authors = {0}, afters = {0}, uptos = {0}, limits = {0};
+    for (int i = 0; i < n; i++) {
+        req_t *q = r->head;
+        r->head = q->next;
+        q->next = NULL;
+        q->replica = replica;
+        q->slot = slot;
+        q->sent_ns = now;
+        rel__bucket_take(&r->bucket, q->limit);
+        if (b) {
+            b->reqs[i] = q;
+            fo_buf_printf(&authors, "%s%" PRId64, i ? "," : "{", q->author);
+            fo_buf_printf(&afters, "%s%" PRId64, i ? "," : "{", q->after);
+            fo_buf_printf(&uptos, "%s%" PRId64, i ? "," : "{", q->upto);
+            fo_buf_printf(&limits, "%s%d", i ? "," : "{", q->limit);
+        }
+    }
+    if (!r->head)
+        r->tail = NULL;
+    p->busy[slot] = 1;
+    int rc;
+    if (b) {
+        *b = (batch_t){.r = r, .replica = replica, .slot = slot, .n = n};
+        fo_buf_puts(&authors, "}");
+        fo_buf_puts(&afters, "}");
+        fo_buf_puts(&uptos, "}");
+        fo_buf_puts(&limits, "}");
+        const char *params[] = {authors.p, afters.p, uptos.p, limits.p};
+        rc = pgc_conn_exec(p->conns[slot], PAGES_STMT, 4, params, 1, on_pages, b);
+    } else {
+        char author[24], after[24], upto[24], limit[16];
+        snprintf(author, sizeof author, "%" PRId64, first->author);
+        snprintf(after, sizeof after, "%" PRId64, first->after);
+        snprintf(upto, sizeof upto, "%" PRId64, first->upto);
+        snprintf(limit, sizeof limit, "%d", first->limit);
+        const char *params[] = {author, after, upto, limit};
+        rc = pgc_conn_exec(p->conns[slot], PAGE_STMT, 4, params, 1, on_page, first);
+    }
+    fo_buf_free(&authors);
+    fo_buf_free(&afters);
+    fo_buf_free(&uptos);
+    fo_buf_free(&limits);
+    if (rc == 0)
+        return;
+    p->busy[slot] = 0;
+    for (int i = 0; i < n; i++) {
+        req_t *q = b ? b->reqs[i] : first;
+        rel__bucket_give(&r->bucket, q->limit);
+        q->cb(FO_EPG, q->out, 0, NULL, q->data);
+        free(q);
+    }
+    free(b);
 }
 
 static void on_budget_timer(uv_timer_t *t)
@@ -431,27 +586,7 @@ static void dispatch(rel_reader_t *r)
         int slot = pool_idle(p);
         if (slot < 0)
             return; /* all busy: the next page to arrive dispatches again */
-        req_t *q = r->head;
-        r->head = q->next;
-        if (!r->head)
-            r->tail = NULL;
-        q->replica = replica;
-        q->slot = slot;
-        q->sent_ns = uv_hrtime();
-        p->busy[slot] = 1;
-        rel__bucket_take(&r->bucket, q->limit);
-        char author[24], after[24], upto[24], limit[16];
-        snprintf(author, sizeof author, "%" PRId64, q->author);
-        snprintf(after, sizeof after, "%" PRId64, q->after);
-        snprintf(upto, sizeof upto, "%" PRId64, q->upto);
-        snprintf(limit, sizeof limit, "%d", q->limit);
-        const char *params[] = {author, after, upto, limit};
-        if (pgc_conn_exec(p->conns[slot], PAGE_STMT, 4, params, 1, on_page, q) < 0) {
-            p->busy[slot] = 0;
-            rel__bucket_give(&r->bucket, q->limit);
-            q->cb(FO_EPG, q->out, 0, NULL, q->data);
-            free(q);
-        }
+        send_reads(r, p, replica, slot);
     }
 }
 
@@ -465,6 +600,7 @@ static void pool_open(rel_reader_t *r, pool_t *p, const char *dsn, const char *n
         pgc_conn_setup_limits(p->conns[i], r->cfg);
         pgc_conn_setup(p->conns[i], "SET default_transaction_read_only = on");
         pgc_conn_prepare_view(p->conns[i], PAGE_STMT, REL_PAGE_SQL_FMT, 4, r->cfg);
+        pgc_conn_prepare_view(p->conns[i], PAGES_STMT, REL_PAGES_SQL_FMT, 4, r->cfg);
     }
 }
 

@@ -147,6 +147,28 @@ static const fod_job_io_t io_rec = {.fetch = fake_fetch,
                                     .key_refusal = fake_key_refusal,
                                     .record_mark = fake_record_mark};
 
+/* split for the tests that check it: the question is kept for answer_split. */
+static fod_split_cb split_cb;
+static void *split_data;
+static int splits;
+static int64_t split_lo;
+static int fake_split(void *ctx, int64_t job_id, int64_t token, int64_t author, int64_t lo,
+                      fod_split_cb cb, void *data)
+{
+    splits++;
+    split_lo = lo;
+    split_cb = cb;
+    split_data = data;
+    return 0;
+}
+
+static const fod_job_io_t io_split = {.fetch = fake_fetch,
+                                      .fence = fake_fence,
+                                      .write = fake_write,
+                                      .finished = fake_finished,
+                                      .may_write = fake_may_write,
+                                      .split = fake_split};
+
 /* The oldest unanswered call of a kind. */
 static call_t *next_call(call_kind_t kind)
 {
@@ -711,6 +733,67 @@ static void test_mark_is_recorded_before_the_first_page(void **state)
     fod_job_free(j);
 }
 
+/* A fresh job asks whether to split only when its first page comes back full, before
+ * writing it; the answer's range end cuts the page, and the range is the job's from then on.
+ * A job whose audience fits in one page never asks. */
+static void test_full_first_page_asks_to_split_before_writing(void **state)
+{
+    fod_claim_t claim = {.job_id = 1,
+                         .event_id = 1,
+                         .author = 5,
+                         .token = 1,
+                         .range_lo = 0,
+                         .range_hi = INT64_MAX,
+                         .split_candidate = 1,
+                         .kind = "k",
+                         .payload = "{}",
+                         .created_at = "t"};
+    set_followers(2); /* one page, not full: no question */
+    splits = 0;
+    fod_job_t *j = fod_job_new(&io_split, &cfg, &claim);
+    fod_job_start(j, 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    run_to_end();
+    assert_int_equal(splits, 0);
+    assert_int_equal(F.final_delivered, 2);
+    fod_job_free(j);
+
+    memset(&F, 0, sizeof F);
+    redis_delivered = 0;
+    set_followers(9); /* 10 .. 90: the first page (10, 20, 30) is full */
+    j = fod_job_new(&io_split, &cfg, &claim);
+    fod_job_start(j, 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    assert_int_equal(splits, 1);
+    assert_int_equal(split_lo, 10);
+    assert_int_equal(pending(C_WRITE), 0); /* nothing written before the answer */
+    assert_int_equal(pending(C_FETCH), 0);
+    split_cb(0, 25, split_data); /* this job keeps (0, 25] */
+    call_t *w = next_call(C_WRITE);
+    assert_non_null(w);
+    assert_int_equal(w->n, 2); /* 10, 20: 30 is another range's */
+    assert_int_equal(w->last, 1);
+    run_to_end();
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    assert_int_equal(F.final_delivered, 2);
+    fod_job_free(j);
+
+    /* the split's outcome unknown: the job stops, writes nothing and records nothing */
+    memset(&F, 0, sizeof F);
+    set_followers(9);
+    j = fod_job_new(&io_split, &cfg, &claim);
+    fod_job_start(j, 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    answer_fetch();
+    assert_int_equal(splits, 2);
+    split_cb(FO_EPG, 0, split_data);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FOD_JOB_FENCED);
+    assert_int_equal(pending(C_WRITE), 0);
+    fod_job_free(j);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -730,6 +813,7 @@ int main(void)
         cmocka_unit_test_setup(test_contract_error_waits_without_failing, setup),
         cmocka_unit_test_setup(test_backpressure_holds_writes_until_pumped, setup),
         cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
+        cmocka_unit_test_setup(test_full_first_page_asks_to_split_before_writing, setup),
         cmocka_unit_test_setup(test_mark_required_after_progress, setup),
         cmocka_unit_test_setup(test_mark_behind_postgres_stops, setup),
         cmocka_unit_test_setup(test_mark_lost_mid_fanout_stops, setup),

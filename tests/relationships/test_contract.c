@@ -17,7 +17,7 @@
 #include "relationships/rel_int.h"
 #include "relationships/relationships.h"
 
-enum { STEP_SHAPE, STEP_PRIVS, STEP_OFF, STEP_PLAN, STEP_RESET };
+enum { STEP_SHAPE, STEP_PRIVS, STEP_OFF, STEP_PLAN, STEP_PLAN_MANY, STEP_RESET };
 
 static cfg_t cfg_with(const char *index_mode, const char *privs_mode)
 {
@@ -188,21 +188,26 @@ static void superuser_is_one_line(void **state)
     rel_contract_free(k);
 }
 
-/* The plan step EXPLAINs the page query itself (one text, REL_PAGE_SQL_FMT), with the
- * page query's parameters; only it names the view. */
+/* The plan steps EXPLAIN the page queries themselves (one text each, REL_PAGE_SQL_FMT and
+ * the batched REL_PAGES_SQL_FMT), with the page query's parameters; only they name the
+ * view. */
 static void plan_step_sql(void **state)
 {
     cfg_t cfg = cfg_with("refuse", "refuse");
     rel_contract_t *k = rel_contract_new(&cfg);
     int reads_view = 0;
+    const char *params[4];
     const char *sql = rel_contract_step_sql(STEP_PLAN, &reads_view);
     assert_true(reads_view);
     assert_string_equal(sql, "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGE_SQL_FMT);
     for (int step = 0; step < rel_contract_steps(); step++) {
         rel_contract_step_sql(step, &reads_view);
-        assert_int_equal(reads_view, step == STEP_PLAN);
+        assert_int_equal(reads_view, step == STEP_PLAN || step == STEP_PLAN_MANY);
     }
-    const char *params[4];
+    sql = rel_contract_step_sql(STEP_PLAN_MANY, &reads_view);
+    assert_string_equal(sql, "EXPLAIN (VERBOSE, COSTS OFF) " REL_PAGES_SQL_FMT);
+    assert_int_equal(rel_contract_step_params(k, STEP_PLAN_MANY, params), 4);
+    assert_string_equal(params[3], "{2000}");
     assert_int_equal(rel_contract_step_params(k, STEP_PLAN, params), 4);
     assert_string_equal(params[3], "2000");
     assert_int_equal(rel_contract_step_params(k, STEP_SHAPE, params), 2);
