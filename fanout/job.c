@@ -60,17 +60,26 @@ struct fod_job {
     int64_t pg_progress, pg_delivered; /* PostgreSQL's checkpoint at the claim */
     int pg_marked;                     /* PostgreSQL knows the mark exists */
     int split_candidate;     /* a full first page asks whether to split (fod_job_io_t.split) */
+    int early;               /* EARLY_*: the first page read while the fence is out */
+    size_t early_n;          /* EARLY_HELD: its ids in the buffer */
+    unsigned early_epoch;    /* EARLY_READING: the epoch its answer belongs to, once fenced */
     ntf_progress_t fenced;   /* the mark a fence found, while that is recorded */
     int fatal;               /* FAILED over the progress mark: dead until fanoutctl retry */
     char *waiting;           /* WAITING: why; NULL otherwise */
     uint64_t wait_logged_ms; /* when the waiting reason was last logged */
 };
 
+/* A fresh job (no page of its range can have been written) reads its first page while it
+ * fences: the page is written only once the fence (and the mark's record) answered with the
+ * mark at the range's start, as it must be for such a job; otherwise it is dropped. */
+enum { EARLY_NONE, EARLY_READING, EARLY_HELD };
+
 typedef struct job_call {
     fod_job_t *job;
     unsigned epoch;
     uint64_t sent_ns; /* for the latency histograms */
     size_t split_n;   /* a split's question: the ids of the first page in the buffer */
+    int early;        /* a read sent before the fence answered */
 } job_call_t;
 
 static const char *const state_names[] = {"fencing", "running", "waiting", "draining",
@@ -106,6 +115,7 @@ static job_call_t *call_new(fod_job_t *j)
     c->epoch = j->epoch;
     c->sent_ns = uv_hrtime();
     c->split_n = 0;
+    c->early = 0;
     return c;
 }
 
@@ -169,6 +179,7 @@ static void reset_pipeline(fod_job_t *j, int64_t cursor)
     j->eof = 0;
     j->ready = 0;
     j->inflight = 0;
+    j->early = EARLY_NONE; /* an early page no longer belongs to this pipeline */
 }
 
 /* Waits for the retry time (jittered, growing up to reconnect_max_ms). One line when the
@@ -241,13 +252,24 @@ static void wait_for_key(fod_job_t *j)
 }
 
 /* Adopt Redis's mark as the truth and carry on from it. */
+static void page_arrived(fod_job_t *j, size_t n);
+
 static void resume_from(fod_job_t *j, const ntf_progress_t *p)
 {
+    int early = j->early;
     reset_pipeline(j, p->cursor);
     j->acked_cursor = p->cursor;
     j->delivered = p->delivered;
     note_delivered(j, p->delivered);
     j->state = p->done ? FOD_JOB_DONE : FOD_JOB_RUNNING;
+    if (!early || p->done || p->cursor != j->range_lo)
+        return; /* the early page, if any, is dropped */
+    if (early == EARLY_HELD) {
+        page_arrived(j, j->early_n);
+    } else {
+        j->early = EARLY_READING; /* its answer is this epoch's first page */
+        j->early_epoch = j->epoch;
+    }
 }
 
 /* --- writes --- */
@@ -356,6 +378,18 @@ static void page_ready(fod_job_t *j, size_t n)
         j->eof = 1;
 }
 
+static void ask_split(fod_job_t *j, size_t n);
+
+/* A page of the current epoch is in the buffer: first, for a fresh job whose first page is
+ * full, the split question; then it is ready to send. */
+static void page_arrived(fod_job_t *j, size_t n)
+{
+    if (j->split_candidate && n == (size_t)j->page_size && j->io.split)
+        ask_split(j, n); /* the page waits in the buffer for the answer */
+    else
+        page_ready(j, n);
+}
+
 /* The split's answer. A committed split changes the range whatever the job does meanwhile
  * (a later fence must not read past the new end); an unknown outcome stops the job without a
  * record (it may have committed: the next claim of this worker's own lease gets the range
@@ -405,6 +439,23 @@ static void ask_split(fod_job_t *j, size_t n)
     j->reading = 1; /* the buffer is taken until the answer */
 }
 
+/* The early first page answered: held until the fence answers, used at once if it did (and
+ * the mark is at the range's start), dropped otherwise (a failed read is read again, by the
+ * pipeline, once fenced). */
+static void on_early_page(fod_job_t *j, int status, size_t n)
+{
+    if (status == 0 && j->early == EARLY_READING && j->state == FOD_JOB_FENCING) {
+        j->early = EARLY_HELD;
+        j->early_n = n;
+    } else if (status == 0 && j->early == EARLY_READING && j->state == FOD_JOB_RUNNING &&
+               j->epoch == j->early_epoch) {
+        j->early = EARLY_NONE;
+        page_arrived(j, n);
+    } else {
+        j->early = EARLY_NONE;
+    }
+}
+
 static void on_page(int status, const int64_t *ids, size_t n, const char *err, void *data)
 {
     job_call_t *call = data;
@@ -419,9 +470,12 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
             m->rows_read += n;
         }
     }
+    int early = call->early;
     int current = call_done(data, &j);
     j->reading = 0;
-    if (current && j->state == FOD_JOB_RUNNING) {
+    if (early) {
+        on_early_page(j, status, n);
+    } else if (current && j->state == FOD_JOB_RUNNING) {
         if (status == FO_EQUERY) {
             /* the query itself is refused: this attempt fails once the writes in flight
              * are answered (their progress is kept); the daemon schedules the next one */
@@ -434,13 +488,11 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
                 j->io.contract_broken(j->io.ctx, err);
         } else if (status < 0) {
             go_wait(j, "follower page read failed");
-        } else if (j->split_candidate && n == (size_t)j->page_size && j->io.split) {
-            ask_split(j, n); /* the page waits in the buffer for the answer */
         } else {
             (void)ids; /* they are in j->page */
             fo_log(FO_LOG_DEBUG, "page read", "job=%" PRId64 " after=%" PRId64 " rows=%zu ms=%.1f",
                    j->job_id, j->read_cursor, n, ms);
-            page_ready(j, n);
+            page_arrived(j, n);
         }
     }
     pump(j);
@@ -608,10 +660,27 @@ void fod_job_free(fod_job_t *j)
     free(j);
 }
 
+/* A fresh job's first page, read while it fences (see EARLY_*). */
+static void read_early(fod_job_t *j)
+{
+    job_call_t *c = call_new(j);
+    c->early = 1;
+    if (j->io.fetch(j->io.ctx, j->author, j->range_lo, j->range_hi, j->page_size, j->page, on_page,
+                    c) < 0) {
+        free(c); /* read after the fence, as any page */
+        return;
+    }
+    j->outstanding++;
+    j->reading = 1;
+    j->early = EARLY_READING;
+}
+
 void fod_job_start(fod_job_t *j, uint64_t now_ms)
 {
     (void)now_ms;
     fence(j);
+    if (j->state == FOD_JOB_FENCING && !mark_required(j))
+        read_early(j);
     maybe_finish(j);
 }
 

@@ -143,7 +143,7 @@ static const char SQL_CLAIM[] =
  * NOTIFY wakes the other workers. One statement, so a crash splits all or nothing.
  */
 static const char SQL_BOUNDS[] =
-    "SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower DESC LIMIT 1";
+    "SELECT (SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower DESC LIMIT 1)";
 
 /* $1 job, $2 token, $3 parts, $4 lowest follower, $5 highest. Returns the job's new
  * range_hi (NULL when it was not split: the lease moved on) and the jobs added. */

@@ -235,6 +235,14 @@ static void apply_write(void)
     answer_progress(C_WRITE, 0, c->n ? c->ids[c->n - 1] : c->expect, redis_delivered, c->last);
 }
 
+/* A fresh job reads its first page while it fences; the tests of what follows the fence
+ * fail that read (it is dropped, and read again once fenced). */
+static void drop_early_read(void)
+{
+    if (pending(C_FETCH))
+        answer_fetch_error();
+}
+
 static void set_followers(int n)
 {
     F.nfollowers = n;
@@ -257,6 +265,7 @@ static fod_job_t *start_claimed(int64_t range_lo, int64_t pg_progress, int64_t p
                          .created_at = "2026-11-27T00:00:00.000000Z"};
     fod_job_t *j = fod_job_new(&io, &cfg, &claim);
     fod_job_start(j, 0);
+    drop_early_read();
     return j;
 }
 
@@ -705,6 +714,7 @@ static void test_mark_is_recorded_before_the_first_page(void **state)
                          .created_at = "t"};
     fod_job_t *j = fod_job_new(&io_rec, &cfg, &claim);
     fod_job_start(j, 0);
+    drop_early_read();
     assert_int_equal(next_call(C_FENCE)->mark_required, 0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     assert_int_equal(records, 1);
@@ -733,6 +743,18 @@ static void test_mark_is_recorded_before_the_first_page(void **state)
     fod_job_free(j);
 }
 
+/* A fresh start of the fake servers with n followers, and the claim started on io. */
+static fod_job_t *restart(const fod_job_io_t *via, const fod_claim_t *claim, int n,
+                          int64_t delivered)
+{
+    memset(&F, 0, sizeof F);
+    redis_delivered = delivered;
+    set_followers(n);
+    fod_job_t *j = fod_job_new(via, &cfg, claim);
+    fod_job_start(j, 0);
+    return j;
+}
+
 /* A fresh job asks whether to split only when its first page comes back full, before
  * writing it; the answer's range end cuts the page, and the range is the job's from then on.
  * A job whose audience fits in one page never asks. */
@@ -758,11 +780,7 @@ static void test_full_first_page_asks_to_split_before_writing(void **state)
     assert_int_equal(F.final_delivered, 2);
     fod_job_free(j);
 
-    memset(&F, 0, sizeof F);
-    redis_delivered = 0;
-    set_followers(9); /* 10 .. 90: the first page (10, 20, 30) is full */
-    j = fod_job_new(&io_split, &cfg, &claim);
-    fod_job_start(j, 0);
+    j = restart(&io_split, &claim, 9, 0); /* 10 .. 90: the first page (10, 20, 30) is full */
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     assert_int_equal(splits, 1);
@@ -780,10 +798,7 @@ static void test_full_first_page_asks_to_split_before_writing(void **state)
     fod_job_free(j);
 
     /* the split's outcome unknown: the job stops, writes nothing and records nothing */
-    memset(&F, 0, sizeof F);
-    set_followers(9);
-    j = fod_job_new(&io_split, &cfg, &claim);
-    fod_job_start(j, 0);
+    j = restart(&io_split, &claim, 9, 0);
     answer_progress(C_FENCE, 0, 0, 0, 0);
     answer_fetch();
     assert_int_equal(splits, 2);
@@ -791,6 +806,60 @@ static void test_full_first_page_asks_to_split_before_writing(void **state)
     assert_int_equal(F.finished, 1);
     assert_int_equal(F.final_state, FOD_JOB_FENCED);
     assert_int_equal(pending(C_WRITE), 0);
+    fod_job_free(j);
+}
+
+/* A fresh job's first page is read while the fence is out, and written only once the
+ * fence and the mark's record answered with the mark at the range's start; a mark found
+ * elsewhere drops it. */
+static void test_fresh_job_reads_its_first_page_while_fencing(void **state)
+{
+    set_followers(2);
+    fod_claim_t claim = {.job_id = 1,
+                         .event_id = 1,
+                         .author = 5,
+                         .token = 1,
+                         .range_lo = 0,
+                         .range_hi = INT64_MAX,
+                         .kind = "k",
+                         .payload = "{}",
+                         .created_at = "t"};
+    records = 0;
+    fod_job_t *j = fod_job_new(&io_rec, &cfg, &claim);
+    fod_job_start(j, 0);
+    assert_int_equal(pending(C_FENCE), 1);
+    assert_int_equal(pending(C_FETCH), 1); /* at once, beside the fence */
+    answer_fetch();
+    assert_int_equal(pending(C_WRITE), 0); /* held: not fenced yet */
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    assert_int_equal(records, 1);
+    assert_int_equal(pending(C_WRITE), 0); /* held: the mark is not recorded yet */
+    record_cb(0, record_data);
+    assert_int_equal(pending(C_WRITE), 1);
+    assert_int_equal(pending(C_FETCH), 0); /* two ids: the one page */
+    run_to_end();
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    assert_int_equal(F.final_delivered, 2);
+    fod_job_free(j);
+
+    /* the fence answers first; the page is sent when it arrives */
+    j = restart(&io, &claim, 2, 0);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    assert_int_equal(pending(C_FETCH), 1); /* still the early one */
+    answer_fetch();
+    assert_int_equal(pending(C_WRITE), 1);
+    run_to_end();
+    assert_int_equal(F.final_delivered, 2);
+    fod_job_free(j);
+
+    /* a mark elsewhere (an earlier holder's, against what PostgreSQL knows): dropped */
+    j = restart(&io, &claim, 3, 1);
+    answer_fetch();
+    answer_progress(C_FENCE, 0, 10, 1, 0);
+    assert_int_equal(pending(C_WRITE), 0);
+    assert_int_equal(next_call(C_FETCH)->after, 10);
+    run_to_end();
+    assert_int_equal(F.final_delivered, 3);
     fod_job_free(j);
 }
 
@@ -814,6 +883,7 @@ int main(void)
         cmocka_unit_test_setup(test_backpressure_holds_writes_until_pumped, setup),
         cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
         cmocka_unit_test_setup(test_full_first_page_asks_to_split_before_writing, setup),
+        cmocka_unit_test_setup(test_fresh_job_reads_its_first_page_while_fencing, setup),
         cmocka_unit_test_setup(test_mark_required_after_progress, setup),
         cmocka_unit_test_setup(test_mark_behind_postgres_stops, setup),
         cmocka_unit_test_setup(test_mark_lost_mid_fanout_stops, setup),

@@ -395,7 +395,8 @@ def statement_and_lock_timeouts_bound_the_reads(s):
 def page_query_stats(s):
     """(calls, rows) of fanoutd's page query in pg_stat_statements."""
     row = s.sql("SELECT coalesce(sum(calls), 0)::bigint, coalesce(sum(rows), 0)::bigint"
-                " FROM pg_stat_statements WHERE query LIKE 'SELECT follower FROM %'")
+                " FROM pg_stat_statements WHERE query LIKE 'SELECT follower FROM %'"
+                "    OR query LIKE 'SELECT b.i, f.follower FROM %'")  # one read or a batch
     return row[0]
 
 
@@ -454,7 +455,8 @@ def page_queries_are_capped(s):
         with s.connect() as conn, conn.cursor() as cur:
             while not done.is_set():
                 cur.execute("SELECT pid, state FROM pg_stat_activity WHERE usename = 'fanoutd'"
-                            " AND query LIKE 'SELECT follower FROM%'")
+                            " AND (query LIKE 'SELECT follower FROM%'"
+                            "      OR query LIKE 'SELECT b.i, f.follower FROM%')")
                 rows = cur.fetchall()
                 conns.update(pid for pid, _ in rows)
                 most_active[0] = max(most_active[0], sum(1 for _, st in rows if st == "active"))
