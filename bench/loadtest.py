@@ -387,10 +387,10 @@ END $$;""" % (author, self.page_size)
 
     # -- Redis ----------------------------------------------------------------------------
     def shard_keys(self):
-        return ["%s:stream:%d" % (self.prefix, i) for i in range(self.shards)]
+        return [harness.stream_key(self.prefix, i, self.shards) for i in range(self.shards)]
 
     def ceiling_keys(self):
-        return ["%s:stream:%d" % (CEILING_PREFIX, i) for i in range(self.shards)]
+        return [harness.stream_key(CEILING_PREFIX, i, self.shards) for i in range(self.shards)]
 
     def redis_ceiling(self, n, author, event, lua_page=0):
         host, port = self.redis_addr()
@@ -789,8 +789,7 @@ def bench_cluster(args, n, primaries, runs):
         shards = b.shards
 
         def keys(prefix):
-            return ["%s:{%s}:stream:%d" % (prefix, harness.shard_tag(i, shards), i)
-                    for i in range(shards)]
+            return [harness.stream_key(prefix, i, shards) for i in range(shards)]
 
         owner = [cl.owner(cl.key_slot(k)) for k in keys(s.key_prefix)]
         nodes = sorted(set(owner))
@@ -802,7 +801,7 @@ def bench_cluster(args, n, primaries, runs):
             for k in keys(prefix):
                 s.redis.unlink(k)
 
-        ceil, fan = [], []
+        ceil, fan = [], {layout: [] for layout in args.layouts}
         for run in range(runs):
             unlink_all(CEILING_PREFIX)
             outs = run_per_primary([
@@ -816,78 +815,103 @@ def bench_cluster(args, n, primaries, runs):
                 raise BenchError("cluster ceiling wrote %d entries, not %d" % (wrote, n))
             unlink_all(CEILING_PREFIX)
             ceil.append(secs)
-            unlink_all(s.key_prefix)
-            first_start = b.daemon is None
-            d = b.ensure_daemon()
-            if first_start:
-                time.sleep(1)  # the router reads the slot map and loads the scripts
-            t = cl.client(nodes[0]).time()
-            start_ms = t[0] * 1000 + t[1] // 1000 - 1
-            cpu0 = proc_cpu_s(d.pid)
-            ev = s.publish(b.author(0), kind="post", payload=PAYLOAD)
-            b.wait_done([ev], timeout=3600)
-            cpu = proc_cpu_s(d.pid) - cpu0
-            tot = {"entries": 0, "distinct": 0, "duplicates": 0, "outside": 0,
-                   "first_ms": None, "last_ms": 0}
-            for out in run_per_primary([
-                    [STREAM_CHECK, "127.0.0.1", str(node), "keys=" + node_keys(s.key_prefix, node),
-                     str(shards), str(start_ms), "%d:1:%d" % (ev, n)] for node in nodes]):
-                for line in out.splitlines():
-                    g = dict(kv.split("=", 1) for kv in line.split())
-                    if int(g["event"]) != ev:
-                        continue
-                    for k in ("entries", "distinct", "duplicates", "outside"):
-                        tot[k] += int(g.get(k, 0))
-                    if int(g["entries"]):
-                        f = int(g["first_ms"])
-                        tot["first_ms"] = f if tot["first_ms"] is None else min(tot["first_ms"], f)
-                        tot["last_ms"] = max(tot["last_ms"], int(g["last_ms"]))
-            if not (tot["entries"] == n == tot["distinct"] and tot["duplicates"] == 0
-                    and tot["outside"] == 0):
-                raise BenchError("VERIFICATION FAILED on the cluster: %s (expected %d)"
-                                 % (tot, n))
-            t_pub = b.created_ms([ev])[ev]
-            e2e = (tot["last_ms"] - t_pub) / 1000.0
-            fan.append({"e2e_s": e2e, "first_s": (tot["first_ms"] - t_pub) / 1000.0,
-                        "cpu_s": cpu, "rss_kib": proc_hwm_kib(d.pid)})
-            log("   run %d: cluster ceiling %.3f s | fan-out %.3f s (%.2f x ceiling), fanoutd"
-                " CPU %.2f s, RSS %.1f MiB; verified %s entries, all distinct" % (
-                    run + 1, secs, e2e, e2e / secs, cpu, fan[-1]["rss_kib"] / 1024.0,
-                    fmt_int(n)))
+            for layout in args.layouts:
+                fan[layout].append(cluster_run(b, s, cl, nodes, n, layout, node_keys,
+                                               unlink_all))
+                f = fan[layout][-1]
+                log("   run %d, %s entries: cluster ceiling %.3f s | fan-out %.3f s (%.2f x"
+                    " ceiling), fanoutd CPU %.2f s, RSS %.1f MiB, primaries' CPU %s s;"
+                    " verified %s entries, all distinct" % (
+                        run + 1, layout, secs, f["e2e_s"], f["e2e_s"] / secs, f["cpu_s"],
+                        f["rss_kib"] / 1024.0, "/".join("%.2f" % x for x in f["node_cpu"]),
+                        fmt_int(n)))
         if b.daemon is not None:
             rc = b.daemon.stop(timeout=30)
             if rc != 0:
                 raise BenchError("fanoutd exited with %d on SIGTERM; log:\n%s"
                                  % (rc, b.daemon.log_tail()))
     res = {"primaries": primaries, "n": n, "runs": runs, "seed_s": seed_s,
-           "ceilings": ceil, "e2es": [f["e2e_s"] for f in fan],
-           "ceiling_s": median(ceil), "e2e_s": median([f["e2e_s"] for f in fan]),
-           "cpu_s": median([f["cpu_s"] for f in fan]),
-           "rss_kib": max(f["rss_kib"] for f in fan)}
-    res["ratio"] = res["e2e_s"] / res["ceiling_s"] if res["ceiling_s"] else float("inf")
+           "ceilings": ceil, "ceiling_s": median(ceil), "layouts": {}}
+    for layout, fs in fan.items():
+        lay = {"e2es": [f["e2e_s"] for f in fs], "e2e_s": median([f["e2e_s"] for f in fs]),
+               "cpu_s": median([f["cpu_s"] for f in fs]),
+               "rss_kib": max(f["rss_kib"] for f in fs),
+               "node_cpu": [median([f["node_cpu"][i] for f in fs])
+                            for i in range(len(nodes))]}
+        lay["ratio"] = lay["e2e_s"] / res["ceiling_s"] if res["ceiling_s"] else float("inf")
+        res["layouts"][layout] = lay
+    res.update(res["layouts"][args.layouts[0]])
     return res
 
 
+def cluster_run(b, s, cl, nodes, n, layout, node_keys, unlink_all):
+    """One fan-out of N on the cluster with FANOUT_STREAM_ENTRIES=layout, verified exact by
+    one stream_check per primary; its end to end, fanoutd's CPU and RSS, and each primary's
+    CPU (redis-server user + system) over the fan-out: where the time goes."""
+    unlink_all(s.key_prefix)
+    for k in [harness.stream_key(s.key_prefix, i, b.shards) for i in range(b.shards)]:
+        s.redis.unlink(k + ":bodies", k + ":refs")
+    b.use_layout(layout)
+    first_start = b.daemon is None
+    d = b.ensure_daemon()
+    if first_start:
+        time.sleep(1)  # the router reads the slot map and loads the scripts
+    t = cl.client(nodes[0]).time()
+    start_ms = t[0] * 1000 + t[1] // 1000 - 1
+    cpu0 = proc_cpu_s(d.pid)
+    ncpu0 = [proc_cpu_s(cl.procs[node].pid) for node in nodes]
+    ev = s.publish(b.author(0), kind="post", payload=PAYLOAD)
+    b.wait_done([ev], timeout=3600)
+    cpu = proc_cpu_s(d.pid) - cpu0
+    ncpu = [proc_cpu_s(cl.procs[node].pid) - c0 for node, c0 in zip(nodes, ncpu0)]
+    tot = {"entries": 0, "distinct": 0, "duplicates": 0, "outside": 0,
+           "first_ms": None, "last_ms": 0}
+    for out in run_per_primary([
+            [STREAM_CHECK, "127.0.0.1", str(node), "keys=" + node_keys(s.key_prefix, node),
+             str(b.shards), str(start_ms), "%d:1:%d" % (ev, n)] for node in nodes]):
+        for line in out.splitlines():
+            g = dict(kv.split("=", 1) for kv in line.split())
+            if int(g["event"]) != ev:
+                continue
+            for k in ("entries", "distinct", "duplicates", "outside"):
+                tot[k] += int(g.get(k, 0))
+            if int(g["entries"]):
+                f = int(g["first_ms"])
+                tot["first_ms"] = f if tot["first_ms"] is None else min(tot["first_ms"], f)
+                tot["last_ms"] = max(tot["last_ms"], int(g["last_ms"]))
+    if not (tot["entries"] == n == tot["distinct"] and tot["duplicates"] == 0
+            and tot["outside"] == 0):
+        raise BenchError("VERIFICATION FAILED on the cluster (%s entries): %s (expected %d)"
+                         % (layout, tot, n))
+    t_pub = b.created_ms([ev])[ev]
+    return {"e2e_s": (tot["last_ms"] - t_pub) / 1000.0,
+            "first_s": (tot["first_ms"] - t_pub) / 1000.0, "cpu_s": cpu,
+            "rss_kib": proc_hwm_kib(d.pid), "node_cpu": ncpu}
+
+
 def cluster_table(single_res, clusters):
-    """Clusters write full entries (compact ones on a cluster are not built yet): they are
-    compared with the single node's full-entry runs when this run made them."""
-    single = dict(single_res)
-    layout = "full" if "full" in single_res.get("layouts", {}) else None
-    if layout:
-        single.update(single_res["layouts"]["full"])
-        single["ratio"] = single["e2e_s"] / single["ceiling_s"]
-    rows = ["| Redis | followers | ceiling | end to end | e2e / own ceiling | e2e / single"
-            " node's | fanoutd CPU | fanoutd peak RSS |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-            "| single node%s | %s | %.3f s | %.3f s | %.2f | 1.00 | %.2f s | %.1f MiB |" % (
-                ", full entries" if layout else "", fmt_int(single["n"]), single["ceiling_s"],
-                single["e2e_s"], single["ratio"], single["cpu_s"], single["rss_kib"] / 1024.0)]
-    for c in clusters:
-        rows.append("| cluster, %d primaries, full entries | %s | %.3f s | %.3f s | %.2f | %.2f |"
-                    " %.2f s |"
-                    " %.1f MiB |" % (c["primaries"], fmt_int(c["n"]), c["ceiling_s"],
-                                     c["e2e_s"], c["ratio"], c["e2e_s"] / single["e2e_s"],
-                                     c["cpu_s"], c["rss_kib"] / 1024.0))
+    """Per stream layout of the run, like with like: each cluster's end to end against the
+    single node's in the same layout, and against the cluster's own ceiling (full-entry XADD
+    pipelines, one per primary at once, as the single node's ceiling is one)."""
+    rows = ["| Redis | entries | followers | ceiling | end to end | e2e / own ceiling |"
+            " e2e / single node's | fanoutd CPU | fanoutd peak RSS | primaries' CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for layout, single in single_res.get("layouts", {}).items():
+        rows.append("| single node | %s | %s | %.3f s | %.3f s | %.2f | 1.00 | %.2f s |"
+                    " %.1f MiB | - |" % (
+                        layout, fmt_int(single_res["n"]), single_res["ceiling_s"],
+                        single["e2e_s"], single["e2e_s"] / single_res["ceiling_s"],
+                        single["cpu_s"], single["rss_kib"] / 1024.0))
+        for c in clusters:
+            lay = c["layouts"].get(layout)
+            if not lay:
+                continue
+            rows.append("| cluster, %d primaries | %s | %s | %.3f s | %.3f s | %.2f | %.2f |"
+                        " %.2f s | %.1f MiB | %s s |" % (
+                            c["primaries"], layout, fmt_int(c["n"]), c["ceiling_s"],
+                            lay["e2e_s"], lay["ratio"], lay["e2e_s"] / single["e2e_s"],
+                            lay["cpu_s"], lay["rss_kib"] / 1024.0,
+                            " / ".join("%.2f" % x for x in lay["node_cpu"])))
     return "\n".join(rows)
 
 
@@ -1079,31 +1103,34 @@ def write_results(name, results, m, v, args, chart, clusters=(), cluster_png=Non
                 f.write("![end to end and ceiling, single node and clusters](%s)\n\n"
                         % os.path.basename(cluster_png))
             for c in clusters:
-                f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s s\n"
+                f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s\n"
                         % (c["primaries"], c["seed_s"], ", ".join("%.3f" % x for x in
                                                                   c["ceilings"]),
-                           ", ".join("%.3f" % x for x in c["e2es"])))
+                           "; ".join("%s %s s" % (k, ", ".join("%.3f" % x for x in v["e2es"]))
+                                     for k, v in c["layouts"].items())))
         f.write("\nReproduce: `%s`\n" % args.command_line)
     return path
 
 
 def cluster_chart(name, single_res, clusters):
-    """Bars per setup: end to end and its own ceiling (seconds), single node vs clusters."""
+    """Bars per setup and stream layout: end to end and its own ceiling (seconds), single
+    node vs clusters, the same run."""
     if not clusters or not shutil.which("gnuplot"):
         return None
-    single = single_res["layouts"].get("full", single_res) if "layouts" in single_res \
-        else single_res
-    rows = [("single", single["e2e_s"], single_res["ceiling_s"])]
-    rows += [("cluster-%d" % c["primaries"], c["e2e_s"], c["ceiling_s"]) for c in clusters]
+    rows = []
+    for layout, single in single_res.get("layouts", {}).items():
+        rows.append(("single-%s" % layout, single["e2e_s"], single_res["ceiling_s"]))
+        rows += [("cluster-%d-%s" % (c["primaries"], layout), c["layouts"][layout]["e2e_s"],
+                  c["ceiling_s"]) for c in clusters if layout in c["layouts"]]
     data = os.path.join(HERE, "results", name + "-cluster.dat")
     png = os.path.join(HERE, "results", name + "-cluster.png")
     with open(data, "w") as f:
         for label, e2e, ceil in rows:
             f.write("%s %.4f %.4f\n" % (label, e2e, ceil))
     script = """
-set terminal pngcairo size 900,540 font ",10" noenhanced
+set terminal pngcairo size 1000,540 font ",10" noenhanced
 set output '%s'
-set title 'fanout: %s followers, single Redis vs Redis Cluster (full entries, same run)'
+set title 'fanout: %s followers, single Redis vs Redis Cluster (same run, per entry layout)'
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
@@ -1111,8 +1138,9 @@ set ylabel 'seconds'
 set yrange [0:*]
 set grid ytics
 set key top right
+set xtics rotate by -20
 plot '%s' using 2:xtic(1) title 'fanoutd: publish to last notification', \\
-     '' using 3 title 'ceiling (XADD pipelines, one per primary at once)'
+     '' using 3 title 'ceiling (full-entry XADD pipelines, one per primary at once)'
 """ % (png, fmt_int(single_res["n"]), data)
     r = subprocess.run(["gnuplot"], input=script, text=True, capture_output=True)
     os.unlink(data)

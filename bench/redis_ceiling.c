@@ -4,9 +4,10 @@
  * bench/loadtest runs it on the same server, in the same run, as the fan-out it measures, so
  * "end to end / ceiling" compares fanoutd with the best this machine's Redis can do. It writes
  * entries with exactly fanoutd's stream layout (docs/queue-format.md): shard stream
- * <prefix>:stream:<recipient % shards>, fields id, event, author, recipient, kind, payload,
- * created_at in that order, recipients first .. first+n-1 in ascending order (as keyset pages
- * deliver them). Use a prefix of its own so that its keys never mix with fanoutd's.
+ * <prefix>:{<tag>}:stream:<recipient % shards> (queue format 3), fields id, event, author,
+ * recipient, kind, payload, created_at in that order, recipients first .. first+n-1 in ascending
+ * order (as keyset pages deliver them). Use a prefix of its own so that its keys never mix with
+ * fanoutd's.
  *
  * Two modes:
  *   - plain (default): one XADD per entry, pipelined in batches of --depth commands with two
@@ -16,7 +17,7 @@
  *     that does what fanoutd's page script does per entry (one redis.call('XADD') each) but
  *     without its fencing and progress mark. It shows what Lua itself costs per entry.
  *
- * --keys K0,K1,... (plain mode) names the shard streams instead of <prefix>:stream:<n>, one
+ * --keys K0,K1,... (plain mode) names the shard streams instead of those under --prefix, one
  * per shard; "-" skips the recipients of that shard. bench/loadtest --cluster runs one process
  * per cluster primary, each given the keys (queue format 3's, with hash tags) of the shards
  * that primary owns, all at once: together they are the cluster's ceiling.
@@ -26,6 +27,8 @@
  * error, including an error reply to any command.
  */
 #include <hiredis/hiredis.h>
+
+#include "notifier/notifier.h"
 
 #include <getopt.h>
 #include <inttypes.h>
@@ -53,7 +56,8 @@ typedef struct opts {
     const char *host, *prefix, *event, *author, *kind, *payload, *created_at, *password;
     int port, shards, depth, lua_page, nkeys;
     int64_t first, n;
-    char **keys; /* --keys: per shard its stream, or "-" (not here); NULL: <prefix>:stream:<n> */
+    char **keys;   /* --keys: per shard its stream, or "-" (not here); NULL: stream[] */
+    char **stream; /* per shard: queue format 3's key under prefix (ntf_stream_key) */
 } opts_t;
 
 static void die(const char *what, const char *detail)
@@ -203,10 +207,7 @@ static int append_xadd(redisContext *c, const opts_t *o, int64_t rcpt)
     int shard = (int)(rcpt % o->shards);
     if (o->keys && strcmp(o->keys[shard], "-") == 0)
         return 0;
-    if (o->keys)
-        snprintf(key, sizeof key, "%s", o->keys[shard]);
-    else
-        snprintf(key, sizeof key, "%s:stream:%d", o->prefix, shard);
+    snprintf(key, sizeof key, "%s", o->keys ? o->keys[shard] : o->stream[shard]);
     snprintf(id, sizeof id, "%s:%" PRId64, o->event, rcpt);
     snprintf(r, sizeof r, "%" PRId64, rcpt);
     const char *argv[] = {"XADD",     key,          "*",          "id", id,     "event", o->event,
@@ -240,7 +241,7 @@ static void append_page(redisContext *c, const opts_t *o, const char *sha, int64
     int base = (int)(from % shards);
     for (int g = 0; g < nkeys; g++) {
         argv[a++] = p;
-        p += sprintf(p, "%s:stream:%d", o->prefix, (base + g) % shards) + 1;
+        p += sprintf(p, "%s", o->stream[(base + g) % shards]) + 1;
     }
     argv[a++] = o->event;
     argv[a++] = o->author;
@@ -269,6 +270,11 @@ int main(int argc, char **argv)
     parse(&o, argc, argv);
     if (o.keys && (o.lua_page || o.nkeys != o.shards))
         die("--keys takes one key (or -) per shard, and plain mode only", NULL);
+    o.stream = malloc((size_t)o.shards * sizeof *o.stream);
+    if (!o.stream)
+        die("out of memory", NULL);
+    for (int s = 0; s < o.shards; s++)
+        o.stream[s] = ntf_stream_key(o.prefix, s, o.shards);
     redisContext *c = redisConnect(o.host, o.port);
     if (!c || c->err)
         die("cannot connect", c ? c->errstr : "out of memory");

@@ -109,7 +109,7 @@ def main(argv):
     payload = '{"text": "%s"}' % ("x" * (args.payload_bytes - 12))
     with harness.Servers() as s:
         shards = 16
-        keys = ["fanout:stream:%d" % i for i in range(shards)]
+        keys = [harness.stream_key("fanout", i, shards) for i in range(shards)]
         authors = [5000 + i for i in range(args.authors)]
         for a in authors:
             s.seed_followers(a, args.followers)

@@ -1,7 +1,8 @@
 /*
  * stream_check.c: what exactly did a fan-out leave in Redis? bench/loadtest's verifier.
  *
- * It reads every shard stream <prefix>:stream:0 .. shards-1 from a start entry id onwards
+ * It reads every shard stream <prefix>:{<tag>}:stream:<n>, n = 0 .. shards-1 (queue format 3,
+ * ntf_stream_key) from a start entry id onwards
  * (XRANGE in chunks) and summarises the entries per event: how many, and the millisecond
  * part of the first and last entry id (Redis's clock at the time the entry was written).
  * For events given as EVENT:FIRST:N it also checks the recipients against the expected range
@@ -20,6 +21,8 @@
  * Exit 1 with a one-line message on a Redis error or an entry without event/recipient fields.
  */
 #include <hiredis/hiredis.h>
+
+#include "notifier/notifier.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -215,7 +218,9 @@ int main(int argc, char **argv)
             if (strcmp(key, "-") == 0)
                 continue;
         } else {
-            snprintf(key, sizeof key, "%s:stream:%d", argv[3], s);
+            char *k = ntf_stream_key(argv[3], s, shards);
+            snprintf(key, sizeof key, "%s", k);
+            free(k);
         }
         scan_stream(c, key, argv[5]);
     }

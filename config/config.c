@@ -83,8 +83,8 @@ static const cfg_row_t rows[] = {
      "replicas that must acknowledge each page (WAIT) before it counts as written and "
      "before a job is recorded done; 0: the primary alone"},
     {"redis_cluster", STR(redis_cluster), 0, 0, "", 0,
-     "Redis Cluster seed nodes, ip:port[,ip:port...] (queue format 3 keys, stream layout "
-     "only); empty: the single Redis at redis_host:redis_port"},
+     "Redis Cluster seed nodes, ip:port[,ip:port...] (stream layout only; the keys are "
+     "the same as on a single Redis); empty: the single Redis at redis_host:redis_port"},
     {"key_prefix", STR(key_prefix), 1, 0, "fanout", 0, "prefix of every Redis key fanout writes"},
     {"shards", INT(shards), 1, 4096, "16", 0,
      "number of streams; a recipient's entries go to stream recipient mod shards"},
@@ -522,12 +522,6 @@ static int validate(cfg_t *cfg, char *err, size_t errsize)
              "inbox lists cannot share a shard's slot); set layouts to stream or leave "
              "redis_cluster empty",
              cfg->layouts);
-        return FO_EINVAL;
-    }
-    if (cfg->redis_cluster[0] && cfg->stream_compact) {
-        errf(err, errsize,
-             "stream_entries compact with redis_cluster: a Redis Cluster takes full entries "
-             "only so far; set stream_entries to full or leave redis_cluster empty");
         return FO_EINVAL;
     }
     if (check_name(cfg->sidekiq_queue, "sidekiq_queue", 0, err, errsize) < 0 ||

@@ -50,7 +50,7 @@ typedef struct cfg {
     int redis_min_replicas; /* replicas that must acknowledge a page (WAIT); 0: none */
     /* Redis Cluster seed nodes "ip:port[,ip:port...]"; empty: the single Redis above. */
     char *redis_cluster;
-    char *key_prefix; /* keys are <prefix>:stream:<n>, <prefix>:progress:<job> */
+    char *key_prefix; /* keys are <prefix>:{<tag>}:stream:<n>, <prefix>:{<tag>}:progress:<job> */
     int shards;
 
     /* The fan-out itself. */

@@ -247,7 +247,7 @@ static void on_backlog(int status, long long backlog, int shard, const ntf_group
     if (!d->paused && backlog > cfg->backlog_high) {
         d->paused = 1;
         d->metrics.paused_backpressure = 1;
-        char *key = ntf_stream_key(cfg->key_prefix, shard);
+        char *key = ntf_stream_key(cfg->key_prefix, shard, cfg->shards);
         snprintf(d->paused_reason, sizeof d->paused_reason,
                  "consumers behind: %s has %lld entries unread or unacknowledged "
                  "(backlog_high %lld)",
@@ -887,6 +887,20 @@ met_t *fod_daemon_metrics(fod_daemon_t *d)
     d->metrics.pages_in_flight = d->redis ? (int64_t)ntf_client_inflight(d->redis) : 0;
     d->metrics.jobs_running = d->njobs;
     d->metrics.ready = fod_daemon_ready(d);
+    if (d->redis) {
+        ntf_cluster_stats_t cs;
+        ntf_client_cluster_stats(d->redis, &cs);
+        d->metrics.cluster_moved = cs.moved;
+        d->metrics.cluster_ask = cs.ask;
+        d->metrics.cluster_tryagain = cs.tryagain;
+        d->metrics.cluster_down = cs.clusterdown;
+        d->metrics.cluster_readonly = cs.readonly;
+        d->metrics.cluster_noscript = cs.noscript;
+        d->metrics.cluster_refreshes = cs.refreshes;
+        d->metrics.cluster_node_failures = cs.node_failures;
+        d->metrics.cluster_given_up = cs.given_up;
+        d->metrics.cluster_primaries = cs.primaries;
+    }
     const char *refused = d->redis ? ntf_client_refusal(d->redis) : NULL;
     d->metrics.redis_refused = refused != NULL;
     snprintf(d->metrics.redis_refusal, sizeof d->metrics.redis_refusal, "%s",

@@ -230,9 +230,9 @@ static void fail_mark(fod_job_t *j, const char *what, const ntf_progress_t *p)
         snprintf(mark, sizeof mark, "gone");
     free(j->error);
     j->error = fo_xasprintf(
-        "progress mark %s:progress:%" PRId64 " %s (%s) while PostgreSQL recorded cursor %" PRId64
-        " with %" PRId64 " delivered and this worker %" PRId64
-        ": it was deleted, evicted or lost in"
+        "progress mark %s:{*}:progress:%" PRId64
+        " %s (%s) while PostgreSQL recorded cursor %" PRId64 " with %" PRId64
+        " delivered and this worker %" PRId64 ": it was deleted, evicted or lost in"
         " a failover; not replaying the range. Fix Redis, then fanoutctl retry %" PRId64
         " rebuilds the cursor from the streams",
         j->cfg->key_prefix, j->job_id, what, mark, j->pg_progress, j->pg_delivered, j->acked_cursor,

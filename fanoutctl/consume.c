@@ -752,7 +752,7 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
     c.keys = fo_xcalloc((size_t)c.nkeys, sizeof *c.keys);
     c.cursor = fo_xcalloc((size_t)c.nkeys, sizeof *c.cursor);
     for (int k = 0; k < c.nkeys; k++)
-        c.keys[k] = ntf_stream_key(cfg->key_prefix, k);
+        c.keys[k] = ntf_stream_key(cfg->key_prefix, k, cfg->shards);
     int status = consume_run(&c, block_ms);
     for (int k = 0; k < c.nkeys; k++) {
         free(c.keys[k]);

@@ -832,17 +832,24 @@ static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, redisContext *rc, P
         return -1;
     if (exists && cursor >= pg_cursor && delivered >= pg_delivered)
         return 0; /* the mark is the truth: the job resumes from it */
-    if (fctl_mark_rebuild(cfg, rc, &r, &cursor, &delivered) < 0)
-        return -1;
-    printf("job %" PRId64 ": progress mark %s; rebuilt from the streams: cursor %" PRId64
-           ", delivered %" PRId64 " (PostgreSQL had cursor %" PRId64 ", delivered %" PRId64 ")\n",
-           r.job_id, exists ? "behind PostgreSQL" : "missing", cursor, delivered, pg_cursor,
-           pg_delivered);
-    if (cursor < pg_cursor)
+    int64_t *cursors = fo_xcalloc((size_t)cfg->shards, sizeof *cursors);
+    int64_t *counts = fo_xcalloc((size_t)cfg->shards, sizeof *counts);
+    int rc_mark = fctl_mark_rebuild(cfg, rc, &r, cursors, counts, &cursor, &delivered);
+    if (rc_mark == 0)
+        printf("job %" PRId64 ": progress mark %s; rebuilt from the streams: cursor %" PRId64
+               ", delivered %" PRId64 " (PostgreSQL had cursor %" PRId64 ", delivered %" PRId64
+               ")\n",
+               r.job_id, exists ? "behind PostgreSQL" : "missing", cursor, delivered, pg_cursor,
+               pg_delivered);
+    if (rc_mark == 0 && cursor < pg_cursor)
         printf("job %" PRId64 ": the streams hold less than PostgreSQL recorded: entries after "
                "cursor %" PRId64 " were lost in Redis and are written again\n",
                r.job_id, cursor);
-    if (fctl_mark_write(cfg, rc, &r, cursor, delivered) < 0)
+    if (rc_mark == 0)
+        rc_mark = fctl_mark_write(cfg, rc, &r, cursors, counts);
+    free(cursors);
+    free(counts);
+    if (rc_mark < 0)
         return -1;
     char id[24], cur[24], del[24];
     snprintf(id, sizeof id, "%" PRId64, r.job_id);

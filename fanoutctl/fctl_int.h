@@ -49,17 +49,21 @@ typedef struct fctl_range {
     int64_t job_id, event_id, token, lo, hi;
 } fctl_range_t;
 
-/* rebuild.c. The job's progress mark: *exists 0 when absent (or not a hash). 0 or -1 after
- * one line on stderr. */
+/* rebuild.c. The job's progress marks, one per shard (queue format 3): *exists 0 when one
+ * is absent (or not a hash); *cursor the lowest, *delivered the sum, as fanoutd's fence
+ * reads them. 0 or -1 after one line on stderr. */
 int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exists, int64_t *cursor,
                    int64_t *delivered);
-/* Where the job stands by the shard streams: the highest recipient of its event in its
- * range (lo when none) and the number of such entries. 0, or -1 after one line. */
-int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursor,
-                      int64_t *delivered);
-/* Replaces the mark with {token, cursor, delivered, done 0}. 0, or -1 after one line. */
-int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t cursor,
-                    int64_t delivered);
+/* Where the job stands by the shard streams, per shard s (arrays of cfg->shards): the
+ * highest recipient of its event in its range in that stream (lo when none) in cursors[s]
+ * and the number of such entries in counts[s]; *cursor gets the lowest, *delivered the sum.
+ * 0, or -1 after one line. */
+int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursors,
+                      int64_t *counts, int64_t *cursor, int64_t *delivered);
+/* Replaces each shard's mark with {token, cursors[s], counts[s], done 0}. 0, or -1 after one
+ * line. */
+int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
+                    const int64_t *cursors, const int64_t *counts);
 
 int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv);
 int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv);

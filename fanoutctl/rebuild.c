@@ -3,11 +3,13 @@
  *
  * fanoutd stops a job whose mark is missing (deleted by hand, evicted) or behind what
  * PostgreSQL recorded (lost in a failover) rather than start its range over. The streams
- * themselves say where the job stands: pages are written in follower-id order and each page
- * is one atomic script, so the highest recipient of the event within the job's range in any
- * shard stream is the last id of the last page applied, and the number of such entries is
- * what was delivered. The scan reads every shard stream whole (XRANGE, 1000 at a time): an
- * operator's tool, run once per stopped job, never the daemon.
+ * themselves say where the job stands: a job has one mark per shard (queue format 3), each
+ * shard's ids are written in follower-id order, each in one atomic script with that shard's
+ * mark, so the highest recipient of the event within the job's range in a shard's stream is
+ * a cursor that shard may safely hold, and the number of such entries is what it delivered.
+ * The job resumes from the lowest of them; every shard skips the ids up to its own. The scan reads
+ * every shard stream whole (XRANGE, 1000 at a time): an operator's tool, run once per stopped job,
+ * never the daemon.
  *
  * Limit: it needs the stream layout (an inbox or Sidekiq queue alone is consumed away), and
  * a stream trimmed past the job's last page would make the cursor too low; fanoutctl trim
@@ -72,8 +74,8 @@ static int scan_stream(redisContext *rc, const char *key, const fctl_range_t *r,
     }
 }
 
-int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursor,
-                      int64_t *delivered)
+int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursors,
+                      int64_t *counts, int64_t *cursor, int64_t *delivered)
 {
     if (!(cfg->layout_mask & CFG_LAYOUT_STREAM)) {
         fctl_fail("retry",
@@ -82,60 +84,77 @@ int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
                   r->job_id);
         return -1;
     }
-    *cursor = r->lo;
+    *cursor = INT64_MAX;
     *delivered = 0;
     for (int s = 0; s < cfg->shards; s++) {
-        char *key = ntf_stream_key(cfg->key_prefix, s);
-        int rc_scan = scan_stream(rc, key, r, cursor, delivered);
+        char *key = ntf_stream_key(cfg->key_prefix, s, cfg->shards);
+        cursors[s] = r->lo;
+        counts[s] = 0;
+        int rc_scan = scan_stream(rc, key, r, &cursors[s], &counts[s]);
         free(key);
         if (rc_scan < 0)
             return -1;
+        if (cursors[s] < *cursor)
+            *cursor = cursors[s];
+        *delivered += counts[s];
     }
     return 0;
 }
 
-int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t cursor,
-                    int64_t delivered)
+int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
+                    const int64_t *cursors, const int64_t *counts)
 {
-    char key[256], tok[24], cur[24], del[24];
-    snprintf(key, sizeof key, "%s:progress:%" PRId64, cfg->key_prefix, r->job_id);
-    snprintf(tok, sizeof tok, "%" PRId64, r->token);
-    snprintf(cur, sizeof cur, "%" PRId64, cursor);
-    snprintf(del, sizeof del, "%" PRId64, delivered);
-    /* DEL first: a wrong-typed or stale key must not keep fields of its own */
-    const char *dargv[] = {"DEL", key};
-    redisReply *d = fctl_redis_run(rc, "retry", 2, dargv, 0);
-    if (!d)
-        return -1;
-    freeReplyObject(d);
-    const char *argv[] = {"HSET", key, "token", tok, "cursor", cur, "delivered", del, "done", "0"};
-    redisReply *rep = fctl_redis_run(rc, "retry", 10, argv, 0);
-    if (!rep)
-        return -1;
-    freeReplyObject(rep);
+    for (int s = 0; s < cfg->shards; s++) {
+        char *key = ntf_mark_key(cfg->key_prefix, s, cfg->shards, r->job_id);
+        char tok[24], cur[24], del[24];
+        snprintf(tok, sizeof tok, "%" PRId64, r->token);
+        snprintf(cur, sizeof cur, "%" PRId64, cursors[s]);
+        snprintf(del, sizeof del, "%" PRId64, counts[s]);
+        /* DEL first: a wrong-typed or stale key must not keep fields of its own */
+        const char *dargv[] = {"DEL", key};
+        redisReply *d = fctl_redis_run(rc, "retry", 2, dargv, 0);
+        const char *argv[] = {"HSET", key,         "token", tok,    "cursor",
+                              cur,    "delivered", del,     "done", "0"};
+        redisReply *rep = d ? fctl_redis_run(rc, "retry", 10, argv, 0) : NULL;
+        if (d)
+            freeReplyObject(d);
+        free(key);
+        if (!rep)
+            return -1;
+        freeReplyObject(rep);
+    }
     return 0;
 }
 
 int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exists, int64_t *cursor,
                    int64_t *delivered)
 {
-    char key[256];
-    snprintf(key, sizeof key, "%s:progress:%" PRId64, cfg->key_prefix, job_id);
-    const char *argv[] = {"HMGET", key, "cursor", "delivered"};
-    redisReply *rep = fctl_redis_run(rc, "retry", 4, argv, 1);
-    if (!rep)
-        return -1;
-    *exists = 0;
-    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
-        rep->element[0]->type == REDIS_REPLY_STRING &&
-        fo_parse_int64(rep->element[0]->str, cursor) == 0) {
-        *exists = 1;
-        if (rep->element[1]->type != REDIS_REPLY_STRING ||
-            fo_parse_int64(rep->element[1]->str, delivered) < 0)
-            *delivered = 0;
+    *exists = 1;
+    *cursor = INT64_MAX;
+    *delivered = 0;
+    for (int s = 0; s < cfg->shards; s++) {
+        char *key = ntf_mark_key(cfg->key_prefix, s, cfg->shards, job_id);
+        const char *argv[] = {"HMGET", key, "cursor", "delivered"};
+        redisReply *rep = fctl_redis_run(rc, "retry", 4, argv, 1);
+        free(key);
+        if (!rep)
+            return -1;
+        int64_t cur, del;
+        /* a wrong-typed mark answers WRONGTYPE, a cursor that is not a number is no cursor:
+         * treat either as missing, the rebuild replaces it */
+        if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+            rep->element[0]->type == REDIS_REPLY_STRING &&
+            fo_parse_int64(rep->element[0]->str, &cur) == 0) {
+            if (rep->element[1]->type != REDIS_REPLY_STRING ||
+                fo_parse_int64(rep->element[1]->str, &del) < 0)
+                del = 0;
+            if (cur < *cursor)
+                *cursor = cur;
+            *delivered += del;
+        } else {
+            *exists = 0;
+        }
+        freeReplyObject(rep);
     }
-    /* a wrong-typed mark answers WRONGTYPE, a cursor that is not a number is no cursor:
-     * treat either as missing, the rebuild replaces it */
-    freeReplyObject(rep);
     return 0;
 }

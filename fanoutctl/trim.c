@@ -50,7 +50,7 @@ int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
     long long total = 0;
     int status = FCTL_EXIT_OK;
     for (int k = 0; k < cfg->shards && status == FCTL_EXIT_OK; k++) {
-        char *key = ntf_stream_key(cfg->key_prefix, k);
+        char *key = ntf_stream_key(cfg->key_prefix, k, cfg->shards);
         char *bodies = fo_xasprintf("%s:bodies", key), *refs = fo_xasprintf("%s:refs", key);
         char grace[24];
         snprintf(grace, sizeof grace, "%lld", (long long)cfg->body_grace_s * 1000);

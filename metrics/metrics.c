@@ -68,6 +68,15 @@ static void counter(fo_buf_t *b, const char *name, const char *help, uint64_t v)
     fo_buf_printf(b, "%s %llu\n", name, (unsigned long long)v);
 }
 
+/* A counter with one label: name{label="values[i]"} v[i] for each i. */
+static void labelled(fo_buf_t *b, const char *name, const char *help, const char *label,
+                     const char *const *values, const uint64_t *v, size_t n)
+{
+    head(b, name, "counter", help);
+    for (size_t i = 0; i < n; i++)
+        fo_buf_printf(b, "%s{%s=\"%s\"} %llu\n", name, label, values[i], (unsigned long long)v[i]);
+}
+
 static void gauge(fo_buf_t *b, const char *name, const char *help, double v)
 {
     head(b, name, "gauge", help);
@@ -259,6 +268,32 @@ void met_render(const met_t *m, fo_buf_t *b)
             m->retention_trimmed);
     counter(b, "fanout_retention_dropped_bodies_total",
             "Compact event bodies removed once no entry referred to them.", m->retention_bodies);
+    const char *const redirect_kind[] = {"moved", "ask"};
+    const uint64_t redirects[] = {m->cluster_moved, m->cluster_ask};
+    labelled(b, "fanout_redis_cluster_redirects_total",
+             "Redis Cluster redirections met: MOVED (the slot map was stale) and ASK (a slot "
+             "migrating).",
+             "kind", redirect_kind, redirects, 2);
+    const char *const retry_reason[] = {"tryagain", "clusterdown", "readonly"};
+    const uint64_t retries[] = {m->cluster_tryagain, m->cluster_down, m->cluster_readonly};
+    labelled(b, "fanout_redis_cluster_retries_total",
+             "Commands a Redis Cluster node asked to retry later: TRYAGAIN (a slot migrating), "
+             "CLUSTERDOWN, READONLY or LOADING (a failover).",
+             "reason", retry_reason, retries, 3);
+    counter(b, "fanout_redis_cluster_noscript_total",
+            "NOSCRIPT replies of a Redis Cluster node (a promoted replica): scripts loaded again.",
+            m->cluster_noscript);
+    counter(b, "fanout_redis_cluster_slot_map_refreshes_total",
+            "Redis Cluster slot maps read (CLUSTER SLOTS).", m->cluster_refreshes);
+    counter(b, "fanout_redis_cluster_node_failures_total",
+            "Connections to Redis Cluster nodes lost, refused or timed out.",
+            m->cluster_node_failures);
+    counter(b, "fanout_redis_cluster_given_up_total",
+            "Commands for which no Redis Cluster node served the slot in time.",
+            m->cluster_given_up);
+    gauge(b, "fanout_redis_cluster_primaries",
+          "Primaries owning slots in the Redis Cluster slot map (0: a single Redis).",
+          (double)m->cluster_primaries);
     head(b, "fanout_stream_retained_bytes", "gauge",
          "Redis memory of each shard stream with its bodies and refs (MEMORY USAGE, sampled).");
     for (int i = 0; i < m->nshards; i++)

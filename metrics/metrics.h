@@ -53,6 +53,15 @@ typedef struct met {
     uint64_t reloads, reload_errors;   /* SIGHUP outcomes */
     uint64_t retention_trimmed;        /* stream entries removed by retention */
     uint64_t retention_bodies;         /* compact bodies removed by retention */
+    /* the Redis Cluster router's counters (all 0 on a single Redis), copied at each scrape */
+    uint64_t cluster_moved, cluster_ask;     /* -MOVED, -ASK replies */
+    uint64_t cluster_tryagain, cluster_down; /* -TRYAGAIN, -CLUSTERDOWN replies */
+    uint64_t cluster_readonly;               /* -READONLY, -LOADING replies */
+    uint64_t cluster_noscript;               /* -NOSCRIPT replies (script loaded again) */
+    uint64_t cluster_refreshes;              /* slot maps read */
+    uint64_t cluster_node_failures;          /* node connections lost or refused */
+    uint64_t cluster_given_up;               /* commands that found no node in time */
+    int64_t cluster_primaries;               /* primaries in the slot map; 0: no cluster */
 
     /* gauges, refreshed by their owner */
     int64_t jobs_running;

@@ -53,16 +53,13 @@ int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
     size_t argc = 3 + (size_t)cfg->shards;
     const char **argv = fo_xcalloc(argc, sizeof *argv);
     size_t *argvlen = fo_xcalloc(argc, sizeof *argvlen);
-    char **keys = fo_xcalloc((size_t)cfg->shards, sizeof *keys);
     char numkeys[16];
     snprintf(numkeys, sizeof numkeys, "%d", cfg->shards);
     argv[0] = "EVAL";
     argv[1] = ntf__backlog_lua;
     argv[2] = numkeys;
-    for (int i = 0; i < cfg->shards; i++) {
-        keys[i] = ntf_stream_key(cfg->key_prefix, i);
-        argv[3 + i] = keys[i];
-    }
+    for (int i = 0; i < cfg->shards; i++)
+        argv[3 + i] = ntf__client_keys(c)->stream[i];
     for (size_t i = 0; i < argc; i++)
         argvlen[i] = strlen(argv[i]);
     backlog_req_t *q = fo_xmalloc(sizeof *q);
@@ -70,9 +67,6 @@ int ntf_backlog(ntf_client_t *c, ntf_backlog_cb cb, void *data)
     int rc = ntf__command(c, (int)argc, argv, argvlen, on_backlog, q);
     if (rc < 0)
         free(q);
-    for (int i = 0; i < cfg->shards; i++)
-        free(keys[i]);
-    free(keys);
     free(argv);
     free(argvlen);
     return rc;
@@ -102,7 +96,7 @@ int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data)
     const cfg_t *cfg = ntf__client_cfg(c);
     if (shard < 0 || shard >= cfg->shards)
         return FO_EINVAL;
-    char *key = ntf_stream_key(cfg->key_prefix, shard);
+    const char *key = ntf__client_keys(c)->stream[shard];
     const char *argv[] = {"XLEN", key};
     size_t len[] = {4, strlen(key)};
     length_req_t *q = fo_xmalloc(sizeof *q);
@@ -110,6 +104,5 @@ int ntf_stream_length(ntf_client_t *c, int shard, ntf_length_cb cb, void *data)
     int rc = ntf__command(c, 2, argv, len, on_length, q);
     if (rc < 0)
         free(q);
-    free(key);
     return rc;
 }

@@ -113,6 +113,7 @@ struct ntf_client {
     ntf_req_t *head, *tail;
     size_t inflight;
     ntf_enc_t enc;
+    ntf_keys_t keys;     /* queue format 3's key names */
     ntf_layout_t layout; /* from cfg: what each page is written as */
     char last_err[128];  /* rate limit of identical error replies */
     uint64_t last_err_ms;
@@ -215,6 +216,7 @@ static void client_maybe_free(ntf_client_t *c)
     fo_closed_cb on_closed = c->on_closed;
     void *closed_data = c->closed_data;
     ntf__enc_free(&c->enc);
+    ntf__keys_free(&c->keys);
     free(c);
     if (on_closed)
         on_closed(closed_data);
@@ -785,8 +787,10 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     if (cfg->redis_cluster && *cfg->redis_cluster) {
         ntf_client_t *c = fo_xcalloc(1, sizeof *c);
         c->cfg = cfg; /* ntf__client_cfg: the other notifier files read settings through it */
-        c->cw = ntf__cw_new(loop, cfg, c, on_state, data);
+        ntf__keys_init(&c->keys, cfg->key_prefix, cfg->shards);
+        c->cw = ntf__cw_new(loop, cfg, &c->keys, c, on_state, data);
         if (!c->cw) {
+            ntf__keys_free(&c->keys);
             free(c);
             return NULL;
         }
@@ -803,14 +807,7 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     ntf_client_t *c = fo_xcalloc(1, sizeof *c);
     c->loop = loop;
     c->cfg = cfg;
-    /* A cfg_t built by hand (tests) has no layouts: the stream alone. */
-    c->layout = (ntf_layout_t){.mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM,
-                               .compact = cfg->stream_compact,
-                               .inbox_cap = cfg->inbox_cap,
-                               .inbox_ttl_s = cfg->inbox_ttl_s,
-                               .sidekiq_queue = cfg->sidekiq_queue,
-                               .sidekiq_class = cfg->sidekiq_class,
-                               .sidekiq_retry = cfg->sidekiq_retry};
+    c->layout = ntf__layout_of(cfg);
     c->on_state = on_state;
     c->data = data;
     c->reported = -1;
@@ -828,6 +825,7 @@ ntf_client_t *ntf_client_new(uv_loop_t *loop, const cfg_t *cfg, ntf_state_cb on_
     c->connect_timeout_ms = NTF_CONNECT_TIMEOUT_MS;
     c->command_timeout_ms = NTF_COMMAND_TIMEOUT_MS;
     ntf__enc_init(&c->enc);
+    ntf__keys_init(&c->keys, cfg->key_prefix, cfg->shards);
     uv_timer_init(loop, &c->timer);
     uv_timer_init(loop, &c->defer);
     c->timer.data = c;
@@ -855,7 +853,7 @@ int ntf_client_ready(const ntf_client_t *c)
 const char *ntf_client_refusal(const ntf_client_t *c)
 {
     if (c->cw)
-        return NULL;
+        return ntf__cw_refusal(c->cw);
     return c->state == ST_REFUSED ? c->refusal : NULL;
 }
 
@@ -864,6 +862,15 @@ const char *ntf_client_key_refusal(const ntf_client_t *c)
     if (c->cw)
         return ntf__cw_key_refusal(c->cw);
     return c->key_refusal;
+}
+
+void ntf_client_cluster_stats(const ntf_client_t *c, ntf_cluster_stats_t *out)
+{
+    if (c->cw) {
+        ntf__cw_stats(c->cw, out);
+        return;
+    }
+    memset(out, 0, sizeof *out);
 }
 
 size_t ntf_client_inflight(const ntf_client_t *c)
@@ -886,6 +893,7 @@ static void cw_closed(void *data)
     ntf_client_t *c = data;
     fo_closed_cb done = c->on_closed;
     void *done_data = c->closed_data;
+    ntf__keys_free(&c->keys);
     free(c);
     if (done)
         done(done_data);
@@ -951,6 +959,11 @@ const cfg_t *ntf__client_cfg(const ntf_client_t *c)
     return c->cfg;
 }
 
+const ntf_keys_t *ntf__client_keys(const ntf_client_t *c)
+{
+    return &c->keys;
+}
+
 int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
               void *data)
 {
@@ -960,9 +973,9 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
         return ntf__cw_fence(c->cw, job, start_cursor, cb, data);
     if (c->state != ST_READY)
         return FO_EREDIS;
-    int argc = ntf__encode_fence(&c->enc, c->fence_sha, c->cfg->key_prefix, job, start_cursor);
-    if (job->mark_required)
-        argc = ntf__encode_fence_require_mark(&c->enc);
+    /* one script over every shard's mark: a single Redis holds them all */
+    int argc =
+        ntf__encode_fence(&c->enc, c->fence_sha, &c->keys, 0, c->cfg->shards, job, start_cursor);
     return send_req(c, REQ_FENCE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }
 
@@ -991,8 +1004,10 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
         return ntf__cw_write_page(c->cw, job, expect_cursor, ids, n, last, cb, data);
     if (c->state != ST_READY)
         return FO_EREDIS;
-    int argc =
-        ntf__encode_page(&c->enc, c->page_sha, c->cfg->key_prefix, c->cfg->shards, job,
-                         expect_cursor, ids, n, last != 0, c->cfg->progress_ttl_s, &c->layout);
+    /* one script carrying every shard's unit, each atomic with its own mark (cwrite.c sends
+     * one per shard on a cluster): one round trip per page, as cheap as one mark was */
+    int argc = ntf__encode_page(&c->enc, c->page_sha, &c->keys, c->cfg->key_prefix, 0,
+                                c->cfg->shards, job, expect_cursor, n ? ids[n - 1] : expect_cursor,
+                                ids, n, last != 0, c->cfg->progress_ttl_s, &c->layout);
     return send_req(c, REQ_PAGE, cb, data, job->job_id, argc, c->enc.argv, c->enc.argvlen);
 }

@@ -34,7 +34,9 @@
 #define CL_MAX_REDIRECTS 16    /* MOVED/ASK/NOSCRIPT hops of one command before giving up */
 #define CL_DEFAULT_RETRY_MS 10000
 #define CL_CONNECT_MS 5000 /* TCP connect plus AUTH and SCRIPT LOAD, then the node is dropped */
-#define CL_WATCH_MS 500    /* how often connecting nodes are checked against that */
+#define CL_WATCH_MS 100    /* how often nodes are checked against the deadlines */
+#define CL_REPLY_MS 15000  /* a READY node silent this long with commands out is dropped */
+#define CL_POLICY_MS 2000  /* INFO memory on every primary: a policy can change */
 
 typedef enum { N_DEAD, N_CONNECTING, N_LOADING, N_READY } cl_node_state_t;
 
@@ -52,6 +54,12 @@ typedef struct cl_node {
     int loading;    /* handshake replies still due */
     uint64_t since; /* when the connect started (CL_CONNECT_MS) */
     cl_req_t *qhead, *qtail;
+    int owner;           /* owns slots in the current map */
+    size_t outstanding;  /* commands sent on ac and not answered */
+    uint64_t last_reply; /* the last answer, or when outstanding went from 0 to 1 */
+    int policy_busy;     /* an INFO memory is out */
+    uint64_t policy_ms;  /* when the last one was sent */
+    char refusal[256];   /* why its maxmemory-policy is refused; "": accepted */
 } cl_node_t;
 
 struct cl_req {
@@ -71,7 +79,16 @@ struct cl_req {
     redisReply *held; /* NTF_CL_DURABLE: the command's reply while WAIT runs */
 };
 
-typedef enum { S_AUTH, S_LOAD, S_SLOTS, S_ASKING, S_RELOAD, S_USER, S_WAIT } cl_send_kind_t;
+typedef enum {
+    S_AUTH,
+    S_LOAD,
+    S_POLICY, /* INFO memory: the handshake's, and every CL_POLICY_MS */
+    S_SLOTS,
+    S_ASKING,
+    S_RELOAD,
+    S_USER,
+    S_WAIT
+} cl_send_kind_t;
 
 typedef struct cl_send {
     cl_node_t *node;
@@ -92,6 +109,7 @@ struct ntf_cluster {
     int min_replicas;
     int wait_ms;
     uint64_t retry_ms;
+    uint64_t reply_ms;
     cl_node_t *nodes;
     cl_node_t *slots[NTF_CLUSTER_SLOTS];
     int map_ok;
@@ -119,50 +137,6 @@ static void maybe_report(ntf_cluster_t *cl);
 static void on_retry_timer(uv_timer_t *t);
 
 /* ---- keys and replies ---- */
-
-/* CRC16-XMODEM (poly 0x1021, init 0), as Redis Cluster hashes keys; crc carries on. */
-static unsigned crc16(unsigned crc, const char *p, size_t len)
-{
-    for (size_t i = 0; i < len; i++) {
-        crc ^= (unsigned)(unsigned char)p[i] << 8;
-        for (int b = 0; b < 8; b++)
-            crc = (crc & 0x8000) ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
-    }
-    return crc;
-}
-
-unsigned ntf__key_slot(const char *key, size_t len)
-{
-    const char *open = memchr(key, '{', len);
-    if (open) {
-        size_t from = (size_t)(open - key) + 1;
-        const char *close = memchr(key + from, '}', len - from);
-        if (close && close > key + from) {
-            key += from;
-            len = (size_t)(close - key);
-        }
-    }
-    return crc16(0, key, len) & (NTF_CLUSTER_SLOTS - 1);
-}
-
-unsigned ntf__shard_tag(int shard, int shards, char *out, size_t size)
-{
-    long centre = (2L * shard + 1) * NTF_CLUSTER_SLOTS / (2L * shards);
-    long half = NTF_CLUSTER_SLOTS / (8L * shards);
-    if (half < 1)
-        half = 1;
-    int n = snprintf(out, size, "%d.", shard);
-    unsigned pre = crc16(0, out, (size_t)n);
-    for (unsigned long k = 0;; k++) {
-        char digits[24];
-        int d = snprintf(digits, sizeof digits, "%lu", k);
-        unsigned slot = crc16(pre, digits, (size_t)d) & (NTF_CLUSTER_SLOTS - 1);
-        if (labs((long)slot - centre) <= half) {
-            snprintf(out + n, size - (size_t)n, "%s", digits);
-            return slot; /* the window is >= 3 slots wide: a few thousand k at most */
-        }
-    }
-}
 
 int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size)
 {
@@ -287,7 +261,20 @@ static int node_send(cl_node_t *n, cl_send_kind_t kind, cl_req_t *req, size_t sc
         free(s);
         return FO_EREDIS;
     }
+    if (n->outstanding++ == 0)
+        n->last_reply = uv_now(n->cl->loop);
+    if (kind == S_POLICY) {
+        n->policy_busy = 1;
+        n->policy_ms = uv_now(n->cl->loop);
+    }
     return 0;
+}
+
+static void send_policy(cl_node_t *n)
+{
+    const char *argv[] = {"INFO", "memory"};
+    size_t len[] = {4, 6};
+    node_send(n, S_POLICY, NULL, 0, 2, argv, len);
 }
 
 static void wait_list_add(ntf_cluster_t *cl, cl_req_t *r);
@@ -337,6 +324,8 @@ static void node_lost(cl_node_t *n, const char *why)
     n->ac = NULL;
     n->connected = 0;
     n->state = N_DEAD;
+    n->outstanding = 0;
+    n->policy_busy = 0;
     cl->contexts--;
     if (!cl->closing) {
         cl->stats.node_failures++;
@@ -381,6 +370,11 @@ static void handshake(cl_node_t *n)
         if (node_send(n, S_AUTH, NULL, 0, named ? 3 : 2, argv, len) == 0)
             n->loading++;
     }
+    /* before the scripts: a policy that evicts must be known before the node takes writes */
+    const char *iargv[] = {"INFO", "memory"};
+    size_t ilen[] = {4, 6};
+    if (node_send(n, S_POLICY, NULL, 0, 2, iargv, ilen) == 0)
+        n->loading++;
     for (size_t i = 0; i < cl->nscripts; i++) {
         const char *argv[] = {"SCRIPT", "LOAD", cl->scripts[i]};
         size_t len[] = {6, 4, strlen(cl->scripts[i])};
@@ -489,6 +483,7 @@ static int apply_slots(ntf_cluster_t *cl, const cl_node_t *asked, const redisRep
         int owns = 0;
         for (int s = 0; s < NTF_CLUSTER_SLOTS && !owns; s++)
             owns = cl->slots[s] == n;
+        n->owner = owns;
         if (owns) {
             primaries++;
             node_connect(n);
@@ -498,14 +493,29 @@ static int apply_slots(ntf_cluster_t *cl, const cl_node_t *asked, const redisRep
     return covered;
 }
 
-/* Up once the map is complete and every script's SHA is known (a node loaded it). */
+/* The refusal of the first primary of the map whose maxmemory-policy may evict fanout's
+ * keys, or NULL. */
+static const cl_node_t *refused_owner(const ntf_cluster_t *cl)
+{
+    for (const cl_node_t *n = cl->nodes; n; n = n->next)
+        if (n->owner && n->refusal[0])
+            return n;
+    return NULL;
+}
+
+/* Up once the map is complete and every script's SHA is known (a node loaded it); down
+ * again while a primary's maxmemory-policy is refused (as a single Redis's is). */
 static void maybe_report(ntf_cluster_t *cl)
 {
     int shas = 1;
     for (size_t i = 0; i < cl->nscripts; i++)
         shas &= cl->sha[i][0] != 0;
-    if (cl->map_ok && shas)
+    if (refused_owner(cl)) {
+        if (cl->reported == 1)
+            report(cl, 0);
+    } else if (cl->map_ok && shas) {
         report(cl, 1);
+    }
 }
 
 static void on_refresh_timer(uv_timer_t *t);
@@ -822,9 +832,44 @@ static void wait_reply(ntf_cluster_t *cl, cl_req_t *r, const redisReply *rep)
     freeReplyObject(held);
 }
 
+/* An INFO memory reply (handshake or periodic): the node's policy accepted or refused, as
+ * client.c judges a single Redis's (ntf__policy_refusal); a change is logged once. */
+static void policy_reply(cl_node_t *n, const redisReply *rep)
+{
+    n->policy_busy = 0;
+    if (!rep)
+        return;
+    char why[sizeof n->refusal];
+    if (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_STATUS)
+        ntf__policy_refusal(rep->str, NULL, why, sizeof why);
+    else
+        snprintf(why, sizeof why,
+                 "redis refused INFO memory, so its maxmemory-policy is unknown and it may "
+                 "evict keys: allow INFO for fanout's user");
+    if (strcmp(why, n->refusal) == 0)
+        return;
+    if (why[0])
+        fo_log(FO_LOG_ERROR, why, "server=redis node=%s", n->addr);
+    else if (n->refusal[0])
+        fo_log(FO_LOG_INFO, "redis cluster node's maxmemory-policy accepted now; writing again",
+               "server=redis node=%s", n->addr);
+    snprintf(n->refusal, sizeof n->refusal, "%s", why);
+    maybe_report(n->cl);
+}
+
 static void handshake_reply(cl_node_t *n, cl_send_t *s, const redisReply *rep)
 {
     ntf_cluster_t *cl = n->cl;
+    if (s->kind == S_POLICY) {
+        policy_reply(n, rep);
+        if (!rep || n->state != N_LOADING)
+            return;
+        if (rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "NOAUTH", 6) != 0) {
+            if (--n->loading == 0)
+                node_ready(n);
+            return;
+        }
+    }
     if (!rep || n->state != N_LOADING)
         return;
     if (rep->type == REDIS_REPLY_ERROR) {
@@ -851,9 +896,14 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     free(s);
     const redisReply *rep = reply;
     cl_node_t *n = copy.node;
+    if (n->outstanding > 0)
+        n->outstanding--;
+    if (rep)
+        n->last_reply = uv_now(n->cl->loop);
     switch (copy.kind) {
     case S_AUTH:
     case S_LOAD:
+    case S_POLICY:
         handshake_reply(n, &copy, rep);
         break;
     case S_SLOTS:
@@ -874,13 +924,30 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 /* ---- public ---- */
 
 /* A node that did not finish its connect and handshake in CL_CONNECT_MS is dropped (hiredis
- * 0.14 has no connect timeout): its queue is rerouted as for any lost node. From a timer,
- * so freeing the context here is safe. */
+ * 0.14 has no connect timeout), and so is a READY one that has not answered for reply_ms
+ * while commands are out (hiredis 0.14 has no command timeout either: a node that stops
+ * answering without closing would hold them until TCP keepalive noticed). What was sent to
+ * it reports FO_EREDIS (outcome unknown: the writer's fencing settles it, and fanout's
+ * scripts are safe to resend), its queue is rerouted once the map is read again, as for any
+ * lost node. Primaries' maxmemory-policy is read again every CL_POLICY_MS. From a timer, so
+ * freeing a context here is safe. */
 static void on_watch_timer(uv_timer_t *t)
 {
     ntf_cluster_t *cl = t->data;
     uint64_t now = uv_now(cl->loop);
     for (cl_node_t *n = cl->nodes; n; n = n->next) {
+        if (n->state == N_READY && n->ac && n->outstanding > 0 &&
+            now - n->last_reply >= cl->reply_ms) {
+            cl->stats.reply_timeouts++;
+            fo_log(FO_LOG_WARN, "redis cluster node stopped answering; dropping its connection",
+                   "server=redis node=%s outstanding=%zu silent_ms=%llu", n->addr, n->outstanding,
+                   (unsigned long long)(now - n->last_reply));
+            redisAsyncFree(n->ac); /* connected: on_disconnect runs node_lost */
+            continue;
+        }
+        if (n->state == N_READY && n->ac && n->owner && !n->policy_busy &&
+            now - n->policy_ms >= CL_POLICY_MS)
+            send_policy(n);
         if ((n->state != N_CONNECTING && n->state != N_LOADING) || !n->ac ||
             now - n->since < CL_CONNECT_MS)
             continue;
@@ -944,6 +1011,7 @@ ntf_cluster_t *ntf__cluster_new(uv_loop_t *loop, const ntf_cluster_opts_t *o,
     cl->min_replicas = o->min_replicas;
     cl->wait_ms = o->wait_ms > 0 ? o->wait_ms : 2000;
     cl->retry_ms = o->retry_ms ? o->retry_ms : CL_DEFAULT_RETRY_MS;
+    cl->reply_ms = o->reply_ms ? o->reply_ms : CL_REPLY_MS;
     cl->refresh_delay = CL_REFRESH_MIN_MS;
     /* Seeds: "ip:port,ip:port"; each must parse. */
     const char *p = o->seeds;
@@ -1026,6 +1094,16 @@ int ntf__cluster_command(ntf_cluster_t *cl, const char *key, size_t keylen, int 
     r->data = data;
     dispatch(r);
     return 0;
+}
+
+const char *ntf__cluster_refusal(const ntf_cluster_t *cl)
+{
+    static char text[sizeof((cl_node_t *)0)->refusal + 80];
+    const cl_node_t *n = refused_owner(cl);
+    if (!n)
+        return NULL;
+    snprintf(text, sizeof text, "node %s: %s", n->addr, n->refusal);
+    return text;
 }
 
 void ntf__cluster_stats(const ntf_cluster_t *cl, ntf_cluster_stats_t *out)

@@ -3,24 +3,22 @@
  * ntf_fence / ntf_write_page / ntf_backlog / ntf_stream_length contract as a single Redis
  * (client.c delegates here), through the router (cluster.c).
  *
- * Keys (queue format version 3, docs/redis-cluster.md): shard n's stream
- * <prefix>:{<tag n>}:stream:<n> and the job's mark for that shard
- * <prefix>:{<tag n>}:progress:<job> share shard n's hash tag (ntf__shard_tag), so each
- * shard's part of a page is one script run in one slot: its fencing check, its cursor
- * check, its entries and its mark.
- *   - A fence fences every shard's mark and reports the lowest cursor (where the job
- *     resumes), the delivered count summed over the shards, done when every shard is.
- *   - A page is split by shard; every shard gets a part, ids or not, so every mark moves
- *     with the page and the lowest cursor advances. A part applies when its mark is at or
- *     ahead of the page's expected cursor and skips the ids its mark already covers (ids up
- *     to it were written by an earlier attempt), so a job that resumes from the lowest
- *     cursor repeats nothing; a mark behind it refuses the part (a gap).
- *   - The page's outcome combines its parts once all answered: the most severe status
- *     wins (stop, fenced, no mark, key, Redis error, replicas, moved); applied or moved
- *     carry the lowest cursor and the summed count, as a fence would find them.
+ * Keys and scripts are queue format 3's, the same as on a single Redis (ntf_keys_t,
+ * scripts.c): shard n's stream <prefix>:{<tag n>}:stream:<n>, its bodies and refs, and the
+ * job's mark for that shard <prefix>:{<tag n>}:progress:<job> share shard n's hash tag, so
+ * each shard's unit of a page is one script run in one slot: its fencing check, its cursor
+ * check, its entries and its mark. The only difference from a single Redis, where one
+ * script carries every shard's unit, is that here each unit is its own script run:
+ *   - a fence sends one fence script per shard;
+ *   - a page is split by shard; every shard gets a part, ids or not, so every mark moves
+ *     with the page and the lowest cursor advances;
+ *   - the outcome combines the parts once all answered, as the script itself combines its
+ *     units on a single Redis: the most severe status wins (stop, fenced, no mark, key,
+ *     Redis error, replicas, moved); applied or moved carry the lowest cursor and the summed
+ *     count, as a fence would find them.
  * The Sidekiq and inbox layouts are refused (config.c, and ntf__cw_new for a hand-made cfg):
- * their keys cannot share a shard's slot. The maxmemory-policy check of client.c is not
- * made on a cluster yet.
+ * their keys cannot share a shard's slot. Every primary's maxmemory-policy is checked by the
+ * router, as client.c checks a single Redis's.
  */
 #include "notifier/ntf_cluster_int.h"
 
@@ -39,9 +37,10 @@ struct ntf_cw {
     ntf_state_cb on_state;
     void *data;
     int shards;
-    char **stream_key;  /* per shard */
-    char **mark_prefix; /* per shard: "<prefix>:{<tag>}:progress:" */
-    size_t inflight;    /* fences and pages not answered yet */
+    const ntf_keys_t *keys; /* the owner's */
+    ntf_layout_t layout;    /* stream entries, full or compact */
+    ntf_enc_t enc;
+    size_t inflight; /* fences and pages not answered yet */
     int closing;
     fo_closed_cb on_closed;
     void *closed_data;
@@ -63,7 +62,7 @@ typedef struct cw_op {
 
 static void cw_free(ntf_cw_t *cw);
 
-static const char *const cw_scripts[] = {ntf__fence_lua, ntf__shard_page_lua};
+static const char *const cw_scripts[] = {ntf__fence_lua, ntf__page_lua};
 
 static void on_cluster_state(ntf_cluster_t *cl, int up, void *data)
 {
@@ -73,8 +72,8 @@ static void on_cluster_state(ntf_cluster_t *cl, int up, void *data)
         cw->on_state(cw->owner, up, cw->data);
 }
 
-ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, ntf_state_cb on_state,
-                      void *data)
+ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, const ntf_keys_t *keys,
+                      ntf_client_t *owner, ntf_state_cb on_state, void *data)
 {
     int mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM;
     if (mask != CFG_LAYOUT_STREAM) {
@@ -93,17 +92,9 @@ ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, nt
     cw->on_state = on_state;
     cw->data = data;
     cw->shards = cfg->shards;
-    cw->stream_key = fo_xcalloc((size_t)cw->shards, sizeof *cw->stream_key);
-    cw->mark_prefix = fo_xcalloc((size_t)cw->shards, sizeof *cw->mark_prefix);
-    for (int n = 0; n < cw->shards; n++) {
-        char tag[32];
-        ntf__shard_tag(n, cw->shards, tag, sizeof tag);
-        size_t len = strlen(cfg->key_prefix) + strlen(tag) + 40;
-        cw->stream_key[n] = fo_xmalloc(len);
-        snprintf(cw->stream_key[n], len, "%s:{%s}:stream:%d", cfg->key_prefix, tag, n);
-        cw->mark_prefix[n] = fo_xmalloc(len);
-        snprintf(cw->mark_prefix[n], len, "%s:{%s}:progress:", cfg->key_prefix, tag);
-    }
+    cw->keys = keys;
+    cw->layout = ntf__layout_of(cfg);
+    ntf__enc_init(&cw->enc);
     ntf_cluster_opts_t o = {.seeds = cfg->redis_cluster,
                             .user = cfg->redis_user,
                             .password = cfg->redis_password,
@@ -121,12 +112,7 @@ ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, nt
 
 static void cw_free(ntf_cw_t *cw)
 {
-    for (int n = 0; n < cw->shards; n++) {
-        free(cw->stream_key[n]);
-        free(cw->mark_prefix[n]);
-    }
-    free(cw->stream_key);
-    free(cw->mark_prefix);
+    ntf__enc_free(&cw->enc);
     free(cw);
 }
 
@@ -157,6 +143,11 @@ int ntf__cw_ready(const ntf_cw_t *cw)
     return ntf__cluster_ready(cw->cl);
 }
 
+const char *ntf__cw_refusal(const ntf_cw_t *cw)
+{
+    return ntf__cluster_refusal(cw->cl);
+}
+
 const char *ntf__cw_key_refusal(const ntf_cw_t *cw)
 {
     return cw->key_refusal;
@@ -165,11 +156,6 @@ const char *ntf__cw_key_refusal(const ntf_cw_t *cw)
 size_t ntf__cw_inflight(const ntf_cw_t *cw)
 {
     return cw->inflight;
-}
-
-const char *ntf__cw_stream_key(const ntf_cw_t *cw, int shard)
-{
-    return shard >= 0 && shard < cw->shards ? cw->stream_key[shard] : NULL;
 }
 
 int ntf__cw_command(ntf_cw_t *cw, const char *key, int argc, const char **argv,
@@ -288,16 +274,10 @@ int ntf__cw_fence(ntf_cw_t *cw, const ntf_job_t *job, int64_t start_cursor, ntf_
     if (!ntf__cluster_ready(cw->cl) || !ntf__cluster_sha(cw->cl, 0))
         return FO_EREDIS;
     cw_op_t *op = op_new(cw, cb, data, cw->shards);
-    char tok[24], start[24], mark[256];
-    snprintf(tok, sizeof tok, "%lld", (long long)job->token);
-    snprintf(start, sizeof start, "%lld", (long long)start_cursor);
-    for (int n = 0; n < cw->shards; n++) {
-        snprintf(mark, sizeof mark, "%s%lld", cw->mark_prefix[n], (long long)job->job_id);
-        const char *argv[] = {"EVALSHA", ntf__cluster_sha(cw->cl, 0), "1", mark, tok, start, "1"};
-        size_t len[7];
-        for (int i = 0; i < 7; i++)
-            len[i] = strlen(argv[i]);
-        send_part(cw, op, job->mark_required ? 7 : 6, argv, len);
+    for (int s = 0; s < cw->shards; s++) {
+        int argc = ntf__encode_fence(&cw->enc, ntf__cluster_sha(cw->cl, 0), cw->keys, s, s + 1, job,
+                                     start_cursor);
+        send_part(cw, op, argc, cw->enc.argv, cw->enc.argvlen);
     }
     return 0;
 }
@@ -309,68 +289,28 @@ int ntf__cw_write_page(ntf_cw_t *cw, const ntf_job_t *job, int64_t expect_cursor
         return FO_EREDIS;
     /* ids by shard, each shard's in page order (so ascending): a counting sort */
     int S = cw->shards;
-    size_t *count = fo_xcalloc((size_t)S + 1, sizeof *count);
+    size_t *start = fo_xcalloc((size_t)S + 1, sizeof *start);
     for (size_t i = 0; i < n; i++)
-        count[ntf_shard_of(ids[i], S) + 1]++;
+        start[ntf_shard_of(ids[i], S) + 1]++;
     for (int s = 0; s < S; s++)
-        count[s + 1] += count[s]; /* count[s]: where shard s starts */
+        start[s + 1] += start[s]; /* start[s]: where shard s begins */
     int64_t *sorted = fo_xmalloc((n ? n : 1) * sizeof *sorted);
     size_t *at = fo_xmalloc((size_t)S * sizeof *at);
-    memcpy(at, count, (size_t)S * sizeof *at);
+    memcpy(at, start, (size_t)S * sizeof *at);
     for (size_t i = 0; i < n; i++)
         sorted[at[ntf_shard_of(ids[i], S)]++] = ids[i];
-
-    char tok[24], expect[24], end[24], ttl[16], ev[24], author[24], mark[256];
-    snprintf(tok, sizeof tok, "%lld", (long long)job->token);
-    snprintf(expect, sizeof expect, "%lld", (long long)expect_cursor);
-    snprintf(end, sizeof end, "%lld", (long long)(n ? ids[n - 1] : expect_cursor));
-    snprintf(ttl, sizeof ttl, "%d", cw->cfg->progress_ttl_s);
-    snprintf(ev, sizeof ev, "%lld", (long long)job->event_id);
-    snprintf(author, sizeof author, "%lld", (long long)job->author);
-    size_t most = 0;
-    for (int s = 0; s < S; s++)
-        most = count[s + 1] - count[s] > most ? count[s + 1] - count[s] : most;
-    const char **argv = fo_xmalloc((15 + most) * sizeof *argv);
-    size_t *len = fo_xmalloc((15 + most) * sizeof *len);
-    char *digits = fo_xmalloc((most ? most : 1) * 24);
+    int64_t end = n ? ids[n - 1] : expect_cursor;
     cw_op_t *op = op_new(cw, cb, data, S);
     for (int s = 0; s < S; s++) {
-        snprintf(mark, sizeof mark, "%s%lld", cw->mark_prefix[s], (long long)job->job_id);
-        const char *fixed[] = {"EVALSHA",
-                               ntf__cluster_sha(cw->cl, 1),
-                               "2",
-                               mark,
-                               cw->stream_key[s],
-                               tok,
-                               expect,
-                               end,
-                               last ? "1" : "0",
-                               ttl,
-                               ev,
-                               author,
-                               job->kind,
-                               job->payload,
-                               job->created_at};
-        int argc = 0;
-        for (; argc < 15; argc++) {
-            argv[argc] = fixed[argc];
-            len[argc] = strlen(fixed[argc]);
-        }
-        char *d = digits;
-        for (size_t i = count[s]; i < count[s + 1]; i++) {
-            size_t k = ntf__fmt_i64(d, sorted[i]);
-            argv[argc] = d;
-            len[argc++] = k;
-            d += k;
-        }
-        send_part(cw, op, argc, argv, len);
+        int argc = ntf__encode_page(&cw->enc, ntf__cluster_sha(cw->cl, 1), cw->keys,
+                                    cw->cfg->key_prefix, s, s + 1, job, expect_cursor, end,
+                                    sorted + start[s], start[s + 1] - start[s], last != 0,
+                                    cw->cfg->progress_ttl_s, &cw->layout);
+        send_part(cw, op, argc, cw->enc.argv, cw->enc.argvlen);
     }
-    free(argv);
-    free(len);
-    free(digits);
     free(at);
     free(sorted);
-    free(count);
+    free(start);
     return 0;
 }
 
@@ -458,8 +398,8 @@ int ntf__cw_backlog(ntf_cw_t *cw, ntf_backlog_cb cb, void *data)
     for (int s = 0; s < cw->shards; s++) {
         cw_backlog_part_t *part = fo_xmalloc(sizeof *part);
         *part = (cw_backlog_part_t){.b = b, .shard = s};
-        const char *argv[] = {"EVAL", ntf__backlog_lua, "1", cw->stream_key[s]};
-        size_t len[] = {4, strlen(ntf__backlog_lua), 1, strlen(cw->stream_key[s])};
+        const char *argv[] = {"EVAL", ntf__backlog_lua, "1", cw->keys->stream[s]};
+        size_t len[] = {4, strlen(ntf__backlog_lua), 1, strlen(cw->keys->stream[s])};
         if (ntf__cluster_command(cw->cl, argv[3], len[3], 0, 4, argv, len, on_backlog_part, part) <
             0)
             on_backlog_part(FO_EREDIS, NULL, part);
@@ -491,8 +431,8 @@ int ntf__cw_stream_length(ntf_cw_t *cw, int shard, ntf_length_cb cb, void *data)
         return FO_EREDIS;
     cw_len_t *q = fo_xmalloc(sizeof *q);
     *q = (cw_len_t){.cb = cb, .data = data};
-    const char *argv[] = {"XLEN", cw->stream_key[shard]};
-    size_t len[] = {4, strlen(cw->stream_key[shard])};
+    const char *argv[] = {"XLEN", cw->keys->stream[shard]};
+    size_t len[] = {4, strlen(cw->keys->stream[shard])};
     return ntf__cluster_command(cw->cl, argv[1], len[1], 0, 2, argv, len, on_len, q) < 0
                ? (free(q), FO_EREDIS)
                : 0;

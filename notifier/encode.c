@@ -12,9 +12,11 @@
  * FO_EREDIS, so a proxy, a future script version or a corrupted reply cannot crash the
  * daemon or be mistaken for progress.
  */
+#include "notifier/ntf_cluster_int.h"
 #include "notifier/ntf_int.h"
 
 #include <assert.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,9 +31,105 @@ int ntf_shard_of(int64_t recipient, int shards)
     return (int)(((recipient % shards) + shards) % shards);
 }
 
-char *ntf_stream_key(const char *prefix, int shard)
+/* CRC16-XMODEM (poly 0x1021, init 0), as Redis Cluster hashes keys; crc carries on. */
+static unsigned crc16(unsigned crc, const char *p, size_t len)
 {
-    return fo_xasprintf("%s" NTF_STREAM_INFIX "%d", prefix, shard);
+    for (size_t i = 0; i < len; i++) {
+        crc ^= (unsigned)(unsigned char)p[i] << 8;
+        for (int b = 0; b < 8; b++)
+            crc = (crc & 0x8000) ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
+    }
+    return crc;
+}
+
+unsigned ntf__key_slot(const char *key, size_t len)
+{
+    const char *open = memchr(key, '{', len);
+    if (open) {
+        size_t from = (size_t)(open - key) + 1;
+        const char *close = memchr(key + from, '}', len - from);
+        if (close && close > key + from) {
+            key += from;
+            len = (size_t)(close - key);
+        }
+    }
+    return crc16(0, key, len) & (NTF_CLUSTER_SLOTS - 1);
+}
+
+unsigned ntf__shard_tag(int shard, int shards, char *out, size_t size)
+{
+    long centre = (2L * shard + 1) * NTF_CLUSTER_SLOTS / (2L * shards);
+    long half = NTF_CLUSTER_SLOTS / (8L * shards);
+    if (half < 1)
+        half = 1;
+    int n = snprintf(out, size, "%d.", shard);
+    unsigned pre = crc16(0, out, (size_t)n);
+    for (unsigned long k = 0;; k++) {
+        char digits[24];
+        int d = snprintf(digits, sizeof digits, "%lu", k);
+        unsigned slot = crc16(pre, digits, (size_t)d) & (NTF_CLUSTER_SLOTS - 1);
+        if (labs((long)slot - centre) <= half) {
+            snprintf(out + n, size - (size_t)n, "%s", digits);
+            return slot; /* the window is >= 3 slots wide: a few thousand k at most */
+        }
+    }
+}
+
+void ntf_shard_tag(int shard, int shards, char *out, size_t size)
+{
+    ntf__shard_tag(shard, shards, out, size);
+}
+
+/* "<prefix>:{<tag of shard>}:<what>", malloc'ed: the one spelling of a shard's keys. */
+static char *shard_key(const char *prefix, int shard, int shards, const char *what)
+{
+    char tag[32];
+    ntf__shard_tag(shard, shards, tag, sizeof tag);
+    return fo_xasprintf("%s:{%s}:%s", prefix, tag, what);
+}
+
+char *ntf_stream_key(const char *prefix, int shard, int shards)
+{
+    char what[32];
+    snprintf(what, sizeof what, "stream:%d", shard);
+    return shard_key(prefix, shard, shards, what);
+}
+
+char *ntf_mark_key(const char *prefix, int shard, int shards, int64_t job_id)
+{
+    char what[40];
+    snprintf(what, sizeof what, "progress:%lld", (long long)job_id);
+    return shard_key(prefix, shard, shards, what);
+}
+
+void ntf__keys_init(ntf_keys_t *k, const char *prefix, int shards)
+{
+    k->shards = shards;
+    k->stream = fo_xcalloc((size_t)shards, sizeof *k->stream);
+    k->bodies = fo_xcalloc((size_t)shards, sizeof *k->bodies);
+    k->refs = fo_xcalloc((size_t)shards, sizeof *k->refs);
+    k->mark = fo_xcalloc((size_t)shards, sizeof *k->mark);
+    for (int n = 0; n < shards; n++) {
+        k->stream[n] = ntf_stream_key(prefix, n, shards);
+        k->bodies[n] = fo_xasprintf("%s:bodies", k->stream[n]);
+        k->refs[n] = fo_xasprintf("%s:refs", k->stream[n]);
+        k->mark[n] = shard_key(prefix, n, shards, "progress:");
+    }
+}
+
+void ntf__keys_free(ntf_keys_t *k)
+{
+    for (int n = 0; n < k->shards; n++) {
+        free(k->stream[n]);
+        free(k->bodies[n]);
+        free(k->refs[n]);
+        free(k->mark[n]);
+    }
+    free(k->stream);
+    free(k->bodies);
+    free(k->refs);
+    free(k->mark);
+    memset(k, 0, sizeof *k);
 }
 
 size_t ntf__fmt_i64(char *out, int64_t v)
@@ -50,6 +148,17 @@ size_t ntf__fmt_i64(char *out, int64_t v)
     while (n)
         out[len++] = tmp[--n];
     return len;
+}
+
+ntf_layout_t ntf__layout_of(const cfg_t *cfg)
+{
+    return (ntf_layout_t){.mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM,
+                          .compact = cfg->stream_compact,
+                          .inbox_cap = cfg->inbox_cap,
+                          .inbox_ttl_s = cfg->inbox_ttl_s,
+                          .sidekiq_queue = cfg->sidekiq_queue ? cfg->sidekiq_queue : "",
+                          .sidekiq_class = cfg->sidekiq_class ? cfg->sidekiq_class : "",
+                          .sidekiq_retry = cfg->sidekiq_retry};
 }
 
 void ntf__enc_init(ntf_enc_t *e)
@@ -119,67 +228,57 @@ static char *put_i64(ntf_enc_t *e, char *pos, int64_t v)
     return pos;
 }
 
-/* "<prefix><mid><n>" into pos, as the next argument. */
-static char *put_key(ntf_enc_t *e, char *pos, const char *prefix, size_t plen, const char *mid,
-                     int64_t n)
+/* "<mark prefix><job>" into pos, as the next argument. */
+static char *put_mark(ntf_enc_t *e, char *pos, const char *mark, int64_t job)
 {
-    size_t mlen = strlen(mid);
+    size_t mlen = strlen(mark);
     char *start = pos;
-    memcpy(pos, prefix, plen);
-    memcpy(pos + plen, mid, mlen);
-    size_t len = plen + mlen + ntf__fmt_i64(pos + plen + mlen, n);
+    memcpy(pos, mark, mlen);
+    size_t len = mlen + ntf__fmt_i64(pos + mlen, job);
     start[len] = '\0';
     put_ref(e, start, len);
     return start + len + 1;
 }
 
-/* "<prefix>:stream:<n><suffix>" into pos, as the next argument: a shard stream, or with a
- * suffix a key that belongs to it (and so shares its hash tag on a cluster). */
-static char *put_stream_key(ntf_enc_t *e, char *pos, const char *prefix, size_t plen, int n,
-                            const char *suffix)
+/* Bytes the marks of shards lo..hi-1 take in the buffer. */
+static size_t marks_bytes(const ntf_keys_t *keys, int lo, int hi)
 {
-    pos = put_key(e, pos, prefix, plen, NTF_STREAM_INFIX, n) - 1; /* at the NUL */
-    size_t slen = strlen(suffix);
-    memcpy(pos, suffix, slen + 1);
-    e->argvlen[e->argc - 1] += slen;
-    return pos + slen + 1;
+    size_t b = 0;
+    for (int s = lo; s < hi; s++)
+        b += strlen(keys->mark[s]) + NTF_I64_MAX_LEN;
+    return b;
 }
 
-int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const ntf_job_t *job,
-                      int64_t start_cursor)
+int ntf__encode_fence(ntf_enc_t *e, const char *sha, const ntf_keys_t *keys, int lo, int hi,
+                      const ntf_job_t *job, int64_t start_cursor)
 {
-    size_t plen = strlen(prefix);
-    enc_reserve(e, 7, plen + sizeof ":progress:" + 3 * NTF_I64_MAX_LEN, 0, 0);
+    assert(0 <= lo && lo < hi && hi <= keys->shards);
+    size_t g = (size_t)(hi - lo);
+    enc_reserve(e, 6 + g, marks_bytes(keys, lo, hi) + 3 * NTF_I64_MAX_LEN, 0, 0);
     e->argc = 0;
     char *pos = e->buf;
     put_str(e, "EVALSHA");
     put_str(e, sha);
-    put_str(e, "1");
-    pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
+    pos = put_i64(e, pos, (int64_t)g);
+    for (int s = lo; s < hi; s++)
+        pos = put_mark(e, pos, keys->mark[s], job->job_id);
     pos = put_i64(e, pos, job->token);
     put_i64(e, pos, start_cursor);
+    if (job->mark_required)
+        put_str(e, "1");
     return e->argc;
 }
 
-int ntf__encode_fence_require_mark(ntf_enc_t *e)
+/* Pass one: each id's shard and the id count per shard of lo..hi-1 (slot[s - lo]). */
+static void count_groups(ntf_enc_t *e, int shards, int lo, int hi, const int64_t *ids, size_t n)
 {
-    assert(e->argc == 6 && e->argv_cap >= 7); /* right after ntf__encode_fence */
-    put_str(e, "1");
-    return e->argc;
-}
-
-/* Pass one: each id's shard and the id count per shard. Returns the number of groups. */
-static size_t count_groups(ntf_enc_t *e, int shards, const int64_t *ids, size_t n)
-{
-    memset(e->slot, 0, (size_t)shards * sizeof *e->slot);
-    size_t groups = 0;
+    memset(e->slot, 0, (size_t)(hi - lo) * sizeof *e->slot);
     for (size_t i = 0; i < n; i++) {
         int s = ntf_shard_of(ids[i], shards);
-        e->shard[i] = s;
-        if (e->slot[s]++ == 0)
-            groups++;
+        assert(s >= lo && s < hi);
+        e->shard[i] = s - lo;
+        e->slot[s - lo]++;
     }
-    return groups;
 }
 
 /* Whether a layout adds anything to the plain stream page command. */
@@ -198,26 +297,27 @@ static int layout_compact(const ntf_layout_t *lay)
  * The page command up to and including created_at. With inbox, the n inbox key slots after
  * the other keys are left for pass two; *kbase gets the first of them.
  */
-static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const char *prefix,
-                           size_t plen, int shards, size_t groups, size_t n,
-                           const ntf_layout_t *lay, const ntf_job_t *job, int64_t expect_cursor,
-                           int64_t new_cursor, int last, int ttl_s, size_t *kbase)
+static char *put_page_head(ntf_enc_t *e, char *pos, const char *sha, const ntf_keys_t *keys, int lo,
+                           int hi, size_t n, const ntf_layout_t *lay, const ntf_job_t *job,
+                           int64_t expect_cursor, int64_t new_cursor, int last, int ttl_s,
+                           size_t *kbase)
 {
     int sq = layout_extended(lay) && (lay->mask & CFG_LAYOUT_SIDEKIQ);
     int inbox = layout_extended(lay) && (lay->mask & CFG_LAYOUT_INBOX);
     int compact = layout_compact(lay);
+    size_t groups = (size_t)(hi - lo);
     put_str(e, "EVALSHA");
     put_str(e, sha);
-    pos =
-        put_i64(e, pos, (int64_t)(1 + groups * (compact ? 3 : 1) + (sq ? 2 : 0) + (inbox ? n : 0)));
-    pos = put_key(e, pos, prefix, plen, ":progress:", job->job_id);
-    static const char *const suffix[] = {"", ":bodies", ":refs"};
-    for (int k = 0; k < (compact ? 3 : 1); k++) {
-        for (int s = 0; s < shards; s++) {
-            if (!e->slot[s])
-                continue;
-            pos = put_stream_key(e, pos, prefix, plen, s, suffix[k]);
-        }
+    pos = put_i64(e, pos, (int64_t)(groups * (compact ? 4 : 2) + (sq ? 2 : 0) + (inbox ? n : 0)));
+    for (int s = lo; s < hi; s++)
+        pos = put_mark(e, pos, keys->mark[s], job->job_id);
+    for (int s = lo; s < hi; s++)
+        put_str(e, keys->stream[s]);
+    if (compact) {
+        for (int s = lo; s < hi; s++)
+            put_str(e, keys->bodies[s]);
+        for (int s = lo; s < hi; s++)
+            put_str(e, keys->refs[s]);
     }
     if (sq) {
         put_str(e, "queues"); /* Sidekiq's own names, not under the key prefix */
@@ -282,46 +382,39 @@ static char *put_inbox_key_at(ntf_enc_t *e, char *pos, size_t slot, const char *
     return pos + len + 1;
 }
 
-int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shards,
-                     const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
-                     int last, int ttl_s, const ntf_layout_t *lay)
+int ntf__encode_page(ntf_enc_t *e, const char *sha, const ntf_keys_t *keys, const char *prefix,
+                     int lo, int hi, const ntf_job_t *job, int64_t expect_cursor,
+                     int64_t new_cursor, const int64_t *ids, size_t n, int last, int ttl_s,
+                     const ntf_layout_t *lay)
 {
-    assert(shards > 0);
+    assert(0 <= lo && lo < hi && hi <= keys->shards);
     int extended = layout_extended(lay);
     int inbox = extended && (lay->mask & CFG_LAYOUT_INBOX);
     size_t plen = strlen(prefix);
-    /* Upper bounds: groups <= min(n, shards); keys are prefix + ":progress:"/":stream:" +
-     * a number; every other written string is one int64 and its NUL. The layouts add at
-     * most 2 + n keys (queue:<name>, one inbox key per id) and the tail. */
-    size_t maxg = n < (size_t)shards ? n : (size_t)shards;
-    size_t argc = 3 + (1 + maxg) + NTF_PAGE_FIXED_ARGS + maxg + n;
-    size_t bytes = (1 + maxg) * (plen + sizeof ":progress:" + NTF_I64_MAX_LEN) +
-                   (8 + maxg + n) * NTF_I64_MAX_LEN;
-    if (layout_compact(lay)) {
-        argc += 2 * maxg;
-        bytes += 2 * maxg * (plen + sizeof ":stream::bodies" + NTF_I64_MAX_LEN);
-    }
+    size_t g = (size_t)(hi - lo);
+    /* Upper bounds: 4 keys per group (mark, stream, bodies, refs), every other written string
+     * is one int64 and its NUL. The layouts add at most 2 + n keys (queue:<name>, one inbox
+     * key per id) and the tail. */
+    size_t argc = 3 + 4 * g + NTF_PAGE_FIXED_ARGS + g + n;
+    size_t bytes = marks_bytes(keys, lo, hi) + (8 + g + n) * NTF_I64_MAX_LEN;
     if (extended) {
         argc += 2 + n + NTF_PAGE_TAIL_ARGS;
         bytes += sizeof "queue:" + strlen(lay->sidekiq_queue) + 4 + 3 * NTF_I64_MAX_LEN +
                  (inbox ? n * (plen + sizeof ":inbox:" + NTF_I64_MAX_LEN) : 0);
     }
-    enc_reserve(e, argc, bytes, n, (size_t)shards);
+    enc_reserve(e, argc, bytes, n, g);
 
-    size_t groups = count_groups(e, shards, ids, n);
-    int64_t new_cursor = n ? ids[n - 1] : expect_cursor;
+    count_groups(e, keys->shards, lo, hi, ids, n);
     e->argc = 0;
     size_t kbase;
-    char *pos = put_page_head(e, e->buf, sha, prefix, plen, shards, groups, n, lay, job,
-                              expect_cursor, new_cursor, last, ttl_s, &kbase);
+    char *pos = put_page_head(e, e->buf, sha, keys, lo, hi, n, lay, job, expect_cursor, new_cursor,
+                              last, ttl_s, &kbase);
 
-    /* Each group's count goes in its first slot; slot[s] becomes the next id slot and
-     * kslot[s] the next inbox key slot, both in group order. */
+    /* Each group's count goes in its first slot; slot[g] becomes the next id slot and
+     * kslot[g] the next inbox key slot, both in group order. */
     size_t next = (size_t)e->argc, knext = kbase;
-    for (int s = 0; s < shards; s++) {
+    for (size_t s = 0; s < g; s++) {
         size_t k = e->slot[s];
-        if (!k)
-            continue;
         pos = put_i64_at(e, pos, next, (int64_t)k);
         e->slot[s] = next + 1;
         e->kslot[s] = knext;

@@ -16,17 +16,22 @@
  *   - with cfg->redis_min_replicas > 0 a script's reply counts only after WAIT confirmed
  *     that many replicas hold it, so a promoted replica has every page reported applied.
  *
- * A job's state in Redis is its progress mark, the hash <prefix>:progress:<job>, with fields
- * token (the newest lease token seen), cursor (the last follower id written), delivered and
- * done. Both operations below run as one server-side script, so each is atomic:
+ * A job's state in Redis is one progress mark per shard, the hash
+ * <prefix>:{<tag>}:progress:<job> (ntf_mark_key), with fields token (the newest lease token
+ * seen), cursor (the last follower id that shard holds), delivered and done. The job's
+ * cursor is the lowest over its shards, its delivered count their sum. Each operation below
+ * runs as server-side scripts of (job, shard) units, each atomic with its mark: one script
+ * over every shard on a single Redis, one per shard on a Redis Cluster:
  *   - ntf_fence registers a job's lease token and returns the mark (where to resume);
- *   - ntf_write_page writes one page of entries to the shard streams AND advances the mark,
- *     only if the caller's token is still the newest and the mark is where the caller
- *     expects it. A page that was already applied (its reply lost with the connection) is
+ *   - ntf_write_page writes each shard's part of one page to its stream AND advances that
+ *     shard's mark, only if the caller's token is still the newest and the mark is at or
+ *     past where the caller expects it; ids up to a mark are skipped (that shard holds
+ *     them). A page that was already applied (its reply lost with the connection) is
  *     therefore never applied twice, and a worker whose lease was taken over writes nothing.
  *
- * Queue format (docs/queue-format.md): stream <prefix>:stream:<recipient % shards>, fields
- * id (<event>:<recipient>), event, author, recipient, kind, payload, created_at.
+ * Queue format 3 (docs/queue-format.md): stream <prefix>:{<tag>}:stream:<recipient % shards>,
+ * full entries with fields id (<event>:<recipient>), event, author, recipient, kind, payload,
+ * created_at, or compact ones (event, recipient; the body once in <stream>:bodies).
  */
 #ifndef FANOUT_NOTIFIER_H
 #define FANOUT_NOTIFIER_H
@@ -67,6 +72,23 @@ const char *ntf_client_refusal(const ntf_client_t *c);
 /* The text of the last NTF_EKEY refusal: the key, its type and the fix ("" if none yet).
  * Valid until the next reply. */
 const char *ntf_client_key_refusal(const ntf_client_t *c);
+
+/* What the Redis Cluster router (notifier/cluster.c) met since the client started, for
+ * metrics and tests; all 0 on a single Redis. */
+typedef struct ntf_cluster_stats {
+    uint64_t moved;          /* -MOVED replies */
+    uint64_t ask;            /* -ASK replies */
+    uint64_t tryagain;       /* -TRYAGAIN replies */
+    uint64_t clusterdown;    /* -CLUSTERDOWN replies */
+    uint64_t readonly;       /* -READONLY and -LOADING replies */
+    uint64_t noscript;       /* -NOSCRIPT replies (script loaded again) */
+    uint64_t refreshes;      /* slot maps read */
+    uint64_t node_failures;  /* connections lost or refused */
+    uint64_t reply_timeouts; /* connections dropped because the node stopped answering */
+    uint64_t given_up;       /* commands that found no node in time */
+    int primaries;           /* distinct nodes owning slots in the current map */
+} ntf_cluster_stats_t;
+void ntf_client_cluster_stats(const ntf_client_t *c, ntf_cluster_stats_t *out);
 
 /* Commands sent and not yet answered. */
 size_t ntf_client_inflight(const ntf_client_t *c);
@@ -133,12 +155,15 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
               void *data);
 
 /*
- * Writes one page atomically: for each id in ids[0..n) (ascending, all > expect_cursor) one
- * stream entry, the mark's cursor set to ids[n-1] and delivered increased by n; with last = 1
- * the mark is also flagged done and given an expiry of cfg->progress_ttl_s. n may be 0 only
- * with last = 1 (finishing a job whose final page was full). Applied only if the mark's
- * token is still job->token and its cursor equals expect_cursor. Pages may be pipelined: a
- * second page sent with expect_cursor = the first page's last id is applied after it.
+ * Writes one page, atomically per (job, shard): for each id in ids[0..n) (ascending, all >
+ * expect_cursor) above its shard's mark one stream entry; every shard's mark moves to
+ * ids[n-1] (if not already past it) and its delivered count grows by what it wrote; with
+ * last = 1 the marks are also flagged done and given an expiry of cfg->progress_ttl_s. n
+ * may be 0 only with last = 1 (finishing a job whose final page was full). A shard's part
+ * applies only if its mark's token is still job->token and its cursor is at or past
+ * expect_cursor; one behind it is not written and the reply is NTF_EMOVED with the lowest
+ * cursor. Pages may be pipelined: a second page sent with expect_cursor = the first page's
+ * last id is applied after it.
  * Returns 0 if sent, FO_EREDIS if not ready, FO_EINVAL for a bad page (cb never runs).
  */
 int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
@@ -213,8 +238,15 @@ extern const char ntf_retention_lua[];
  * so that every consumer language can compute it and one recipient's entries stay ordered. */
 int ntf_shard_of(int64_t recipient, int shards);
 
-/* The name of shard stream `shard`: "<prefix>:stream:<shard>", malloc'ed. The one place
- * (with the page script's keys, notifier/encode.c) that spells the stream keys. */
-char *ntf_stream_key(const char *prefix, int shard);
+/* Queue format 3's keys (docs/queue-format.md), the same on a single Redis and a Redis
+ * Cluster, malloc'ed: shard `shard` of `shards`' stream "<prefix>:{<tag>}:stream:<shard>",
+ * and job_id's progress mark for that shard "<prefix>:{<tag>}:progress:<job_id>", <tag>
+ * being the shard's hash tag "<shard>.<k>" (ntf_shard_tag). notifier/encode.c spells the
+ * keys in this one place. */
+char *ntf_stream_key(const char *prefix, int shard, int shards);
+char *ntf_mark_key(const char *prefix, int shard, int shards, int64_t job_id);
+
+/* The hash tag of shard `shard` of `shards` (without braces) into out (at least 24 bytes). */
+void ntf_shard_tag(int shard, int shards, char *out, size_t size);
 
 #endif

@@ -27,6 +27,11 @@
  *   - With NTF_CL_DURABLE and opts->min_replicas > 0, a reply that is not an error is held
  *     back behind WAIT <min_replicas> <wait_ms> on the same node and reported only then
  *     (with NTF_EREPLICAS if too few replicas acknowledged it).
+ *   - A node that has not answered for opts->reply_ms while commands are out is dropped as a
+ *     failed one (hiredis 0.14 has no command timeout).
+ *   - Every primary's maxmemory-policy is read (INFO memory) at connect and every 2 s and
+ *     judged as on a single Redis (ntf__policy_refusal): while one may evict fanout's keys
+ *     the router reports down and takes no command (ntf__cluster_refusal says why).
  *   - Nothing blocks: seeds and map entries must be IP addresses (no DNS on the loop).
  */
 #ifndef FANOUT_NTF_CLUSTER_INT_H
@@ -52,23 +57,12 @@ typedef struct ntf_cluster_opts {
     int min_replicas;  /* NTF_CL_DURABLE: WAIT for this many replicas; 0: no WAIT */
     int wait_ms;       /* WAIT's timeout */
     uint64_t retry_ms; /* how long a command may wait for its slot to be served; 0: 10 s */
+    uint64_t reply_ms; /* a node silent this long with commands out is dropped; 0: 15 s */
 } ntf_cluster_opts_t;
 
-/* What the router met, for metrics and tests. */
-typedef struct ntf_cluster_stats {
-    uint64_t moved;         /* -MOVED replies */
-    uint64_t ask;           /* -ASK replies */
-    uint64_t tryagain;      /* -TRYAGAIN replies */
-    uint64_t clusterdown;   /* -CLUSTERDOWN replies */
-    uint64_t readonly;      /* -READONLY and -LOADING replies */
-    uint64_t noscript;      /* -NOSCRIPT replies (script loaded again) */
-    uint64_t refreshes;     /* slot maps read */
-    uint64_t node_failures; /* connections lost or refused */
-    uint64_t given_up;      /* commands that found no node in time */
-    int primaries;          /* distinct nodes owning slots in the current map */
-} ntf_cluster_stats_t;
-
-/* up = 1 once the first complete slot map is loaded (all 16384 slots owned). */
+/* up = 1 once the first complete slot map is loaded (all 16384 slots owned) and no
+ * primary's maxmemory-policy is refused; 0 when a primary's is refused later (up again once
+ * it is accepted: INFO memory is read at connect and every 2 s). */
 typedef void (*ntf_cluster_state_cb)(ntf_cluster_t *cl, int up, void *data);
 
 /* Starts reading the map from the seeds. opts' strings are copied. Returns NULL, after
@@ -99,6 +93,10 @@ int ntf__cluster_command(ntf_cluster_t *cl, const char *key, size_t keylen, int 
                          const char **argv, const size_t *argvlen, ntf_raw_cb cb, void *data);
 
 void ntf__cluster_stats(const ntf_cluster_t *cl, ntf_cluster_stats_t *out);
+
+/* Why a primary of the map is refused ("node ip:port: " and ntf__policy_refusal's text), or
+ * NULL. Borrowed until the next loop iteration. */
+const char *ntf__cluster_refusal(const ntf_cluster_t *cl);
 
 /* Every pending callback runs with FO_ESTOP (now or from the loop); the memory is released
  * once hiredis and libuv let go, so the loop must run on; then on_closed(data) runs (may be
@@ -134,11 +132,12 @@ int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr,
 typedef struct ntf_cw ntf_cw_t;
 
 /* NULL, after logging why, for a layout other than stream, a key prefix with braces, or bad
- * seeds. on_state gets `owner` as its client. */
-ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, ntf_client_t *owner, ntf_state_cb on_state,
-                      void *data);
+ * seeds. keys (the owner's) must outlive the writer. on_state gets `owner` as its client. */
+ntf_cw_t *ntf__cw_new(uv_loop_t *loop, const cfg_t *cfg, const ntf_keys_t *keys,
+                      ntf_client_t *owner, ntf_state_cb on_state, void *data);
 void ntf__cw_close(ntf_cw_t *cw, fo_closed_cb on_closed, void *data);
 int ntf__cw_ready(const ntf_cw_t *cw);
+const char *ntf__cw_refusal(const ntf_cw_t *cw);
 const char *ntf__cw_key_refusal(const ntf_cw_t *cw);
 size_t ntf__cw_inflight(const ntf_cw_t *cw);
 int ntf__cw_fence(ntf_cw_t *cw, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
@@ -150,9 +149,6 @@ int ntf__cw_stream_length(ntf_cw_t *cw, int shard, ntf_length_cb cb, void *data)
 
 /* The cluster writer a client delegates to, or NULL on a single Redis (client.c). */
 ntf_cw_t *ntf__client_cw(const ntf_client_t *c);
-
-/* Shard n's stream key, <prefix>:{<tag n>}:stream:<n>; NULL for a bad shard. */
-const char *ntf__cw_stream_key(const ntf_cw_t *cw, int shard);
 
 /* Any command routed by key (its slot), for the notifier's other files (retention.c):
  * ntf__cluster_command's contract. */

@@ -16,8 +16,21 @@
 
 #include "notifier/notifier.h"
 
-/* Between the key prefix and the shard number in a stream's key (ntf_stream_key). */
-#define NTF_STREAM_INFIX ":stream:"
+/*
+ * Queue format 3's key names for one key prefix and shard count, spelled here once
+ * (ntf__keys_init): shard n's stream <prefix>:{<tag n>}:stream:<n>, its compact bodies hash
+ * and refs sorted set (<stream>:bodies, <stream>:refs) and the prefix of the (job, shard)
+ * progress marks <prefix>:{<tag n>}:progress: (the job id follows). Every key of a shard
+ * carries the shard's hash tag (ntf__shard_tag), so on a Redis Cluster they share one slot;
+ * a single Redis holds the same keys.
+ */
+typedef struct ntf_keys {
+    int shards;
+    char **stream, **bodies, **refs, **mark; /* per shard */
+} ntf_keys_t;
+
+void ntf__keys_init(ntf_keys_t *k, const char *prefix, int shards);
+void ntf__keys_free(ntf_keys_t *k);
 
 /*
  * Attaches `ac` to `loop` through ac->ev. Returns 0, or a negative libuv code if the poll
@@ -30,11 +43,10 @@ int ntf__uv_attach(redisAsyncContext *ac, uv_loop_t *loop);
  * oldest unanswered command (15 s). Call before the client becomes ready. */
 void ntf__client_set_deadlines(ntf_client_t *c, uint64_t connect_ms, uint64_t command_ms);
 
-/* The Lua bodies of the two scripts; both start with "#!lua" (see scripts.c). */
+/* The Lua bodies of the two scripts; both start with "#!lua" (see scripts.c). Each takes
+ * one or more (job, shard) units: every shard's on a single Redis, one on a cluster. */
 extern const char ntf__fence_lua[];
 extern const char ntf__page_lua[];
-/* Queue format version 3 on a cluster: one shard's part of a page (see scripts.c). */
-extern const char ntf__shard_page_lua[];
 /* The read-only backlog script over the stream keys it is given (backlog.c). */
 extern const char ntf__backlog_lua[];
 
@@ -81,32 +93,35 @@ typedef struct ntf_enc {
     int argc;
 } ntf_enc_t;
 
+/* What cfg says a page is written as. A cfg_t built by hand (tests) has no layouts: the
+ * stream alone; its strings may be NULL and read as "". */
+ntf_layout_t ntf__layout_of(const cfg_t *cfg);
+
 void ntf__enc_init(ntf_enc_t *e);
 void ntf__enc_free(ntf_enc_t *e);
 
-/* EVALSHA sha 1 <prefix>:progress:<job> token start_cursor. Returns argc (6). */
-int ntf__encode_fence(ntf_enc_t *e, const char *sha, const char *prefix, const ntf_job_t *job,
-                      int64_t start_cursor);
-
-/* Right after ntf__encode_fence: appends the mark_required flag "1" (the fence must find the
- * mark, never create it). Without it the fence is the command it always was. Returns argc. */
-int ntf__encode_fence_require_mark(ntf_enc_t *e);
+/* EVALSHA sha <hi - lo> <mark of each shard lo..hi-1> token start_cursor, and "1" (the
+ * fence must find every mark, never create one) when job->mark_required. Returns argc. */
+int ntf__encode_fence(ntf_enc_t *e, const char *sha, const ntf_keys_t *keys, int lo, int hi,
+                      const ntf_job_t *job, int64_t start_cursor);
 
 /*
- * EVALSHA sha numkeys <progress key> <stream key per present shard, ascending> token
- * expect_cursor new_cursor last ttl event author kind payload created_at, then per present
- * shard in the same order: count, then its ids in input order. ids must already be valid
- * (ascending); new_cursor is ids[n-1], or expect_cursor when n is 0. Returns argc.
+ * EVALSHA sha numkeys <mark of each shard lo..hi-1> <stream of each> token expect_cursor
+ * new_cursor last ttl event author kind payload created_at, then per shard lo..hi-1 (one
+ * group each, ids or not): count, then its ids in input order. ids (ascending) must all
+ * belong to shards lo..hi-1; new_cursor is the page's last id (expect_cursor when the page
+ * is empty), which on a cluster a shard's part need not contain. Returns argc.
  *
  * lay NULL or full stream entries alone gives exactly that. Anything else adds keys after
- * the stream keys (compact: <stream key>:bodies for each present shard, then <stream
- * key>:refs for each, in the same order; with sidekiq: "queues" and "queue:<name>"; with
- * inbox: <prefix>:inbox:<id> for each id, in the order the ids appear in the groups) and the
+ * the stream keys (compact: the bodies hash of each shard, then the refs set of each, in
+ * the same order; with sidekiq: "queues" and "queue:<name>"; with inbox:
+ * <prefix>:inbox:<id> for each id, in the order the ids appear in the groups) and the
  * NTF_PAGE_TAIL_ARGS tail after the groups.
  */
-int ntf__encode_page(ntf_enc_t *e, const char *sha, const char *prefix, int shards,
-                     const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids, size_t n,
-                     int last, int ttl_s, const ntf_layout_t *lay);
+int ntf__encode_page(ntf_enc_t *e, const char *sha, const ntf_keys_t *keys, const char *prefix,
+                     int lo, int hi, const ntf_job_t *job, int64_t expect_cursor,
+                     int64_t new_cursor, const int64_t *ids, size_t n, int last, int ttl_s,
+                     const ntf_layout_t *lay);
 
 /* Writes v in decimal at out (at most 20 bytes, no NUL); returns the length. */
 size_t ntf__fmt_i64(char *out, int64_t v);
@@ -129,6 +144,7 @@ typedef void (*ntf_raw_cb)(int status, const redisReply *reply, void *data);
 int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
                  void *data);
 const cfg_t *ntf__client_cfg(const ntf_client_t *c);
+const ntf_keys_t *ntf__client_keys(const ntf_client_t *c);
 
 /*
  * Judges INFO memory's text (info may be NULL): returns 1 and writes into why (always

@@ -70,9 +70,9 @@ int ntf_retain(ntf_client_t *c, int shard, ntf_retention_cb cb, void *data)
         return FO_EINVAL;
     /* on a cluster the shard's stream carries its hash tag, and so do its bodies and refs */
     ntf_cw_t *cw = ntf__client_cw(c);
-    char *stream =
-        cw ? fo_xstrdup(ntf__cw_stream_key(cw, shard)) : ntf_stream_key(cfg->key_prefix, shard);
-    char *bodies = fo_xasprintf("%s:bodies", stream), *refs = fo_xasprintf("%s:refs", stream);
+    const ntf_keys_t *keys = ntf__client_keys(c);
+    const char *stream = keys->stream[shard], *bodies = keys->bodies[shard],
+               *refs = keys->refs[shard];
     char age[24], len[24], grace[24], limit[24];
     snprintf(age, sizeof age, "%lld", cfg->retention_max_age_s);
     snprintf(len, sizeof len, "%lld", cfg->retention_max_len);
@@ -89,9 +89,6 @@ int ntf_retain(ntf_client_t *c, int shard, ntf_retention_cb cb, void *data)
                 : ntf__command(c, 10, argv, argvlen, on_retain, q);
     if (rc < 0)
         free(q);
-    free(stream);
-    free(bodies);
-    free(refs);
     return rc;
 }
 

@@ -6,10 +6,12 @@
  * maxmemory. Without the shebang Redis would start it and could fail on a later XADD, and a
  * Lua error does not roll back the writes already made: a page would be half written.
  *
- * Invariants the scripts keep for the progress hash (fields token, cursor, delivered, done):
+ * Queue format 3: a job has one progress hash per shard (fields token, cursor, delivered,
+ * done), the unit of atomicity is (job, shard), and a script takes one or more such units
+ * (every shard on a single Redis, one on a Redis Cluster). Invariants for each hash:
  *   - token only grows; any call with a lower token than the stored one writes nothing;
- *   - cursor moves only from the value the caller expected, to the page's last id, in the
- *     same script run as that page's stream entries, so a page is applied at most once;
+ *   - cursor only grows, in the same script run as that shard's entries up to it, and a
+ *     page's ids up to it are skipped, so an entry is written at most once;
  *   - ids and tokens are int64 decimal strings and are compared as strings (equality) or by
  *     length then bytes (order): Lua numbers are doubles and lose precision above 2^53.
  * The page script checks its argument layout completely before the first write, because a
@@ -40,62 +42,90 @@
     "  end\n"                                                                                      \
     "end\n"
 
-/* KEYS[1] progress hash; ARGV token, start_cursor[, mark_required].
- * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark and mark_required is "1" (a
- * page was written before: a new mark at the start would replay it), writing nothing; else
- * {1, cursor, delivered, done}. */
+/* KEYS the progress marks of one job's (job, shard) units, one or more; ARGV token,
+ * start_cursor[, mark_required]. Checks every mark before writing any.
+ * Returns {-1} if fenced (any mark holds a newer token); {-2, '', 0, 0} if a mark is missing
+ * and mark_required is "1" (a page was written before: a new mark at the start would replay
+ * it), writing nothing; else, after registering the token in every mark (creating a missing
+ * one at start_cursor), {1, lowest cursor, summed delivered, 1 if every mark is done}. */
 const char ntf__fence_lua[] =
-    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local key, tok = KEYS[1], ARGV[1]\n"
-    "local e = want(key, 'hash')\n"
-    "if e then return e end\n"
-    "local m = redis.call('HMGET', key, 'token', 'cursor', 'delivered', 'done')\n"
-    "if m[1] and newer(m[1], tok) then return {-1} end\n"
-    "if not m[2] and ARGV[3] == '1' then return {-2, '', 0, 0} end\n"
-    "if not m[2] then\n"
-    "  redis.call('HSET', key, 'token', tok, 'cursor', ARGV[2], 'delivered', '0', 'done', '0')\n"
-    "  return {1, ARGV[2], 0, 0}\n"
+    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local tok, start = ARGV[1], ARGV[2]\n"
+    "if #KEYS < 1 or #ARGV < 2 then return redis.error_reply('ERR fanout fence: bad arity') end\n"
+    "for i = 1, #KEYS do\n"
+    "  local e = want(KEYS[i], 'hash')\n"
+    "  if e then return e end\n"
     "end\n"
-    "redis.call('HSET', key, 'token', tok)\n"
-    "return {1, m[2], tonumber(m[3]) or 0, tonumber(m[4]) or 0}\n";
+    "local ms, missing = {}, false\n"
+    "for i = 1, #KEYS do\n"
+    "  local m = redis.call('HMGET', KEYS[i], 'token', 'cursor', 'delivered', 'done')\n"
+    "  if m[1] and newer(m[1], tok) then return {-1} end\n"
+    "  if not m[2] then missing = true end\n"
+    "  ms[i] = m\n"
+    "end\n"
+    "if missing and ARGV[3] == '1' then return {-2, '', 0, 0} end\n"
+    "local low, delivered, done = nil, 0, 1\n"
+    "for i = 1, #KEYS do\n"
+    "  local m = ms[i]\n"
+    "  if m[2] then\n"
+    "    redis.call('HSET', KEYS[i], 'token', tok)\n"
+    "  else\n"
+    "    redis.call('HSET', KEYS[i], 'token', tok, 'cursor', start, 'delivered', '0', 'done', "
+    "'0')\n"
+    "    m = {tok, start, '0', '0'}\n"
+    "  end\n"
+    "  if not low or newer(low, m[2]) then low = m[2] end\n"
+    "  delivered = delivered + (tonumber(m[3]) or 0)\n"
+    "  if m[4] ~= '1' then done = 0 end\n"
+    "end\n"
+    "return {1, low, delivered, done}\n";
 
 /*
- * KEYS[1] progress hash, KEYS[2..1+G] the stream of each of the G shard groups, in group
- * order; with the layout tail, then (flag c) the G bodies hashes and the G refs sorted sets
- * of those streams, in group order; then "queues" and "queue:<name>" (flag q), then one
- * inbox key per id in the order the ids appear in the groups (flag i).
+ * One page's (job, shard) units: G >= 1 shard groups, each with its own progress mark.
+ * KEYS[1..G] the marks, KEYS[G+1..2G] the streams, in group order; with the layout tail,
+ * then (flag c) the G bodies hashes and the G refs sorted sets of those streams, in group
+ * order; then "queues" and "queue:<name>" (flag q), then one inbox key per id in the order
+ * the ids appear in the groups (flag i). On a Redis Cluster G is 1 (a script's keys share
+ * one slot: every key of a shard carries its hash tag); on a single Redis G is every shard.
  * ARGV token, expect_cursor, new_cursor, last, ttl_s, event, author, kind, payload,
- * created_at, then per group: k and k recipient ids; then optionally the layout tail:
- * "+layouts", flags (letters: s full stream entries, c compact stream entries, i inbox,
- * q sidekiq), inbox_cap, inbox_ttl_s, sidekiq queue, sidekiq class, sidekiq retry. Without
- * the tail the page is full stream entries only: the same command it always was.
+ * created_at, then per group: k >= 0 and k recipient ids (ascending); then optionally the
+ * layout tail: "+layouts", flags (letters: s full stream entries, c compact stream entries,
+ * i inbox, q sidekiq), inbox_cap, inbox_ttl_s, sidekiq queue, sidekiq class, sidekiq retry.
+ * Without the tail the page is full stream entries only.
+ *
+ * A group applies when its mark is at or past expect_cursor and not done: ids up to its
+ * mark are skipped (that shard holds them already: an earlier attempt got further there than
+ * in the job's slowest shard), the rest written, and the mark moves to max(mark,
+ * new_cursor). A mark behind expect_cursor (that shard lacks a page) or done leaves its group
+ * unwritten. So a job that resumes from its lowest cursor repeats nothing and skips nothing.
  *
  * Compact entries (flag c) carry only event and recipient. Per group, before its first
  * entry, the event's body {"author","kind","created_at","payload"} (one JSON object) is
  * written into the stream's bodies hash with HSETNX (written once, idempotent: a resent or
  * repeated page changes nothing), and after its entries the event's score in the refs
  * sorted set becomes the millisecond part of the newest entry id that refers to it, which
- * is what retention reads to know when the body's last entry is trimmed. The bodies and
- * refs keys are named after the stream key, so they share its hash tag on a cluster.
- * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark; {-2, cursor, delivered, done}
- * if the mark is elsewhere or done; else {1, new_cursor, delivered, done} after writing.
+ * is what retention reads to know when the body's last entry is trimmed.
+ * Returns {-1} if fenced (any mark); {-2, '', 0, 0} if a mark is missing, writing nothing;
+ * else {1 if every group applied or -2, lowest cursor, summed delivered, 1 if every mark is
+ * done}: what a fence of the same marks would report now.
  *
  * The inbox element and the job's args[0] are one JSON object built by concatenation: the
  * ids are decimal digits, kind and created_at go through cjson.encode (escaping), and the
  * payload is embedded raw because PostgreSQL rendered it from jsonb, so it is valid JSON.
  * Timestamps of a job are Redis's TIME (seconds with microseconds, as Sidekiq writes them);
  * its jid is the first 24 hex digits of SHA-1 of the notification id, stable across retries.
- * Every key is type-checked before the first write (the mark, each shard stream, the Sidekiq
- * and inbox keys): a wrong-typed key would otherwise fail an XADD or LPUSH half-way through
- * the page, after the entries before it were written, and a resent page would repeat them.
+ * Every key is type-checked and every mark read before the first write: a wrong-typed key
+ * would otherwise fail an XADD or LPUSH half-way through the page, after the entries before
+ * it were written, and a resent page would repeat them.
  */
 const char ntf__page_lua[] =
-    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local pk, tok = KEYS[1], ARGV[1]\n"
+    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local tok = ARGV[1]\n"
     "local a, ng, nids = 11, 0, 0\n"
     "while a <= #ARGV and ARGV[a] ~= '+layouts' do\n"
     "  local k = tonumber(ARGV[a])\n"
-    "  if not k or k < 1 then return redis.error_reply('ERR fanout page: bad group') end\n"
+    "  if not k or k < 0 then return redis.error_reply('ERR fanout page: bad group') end\n"
     "  a, ng, nids = a + 1 + k, ng + 1, nids + k\n"
     "end\n"
+    "if ng < 1 or a > #ARGV + 1 then return redis.error_reply('ERR fanout page: bad arity') end\n"
     "local st, cp, inb, sq = true, false, false, false\n"
     "local extra = 0\n"
     "if a <= #ARGV then\n"
@@ -107,18 +137,17 @@ const char ntf__page_lua[] =
     "  if cp then extra = extra + 2 * ng end\n"
     "  if sq then extra = extra + 2 end\n"
     "  if inb then extra = extra + nids end\n"
-    "elseif a ~= #ARGV + 1 then return redis.error_reply('ERR fanout page: bad arity') end\n"
-    "if #KEYS ~= 1 + ng + extra then return redis.error_reply('ERR fanout page: bad keys') end\n"
-    "local tail = a\n"
-    "local e = want(pk, 'hash')\n"
-    "if e then return e end\n"
-    "if st or cp then\n"
-    "  for g = 2, 1 + ng do\n"
-    "    e = want(KEYS[g], 'stream')\n"
-    "    if e then return e end\n"
-    "  end\n"
     "end\n"
-    "local bb = 2 + ng\n"
+    "if #KEYS ~= 2 * ng + extra then return redis.error_reply('ERR fanout page: bad keys') end\n"
+    "local tail = a\n"
+    "local e\n"
+    "for g = 1, ng do\n"
+    "  e = want(KEYS[g], 'hash')\n"
+    "  if e then return e end\n"
+    "  if st or cp then e = want(KEYS[ng + g], 'stream') end\n"
+    "  if e then return e end\n"
+    "end\n"
+    "local bb = 2 * ng + 1\n"
     "if cp then\n"
     "  for g = 0, ng - 1 do\n"
     "    e = want(KEYS[bb + g], 'hash') or want(KEYS[bb + ng + g], 'zset')\n"
@@ -137,12 +166,12 @@ const char ntf__page_lua[] =
     "    if e then return e end\n"
     "  end\n"
     "end\n"
-    "local m = redis.call('HMGET', pk, 'token', 'cursor', 'delivered', 'done')\n"
-    "if m[1] and newer(m[1], tok) then return {-1} end\n"
-    "if not m[2] then return {-2, '', 0, 0} end\n"
-    "local delivered = tonumber(m[3]) or 0\n"
-    "if m[4] == '1' or m[2] ~= ARGV[2] then\n"
-    "  return {-2, m[2], delivered, tonumber(m[4]) or 0}\n"
+    "local cur, del, dn = {}, {}, {}\n"
+    "for g = 1, ng do\n"
+    "  local m = redis.call('HMGET', KEYS[g], 'token', 'cursor', 'delivered', 'done')\n"
+    "  if m[1] and newer(m[1], tok) then return {-1} end\n"
+    "  if not m[2] then return {-2, '', 0, 0} end\n"
+    "  cur[g], del[g], dn[g] = m[2], tonumber(m[3]) or 0, m[4] == '1'\n"
     "end\n"
     "local ev, author, kind, payload, created = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]\n"
     "local n1, n2, n3, cap, ittl, qk, qpre, qpost\n"
@@ -168,43 +197,61 @@ const char ntf__page_lua[] =
     "          ',\"created_at\":' .. now .. ',\"enqueued_at\":' .. now .. ',\"jid\":\"'\n"
     "  redis.call('SADD', KEYS[qb], q)\n"
     "end\n"
+    "local moved = false\n"
     "a = 11\n"
-    "for g = 2, 1 + ng do\n"
-    "  local sk, k = KEYS[g], tonumber(ARGV[a])\n"
-    "  local newest\n"
-    "  if cp then redis.call('HSETNX', KEYS[bb + g - 2], ev, body) end\n"
-    "  for i = a + 1, a + k do\n"
-    "    local r = ARGV[i]\n"
-    "    if st then\n"
-    "      redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author', author,\n"
-    "                 'recipient', r, 'kind', kind, 'payload', payload, 'created_at', created)\n"
-    "    elseif cp then\n"
-    "      newest = redis.call('XADD', sk, '*', 'event', ev, 'recipient', r)\n"
-    "    end\n"
-    "    if inb or sq then\n"
-    "      local note = n1 .. r .. n2 .. r .. n3\n"
-    "      if inb then\n"
-    "        redis.call('LPUSH', KEYS[ib], note)\n"
-    "        redis.call('LTRIM', KEYS[ib], 0, cap - 1)\n"
-    "        if ittl > 0 then redis.call('EXPIRE', KEYS[ib], ittl) end\n"
-    "        ib = ib + 1\n"
+    "for g = 1, ng do\n"
+    "  local k, c = tonumber(ARGV[a]), cur[g]\n"
+    "  if dn[g] or newer(ARGV[2], c) then\n"
+    "    moved = true\n"
+    "    if inb then ib = ib + k end\n"
+    "  else\n"
+    "    local sk, newest, from = KEYS[ng + g], nil, a + 1\n"
+    "    -- ids ascend: skip those up to the mark, then every later one is new\n"
+    "    while from <= a + k and not newer(ARGV[from], c) do from = from + 1 end\n"
+    "    if inb then ib = ib + from - a - 1 end\n"
+    "    if cp and from <= a + k then redis.call('HSETNX', KEYS[bb + g - 1], ev, body) end\n"
+    "    local wrote = a + k - from + 1\n"
+    "    for i = from, a + k do\n"
+    "      local r = ARGV[i]\n"
+    "      if st then\n"
+    "        redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author',\n"
+    "                   author, 'recipient', r, 'kind', kind, 'payload', payload,\n"
+    "                   'created_at', created)\n"
+    "      elseif cp then\n"
+    "        newest = redis.call('XADD', sk, '*', 'event', ev, 'recipient', r)\n"
     "      end\n"
-    "      if sq then\n"
-    "        redis.call('LPUSH', qk, qpre .. note .. qpost ..\n"
-    "                   string.sub(redis.sha1hex(ev .. ':' .. r), 1, 24) .. '\"}')\n"
+    "      if inb or sq then\n"
+    "        local note = n1 .. r .. n2 .. r .. n3\n"
+    "        if inb then\n"
+    "          redis.call('LPUSH', KEYS[ib], note)\n"
+    "          redis.call('LTRIM', KEYS[ib], 0, cap - 1)\n"
+    "          if ittl > 0 then redis.call('EXPIRE', KEYS[ib], ittl) end\n"
+    "          ib = ib + 1\n"
+    "        end\n"
+    "        if sq then\n"
+    "          redis.call('LPUSH', qk, qpre .. note .. qpost ..\n"
+    "                     string.sub(redis.sha1hex(ev .. ':' .. r), 1, 24) .. '\"}')\n"
+    "        end\n"
     "      end\n"
     "    end\n"
-    "  end\n"
-    "  if newest then\n"
-    "    redis.call('ZADD', KEYS[bb + ng + g - 2], tonumber(newest:match('^(%d+)')), ev)\n"
+    "    if newest then\n"
+    "      redis.call('ZADD', KEYS[bb + ng + g - 1], tonumber(newest:match('^(%d+)')), ev)\n"
+    "    end\n"
+    "    if newer(ARGV[3], c) then c = ARGV[3] end\n"
+    "    cur[g], del[g], dn[g] = c, del[g] + wrote, ARGV[4] == '1'\n"
+    "    redis.call('HSET', KEYS[g], 'cursor', c, 'delivered', string.format('%d', del[g]),\n"
+    "               'done', ARGV[4])\n"
+    "    if ARGV[4] == '1' then redis.call('EXPIRE', KEYS[g], ARGV[5]) end\n"
     "  end\n"
     "  a = a + 1 + k\n"
-    "  delivered = delivered + k\n"
     "end\n"
-    "redis.call('HSET', pk, 'cursor', ARGV[3], 'delivered', string.format('%d', delivered),\n"
-    "           'done', ARGV[4])\n"
-    "if ARGV[4] == '1' then redis.call('EXPIRE', pk, ARGV[5]) end\n"
-    "return {1, ARGV[3], delivered, tonumber(ARGV[4])}\n";
+    "local low, total, done = cur[1], 0, 1\n"
+    "for g = 1, ng do\n"
+    "  if newer(low, cur[g]) then low = cur[g] end\n"
+    "  total = total + del[g]\n"
+    "  if not dn[g] then done = 0 end\n"
+    "end\n"
+    "return {moved and -2 or 1, low, total, done}\n";
 
 /*
  * Retention of one shard stream, fanoutd's on its loop and `fanoutctl trim`'s alike.
@@ -312,46 +359,6 @@ const char ntf_retention_lua[] =
     "  bytes = bytes + (redis.call('MEMORY', 'USAGE', k) or 0)\n"
     "end\n"
     "return {ngroups, bound, trimmed, dropped, bytes, marked}\n";
-
-/*
- * Queue format version 3's unit on a Redis Cluster: one shard's part of one page, with that
- * shard's own mark (docs/redis-cluster.md). KEYS[1] the (job, shard) mark hash, KEYS[2]
- * the shard's stream: both carry the shard's hash tag, so they share a slot.
- * ARGV token, expect_cursor, page_end, last, ttl_s, event, author, kind, payload,
- * created_at, then the page's recipient ids of this shard, ascending.
- * The mark may be ahead of expect_cursor (this shard got further than the job's slowest
- * one before a crash): ids up to the mark are skipped, since the shard holds them already,
- * and the mark moves to max(mark, page_end). A mark behind expect_cursor (a page of this
- * shard not applied) refuses the part: it would leave a gap.
- * Returns {-1} if fenced; {-2, '', 0, 0} if there is no mark; {-2, cursor, delivered, done}
- * if the mark is behind or done; else {1, cursor, delivered, done} after writing.
- */
-const char ntf__shard_page_lua[] =
-    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "if #KEYS ~= 2 or #ARGV < 10 then\n"
-    "  return redis.error_reply('ERR fanout shard page: bad arity')\n"
-    "end\n"
-    "local pk, sk, tok = KEYS[1], KEYS[2], ARGV[1]\n"
-    "local e = want(pk, 'hash') or want(sk, 'stream')\n"
-    "if e then return e end\n"
-    "local m = redis.call('HMGET', pk, 'token', 'cursor', 'delivered', 'done')\n"
-    "if m[1] and newer(m[1], tok) then return {-1} end\n"
-    "if not m[2] then return {-2, '', 0, 0} end\n"
-    "local cur, delivered, done = m[2], tonumber(m[3]) or 0, tonumber(m[4]) or 0\n"
-    "if done == 1 or newer(ARGV[2], cur) then return {-2, cur, delivered, done} end\n"
-    "local ev, author, kind, payload, created = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]\n"
-    "for i = 11, #ARGV do\n"
-    "  local r = ARGV[i]\n"
-    "  if newer(r, cur) then\n"
-    "    redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author', author,\n"
-    "               'recipient', r, 'kind', kind, 'payload', payload, 'created_at', created)\n"
-    "    delivered = delivered + 1\n"
-    "  end\n"
-    "end\n"
-    "if newer(ARGV[3], cur) then cur = ARGV[3] end\n"
-    "redis.call('HSET', pk, 'cursor', cur, 'delivered', string.format('%d', delivered),\n"
-    "           'done', ARGV[4])\n"
-    "if ARGV[4] == '1' then redis.call('EXPIRE', pk, ARGV[5]) end\n"
-    "return {1, cur, delivered, tonumber(ARGV[4])}\n";
 
 /* The backpressure reading over the shard streams in KEYS (backlog.c, cwrite.c): the
  * largest backlog of any consumer group, and the index of its stream in KEYS. Read-only, so

@@ -82,16 +82,16 @@ Try, in this shell (publish as a producer, status as fanoutd's role):
   export FANOUT_REDIS_PORT=%(redis)d PATH=%(bin)s:$PATH
   FANOUT_PG_DSN='%(ctl_dsn)s' fanoutctl publish --author %(author)d --kind post --payload '{"text":"again"}'
   FANOUT_PG_DSN='%(worker_dsn)s' fanoutctl status
-  redis-cli -p %(redis)d XLEN fanout:stream:0
-  redis-cli -p %(redis)d XRANGE fanout:stream:0 - + COUNT 3
-  redis-cli -p %(redis)d HGETALL fanout:stream:0:bodies      # the events' bodies, once each
+  redis-cli -p %(redis)d XLEN '%(stream0)s'
+  redis-cli -p %(redis)d XRANGE '%(stream0)s' - + COUNT 3
+  redis-cli -p %(redis)d HGETALL '%(stream0)s:bodies'      # the events' bodies, once each
   fanoutctl consume --group demo --consumer me --count 5
   python3 examples/consumers/python/consumer.py --port %(redis)d --group py --consumer p1
   scripts/demo --stop""" % {
         "super": s.dsn(harness.SUPERUSER, "psql"), "producer": s.dsn("producer", "psql"),
         "redis": s.redis_port, "pid": d.pid, "log": d.log_path,
         "ctl_dsn": s.dsn("producer", "fanoutctl"), "worker_dsn": s.dsn("fanoutd", "fanoutctl"), "bin": os.path.dirname(harness.FANOUTCTL),
-        "author": author})
+        "author": author, "stream0": harness.stream_key("fanout", 0, 16)})
 
 
 def peak_rss_kib(pid):

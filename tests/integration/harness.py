@@ -466,9 +466,25 @@ def shard_tag(n, shards):
     return "%d.%d" % (n, k)
 
 
-def cluster_stream_key(prefix, n, shards):
-    """Shard n's stream on a Redis Cluster: <prefix>:{<tag>}:stream:<n>."""
-    return "%s:{%s}:stream:%d" % (prefix, shard_tag(n, shards), n)
+_TAGS = {}
+
+
+def _tag(n, shards):
+    if (n, shards) not in _TAGS:
+        _TAGS[(n, shards)] = shard_tag(n, shards)
+    return _TAGS[(n, shards)]
+
+
+def stream_key(prefix, n, shards):
+    """Shard n's stream in queue format 3, on a single Redis and a Redis Cluster alike:
+    <prefix>:{<tag>}:stream:<n>."""
+    return "%s:{%s}:stream:%d" % (prefix, _tag(n, shards), n)
+
+
+
+def mark_key(prefix, n, shards, job):
+    """Job's progress mark for shard n (queue format 3): <prefix>:{<tag>}:progress:<job>."""
+    return "%s:{%s}:progress:%d" % (prefix, _tag(n, shards), job)
 
 
 class RedisCluster:
@@ -1369,17 +1385,38 @@ class Servers:
                                       decode_responses=True, socket_timeout=10)
         return self._redis
 
+    def stream_key(self, n, shards=None):
+        """Shard n's stream key (shards: the daemon's count, default self.shards or 16)."""
+        return stream_key(self.key_prefix, n, shards or self.shards or 16)
+
     def stream_keys(self):
-        """Every existing shard stream <prefix>:stream:<n>, ordered by n (on a cluster:
-        <prefix>:{<tag>}:stream:<n>)."""
+        """Every existing shard stream <prefix>:{<tag>}:stream:<n>, ordered by n."""
         if self.cluster is not None:
             shards = self.shards or 16
-            keys = [cluster_stream_key(self.key_prefix, n, shards) for n in range(shards)]
+            keys = [stream_key(self.key_prefix, n, shards) for n in range(shards)]
             return [k for k in keys if self.redis.exists(k)]
-        pat = re.compile(r"^%s:stream:(\d+)$" % re.escape(self.key_prefix))
-        keys = [k for k in self.redis.scan_iter(match="%s:stream:*" % self.key_prefix,
+        pat = re.compile(r"^%s:\{\d+\.\d+\}:stream:(\d+)$" % re.escape(self.key_prefix))
+        keys = [k for k in self.redis.scan_iter(match="%s:{*}:stream:*" % self.key_prefix,
                                                 count=1000, _type="STREAM") if pat.match(k)]
         return sorted(keys, key=lambda k: int(pat.match(k).group(1)))
+
+    def mark_keys(self, job):
+        """The job's existing progress marks, one per shard (queue format 3)."""
+        if self.cluster is not None:
+            shards = self.shards or 16
+            keys = [mark_key(self.key_prefix, n, shards, job) for n in range(shards)]
+            return [k for k in keys if self.redis.exists(k)]
+        return sorted(self.redis.scan_iter(match="%s:{*}:progress:%d" % (self.key_prefix, job),
+                                           count=1000))
+
+    def mark_field(self, job, field):
+        """A field of the job's marks as fanoutd reads them: cursor the lowest over the
+        shards, delivered the sum; None when the job has no mark."""
+        vals = [self.redis.hget(k, field) for k in self.mark_keys(job)]
+        vals = [int(v) for v in vals if v is not None]
+        if not vals:
+            return None
+        return min(vals) if field == "cursor" else sum(vals)
 
     def stream_entries(self, event_id=None, chunk=1000, raw=False):
         """All entries of all shard streams (XRANGE in chunks), each a dict of its fields plus
@@ -1437,7 +1474,6 @@ class Servers:
         env["FANOUT_REDIS_PORT"] = str(self.redis_port)
         if self.cluster is not None:
             env["FANOUT_REDIS_CLUSTER"] = self.cluster.seeds()
-            env["FANOUT_STREAM_ENTRIES"] = "full"  # compact entries on a cluster: not yet
         if self.key_prefix != "fanout":
             env["FANOUT_KEY_PREFIX"] = self.key_prefix
         if self.shards is not None:
@@ -1446,7 +1482,7 @@ class Servers:
         env["FANOUT_METRICS_PORT"] = "0"
         # FO_TEST_STREAM_ENTRIES=full|compact runs a whole test file in one stream layout
         # (CMakeLists.txt runs the exactly-once files in both)
-        if os.environ.get("FO_TEST_STREAM_ENTRIES") and self.cluster is None:
+        if os.environ.get("FO_TEST_STREAM_ENTRIES"):
             env["FANOUT_STREAM_ENTRIES"] = os.environ["FO_TEST_STREAM_ENTRIES"]
         return _with_overrides(env, overrides)
 

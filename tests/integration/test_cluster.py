@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 
-from harness import SOURCE_DIR, Suite, shard_tag
+from harness import SOURCE_DIR, Suite, free_port, http_get, shard_tag
 
 suite = Suite("test_cluster")
 CLUSTER = dict(cluster=True)
@@ -166,7 +166,9 @@ def slot_migrated_mid_fanout_exact_with_moved_and_ask(s):
     s.seed_followers(8, n)
     ev = s.publish(8)
     # 20,000 rows/s: the fan-out lasts about 3 s, well past the migration's end
-    d = s.start_daemon(FANOUT_PAGE_SIZE=500, FANOUT_READ_BUDGET_ROWS_S=20000)
+    port = free_port()
+    d = s.start_daemon(FANOUT_PAGE_SIZE=500, FANOUT_READ_BUDGET_ROWS_S=20000,
+                       FANOUT_METRICS_PORT=port)
     wait_progress(s, ev, 10000, d)
     slot = shard_slot(5)
     src = s.cluster.owner(slot)
@@ -187,6 +189,13 @@ def slot_migrated_mid_fanout_exact_with_moved_and_ask(s):
     print("  ASK seen %s, MOVED seen %s (log lines at powers of two)"
           % (asks[-1:] or 0, moves[-1:] or 0), flush=True)
     assert asks and moves, d.log_tail()
+    # the router's counters as metrics: at least what the log lines counted
+    body = http_get(port, "/metrics")[2]
+    m = {k: float(v) for k, v in re.findall(r"^(fanout_redis_cluster_\S+) (\S+)$", body, re.M)}
+    assert m['fanout_redis_cluster_redirects_total{kind="ask"}'] >= int(asks[-1]), body
+    assert m['fanout_redis_cluster_redirects_total{kind="moved"}'] >= int(moves[-1]), body
+    assert m["fanout_redis_cluster_slot_map_refreshes_total"] >= 2, body
+    assert m["fanout_redis_cluster_primaries"] == 3, body
 
 
 EXAMPLES = os.path.join(SOURCE_DIR, "examples", "consumers")

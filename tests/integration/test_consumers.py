@@ -130,7 +130,7 @@ class Consumer:
 def group_drained(s, group="app"):
     """Every shard stream's group has delivered its last entry and holds nothing pending."""
     for n in range(SHARDS):
-        key = "fanout:stream:%d" % n
+        key = s.stream_key(n, SHARDS)
         if not s.redis.exists(key):
             return False
         last = s.redis.xinfo_stream(key)["last-generated-id"]
@@ -172,7 +172,7 @@ def run_consumers(s, lang):
     # A held entries it had handled (the dedupe marks must stop them being handled again)
     # and entries it had not (XAUTOCLAIM must hand them to B or C).
     assert 1 <= held_handled < held, m.group(0)
-    pending_a = sum(s.redis.xpending("fanout:stream:%d" % n, "app")["pending"]
+    pending_a = sum(s.redis.xpending(s.stream_key(n, SHARDS), "app")["pending"]
                     for n in range(SHARDS))
     assert pending_a >= held, (pending_a, held)
 
@@ -241,7 +241,7 @@ def body_cache_holds_what_a_batch_needs_and_a_missing_body_fails_alone(s):
     # then 1000 again beside a new event 3000, then 4000 (its body missing) and 3000 again.
     # Read in batches of COUNT (50), the sixth batch finds 1000 cached as the oldest of 250
     # and brings 7 new events: a cache of 256 that evicts while mapping the batch loses 1000.
-    key = "fanout:stream:0"
+    key = s.stream_key(0, SHARDS)
     entries = ([("1000", "1")] + [(str(2000 + i), "1") for i in range(255)] +
                [("1000", "2"), ("3000", "1"), ("4000", "1"), ("3000", "2")])
     assert COUNT == 50
@@ -287,7 +287,7 @@ def trim_keeps_what_any_group_still_needs(s):
     s.start_daemon(FANOUT_SHARDS=1, FANOUT_PAGE_SIZE=64, FANOUT_RETENTION_MS=0)
     ev = s.publish(30)
     s.wait_event_done(ev)
-    key, r = "fanout:stream:0", s.redis
+    key, r = s.stream_key(0, 1), s.redis
     ids = [e[0] for e in r.xrange(key)]
     assert len(ids) == 200
 
@@ -326,7 +326,7 @@ def trim_keeps_what_any_group_still_needs(s):
 
     # Ids are compared and stepped as decimal strings: a sequence number at 2^64-1 steps
     # to the next millisecond (Lua numbers would round it).
-    edge = "fanout:stream:1"
+    edge = s.stream_key(1, 2)
     r.xadd(edge, {"id": "x"}, id="5-18446744073709551614")
     r.xadd(edge, {"id": "y"}, id="5-18446744073709551615")
     r.xadd(edge, {"id": "z"}, id="6-0")

@@ -34,7 +34,7 @@ def assert_exactly_once(s, ev, n):
 def progress(s, ev):
     total = 0
     for (job,) in s.sql("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,)):
-        v = s.redis.hget("fanout:progress:%d" % job, "delivered")
+        v = s.mark_field(job, "delivered")
         total += int(v) if v else 0
     return total
 
@@ -172,7 +172,7 @@ def backpressure_pauses_until_consumers_catch_up(s):
     s.seed_followers(9, n)
     r = s.redis
     for shard in range(16):
-        r.xgroup_create("fanout:stream:%d" % shard, "app", id="0", mkstream=True)
+        r.xgroup_create(s.stream_key(shard, 16), "app", id="0", mkstream=True)
     # retention off: it would trim what the consumer acknowledged (on its 5 s timer, so only
     # sometimes before the count below); this test is about backpressure, which trims nothing
     d = s.start_daemon(FANOUT_PAGE_SIZE=200, FANOUT_BACKLOG_HIGH=300, FANOUT_BACKLOG_LOW=50,
@@ -190,7 +190,7 @@ def backpressure_pauses_until_consumers_catch_up(s):
     deadline = time.monotonic() + 120
     while s.job_states(ev) != {"done": 1}:
         assert time.monotonic() < deadline, s.daemon_logs()
-        got = r.xreadgroup("app", "c1", {"fanout:stream:%d" % i: ">" for i in range(16)},
+        got = r.xreadgroup("app", "c1", {s.stream_key(i, 16): ">" for i in range(16)},
                            count=1000)
         for key, entries in got or []:
             if entries:
@@ -199,7 +199,7 @@ def backpressure_pauses_until_consumers_catch_up(s):
     assert "resuming fan-out" in d.log()
     assert_exactly_once(s, ev, n)
     # nothing was trimmed: every entry is still in the streams
-    assert sum(r.xlen("fanout:stream:%d" % i) for i in range(16)) == n
+    assert sum(r.xlen(s.stream_key(i, 16)) for i in range(16)) == n
 
 
 @suite.test

@@ -212,7 +212,7 @@ def xadd_notification(s, event, author, recipient, payload, shards=16):
     fields = {"id": "%d:%d" % (event, recipient), "event": str(event), "author": str(author),
               "recipient": str(recipient), "kind": "post", "payload": payload,
               "created_at": "2026-11-27T09:50:00.123456Z"}
-    key = "fanout:stream:%d" % (recipient % shards)
+    key = s.stream_key(recipient % shards, shards)
     return key, s.redis.xadd(key, fields), fields
 
 

@@ -57,7 +57,7 @@ def entries_carry_the_documented_fields(s):
     assert len(entries) == 20
     for e in entries:
         r = int(e["recipient"])
-        assert e["_stream"] == "fanout:stream:%d" % (r % 4), e
+        assert e["_stream"] == s.stream_key(r % 4, 4), e
         assert e["id"] == "%d:%d" % (ev, r)
         assert e["event"] == str(ev) and e["author"] == "42" and e["kind"] == "post.created"
         assert json.loads(e["payload"]) == json.loads(payload)
@@ -132,7 +132,7 @@ def job_progress(s, ev):
     large event is split into follower-id ranges)."""
     total = 0
     for (job,) in s.sql("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,)):
-        v = s.redis.hget("fanout:progress:%d" % job, "delivered")
+        v = s.mark_field(job, "delivered")
         total += int(v) if v else 0
     return total
 

@@ -146,7 +146,7 @@ def demo_keep_leaves_servers_up_and_stop_ends_them(s):
         import redis as redis_py
         rc = redis_py.Redis(port=port, decode_responses=True)
         deadline = time.monotonic() + 60  # the kept fanoutd delivers it
-        streams = lambda: rc.scan_iter("fanout:stream:*", _type="STREAM")  # noqa: E731
+        streams = lambda: rc.scan_iter("fanout:{*}:stream:*", _type="STREAM")  # noqa: E731
         while sum(1 for k in streams() for _, f in rc.xrange(k) if f["event"] == ev) < 200:
             assert time.monotonic() < deadline, "the kept fanoutd did not deliver"
             time.sleep(0.1)

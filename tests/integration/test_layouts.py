@@ -141,7 +141,7 @@ def a_wrong_typed_inbox_key_refuses_the_whole_page(s):
 
 def job_progress(s, ev):
     job = s.sql_value("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,))
-    v = s.redis.hget("fanout:progress:%d" % job, "delivered") if job else None
+    v = s.mark_field(job, "delivered") if job else None
     return int(v) if v else 0
 
 

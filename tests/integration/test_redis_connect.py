@@ -55,7 +55,7 @@ def stop_socket_redis(s):
 
 def recipients(r, prefix="fanout"):
     got = []
-    for key in r.scan_iter(match="%s:stream:*" % prefix, _type="STREAM"):
+    for key in r.scan_iter(match="%s:{*}:stream:*" % prefix, _type="STREAM"):
         got += [int(f["recipient"]) for _, f in r.xrange(key)]
     return sorted(got)
 
@@ -85,7 +85,7 @@ def unix_socket_database_index_and_acl_user(s):
         assert got == list(range(1, 41)), c.stdout[:400]
         # the grant covers retention too: what the group acknowledged is trimmed
         deadline = time.monotonic() + 20
-        while sum(r3.xlen(k) for k in r3.scan_iter(match="fanout:stream:*", _type="STREAM")):
+        while sum(r3.xlen(k) for k in r3.scan_iter(match="fanout:{*}:stream:*", _type="STREAM")):
             assert time.monotonic() < deadline, d.log_tail()
             time.sleep(0.1)
         assert "retention failed" not in d.log(), d.log_tail()

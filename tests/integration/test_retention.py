@@ -61,7 +61,7 @@ def compact_entries_hold_event_and_recipient_and_one_body_per_stream(s):
     r = s.redis
     created = None
     for n in range(3):
-        key = "fanout:stream:%d" % n
+        key = s.stream_key(n, 3)
         entries = r.xrange(key)
         assert [f for _, f in entries] == [{"event": str(ev), "recipient": str(x)}
                                            for x in range(100, 130) if x % 3 == n]
@@ -88,10 +88,10 @@ def full_layout_is_version_two_and_writes_no_bodies(s):
     ev = s.publish(43, payload='{"n": 1}')
     s.wait_event_done(ev)
     for n in range(2):
-        for _, f in s.redis.xrange("fanout:stream:%d" % n):
+        for _, f in s.redis.xrange(s.stream_key(n, 2)):
             assert list(f) == ["id", "event", "author", "recipient", "kind", "payload",
                                "created_at"], f
-    assert s.redis.keys("fanout:stream:*:*") == []
+    assert s.redis.keys("fanout:{*}:stream:*:*") == []
 
 
 @suite.test
@@ -109,7 +109,7 @@ def consume_prints_the_same_json_in_both_layouts(s):
         assert len(got) == 12
         for o in got:
             o.pop("entry")
-            assert o == {"stream": "fanout:stream:%d" % (int(o["recipient"]) % 2),
+            assert o == {"stream": s.stream_key(int(o["recipient"]) % 2, 2),
                          "id": "%d:%s" % (ev, o["recipient"]), "event": str(ev), "author": "44",
                          "recipient": o["recipient"], "kind": "post:x",
                          "payload": json.loads(payload), "created_at": created}, o
@@ -123,12 +123,12 @@ def consume_names_a_missing_body_and_leaves_the_batch_pending(s):
     s.start_daemon(FANOUT_SHARDS=1, FANOUT_RETENTION_MS=0)
     ev = s.publish(45)
     s.wait_event_done(ev)
-    s.redis.delete("fanout:stream:0:bodies")
+    s.redis.delete(s.stream_key(0, 1) + ":bodies")
     r = s.fanoutctl("consume", "--group", "g", "--consumer", "c", FANOUT_SHARDS=1)
     assert r.returncode != 0 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and "fanout:stream:0:bodies holds no body for event" \
+    assert r.stderr.count("\n") == 1 and s.stream_key(0, 1) + ":bodies holds no body for event" \
         in r.stderr, r.stderr
-    assert s.redis.xpending("fanout:stream:0", "g")["pending"] == 4
+    assert s.redis.xpending(s.stream_key(0, 1), "g")["pending"] == 4
 
 
 @suite.test
@@ -136,7 +136,7 @@ def retention_keeps_what_a_lagging_group_or_a_dead_consumer_holds(s):
     n, shards = 4000, 2
     s.seed_followers(46, n)
     r = s.redis
-    keys = ["fanout:stream:%d" % k for k in range(shards)]
+    keys = [s.stream_key(k, shards) for k in range(shards)]
     for key in keys:  # both groups exist before anything is written
         r.xgroup_create(key, "fast", id="0", mkstream=True)
         r.xgroup_create(key, "slow", id="0", mkstream=True)
@@ -210,14 +210,14 @@ def retention_without_groups_caps_length_then_age(s):
     ev = s.publish(47)
     s.wait_event_done(ev)
     r = s.redis
-    for key in ("fanout:stream:0", "fanout:stream:1"):
+    for key in (s.stream_key(0, 2), s.stream_key(1, 2)):
         wait_for("cap of %s" % key, lambda: r.xlen(key) == 50)
         assert [f["recipient"] for _, f in r.xrange(key)] == \
             [str(x) for x in range(1, 601) if x % 2 == int(key[-1])][-50:]
         assert r.hget(key + ":bodies", str(ev)) is not None  # its newest entries remain
     assert d.stop() == 0
     s.start_daemon(FANOUT_SHARDS=2, FANOUT_RETENTION_MAX_AGE_S=1, **RETAIN)
-    for key in ("fanout:stream:0", "fanout:stream:1"):
+    for key in (s.stream_key(0, 2), s.stream_key(1, 2)):
         wait_for("age trim of %s" % key, lambda: r.xlen(key) == 0, timeout=30)
         wait_for("bodies of %s dropped" % key, lambda: not r.exists(key + ":bodies"))
 
@@ -229,25 +229,26 @@ def bodies_outlive_their_last_entry_by_the_grace(s):
     ev = s.publish(48)
     s.wait_event_done(ev)
     r = s.redis
-    r.xgroup_create("fanout:stream:0", "g", id="0")
+    r.xgroup_create(s.stream_key(0, 1), "g", id="0")
     assert len(consume(s, "g", "c", shards=1)) == 10
-    wait_for("trim", lambda: r.xlen("fanout:stream:0") == 0)
+    wait_for("trim", lambda: r.xlen(s.stream_key(0, 1)) == 0)
     t0 = time.monotonic()
     # trimmed: the body waits out its grace (its refs score says since when), then goes
-    assert r.hget("fanout:stream:0:bodies", str(ev)) is not None
-    assert r.zscore("fanout:stream:0:refs", str(ev)) < 0
-    wait_for("body dropped", lambda: not r.exists("fanout:stream:0:bodies"), timeout=30)
+    assert r.hget(s.stream_key(0, 1) + ":bodies", str(ev)) is not None
+    assert r.zscore(s.stream_key(0, 1) + ":refs", str(ev)) < 0
+    wait_for("body dropped", lambda: not r.exists(s.stream_key(0, 1) + ":bodies"), timeout=30)
     assert time.monotonic() - t0 > 1.0
 
 
 @suite.test
 def retention_names_a_wrong_typed_key_and_touches_nothing(s):
     s.seed_followers(49, 10)
-    s.redis.set("fanout:stream:0:refs", "oops")
+    refs = s.stream_key(0, 1) + ":refs"
+    s.redis.set(refs, "oops")
     d = s.start_daemon(FANOUT_SHARDS=1, FANOUT_RETENTION_MS=100)
-    d.wait_log(r"retention skips a shard: a key has the wrong type.*fanout:stream:0:refs is a "
-               r"string, not a zset")
-    assert s.redis.get("fanout:stream:0:refs") == "oops"
+    d.wait_log(r"retention skips a shard: a key has the wrong type.*%s is a "
+               r"string, not a zset" % re.escape(refs))
+    assert s.redis.get(refs) == "oops"
 
 
 def seed_orphan_bodies(s, key, n):
@@ -263,10 +264,10 @@ def seed_orphan_bodies(s, key, n):
 @suite.test
 def a_round_drops_any_number_of_bodies(s):
     # 2,500 bodies at 1,000 per call: the shard runs again at once, not one period later
-    seed_orphan_bodies(s, "fanout:stream:0", 2500)
+    seed_orphan_bodies(s, s.stream_key(0, 1), 2500)
     d = s.start_daemon(FANOUT_SHARDS=1, FANOUT_RETENTION_MS=3000, FANOUT_BODY_GRACE_S=0,
                        FANOUT_LOG_LEVEL="debug")
-    wait_for("bodies dropped", lambda: not s.redis.exists("fanout:stream:0:bodies"))
+    wait_for("bodies dropped", lambda: not s.redis.exists(s.stream_key(0, 1) + ":bodies"))
 
     def lines_now():
         return re.findall(r"^ts=(\S+)Z .*msg=retention shard=0 .*bodies_dropped=(\d+)",
@@ -277,20 +278,20 @@ def a_round_drops_any_number_of_bodies(s):
     assert [int(n) for _, n in lines] == [1000, 1000, 500], lines
     secs = [datetime.datetime.fromisoformat(t).timestamp() for t, _ in lines]
     assert max(secs) - min(secs) < 1.5, "three calls of one round, not three rounds: %s" % lines
-    assert not s.redis.exists("fanout:stream:0:refs")
+    assert not s.redis.exists(s.stream_key(0, 1) + ":refs")
 
 
 @suite.test
 def trim_drops_thousands_of_bodies_on_a_full_redis(s):
     # more bodies than Lua's unpack takes at once, and a Redis out of memory: retention only
     # frees memory, so it must run there (allow-oom)
-    seed_orphan_bodies(s, "fanout:stream:0", 9000)
+    seed_orphan_bodies(s, s.stream_key(0, 1), 9000)
     s.redis.config_set("maxmemory", 1)
     try:
         r = s.fanoutctl("trim", FANOUT_SHARDS=1, FANOUT_BODY_GRACE_S=0)
         assert r.returncode == 0, r.stderr
-        assert s.redis.hlen("fanout:stream:0:bodies") == 0
-        assert s.redis.zcard("fanout:stream:0:refs") == 0
+        assert s.redis.hlen(s.stream_key(0, 1) + ":bodies") == 0
+        assert s.redis.zcard(s.stream_key(0, 1) + ":refs") == 0
     finally:
         s.redis.config_set("maxmemory", 0)
 

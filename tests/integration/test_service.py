@@ -371,7 +371,7 @@ def alert_rules_and_dashboard_pass_promtool_and_name_served_metrics(s):
     named = set().union(*(metric_names(e) for e in exprs))
     # everything named must be served: scrape a fanoutd that has a consumer group to show
     port = free_port()
-    s.redis.xgroup_create("fanout:stream:0", "g", id="0", mkstream=True)
+    s.redis.xgroup_create(s.stream_key(0), "g", id="0", mkstream=True)
     d = s.start_daemon(FANOUT_METRICS_PORT=port)
     d.wait_log("listening", timeout=30)
     deadline = time.monotonic() + 20
@@ -401,8 +401,8 @@ def events_and_jobs_counted_apart_backlog_per_group_and_budget_wait(s):
     # 40 rows at 100 rows/s in pages of 5: the budget makes pages wait, not the queries
     assert m["fanout_page_wait_seconds_sum"] > 0.1, m["fanout_page_wait_seconds_sum"]
     # consumer backlog per group: g1 from the start (all 40 unread), g2 from now (none)
-    s.redis.xgroup_create("fanout:stream:0", "g1", id="0")
-    s.redis.xgroup_create("fanout:stream:0", "g2", id="$")
+    s.redis.xgroup_create(s.stream_key(0, 1), "g1", id="0")
+    s.redis.xgroup_create(s.stream_key(0, 1), "g2", id="$")
     deadline = time.monotonic() + 20
     while True:
         m = scrape(port)

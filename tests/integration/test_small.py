@@ -10,6 +10,7 @@ import collections
 import signal
 import time
 
+import harness
 from harness import Suite
 
 suite = Suite("test_small")
@@ -162,15 +163,16 @@ def a_stale_token_in_a_batch_is_refused_for_that_job_only(s):
     events = publish_all(s, authors)  # before any daemon runs: one batch claims them
     victim_ev = [ev for ev, a in events.items() if a == 25][0]
     job = s.sql_value("SELECT id FROM fanout.jobs WHERE event_id = %s", (victim_ev,))
-    s.redis.hset("fanout:progress:%d" % job,
-                 mapping={"token": 1000, "cursor": 0, "delivered": 0, "done": 0})
+    # one shard's mark of the job holds it (queue format 3: a mark per (job, shard))
+    mark = harness.mark_key("fanout", 0, 16, job)
+    s.redis.hset(mark, mapping={"token": 1000, "cursor": 0, "delivered": 0, "done": 0})
     d = s.start_daemon(**FAST)
     good = {ev: a for ev, a in events.items() if ev != victim_ev}
     wait_done(s, good)
     d.wait_log("fenced", timeout=15)
     by = entries_by_event(s)
     assert victim_ev not in by, by.get(victim_ev)
-    assert s.redis.hget("fanout:progress:%d" % job, "token") == "1000"
+    assert s.redis.hget(mark, "token") == "1000"
     assert s.sql_value("SELECT state FROM fanout.jobs WHERE id = %s", (job,)) != "done"
     assert_each_exactly_once(s, good, by)
 

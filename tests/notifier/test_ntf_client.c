@@ -277,7 +277,9 @@ static long long total_entries(int port, const char *prefix, int shards)
     assert_non_null(rc);
     long long n = 0;
     for (int s = 0; s < shards; s++) {
-        redisReply *r = redisCommand(rc, "XLEN %s:stream:%d", prefix, s);
+        char *key = ntf_stream_key(prefix, s, shards);
+        redisReply *r = redisCommand(rc, "XLEN %s", key);
+        free(key);
         assert_non_null(r);
         assert_int_equal(r->type, REDIS_REPLY_INTEGER);
         n += r->integer;
@@ -300,7 +302,9 @@ static int check_streams(int port, const char *prefix, int shards, const ntf_job
     assert_non_null(rc);
     int total = 0;
     for (int s = 0; s < shards; s++) {
-        redisReply *r = redisCommand(rc, "XRANGE %s:stream:%d - +", prefix, s);
+        char *key = ntf_stream_key(prefix, s, shards);
+        redisReply *r = redisCommand(rc, "XRANGE %s - +", key);
+        free(key);
         assert_non_null(r);
         assert_int_equal(r->type, REDIS_REPLY_ARRAY);
         long long prev = INT64_MIN;
@@ -329,15 +333,56 @@ static int check_streams(int port, const char *prefix, int shards, const ntf_job
     return total;
 }
 
+/* Shard s's stream or job's mark of TEST_SHARDS (what ctx_new sets up), from a small pool of
+ * buffers: queue format 3's keys, for the commands of a test. */
+#define TEST_SHARDS 4
+static const char *key_of(const char *prefix, int s, int64_t job)
+{
+    static char pool[8][128];
+    static int next;
+    char *out = pool[next++ % 8];
+    char *k = job < 0 ? ntf_stream_key(prefix, s, TEST_SHARDS)
+                      : ntf_mark_key(prefix, s, TEST_SHARDS, job);
+    snprintf(out, 128, "%s", k);
+    free(k);
+    return out;
+}
+
+/* A field of the job's marks as the notifier reports them: cursor the lowest over the
+ * shards, delivered the sum, anything else the value every shard holds ("mixed" if not). */
 static char *hget(int port, const char *prefix, int64_t job, const char *field)
 {
     redisContext *rc = sync_connect(port, NULL);
     assert_non_null(rc);
-    redisReply *r = redisCommand(rc, "HGET %s:progress:%lld %s", prefix, (long long)job, field);
-    assert_non_null(r);
-    char *v = r->type == REDIS_REPLY_STRING ? strdup(r->str) : NULL;
-    freeReplyObject(r);
+    char *v = NULL;
+    long long low = 0, sum = 0;
+    for (int s = 0; s < TEST_SHARDS; s++) {
+        redisReply *r = redisCommand(rc, "HGET %s %s", key_of(prefix, s, job), field);
+        assert_non_null(r);
+        if (r->type != REDIS_REPLY_STRING) {
+            freeReplyObject(r);
+            free(v);
+            redisFree(rc);
+            return NULL;
+        }
+        long long x = strtoll(r->str, NULL, 10);
+        low = s == 0 || x < low ? x : low;
+        sum += x;
+        if (!v)
+            v = strdup(r->str);
+        else if (strcmp(v, r->str) != 0) {
+            free(v);
+            v = strdup("mixed");
+        }
+        freeReplyObject(r);
+    }
     redisFree(rc);
+    char num[32];
+    if (strcmp(field, "cursor") == 0 || strcmp(field, "delivered") == 0) {
+        snprintf(num, sizeof num, "%lld", strcmp(field, "cursor") == 0 ? low : sum);
+        free(v);
+        v = strdup(num);
+    }
     return v;
 }
 
@@ -402,7 +447,9 @@ static void test_fence_and_pipelined_pages(void **state)
     assert_hget(shared_port, "t1", 1, "delivered", "12");
     assert_hget(shared_port, "t1", 1, "done", "1");
     assert_hget(shared_port, "t1", 1, "token", "5");
-    long long ttl = sync_integer(shared_port, "TTL t1:progress:1");
+    char cmdline[160];
+    snprintf(cmdline, sizeof cmdline, "TTL %s", key_of("t1", 3, 1));
+    long long ttl = sync_integer(shared_port, cmdline);
     assert_true(ttl > 0 && ttl <= 60);
     ctx_free(t);
 }
@@ -418,23 +465,32 @@ static void test_repeated_page_is_moved(void **state)
     const int64_t ids[] = {101, 102};
     result_t r = page(t, &job, 100, ids, 2, 0);
     assert_int_equal(r.status, 0);
-    /* The same page again, as after a lost reply: not applied, the mark says where it is. */
+    /* The same page again, as after a lost reply: every shard holds its ids already, so
+     * they are skipped and nothing is written twice. */
     r = page(t, &job, 100, ids, 2, 0);
-    assert_int_equal(r.status, NTF_EMOVED);
+    assert_int_equal(r.status, 0);
     assert_true(r.had_p);
     assert_true(r.p.cursor == 102 && r.p.delivered == 2 && r.p.done == 0);
     assert_int_equal(total_entries(shared_port, "t2", 4), 2);
+    /* A page that expects more than the marks hold would leave a gap: not applied. */
+    const int64_t later[] = {201};
+    r = page(t, &job, 200, later, 1, 0);
+    assert_int_equal(r.status, NTF_EMOVED);
+    assert_true(r.p.cursor == 102 && r.p.delivered == 2);
 
     /* Cursors above 2^53 are compared exactly (as doubles 2^53 == 2^53 + 1). */
     ntf_job_t big = make_job(3, 1);
     const int64_t two53 = 9007199254740992LL;
     assert_int_equal(fence(t, &big, two53).status, 0);
+    const int64_t b2[] = {two53 + 2};
+    r = page(t, &big, two53 + 1, b2, 1, 0);
+    assert_int_equal(r.status, NTF_EMOVED);
+    assert_true(r.p.cursor == two53);
     const int64_t b1[] = {two53 + 1};
     assert_int_equal(page(t, &big, two53, b1, 1, 0).status, 0);
-    const int64_t b2[] = {two53 + 2};
-    r = page(t, &big, two53, b2, 1, 0);
-    assert_int_equal(r.status, NTF_EMOVED);
-    assert_true(r.p.cursor == two53 + 1);
+    r = page(t, &big, two53, b1, 1, 0);
+    assert_int_equal(r.status, 0);
+    assert_true(r.p.cursor == two53 + 1 && r.p.delivered == 1);
 
     /* A finished job takes nothing more, not even an empty last page. */
     assert_int_equal(page(t, &big, two53 + 1, NULL, 0, 1).status, 0);
@@ -695,18 +751,25 @@ static void test_wrong_typed_stream(void **state)
     connect_ready(t);
     ntf_job_t job = make_job(21, 1);
     assert_int_equal(fence(t, &job, 0).status, 0);
-    sync_ok(shared_port, "SET t11:stream:3 x"); /* ids 1, 2 go to shards 1, 2; 3 to 3 */
+    char line[200], want[200];
+    snprintf(line, sizeof line, "SET %s x", key_of("t11", 3, -1));
+    sync_ok(shared_port, line); /* ids 1, 2 go to shards 1, 2; 3 to 3 */
     const int64_t ids[] = {1, 2, 3, 4};
     result_t r = page(t, &job, 0, ids, 4, 0);
     assert_int_equal(r.status, NTF_EKEY);
     assert_false(r.had_p);
-    assert_non_null(strstr(ntf_client_key_refusal(t->c), "t11:stream:3 is a string"));
-    assert_non_null(strstr(ntf_client_key_refusal(t->c), "DEL t11:stream:3"));
-    assert_int_equal(sync_integer(shared_port, "XLEN t11:stream:1"), 0);
-    assert_int_equal(sync_integer(shared_port, "XLEN t11:stream:0"), 0);
+    snprintf(want, sizeof want, "%s is a string", key_of("t11", 3, -1));
+    assert_non_null(strstr(ntf_client_key_refusal(t->c), want));
+    snprintf(want, sizeof want, "DEL %s", key_of("t11", 3, -1));
+    assert_non_null(strstr(ntf_client_key_refusal(t->c), want));
+    for (int sh = 0; sh < 3; sh++) {
+        snprintf(line, sizeof line, "XLEN %s", key_of("t11", sh, -1));
+        assert_int_equal(sync_integer(shared_port, line), 0);
+    }
     assert_hget(shared_port, "t11", 21, "cursor", "0");
     assert_true(ntf_client_ready(t->c));
-    sync_ok(shared_port, "DEL t11:stream:3");
+    snprintf(line, sizeof line, "DEL %s", key_of("t11", 3, -1));
+    sync_ok(shared_port, line);
     r = page(t, &job, 0, ids, 4, 0);
     assert_int_equal(r.status, 0);
     assert_true(r.p.cursor == 4 && r.p.delivered == 4);
@@ -725,16 +788,27 @@ static void test_fence_requires_mark(void **state)
     result_t r = fence(t, &job, 0);
     assert_int_equal(r.status, NTF_ENOMARK);
     assert_false(r.had_p);
-    assert_int_equal(sync_integer(shared_port, "EXISTS t12:progress:22"), 0);
+    char line[200], want[200];
+    snprintf(line, sizeof line, "EXISTS %s", key_of("t12", 0, 22));
+    assert_int_equal(sync_integer(shared_port, line), 0);
     job.mark_required = 0;
     assert_int_equal(fence(t, &job, 0).status, 0); /* a new job's first fence creates it */
     job.mark_required = 1;
     assert_int_equal(fence(t, &job, 0).status, 0); /* and a later one finds it */
-    sync_ok(shared_port, "SET t12:progress:22 x");
+    /* one shard's mark deleted: the fence refuses, and creates none */
+    snprintf(line, sizeof line, "DEL %s", key_of("t12", 1, 22));
+    sync_ok(shared_port, line);
+    assert_int_equal(fence(t, &job, 0).status, NTF_ENOMARK);
+    snprintf(line, sizeof line, "EXISTS %s", key_of("t12", 1, 22));
+    assert_int_equal(sync_integer(shared_port, line), 0);
+    snprintf(line, sizeof line, "SET %s x", key_of("t12", 2, 22));
+    sync_ok(shared_port, line);
     r = fence(t, &job, 0);
     assert_int_equal(r.status, NTF_EKEY);
-    assert_non_null(strstr(ntf_client_key_refusal(t->c), "t12:progress:22 is a string"));
-    sync_ok(shared_port, "DEL t12:progress:22");
+    snprintf(want, sizeof want, "%s is a string", key_of("t12", 2, 22));
+    assert_non_null(strstr(ntf_client_key_refusal(t->c), want));
+    snprintf(line, sizeof line, "DEL %s", key_of("t12", 2, 22));
+    sync_ok(shared_port, line);
     ctx_free(t);
 }
 

@@ -6,7 +6,8 @@
  * The test provokes each reply the router must handle with plain synchronous hiredis calls
  * to the nodes (test code may block): a slot migrated half-way (-ASK) and to the end
  * (-MOVED), a multi-key command over a half-moved slot (-TRYAGAIN), SCRIPT FLUSH
- * (-NOSCRIPT), a manual CLUSTER FAILOVER and a SIGKILLed primary. Each check counts what
+ * (-NOSCRIPT), a primary that stops answering (SIGSTOP), an evicting maxmemory-policy on
+ * one primary, a manual CLUSTER FAILOVER and a SIGKILLed primary. Each check counts what
  * the router saw (ntf__cluster_stats), so a fault that did not fire fails the test. Tests
  * run in order and change the cluster; the primary kill comes last.
  */
@@ -204,8 +205,10 @@ typedef struct {
     uv_timer_t guard;
     int timed_out;
     ntf_cluster_t *cl;
-    int ups;
+    int ups, downs;
 } tctx_t;
+
+static uint64_t next_reply_ms; /* the next ctx_new's reply deadline (0: the default) */
 
 typedef struct {
     int calls;
@@ -224,6 +227,8 @@ static void on_state(ntf_cluster_t *cl, int up, void *data)
     tctx_t *t = data;
     if (up)
         t->ups++;
+    else
+        t->downs++;
 }
 
 static void on_result(int status, const redisReply *rep, void *data)
@@ -270,7 +275,8 @@ static tctx_t *ctx_new_seeds(const char *seed_list, int min_replicas)
                             .nscripts = 1,
                             .min_replicas = min_replicas,
                             .wait_ms = 2000,
-                            .retry_ms = 20000};
+                            .retry_ms = 20000,
+                            .reply_ms = next_reply_ms};
     t->cl = ntf__cluster_new(&t->loop, &o, on_state, t);
     assert_non_null(t->cl);
     assert_true(run_until(t, &t->ups, 1, 10000));
@@ -547,6 +553,85 @@ static void test_silent_seed_times_out(void **state)
     close(fd);
 }
 
+/* The pid of the redis-server on port (INFO server's process_id). */
+static pid_t node_pid(int port)
+{
+    redisReply *r = cmd(port, "INFO server");
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    const char *at = strstr(r->str, "process_id:");
+    assert_non_null(at);
+    pid_t pid = (pid_t)atol(at + 11);
+    freeReplyObject(r);
+    return pid;
+}
+
+/* A primary that stops answering (SIGSTOP) without closing: the command sent to it reports
+ * FO_EREDIS once the reply deadline passed, the connection is dropped, and once the node
+ * answers again the router reconnects and the command goes through. Stopped well under the
+ * cluster's node timeout (1 s), so no failover happens meanwhile. */
+static void test_silent_primary_is_dropped(void **state)
+{
+    (void)state;
+    next_reply_ms = 300;
+    tctx_t *t = ctx_new(0);
+    next_reply_ms = 0;
+    const char *key = "silent:{s}";
+    long long before = incr(t, key, "1");
+    pid_t pid = node_pid(owner(ntf__key_slot(key, strlen(key))));
+    assert_int_equal(kill(pid, SIGSTOP), 0);
+    const char *argv[] = {"EVALSHA", ntf__cluster_sha(t->cl, 0), "1", key, "1"};
+    size_t len[5];
+    for (int i = 0; i < 5; i++)
+        len[i] = strlen(argv[i]);
+    result_t r = {0};
+    assert_int_equal(
+        ntf__cluster_command(t->cl, key, strlen(key), NTF_CL_DURABLE, 5, argv, len, on_result, &r),
+        0);
+    int ok = run_until(t, &r.calls, 1, 3000);
+    assert_int_equal(kill(pid, SIGCONT), 0);
+    assert_true(ok);
+    assert_int_equal(r.status, FO_EREDIS); /* outcome unknown: it may still apply */
+    ntf_cluster_stats_t st;
+    ntf__cluster_stats(t->cl, &st);
+    assert_int_equal(st.reply_timeouts, 1);
+    assert_true(st.node_failures >= 1);
+    long long after = incr(t, key, "1");
+    assert_true(after == before + 1 || after == before + 2);
+    ctx_free(t);
+}
+
+/* An evicting maxmemory-policy on one primary: the router reports down and takes nothing,
+ * names the node and the policy, and is up again by itself once the policy is fixed. */
+static void test_evicting_policy_refused(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new(0);
+    const char *key = "policy:{p}";
+    assert_true(incr(t, key, "1") >= 1);
+    int prim = owner(ntf__key_slot(key, strlen(key)));
+    assert_null(ntf__cluster_refusal(t->cl));
+    cmd_ok(prim, "CONFIG SET maxmemory-policy allkeys-lru");
+    int ok = run_until(t, &t->downs, 1, 5000);
+    char want[32];
+    snprintf(want, sizeof want, ":%d: ", prim);
+    const char *why = ntf__cluster_refusal(t->cl);
+    int named = why && strstr(why, want) && strstr(why, "allkeys-lru") && strstr(why, "noeviction");
+    const char *argv[] = {"GET", key};
+    size_t len[] = {3, strlen(key)};
+    result_t r = {0};
+    int refused = ntf__cluster_command(t->cl, key, strlen(key), 0, 2, argv, len, on_result, &r);
+    cmd_ok(prim, "CONFIG SET maxmemory-policy noeviction");
+    assert_true(ok);
+    if (!named)
+        fail_msg("refusal: %s", why ? why : "(none)");
+    assert_int_equal(refused, FO_EREDIS);
+    assert_false(ntf__cluster_ready(t->cl));
+    assert_true(run_until(t, &t->ups, 2, 5000));
+    assert_null(ntf__cluster_refusal(t->cl));
+    assert_true(incr(t, key, "1") >= 2);
+    ctx_free(t);
+}
+
 /* ---- the cluster writer (cwrite.c) through ntf_client_t ---- */
 
 typedef struct {
@@ -579,7 +664,7 @@ static long long count_entries(ntf_client_t *c, int shards, int64_t r, long long
     long long total = 0;
     *of_r = 0;
     for (int n = 0; n < shards; n++) {
-        const char *key = ntf__cw_stream_key(ntf__client_cw(c), n);
+        const char *key = ntf__client_keys(c)->stream[n];
         redisReply *x = cmd(owner(ntf__key_slot(key, strlen(key))), "XRANGE %s - +", key);
         assert_int_equal(x->type, REDIS_REPLY_ARRAY);
         total += (long long)x->elements;
@@ -637,8 +722,8 @@ static void test_writer_resumes_from_the_lowest_shard(void **state)
     snprintf(mark, sizeof mark, "cw:{%s}:progress:77", tag);
     snprintf(stream, sizeof stream, "cw:{%s}:stream:1", tag);
     redisReply *r = cmd(owner(ntf__key_slot(mark, strlen(mark))),
-                        "EVAL %s 2 %s %s 3 8 16 0 60 5 9 post {} 2026-12-01T00:00:00Z 9 13",
-                        ntf__shard_page_lua, mark, stream);
+                        "EVAL %s 2 %s %s 3 8 16 0 60 5 9 post {} 2026-12-01T00:00:00Z 2 9 13",
+                        ntf__page_lua, mark, stream);
     assert_int_equal(r->type, REDIS_REPLY_ARRAY);
     assert_int_equal(r->element[0]->integer, 1);
     freeReplyObject(r);
@@ -765,6 +850,8 @@ int main(void)
         cmocka_unit_test(test_ask_tryagain_and_moved_during_a_migration),
         cmocka_unit_test(test_silent_seed_times_out),
         cmocka_unit_test(test_writer_resumes_from_the_lowest_shard),
+        cmocka_unit_test(test_silent_primary_is_dropped),
+        cmocka_unit_test(test_evicting_policy_refused),
         cmocka_unit_test(test_manual_failover),
         cmocka_unit_test(test_killed_primary),
     };

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "common/common.h"
+#include "notifier/ntf_cluster_int.h"
 #include "notifier/ntf_int.h"
 
 #define SHA "0123456789abcdef0123456789abcdef01234567"
@@ -48,9 +49,6 @@ static void test_shard_of(void **state)
     assert_int_equal(ntf_shard_of(INT64_MAX, 16), 15); /* 2^63-1 = 16k + 15 */
     assert_int_equal(ntf_shard_of(INT64_MIN, 16), 0);
     assert_int_equal(ntf_shard_of(INT64_MAX, 10), 7);
-    char *key = ntf_stream_key("fanout", 15);
-    assert_string_equal(key, "fanout:stream:15");
-    free(key);
     assert_int_equal(ntf_shard_of(INT64_MIN, 10), 2); /* -...808 mod 10 = 2 */
     assert_int_equal(ntf_shard_of(INT64_MAX, 1), 0);
     assert_int_equal(ntf_shard_of(-5, 1), 0);
@@ -77,46 +75,132 @@ static void test_fmt_i64(void **state)
     }
 }
 
+/* Queue format 3's keys: "<prefix>:{<shard>.<k>}:stream:<shard>", the tag's slot near the
+ * shard's slot centre, and the marks, bodies and refs under the same tag. */
+static void test_keys(void **state)
+{
+    (void)state;
+    char *key = ntf_stream_key("fanout", 15, 16);
+    assert_true(strncmp(key, "fanout:{15.", 11) == 0);
+    const char *close = strchr(key, '}');
+    assert_non_null(close);
+    assert_string_equal(close, "}:stream:15");
+    char tag[32];
+    ntf_shard_tag(15, 16, tag, sizeof tag);
+    char want[64];
+    snprintf(want, sizeof want, "fanout:{%s}:stream:15", tag);
+    assert_string_equal(key, want);
+    unsigned slot = ntf__key_slot(key, strlen(key));
+    long centre = 31L * 16384 / 32;
+    assert_true(labs((long)slot - centre) <= 16384 / 128);
+    char *mark = ntf_mark_key("fanout", 15, 16, 42);
+    snprintf(want, sizeof want, "fanout:{%s}:progress:42", tag);
+    assert_string_equal(mark, want);
+    ntf_keys_t k;
+    ntf__keys_init(&k, "fanout", 16);
+    assert_string_equal(k.stream[15], key);
+    snprintf(want, sizeof want, "%s:bodies", key);
+    assert_string_equal(k.bodies[15], want);
+    snprintf(want, sizeof want, "%s:refs", key);
+    assert_string_equal(k.refs[15], want);
+    snprintf(want, sizeof want, "fanout:{%s}:progress:", tag);
+    assert_string_equal(k.mark[15], want);
+    ntf__keys_free(&k);
+    free(mark);
+    free(key);
+}
+
+/* Keys of shard s of "fo"/shards for the expected argument lists (a small pool). */
+static const char *kname(int which, int s, int shards)
+{
+    static char pool[64][96];
+    static int next;
+    char *out = pool[next++ % 64];
+    char *k = which == 'm'   ? ntf_mark_key("fo", s, shards, 42)
+              : which == 'p' ? ntf_stream_key("p", s, shards)
+                             : ntf_stream_key("fo", s, shards);
+    snprintf(out, 96, "%s%s", k, which == 'b' ? ":bodies" : which == 'r' ? ":refs" : "");
+    free(k);
+    return out;
+}
+
 static void test_fence_layout(void **state)
 {
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
-    int argc = ntf__encode_fence(&e, SHA, "fo", &job, 9007199254740993LL);
-    assert_int_equal(argc, 6);
+    ntf_keys_t k;
+    ntf__keys_init(&k, "fo", 4);
+    int argc = ntf__encode_fence(&e, SHA, &k, 0, 4, &job, 9007199254740993LL);
+    assert_int_equal(argc, 9);
     assert_arg(&e, 0, "EVALSHA");
     assert_arg(&e, 1, SHA);
+    assert_arg(&e, 2, "4");
+    for (int s = 0; s < 4; s++)
+        assert_arg(&e, 3 + s, kname('m', s, 4));
+    assert_arg(&e, 7, "3");
+    assert_arg(&e, 8, "9007199254740993");
+    /* one shard's unit, the mark required */
+    ntf_job_t req = job;
+    req.mark_required = 1;
+    argc = ntf__encode_fence(&e, SHA, &k, 2, 3, &req, 5);
+    assert_int_equal(argc, 7);
     assert_arg(&e, 2, "1");
-    assert_arg(&e, 3, "fo:progress:42");
-    assert_arg(&e, 4, "3");
-    assert_arg(&e, 5, "9007199254740993");
-    assert_int_equal(ntf__encode_fence_require_mark(&e), 7);
+    assert_arg(&e, 3, kname('m', 2, 4));
+    assert_arg(&e, 5, "5");
     assert_arg(&e, 6, "1");
-    assert_arg(&e, 3, "fo:progress:42");
+    ntf__keys_free(&k);
     ntf__enc_free(&e);
 }
 
-/* A page over shards 4: ids land in groups for shards 0, 1 and 3 (none in 2). */
+/* A page over 4 shards: one group per shard, shard 2's empty. */
 static void test_page_layout_several_shards(void **state)
 {
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
+    ntf_keys_t k;
+    ntf__keys_init(&k, "fo", 4);
     const int64_t ids[] = {11, 12, 13, 16, 17, 19, 24, INT64_MAX};
     /* shards: 11->3 12->0 13->1 16->0 17->1 19->3 24->0 MAX->3 */
-    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 8, 0, 86400, NULL);
-    /* 3 + keys (1 + 3) + 10 fixed + 3 counts + 8 ids */
-    assert_int_equal(argc, 3 + 4 + NTF_PAGE_FIXED_ARGS + 3 + 8);
+    int argc =
+        ntf__encode_page(&e, SHA, &k, "fo", 0, 4, &job, 10, INT64_MAX, ids, 8, 0, 86400, NULL);
     const char *want[] = {
-        "EVALSHA", SHA, "4", "fo:progress:42", "fo:stream:0", "fo:stream:1", "fo:stream:3",
+        "EVALSHA", SHA, "8", kname('m', 0, 4), kname('m', 1, 4), kname('m', 2, 4), kname('m', 3, 4),
+        kname('s', 0, 4), kname('s', 1, 4), kname('s', 2, 4), kname('s', 3, 4),
         /* ARGV */
         "3", "10", "9223372036854775807", "0", "86400", "9001", "7", "post", "{\"a\": 1}",
         "2026-11-27T09:50:00.123456Z",
-        /* groups, ascending shard, ids ascending inside */
-        "3", "12", "16", "24", "2", "13", "17", "3", "11", "19", "9223372036854775807"};
+        /* groups, ascending shard, ids ascending inside, the empty one too */
+        "3", "12", "16", "24", "2", "13", "17", "0", "3", "11", "19", "9223372036854775807"};
     assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
     for (int i = 0; i < argc; i++)
         assert_arg(&e, i, want[i]);
+    /* shard 3's part alone (a cluster's unit): the page's end, not the part's last id */
+    const int64_t part[] = {11, 19};
+    argc = ntf__encode_page(&e, SHA, &k, "fo", 3, 4, &job, 10, 24, part, 2, 0, 60, NULL);
+    const char *want1[] = {"EVALSHA",
+                           SHA,
+                           "2",
+                           kname('m', 3, 4),
+                           kname('s', 3, 4),
+                           "3",
+                           "10",
+                           "24",
+                           "0",
+                           "60",
+                           "9001",
+                           "7",
+                           "post",
+                           "{\"a\": 1}",
+                           "2026-11-27T09:50:00.123456Z",
+                           "2",
+                           "11",
+                           "19"};
+    assert_int_equal(argc, (int)(sizeof want1 / sizeof want1[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want1[i]);
+    ntf__keys_free(&k);
     ntf__enc_free(&e);
 }
 
@@ -125,21 +209,23 @@ static void test_page_one_shard_and_reuse(void **state)
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
+    ntf_keys_t k;
+    ntf__keys_init(&k, "p", 1);
     /* A big page first, then a small one in the same scratch: no stale arguments. */
     int64_t big[1000];
     for (int i = 0; i < 1000; i++)
         big[i] = 100 + i;
-    int argc = ntf__encode_page(&e, SHA, "p", 1, &job, 99, big, 1000, 0, 60, NULL);
+    int argc = ntf__encode_page(&e, SHA, &k, "p", 0, 1, &job, 99, 1099, big, 1000, 0, 60, NULL);
     assert_int_equal(argc, 3 + 2 + NTF_PAGE_FIXED_ARGS + 1 + 1000);
     assert_arg(&e, 2, "2");
-    assert_arg(&e, 4, "p:stream:0");
+    assert_arg(&e, 4, kname('p', 0, 1));
     assert_arg(&e, 7, "1099"); /* new cursor */
     assert_arg(&e, 15, "1000");
     assert_arg(&e, 16, "100");
     assert_arg(&e, argc - 1, "1099");
 
     const int64_t small[] = {-5, 3};
-    argc = ntf__encode_page(&e, SHA, "p", 1, &job, -10, small, 2, 1, 60, NULL);
+    argc = ntf__encode_page(&e, SHA, &k, "p", 0, 1, &job, -10, 3, small, 2, 1, 60, NULL);
     assert_int_equal(argc, 3 + 2 + NTF_PAGE_FIXED_ARGS + 1 + 2);
     assert_arg(&e, 6, "-10");
     assert_arg(&e, 7, "3");
@@ -147,6 +233,7 @@ static void test_page_one_shard_and_reuse(void **state)
     assert_arg(&e, 15, "2");
     assert_arg(&e, 16, "-5");
     assert_arg(&e, 17, "3");
+    ntf__keys_free(&k);
     ntf__enc_free(&e);
 }
 
@@ -155,26 +242,34 @@ static void test_page_empty_last(void **state)
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
-    int argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30, NULL);
-    assert_int_equal(argc, 3 + 1 + NTF_PAGE_FIXED_ARGS);
-    assert_arg(&e, 2, "1");
-    assert_arg(&e, 3, "fo:progress:42");
-    assert_arg(&e, 4, "3");
-    assert_arg(&e, 5, "555");
-    assert_arg(&e, 6, "555"); /* the cursor stays */
-    assert_arg(&e, 7, "1");
-    assert_arg(&e, 8, "30");
-    assert_arg(&e, argc - 1, "2026-11-27T09:50:00.123456Z");
+    ntf_keys_t k;
+    ntf__keys_init(&k, "fo", 8);
+    int argc = ntf__encode_page(&e, SHA, &k, "fo", 0, 8, &job, 555, 555, NULL, 0, 1, 30, NULL);
+    assert_int_equal(argc, 3 + 16 + NTF_PAGE_FIXED_ARGS + 8);
+    assert_arg(&e, 2, "16");
+    assert_arg(&e, 3, kname('m', 0, 8));
+    assert_arg(&e, 19, "3");
+    assert_arg(&e, 20, "555");
+    assert_arg(&e, 21, "555"); /* the cursor stays */
+    assert_arg(&e, 22, "1");
+    assert_arg(&e, 23, "30");
+    assert_arg(&e, 28, "2026-11-27T09:50:00.123456Z");
+    for (int g = 0; g < 8; g++)
+        assert_arg(&e, 29 + g, "0");
+    ntf__keys_free(&k);
     ntf__enc_free(&e);
 }
 
-/* Stream + inbox + sidekiq over shards 4: extra keys after the streams, the tail after the
+/* Stream + inbox + sidekiq over 4 shards: extra keys after the streams, the tail after the
  * groups, inbox keys in the order the ids take in the groups. */
 static void test_page_layouts_all(void **state)
 {
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
+    ntf_keys_t k, p;
+    ntf__keys_init(&k, "fo", 4);
+    ntf__keys_init(&p, "p", 1);
     const ntf_layout_t lay = {.mask = CFG_LAYOUT_STREAM | CFG_LAYOUT_INBOX | CFG_LAYOUT_SIDEKIQ,
                               .inbox_cap = 50,
                               .inbox_ttl_s = 3600,
@@ -183,13 +278,14 @@ static void test_page_layouts_all(void **state)
                               .sidekiq_retry = 5};
     const int64_t ids[] = {11, 12, 13, 16};
     /* shards: 11->3 12->0 13->1 16->0 */
-    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 4, 1, 60, &lay);
-    const char *want[] = {"EVALSHA", SHA, "10", "fo:progress:42", "fo:stream:0", "fo:stream:1",
-                          "fo:stream:3", "queues", "queue:notify", "fo:inbox:12", "fo:inbox:16",
-                          "fo:inbox:13", "fo:inbox:11",
+    int argc = ntf__encode_page(&e, SHA, &k, "fo", 0, 4, &job, 10, 16, ids, 4, 1, 60, &lay);
+    const char *want[] = {"EVALSHA", SHA, "14", kname('m', 0, 4), kname('m', 1, 4),
+                          kname('m', 2, 4), kname('m', 3, 4), kname('s', 0, 4), kname('s', 1, 4),
+                          kname('s', 2, 4), kname('s', 3, 4), "queues", "queue:notify",
+                          "fo:inbox:12", "fo:inbox:16", "fo:inbox:13", "fo:inbox:11",
                           /* ARGV */
                           "3", "10", "16", "1", "60", "9001", "7", "post", "{\"a\": 1}",
-                          "2026-11-27T09:50:00.123456Z", "2", "12", "16", "1", "13", "1", "11",
+                          "2026-11-27T09:50:00.123456Z", "2", "12", "16", "1", "13", "0", "1", "11",
                           /* tail */
                           "+layouts", "siq", "50", "3600", "notify", "App::NotifyJob", "5"};
     assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
@@ -199,12 +295,12 @@ static void test_page_layouts_all(void **state)
     /* inbox alone; then the stream alone gives the plain command again, same scratch */
     const ntf_layout_t inbox = {
         .mask = CFG_LAYOUT_INBOX, .inbox_cap = 1, .sidekiq_queue = "default", .sidekiq_class = "J"};
-    argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &inbox);
+    argc = ntf__encode_page(&e, SHA, &p, "p", 0, 1, &job, 1, 12, ids, 2, 0, 60, &inbox);
     const char *want2[] = {"EVALSHA",
                            SHA,
                            "4",
-                           "p:progress:42",
-                           "p:stream:0",
+                           "(the mark)",
+                           kname('p', 0, 1),
                            "p:inbox:11",
                            "p:inbox:12",
                            "3",
@@ -226,34 +322,44 @@ static void test_page_layouts_all(void **state)
                            "0",
                            "default",
                            "J",
-                           "25"};
-    want2[26] = "0"; /* sidekiq_retry left 0 */
+                           "0"}; /* sidekiq_retry left 0 */
+    char pmark[96];
+    snprintf(pmark, sizeof pmark, "%s42", p.mark[0]);
+    want2[3] = pmark;
     assert_int_equal(argc, (int)(sizeof want2 / sizeof want2[0]));
     for (int i = 0; i < argc; i++)
         assert_arg(&e, i, want2[i]);
 
+    ntf_keys_t k8;
+    ntf__keys_init(&k8, "fo", 8);
     const ntf_layout_t plain = {.mask = CFG_LAYOUT_STREAM};
-    argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30, &plain);
-    assert_int_equal(argc, 3 + 1 + NTF_PAGE_FIXED_ARGS);
-    assert_arg(&e, 2, "1");
-    assert_arg(&e, argc - 1, "2026-11-27T09:50:00.123456Z");
+    argc = ntf__encode_page(&e, SHA, &k8, "fo", 0, 8, &job, 555, 555, NULL, 0, 1, 30, &plain);
+    assert_int_equal(argc, 3 + 16 + NTF_PAGE_FIXED_ARGS + 8);
+    assert_arg(&e, 2, "16");
+    assert_arg(&e, 28, "2026-11-27T09:50:00.123456Z");
 
     /* an empty last page with layouts: no inbox keys, the tail still there */
-    argc = ntf__encode_page(&e, SHA, "fo", 8, &job, 555, NULL, 0, 1, 30, &lay);
-    assert_int_equal(argc, 3 + 1 + 2 + NTF_PAGE_FIXED_ARGS + NTF_PAGE_TAIL_ARGS);
-    assert_arg(&e, 2, "3");
-    assert_arg(&e, 4, "queues");
-    assert_arg(&e, 3 + 3 + NTF_PAGE_FIXED_ARGS, "+layouts");
+    argc = ntf__encode_page(&e, SHA, &k8, "fo", 0, 8, &job, 555, 555, NULL, 0, 1, 30, &lay);
+    assert_int_equal(argc, 3 + 16 + 2 + NTF_PAGE_FIXED_ARGS + 8 + NTF_PAGE_TAIL_ARGS);
+    assert_arg(&e, 2, "18");
+    assert_arg(&e, 19, "queues");
+    assert_arg(&e, 3 + 18 + NTF_PAGE_FIXED_ARGS + 8, "+layouts");
+    ntf__keys_free(&k8);
+    ntf__keys_free(&p);
+    ntf__keys_free(&k);
     ntf__enc_free(&e);
 }
 
-/* Compact stream entries: per present shard its stream, then each one's bodies hash, then
+/* Compact stream entries: per shard its mark, its stream, then each one's bodies hash, then
  * each one's refs sorted set, all named after the stream; the tail says "c". */
 static void test_page_compact(void **state)
 {
     (void)state;
     ntf_enc_t e;
     ntf__enc_init(&e);
+    ntf_keys_t k, p;
+    ntf__keys_init(&k, "fo", 2);
+    ntf__keys_init(&p, "p", 1);
     const ntf_layout_t lay = {.mask = CFG_LAYOUT_STREAM,
                               .compact = 1,
                               .inbox_cap = 100,
@@ -261,14 +367,13 @@ static void test_page_compact(void **state)
                               .sidekiq_class = "J",
                               .sidekiq_retry = 25};
     const int64_t ids[] = {11, 12, 13};
-    int argc = ntf__encode_page(&e, SHA, "fo", 4, &job, 10, ids, 3, 0, 60, &lay);
-    const char *want[] = {"EVALSHA", SHA, "10", "fo:progress:42", "fo:stream:0", "fo:stream:1",
-                          "fo:stream:3", "fo:stream:0:bodies", "fo:stream:1:bodies",
-                          "fo:stream:3:bodies", "fo:stream:0:refs", "fo:stream:1:refs",
-                          "fo:stream:3:refs",
+    int argc = ntf__encode_page(&e, SHA, &k, "fo", 0, 2, &job, 10, 13, ids, 3, 0, 60, &lay);
+    const char *want[] = {"EVALSHA", SHA, "8", kname('m', 0, 2), kname('m', 1, 2), kname('s', 0, 2),
+                          kname('s', 1, 2), kname('b', 0, 2), kname('b', 1, 2), kname('r', 0, 2),
+                          kname('r', 1, 2),
                           /* ARGV */
                           "3", "10", "13", "0", "60", "9001", "7", "post", "{\"a\": 1}",
-                          "2026-11-27T09:50:00.123456Z", "1", "12", "1", "13", "1", "11",
+                          "2026-11-27T09:50:00.123456Z", "1", "12", "2", "11", "13",
                           /* tail */
                           "+layouts", "c", "100", "0", "default", "J", "25"};
     assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
@@ -280,20 +385,22 @@ static void test_page_compact(void **state)
                                .inbox_cap = 5,
                                .sidekiq_queue = "default",
                                .sidekiq_class = "J"};
-    argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &both);
+    argc = ntf__encode_page(&e, SHA, &p, "p", 0, 1, &job, 1, 12, ids, 2, 0, 60, &both);
     assert_arg(&e, 2, "6");
-    assert_arg(&e, 4, "p:stream:0");
-    assert_arg(&e, 5, "p:stream:0:bodies");
-    assert_arg(&e, 6, "p:stream:0:refs");
+    assert_arg(&e, 4, p.stream[0]);
+    assert_arg(&e, 5, p.bodies[0]);
+    assert_arg(&e, 6, p.refs[0]);
     assert_arg(&e, 7, "p:inbox:11");
     assert_arg(&e, 8, "p:inbox:12");
     assert_arg(&e, argc - 6, "ci");
     /* compact without the stream layout writes no stream: the plain inbox command */
     const ntf_layout_t inbox = {
         .mask = CFG_LAYOUT_INBOX, .compact = 1, .sidekiq_queue = "d", .sidekiq_class = "J"};
-    argc = ntf__encode_page(&e, SHA, "p", 1, &job, 1, ids, 2, 0, 60, &inbox);
+    argc = ntf__encode_page(&e, SHA, &p, "p", 0, 1, &job, 1, 12, ids, 2, 0, 60, &inbox);
     assert_arg(&e, 2, "4");
     assert_arg(&e, argc - 6, "i");
+    ntf__keys_free(&p);
+    ntf__keys_free(&k);
     ntf__enc_free(&e);
 }
 
@@ -484,6 +591,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shard_of),
         cmocka_unit_test(test_fmt_i64),
+        cmocka_unit_test(test_keys),
         cmocka_unit_test(test_fence_layout),
         cmocka_unit_test(test_page_layout_several_shards),
         cmocka_unit_test(test_page_one_shard_and_reuse),

@@ -2,7 +2,9 @@
 // fanout reference consumer in Node.js (ioredis, from the npm registry; npm ci installs it
 // from package-lock.json).
 //
-// Reads every shard stream <prefix>:stream:0..shards-1 as one consumer of a consumer group,
+// Reads every shard stream <prefix>:{<tag>}:stream:<n>, n = 0..shards-1 (queue format 3:
+// <tag> is the shard's hash tag, shardTag below, as docs/queue-format.md defines it), as
+// one consumer of a consumer group,
 // hands each notification to handle(), and only then acknowledges it. Entries that another
 // consumer of the group left pending for --min-idle-ms (it died, or hangs) are taken over
 // with XAUTOCLAIM. Duplicates are dropped by the notification's `id` (<event>:<recipient>)
@@ -15,8 +17,7 @@
 // kept in a small per-event cache, so handle() sees the same fields in either layout.
 //
 // With --cluster the streams are read from a Redis Cluster (ioredis' Redis.Cluster, seeded
-// by --host/--port) under queue format 3's keys <prefix>:{<tag>}:stream:<n>, <tag> being the
-// shard's hash tag (shardTag below, as docs/redis-cluster.md defines it). The streams and
+// by --host/--port) under the same keys. The streams and
 // marks live on different nodes, so each stream is read on its own and the marks are set
 // one command each (ioredis sends them together), not in one pipeline.
 //
@@ -79,7 +80,7 @@ const count = Number(o.count);
 const minIdle = Number(o['min-idle-ms']);
 const seenTtl = Number(o['seen-ttl']);
 const stallAfter = Number(o['stall-after']);
-// Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
+// Shard n's hash tag: "<n>.<k>" for the smallest k whose slot is within
 // max(1, 16384 / (8 shards)) of the shard's centre slot (docs/redis-cluster.md).
 // cluster-key-slot is the CRC16 ioredis itself uses; package.json declares it.
 function shardTag(n) {
@@ -91,7 +92,7 @@ function shardTag(n) {
   return `${n}.${k}`;
 }
 const keys = Array.from({ length: shards }, (_, n) =>
-  o.cluster ? `${o.prefix}:{${shardTag(n)}}:stream:${n}` : `${o.prefix}:stream:${n}`);
+  `${o.prefix}:{${shardTag(n)}}:stream:${n}`);
 const seenKey = (id) => `${o.prefix}:seen:${o.group}:${id}`;
 const claim = `claim:${o.consumer}`;
 const r = o.cluster

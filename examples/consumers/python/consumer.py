@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """fanout reference consumer in Python (redis-py; Debian: python3-redis).
 
-Reads every shard stream <prefix>:stream:0..shards-1 as one consumer of a consumer group,
+Reads every shard stream <prefix>:{<tag>}:stream:<n>, n = 0..shards-1 (queue format 3:
+<tag> is the shard's hash tag, shard_tag below, as docs/queue-format.md defines it), as one
+consumer of a consumer group,
 hands each notification to handle(), and only then acknowledges it. Entries that another
 consumer of the group left pending for --min-idle-ms (it died, or hangs) are taken over with
 XAUTOCLAIM. Duplicates are dropped by the notification's `id` (<event>:<recipient>) through
@@ -16,9 +18,8 @@ hash, HGET <stream>:bodies <event>, and kept in a small per-event cache (Bodies)
 of one event costs one round trip and handle() sees the same fields in either layout.
 
 With --cluster the streams are read from a Redis Cluster (redis-py's RedisCluster, seeded
-by --host/--port), under queue format 3's keys <prefix>:{<tag>}:stream:<n>, where <tag> is
-the shard's hash tag (shard_tag below, as docs/redis-cluster.md defines it); the streams
-live on different nodes, so each is read on its own.
+by --host/--port), under the same keys; the streams live on different nodes, so each is read
+on its own.
 
 Runs until SIGTERM or SIGINT, which finish the batch in hand first. Prints one JSON line
 per handled notification (the payload parsed); replace handle() with your own work.
@@ -104,7 +105,7 @@ class Bodies:
 
 
 def shard_tag(n, shards):
-    """Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
+    """Shard n's hash tag: "<n>.<k>" for the smallest k whose slot is within
     max(1, 16384 // (8 shards)) of the shard's centre slot (docs/redis-cluster.md)."""
     from redis.crc import key_slot
     centre = (2 * n + 1) * 16384 // (2 * shards)
@@ -122,12 +123,11 @@ class Consumer:
             from redis.cluster import RedisCluster
             self.r = RedisCluster(host=args.host, port=args.port, password=args.password,
                                   decode_responses=True)
-            self.keys = ["%s:{%s}:stream:%d" % (args.prefix, shard_tag(n, args.shards), n)
-                         for n in range(args.shards)]
         else:
             self.r = redis.Redis(host=args.host, port=args.port, password=args.password,
                                  decode_responses=True)
-            self.keys = ["%s:stream:%d" % (args.prefix, n) for n in range(args.shards)]
+        self.keys = ["%s:{%s}:stream:%d" % (args.prefix, shard_tag(n, args.shards), n)
+                     for n in range(args.shards)]
         self.handled = 0
         self.claim = "claim:" + args.consumer
         self.bodies = Bodies(self.r)

@@ -3,7 +3,9 @@
 
 # fanout reference consumer in Ruby (redis-rb; Debian: ruby-redis).
 #
-# Reads every shard stream <prefix>:stream:0..shards-1 as one consumer of a consumer group,
+# Reads every shard stream <prefix>:{<tag>}:stream:<n>, n = 0..shards-1 (queue format 3:
+# <tag> is the shard's hash tag, shard_tag below, as docs/queue-format.md defines it), as
+# one consumer of a consumer group,
 # hands each notification to handle, and only then acknowledges it. Entries that another
 # consumer of the group left pending for --min-idle-ms (it died, or hangs) are taken over
 # with XAUTOCLAIM. Duplicates are dropped by the notification's `id` (<event>:<recipient>)
@@ -16,8 +18,7 @@
 # kept in a small per-event cache (Bodies), so handle sees the same fields in either layout.
 #
 # With --cluster the streams are read from a Redis Cluster (redis-rb's cluster mode, seeded
-# by --host/--port) under queue format 3's keys <prefix>:{<tag>}:stream:<n>, <tag> being the
-# shard's hash tag (shard_tag below, as docs/redis-cluster.md defines it). The streams and
+# by --host/--port) under the same keys. The streams and
 # marks live on different nodes, so each stream is read on its own and the marks are set one
 # command each rather than pipelined.
 #
@@ -95,7 +96,7 @@ class Bodies
   end
 end
 
-# Shard n's hash tag on a cluster: "<n>.<k>" for the smallest k whose slot is within
+# Shard n's hash tag: "<n>.<k>" for the smallest k whose slot is within
 # max(1, 16384 / (8 shards)) of the shard's centre slot (docs/redis-cluster.md).
 def shard_tag(n, shards)
   centre = (2 * n + 1) * 16_384 / (2 * shards)
@@ -112,12 +113,11 @@ class Consumer
     @o = opts
     if opts[:cluster]
       @r = Redis.new(cluster: ["redis://#{opts[:host]}:#{opts[:port]}"], password: opts[:password])
-      @keys = (0...opts[:shards]).map do |n|
-        "#{opts[:prefix]}:{#{shard_tag(n, opts[:shards])}}:stream:#{n}"
-      end
     else
       @r = Redis.new(host: opts[:host], port: opts[:port], password: opts[:password])
-      @keys = (0...opts[:shards]).map { |n| "#{opts[:prefix]}:stream:#{n}" }
+    end
+    @keys = (0...opts[:shards]).map do |n|
+      "#{opts[:prefix]}:{#{shard_tag(n, opts[:shards])}}:stream:#{n}"
     end
     @handled = 0
     @claim = "claim:#{opts[:consumer]}"
