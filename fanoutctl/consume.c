@@ -55,7 +55,7 @@ typedef struct cbody {
 } cbody_t;
 
 typedef struct consumer {
-    redisContext *redis;
+    fctl_redis_t *redis;
     const char *group, *name, *prefix;
     char **keys;   /* the shard streams */
     char **cursor; /* per stream: ">" for new entries, or the last pending id seen */
@@ -206,7 +206,7 @@ static int resolve_bodies(consumer_t *c, batch_t *b)
             c->nbodies++;
             char *key = fo_xasprintf("%s:bodies", c->keys[e->k]);
             const char *argv[] = {"HGET", key, e->event->str};
-            redisAppendCommandArgv(c->redis, 3, argv, NULL);
+            fctl_redis_append(c->redis, key, 3, argv);
             free(key);
             asked[sent++] = e;
         }
@@ -216,10 +216,8 @@ static int resolve_bodies(consumer_t *c, batch_t *b)
     for (size_t a = 0; a < sent; a++) {
         centry_t *e = asked[a];
         cbody_t *slot = (cbody_t *)e->body;
-        redisReply *r = NULL;
-        if (redisGetReply(c->redis, (void **)&r) != REDIS_OK || !r) {
-            fctl_fail("consume", "redis: HGET: %s",
-                      c->redis->errstr[0] ? c->redis->errstr : "connection lost");
+        redisReply *r = fctl_redis_next(c->redis, "consume");
+        if (!r) {
             status = -1;
             break;
         }
@@ -311,7 +309,7 @@ static int set_marks(consumer_t *c, const batch_t *b, const char *value, const c
         const char *argv[8] = {"SET", key, value};
         for (int k = 0; k < nopts; k++)
             argv[3 + k] = opts[k];
-        redisAppendCommandArgv(c->redis, 3 + nopts, argv, NULL);
+        fctl_redis_append(c->redis, key, 3 + nopts, argv);
         free(key);
         sent++;
     }
@@ -321,12 +319,9 @@ static int set_marks(consumer_t *c, const batch_t *b, const char *value, const c
         if (!e->fields || !has_note(e) || (claims ? 0 : e->action != ACT_PRINT))
             continue;
         got++;
-        redisReply *r = NULL;
-        if (redisGetReply(c->redis, (void **)&r) != REDIS_OK || !r) {
-            fctl_fail("consume", "redis: SET: %s",
-                      c->redis->errstr[0] ? c->redis->errstr : "connection lost");
+        redisReply *r = fctl_redis_next(c->redis, "consume");
+        if (!r)
             return -1;
-        }
         if (r->type == REDIS_REPLY_ERROR && status == 0) {
             fctl_fail("consume", "redis: SET: %s", r->str);
             status = -1;
@@ -353,44 +348,39 @@ static int claim_marks(consumer_t *c, const batch_t *b, signed char *mine)
     const char *opts[] = {"NX", "PX", lease};
     redisReply **rep = fo_xcalloc(b->n, sizeof *rep);
     int status = set_marks(c, b, claim, opts, 3, 1, rep);
-    const char **argv = fo_xcalloc(b->n + 1, sizeof *argv);
+    /* the marks others hold: one GET each, pipelined (on a cluster they are in many slots,
+     * so no MGET) */
     size_t *map = fo_xcalloc(b->n + 1, sizeof *map);
-    int argc = 0;
-    argv[argc++] = "MGET";
+    size_t asked = 0;
     for (size_t i = 0; i < b->n; i++) {
         mine[i] = 1;
         if (status == 0 && rep[i] && rep[i]->type == REDIS_REPLY_NIL) {
-            map[argc] = i;
-            argv[argc++] = seen_key(c, &b->e[i]);
+            char *key = seen_key(c, &b->e[i]);
+            const char *argv[] = {"GET", key};
+            fctl_redis_append(c->redis, key, 2, argv);
+            free(key);
+            map[asked++] = i;
         }
     }
-    if (status == 0 && argc > 1) {
-        redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
-        if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != (size_t)argc - 1) {
-            if (r)
-                fctl_fail("consume", "redis: unexpected MGET reply");
+    for (size_t a = 0; a < asked; a++) {
+        redisReply *v = fctl_redis_next(c->redis, "consume");
+        if (!v || v->type == REDIS_REPLY_ERROR) {
+            if (v && status == 0)
+                fctl_fail("consume", "redis: GET: %s", v->str);
             status = -1;
-        } else {
-            for (int a = 1; a < argc; a++) {
-                const redisReply *v = r->element[a - 1];
-                if (v->type != REDIS_REPLY_STRING)
-                    continue; /* expired meanwhile: handle it */
-                if (strcmp(v->str, "done") == 0)
-                    mine[map[a]] = 0;
-                else if (strcmp(v->str, claim) != 0)
-                    mine[map[a]] = -1;
-            }
+        } else if (v->type == REDIS_REPLY_STRING) { /* else expired meanwhile: handle it */
+            if (strcmp(v->str, "done") == 0)
+                mine[map[a]] = 0;
+            else if (strcmp(v->str, claim) != 0)
+                mine[map[a]] = -1;
         }
-        if (r)
-            freeReplyObject(r);
+        if (v)
+            freeReplyObject(v);
     }
-    for (int a = 1; a < argc; a++)
-        free((char *)argv[a]);
     for (size_t i = 0; i < b->n; i++)
         if (rep[i])
             freeReplyObject(rep[i]);
     free(rep);
-    free(argv);
     free(map);
     free(claim);
     return status;
@@ -408,7 +398,7 @@ static int xack(consumer_t *c, const batch_t *b)
         if (argc == 3)
             continue;
         argv[0] = "XACK", argv[1] = c->keys[k], argv[2] = c->group;
-        redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
+        redisReply *r = fctl_redis_run(c->redis, "consume", c->keys[k], argc, argv, 0);
         if (!r)
             status = -1;
         else
@@ -483,10 +473,18 @@ static int handle_batch(consumer_t *c, batch_t *b)
 }
 
 /* XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS keys... cursors... */
-static redisReply *xreadgroup(consumer_t *c, long long count, long long block_ms)
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* XREADGROUP of streams lo..hi-1 (BLOCK block_ms unless negative). */
+static redisReply *xreadgroup(consumer_t *c, long long count, long long block_ms, int lo, int hi)
 {
     int argc = 0;
-    const char **argv = fo_xcalloc((size_t)(2 * c->nkeys + 10), sizeof *argv);
+    const char **argv = fo_xcalloc((size_t)(2 * (hi - lo) + 10), sizeof *argv);
     char countbuf[24], blockbuf[24];
     snprintf(countbuf, sizeof countbuf, "%lld", count);
     snprintf(blockbuf, sizeof blockbuf, "%lld", block_ms);
@@ -501,43 +499,75 @@ static redisReply *xreadgroup(consumer_t *c, long long count, long long block_ms
         argv[argc++] = blockbuf;
     }
     argv[argc++] = "STREAMS";
-    for (int k = 0; k < c->nkeys; k++)
+    for (int k = lo; k < hi; k++)
         argv[argc++] = c->keys[k];
-    for (int k = 0; k < c->nkeys; k++)
+    for (int k = lo; k < hi; k++)
         argv[argc++] = c->cursor[k];
-    redisReply *r = fctl_redis_run(c->redis, "consume", argc, argv, 0);
+    redisReply *r = fctl_redis_run(c->redis, "consume", c->keys[lo], argc, argv, 0);
     free(argv);
     return r;
 }
 
-/* Reads once and handles what came; returns the number of entries read, or -1. */
-static long long read_once(consumer_t *c, long long count, long long block_ms, int pending)
+/* Adds an XREADGROUP reply's entries to b; -1 if it is malformed. Each stream at most once
+ * per read (seen): a stream listed twice is a malformed reply, not a reason to handle its
+ * entries twice. */
+static int collect(consumer_t *c, batch_t *b, const redisReply *r, unsigned char *seen, int pending)
 {
-    redisReply *r = xreadgroup(c, count, block_ms);
-    if (!r)
+    if (r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_ARRAY)
         return -1;
-    batch_t b = {0};
-    int bad = r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_ARRAY;
-    /* Each stream at most once per reply: a stream listed twice is a malformed reply, not a
-     * reason to handle its entries twice. */
-    unsigned char *seen = fo_xcalloc((size_t)c->nkeys, 1);
-    for (size_t s = 0; !bad && r->type == REDIS_REPLY_ARRAY && s < r->elements; s++) {
+    for (size_t s = 0; r->type == REDIS_REPLY_ARRAY && s < r->elements; s++) {
         const redisReply *st = r->element[s];
-        bad = st->type != REDIS_REPLY_ARRAY || st->elements != 2 ||
-              st->element[0]->type != REDIS_REPLY_STRING;
+        if (st->type != REDIS_REPLY_ARRAY || st->elements != 2 ||
+            st->element[0]->type != REDIS_REPLY_STRING)
+            return -1;
         int k = 0;
-        while (!bad && k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
+        while (k < c->nkeys && strcmp(c->keys[k], st->element[0]->str) != 0)
             k++;
-        size_t before = b.n;
-        bad = bad || k == c->nkeys || seen[k]++ || batch_add(&b, k, st->element[1]) < 0;
+        size_t before = b->n;
+        if (k == c->nkeys || seen[k]++ || batch_add(b, k, st->element[1]) < 0)
+            return -1;
         /* Own pending entries are paged by id: go on after the last one seen. */
-        if (!bad && pending && b.n > before) {
+        if (pending && b->n > before) {
             free(c->cursor[k]);
-            c->cursor[k] = fo_xstrdup(b.e[b.n - 1].id->str);
+            c->cursor[k] = fo_xstrdup(b->e[b->n - 1].id->str);
         }
     }
+    return 0;
+}
+
+/* Reads once and handles what came; returns the number of entries read, or -1. On a single
+ * Redis one XREADGROUP covers every stream; on a cluster the streams are in different slots,
+ * so each is read on its own, without BLOCK, in rounds 50 ms apart until something comes or
+ * block_ms passed (0: until stopped). */
+static long long read_once(consumer_t *c, long long count, long long block_ms, int pending)
+{
+    int cluster = fctl_redis_is_cluster(c->redis);
+    int nreads = cluster ? c->nkeys : 1;
+    redisReply **r = fo_xcalloc((size_t)nreads, sizeof *r);
+    batch_t b = {0};
+    unsigned char *seen = fo_xcalloc((size_t)c->nkeys, 1);
+    int bad = 0, failed = 0;
+    uint64_t until = block_ms > 0 ? now_ms() + (uint64_t)block_ms : 0;
+    for (;;) {
+        for (int i = 0; i < nreads && !bad && !failed; i++) {
+            r[i] = cluster ? xreadgroup(c, count, -1, i, i + 1)
+                           : xreadgroup(c, count, block_ms, 0, c->nkeys);
+            failed = !r[i];
+            bad = !failed && collect(c, &b, r[i], seen, pending) < 0;
+        }
+        if (!cluster || b.n || bad || failed || pending || block_ms < 0 || stop_requested ||
+            (until && now_ms() >= until))
+            break;
+        for (int i = 0; i < nreads; i++) {
+            freeReplyObject(r[i]);
+            r[i] = NULL;
+        }
+        usleep(50 * 1000);
+    }
     long long n = (long long)b.n;
-    if (bad) {
+    if (failed) {
+        n = -1;
+    } else if (bad) {
         fctl_fail("consume", "redis: unexpected XREADGROUP reply; are the keys streams?");
         n = -1;
     } else if (handle_batch(c, &b) < 0) {
@@ -545,7 +575,10 @@ static long long read_once(consumer_t *c, long long count, long long block_ms, i
     }
     free(b.e);
     free(seen);
-    freeReplyObject(r);
+    for (int i = 0; i < nreads; i++)
+        if (r[i])
+            freeReplyObject(r[i]);
+    free(r);
     return n;
 }
 
@@ -562,7 +595,7 @@ static int sweep(consumer_t *c)
                 break;
             const char *argv[] = {"XAUTOCLAIM", c->keys[k], c->group, c->name,
                                   idle,         start,      "COUNT",  "100"};
-            redisReply *r = fctl_redis_run(c->redis, "consume", 8, argv, 0);
+            redisReply *r = fctl_redis_run(c->redis, "consume", c->keys[k], 8, argv, 0);
             if (!r) {
                 free(start);
                 return -1;
@@ -593,19 +626,12 @@ static int sweep(consumer_t *c)
     return 0;
 }
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static int consume_run(consumer_t *c, long long block_ms)
 {
     /* The group, once per stream; BUSYGROUP means it is already there. */
     for (int k = 0; k < c->nkeys; k++) {
         const char *argv[] = {"XGROUP", "CREATE", c->keys[k], c->group, "0", "MKSTREAM"};
-        redisReply *r = fctl_redis_run(c->redis, "consume", 6, argv, 1);
+        redisReply *r = fctl_redis_run(c->redis, "consume", c->keys[k], 6, argv, 1);
         if (!r)
             return FCTL_EXIT_RUNTIME;
         if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
@@ -655,7 +681,7 @@ static void consume_usage(FILE *out)
     fprintf(out,
             "usage: fanoutctl [SETTINGS] consume --group G --consumer C [--count N] [--block MS]\n"
             "                 [--follow] [--min-idle MS] [--seen-ttl S]\n"
-            "Reads every shard stream <key-prefix>:stream:0..shards-1 as consumer C of group G\n"
+            "Reads every shard stream <key-prefix>:{<tag>}:stream:<n> as consumer C of group G\n"
             "(created at the stream start if missing), prints one JSON object per entry, marks\n"
             "it handled (<key-prefix>:seen:G:<id>) and acknowledges it. Entries left pending by\n"
             "an earlier run of C come first; entries idle that long in another consumer's hands\n"
@@ -738,7 +764,7 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
     struct timeval tv = {block_ms / 1000 + 30, 0};
     if (block_ms == 0)
         tv.tv_sec = 0;
-    redisSetTimeout(c.redis, tv);
+    fctl_redis_set_timeout(c.redis, tv);
     /* No SA_RESTART needed: hiredis retries a read interrupted by the signal, and the flag is
      * looked at after each read, whose BLOCK bounds how long a stop waits. */
     struct sigaction sa = {0};
@@ -763,6 +789,6 @@ int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv)
     free(c.out.p);
     bodies_clear(&c);
     free(c.bodies);
-    redisFree(c.redis);
+    fctl_redis_free(c.redis);
     return status;
 }

@@ -810,7 +810,7 @@ static void retry_nothing_dead(const char *event, PGresult *res)
  * the checkpoint to it, so that the next claim resumes right after the last page applied.
  * Returns 0 (also when the mark was fine), -1 after one line on stderr.
  */
-static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, redisContext *rc, PGresult *res,
+static int retry_repair_mark(const cfg_t *cfg, PGconn *conn, fctl_redis_t *rc, PGresult *res,
                              int row)
 {
     fctl_range_t r = {0};
@@ -892,7 +892,7 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
         return FCTL_EXIT_RUNTIME;
     const char *params[] = {event};
     int status = FCTL_EXIT_RUNTIME;
-    redisContext *rc = NULL;
+    fctl_redis_t *rc = NULL;
     PGresult *jobs = pg_run(conn, "retry", "jobs",
                             "SELECT id, state, token, range_lo,"
                             " coalesce(range_hi, 9223372036854775807), progress, delivered,"
@@ -933,7 +933,7 @@ done:
     if (jobs)
         PQclear(jobs);
     if (rc)
-        redisFree(rc);
+        fctl_redis_free(rc);
     PQfinish(conn);
     return status;
 }

@@ -35,14 +35,38 @@ int fctl_is_help(const char *a);
 int fctl_parse_opts(const char *cmd, int argc, char **argv, fctl_opt_t *opts, size_t nopts,
                     const char **positional);
 
-/* Connects (5 s timeout) and authenticates with cfg's Redis settings; NULL after one line
- * on stderr naming cmd. The password is never printed. */
-redisContext *fctl_redis_connect(const cfg_t *cfg, const char *cmd);
+/*
+ * fanoutctl's blocking Redis (fctl_redis.c): the single Redis of cfg's settings, or with
+ * cfg->redis_cluster the Redis Cluster its seeds lead to, through a small synchronous router
+ * (a command-line tool may block; fanoutd's router is asynchronous, notifier/cluster.c):
+ * the slot map from CLUSTER SLOTS, one connection per node opened when first needed,
+ * -MOVED (the map read again, the command resent), -ASK (ASKING and the command once to the
+ * named node), -TRYAGAIN, -CLUSTERDOWN, -LOADING (wait 100 ms and retry), a lost node (the
+ * map read again), within 10 s. Slots and redirections are parsed by the notifier's own
+ * rules (ntf_key_slot, ntf_parse_redirect).
+ */
+typedef struct fctl_redis fctl_redis_t;
 
-/* Runs one command; returns the reply (caller frees) or NULL after one line on stderr. A
- * Redis error reply is returned as is when keep_error is set. */
-redisReply *fctl_redis_run(redisContext *c, const char *cmd, int argc, const char **argv,
-                           int keep_error);
+/* Connects (5 s timeout) and authenticates with cfg's Redis settings (on a cluster: reads
+ * the slot map); NULL after one line on stderr naming cmd. The password is never printed. */
+fctl_redis_t *fctl_redis_connect(const cfg_t *cfg, const char *cmd);
+void fctl_redis_free(fctl_redis_t *r);
+int fctl_redis_is_cluster(const fctl_redis_t *r);
+
+/* Socket timeout of every connection, now and later (a blocked XREADGROUP needs more). */
+void fctl_redis_set_timeout(fctl_redis_t *r, struct timeval tv);
+
+/* Runs one command routed by key (the key it touches; ignored on a single Redis); returns
+ * the reply (caller frees) or NULL after one line on stderr. A Redis error reply is returned
+ * as is when keep_error is set. */
+redisReply *fctl_redis_run(fctl_redis_t *r, const char *cmd, const char *key, int argc,
+                           const char **argv, int keep_error);
+
+/* Commands whose replies are collected later, in order: pipelined on a single Redis, run at
+ * once on a cluster (each key may live on another node). fctl_redis_next returns the next
+ * reply (caller frees; an error reply as is) or NULL after one line on stderr. */
+void fctl_redis_append(fctl_redis_t *r, const char *key, int argc, const char **argv);
+redisReply *fctl_redis_next(fctl_redis_t *r, const char *cmd);
 
 /* One job of an event as fanoutctl retry sees it: follower ids in (lo, hi]. */
 typedef struct fctl_range {
@@ -52,17 +76,17 @@ typedef struct fctl_range {
 /* rebuild.c. The job's progress marks, one per shard (queue format 3): *exists 0 when one
  * is absent (or not a hash); *cursor the lowest, *delivered the sum, as fanoutd's fence
  * reads them. 0 or -1 after one line on stderr. */
-int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exists, int64_t *cursor,
+int fctl_mark_read(const cfg_t *cfg, fctl_redis_t *rc, int64_t job_id, int *exists, int64_t *cursor,
                    int64_t *delivered);
 /* Where the job stands by the shard streams, per shard s (arrays of cfg->shards): the
  * highest recipient of its event in its range in that stream (lo when none) in cursors[s]
  * and the number of such entries in counts[s]; *cursor gets the lowest, *delivered the sum.
  * 0, or -1 after one line. */
-int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursors,
+int fctl_mark_rebuild(const cfg_t *cfg, fctl_redis_t *rc, const fctl_range_t *r, int64_t *cursors,
                       int64_t *counts, int64_t *cursor, int64_t *delivered);
 /* Replaces each shard's mark with {token, cursors[s], counts[s], done 0}. 0, or -1 after one
  * line. */
-int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
+int fctl_mark_write(const cfg_t *cfg, fctl_redis_t *rc, const fctl_range_t *r,
                     const int64_t *cursors, const int64_t *counts);
 
 int fctl_cmd_consume(const cfg_t *cfg, int argc, char **argv);

@@ -39,14 +39,14 @@ static const redisReply *entry_field(const redisReply *kv, const char *name)
 }
 
 /* Scans one shard stream; adds this event's entries in (lo, hi] to *count and raises *top. */
-static int scan_stream(redisContext *rc, const char *key, const fctl_range_t *r, int64_t *top,
+static int scan_stream(fctl_redis_t *rc, const char *key, const fctl_range_t *r, int64_t *top,
                        int64_t *count)
 {
     char ev[24], start[64] = "-";
     snprintf(ev, sizeof ev, "%" PRId64, r->event_id);
     for (;;) {
         const char *argv[] = {"XRANGE", key, start, "+", "COUNT", SCAN_CHUNK};
-        redisReply *rep = fctl_redis_run(rc, "retry", 6, argv, 0);
+        redisReply *rep = fctl_redis_run(rc, "retry", key, 6, argv, 0);
         if (!rep)
             return -1;
         size_t n = rep->type == REDIS_REPLY_ARRAY ? rep->elements : 0;
@@ -74,7 +74,7 @@ static int scan_stream(redisContext *rc, const char *key, const fctl_range_t *r,
     }
 }
 
-int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r, int64_t *cursors,
+int fctl_mark_rebuild(const cfg_t *cfg, fctl_redis_t *rc, const fctl_range_t *r, int64_t *cursors,
                       int64_t *counts, int64_t *cursor, int64_t *delivered)
 {
     if (!(cfg->layout_mask & CFG_LAYOUT_STREAM)) {
@@ -101,7 +101,7 @@ int fctl_mark_rebuild(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
     return 0;
 }
 
-int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
+int fctl_mark_write(const cfg_t *cfg, fctl_redis_t *rc, const fctl_range_t *r,
                     const int64_t *cursors, const int64_t *counts)
 {
     for (int s = 0; s < cfg->shards; s++) {
@@ -112,10 +112,10 @@ int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
         snprintf(del, sizeof del, "%" PRId64, counts[s]);
         /* DEL first: a wrong-typed or stale key must not keep fields of its own */
         const char *dargv[] = {"DEL", key};
-        redisReply *d = fctl_redis_run(rc, "retry", 2, dargv, 0);
+        redisReply *d = fctl_redis_run(rc, "retry", key, 2, dargv, 0);
         const char *argv[] = {"HSET", key,         "token", tok,    "cursor",
                               cur,    "delivered", del,     "done", "0"};
-        redisReply *rep = d ? fctl_redis_run(rc, "retry", 10, argv, 0) : NULL;
+        redisReply *rep = d ? fctl_redis_run(rc, "retry", key, 10, argv, 0) : NULL;
         if (d)
             freeReplyObject(d);
         free(key);
@@ -126,7 +126,7 @@ int fctl_mark_write(const cfg_t *cfg, redisContext *rc, const fctl_range_t *r,
     return 0;
 }
 
-int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exists, int64_t *cursor,
+int fctl_mark_read(const cfg_t *cfg, fctl_redis_t *rc, int64_t job_id, int *exists, int64_t *cursor,
                    int64_t *delivered)
 {
     *exists = 1;
@@ -135,7 +135,7 @@ int fctl_mark_read(const cfg_t *cfg, redisContext *rc, int64_t job_id, int *exis
     for (int s = 0; s < cfg->shards; s++) {
         char *key = ntf_mark_key(cfg->key_prefix, s, cfg->shards, job_id);
         const char *argv[] = {"HMGET", key, "cursor", "delivered"};
-        redisReply *rep = fctl_redis_run(rc, "retry", 4, argv, 1);
+        redisReply *rep = fctl_redis_run(rc, "retry", key, 4, argv, 1);
         free(key);
         if (!rep)
             return -1;

@@ -44,7 +44,7 @@ int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
     }
     if (r)
         return r;
-    redisContext *c = fctl_redis_connect(cfg, "trim");
+    fctl_redis_t *c = fctl_redis_connect(cfg, "trim");
     if (!c)
         return FCTL_EXIT_RUNTIME;
     long long total = 0;
@@ -56,7 +56,7 @@ int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
         snprintf(grace, sizeof grace, "%lld", (long long)cfg->body_grace_s * 1000);
         const char *args[] = {"EVAL", ntf_retention_lua, "3", key, bodies, refs, "0", "0",
                               grace,  "100000"};
-        redisReply *rep = fctl_redis_run(c, "trim", 10, args, 0);
+        redisReply *rep = fctl_redis_run(c, "trim", key, 10, args, 0);
         if (!rep) {
             status = FCTL_EXIT_RUNTIME;
         } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 5 ||
@@ -80,6 +80,6 @@ int fctl_cmd_trim(const cfg_t *cfg, int argc, char **argv)
     }
     if (status == FCTL_EXIT_OK)
         printf("trimmed %lld entries\n", total);
-    redisFree(c);
+    fctl_redis_free(c);
     return status;
 }

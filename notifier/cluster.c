@@ -138,7 +138,7 @@ static void on_retry_timer(uv_timer_t *t);
 
 /* ---- keys and replies ---- */
 
-int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size)
+int ntf_parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size)
 {
     int kind;
     size_t at;
@@ -744,7 +744,7 @@ static void user_reply(cl_node_t *n, cl_req_t *r, const redisReply *rep)
     if (rep->type == REDIS_REPLY_ERROR && rep->str) {
         unsigned slot;
         char addr[64];
-        int kind = ntf__parse_redirect(rep->str, rep->len, &slot, addr, sizeof addr);
+        int kind = ntf_parse_redirect(rep->str, rep->len, &slot, addr, sizeof addr);
         if (kind) {
             cl_node_t *to = node_get(cl, addr);
             if (!to || ++r->hops > CL_MAX_REDIRECTS) {
@@ -1088,7 +1088,7 @@ int ntf__cluster_command(ntf_cluster_t *cl, const char *key, size_t keylen, int 
     r->argc = argc;
     r->flags = flags;
     r->keyed = key != NULL;
-    r->slot = key ? ntf__key_slot(key, keylen) : 0;
+    r->slot = key ? ntf_key_slot(key, keylen) : 0;
     r->deadline = uv_now(cl->loop) + cl->retry_ms;
     r->cb = cb;
     r->data = data;

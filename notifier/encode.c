@@ -42,7 +42,7 @@ static unsigned crc16(unsigned crc, const char *p, size_t len)
     return crc;
 }
 
-unsigned ntf__key_slot(const char *key, size_t len)
+unsigned ntf_key_slot(const char *key, size_t len)
 {
     const char *open = memchr(key, '{', len);
     if (open) {

@@ -249,4 +249,12 @@ char *ntf_mark_key(const char *prefix, int shard, int shards, int64_t job_id);
 /* The hash tag of shard `shard` of `shards` (without braces) into out (at least 24 bytes). */
 void ntf_shard_tag(int shard, int shards, char *out, size_t size);
 
+/* Redis Cluster's rules, for fanoutctl's blocking cluster client as for the router: */
+/* The cluster slot of a key: CRC16-XMODEM mod 16384 of the key, or of the part between the
+ * first '{' and the next '}' when that part is not empty. */
+unsigned ntf_key_slot(const char *key, size_t len);
+/* Parses "-MOVED <slot> <ip>:<port>" / "-ASK ..." error text: returns 1 (MOVED), 2 (ASK) or
+ * 0 (neither, or malformed); fills slot and addr ("ip:port", NUL-terminated) on 1 and 2. */
+int ntf_parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size);
+
 #endif

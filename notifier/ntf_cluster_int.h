@@ -103,10 +103,6 @@ const char *ntf__cluster_refusal(const ntf_cluster_t *cl);
  * NULL), from the loop. */
 void ntf__cluster_close(ntf_cluster_t *cl, fo_closed_cb on_closed, void *data);
 
-/* The cluster slot of a key: CRC16-XMODEM mod 16384 of the key, or of the part between the
- * first '{' and the next '}' when that part is not empty. */
-unsigned ntf__key_slot(const char *key, size_t len);
-
 /*
  * The hash tag of shard `shard` of `shards` (queue format version 3, docs/redis-cluster.md):
  * "<shard>.<k>" for the smallest k >= 0 whose slot lies within +-max(1, 16384 / (8 *
@@ -119,10 +115,6 @@ unsigned ntf__key_slot(const char *key, size_t len);
  * out (at least 24 bytes) and returns its slot.
  */
 unsigned ntf__shard_tag(int shard, int shards, char *out, size_t size);
-
-/* Parses "-MOVED <slot> <ip>:<port>" / "-ASK ..." error text: returns 1 (MOVED), 2 (ASK) or
- * 0 (neither, or malformed); fills slot and addr ("ip:port", NUL-terminated) on 1 and 2. */
-int ntf__parse_redirect(const char *err, size_t len, unsigned *slot, char *addr, size_t size);
 
 /*
  * The writer on a cluster (cwrite.c). Each function has the contract of the ntf_client_t

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 
+import harness
 from harness import SOURCE_DIR, Suite, free_port, http_get, shard_tag
 
 suite = Suite("test_cluster")
@@ -324,11 +325,48 @@ def cluster_stream_key_of(n):
 
 
 @suite.test(servers=CLUSTER)
-def fanoutctl_redis_commands_refuse_a_cluster(s):
-    for args in (["trim"], ["consume", "--group", "g", "--consumer", "c1"]):
-        r = s.fanoutctl(*args)
-        assert r.returncode != 0 and "does not support a Redis Cluster yet" in r.stderr, (
-            args, r.returncode, r.stderr)
+def evicting_policy_then_lost_marks_then_fanoutctl_retry_consume_trim(s):
+    """On a cluster: an evicting maxmemory-policy on one primary holds every write until it
+    is fixed; marks deleted mid fan-out stop the job, fanoutctl retry rebuilds them from the
+    shard streams (per shard) and the rest is delivered once; fanoutctl consume reads every
+    notification once and fanoutctl trim removes what the group acknowledged."""
+    n = 20000
+    s.seed_followers(12, n)
+    victim = s.cluster.owner(shard_slot(3))
+    s.cluster.client(victim).config_set("maxmemory-policy", "allkeys-lru")
+    port = free_port()
+    d = s.start_daemon(FANOUT_PAGE_SIZE=200, FANOUT_SPLIT_MIN_SPAN=0, FANOUT_METRICS_PORT=port,
+                       FANOUT_READ_BUDGET_ROWS_S=10000, FANOUT_LEASE_MS=1500,
+                       FANOUT_POLL_MS=100, FANOUT_RECONNECT_MAX_MS=500, FANOUT_RETENTION_MS=0)
+    d.wait_log(r"maxmemory-policy is allkeys-lru.*node=127.0.0.1:%d" % victim, timeout=30)
+    ev = s.publish(12)
+    time.sleep(1)
+    assert job_progress(s, ev) == 0, "written while a primary may evict"
+    body = http_get(port, "/metrics")[2]
+    assert re.search(r"^fanout_redis_refused 1$", body, re.M), body
+    s.cluster.client(victim).config_set("maxmemory-policy", "noeviction")
+    wait_progress(s, ev, 3000, d)
+    (job,) = [j for (j,) in s.sql("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,))]
+    marks = [harness.mark_key("fanout", k, SHARDS, job) for k in range(SHARDS)]
+    assert sum(s.redis.delete(m) for m in marks) == SHARDS
+    deadline = time.monotonic() + 60
+    while s.job_states(ev).get("dead") != 1:
+        assert time.monotonic() < deadline, s.daemon_logs()
+        time.sleep(0.05)
+    err = s.sql_value("SELECT last_error FROM fanout.jobs WHERE id = %s", (job,))
+    assert "fanout:{*}:progress:%d is missing" % job in err, err
+    r = s.fanoutctl("retry", ev, user="fanoutd")
+    assert r.returncode == 0 and "rebuilt from the streams" in r.stdout, r.stdout + r.stderr
+    s.wait_event_done(ev, timeout=120)
+    assert_exactly_once(s, ev, range(1, n + 1))
+    r = s.fanoutctl("consume", "--group", "g", "--consumer", "c1", "--block", "200",
+                    timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = collections.Counter(json.loads(line)["recipient"] for line in r.stdout.splitlines())
+    assert len(got) == n and max(got.values()) == 1, (len(got), r.stderr[-500:])
+    r = s.fanoutctl("trim")
+    assert r.returncode == 0 and "trimmed %d entries" % n in r.stdout, r.stdout + r.stderr
+    assert sum(s.redis.xlen(k) for k in s.stream_keys()) == 0
 
 
 @suite.test(servers=CLUSTER)

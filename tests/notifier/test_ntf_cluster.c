@@ -347,12 +347,12 @@ static void test_key_slot_matches_redis(void **state)
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
         redisReply *r = cmd(seed_ports[0], "CLUSTER KEYSLOT %s", keys[i]);
         assert_int_equal(r->type, REDIS_REPLY_INTEGER);
-        if ((unsigned)r->integer != ntf__key_slot(keys[i], strlen(keys[i])))
+        if ((unsigned)r->integer != ntf_key_slot(keys[i], strlen(keys[i])))
             fail_msg("slot of '%s': redis %lld, ours %u", keys[i], r->integer,
-                     ntf__key_slot(keys[i], strlen(keys[i])));
+                     ntf_key_slot(keys[i], strlen(keys[i])));
         freeReplyObject(r);
     }
-    assert_int_equal(ntf__key_slot("123456789", 9), 0x31C3);
+    assert_int_equal(ntf_key_slot("123456789", 9), 0x31C3);
 }
 
 /* The default 16 shards' hash tags over the 3 primaries redis-cli made: 5, 6 and 5. */
@@ -396,17 +396,17 @@ static void test_parse_redirect(void **state)
     unsigned slot = 0;
     char addr[64];
     const char *m = "MOVED 3999 127.0.0.1:6381";
-    assert_int_equal(ntf__parse_redirect(m, strlen(m), &slot, addr, sizeof addr), 1);
+    assert_int_equal(ntf_parse_redirect(m, strlen(m), &slot, addr, sizeof addr), 1);
     assert_int_equal(slot, 3999);
     assert_string_equal(addr, "127.0.0.1:6381");
     const char *a = "ASK 0 [::1]:7000";
-    assert_int_equal(ntf__parse_redirect(a, strlen(a), &slot, addr, sizeof addr), 2);
+    assert_int_equal(ntf_parse_redirect(a, strlen(a), &slot, addr, sizeof addr), 2);
     assert_int_equal(slot, 0);
     const char *bad[] = {"MOVED",           "MOVED 16384 1.2.3.4:5",    "MOVED 12 ",
                          "ASK x 1.2.3.4:5", "MOVED 12 1.2.3.4:5 extra", "ERR MOVED 1 1.2.3.4:5",
                          "MOVED 12 nocolon"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
-        assert_int_equal(ntf__parse_redirect(bad[i], strlen(bad[i]), &slot, addr, sizeof addr), 0);
+        assert_int_equal(ntf_parse_redirect(bad[i], strlen(bad[i]), &slot, addr, sizeof addr), 0);
 }
 
 static void test_bad_seeds_refused(void **state)
@@ -435,7 +435,7 @@ static void test_routes_every_slot_and_loads_scripts_everywhere(void **state)
         char key[32];
         snprintf(key, sizeof key, "route:%d", i);
         assert_int_equal(incr(t, key, "5"), 5);
-        int p = owner(ntf__key_slot(key, strlen(key)));
+        int p = owner(ntf_key_slot(key, strlen(key)));
         int j = 0;
         while (j < np && ports[j] != p)
             j++;
@@ -461,7 +461,7 @@ static void test_noscript_is_reloaded(void **state)
     tctx_t *t = ctx_new(0);
     const char *key = "noscript:{a}";
     assert_int_equal(incr(t, key, "1"), 1);
-    cmd_ok(owner(ntf__key_slot(key, strlen(key))), "SCRIPT FLUSH");
+    cmd_ok(owner(ntf_key_slot(key, strlen(key))), "SCRIPT FLUSH");
     assert_int_equal(incr(t, key, "1"), 2);
     assert_int_equal(incr(t, key, "1"), 3);
     ntf_cluster_stats_t st;
@@ -487,7 +487,7 @@ static void test_ask_tryagain_and_moved_during_a_migration(void **state)
 {
     (void)state;
     tctx_t *t = ctx_new(0);
-    unsigned slot = ntf__key_slot("{mig}", 5);
+    unsigned slot = ntf_key_slot("{mig}", 5);
     int src = owner(slot), dst = other_primary(src);
     const char *set_a[] = {"SET", "{mig}a", "A"};
     const char *set_b[] = {"SET", "{mig}b", "B"};
@@ -577,7 +577,7 @@ static void test_silent_primary_is_dropped(void **state)
     next_reply_ms = 0;
     const char *key = "silent:{s}";
     long long before = incr(t, key, "1");
-    pid_t pid = node_pid(owner(ntf__key_slot(key, strlen(key))));
+    pid_t pid = node_pid(owner(ntf_key_slot(key, strlen(key))));
     assert_int_equal(kill(pid, SIGSTOP), 0);
     const char *argv[] = {"EVALSHA", ntf__cluster_sha(t->cl, 0), "1", key, "1"};
     size_t len[5];
@@ -608,7 +608,7 @@ static void test_evicting_policy_refused(void **state)
     tctx_t *t = ctx_new(0);
     const char *key = "policy:{p}";
     assert_true(incr(t, key, "1") >= 1);
-    int prim = owner(ntf__key_slot(key, strlen(key)));
+    int prim = owner(ntf_key_slot(key, strlen(key)));
     assert_null(ntf__cluster_refusal(t->cl));
     cmd_ok(prim, "CONFIG SET maxmemory-policy allkeys-lru");
     int ok = run_until(t, &t->downs, 1, 5000);
@@ -665,7 +665,7 @@ static long long count_entries(ntf_client_t *c, int shards, int64_t r, long long
     *of_r = 0;
     for (int n = 0; n < shards; n++) {
         const char *key = ntf__client_keys(c)->stream[n];
-        redisReply *x = cmd(owner(ntf__key_slot(key, strlen(key))), "XRANGE %s - +", key);
+        redisReply *x = cmd(owner(ntf_key_slot(key, strlen(key))), "XRANGE %s - +", key);
         assert_int_equal(x->type, REDIS_REPLY_ARRAY);
         total += (long long)x->elements;
         for (size_t i = 0; i < x->elements; i++) {
@@ -721,7 +721,7 @@ static void test_writer_resumes_from_the_lowest_shard(void **state)
     ntf__shard_tag(1, 4, tag, sizeof tag);
     snprintf(mark, sizeof mark, "cw:{%s}:progress:77", tag);
     snprintf(stream, sizeof stream, "cw:{%s}:stream:1", tag);
-    redisReply *r = cmd(owner(ntf__key_slot(mark, strlen(mark))),
+    redisReply *r = cmd(owner(ntf_key_slot(mark, strlen(mark))),
                         "EVAL %s 2 %s %s 3 8 16 0 60 5 9 post {} 2026-12-01T00:00:00Z 2 9 13",
                         ntf__page_lua, mark, stream);
     assert_int_equal(r->type, REDIS_REPLY_ARRAY);
@@ -772,7 +772,7 @@ static void test_manual_failover(void **state)
     (void)state;
     tctx_t *t = ctx_new(1);
     const char *key = "failover:{f}";
-    unsigned slot = ntf__key_slot(key, strlen(key));
+    unsigned slot = ntf_key_slot(key, strlen(key));
     assert_int_equal(incr(t, key, "10"), 10);
     int prim = owner(slot), rep = replica_of(prim);
     cmd_ok(rep, "CLUSTER FAILOVER");
@@ -793,7 +793,7 @@ static void test_killed_primary(void **state)
     (void)state;
     tctx_t *t = ctx_new(1);
     const char *key = "kill:{k}";
-    unsigned slot = ntf__key_slot(key, strlen(key));
+    unsigned slot = ntf_key_slot(key, strlen(key));
     assert_int_equal(incr(t, key, "100"), 100);
     int prim = owner(slot), rep = replica_of(prim);
     redisReply *info = cmd(prim, "INFO server");

@@ -90,7 +90,7 @@ static void test_keys(void **state)
     char want[64];
     snprintf(want, sizeof want, "fanout:{%s}:stream:15", tag);
     assert_string_equal(key, want);
-    unsigned slot = ntf__key_slot(key, strlen(key));
+    unsigned slot = ntf_key_slot(key, strlen(key));
     long centre = 31L * 16384 / 32;
     assert_true(labs((long)slot - centre) <= 16384 / 128);
     char *mark = ntf_mark_key("fanout", 15, 16, 42);
