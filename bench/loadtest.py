@@ -736,6 +736,7 @@ def bench_size(s, args, n, mode):
             "mem_per": median([f["redis"]["mem_bytes"] / float(n) for f in runs_l]),
             "aof_per": median([f["redis"]["aof_bytes"] / float(n) for f in runs_l]),
             "cpu_s": median([f["cpu_s"] for f in runs_l]),
+            "rss_kib": max(f["rss_kib"] for f in runs_l),
             "e2es": [f["e2e_s"] for f in runs_l], "dones": [f["done_s"] for f in runs_l],
         }
     return res
