@@ -68,6 +68,7 @@ struct fod_daemon {
     fod_job_t **jobs;     /* cfg->max_jobs slots, njobs used */
     uint64_t *started_ms; /* when each job was claimed, for the done line */
     int njobs;
+    uint64_t finished_ms; /* when a job last finished (the claim gate) */
 
     int paused; /* backpressure: jobs write nothing new */
     char paused_reason[160];
@@ -189,6 +190,7 @@ static void on_job_finished(void *ctx, fod_job_t *j)
     d->started_ms[slot] = d->started_ms[d->njobs - 1];
     d->njobs--;
     d->metrics.jobs_running = d->njobs;
+    d->finished_ms = fo_now_ms();
     fod_job_free(j);
     check_stopped(d);
     claim(d);
@@ -703,11 +705,14 @@ static void claim(fod_daemon_t *d)
     if (d->closed || d->stopping || d->njobs >= d->cfg->max_jobs || d->contract != CONTRACT_OK ||
         d->pages_up != 1 || !fod_identity_held(d->identity))
         return;
-    /* a slot or two freed while many jobs run: wait for a few more, so that one claim
-     * takes a batch rather than every finished job paying for its own claim */
+    /* a slot or two freed while many jobs run and finish: wait for a few more, so that one
+     * claim takes a batch rather than every finished job paying for its own claim. Only
+     * while jobs finish: with none finished for a poll interval (long jobs hold the other
+     * slots), the poll timer and wake-ups claim whatever is free. */
     int free_slots = d->cfg->max_jobs - d->njobs;
     int batch = d->cfg->claim_batch < d->cfg->max_jobs ? d->cfg->claim_batch : d->cfg->max_jobs;
-    if (d->njobs > 0 && free_slots < batch / 4)
+    if (d->njobs > 0 && free_slots < batch / 4 &&
+        fo_now_ms() - d->finished_ms < (uint64_t)d->cfg->poll_ms)
         return;
     fod_held_t held[d->njobs > 0 ? d->njobs : 1];
     for (int i = 0; i < d->njobs; i++)

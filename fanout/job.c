@@ -262,6 +262,10 @@ static void resume_from(fod_job_t *j, const ntf_progress_t *p)
     j->delivered = p->delivered;
     note_delivered(j, p->delivered);
     j->state = p->done ? FOD_JOB_DONE : FOD_JOB_RUNNING;
+    /* a split only before anything is written: an earlier holder (one that stopped or died
+     * before its outcome reached fanout.jobs) may have written pages the claim cannot see */
+    if (p->cursor != j->range_lo || p->delivered != 0)
+        j->split_candidate = 0;
     if (!early || p->done || p->cursor != j->range_lo)
         return; /* the early page, if any, is dropped */
     if (early == EARLY_HELD) {

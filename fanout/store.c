@@ -98,13 +98,17 @@ struct fod_store {
  * $6 max lease losses, $7 how many jobs at most (ordered as one at a time would be).
  */
 static const char SQL_CLAIM[] =
-    "WITH c AS ("
-    " SELECT id, state = 'running' AS lost FROM fanout.jobs"
+    "WITH c0 AS ("
+    " SELECT id, event_id, next_attempt_at, state = 'running' AS lost FROM fanout.jobs"
     " WHERE state IN ('pending', 'running') AND next_attempt_at <= now()"
     "   AND (state = 'pending' OR lease_until < now()"
     "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
     "   AND NOT (event_id = ANY ($4::bigint[]))"
     " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT $7::int),"
+    /* one job per event, the first in claim order; the others stay pending (their row
+     * locks end with the statement), so an event's ranges spread over workers */
+    " c AS (SELECT DISTINCT ON (event_id) id, lost FROM c0"
+    "       ORDER BY event_id, next_attempt_at, id),"
     " v AS (SELECT c.id, c.lost, CASE WHEN c.lost THEN j.lease_losses + 1 > $6"
     "                               ELSE j.attempts >= $5 END AS dead"
     "       FROM c JOIN fanout.jobs j ON j.id = c.id)"
@@ -130,17 +134,20 @@ static const char SQL_CLAIM[] =
     "   to_char(CASE WHEN isfinite(e.created_at) THEN e.created_at ELSE j.created_at END"
     "           AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
     "   j.token, j.range_lo, coalesce(j.range_hi, 9223372036854775807), j.state,"
-    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.token = 1)::int, j.last_error,"
-    "   j.progress, j.delivered, j.mark_created::int";
+    "   (j.range_hi IS NULL AND j.range_lo = 0 AND j.progress = 0 AND j.delivered = 0)::int,"
+    "   j.last_error, j.progress, j.delivered, j.mark_created::int,"
+    "   (SELECT count(*) FROM c0)::int";
 
 /*
- * A job claimed for the first time (token 1, the whole range, nothing written yet) whose
- * first page came back full may be split into follower-id ranges. Its first page gives the
- * author's lowest follower; the highest is read through the contract view on a read-only
- * page connection (every read of the view is read-only); then, when they span at least
- * split_min_span ids, one statement on the control connection cuts (lo, hi] into split_parts
- * ranges of equal span: this job keeps the first, the others become pending jobs, and a
- * NOTIFY wakes the other workers. One statement, so a crash splits all or nothing.
+ * A job of the whole range with nothing written yet (no progress recorded, and its fence
+ * finds its mark at the start: an earlier holder may have been stopped or killed before it
+ * wrote anything, so not only token 1) whose first page came back full may be split into
+ * follower-id ranges. Its first page gives the author's lowest follower; the highest is read
+ * through the contract view on a read-only page connection (every read of the view is read-only);
+ * then, when they span at least split_min_span ids, one statement on the control connection cuts
+ * (lo, hi] into split_parts ranges of equal span: this job keeps the first, the others become
+ * pending jobs, and a NOTIFY wakes the other workers. One statement, so a crash splits all or
+ * nothing.
  */
 static const char SQL_BOUNDS[] =
     "SELECT (SELECT follower FROM %1$s.%2$s WHERE author = $1 ORDER BY follower DESC LIMIT 1)";
@@ -763,7 +770,11 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res, int ask
     int n = PQntuples(res);
     for (int i = 0; i < n; i++)
         claim_row(s, res, i);
-    return again || n >= asked; /* a full batch: there may be more */
+    /* a full batch of candidates (some left for being of an event taken): maybe more */
+    int64_t candidates = 0;
+    if (n > 0 && row_int64(res, 0, 15, &candidates) < 0)
+        candidates = 0;
+    return again || candidates >= asked;
 }
 
 typedef struct claim_call {

@@ -504,8 +504,15 @@ static void on_pages(int status, const PGresult *res, void *data)
  * whose batch was refused goes alone) on connection `slot` of p. */
 static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
 {
+    /* with a read budget, a batch takes reads only while the bucket still holds rows for
+     * them: the first may overdraw, as a lone read does, but one statement must not draw
+     * page_batch pages of budget at once */
     int n = 0;
+    double left = r->bucket.tokens;
     for (req_t *q = r->head; q && n < r->cfg->page_batch && !(n > 0 && q->solo); q = q->next) {
+        if (n > 0 && r->bucket.rate > 0 && left <= 0)
+            break;
+        left -= q->limit;
         n++;
         if (q->solo)
             break;

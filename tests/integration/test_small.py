@@ -7,6 +7,7 @@ once from the streams.
 """
 
 import collections
+import re
 import signal
 import time
 
@@ -91,7 +92,7 @@ def many_small_events_are_each_delivered_exactly_once(s):
     events = publish_all(s, authors)
     wait_done(s, events)
     assert_each_exactly_once(s, events)
-    claims = calls(s, "WITH c AS")
+    claims = calls(s, "WITH c0 AS")
     total = s.sql_value("SELECT sum(calls) FROM pg_stat_statements"
                         " WHERE userid = 'fanoutd'::regrole")
     print("  %d events: %d claims, %d statements of fanoutd (%.2f per event)"
@@ -197,6 +198,52 @@ def a_big_fanout_and_a_flood_of_small_ones_together_are_exact(s):
     assert_each_exactly_once(s, events, by)
     got = collections.Counter(by[big])
     assert len(got) == n and max(got.values()) == 1 and min(got) == 1 and max(got) == n
+
+
+def log_lines(d, msg):
+    """(line number, job, event) of each daemon line with msg="<msg>"."""
+    out = []
+    for i, line in enumerate(d.log().splitlines()):
+        if 'msg="%s"' % msg in line:
+            job = re.search(r" job=(\d+)", line)
+            ev = re.search(r" event=(\d+)", line)
+            out.append((i, int(job.group(1)) if job else None, int(ev.group(1)) if ev else None))
+    return out
+
+
+@suite.test
+def one_claim_takes_one_job_of_an_event(s):
+    """An event already split into 4 ranges, all pending: a batched claim takes the first
+    alone (a worker runs one range of an event at a time, so the ranges spread over the
+    workers), and the next only once the first is over."""
+    s.seed_followers(7, 40)
+    ev = s.publish(7)
+    s.sql("UPDATE fanout.jobs SET range_hi = 10 WHERE event_id = %s", (ev,))
+    s.sql("INSERT INTO fanout.jobs (event_id, range_lo, range_hi)"
+          " VALUES (%s, 10, 20), (%s, 20, 30), (%s, 30, NULL)", (ev, ev, ev))
+    d = s.start_daemon(FANOUT_PAGE_SIZE=5, FANOUT_LOG_LEVEL="debug", **FAST)
+    wait_done(s, [ev])
+    assert sorted(s.recipients_of(ev)) == list(range(1, 41))
+    claimed = [x for x in log_lines(d, "job claimed") if x[2] == ev]
+    written = log_lines(d, "page written")
+    assert len(claimed) == 4, claimed
+    for (line, job, _), (nxt, _, _) in zip(claimed, claimed[1:]):
+        assert any(line < w < nxt and j == job for w, j, _ in written), \
+            "the next range of the event was claimed before job %d wrote a page:\n%s" % (
+                job, d.log_tail())
+
+
+@suite.test
+def a_job_stopped_before_its_first_page_still_splits(s):
+    """A fresh job released by a stop before it wrote anything comes back with token 2: the
+    split question is still open (nothing written), so the big fan-out is still split."""
+    s.seed_followers(8, 60)
+    ev = s.publish(8)
+    s.sql("UPDATE fanout.jobs SET token = 1 WHERE event_id = %s", (ev,))
+    s.start_daemon(FANOUT_PAGE_SIZE=10, FANOUT_SPLIT_MIN_SPAN=20, FANOUT_SPLIT_PARTS=3, **FAST)
+    wait_done(s, [ev])
+    assert sorted(s.recipients_of(ev)) == list(range(1, 61))
+    assert s.sql_value("SELECT count(*) FROM fanout.jobs WHERE event_id = %s", (ev,)) == 3
 
 
 if __name__ == "__main__":
