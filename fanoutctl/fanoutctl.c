@@ -876,7 +876,10 @@ static int cmd_retry(const cfg_t *cfg, int argc, char **argv)
                "in Redis make them resume where they stopped, so nothing is sent twice. A mark\n"
                "that is missing or behind PostgreSQL (deleted, evicted, lost in a failover) is\n"
                "first rebuilt from the shard streams: the highest recipient of the event in\n"
-               "the job's range is the last id written.\n");
+               "the job's range is the last id written. Entries that retention (or trim) has\n"
+               "already removed cannot be seen there, so a rebuilt mark may be too low and\n"
+               "those recipients are sent again; consumers' dedupe marks drop them while they\n"
+               "last (--seen-ttl). The retry prints both cursors.\n");
         return FCTL_EXIT_OK;
     }
     if (r)

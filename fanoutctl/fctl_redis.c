@@ -6,6 +6,8 @@
  */
 #include "fanoutctl/fctl_int.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
@@ -35,26 +37,45 @@ struct fctl_redis {
     redisReply **queue;     /* a cluster's replies for fctl_redis_next, in order */
     size_t qhead, qtail, qcap;
     size_t pending; /* a single Redis's appended commands not read yet */
+    int quiet;      /* a cluster command looks for its node: failures go to err, not stderr */
+    char err[320];  /* the last failure kept while quiet */
 };
 
+/* A failure line, or, while a cluster command still looks for the node of its slot
+ * (r->quiet), the text kept for the one line it prints if it gives up: a dead node must not
+ * print a line per try. */
+static void report(fctl_redis_t *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void report(fctl_redis_t *r, const char *fmt, ...)
+{
+    char line[sizeof r->err];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (r->quiet)
+        snprintf(r->err, sizeof r->err, "%s", line);
+    else
+        fctl_fail(r->cmd, "%s", line);
+}
+
 /* Runs one handshake command (AUTH, SELECT); on failure says `what` and frees c. */
-static int handshake(redisContext *c, const char *where, const char *cmd, const char *what,
+static int handshake(fctl_redis_t *r, redisContext *c, const char *where, const char *what,
                      int argc, const char **argv)
 {
-    redisReply *r = redisCommandArgv(c, argc, argv, NULL);
-    if (r && r->type != REDIS_REPLY_ERROR) {
-        freeReplyObject(r);
+    redisReply *rep = redisCommandArgv(c, argc, argv, NULL);
+    if (rep && rep->type != REDIS_REPLY_ERROR) {
+        freeReplyObject(rep);
         return 0;
     }
-    fctl_fail(cmd, "redis %s: %s: %s", where, what, r ? r->str : c->errstr);
-    if (r)
-        freeReplyObject(r);
+    report(r, "redis %s: %s: %s", where, what, rep ? rep->str : c->errstr);
+    if (rep)
+        freeReplyObject(rep);
     redisFree(c);
     return -1;
 }
 
 /* One connection with cfg's AUTH (and SELECT on a single Redis), or NULL after one line. */
-static redisContext *open_one(const fctl_redis_t *r, const char *host, int port, int db)
+static redisContext *open_one(fctl_redis_t *r, const char *host, int port, int db)
 {
     const cfg_t *cfg = r->cfg;
     char where[320];
@@ -67,30 +88,30 @@ static redisContext *open_one(const fctl_redis_t *r, const char *host, int port,
         c = redisConnectWithTimeout(host, port, r->tv);
     }
     if (!c) {
-        fctl_fail(r->cmd, "redis: out of memory");
+        report(r, "redis: out of memory");
         return NULL;
     }
     if (c->err) {
-        fctl_fail(r->cmd, "redis %s: %s", where, c->errstr);
+        report(r, "redis %s: %s", where, c->errstr);
         redisFree(c);
         return NULL;
     }
     redisSetTimeout(c, r->tv);
     if (cfg->redis_user[0]) {
         const char *argv[] = {"AUTH", cfg->redis_user, cfg->redis_password};
-        if (handshake(c, where, r->cmd, "AUTH failed (FANOUT_REDIS_USER, FANOUT_REDIS_PASSWORD)", 3,
+        if (handshake(r, c, where, "AUTH failed (FANOUT_REDIS_USER, FANOUT_REDIS_PASSWORD)", 3,
                       argv) < 0)
             return NULL;
     } else if (cfg->redis_password[0]) {
         const char *argv[] = {"AUTH", cfg->redis_password};
-        if (handshake(c, where, r->cmd, "AUTH failed (FANOUT_REDIS_PASSWORD)", 2, argv) < 0)
+        if (handshake(r, c, where, "AUTH failed (FANOUT_REDIS_PASSWORD)", 2, argv) < 0)
             return NULL;
     }
     if (db > 0) {
         char dbs[16];
         snprintf(dbs, sizeof dbs, "%d", db);
         const char *argv[] = {"SELECT", dbs};
-        if (handshake(c, where, r->cmd, "SELECT failed (FANOUT_REDIS_DB)", 2, argv) < 0)
+        if (handshake(r, c, where, "SELECT failed (FANOUT_REDIS_DB)", 2, argv) < 0)
             return NULL;
     }
     return c;
@@ -120,7 +141,7 @@ static redisContext *node_conn(fctl_redis_t *r, int i)
         long long port;
         snprintf(host, sizeof host, "%.*s", (int)(colon - n->addr), n->addr);
         if (fo_parse_int(colon + 1, 1, 65535, &port) < 0) {
-            fctl_fail(r->cmd, "redis cluster node \"%s\" is not ip:port", n->addr);
+            report(r, "redis cluster node \"%s\" is not ip:port", n->addr);
             return NULL;
         }
         n->c = open_one(r, host, (int)port, 0);
@@ -195,13 +216,18 @@ static redisReply *cluster_run(fctl_redis_t *r, const char *key, int argc, const
     unsigned slot = key ? ntf_key_slot(key, strlen(key)) : 0;
     int ask = -1;
     uint64_t deadline = mono_ms() + FCTL_ROUTE_MS;
-    const char *why = "no node serves the slot";
+    /* a copy: the texts it comes from (an error reply, a context) are freed before the end */
+    char why[sizeof r->err] = "no node serves the slot";
+    r->quiet = 1;
+    r->err[0] = '\0';
     while (mono_ms() < deadline) {
         int i = ask >= 0 ? ask : r->slot[slot];
         redisContext *c = i >= 0 ? node_conn(r, i) : NULL;
         if (!c) {
             if (i >= 0)
                 node_drop(r, i);
+            if (r->err[0])
+                snprintf(why, sizeof why, "%s", r->err);
             usleep(FCTL_WAIT_US);
             read_map(r);
             ask = -1;
@@ -215,7 +241,7 @@ static redisReply *cluster_run(fctl_redis_t *r, const char *key, int argc, const
         }
         redisReply *rep = redisCommandArgv(c, argc, argv, NULL);
         if (!rep) { /* the node went away: find the slot's owner again */
-            why = c->errstr[0] ? c->errstr : "connection lost";
+            snprintf(why, sizeof why, "%s", c->errstr[0] ? c->errstr : "connection lost");
             node_drop(r, i);
             read_map(r);
             continue;
@@ -230,9 +256,10 @@ static redisReply *cluster_run(fctl_redis_t *r, const char *key, int argc, const
             freeReplyObject(rep);
             if (to < 0)
                 break;
-            if (kind == 1) { /* MOVED: the map is stale */
-                r->slot[to_slot] = (short)to;
+            if (kind == 1) { /* MOVED: the map is stale; the node that said so knows best (the
+                              * map's first node may not have heard of the move yet) */
                 read_map(r);
+                r->slot[to_slot] = (short)to;
             } else {
                 ask = to; /* ASK: this command only, the map stays */
             }
@@ -240,14 +267,16 @@ static redisReply *cluster_run(fctl_redis_t *r, const char *key, int argc, const
         }
         if (is_error(rep, "TRYAGAIN") || is_error(rep, "CLUSTERDOWN") || is_error(rep, "LOADING") ||
             is_error(rep, "READONLY")) {
-            why = rep->str;
+            snprintf(why, sizeof why, "%s", rep->str);
             freeReplyObject(rep);
             usleep(FCTL_WAIT_US);
             read_map(r);
             continue;
         }
+        r->quiet = 0;
         return rep;
     }
+    r->quiet = 0;
     fctl_fail(r->cmd, "redis cluster: %s: %s within %d s (FANOUT_REDIS_CLUSTER)", argv[0], why,
               FCTL_ROUTE_MS / 1000);
     return NULL;

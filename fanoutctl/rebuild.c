@@ -12,8 +12,10 @@
  * never the daemon.
  *
  * Limit: it needs the stream layout (an inbox or Sidekiq queue alone is consumed away), and
- * a stream trimmed past the job's last page would make the cursor too low; fanoutctl trim
- * only trims what every consumer group acknowledged, and the retry prints both cursors.
+ * a stream trimmed past the job's last page makes the cursor too low, so what was trimmed is
+ * sent again. Retention trims exactly what every consumer group acknowledged, which is what
+ * consumers have seen: their dedupe marks drop the repeats while they last. The retry prints
+ * both cursors, and its help says so.
  */
 #include "fanoutctl/fctl_int.h"
 #include "notifier/notifier.h"

@@ -703,6 +703,14 @@ static void dispatch(cl_req_t *r)
         wait_list_add(cl, r);
         return;
     }
+    if (n->refusal[0]) { /* it may evict what it is sent: an ASK target too, owning no slot */
+        if (uv_now(cl->loop) >= r->deadline) {
+            give_up(r, NULL, "maxmemory-policy refused");
+            return;
+        }
+        wait_list_add(cl, r);
+        return;
+    }
     if (n->state != N_READY) {
         node_enqueue(n, r);
         return;
@@ -945,7 +953,8 @@ static void on_watch_timer(uv_timer_t *t)
             redisAsyncFree(n->ac); /* connected: on_disconnect runs node_lost */
             continue;
         }
-        if (n->state == N_READY && n->ac && n->owner && !n->policy_busy &&
+        /* owners, and any node refused so far (an ASK target owns no slot yet) */
+        if (n->state == N_READY && n->ac && (n->owner || n->refusal[0]) && !n->policy_busy &&
             now - n->policy_ms >= CL_POLICY_MS)
             send_policy(n);
         if ((n->state != N_CONNECTING && n->state != N_LOADING) || !n->ac ||

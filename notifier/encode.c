@@ -517,6 +517,14 @@ int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, si
                  policy);
         return 1;
     }
+    if (strncmp(policy, "volatile-", 9) == 0 && !lay) {
+        snprintf(why, size,
+                 "redis maxmemory-policy is %s on a cluster node: a finished shard's progress mark "
+                 "has an expiry while the job's other shards may still be writing, so Redis may "
+                 "evict it; set maxmemory-policy noeviction",
+                 policy);
+        return 1;
+    }
     int inbox_ttl = lay && (lay->mask & CFG_LAYOUT_INBOX) && lay->inbox_ttl_s > 0;
     if (strncmp(policy, "volatile-", 9) == 0 && inbox_ttl) {
         snprintf(why, size,

@@ -149,9 +149,10 @@ const ntf_keys_t *ntf__client_keys(const ntf_client_t *c);
 /*
  * Judges INFO memory's text (info may be NULL): returns 1 and writes into why (always
  * NUL-terminated, "" when accepted) the policy and the fix when Redis may evict a key fanout
- * relies on: any allkeys-* policy, a volatile-* one while lay writes inbox lists with a TTL,
- * or no maxmemory_policy line at all. noeviction and the other volatile-* policies are
- * accepted: fanout's keys carry no TTL while they are in use.
+ * relies on: any allkeys-* policy, a volatile-* one while lay writes inbox lists with a TTL
+ * or on a cluster node (lay NULL: a shard's mark expires once that shard's part of a job is
+ * done, while other parts may be out), or no maxmemory_policy line at all. noeviction and, on
+ * a single Redis, the other volatile-* policies are accepted: its keys carry no TTL in use.
  */
 int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, size_t size);
 

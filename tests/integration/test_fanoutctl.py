@@ -6,8 +6,9 @@ import json
 import os
 import re
 import subprocess
+import time
 
-from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite
+from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, _spawn_redis, free_port
 
 suite = Suite("test_fanoutctl")
 
@@ -362,6 +363,38 @@ def consume_rejects_a_stream_listed_twice(s):
                     FANOUT_REDIS_PORT=port, FANOUT_SHARDS=1)
     one_line_error(r, 1, "unexpected XREADGROUP reply")
     expect_eq(r.stdout, "", "nothing printed from a malformed reply")
+
+
+@suite.test
+def a_cluster_that_stays_down_is_one_line_after_the_deadline(s):
+    """fanoutctl on a Redis Cluster that answers CLUSTERDOWN for 10 s (here one node serving
+    one slot, and a second seed that is dead): one stderr line naming the refusal, not one
+    per try, and no freed reply text read (the suite runs under ASan too)."""
+    port, dead = free_port(), free_port()
+    os.makedirs(s.path("lone-cluster"), exist_ok=True)
+    proc = _spawn_redis(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                         "--cluster-enabled", "yes", "--dir", s.path("lone-cluster"),
+                         "--save", "", "--appendonly", "no"], s.path("lone-cluster.log"))
+    try:
+        import redis as redis_py
+        r = redis_py.Redis(port=port, decode_responses=True)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r.ping()
+                break
+            except redis_py.exceptions.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "redis did not start"
+                time.sleep(0.05)
+        from redis.crc import key_slot
+        r.execute_command("CLUSTER", "ADDSLOTS", key_slot(s.stream_key(0, 1).encode()))
+        c = s.fanoutctl("trim", FANOUT_SHARDS=1, FANOUT_REDIS_CLUSTER="127.0.0.1:%d,127.0.0.1:%d"
+                        % (port, dead))
+        one_line_error(c, 1, "CLUSTERDOWN", "FANOUT_REDIS_CLUSTER")
+        r.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 if __name__ == "__main__":

@@ -581,6 +581,9 @@ static void test_policy_refusal(void **state)
     assert_int_equal(ntf__policy_refusal(vol, &stream, why, sizeof why), 0);
     assert_int_equal(ntf__policy_refusal(vol, &inbox_ttl, why, sizeof why), 1);
     assert_non_null(strstr(why, "FANOUT_INBOX_TTL_S"));
+    /* a cluster (no layout): marks of finished shards expire while others are out */
+    assert_int_equal(ntf__policy_refusal(vol, NULL, why, sizeof why), 1);
+    assert_non_null(strstr(why, "noeviction"));
     assert_int_equal(ntf__policy_refusal("# Memory\r\n", &stream, why, sizeof why), 1);
     assert_int_equal(ntf__policy_refusal(NULL, &stream, why, 8), 1);
     assert_int_equal(strlen(why), 7);
