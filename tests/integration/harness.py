@@ -181,6 +181,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_cluster_port(taken=()):
+    """A free port for a cluster-enabled redis-server: its cluster bus listens on port +
+    10000, so that must be free too, and below 65536 (Redis refuses to start otherwise)."""
+    while True:
+        p = free_port()
+        if p + 10000 < 65536 and p not in taken:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
+
+
 def http_get(port, path, timeout=10):
     """GET http://127.0.0.1:port/path; returns (status, Content-Type, body text)."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -578,16 +592,7 @@ class RedisCluster:
             self.client(self.ports[0]).execute_command("CLUSTER", "MEET", "127.0.0.1", p)
 
     def _free_unused_port(self):
-        # The cluster bus listens on port + 10000: both must be free.
-        while True:
-            p = free_port()
-            if p + 10000 < 65536 and p not in self.ports:
-                try:
-                    with socket.socket() as s:
-                        s.bind(("127.0.0.1", p + 10000))
-                    return p
-                except OSError:
-                    continue
+        return free_cluster_port(taken=self.ports)
 
     def _node_dir(self, port):
         return os.path.join(self.dir, "node-%d" % port)

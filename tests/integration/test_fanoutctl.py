@@ -8,7 +8,7 @@ import re
 import subprocess
 import time
 
-from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, _spawn_redis, free_port
+from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, _spawn_redis, free_cluster_port, free_port
 
 suite = Suite("test_fanoutctl")
 
@@ -370,21 +370,22 @@ def a_cluster_that_stays_down_is_one_line_after_the_deadline(s):
     """fanoutctl on a Redis Cluster that answers CLUSTERDOWN for 10 s (here one node serving
     one slot, and a second seed that is dead): one stderr line naming the refusal, not one
     per try, and no freed reply text read (the suite runs under ASan too)."""
-    port, dead = free_port(), free_port()
+    port, dead = free_cluster_port(), free_port()
     os.makedirs(s.path("lone-cluster"), exist_ok=True)
     proc = _spawn_redis(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                          "--cluster-enabled", "yes", "--dir", s.path("lone-cluster"),
                          "--save", "", "--appendonly", "no"], s.path("lone-cluster.log"))
     try:
         import redis as redis_py
-        r = redis_py.Redis(port=port, decode_responses=True)
+        r = redis_py.Redis(host="127.0.0.1", port=port, decode_responses=True)
         deadline = time.monotonic() + 20
         while True:
             try:
                 r.ping()
                 break
             except redis_py.exceptions.ConnectionError:
-                assert time.monotonic() < deadline and proc.poll() is None, "redis did not start"
+                assert time.monotonic() < deadline and proc.poll() is None, \
+                    "redis did not start: %s" % open(s.path("lone-cluster.log")).read()[-2000:]
                 time.sleep(0.05)
         from redis.crc import key_slot
         r.execute_command("CLUSTER", "ADDSLOTS", key_slot(s.stream_key(0, 1).encode()))
