@@ -78,15 +78,25 @@ struct fod_store {
     int claiming, claim_again;
     int splits;              /* splits out (their jobs run here meanwhile) */
     unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
+    unsigned mine_searched;  /* pgc_conn_connects when a claim last looked for own jobs */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
 };
 
 /*
  * One claimable job: pending, or running under an expired lease, or under this worker's own
  * id but not running here (this worker restarted: identity.c holds the id's lock, so the
- * previous holder of the id is gone). Never a second job of an event this worker already
- * runs, so the ranges of one big fan-out spread over workers and leave this worker's other
- * slots to other events.
+ * previous holder of the id is gone; or a claim's or split's answer was lost with the
+ * connection). Never a second job of an event this worker already runs, so the ranges of one
+ * big fan-out spread over workers and leave this worker's other slots to other events.
+ *
+ * Each kind has its own read, so that a claim reads only rows it may take: pending jobs in
+ * claim order (the jobs_pending index), running ones whose lease has expired (jobs_running,
+ * by lease end; usually none), and this worker's own running jobs that it does not hold only
+ * when $8 asks: on the first claim of each connection, since such a job exists only after a
+ * restart or a lost answer. Reading them on every claim walked past every job running here
+ * (up to max_jobs rows, each compared with the arrays of held jobs) and cost most of the
+ * claim. The three reads are merged in claim order and cut at the limit; a row locked but cut
+ * is free again when the statement ends.
  *
  * What a claim costs: taking a pending job starts an attempt (max_attempts of them may fail
  * with an error); taking a running one means its holder vanished (crashed, killed, stalled
@@ -95,40 +105,51 @@ struct fod_store {
  * number of crashes that let it move on, while one that kills every worker holding it, at
  * the same place, is declared dead after max_lease_losses.
  * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts,
- * $6 max lease losses, $7 how many jobs at most (ordered as one at a time would be).
+ * $6 max lease losses, $7 how many jobs at most (ordered as one at a time would be), $8
+ * whether to look for this worker's own jobs that it does not hold.
  */
+#define CLAIM_COLS "id, event_id, next_attempt_at, attempts, lease_losses"
 static const char SQL_CLAIM[] =
-    "WITH c0 AS ("
-    " SELECT id, event_id, next_attempt_at, state = 'running' AS lost FROM fanout.jobs"
-    " WHERE state IN ('pending', 'running') AND next_attempt_at <= now()"
-    "   AND (state = 'pending' OR lease_until < now()"
-    "        OR (lease_owner = $1 AND NOT (id = ANY ($3::bigint[]))))"
+    "WITH pend AS ("
+    " SELECT " CLAIM_COLS ", false AS lost FROM fanout.jobs"
+    " WHERE state = 'pending' AND next_attempt_at <= now()"
     "   AND NOT (event_id = ANY ($4::bigint[]))"
     " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT $7::int),"
+    " expired AS ("
+    " SELECT " CLAIM_COLS ", true AS lost FROM fanout.jobs"
+    " WHERE state = 'running' AND lease_until < now() AND next_attempt_at <= now()"
+    "   AND NOT (event_id = ANY ($4::bigint[]))"
+    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT $7::int),"
+    " mine AS ("
+    " SELECT " CLAIM_COLS ", true AS lost FROM fanout.jobs"
+    " WHERE $8::boolean AND state = 'running' AND lease_until >= now() AND lease_owner = $1"
+    "   AND next_attempt_at <= now() AND NOT (id = ANY ($3::bigint[]))"
+    "   AND NOT (event_id = ANY ($4::bigint[]))"
+    " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT $7::int),"
+    " c0 AS (SELECT * FROM pend UNION ALL SELECT * FROM expired UNION ALL SELECT * FROM mine"
+    "        ORDER BY next_attempt_at, id LIMIT $7::int),"
     /* one job per event, the first in claim order; the others stay pending (their row
      * locks end with the statement), so an event's ranges spread over workers */
-    " c AS (SELECT DISTINCT ON (event_id) id, lost FROM c0"
-    "       ORDER BY event_id, next_attempt_at, id),"
-    " v AS (SELECT c.id, c.lost, CASE WHEN c.lost THEN j.lease_losses + 1 > $6"
-    "                               ELSE j.attempts >= $5 END AS dead"
-    "       FROM c JOIN fanout.jobs j ON j.id = c.id)"
+    " c AS (SELECT DISTINCT ON (event_id) id, lost, CASE WHEN lost THEN lease_losses + 1 > $6"
+    "                                                 ELSE attempts >= $5 END AS dead"
+    "       FROM c0 ORDER BY event_id, next_attempt_at, id)"
     " UPDATE fanout.jobs j SET"
-    "   state = CASE WHEN v.dead THEN 'dead' ELSE 'running' END,"
-    "   lease_owner = CASE WHEN v.dead THEN NULL ELSE $1 END,"
-    "   lease_until = CASE WHEN v.dead THEN NULL"
+    "   state = CASE WHEN c.dead THEN 'dead' ELSE 'running' END,"
+    "   lease_owner = CASE WHEN c.dead THEN NULL ELSE $1 END,"
+    "   lease_until = CASE WHEN c.dead THEN NULL"
     "                 ELSE now() + $2::bigint * interval '1 millisecond' END,"
-    "   last_error = CASE WHEN v.dead AND v.lost THEN 'its holder vanished ' ||"
+    "   last_error = CASE WHEN c.dead AND c.lost THEN 'its holder vanished ' ||"
     "     j.lease_losses + 1 || ' times without progress (a worker crashed, was killed or"
     " stalled past its lease while holding it; max_lease_losses ' || $6 || ')'"
     "     || coalesce('; earlier: ' || j.last_error, '')"
-    "     WHEN v.dead THEN 'attempts used up (' || j.attempts || ', max_attempts ' || $5 || ')'"
+    "     WHEN c.dead THEN 'attempts used up (' || j.attempts || ', max_attempts ' || $5 || ')'"
     "     || coalesce('; earlier: ' || j.last_error, '') ELSE j.last_error END,"
-    "   finished_at = CASE WHEN v.dead THEN now() END,"
+    "   finished_at = CASE WHEN c.dead THEN now() END,"
     "   token = j.token + 1,"
-    "   attempts = CASE WHEN v.dead OR v.lost THEN j.attempts ELSE j.attempts + 1 END,"
-    "   lease_losses = CASE WHEN v.lost THEN j.lease_losses + 1 ELSE j.lease_losses END,"
+    "   attempts = CASE WHEN c.dead OR c.lost THEN j.attempts ELSE j.attempts + 1 END,"
+    "   lease_losses = CASE WHEN c.lost THEN j.lease_losses + 1 ELSE j.lease_losses END,"
     "   started_at = coalesce(j.started_at, now())"
-    " FROM v, fanout.events e WHERE j.id = v.id AND e.id = j.event_id"
+    " FROM c, fanout.events e WHERE j.id = c.id AND e.id = j.event_id"
     " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
     /* the server stamps created_at (sql/008); a row from before that may hold 'infinity' */
     "   to_char(CASE WHEN isfinite(e.created_at) THEN e.created_at ELSE j.created_at END"
@@ -240,10 +261,11 @@ static const char SQL_FAIL[] =
     " finished_at = CASE WHEN attempts >= $6 THEN now() END"
     " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
 
-/* Served by the jobs_unfinished partial index: only pending and running jobs are read. */
+/* Served by the jobs_pending and jobs_running partial indexes (a BitmapOr, sql/009): only
+ * pending and running jobs are read. */
 static const char SQL_OLDEST[] =
     "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
-    " FROM fanout.jobs WHERE state IN ('pending', 'running')";
+    " FROM fanout.jobs WHERE state = 'pending' OR state = 'running'";
 
 fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *cfg, met_t *metrics,
                            const fod_store_events_t *events)
@@ -251,7 +273,12 @@ fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *c
     fod_store_t *s = fo_xcalloc(1, sizeof *s);
     *s = (fod_store_t){.ctl = ctl, .reader = reader, .cfg = cfg, .metrics = metrics, .ev = *events};
     s->marks_tail = &s->marks;
-    pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 7);
+    /* Generic plans: the statements below run thousands of times a second in a flood of small
+     * events, and PostgreSQL's default would plan the array ones anew on every call (their
+     * custom plans look cheaper), which cost as much CPU as running them. Their generic plans
+     * are the same index lookups. */
+    pgc_conn_setup(ctl, "SET plan_cache_mode = force_generic_plan");
+    pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 8);
     pgc_conn_prepare(ctl, "fo_renew", SQL_RENEW, 6);
     pgc_conn_prepare(ctl, "fo_marked", SQL_MARKED, 2);
     pgc_conn_prepare(ctl, "fo_finish", SQL_FINISH, 4);
@@ -780,6 +807,8 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res, int ask
 typedef struct claim_call {
     fod_store_t *s;
     int asked;
+    unsigned connects; /* the connection it was sent on */
+    int mine;          /* it looked for this worker's own jobs that it does not hold */
 } claim_call_t;
 
 static void on_claim(int status, const PGresult *res, void *data)
@@ -787,6 +816,8 @@ static void on_claim(int status, const PGresult *res, void *data)
     claim_call_t *cc = data;
     fod_store_t *s = cc->s;
     int asked = cc->asked;
+    if (status == 0 && cc->mine)
+        s->mine_searched = cc->connects;
     free(cc);
     s->claiming = 0;
     if (status == FO_ESTOP)
@@ -827,10 +858,15 @@ void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *he
     I64(max, s->cfg->max_attempts);
     I64(losses, s->cfg->max_lease_losses);
     I64(limit, want);
-    const char *params[] = {worker_id, lease, jobs, events, max, losses, limit};
+    /* this worker's own jobs that it does not hold exist only after a restart (the store's
+     * first connection) or an answer lost with a connection: looked for once per connection */
+    unsigned connects = pgc_conn_connects(s->ctl);
+    int mine = connects != s->mine_searched;
+    const char *params[] = {worker_id, lease,  jobs,  events,
+                            max,       losses, limit, mine ? "true" : "false"};
     claim_call_t *cc = fo_xmalloc(sizeof *cc);
-    *cc = (claim_call_t){s, want};
-    if (pgc_conn_exec(s->ctl, "fo_claim", 7, params, 0, on_claim, cc) == 0)
+    *cc = (claim_call_t){s, want, connects, mine};
+    if (pgc_conn_exec(s->ctl, "fo_claim", 8, params, 0, on_claim, cc) == 0)
         s->claiming = 1;
     else
         free(cc);

@@ -630,7 +630,7 @@ static int status_recent(const cfg_t *cfg, PGconn *conn, status_out_t *o)
         " j.attempts, floor(extract(epoch FROM now() - e.created_at))::bigint,"
         " coalesce('WAITING: ' || j.waiting, j.last_error, '')"
         " FROM (SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
-        "        WHERE state IN ('pending', 'running') ORDER BY event_id LIMIT 100) a"
+        "        WHERE state = 'pending' OR state = 'running' ORDER BY event_id LIMIT 100) a"
         "       UNION SELECT * FROM (SELECT DISTINCT event_id FROM fanout.jobs"
         "        WHERE state = 'dead' ORDER BY event_id DESC LIMIT 20) b"
         "       UNION SELECT * FROM (SELECT id FROM fanout.events ORDER BY id DESC LIMIT 20) c"

@@ -65,6 +65,7 @@ struct pgc_conn {
     uv_timer_t timer;  /* reconnect backoff; while up, defers a send failure to the loop */
     int send_failed;   /* a send failed: nothing more is sent until on_send_failed runs */
     unsigned attempt;
+    unsigned connects;      /* times the state turned up */
     unsigned permanent;     /* consecutive attempts refused for a reason retrying cannot fix */
     int open_handles;       /* timer + poll handles not yet closed; freed at 0 when closing */
     fo_closed_cb on_closed; /* pgc_conn_close's completion callback */
@@ -142,6 +143,11 @@ void pgc_conn_setup(pgc_conn_t *c, const char *sql)
 int pgc_conn_ready(const pgc_conn_t *c)
 {
     return c && c->state == ST_UP;
+}
+
+unsigned pgc_conn_connects(const pgc_conn_t *c)
+{
+    return c ? c->connects : 0;
 }
 
 /* --- the query queue --- */
@@ -386,6 +392,7 @@ static void drain_notifies(pgc_conn_t *c)
 static void setup_done(pgc_conn_t *c)
 {
     c->state = ST_UP;
+    c->connects++;
     c->attempt = 0;
     c->permanent = 0;
     fo_log(FO_LOG_INFO, "connected", "server=postgresql conn=%s", c->name);

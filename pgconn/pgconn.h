@@ -80,6 +80,10 @@ const char *pgc_refusal_fix(const char *libpq_message);
 /* 1 when up; a NULL connection (one its owner already closed) is never up. */
 int pgc_conn_ready(const pgc_conn_t *c);
 
+/* How many times the connection has come up (1 on the first connection): a change tells a
+ * caller that answers may have been lost with a connection in between. */
+unsigned pgc_conn_connects(const pgc_conn_t *c);
+
 /*
  * Queues a prepared statement with text parameters (copied; NULL entries are SQL NULL).
  * binary_result = 1 asks for binary columns. Returns 0 (cb runs later, from the loop, never
