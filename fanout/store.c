@@ -11,8 +11,12 @@
  * over arrays (unnest), each row with the same token check its single-job form has: the done
  * records, the marks' records and the lease renewals. One batch of a kind is out at a time;
  * what arrives meanwhile goes in the next one, so a lone job waits for nothing and a flood
- * costs one statement per batch. A batched done record the server refuses is sent again
- * alone, so that a bad record fails alone.
+ * costs one statement per batch. Done records, which nothing waits for (the job's slot is
+ * free already, and its notifications are in Redis), go out with a quarter of a batch, with
+ * the next claim or on the next tick, whichever comes first: sent as soon as the last batch
+ * answered, a flood's batches held four or five records each, and a statement's fixed cost
+ * in PostgreSQL (executor set-up, commit) was most of theirs. A batched done record the
+ * server refuses is sent again alone, so that a bad record fails alone.
  *
  * Records: a finished job leaves a small record of its outcome (done, released on a graceful
  * stop, or a failed attempt) that is written with a token check and retried on the tick
@@ -208,6 +212,12 @@ static const char SQL_MARKED[] =
     " FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)"
     " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running' RETURNING j.id";
 
+/* The jobs of a finished job's event: 1 for a job of the whole range (an event that was
+ * never split has one job, and a split gives the first job its range_hi), else counted. */
+#define EVENT_JOBS(j)                                                                              \
+    "CASE WHEN " j ".range_lo = 0 AND " j ".range_hi IS NULL THEN 1"                               \
+    " ELSE (SELECT count(*) FROM fanout.jobs o WHERE o.event_id = " j ".event_id) END"
+
 /* Done records of many jobs: $1 ids, $2 tokens, $3 cursors, $4 delivered counts. Returns, per
  * job written, its id, the seconds from publish to done and the jobs of its event. */
 static const char SQL_FINISH_MANY[] =
@@ -220,7 +230,7 @@ static const char SQL_FINISH_MANY[] =
     " RETURNING j.id, extract(epoch FROM j.finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = j.event_id"
     "    AND isfinite(e.created_at)))::float8,"
-    " (SELECT count(*) FROM fanout.jobs o WHERE o.event_id = j.event_id)";
+    " " EVENT_JOBS("j");
 
 static const char SQL_FINISH[] =
     "UPDATE fanout.jobs SET state = 'done', progress = $3, delivered = $4,"
@@ -230,7 +240,7 @@ static const char SQL_FINISH[] =
     " RETURNING extract(epoch FROM finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = event_id"
     "    AND isfinite(e.created_at)))::float8,"
-    " (SELECT count(*) FROM fanout.jobs o WHERE o.event_id = jobs.event_id)";
+    " " EVENT_JOBS("jobs");
 
 /* A graceful stop is no failed attempt: the attempt is given back. */
 static const char SQL_RELEASE[] =
@@ -479,7 +489,7 @@ typedef struct finish_batch {
     store_rec_t *recs[];
 } finish_batch_t;
 
-static void finish_flush(fod_store_t *s);
+static void finish_flush(fod_store_t *s, int all);
 
 static void on_finish_batch(int status, const PGresult *res, void *data)
 {
@@ -513,12 +523,12 @@ static void on_finish_batch(int status, const PGresult *res, void *data)
             if (r->solo && !r->sending)
                 rec_send(r);
     }
-    finish_flush(s);
+    finish_flush(s, 0);
 }
 
 /* Sends the done records that are due in one statement, unless a batch is out (its answer
- * sends the next). */
-static void finish_flush(fod_store_t *s)
+ * sends the next): all of them (up to a batch), or only once a quarter of a batch is due. */
+static void finish_flush(fod_store_t *s, int all)
 {
     if (s->finishing || !pgc_conn_ready(s->ctl))
         return;
@@ -526,7 +536,7 @@ static void finish_flush(fod_store_t *s)
     size_t n = 0, cap = (size_t)s->cfg->claim_batch;
     for (store_rec_t *r = s->recs; r; r = r->next)
         n += r->kind == REC_FINISH && !r->solo && !r->sending && now >= r->retry_at;
-    if (n == 0)
+    if (n == 0 || (!all && n < (cap + 3) / 4))
         return;
     n = n < cap ? n : cap;
     finish_batch_t *b = fo_xmalloc(sizeof *b + n * sizeof b->recs[0]);
@@ -595,7 +605,7 @@ void fod_store_record(fod_store_t *s, const fod_outcome_t *o)
     r->next = s->recs;
     s->recs = r;
     if (r->kind == REC_FINISH)
-        finish_flush(s);
+        finish_flush(s, 0);
     else
         rec_send(r);
 }
@@ -605,7 +615,7 @@ void fod_store_retry(fod_store_t *s, uint64_t now)
     for (store_rec_t *r = s->recs; r; r = r->next)
         if (!r->sending && now >= r->retry_at && (r->kind != REC_FINISH || r->solo))
             rec_send(r);
-    finish_flush(s);
+    finish_flush(s, 1);
 }
 
 void fod_store_free(fod_store_t *s)
@@ -843,6 +853,7 @@ static char *held_array(const fod_store_t *s, const fod_held_t *held, size_t nhe
 void fod_store_claim(fod_store_t *s, const char *worker_id, const fod_held_t *held, size_t n,
                      int want)
 {
+    finish_flush(s, 1); /* the done records that wait go out with the claim */
     if (!pgc_conn_ready(s->ctl) || fo_now_ms() < s->claim_retry_at || want <= 0)
         return;
     if (s->claiming) {

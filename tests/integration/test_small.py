@@ -98,7 +98,9 @@ def many_small_events_are_each_delivered_exactly_once(s):
     print("  %d events: %d claims, %d statements of fanoutd (%.2f per event)"
           % (len(events), claims, total, total / len(events)))
     # each claim after the commit finds the whole batch waiting: far fewer claims than events
-    assert 0 < claims <= len(events) // 8, claims
+    # (how many depends on how the jobs finish meanwhile: 150 to 190 on a busy 2-core machine,
+    # against 1,500 for a claim per event)
+    assert 0 < claims <= len(events) // 5, claims
     assert d.alive()
 
 
