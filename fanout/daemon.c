@@ -78,6 +78,12 @@ struct fod_daemon {
     void *stop_data;
 
     uv_timer_t poll_timer, tick_timer, renew_timer, stop_timer, backlog_timer, stats_timer;
+    uv_timer_t whole_timer; /* sends the whole jobs gathered in this loop iteration */
+    uv_timer_t claim_timer; /* a claim held back to gather wake-ups (CLAIM_GATHER_MS) */
+    uint64_t claim_ms;      /* when the last claim was asked for */
+    ntf_whole_t *whole;     /* cfg->max_jobs slots (a job has one whole write at most) */
+    ntf_job_t *whole_view;  /* each one's job, copied (its strings are the job's) */
+    size_t nwhole;
     ntf_retainer_t *retainer; /* trims the streams every retention_ms */
     int closed;        /* the connections are closed: store and identity are not used any more */
     int closing_parts; /* timers and connections whose close has not completed yet */
@@ -92,6 +98,7 @@ struct fod_daemon {
 
 static void check_contract(fod_daemon_t *d, int force);
 static void claim(fod_daemon_t *d);
+static void claim_now(fod_daemon_t *d, int urgent);
 static void renew(fod_daemon_t *d);
 static void check_stopped(fod_daemon_t *d);
 
@@ -117,6 +124,55 @@ static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64
 {
     fod_daemon_t *d = ctx;
     return d->redis ? ntf_write_page(d->redis, job, expect, ids, n, last, cb, data) : FO_EREDIS;
+}
+
+/* Whole jobs go to Redis together: the ones that became ready in this loop iteration (one
+ * batched page read answers many) share script runs, at most WHOLE_BATCH_IDS ids per run
+ * unless one job alone has more. */
+#define WHOLE_BATCH_IDS 8192
+
+static void send_wholes(fod_daemon_t *d, int closing)
+{
+    size_t from = 0;
+    while (from < d->nwhole) {
+        size_t to = from, ids = 0;
+        while (to < d->nwhole && to - from < NTF_WHOLE_MAX_JOBS &&
+               (to == from || ids + d->whole[to].n <= WHOLE_BATCH_IDS))
+            ids += d->whole[to++].n;
+        int rc = d->redis ? ntf_write_whole(d->redis, d->whole + from, to - from) : FO_EREDIS;
+        if (rc < 0) {
+            /* not sent: each job hears it now, from the loop (or from the close) */
+            for (size_t i = from; i < to; i++)
+                d->whole[i].cb(closing ? FO_ESTOP : FO_EREDIS, NULL, d->whole[i].data);
+        }
+        from = to;
+    }
+    d->nwhole = 0;
+}
+
+static void on_whole_timer(uv_timer_t *t)
+{
+    send_wholes(t->data, 0);
+}
+
+static int io_write_whole(void *ctx, const ntf_job_t *job, int64_t start, const int64_t *ids,
+                          size_t n, ntf_progress_cb cb, void *data)
+{
+    fod_daemon_t *d = ctx;
+    if (!d->redis || d->closed || !ntf_client_ready(d->redis) || n > NTF_WHOLE_MAX_IDS)
+        return FO_EREDIS;
+    if (d->nwhole == (size_t)d->cfg->max_jobs)
+        send_wholes(d, 0); /* cannot happen: one per job */
+    d->whole_view[d->nwhole] = *job;
+    d->whole[d->nwhole] = (ntf_whole_t){.job = &d->whole_view[d->nwhole],
+                                        .start_cursor = start,
+                                        .ids = ids,
+                                        .n = n,
+                                        .cb = cb,
+                                        .data = data};
+    if (d->nwhole++ == 0)
+        uv_timer_start(&d->whole_timer, on_whole_timer, 0, 0);
+    return 0;
 }
 
 static const char *io_key_refusal(void *ctx)
@@ -628,9 +684,13 @@ fod_daemon_t *fod_daemon_new(uv_loop_t *loop, const cfg_t *cfg, const fod_host_t
                            .key_refusal = io_key_refusal,
                            .record_mark = io_record_mark,
                            .split = io_split};
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
-                            &d->stop_timer, &d->backlog_timer, &d->stats_timer};
-    for (size_t i = 0; i < 6; i++) {
+    if (ntf_whole_supported(cfg))
+        d->io.write_whole = io_write_whole; /* else every job fences first */
+    d->whole = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->whole);
+    d->whole_view = fo_xcalloc((size_t)cfg->max_jobs, sizeof *d->whole_view);
+    uv_timer_t *timers[] = {&d->poll_timer,    &d->tick_timer,  &d->renew_timer, &d->stop_timer,
+                            &d->backlog_timer, &d->stats_timer, &d->whole_timer, &d->claim_timer};
+    for (size_t i = 0; i < 8; i++) {
         uv_timer_init(loop, timers[i]);
         timers[i]->data = d;
     }
@@ -679,7 +739,7 @@ static void on_store_settled(void *ctx, int claim_more)
     fod_daemon_t *d = ctx;
     check_stopped(d);
     if (claim_more)
-        claim(d);
+        claim_now(d, claim_more == 2);
 }
 
 /* store: a renewal found the lease gone. */
@@ -700,11 +760,31 @@ static void on_lease_lost(void *ctx, int64_t job_id, int64_t token)
 /* Claims, as many as there are free slots, when this worker may: running, below max_jobs,
  * the contract holding, the id held, and pages readable (a job's first page decides its
  * split). */
-static void claim(fod_daemon_t *d)
+/* Wake-ups (a NOTIFY per published event, a finished job) closer together than this share
+ * one claim: at a steady 1,000 events/s one claim takes about 5 of them instead of each
+ * paying for its own, for at most this much latency. A claim that came back full claims
+ * again at once (claim_more): that is a backlog, not a trickle. */
+#define CLAIM_GATHER_MS 5
+
+static void on_claim_timer(uv_timer_t *t)
+{
+    fod_daemon_t *d = t->data;
+    d->claim_ms = 0; /* the gathering is over */
+    claim(d);
+}
+
+static void claim_now(fod_daemon_t *d, int urgent)
 {
     if (d->closed || d->stopping || d->njobs >= d->cfg->max_jobs || d->contract != CONTRACT_OK ||
         d->pages_up != 1 || !fod_identity_held(d->identity))
         return;
+    uint64_t now = fo_now_ms();
+    if (!urgent && d->claim_ms && now - d->claim_ms < CLAIM_GATHER_MS) {
+        if (!uv_is_active((uv_handle_t *)&d->claim_timer))
+            uv_timer_start(&d->claim_timer, on_claim_timer, CLAIM_GATHER_MS - (now - d->claim_ms),
+                           0);
+        return;
+    }
     /* a slot or two freed while many jobs run and finish: wait for a few more, so that one
      * claim takes a batch rather than every finished job paying for its own claim. Only
      * while jobs finish: with none finished for a poll interval (long jobs hold the other
@@ -717,7 +797,13 @@ static void claim(fod_daemon_t *d)
     fod_held_t held[d->njobs > 0 ? d->njobs : 1];
     for (int i = 0; i < d->njobs; i++)
         held[i] = (fod_held_t){fod_job_id(d->jobs[i]), fod_job_event_id(d->jobs[i])};
+    d->claim_ms = now;
     fod_store_claim(d->store, d->worker_id, held, (size_t)d->njobs, free_slots);
+}
+
+static void claim(fod_daemon_t *d)
+{
+    claim_now(d, 0);
 }
 
 /* Renews every running job's lease (and checkpoints its progress) and refreshes this
@@ -800,9 +886,10 @@ static void close_all(fod_daemon_t *d)
         return;
     d->closed = 1;
     d->closing_parts = 1; /* until every close below has been asked for */
-    uv_timer_t *timers[] = {&d->poll_timer, &d->tick_timer,    &d->renew_timer,
-                            &d->stop_timer, &d->backlog_timer, &d->stats_timer};
-    for (size_t i = 0; i < 6; i++) {
+    send_wholes(d, 1);    /* before the client closes: it answers them with FO_ESTOP */
+    uv_timer_t *timers[] = {&d->poll_timer,    &d->tick_timer,  &d->renew_timer, &d->stop_timer,
+                            &d->backlog_timer, &d->stats_timer, &d->whole_timer, &d->claim_timer};
+    for (size_t i = 0; i < 8; i++) {
         d->closing_parts++;
         uv_close((uv_handle_t *)timers[i], on_timer_closed);
     }
@@ -871,6 +958,8 @@ void fod_daemon_free(fod_daemon_t *d)
         fod_identity_free(d->identity);
     free(d->jobs);
     free(d->started_ms);
+    free(d->whole);
+    free(d->whole_view);
     free(d->contract_seen);
     met_free(&d->metrics);
     free(d);

@@ -56,6 +56,11 @@ typedef struct fod_job_io {
                  void *data);
     int (*write)(void *ctx, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
                  size_t n, int last, ntf_progress_cb cb, void *data);
+    /* ntf_write_whole's contract for one job (the daemon sends many together): a fresh job
+     * whose first page is short writes it with its fence and finish. job's strings and ids
+     * stay valid until cb ran. NULL: every job fences first. */
+    int (*write_whole)(void *ctx, const ntf_job_t *job, int64_t start_cursor, const int64_t *ids,
+                       size_t n, ntf_progress_cb cb, void *data);
     /* The job reached a terminal state and has no callback outstanding: the daemon may
      * free it from here on (the job touches nothing after calling this). */
     void (*finished)(void *ctx, fod_job_t *job);
@@ -130,7 +135,8 @@ typedef struct fod_store_events {
      * borrowed until return. */
     void (*claimed)(void *ctx, const fod_claim_t *claim);
     /* A claim, a split or a record finished: the stop may be complete now, and with
-     * claim_more = 1 there may be more to claim at once. */
+     * claim_more = 1 there may be more to claim (a slot freed, or a wake-up came while the
+     * claim was out); with 2 the claim came back full: a backlog, claim again at once. */
     void (*settled)(void *ctx, int claim_more);
     /* A renewal found that the job's lease moved on: stop the job. */
     void (*lease_lost)(void *ctx, int64_t job_id, int64_t token);

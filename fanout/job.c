@@ -63,6 +63,7 @@ struct fod_job {
     int early;               /* EARLY_*: the first page read while the fence is out */
     size_t early_n;          /* EARLY_HELD: its ids in the buffer */
     unsigned early_epoch;    /* EARLY_READING: the epoch its answer belongs to, once fenced */
+    int whole;               /* WHOLE_*: a fresh job's one-page way (fod_job_start) */
     ntf_progress_t fenced;   /* the mark a fence found, while that is recorded */
     int fatal;               /* FAILED over the progress mark: dead until fanoutctl retry */
     char *waiting;           /* WAITING: why; NULL otherwise */
@@ -73,6 +74,12 @@ struct fod_job {
  * fences: the page is written only once the fence (and the mark's record) answered with the
  * mark at the range's start, as it must be for such a job; otherwise it is dropped. */
 enum { EARLY_NONE, EARLY_READING, EARLY_HELD };
+
+/* A fresh job with io->write_whole reads its first page before anything else. A short page
+ * (the job's every follower) is written whole, fence and finish included (WHOLE_HELD while
+ * backpressure holds it, WHOLE_WRITING while out); a full one goes the long way: fence, mark
+ * record, split question, pages. */
+enum { WHOLE_NONE, WHOLE_READING, WHOLE_HELD, WHOLE_WRITING };
 
 typedef struct job_call {
     fod_job_t *job;
@@ -180,6 +187,7 @@ static void reset_pipeline(fod_job_t *j, int64_t cursor)
     j->ready = 0;
     j->inflight = 0;
     j->early = EARLY_NONE; /* an early page no longer belongs to this pipeline */
+    j->whole = WHOLE_NONE; /* and a retry goes the long way: fence first */
 }
 
 /* Waits for the retry time (jittered, growing up to reconnect_max_ms). One line when the
@@ -448,6 +456,24 @@ static void ask_split(fod_job_t *j, size_t n)
  * pipeline, once fenced). */
 static void on_early_page(fod_job_t *j, int status, size_t n)
 {
+    if (j->whole == WHOLE_READING) {
+        j->whole = WHOLE_NONE;
+        if (j->state != FOD_JOB_FENCING || j->early != EARLY_READING) {
+            j->early = EARLY_NONE; /* stopped or waiting meanwhile */
+            return;
+        }
+        if (status == 0 && n < (size_t)j->page_size) {
+            j->early = EARLY_NONE;
+            j->early_n = n;
+            j->whole = WHOLE_HELD; /* pump sends it */
+            return;
+        }
+        /* a full page (or a failed read): the long way, the page held for the fence */
+        j->early = status == 0 ? EARLY_HELD : EARLY_NONE;
+        j->early_n = n;
+        fence(j);
+        return;
+    }
     if (status == 0 && j->early == EARLY_READING && j->state == FOD_JOB_FENCING) {
         j->early = EARLY_HELD;
         j->early_n = n;
@@ -518,8 +544,13 @@ static void start_read(fod_job_t *j)
 }
 
 /* Moves the pipeline as far as it can: send the ready page, then read the next one. */
+static void send_whole(fod_job_t *j);
+
 static void pump(fod_job_t *j)
 {
+    if (j->state == FOD_JOB_FENCING && j->whole == WHOLE_HELD &&
+        (!j->io.may_write || j->io.may_write(j->io.ctx)))
+        send_whole(j);
     if (j->state != FOD_JOB_RUNNING)
         return;
     if (j->ready && j->inflight < j->cfg->window &&
@@ -527,6 +558,95 @@ static void pump(fod_job_t *j)
         send_ready(j);
     if (j->state == FOD_JOB_RUNNING && !j->reading && !j->ready && !j->eof)
         start_read(j);
+}
+
+/* A fence or a whole job's write (what) did not apply, for the reason status gives. */
+static void not_applied(fod_job_t *j, int status, const char *what)
+{
+    char why[128];
+    switch (status) {
+    case FO_EFENCED:
+        fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64, j->job_id);
+        j->state = FOD_JOB_FENCED;
+        break;
+    case FO_ESTOP:
+        j->state = FOD_JOB_STOPPED;
+        break;
+    case NTF_ENOMARK:
+        fail_mark(j, "is missing", NULL);
+        break;
+    case NTF_EKEY:
+        wait_for_key(j);
+        break;
+    case NTF_EREPLICAS:
+        snprintf(why, sizeof why,
+                 "redis replicas did not acknowledge the %s in time (FANOUT_REDIS_MIN_REPLICAS)",
+                 what);
+        go_wait(j, why);
+        break;
+    default:
+        snprintf(why, sizeof why, "redis %s failed", what);
+        go_wait(j, why);
+        break;
+    }
+}
+
+/* --- a whole job --- */
+
+static void on_whole(int status, const ntf_progress_t *p, void *data)
+{
+    job_call_t *call = data;
+    fod_job_t *j = call->job;
+    double s = seconds_since(call->sent_ns); /* call is freed by call_done */
+    if (j->io.metrics) {
+        met_hist_observe(&j->io.metrics->redis_write, s);
+        if (status != 0 && status != FO_EFENCED && status != FO_ESTOP && status != NTF_EKEY)
+            j->io.metrics->errors[MET_REDIS]++;
+    }
+    int current = call_done(data, &j);
+    if (current && j->state == FOD_JOB_FENCING && j->whole == WHOLE_WRITING) {
+        j->whole = WHOLE_NONE;
+        switch (status) {
+        case 0:
+            /* what an earlier attempt wrote is not this process's work (note_delivered) */
+            j->have_base = 1;
+            j->counted = p->prior;
+            note_delivered(j, p->delivered);
+            j->acked_cursor = p->cursor;
+            j->delivered = p->delivered;
+            j->failures = 0;
+            stop_waiting(j);
+            j->state = FOD_JOB_DONE;
+            break;
+        default:
+            not_applied(j, status, "write"); /* outcome unknown: the fence will tell */
+            break;
+        }
+    }
+    pump(j);
+    maybe_finish(j);
+}
+
+/* The job's every follower is in the buffer (early_n ids): fence, write and finish at once. A
+ * range without followers is done without Redis: there is nothing to fence. */
+static void send_whole(fod_job_t *j)
+{
+    size_t n = j->early_n;
+    if (n == 0) {
+        j->whole = WHOLE_NONE;
+        j->have_base = 1;
+        j->state = FOD_JOB_DONE;
+        return;
+    }
+    ntf_job_t view = ntf_view(j);
+    job_call_t *c = call_new(j);
+    j->whole = WHOLE_WRITING;
+    if (j->io.write_whole(j->io.ctx, &view, j->range_lo, j->page, n, on_whole, c) < 0) {
+        free(c);
+        go_wait(j, "redis not ready");
+        return;
+    }
+    j->outstanding++;
 }
 
 /* --- fencing --- */
@@ -585,25 +705,8 @@ static void on_fence(int status, const ntf_progress_t *p, void *data)
             if (!record_mark(j, p))
                 resume_from(j, p);
             break;
-        case FO_EFENCED:
-            fo_log(FO_LOG_WARN, "job fenced: a newer lease holds it", "job=%" PRId64, j->job_id);
-            j->state = FOD_JOB_FENCED;
-            break;
-        case FO_ESTOP:
-            j->state = FOD_JOB_STOPPED;
-            break;
-        case NTF_ENOMARK:
-            fail_mark(j, "is missing", NULL);
-            break;
-        case NTF_EKEY:
-            wait_for_key(j);
-            break;
-        case NTF_EREPLICAS:
-            go_wait(j, "redis replicas did not acknowledge the fence in time "
-                       "(FANOUT_REDIS_MIN_REPLICAS)");
-            break;
         default:
-            go_wait(j, "redis fence failed");
+            not_applied(j, status, "fence");
             break;
         }
     }
@@ -682,6 +785,15 @@ static void read_early(fod_job_t *j)
 void fod_job_start(fod_job_t *j, uint64_t now_ms)
 {
     (void)now_ms;
+    if (j->io.write_whole && !mark_required(j)) {
+        /* nothing of its range can have been written the long way: read first, then decide */
+        j->state = FOD_JOB_FENCING;
+        read_early(j);
+        if (j->early == EARLY_READING) {
+            j->whole = WHOLE_READING;
+            return;
+        }
+    }
     fence(j);
     if (j->state == FOD_JOB_FENCING && !mark_required(j))
         read_early(j);

@@ -811,7 +811,7 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res, int ask
     int64_t candidates = 0;
     if (n > 0 && row_int64(res, 0, 15, &candidates) < 0)
         candidates = 0;
-    return again || candidates >= asked;
+    return candidates >= asked ? 2 : again;
 }
 
 typedef struct claim_call {

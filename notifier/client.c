@@ -48,7 +48,6 @@
 #define NTF_WATCHDOG_MS 1000          /* at most this long between checks of that deadline */
 #define NTF_ERR_LOG_INTERVAL_MS 10000 /* identical Redis errors are logged once per interval */
 #define NTF_POLICY_CHECK_MS 2000      /* INFO memory while connected: a policy can change */
-#define NTF_WAIT_MS 2000              /* WAIT's timeout; well below the command deadline */
 #define NTF_MAX_ADDRS 8               /* addresses of a host name tried in turn */
 
 typedef enum {
@@ -143,7 +142,7 @@ static void report(ntf_client_t *c, int up)
 }
 
 /* Logs an error reply once per interval per distinct text. */
-static void log_reply_error(ntf_client_t *c, const char *op, const char *text)
+void ntf__client_log_error(ntf_client_t *c, const char *op, const char *text)
 {
     uint64_t now = fo_now_ms();
     int same = strncmp(text, c->last_err, sizeof c->last_err - 1) == 0;
@@ -593,7 +592,8 @@ static void policy_reply(ntf_client_t *c, const redisReply *rep)
     if (!rep || (c->state != ST_READY && c->state != ST_REFUSED && c->state != ST_HANDSHAKE))
         return;
     if (rep->type != REDIS_REPLY_STRING && rep->type != REDIS_REPLY_STATUS) {
-        log_reply_error(c, "info", rep->type == REDIS_REPLY_ERROR && rep->str ? rep->str : "?");
+        ntf__client_log_error(c, "info",
+                              rep->type == REDIS_REPLY_ERROR && rep->str ? rep->str : "?");
         return; /* keep the state; the next check may do better */
     }
     char why[sizeof c->refusal];
@@ -677,7 +677,7 @@ static int user_status(ntf_client_t *c, const ntf_req_t *r, const redisReply *re
             ntf__client_set_key_refusal(c, text);
             return NTF_EKEY;
         }
-        log_reply_error(c, op, text);
+        ntf__client_log_error(c, op, text);
         /* The script cache was flushed (SCRIPT FLUSH, a restart behind a proxy): reconnect,
          * which loads the scripts again. */
         if (strncmp(text, "NOSCRIPT", 8) == 0)
@@ -709,6 +709,23 @@ static int send_wait(ntf_client_t *c, ntf_progress_cb cb, void *data, int64_t jo
     return 0;
 }
 
+int ntf__client_wait_status(ntf_client_t *c, const redisReply *rep)
+{
+    if (!rep)
+        return c->state == ST_CLOSED ? FO_ESTOP : FO_EREDIS;
+    if (rep->type == REDIS_REPLY_INTEGER && rep->integer >= c->cfg->redis_min_replicas)
+        return 0;
+    char text[128];
+    if (rep->type == REDIS_REPLY_INTEGER)
+        snprintf(text, sizeof text,
+                 "%lld of %d replicas acknowledged within %d ms (FANOUT_REDIS_MIN_REPLICAS)",
+                 rep->integer, c->cfg->redis_min_replicas, NTF_WAIT_MS);
+    else
+        snprintf(text, sizeof text, "%s", rep->str ? rep->str : "bad WAIT reply");
+    ntf__client_log_error(c, "wait", text);
+    return NTF_EREPLICAS;
+}
+
 static void wait_reply(ntf_client_t *c, ntf_req_t *r, const redisReply *rep)
 {
     c->inflight--;
@@ -717,21 +734,11 @@ static void wait_reply(ntf_client_t *c, ntf_req_t *r, const redisReply *rep)
     ntf_progress_cb cb = r->cb;
     void *data = r->data;
     free(r);
-    if (!rep) {
-        st = c->state == ST_CLOSED ? FO_ESTOP : FO_EREDIS;
-        if (st == FO_EREDIS)
-            c->state = ST_DROPPING;
-    } else if (rep->type != REDIS_REPLY_INTEGER || rep->integer < c->cfg->redis_min_replicas) {
-        char text[128];
-        if (rep->type == REDIS_REPLY_INTEGER)
-            snprintf(text, sizeof text,
-                     "%lld of %d replicas acknowledged within %d ms (FANOUT_REDIS_MIN_REPLICAS)",
-                     rep->integer, c->cfg->redis_min_replicas, NTF_WAIT_MS);
-        else
-            snprintf(text, sizeof text, "%s", rep->str ? rep->str : "bad WAIT reply");
-        log_reply_error(c, "wait", text);
-        st = NTF_EREPLICAS;
-    }
+    int w = ntf__client_wait_status(c, rep);
+    if (w == FO_EREDIS)
+        c->state = ST_DROPPING;
+    if (w != 0)
+        st = w;
     if (cb)
         cb(st, (st == 0 || st == NTF_EMOVED) ? &p : NULL, data);
 }

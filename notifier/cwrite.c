@@ -56,6 +56,7 @@ typedef struct cw_op {
     int status;
     int64_t cursor; /* lowest cursor over the parts that reported one */
     int64_t delivered;
+    int64_t prior; /* whole jobs: the parts' delivered counts before */
     int all_done;
     int reported;
 } cw_op_t;
@@ -207,6 +208,32 @@ static cw_op_t *op_new(ntf_cw_t *cw, ntf_progress_cb cb, void *data, int parts)
     return op;
 }
 
+/* One part's outcome (p: its mark, for 0 and NTF_EMOVED); the last one reports. */
+static void op_combine(cw_op_t *op, int st, const ntf_progress_t *p)
+{
+    ntf_cw_t *cw = op->cw;
+    if (p && (st == 0 || st == NTF_EMOVED || st == NTF_EREPLICAS)) {
+        if (p->cursor < op->cursor)
+            op->cursor = p->cursor;
+        op->delivered += p->delivered;
+        op->prior += p->prior;
+        op->all_done &= p->done != 0;
+    }
+    if (severity(st) > severity(op->status))
+        op->status = st;
+    if (--op->left > 0)
+        return;
+    ntf_progress_t all = {
+        .cursor = op->cursor, .delivered = op->delivered, .done = op->all_done, .prior = op->prior};
+    int final = op->status;
+    ntf_progress_cb cb = op->cb;
+    void *data = op->data;
+    free(op);
+    cw->inflight--;
+    if (cb)
+        cb(final, (final == 0 || final == NTF_EMOVED) ? &all : NULL, data);
+}
+
 /* One part answered (or could not be sent: status without a reply). */
 static void op_part(cw_op_t *op, int status, const redisReply *rep)
 {
@@ -231,25 +258,12 @@ static void op_part(cw_op_t *op, int status, const redisReply *rep)
             if (st == 0 || parsed != 0)
                 st = parsed; /* NTF_EREPLICAS stays unless the reply itself is not applied */
             if (parsed == 0 || parsed == NTF_EMOVED) {
-                if (p.cursor < op->cursor)
-                    op->cursor = p.cursor;
-                op->delivered += p.delivered;
-                op->all_done &= p.done != 0;
+                op_combine(op, st, &p);
+                return;
             }
         }
     }
-    if (severity(st) > severity(op->status))
-        op->status = st;
-    if (--op->left > 0)
-        return;
-    ntf_progress_t all = {.cursor = op->cursor, .delivered = op->delivered, .done = op->all_done};
-    int final = op->status;
-    ntf_progress_cb cb = op->cb;
-    void *data = op->data;
-    free(op);
-    cw->inflight--;
-    if (cb)
-        cb(final, (final == 0 || final == NTF_EMOVED) ? &all : NULL, data);
+    op_combine(op, st, NULL);
 }
 
 static void on_part(int status, const redisReply *rep, void *data)
@@ -311,6 +325,87 @@ int ntf__cw_write_page(ntf_cw_t *cw, const ntf_job_t *job, int64_t expect_cursor
     free(at);
     free(sorted);
     free(start);
+    return 0;
+}
+
+/* ---- whole jobs ---- */
+
+/* One shard's run of whole jobs: the jobs' combined operations, in item order. */
+typedef struct cw_whole_part {
+    ntf_cw_t *cw;
+    size_t n;
+    cw_op_t *op[];
+} cw_whole_part_t;
+
+static void on_whole_part(int status, const redisReply *rep, void *data)
+{
+    cw_whole_part_t *part = data;
+    ntf_cw_t *cw = part->cw;
+    int *st = fo_xcalloc(part->n, sizeof *st);
+    ntf_progress_t *p = fo_xcalloc(part->n, sizeof *p);
+    int all = status;
+    if (status == 0 || status == NTF_EREPLICAS) {
+        char text[256];
+        int o = ntf__whole_outcome(rep, part->n, st, p, text, sizeof text);
+        if (o == NTF_EKEY && !cw->closing) {
+            snprintf(cw->key_refusal, sizeof cw->key_refusal, "%s", text);
+        } else if (o != 0) {
+            char q[256];
+            fo_log(FO_LOG_ERROR, "redis cluster refused a fanout script", "server=redis error=%s",
+                   fo_log_quote(q, sizeof q, text));
+        }
+        if (o != 0)
+            all = o;
+    }
+    for (size_t i = 0; i < part->n; i++) {
+        int s = all;
+        if (all == 0 || (all == NTF_EREPLICAS && st[i] == FO_EFENCED))
+            s = st[i]; /* a fenced part wrote nothing, whatever WAIT says */
+        op_combine(part->op[i], s, &p[i]);
+    }
+    free(st);
+    free(p);
+    free(part);
+}
+
+int ntf__cw_write_whole(ntf_cw_t *cw, const ntf_whole_t *w, size_t n)
+{
+    if (!ntf__cluster_ready(cw->cl))
+        return FO_EREDIS;
+    int S = cw->shards;
+    /* each job's parts: the shards its recipients are in */
+    cw_op_t **ops = fo_xmalloc(n * sizeof *ops);
+    int *seen = fo_xmalloc((size_t)S * sizeof *seen);
+    for (size_t i = 0; i < n; i++) {
+        int parts = 0;
+        memset(seen, 0, (size_t)S * sizeof *seen);
+        for (size_t k = 0; k < w[i].n; k++) {
+            int s = ntf_shard_of(w[i].ids[k], S);
+            parts += !seen[s];
+            seen[s] = 1;
+        }
+        ops[i] = op_new(cw, w[i].cb, w[i].data, parts);
+    }
+    size_t *take = fo_xmalloc(n * sizeof *take);
+    for (int s = 0; s < S; s++) {
+        size_t items;
+        int argc = ntf__encode_whole(&cw->enc, cw->keys, &cw->layout, cw->cfg->progress_ttl_s, w, n,
+                                     s, take, &items);
+        if (items == 0)
+            continue;
+        cw_whole_part_t *part = fo_xmalloc(sizeof *part + items * sizeof part->op[0]);
+        part->cw = cw;
+        part->n = items;
+        for (size_t t = 0; t < items; t++)
+            part->op[t] = ops[take[t]];
+        const char *key = cw->keys->stream[s]; /* every key of the run is in shard s's slot */
+        if (ntf__cluster_command(cw->cl, key, strlen(key), NTF_CL_DURABLE, argc, cw->enc.argv,
+                                 cw->enc.argvlen, on_whole_part, part) < 0)
+            on_whole_part(FO_EREDIS, NULL, part);
+    }
+    free(take);
+    free(seen);
+    free(ops);
     return 0;
 }
 

@@ -546,3 +546,139 @@ int ntf__parse_backlog(const redisReply *r, long long *backlog, int *shard)
     *shard = (int)r->element[1]->integer;
     return 0;
 }
+
+int ntf__encode_whole(ntf_enc_t *e, const ntf_keys_t *keys, const ntf_layout_t *lay, int ttl_s,
+                      const ntf_whole_t *w, size_t n, int shard, size_t *take, size_t *nitems)
+{
+    int S = keys->shards;
+    int compact = layout_compact(lay);
+    size_t per = compact ? 3 : 1;
+    /* per job and shard: its ids there (only the one shard on a cluster) */
+    size_t *cnt = fo_xcalloc(n * (size_t)S + 1, sizeof *cnt);
+    int *in_call = fo_xcalloc((size_t)S, sizeof *in_call);
+    size_t items = 0, units = 0, ids = 0, mark_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t here = 0;
+        for (size_t k = 0; k < w[i].n; k++) {
+            int s = ntf_shard_of(w[i].ids[k], S);
+            if (shard >= 0 && s != shard)
+                continue;
+            if (cnt[i * (size_t)S + (size_t)s]++ == 0)
+                units++;
+            here++;
+        }
+        if (here == 0)
+            continue;
+        take[items++] = i;
+        ids += here;
+        int ms = shard >= 0 ? shard : ntf_shard_of(w[i].job->job_id, S);
+        mark_bytes += strlen(keys->mark[ms]) + NTF_I64_MAX_LEN;
+        for (int s = 0; s < S; s++)
+            in_call[s] |= cnt[i * (size_t)S + (size_t)s] > 0;
+    }
+    *nitems = items;
+    e->argc = 0;
+    if (items == 0) {
+        free(cnt);
+        free(in_call);
+        return 0;
+    }
+    int ns = 0;
+    for (int s = 0; s < S; s++)
+        if (in_call[s])
+            in_call[s] = ++ns; /* the shard's index in the call, from 1 */
+    size_t argc = 6 + (size_t)ns * per + items * 11 + units * 2 + ids;
+    size_t bytes = mark_bytes + (3 + items * 6 + units * 2 + ids) * NTF_I64_MAX_LEN;
+    enc_reserve(e, argc, bytes, 0, 0);
+    char *pos = e->buf;
+    put_str(e, "EVAL");
+    put_str(e, ntf__whole_lua);
+    pos = put_i64(e, pos, (int64_t)((size_t)ns * per + items));
+    for (int s = 0; s < S; s++) {
+        if (!in_call[s])
+            continue;
+        put_str(e, keys->stream[s]);
+        if (compact) {
+            put_str(e, keys->bodies[s]);
+            put_str(e, keys->refs[s]);
+        }
+    }
+    for (size_t t = 0; t < items; t++) {
+        const ntf_job_t *job = w[take[t]].job;
+        int ms = shard >= 0 ? shard : ntf_shard_of(job->job_id, S);
+        pos = put_mark(e, pos, keys->mark[ms], job->job_id);
+    }
+    put_str(e, compact ? "c" : "s");
+    pos = put_i64(e, pos, ttl_s);
+    pos = put_i64(e, pos, ns);
+    for (size_t t = 0; t < items; t++) {
+        size_t i = take[t];
+        const ntf_job_t *job = w[i].job;
+        size_t *c = cnt + i * (size_t)S;
+        size_t nu = 0;
+        for (int s = 0; s < S; s++)
+            nu += c[s] > 0;
+        put_str(e, shard >= 0 ? "0" : "1");
+        pos = put_i64(e, pos, job->token);
+        pos = put_i64(e, pos, w[i].start_cursor);
+        pos = put_i64(e, pos, w[i].ids[w[i].n - 1]);
+        pos = put_i64(e, pos, job->event_id);
+        pos = put_i64(e, pos, job->author);
+        put_str(e, job->kind);
+        put_str(e, job->payload);
+        put_str(e, job->created_at);
+        pos = put_i64(e, pos, (int64_t)nu);
+        for (int s = 0; s < S; s++) {
+            if (!c[s])
+                continue;
+            pos = put_i64(e, pos, in_call[s]);
+            pos = put_i64(e, pos, (int64_t)c[s]);
+            for (size_t k = 0; k < w[i].n; k++)
+                if (ntf_shard_of(w[i].ids[k], S) == s)
+                    pos = put_i64(e, pos, w[i].ids[k]);
+        }
+    }
+    assert((size_t)e->argc <= e->argv_cap && (size_t)(pos - e->buf) <= e->buf_cap);
+    free(cnt);
+    free(in_call);
+    return e->argc;
+}
+
+int ntf__parse_whole(const redisReply *r, size_t nitems, int *st, ntf_progress_t *p)
+{
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 * nitems || !r->element)
+        return FO_EREDIS;
+    for (size_t i = 0; i < nitems; i++) {
+        redisReply **el = r->element + 4 * i;
+        if (!el[0] || el[0]->type != REDIS_REPLY_INTEGER)
+            return FO_EREDIS;
+        long long code = el[0]->integer;
+        if (code == -1) {
+            st[i] = FO_EFENCED;
+            continue;
+        }
+        int64_t cursor, prior, delivered;
+        if ((code != 1 && code != 2) || elem_i64(el[1], &cursor) || elem_i64(el[2], &prior) ||
+            elem_i64(el[3], &delivered) || prior < 0 || delivered < prior)
+            return FO_EREDIS;
+        st[i] = 0;
+        p[i] =
+            (ntf_progress_t){.cursor = cursor, .delivered = delivered, .done = 1, .prior = prior};
+    }
+    return 0;
+}
+
+int ntf__whole_outcome(const redisReply *rep, size_t nitems, int *st, ntf_progress_t *p, char *text,
+                       size_t size)
+{
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        snprintf(text, size, "%s", rep->str ? rep->str : "");
+        return strncmp(text, "WRONGTYPE fanout:", 17) == 0 ? NTF_EKEY : FO_EREDIS;
+    }
+    if (ntf__parse_whole(rep, nitems, st, p) != 0) {
+        snprintf(text, size, "unexpected reply of the whole-job script");
+        return FO_EREDIS;
+    }
+    text[0] = '\0';
+    return 0;
+}

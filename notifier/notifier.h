@@ -120,6 +120,8 @@ typedef struct ntf_progress {
     int64_t cursor;    /* last follower id written (the job's start cursor if none yet) */
     int64_t delivered; /* entries written for this job so far */
     int done;          /* 1 once the last page was written */
+    int64_t prior;     /* ntf_write_whole: the delivered count before the call (an earlier
+                          attempt's work), else 0 */
 } ntf_progress_t;
 
 /*
@@ -168,6 +170,40 @@ int ntf_fence(ntf_client_t *c, const ntf_job_t *job, int64_t start_cursor, ntf_p
  */
 int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,
                    size_t n, int last, ntf_progress_cb cb, void *data);
+
+/*
+ * Writes whole jobs: each one's every follower in one page, ids[0..n) ascending, all >
+ * start_cursor (its range's start), fenced, written and finished in one step, with no fence
+ * before it. For a job that PostgreSQL holds no progress for (a fresh claim); any other job
+ * goes through ntf_fence and ntf_write_page. Only the shards its recipients are in get a
+ * progress mark: on a single Redis the job's one mark (the whole mark, on the shard of its
+ * id) and its entries are one script run; on a Redis Cluster each shard's part is one run
+ * with that shard's mark. The fence and page scripts read a whole mark as the job done, so a
+ * later claim that goes the long way (its followers grew past a page) finds it done.
+ * The n jobs (at most NTF_WHOLE_MAX_JOBS, with at most NTF_WHOLE_MAX_IDS ids in all, every
+ * one with n >= 1) go in one script run on a single Redis, one per shard on a cluster.
+ * Each w[i].cb runs exactly once, from the loop, with what ntf_write_page's last page would
+ * report: 0 and the mark (done = 1, prior = what earlier attempts had delivered), or
+ * FO_EFENCED, NTF_EKEY, NTF_EREPLICAS, FO_EREDIS (outcome unknown: fence again), FO_ESTOP.
+ * The jobs' strings and ids
+ * must stay valid until their callbacks ran (they are encoded when sent, here).
+ * Stream entries only (full or compact): the other layouts return FO_EINVAL.
+ * Returns 0 if sent, FO_EREDIS if not ready, FO_EINVAL for a bad job (no cb runs).
+ */
+/* per ntf_write_whole call; the ids cap is the largest page_size */
+enum { NTF_WHOLE_MAX_JOBS = 128, NTF_WHOLE_MAX_IDS = 100000 };
+typedef struct ntf_whole {
+    const ntf_job_t *job;
+    int64_t start_cursor;
+    const int64_t *ids;
+    size_t n;
+    ntf_progress_cb cb;
+    void *data;
+} ntf_whole_t;
+int ntf_write_whole(ntf_client_t *c, const ntf_whole_t *w, size_t n);
+
+/* 1 when ntf_write_whole serves cfg's layouts (stream entries alone). */
+int ntf_whole_supported(const cfg_t *cfg);
 
 /*
  * Measures how far consumers are behind: for every shard stream, the largest backlog over

@@ -136,6 +136,9 @@ int ntf__cw_fence(ntf_cw_t *cw, const ntf_job_t *job, int64_t start_cursor, ntf_
                   void *data);
 int ntf__cw_write_page(ntf_cw_t *cw, const ntf_job_t *job, int64_t expect_cursor,
                        const int64_t *ids, size_t n, int last, ntf_progress_cb cb, void *data);
+/* ntf_write_whole on a cluster: one run per shard that any job has recipients in, each job's
+ * outcome combined over its parts as a page's are. */
+int ntf__cw_write_whole(ntf_cw_t *cw, const ntf_whole_t *w, size_t n);
 int ntf__cw_backlog(ntf_cw_t *cw, ntf_backlog_cb cb, void *data);
 int ntf__cw_stream_length(ntf_cw_t *cw, int shard, ntf_length_cb cb, void *data);
 

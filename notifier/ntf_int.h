@@ -47,6 +47,8 @@ void ntf__client_set_deadlines(ntf_client_t *c, uint64_t connect_ms, uint64_t co
  * one or more (job, shard) units: every shard's on a single Redis, one on a cluster. */
 extern const char ntf__fence_lua[];
 extern const char ntf__page_lua[];
+/* The whole-job script (ntf_write_whole): one or more jobs, fence, page and finish. */
+extern const char ntf__whole_lua[];
 /* The read-only backlog script over the stream keys it is given (backlog.c). */
 extern const char ntf__backlog_lua[];
 
@@ -123,6 +125,20 @@ int ntf__encode_page(ntf_enc_t *e, const char *sha, const ntf_keys_t *keys, cons
                      int64_t new_cursor, const int64_t *ids, size_t n, int last, int ttl_s,
                      const ntf_layout_t *lay);
 
+/*
+ * EVAL <the whole-job script> of w[0..n) (every job with at least one id), as scripts.c lays
+ * it out: with shard < 0 (a single Redis) each job is one item whose whole mark is the mark
+ * of shard job_id % shards; with shard >= 0 (a cluster) only the ids of that shard, each job
+ * with any there one item with its (job, shard) mark. take[] gets the indexes into w of the
+ * items, in order, and *nitems their count (0: nothing to send, argc 0). Returns argc.
+ */
+int ntf__encode_whole(ntf_enc_t *e, const ntf_keys_t *keys, const ntf_layout_t *lay, int ttl_s,
+                      const ntf_whole_t *w, size_t n, int shard, size_t *take, size_t *nitems);
+
+/* The whole-job script's reply for nitems items into st[] (0 or FO_EFENCED) and p[]; returns
+ * 0, or FO_EREDIS for an error or malformed reply (st and p are then unset). */
+int ntf__parse_whole(const redisReply *r, size_t nitems, int *st, ntf_progress_t *p);
+
 /* Writes v in decimal at out (at most 20 bytes, no NUL); returns the length. */
 size_t ntf__fmt_i64(char *out, int64_t v);
 
@@ -159,6 +175,21 @@ int ntf__policy_refusal(const char *info, const ntf_layout_t *lay, char *why, si
 /* The retention script's reply as ntf_retain reports it: 0 or FO_EREDIS for an error or
  * malformed reply. */
 int ntf__parse_retention(const redisReply *r, ntf_retention_t *out);
+
+#define NTF_WAIT_MS 2000 /* WAIT's timeout; well below the command deadline */
+
+/* Logs a refused command once per interval for the same text (then counts the rest). */
+void ntf__client_log_error(ntf_client_t *c, const char *op, const char *text);
+
+/* A WAIT reply (NULL: the connection was lost or is closing) as the status of the writes it
+ * confirms: 0, NTF_EREPLICAS (too few replicas, logged), FO_EREDIS or FO_ESTOP. */
+int ntf__client_wait_status(ntf_client_t *c, const redisReply *rep);
+
+/* The whole-job script's reply for nitems items: 0 with st[] and p[] filled per item;
+ * NTF_EKEY for a wrong-typed key, FO_EREDIS for any other error or a malformed reply, both
+ * with text saying what (the refusal, to record; the error, to log). */
+int ntf__whole_outcome(const redisReply *rep, size_t nitems, int *st, ntf_progress_t *p, char *text,
+                       size_t size);
 
 /* Records the text of a WRONGTYPE refusal for ntf_client_key_refusal. */
 void ntf__client_set_key_refusal(ntf_client_t *c, const char *text);

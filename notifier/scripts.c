@@ -44,7 +44,9 @@
 
 /* KEYS the progress marks of one job's (job, shard) units, one or more; ARGV token,
  * start_cursor[, mark_required]. Checks every mark before writing any.
- * Returns {-1} if fenced (any mark holds a newer token); {-2, '', 0, 0} if a mark is missing
+ * Returns {-1} if fenced (any mark holds a newer token); {1, cursor, delivered, 1} when a mark
+ * is a whole job's (field whole = 1, written by the whole-job script: the job is done, and its
+ * other shards hold no mark), writing nothing; {-2, '', 0, 0} if a mark is missing
  * and mark_required is "1" (a page was written before: a new mark at the start would replay
  * it), writing nothing; else, after registering the token in every mark (creating a missing
  * one at start_cursor), {1, lowest cursor, summed delivered, 1 if every mark is done}. */
@@ -55,13 +57,15 @@ const char ntf__fence_lua[] =
     "  local e = want(KEYS[i], 'hash')\n"
     "  if e then return e end\n"
     "end\n"
-    "local ms, missing = {}, false\n"
+    "local ms, missing, whole = {}, false, nil\n"
     "for i = 1, #KEYS do\n"
-    "  local m = redis.call('HMGET', KEYS[i], 'token', 'cursor', 'delivered', 'done')\n"
+    "  local m = redis.call('HMGET', KEYS[i], 'token', 'cursor', 'delivered', 'done', 'whole')\n"
     "  if m[1] and newer(m[1], tok) then return {-1} end\n"
     "  if not m[2] then missing = true end\n"
+    "  if m[5] == '1' then whole = m end\n"
     "  ms[i] = m\n"
     "end\n"
+    "if whole then return {1, whole[2], whole[3], 1} end\n"
     "if missing and ARGV[3] == '1' then return {-2, '', 0, 0} end\n"
     "local low, delivered, done = nil, 0, 1\n"
     "for i = 1, #KEYS do\n"
@@ -104,7 +108,8 @@ const char ntf__fence_lua[] =
  * repeated page changes nothing), and after its entries the event's score in the refs
  * sorted set becomes the millisecond part of the newest entry id that refers to it, which
  * is what retention reads to know when the body's last entry is trimmed.
- * Returns {-1} if fenced (any mark); {-2, '', 0, 0} if a mark is missing, writing nothing;
+ * Returns {-1} if fenced (any mark); {-2, cursor, delivered, 1} when a mark is a whole job's
+ * (the job is done), and {-2, '', 0, 0} if a mark is missing, both writing nothing;
  * else {1 if every group applied or -2, lowest cursor, summed delivered, 1 if every mark is
  * done}: what a fence of the same marks would report now.
  *
@@ -168,8 +173,9 @@ const char ntf__page_lua[] =
     "end\n"
     "local cur, del, dn = {}, {}, {}\n"
     "for g = 1, ng do\n"
-    "  local m = redis.call('HMGET', KEYS[g], 'token', 'cursor', 'delivered', 'done')\n"
+    "  local m = redis.call('HMGET', KEYS[g], 'token', 'cursor', 'delivered', 'done', 'whole')\n"
     "  if m[1] and newer(m[1], tok) then return {-1} end\n"
+    "  if m[5] == '1' then return {-2, m[2], m[3], 1} end\n"
     "  if not m[2] then return {-2, '', 0, 0} end\n"
     "  cur[g], del[g], dn[g] = m[2], tonumber(m[3]) or 0, m[4] == '1'\n"
     "end\n"
@@ -209,11 +215,15 @@ const char ntf__page_lua[] =
     "    -- ids ascend: skip those up to the mark, then every later one is new\n"
     "    while from <= a + k and not newer(ARGV[from], c) do from = from + 1 end\n"
     "    if inb then ib = ib + from - a - 1 end\n"
-    "    if cp and from <= a + k then redis.call('HSETNX', KEYS[bb + g - 1], ev, body) end\n"
+    "    -- one entry alone in its stream goes full: less than a body copy and its refs\n"
+    "    local short = cp and from == a + k\n"
+    "    if cp and not short and from <= a + k then\n"
+    "      redis.call('HSETNX', KEYS[bb + g - 1], ev, body)\n"
+    "    end\n"
     "    local wrote = a + k - from + 1\n"
     "    for i = from, a + k do\n"
     "      local r = ARGV[i]\n"
-    "      if st then\n"
+    "      if st or short then\n"
     "        redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author',\n"
     "                   author, 'recipient', r, 'kind', kind, 'payload', payload,\n"
     "                   'created_at', created)\n"
@@ -252,6 +262,133 @@ const char ntf__page_lua[] =
     "  if not dn[g] then done = 0 end\n"
     "end\n"
     "return {moved and -2 or 1, low, total, done}\n";
+
+/*
+ * Whole jobs: many jobs whose every follower fits in one page, each fenced, written and
+ * finished in one step (ntf_write_whole). Stream entries only (full or compact).
+ * KEYS: per shard of the call, in call order, its stream (and, compact, its bodies hash and
+ * refs sorted set); then one progress mark per item. ARGV: flags ("s" full, "c" compact),
+ * ttl_s, the call's shard count S, then per item: whole ("1": its mark stands for every shard
+ * of the job, single Redis; "0": it is the (job, shard) mark of its one unit, Redis Cluster),
+ * token, start_cursor, new_cursor (the page's last id), event, author, kind, payload,
+ * created_at, the unit count U, then per unit: the shard's index in the call (1..S), k and k
+ * recipient ids (ascending).
+ *
+ * An item's mark decides, as a fence would: a newer token fences the item (nothing of it is
+ * written); a mark already done (an earlier attempt got this far and died before PostgreSQL
+ * recorded it) leaves it as it is; otherwise ids up to an existing mark's cursor are skipped
+ * (that shard holds them) and the rest written, and the mark becomes done at
+ * max(cursor, new_cursor) with an expiry of ttl_s, in the same run. A mark that does not exist
+ * means nothing of the item was written: on a single Redis the item is the whole job and one
+ * script run, so its entries and its mark come together or not at all; on a cluster each
+ * unit has its own mark in its own slot. So only the shards a job's recipients are in get a
+ * mark, which is what makes a small job cheap; the fence and page scripts read a whole mark
+ * as "the job is done".
+ * Returns four values per item: status (1 written now, 2 done before, -1 fenced), cursor,
+ * prior (the mark's delivered count before this run) and delivered (after).
+ * The argument layout and every key's type are checked before the first write; marks are
+ * read with pcall, which turns a wrong type into the same WRONGTYPE fanout: refusal.
+ */
+const char ntf__whole_lua[] =
+    "#!lua\n" NTF_LUA_NEWER NTF_LUA_WANT "local cp = ARGV[1] == 'c'\n"
+    "if ARGV[1] ~= 's' and not cp then return redis.error_reply('ERR fanout whole: bad flags') "
+    "end\n"
+    "local ttl, ns = ARGV[2], tonumber(ARGV[3])\n"
+    "if not ns or ns < 1 then return redis.error_reply('ERR fanout whole: bad shards') end\n"
+    "local per = cp and 3 or 1\n"
+    "local items, a = {}, 4\n"
+    "while a <= #ARGV do\n"
+    "  local nu = tonumber(ARGV[a + 9])\n"
+    "  if a + 9 > #ARGV or not nu or nu < 0 then\n"
+    "    return redis.error_reply('ERR fanout whole: bad item')\n"
+    "  end\n"
+    "  local u = a + 10\n"
+    "  for j = 1, nu do\n"
+    "    local s, k = tonumber(ARGV[u]), tonumber(ARGV[u + 1])\n"
+    "    if not s or s < 1 or s > ns or not k or k < 0 or u + 1 + k > #ARGV then\n"
+    "      return redis.error_reply('ERR fanout whole: bad unit')\n"
+    "    end\n"
+    "    u = u + 2 + k\n"
+    "  end\n"
+    "  items[#items + 1] = a\n"
+    "  a = u\n"
+    "end\n"
+    "if #KEYS ~= ns * per + #items then return redis.error_reply('ERR fanout whole: bad keys') "
+    "end\n"
+    "for s = 0, ns - 1 do\n"
+    "  local e = want(KEYS[s * per + 1], 'stream')\n"
+    "  if cp then e = e or want(KEYS[s * per + 2], 'hash') or want(KEYS[s * per + 3], 'zset') end\n"
+    "  if e then return e end\n"
+    "end\n"
+    "local base, marks = ns * per, {}\n"
+    "for i = 1, #items do\n"
+    "  local m = redis.pcall('HMGET', KEYS[base + i], 'token', 'cursor', 'delivered', 'done')\n"
+    "  if m.err then return want(KEYS[base + i], 'hash') or m end\n"
+    "  marks[i] = m\n"
+    "end\n"
+    "local out = {}\n"
+    "local function put(st, c, p, d)\n"
+    "  local n = #out\n"
+    "  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = st, c, p, d\n"
+    "end\n"
+    "for i, a in ipairs(items) do\n"
+    "  local m, tok = marks[i], ARGV[a + 1]\n"
+    "  local prior = tonumber(m[3]) or 0\n"
+    "  if m[1] and newer(m[1], tok) then\n"
+    "    put(-1, '', 0, 0)\n"
+    "  elseif m[4] == '1' then\n"
+    "    put(2, m[2], prior, prior)\n"
+    "  else\n"
+    "    local c = m[2] or ARGV[a + 2]\n"
+    "    local ev, author, kind, payload, created = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],\n"
+    "                                               ARGV[a + 7], ARGV[a + 8]\n"
+    "    local body, wrote, u = nil, 0, a + 10\n"
+    "    for j = 1, tonumber(ARGV[a + 9]) do\n"
+    "      local s, k = tonumber(ARGV[u]), tonumber(ARGV[u + 1])\n"
+    "      local from, to, sk = u + 2, u + 1 + k, KEYS[(s - 1) * per + 1]\n"
+    "      -- ids ascend: skip those up to the mark, then every later one is new\n"
+    "      while from <= to and not newer(ARGV[from], c) do from = from + 1 end\n"
+    "      if from <= to then\n"
+    "        local newest\n"
+    "        local short = from == to -- one entry alone goes full, as in the page script\n"
+    "        if cp and not short then\n"
+    "          body = body or '{\"author\":\"' .. author .. '\",\"kind\":' .. cjson.encode(kind) "
+    "..\n"
+    "            ',\"created_at\":' .. cjson.encode(created) .. ',\"payload\":' .. payload .. '}'\n"
+    "          redis.call('HSETNX', KEYS[(s - 1) * per + 2], ev, body)\n"
+    "        end\n"
+    "        for x = from, to do\n"
+    "          local r = ARGV[x]\n"
+    "          if cp and not short then\n"
+    "            newest = redis.call('XADD', sk, '*', 'event', ev, 'recipient', r)\n"
+    "          else\n"
+    "            redis.call('XADD', sk, '*', 'id', ev .. ':' .. r, 'event', ev, 'author', author,\n"
+    "                       'recipient', r, 'kind', kind, 'payload', payload, 'created_at',\n"
+    "                       created)\n"
+    "          end\n"
+    "        end\n"
+    "        if newest then\n"
+    "          redis.call('ZADD', KEYS[(s - 1) * per + 3], tonumber(newest:match('^(%d+)')), ev)\n"
+    "        end\n"
+    "        wrote = wrote + to - from + 1\n"
+    "      end\n"
+    "      u = to + 1\n"
+    "    end\n"
+    "    local nc, mk = ARGV[a + 3], KEYS[base + i]\n"
+    "    if newer(c, nc) then nc = c end\n"
+    "    local d = string.format('%d', prior + wrote)\n"
+    "    if ARGV[a] == '1' then\n"
+    "      redis.call('HSET', mk, 'token', tok, 'cursor', nc, 'delivered', d, 'done', '1', "
+    "'whole',\n"
+    "                 '1')\n"
+    "    else\n"
+    "      redis.call('HSET', mk, 'token', tok, 'cursor', nc, 'delivered', d, 'done', '1')\n"
+    "    end\n"
+    "    redis.call('EXPIRE', mk, ttl)\n"
+    "    put(1, nc, prior, prior + wrote)\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
 
 /*
  * Retention of one shard stream, fanoutd's on its loop and `fanoutctl trim`'s alike.

@@ -18,7 +18,7 @@
 
 #define MAXCALLS 64
 
-typedef enum { C_FETCH, C_FENCE, C_WRITE } call_kind_t;
+typedef enum { C_FETCH, C_FENCE, C_WRITE, C_WHOLE } call_kind_t;
 
 typedef struct call {
     call_kind_t kind;
@@ -85,6 +85,18 @@ static int fake_write(void *ctx, const ntf_job_t *job, int64_t expect, const int
     call_t *c = &F.calls[F.ncalls++];
     *c = (call_t){
         .kind = C_WRITE, .expect = expect, .n = n, .last = last, .prog_cb = cb, .data = data};
+    assert_true(n <= 16);
+    memcpy(c->ids, ids, n * sizeof *ids);
+    return 0;
+}
+
+static int fake_whole(void *ctx, const ntf_job_t *job, int64_t start, const int64_t *ids, size_t n,
+                      ntf_progress_cb cb, void *data)
+{
+    if (F.refuse_redis)
+        return FO_EREDIS;
+    call_t *c = &F.calls[F.ncalls++];
+    *c = (call_t){.kind = C_WHOLE, .start = start, .n = n, .prog_cb = cb, .data = data};
     assert_true(n <= 16);
     memcpy(c->ids, ids, n * sizeof *ids);
     return 0;
@@ -221,7 +233,7 @@ static void answer_progress(call_kind_t kind, int status, int64_t cursor, int64_
     call_t *c = next_call(kind);
     assert_non_null(c);
     c->answered = 1;
-    ntf_progress_t p = {cursor, delivered, done};
+    ntf_progress_t p = {.cursor = cursor, .delivered = delivered, .done = done};
     c->prog_cb(status, (status == 0 || status == NTF_EMOVED) ? &p : NULL, c->data);
 }
 
@@ -863,6 +875,100 @@ static void test_fresh_job_reads_its_first_page_while_fencing(void **state)
     fod_job_free(j);
 }
 
+/* A fresh claim (nothing recorded in PostgreSQL) started with write_whole, with n
+ * followers, its first page read answered. */
+static fod_job_t *start_whole(int n, int64_t pg_progress)
+{
+    static fod_job_io_t iow;
+    iow = io_rec;
+    iow.write_whole = fake_whole;
+    fod_claim_t claim = {.job_id = 1,
+                         .event_id = 1,
+                         .author = 5,
+                         .token = 1,
+                         .range_lo = 0,
+                         .range_hi = INT64_MAX,
+                         .pg_progress = pg_progress,
+                         .kind = "k",
+                         .payload = "{}",
+                         .created_at = "t"};
+    memset(&F, 0, sizeof F);
+    records = 0;
+    set_followers(n);
+    fod_job_t *j = fod_job_new(&iow, &cfg, &claim);
+    fod_job_start(j, 0);
+    if (pg_progress == 0) {
+        assert_int_equal(pending(C_FENCE), 0); /* it reads before anything else */
+        answer_fetch();
+    }
+    return j;
+}
+
+/* A fresh job with write_whole reads first: a short page is written whole (no fence, no
+ * mark record); a full one goes the long way, the page held for the fence; a whole write
+ * whose outcome is unknown retries the long way. */
+static void test_fresh_short_job_is_written_whole(void **state)
+{
+    fod_job_t *j = start_whole(2, 0);
+    call_t *c = next_call(C_WHOLE);
+    assert_non_null(c);
+    assert_int_equal(c->n, 2);
+    assert_true(c->ids[0] == 10 && c->ids[1] == 20 && c->start == 0);
+    c->answered = 1;
+    ntf_progress_t p = {.cursor = 20, .delivered = 3, .done = 1, .prior = 1};
+    c->prog_cb(0, &p, c->data);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    assert_int_equal(F.final_delivered, 3);
+    assert_int_equal(records, 0);
+    assert_int_equal(pending(C_FENCE), 0);
+    fod_job_free(j);
+
+    /* no followers: done without Redis */
+    j = start_whole(0, 0);
+    assert_int_equal(F.finished, 1);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    assert_int_equal(F.ncalls, 1);
+    fod_job_free(j);
+
+    /* a full first page: fence, mark record, then the held page */
+    j = start_whole(5, 0);
+    assert_int_equal(pending(C_WHOLE), 0);
+    assert_int_equal(pending(C_FENCE), 1);
+    answer_progress(C_FENCE, 0, 0, 0, 0);
+    record_cb(0, record_data);
+    assert_int_equal(pending(C_WRITE), 1);
+    assert_int_equal(next_call(C_WRITE)->n, 3);
+    run_to_end();
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    assert_int_equal(F.final_delivered, 5);
+    fod_job_free(j);
+
+    /* a lost reply: waits, then fences (the long way), which finds the job done */
+    j = start_whole(2, 0);
+    answer_progress(C_WHOLE, FO_EREDIS, 0, 0, 0);
+    assert_int_equal(fod_job_state(j), FOD_JOB_WAITING);
+    fod_job_kick(j, 0, 1);
+    assert_int_equal(pending(C_FENCE), 1);
+    assert_int_equal(pending(C_WHOLE), 0);
+    answer_progress(C_FENCE, 0, 20, 2, 1);
+    assert_int_equal(F.final_state, FOD_JOB_DONE);
+    assert_int_equal(F.final_delivered, 2);
+    fod_job_free(j);
+
+    /* fenced: stops */
+    j = start_whole(2, 0);
+    answer_progress(C_WHOLE, FO_EFENCED, 0, 0, 0);
+    assert_int_equal(F.final_state, FOD_JOB_FENCED);
+    fod_job_free(j);
+
+    /* a job PostgreSQL holds progress for never goes this way */
+    j = start_whole(2, 10);
+    assert_int_equal(pending(C_FENCE), 1);
+    answer_progress(C_FENCE, FO_ESTOP, 0, 0, 0);
+    fod_job_free(j);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -884,6 +990,7 @@ int main(void)
         cmocka_unit_test_setup(test_range_bounds_are_passed_to_reads, setup),
         cmocka_unit_test_setup(test_full_first_page_asks_to_split_before_writing, setup),
         cmocka_unit_test_setup(test_fresh_job_reads_its_first_page_while_fencing, setup),
+        cmocka_unit_test_setup(test_fresh_short_job_is_written_whole, setup),
         cmocka_unit_test_setup(test_mark_required_after_progress, setup),
         cmocka_unit_test_setup(test_mark_behind_postgres_stops, setup),
         cmocka_unit_test_setup(test_mark_lost_mid_fanout_stops, setup),

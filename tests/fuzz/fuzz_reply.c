@@ -59,7 +59,7 @@ static int oracle_i64(const redisReply *r, int64_t *out)
 
 static void check(const redisReply *r)
 {
-    ntf_progress_t p = {-7, -7, -7};
+    ntf_progress_t p = {.cursor = -7, .delivered = -7, .done = -7, .prior = -7};
     int rc = ntf__parse_reply(r, &p);
     FUZZ_CHECK(rc == 0 || rc == NTF_EMOVED || rc == FO_EFENCED || rc == NTF_ENOMARK ||
                    rc == FO_EREDIS,

@@ -54,7 +54,8 @@ def consume(s, group, name, *extra, shards=2):
 @suite.test
 def compact_entries_hold_event_and_recipient_and_one_body_per_stream(s):
     s.seed_followers(42, 30, first_id=100)
-    s.start_daemon(FANOUT_SHARDS=3, FANOUT_PAGE_SIZE=7, FANOUT_RETENTION_MS=0)
+    # pages of 6 ids give every shard 2 entries of each page (a lone entry goes full: below)
+    s.start_daemon(FANOUT_SHARDS=3, FANOUT_PAGE_SIZE=6, FANOUT_RETENTION_MS=0)
     payload = '{"text": "h\\u00e9llo \\"w\\" / \\\\", "n": [1, 2.5, null]}'
     ev = s.publish(42, kind="post.created", payload=payload)
     s.wait_event_done(ev)
@@ -79,6 +80,29 @@ def compact_entries_hold_event_and_recipient_and_one_body_per_stream(s):
     full = s.stream_entries(ev)
     assert sorted(int(e["recipient"]) for e in full) == list(range(100, 130))
     assert all(e["payload"] == raw and e["id"] == "%d:%s" % (ev, e["recipient"]) for e in full)
+
+
+@suite.test
+def a_lone_entry_is_written_full_without_a_body(s):
+    """When a write puts one entry of an event into a stream, that entry is full and the
+    stream gets no body copy: a full entry is smaller than a body, its refs member and a
+    compact entry. Two entries in a stream are compact with their body."""
+    s.sql("INSERT INTO relationships.follows (followee_id, follower_id)"
+          " VALUES (45, 300), (45, 301), (45, 304)")  # shards 0, 1, 1 of 3
+    s.start_daemon(FANOUT_SHARDS=3, FANOUT_RETENTION_MS=0)
+    ev = s.publish(45, payload='{"n": 2}')
+    s.wait_event_done(ev)
+    r = s.redis
+    [(_, lone)] = r.xrange(s.stream_key(0, 3))
+    assert list(lone) == ["id", "event", "author", "recipient", "kind", "payload",
+                          "created_at"], lone
+    assert lone["id"] == "%d:300" % ev
+    assert r.hget(s.stream_key(0, 3) + ":bodies", str(ev)) is None
+    assert r.zscore(s.stream_key(0, 3) + ":refs", str(ev)) is None
+    pair = [f for _, f in r.xrange(s.stream_key(1, 3))]
+    assert pair == [{"event": str(ev), "recipient": "301"}, {"event": str(ev), "recipient": "304"}]
+    assert r.hget(s.stream_key(1, 3) + ":bodies", str(ev)) is not None
+    assert sorted(int(e["recipient"]) for e in s.stream_entries(ev)) == [300, 301, 304]
 
 
 @suite.test

@@ -201,9 +201,11 @@ def a_stale_token_in_a_batch_is_refused_for_that_job_only(s):
     events = publish_all(s, authors)  # before any daemon runs: one batch claims them
     victim_ev = [ev for ev, a in events.items() if a == 25][0]
     job = s.sql_value("SELECT id FROM fanout.jobs WHERE event_id = %s", (victim_ev,))
-    # one shard's mark of the job holds it (queue format 3: a mark per (job, shard))
-    mark = harness.mark_key("fanout", 0, 16, job)
-    s.redis.hset(mark, mapping={"token": 1000, "cursor": 0, "delivered": 0, "done": 0})
+    # the marks hold it, as a newer holder's fence leaves them (queue format 3: a mark per
+    # (job, shard); the one-page way reads the one on the shard of the job's id)
+    for shard in range(16):
+        mark = harness.mark_key("fanout", shard, 16, job)
+        s.redis.hset(mark, mapping={"token": 1000, "cursor": 0, "delivered": 0, "done": 0})
     d = s.start_daemon(**FAST)
     good = {ev: a for ev, a in events.items() if ev != victim_ev}
     wait_done(s, good)
@@ -213,6 +215,47 @@ def a_stale_token_in_a_batch_is_refused_for_that_job_only(s):
     assert s.redis.hget(mark, "token") == "1000"
     assert s.sql_value("SELECT state FROM fanout.jobs WHERE id = %s", (job,)) != "done"
     assert_each_exactly_once(s, good, by)
+
+
+@suite.test
+def a_whole_mark_ends_the_long_way(s):
+    """A one-page job written whole leaves one mark (field whole, on the shard of its id) and
+    no other. If its worker died before PostgreSQL recorded it done and the author's followers
+    have since grown past a page, the next claim goes the long way: its fence must read that
+    mark as the job done, writing nothing (the other shards have no mark to say so)."""
+    s.sql("INSERT INTO relationships.follows (followee_id, follower_id)"
+          " SELECT 77, g FROM generate_series(1, 1500) g")
+    ev = s.sql_value("SELECT fanout.publish(77, 'post', '{}')", user="producer")
+    job = s.sql_value("SELECT id FROM fanout.jobs WHERE event_id = %s", (ev,))
+    whole = harness.mark_key("fanout", job % 16, 16, job)
+    s.redis.hset(whole, mapping={"token": 1, "cursor": 5, "delivered": 5, "done": 1, "whole": 1})
+    d = s.start_daemon(**FAST)
+    s.wait_event_done(ev, timeout=30)
+    assert s.stream_entries(raw=True) == []
+    assert s.sql_value("SELECT delivered FROM fanout.jobs WHERE id = %s", (job,)) == 5
+    others = [harness.mark_key("fanout", n, 16, job) for n in range(16) if n != job % 16]
+    assert not any(s.redis.exists(k) for k in others), "the fence created marks beside it"
+    d.stop()
+
+
+@suite.test
+def small_jobs_mark_only_their_shards(s):
+    """A fresh one-page job touches one progress mark, not one per shard: after a batch of
+    small events every job has exactly its whole mark, and each recipient is notified once."""
+    authors = list(range(1, 41))
+    seed(s, authors)
+    d = s.start_daemon(**FAST)
+    d.wait_log("contract ok", timeout=30)
+    events = publish_all(s, authors)
+    wait_done(s, events)
+    jobs = dict(s.sql("SELECT event_id, id FROM fanout.jobs WHERE event_id = ANY(%s)",
+                      (list(events),)))
+    marks = set(s.redis.keys("fanout:{*}:progress:*"))
+    want = {harness.mark_key("fanout", jobs[ev] % 16, 16, jobs[ev])
+            for ev, a in events.items() if followers_of(a)}
+    assert marks == want, (sorted(marks - want)[:5], sorted(want - marks)[:5])
+    assert all(s.redis.hget(k, "whole") == "1" for k in want)
+    assert_each_exactly_once(s, events, entries_by_event(s))
 
 
 @suite.test

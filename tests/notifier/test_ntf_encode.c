@@ -562,6 +562,136 @@ static void test_parse_malformed(void **state)
 }
 
 /* Which maxmemory policies are refused, from INFO memory's text. */
+/* The whole-job script's arguments: on a single Redis every job is one item with its whole
+ * mark (the shard of its id), only the shards its ids are in are in the run; on a cluster
+ * only one shard's ids, each job with any there one item with that shard's mark. */
+static void test_whole_layout(void **state)
+{
+    (void)state;
+    ntf_enc_t e;
+    ntf__enc_init(&e);
+    ntf_keys_t k;
+    ntf__keys_init(&k, "fo", 4);
+    const ntf_layout_t lay = {.mask = CFG_LAYOUT_STREAM, .compact = 1};
+    ntf_job_t j2 = job;
+    j2.job_id = 45; /* whole mark on shard 1 */
+    j2.event_id = 9002;
+    const int64_t a[] = {5, 6, 9}; /* shards 1, 2, 1 */
+    const int64_t b[] = {13, 14};  /* shards 1, 2 */
+    const ntf_whole_t w[] = {{.job = &job, .start_cursor = 0, .ids = a, .n = 3},
+                             {.job = &j2, .start_cursor = 10, .ids = b, .n = 2}};
+    size_t take[2], items = 9;
+    int argc = ntf__encode_whole(&e, &k, &lay, 60, w, 2, -1, take, &items);
+    assert_int_equal(items, 2);
+    assert_int_equal(take[0], 0);
+    assert_int_equal(take[1], 1);
+    char m42[96], m45[96];
+    snprintf(m42, sizeof m42, "%s42", k.mark[2]); /* 42 % 4 = 2 */
+    snprintf(m45, sizeof m45, "%s45", k.mark[1]);
+    const char *want[] = {"EVAL", ntf__whole_lua, "8", k.stream[1], k.bodies[1], k.refs[1],
+                          k.stream[2], k.bodies[2], k.refs[2], m42, m45,
+                          /* ARGV */
+                          "c", "60", "2",
+                          /* job 42: two units, shard 1 (index 1) and shard 2 (index 2) */
+                          "1", "3", "0", "9", "9001", "7", "post", "{\"a\": 1}",
+                          "2026-11-27T09:50:00.123456Z", "2", "1", "2", "5", "9", "2", "1", "6",
+                          /* job 45 */
+                          "1", "3", "10", "14", "9002", "7", "post", "{\"a\": 1}",
+                          "2026-11-27T09:50:00.123456Z", "2", "1", "1", "13", "2", "1", "14"};
+    assert_int_equal(argc, (int)(sizeof want / sizeof want[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want[i]);
+
+    /* a cluster's shard 2: both jobs have an id there; full entries, no bodies or refs */
+    const ntf_layout_t full = {.mask = CFG_LAYOUT_STREAM};
+    argc = ntf__encode_whole(&e, &k, &full, 60, w, 2, 2, take, &items);
+    char c42[96], c45[96];
+    snprintf(c42, sizeof c42, "%s42", k.mark[2]);
+    snprintf(c45, sizeof c45, "%s45", k.mark[2]);
+    const char *want2[] = {"EVAL",
+                           ntf__whole_lua,
+                           "3",
+                           k.stream[2],
+                           c42,
+                           c45,
+                           "s",
+                           "60",
+                           "1",
+                           "0",
+                           "3",
+                           "0",
+                           "9",
+                           "9001",
+                           "7",
+                           "post",
+                           "{\"a\": 1}",
+                           "2026-11-27T09:50:00.123456Z",
+                           "1",
+                           "1",
+                           "1",
+                           "6",
+                           "0",
+                           "3",
+                           "10",
+                           "14",
+                           "9002",
+                           "7",
+                           "post",
+                           "{\"a\": 1}",
+                           "2026-11-27T09:50:00.123456Z",
+                           "1",
+                           "1",
+                           "1",
+                           "14"};
+    assert_int_equal(argc, (int)(sizeof want2 / sizeof want2[0]));
+    for (int i = 0; i < argc; i++)
+        assert_arg(&e, i, want2[i]);
+
+    /* shard 3: no job has an id there, nothing to send */
+    argc = ntf__encode_whole(&e, &k, &full, 60, w, 2, 3, take, &items);
+    assert_int_equal(argc, 0);
+    assert_int_equal(items, 0);
+    ntf__keys_free(&k);
+    ntf__enc_free(&e);
+}
+
+static void test_parse_whole(void **state)
+{
+    (void)state;
+    int st[3];
+    ntf_progress_t p[3];
+    redisReply *r = r_arr(12, r_int(1), r_str(REDIS_REPLY_STRING, "90"), r_int(0), r_int(4),
+                          r_int(-1), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(0), r_int(2),
+                          r_str(REDIS_REPLY_STRING, "70"), r_int(3), r_int(3));
+    assert_int_equal(ntf__parse_whole(r, 3, st, p), 0);
+    assert_int_equal(st[0], 0);
+    assert_true(p[0].cursor == 90 && p[0].delivered == 4 && p[0].prior == 0 && p[0].done == 1);
+    assert_int_equal(st[1], FO_EFENCED);
+    assert_int_equal(st[2], 0);
+    assert_true(p[2].cursor == 70 && p[2].delivered == 3 && p[2].prior == 3);
+    assert_int_equal(ntf__parse_whole(r, 2, st, p), FO_EREDIS); /* count mismatch */
+    freeReplyObject(r);
+    /* delivered below prior, an unknown code, a missing cursor */
+    r = r_arr(4, r_int(1), r_str(REDIS_REPLY_STRING, "9"), r_int(5), r_int(4));
+    assert_int_equal(ntf__parse_whole(r, 1, st, p), FO_EREDIS);
+    freeReplyObject(r);
+    r = r_arr(4, r_int(7), r_str(REDIS_REPLY_STRING, "9"), r_int(0), r_int(4));
+    assert_int_equal(ntf__parse_whole(r, 1, st, p), FO_EREDIS);
+    freeReplyObject(r);
+    r = r_arr(4, r_int(1), r_str(REDIS_REPLY_STRING, ""), r_int(0), r_int(4));
+    assert_int_equal(ntf__parse_whole(r, 1, st, p), FO_EREDIS);
+    freeReplyObject(r);
+    char text[64];
+    r = r_str(REDIS_REPLY_ERROR, "WRONGTYPE fanout: key k is a string, not a stream");
+    assert_int_equal(ntf__whole_outcome(r, 1, st, p, text, sizeof text), NTF_EKEY);
+    assert_string_equal(text, "WRONGTYPE fanout: key k is a string, not a stream");
+    freeReplyObject(r);
+    r = r_str(REDIS_REPLY_ERROR, "OOM command not allowed");
+    assert_int_equal(ntf__whole_outcome(r, 1, st, p, text, sizeof text), FO_EREDIS);
+    freeReplyObject(r);
+    assert_int_equal(ntf__whole_outcome(NULL, 1, st, p, text, sizeof text), FO_EREDIS);
+}
+
 static void test_policy_refusal(void **state)
 {
     (void)state;
@@ -605,6 +735,8 @@ int main(void)
         cmocka_unit_test(test_parse_good),
         cmocka_unit_test(test_parse_malformed),
         cmocka_unit_test(test_policy_refusal),
+        cmocka_unit_test(test_whole_layout),
+        cmocka_unit_test(test_parse_whole),
     };
     return cmocka_run_group_tests_name("ntf_encode", tests, NULL, NULL);
 }
