@@ -133,21 +133,35 @@ static int io_write(void *ctx, const ntf_job_t *job, int64_t expect, const int64
 
 static void send_wholes(fod_daemon_t *d, int closing)
 {
+    /* The batch is taken out first: a callback run from here (a run not sent) may finish a
+     * job, which claims, and new whole jobs start the next batch. */
+    size_t n = d->nwhole;
+    if (n == 0)
+        return;
+    ntf_whole_t *w = fo_xmalloc(n * sizeof *w);
+    ntf_job_t *view = fo_xmalloc(n * sizeof *view);
+    for (size_t i = 0; i < n; i++) {
+        view[i] = d->whole_view[i];
+        w[i] = d->whole[i];
+        w[i].job = &view[i];
+    }
+    d->nwhole = 0;
     size_t from = 0;
-    while (from < d->nwhole) {
+    while (from < n) {
         size_t to = from, ids = 0;
-        while (to < d->nwhole && to - from < NTF_WHOLE_MAX_JOBS &&
-               (to == from || ids + d->whole[to].n <= WHOLE_BATCH_IDS))
-            ids += d->whole[to++].n;
-        int rc = d->redis ? ntf_write_whole(d->redis, d->whole + from, to - from) : FO_EREDIS;
+        while (to < n && to - from < NTF_WHOLE_MAX_JOBS &&
+               (to == from || ids + w[to].n <= WHOLE_BATCH_IDS))
+            ids += w[to++].n;
+        int rc = d->redis ? ntf_write_whole(d->redis, w + from, to - from) : FO_EREDIS;
         if (rc < 0) {
             /* not sent: each job hears it now, from the loop (or from the close) */
             for (size_t i = from; i < to; i++)
-                d->whole[i].cb(closing ? FO_ESTOP : FO_EREDIS, NULL, d->whole[i].data);
+                w[i].cb(closing ? FO_ESTOP : FO_EREDIS, NULL, w[i].data);
         }
         from = to;
     }
-    d->nwhole = 0;
+    free(w);
+    free(view);
 }
 
 static void on_whole_timer(uv_timer_t *t)

@@ -387,6 +387,10 @@ int ntf__cw_write_whole(ntf_cw_t *cw, const ntf_whole_t *w, size_t n)
         ops[i] = op_new(cw, w[i].cb, w[i].data, parts);
     }
     size_t *take = fo_xmalloc(n * sizeof *take);
+    /* parts not sent are reported once every part is encoded: their callbacks may free the
+     * jobs whose ids and strings the later parts are encoded from */
+    cw_whole_part_t **failed = fo_xmalloc((size_t)S * sizeof *failed);
+    int nfailed = 0;
     for (int s = 0; s < S; s++) {
         size_t items;
         int argc = ntf__encode_whole(&cw->enc, cw->keys, &cw->layout, cw->cfg->progress_ttl_s, w, n,
@@ -401,8 +405,11 @@ int ntf__cw_write_whole(ntf_cw_t *cw, const ntf_whole_t *w, size_t n)
         const char *key = cw->keys->stream[s]; /* every key of the run is in shard s's slot */
         if (ntf__cluster_command(cw->cl, key, strlen(key), NTF_CL_DURABLE, argc, cw->enc.argv,
                                  cw->enc.argvlen, on_whole_part, part) < 0)
-            on_whole_part(FO_EREDIS, NULL, part);
+            failed[nfailed++] = part;
     }
+    for (int f = 0; f < nfailed; f++)
+        on_whole_part(FO_EREDIS, NULL, failed[f]);
+    free(failed);
     free(take);
     free(seen);
     free(ops);

@@ -182,13 +182,15 @@ int ntf_write_page(ntf_client_t *c, const ntf_job_t *job, int64_t expect_cursor,
  * later claim that goes the long way (its followers grew past a page) finds it done.
  * The n jobs (at most NTF_WHOLE_MAX_JOBS, with at most NTF_WHOLE_MAX_IDS ids in all, every
  * one with n >= 1) go in one script run on a single Redis, one per shard on a cluster.
- * Each w[i].cb runs exactly once, from the loop, with what ntf_write_page's last page would
+ * Each w[i].cb runs exactly once, from the loop (on a cluster, a shard's part that cannot be
+ * sent is reported before this returns, as a page's is), with what ntf_write_page's last page would
  * report: 0 and the mark (done = 1, prior = what earlier attempts had delivered), or
  * FO_EFENCED, NTF_EKEY, NTF_EREPLICAS, FO_EREDIS (outcome unknown: fence again), FO_ESTOP.
  * The jobs' strings and ids
  * must stay valid until their callbacks ran (they are encoded when sent, here).
  * Stream entries only (full or compact): the other layouts return FO_EINVAL.
- * Returns 0 if sent, FO_EREDIS if not ready, FO_EINVAL for a bad job (no cb runs).
+ * Returns 0 if sent, FO_EREDIS if not ready, FO_EINVAL for a bad job or one job twice (no cb
+ * runs).
  */
 /* per ntf_write_whole call; the ids cap is the largest page_size */
 enum { NTF_WHOLE_MAX_JOBS = 128, NTF_WHOLE_MAX_IDS = 100000 };

@@ -1,7 +1,8 @@
 /*
- * scripts.c: the two server-side Lua scripts that make each notifier operation atomic.
+ * scripts.c: the server-side Lua scripts that make each notifier operation atomic: fence and
+ * page (the long way), whole (fresh one-page jobs, many per run), retention and backlog.
  *
- * Both start with "#!lua": under Redis 7 a script that declares flags (here: none) is
+ * The writers start with "#!lua": under Redis 7 a script that declares flags (here: none) is
  * treated as may-write and is refused as a whole, before it runs, when Redis is over
  * maxmemory. Without the shebang Redis would start it and could fail on a later XADD, and a
  * Lua error does not roll back the writes already made: a page would be half written.
@@ -171,14 +172,16 @@ const char ntf__page_lua[] =
     "    if e then return e end\n"
     "  end\n"
     "end\n"
-    "local cur, del, dn = {}, {}, {}\n"
+    "local cur, del, dn, whole, missing = {}, {}, {}, nil, false\n"
     "for g = 1, ng do\n"
     "  local m = redis.call('HMGET', KEYS[g], 'token', 'cursor', 'delivered', 'done', 'whole')\n"
     "  if m[1] and newer(m[1], tok) then return {-1} end\n"
-    "  if m[5] == '1' then return {-2, m[2], m[3], 1} end\n"
-    "  if not m[2] then return {-2, '', 0, 0} end\n"
+    "  if m[5] == '1' then whole = m end\n"
+    "  if not m[2] then missing = true end\n"
     "  cur[g], del[g], dn[g] = m[2], tonumber(m[3]) or 0, m[4] == '1'\n"
     "end\n"
+    "if whole then return {-2, whole[2], whole[3], 1} end\n"
+    "if missing then return {-2, '', 0, 0} end\n"
     "local ev, author, kind, payload, created = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]\n"
     "local n1, n2, n3, cap, ittl, qk, qpre, qpost\n"
     "if inb or sq then\n"
@@ -337,7 +340,7 @@ const char ntf__whole_lua[] =
     "  if m[1] and newer(m[1], tok) then\n"
     "    put(-1, '', 0, 0)\n"
     "  elseif m[4] == '1' then\n"
-    "    put(2, m[2], prior, prior)\n"
+    "    put(2, m[2] or ARGV[a + 3], prior, prior)\n"
     "  else\n"
     "    local c = m[2] or ARGV[a + 2]\n"
     "    local ev, author, kind, payload, created = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],\n"

@@ -75,15 +75,17 @@ static void on_run(int status, const redisReply *rep, void *data)
         int *st = fo_xmalloc(run->n * sizeof *st);
         ntf_progress_t *p = fo_xmalloc(run->n * sizeof *p);
         char text[256];
-        run->status = ntf__whole_outcome(rep, run->n, st, p, text, sizeof text);
-        if (run->status == NTF_EKEY)
+        int o = ntf__whole_outcome(rep, run->n, st, p, text, sizeof text);
+        if (o == NTF_EKEY)
             ntf__client_set_key_refusal(run->c, text); /* the jobs say it, once per interval */
-        else if (run->status != 0)
+        else if (o != 0)
             ntf__client_log_error(run->c, "whole", text);
-        for (size_t i = 0; run->status == 0 && i < run->n; i++) {
+        for (size_t i = 0; o == 0 && i < run->n; i++) {
             run->job[i].st = st[i];
             run->job[i].p = p[i];
         }
+        if (run->status == 0)
+            run->status = o; /* a WAIT that could not be queued keeps its FO_EREDIS */
         free(st);
         free(p);
     }
@@ -148,6 +150,11 @@ int ntf_write_whole(ntf_client_t *c, const ntf_whole_t *w, size_t n)
     for (size_t i = 0; i < n; i++) {
         if (!whole_valid(&w[i]))
             return FO_EINVAL;
+        /* the script reads every mark before its first write: one job twice would write
+         * twice */
+        for (size_t k = 0; k < i; k++)
+            if (w[k].job->job_id == w[i].job->job_id)
+                return FO_EINVAL;
         ids += w[i].n;
     }
     if (ids > NTF_WHOLE_MAX_IDS)
