@@ -120,6 +120,14 @@ def wrong_typed_shard_stream_waits_then_delivers_once(s):
 
 
 @suite.test
+def wrong_typed_bodies_hash_waits_then_delivers_once(s):
+    """Compact entries: shard 3's bodies hash is a string. The one-page way checks it where a
+    shard gets two entries or more (it does here), so nothing is written until it is gone."""
+    blocked_by_key(s, 22, s.stream_key(3) + ":bodies", "stream",
+                   lambda: sum(s.redis.xlen(s.stream_key(n)) for n in range(16)))
+
+
+@suite.test
 def wrong_typed_inbox_key_waits_then_delivers_once(s):
     def written():
         return sum(s.redis.llen("fanout:inbox:%d" % r) for r in range(1, 101)
