@@ -45,6 +45,7 @@ typedef struct mark_call mark_call_t;
 #define REC_RETRY_MAX_MS 5000 /* up to this */
 #define REC_LOG_MS 30000      /* at most one "not written" line per record in this time */
 #define REC_GIVE_UP_LEASES 10 /* refused this many lease_ms in a row: the job is dead */
+#define PLANS_MS 10000        /* the control connection's generic plans are made again */
 
 struct mark_call {
     mark_call_t *next;
@@ -84,6 +85,7 @@ struct fod_store {
     unsigned claim_refusals; /* claims refused in a row for a reason someone must fix */
     unsigned mine_searched;  /* pgc_conn_connects when a claim last looked for own jobs */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
+    uint64_t plans_at;       /* when the generic plans were last discarded (PLANS_MS) */
 };
 
 /*
@@ -94,7 +96,7 @@ struct fod_store {
  * big fan-out spread over workers and leave this worker's other slots to other events.
  *
  * Each kind has its own read, so that a claim reads only rows it may take: pending jobs in
- * claim order (the jobs_pending index), running ones whose lease has expired (jobs_running,
+ * claim order (the jobs_pending index), running ones whose lease has expired (jobs_lease_ends,
  * by lease end; usually none), and this worker's own running jobs that it does not hold only
  * when $8 asks: on the first claim of each connection, since such a job exists only after a
  * restart or a lost answer. Reading them on every claim walked past every job running here
@@ -271,11 +273,12 @@ static const char SQL_FAIL[] =
     " finished_at = CASE WHEN attempts >= $6 THEN now() END"
     " WHERE id = $1 AND token = $2 AND state = 'running' RETURNING state";
 
-/* Served by the jobs_pending and jobs_running partial indexes (a BitmapOr, sql/009): only
- * pending and running jobs are read. */
+/* Served by the jobs_pending and jobs_lease_ends partial indexes (a BitmapOr, sql/009 and
+ * 010): only pending and running jobs are read. A running job always has a lease end (the
+ * claim sets it), and saying so lets the planner use jobs_lease_ends. */
 static const char SQL_OLDEST[] =
     "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8"
-    " FROM fanout.jobs WHERE state = 'pending' OR state = 'running'";
+    " FROM fanout.jobs WHERE state = 'pending' OR (state = 'running' AND lease_until IS NOT NULL)";
 
 fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *cfg, met_t *metrics,
                            const fod_store_events_t *events)
@@ -286,7 +289,10 @@ fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *c
     /* Generic plans: the statements below run thousands of times a second in a flood of small
      * events, and PostgreSQL's default would plan the array ones anew on every call (their
      * custom plans look cheaper), which cost as much CPU as running them. Their generic plans
-     * are the same index lookups. */
+     * are the same index lookups, once fanout.jobs holds a few thousand rows; a plan made while
+     * it was smaller (a hash join over a sequential scan) would stay until the table's next
+     * ANALYZE, so fod_store_retry discards them every PLANS_MS and they are made again from
+     * the table's size then. */
     pgc_conn_setup(ctl, "SET plan_cache_mode = force_generic_plan");
     pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 8);
     pgc_conn_prepare(ctl, "fo_renew", SQL_RENEW, 6);
@@ -610,8 +616,16 @@ void fod_store_record(fod_store_t *s, const fod_outcome_t *o)
         rec_send(r);
 }
 
+static void on_discarded(int status, const PGresult *res, void *data)
+{
+    (void)status, (void)res, (void)data; /* the old plans serve until the next try */
+}
+
 void fod_store_retry(fod_store_t *s, uint64_t now)
 {
+    if (now - s->plans_at >= PLANS_MS && pgc_conn_ready(s->ctl) &&
+        pgc_conn_query(s->ctl, "DISCARD PLANS", 0, NULL, on_discarded, NULL) == 0)
+        s->plans_at = now;
     for (store_rec_t *r = s->recs; r; r = r->next)
         if (!r->sending && now >= r->retry_at && (r->kind != REC_FINISH || r->solo))
             rec_send(r);
