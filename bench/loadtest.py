@@ -143,6 +143,91 @@ def proc_hwm_kib(pid):
     return 0
 
 
+def postmaster_pid(s):
+    """The throwaway cluster's postmaster (first line of postmaster.pid); None elsewhere."""
+    if isinstance(s, harness.External):
+        return None
+    with open(os.path.join(s.path("pgdata"), "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def children_cpu_s(ppid):
+    """{pid: utime + stime in seconds} of ppid's children (PostgreSQL's backends)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == ppid:
+            out[int(name)] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+class CpuWindow:
+    """CPU seconds over one window of the processes that work for a fan-out: fanoutd, each
+    given redis-server (all its threads) and PostgreSQL's backends (the postmaster's
+    children), from /proc/<pid>/stat before and after; the backends split by role through
+    pg_stat_activity into fanoutd's connections, the bench's publisher (role producer) and the
+    rest (the bench's own polling, autovacuum, the WAL writer...). A backend that exits inside
+    the window takes its CPU with it (fanoutd's connections stay up). Servers that are not
+    local (harness.External) are not measured."""
+
+    def __init__(self, s, daemon_pid, redis_pids=()):
+        self.s = s
+        self.daemon_pid = daemon_pid
+        self.postmaster = postmaster_pid(s)
+        self.redis_pids = [] if isinstance(s, harness.External) else list(redis_pids)
+
+    def _roles(self):
+        return {pid: (user or kind, app or "") for pid, user, app, kind in self.s.sql(
+            "/* bench */ SELECT pid, usename, application_name, backend_type"
+            " FROM pg_stat_activity")}
+
+    def __enter__(self):
+        self.who = self._roles()
+        self.pg0 = children_cpu_s(self.postmaster) if self.postmaster else {}
+        self.d0 = proc_cpu_s(self.daemon_pid)
+        self.rs0 = [proc_cpu_s(pid) for pid in self.redis_pids]
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            return False
+        self.wall = time.monotonic() - self.t0
+        self.fanoutd_cpu = proc_cpu_s(self.daemon_pid) - self.d0
+        self.redis_server_cpu = [proc_cpu_s(pid) - c0
+                                 for pid, c0 in zip(self.redis_pids, self.rs0)]
+        pg1 = children_cpu_s(self.postmaster) if self.postmaster else {}
+        self.who.update(self._roles())
+        self.groups = {"fanoutd": 0.0, "publisher": 0.0, "other": 0.0}
+        self.conns = []
+        for pid, cpu in sorted(pg1.items()):
+            d = cpu - self.pg0.get(pid, 0.0)
+            role, app = self.who.get(pid, ("other", ""))
+            group = {"fanoutd": "fanoutd", "producer": "publisher"}.get(role, "other")
+            self.groups[group] += d
+            if group == "fanoutd":
+                self.conns.append({"pid": pid, "application_name": app, "cpu_s": d})
+        return False
+
+    def bound(self):
+        """What the fan-out's own processes cost, and the lower bound on wall time that sets
+        on this machine: fanoutd + its PostgreSQL backends + every redis-server, divided by
+        the cores (no schedule runs them faster). None where a server is not local."""
+        if not (self.postmaster and self.redis_pids):
+            return None
+        total = self.fanoutd_cpu + self.groups["fanoutd"] + sum(self.redis_server_cpu)
+        return {"fanoutd_cpu_s": self.fanoutd_cpu, "pg_fanoutd_cpu_s": self.groups["fanoutd"],
+                "pg_other_cpu_s": self.groups["other"],
+                "redis_server_cpu_s": self.redis_server_cpu, "total_cpu_s": total,
+                "bound_s": total / os.cpu_count()}
+
+
 def redis_info(r, section):
     return r.info(section)
 
@@ -531,9 +616,9 @@ END $$;""" % (author, self.page_size)
         self.pg_reset_statements()
         r = self.s.redis
         start_ms = self.redis_now_ms() - 1
-        cpu0 = proc_cpu_s(d.pid)
         small = []
-        with RedisPhase(r) as ph:
+        with CpuWindow(self.s, d.pid, [int(r.info("server")["process_id"])]) as w, \
+                RedisPhase(r) as ph:
             if authors == 1 and not self.external:
                 events = [self.s.publish(self.author(0), kind="post", payload=PAYLOAD)]
             else:
@@ -542,7 +627,6 @@ END $$;""" % (author, self.page_size)
                 if steady_rate:
                     small = self.steady(events, steady_rate, small_authors)
                 self.wait_done(events + small, timeout=3600)
-        cpu = proc_cpu_s(d.pid) - cpu0
         pg = self.pg_statements()
         checks = [(e, 1, n_each) for e in events] + self.small_checks(small)
         got = self.stream_check(start_ms, checks)
@@ -561,7 +645,8 @@ END $$;""" % (author, self.page_size)
             "first_s": first / 1000.0, "e2e_s": last / 1000.0,
             "done_s": self.done_ms(events) / 1000.0,
             "rate": total / (last / 1000.0) if last > 0 else float("inf"),
-            "cpu_s": cpu, "rss_kib": proc_hwm_kib(d.pid), "pg": pg, "redis": ph.summary(),
+            "cpu_s": w.fanoutd_cpu, "rss_kib": proc_hwm_kib(d.pid), "pg": pg,
+            "redis": ph.summary(), "bound": w.bound(),
         }
         if small:
             lat = sorted(got[e]["last_ms"] - created[e] for e in small)
@@ -738,6 +823,7 @@ def bench_size(s, args, n, mode):
             "cpu_s": median([f["cpu_s"] for f in runs_l]),
             "rss_kib": max(f["rss_kib"] for f in runs_l),
             "e2es": [f["e2e_s"] for f in runs_l], "dones": [f["done_s"] for f in runs_l],
+            "bound": median_bound(runs_l), "bounds": [f["bound"] for f in runs_l],
         }
     return res
 
@@ -821,10 +907,10 @@ def bench_cluster(args, n, primaries, runs):
                                                unlink_all))
                 f = fan[layout][-1]
                 log("   run %d, %s entries: cluster ceiling %.3f s | fan-out %.3f s (%.2f x"
-                    " ceiling), fanoutd CPU %.2f s, RSS %.1f MiB, primaries' CPU %s s;"
-                    " verified %s entries, all distinct" % (
-                        run + 1, layout, secs, f["e2e_s"], f["e2e_s"] / secs, f["cpu_s"],
-                        f["rss_kib"] / 1024.0, "/".join("%.2f" % x for x in f["node_cpu"]),
+                    " ceiling), RSS %.1f MiB, CPU %s, CPU lower bound %.2f s; verified %s"
+                    " entries, all distinct" % (
+                        run + 1, layout, secs, f["e2e_s"], f["e2e_s"] / secs,
+                        f["rss_kib"] / 1024.0, cpu_sum(f["bound"]), f["bound"]["bound_s"],
                         fmt_int(n)))
         if b.daemon is not None:
             rc = b.daemon.stop(timeout=30)
@@ -837,18 +923,39 @@ def bench_cluster(args, n, primaries, runs):
         lay = {"e2es": [f["e2e_s"] for f in fs], "e2e_s": median([f["e2e_s"] for f in fs]),
                "cpu_s": median([f["cpu_s"] for f in fs]),
                "rss_kib": max(f["rss_kib"] for f in fs),
-               "node_cpu": [median([f["node_cpu"][i] for f in fs])
-                            for i in range(len(nodes))]}
+               "bound": median_bound(fs), "bounds": [f["bound"] for f in fs]}
         lay["ratio"] = lay["e2e_s"] / res["ceiling_s"] if res["ceiling_s"] else float("inf")
         res["layouts"][layout] = lay
     res.update(res["layouts"][args.layouts[0]])
     return res
 
 
+def median_bound(runs):
+    """The runs' CpuWindow.bound() as medians per component (each redis-server apart); the
+    lower bound is the median total's. None if a run has none."""
+    bs = [f["bound"] for f in runs]
+    if not bs or None in bs:
+        return None
+    out = {k: median([x[k] for x in bs]) for k in ("fanoutd_cpu_s", "pg_fanoutd_cpu_s",
+                                                   "pg_other_cpu_s", "total_cpu_s")}
+    out["redis_server_cpu_s"] = [median([x["redis_server_cpu_s"][i] for x in bs])
+                                 for i in range(len(bs[0]["redis_server_cpu_s"]))]
+    out["bound_s"] = out["total_cpu_s"] / os.cpu_count()
+    return out
+
+
+def cpu_sum(bound):
+    """fanoutd + its PostgreSQL backends + each redis-server = total, in CPU seconds."""
+    return "%.2f + %.2f + %s = %.2f s" % (
+        bound["fanoutd_cpu_s"], bound["pg_fanoutd_cpu_s"],
+        " + ".join("%.2f" % x for x in bound["redis_server_cpu_s"]), bound["total_cpu_s"])
+
+
 def cluster_run(b, s, cl, nodes, n, layout, node_keys, unlink_all):
     """One fan-out of N on the cluster with FANOUT_STREAM_ENTRIES=layout, verified exact by
-    one stream_check per primary; its end to end, fanoutd's CPU and RSS, and each primary's
-    CPU (redis-server user + system) over the fan-out: where the time goes."""
+    one stream_check per primary; its end to end, fanoutd's RSS, and CpuWindow's CPU of
+    fanoutd, its PostgreSQL backends and each primary over the fan-out: where the time goes,
+    and the lower bound on wall time that total sets on this machine's cores."""
     unlink_all(s.key_prefix)
     for k in [harness.stream_key(s.key_prefix, i, b.shards) for i in range(b.shards)]:
         s.redis.unlink(k + ":bodies", k + ":refs")
@@ -859,12 +966,9 @@ def cluster_run(b, s, cl, nodes, n, layout, node_keys, unlink_all):
         time.sleep(1)  # the router reads the slot map and loads the scripts
     t = cl.client(nodes[0]).time()
     start_ms = t[0] * 1000 + t[1] // 1000 - 1
-    cpu0 = proc_cpu_s(d.pid)
-    ncpu0 = [proc_cpu_s(cl.procs[node].pid) for node in nodes]
-    ev = s.publish(b.author(0), kind="post", payload=PAYLOAD)
-    b.wait_done([ev], timeout=3600)
-    cpu = proc_cpu_s(d.pid) - cpu0
-    ncpu = [proc_cpu_s(cl.procs[node].pid) - c0 for node, c0 in zip(nodes, ncpu0)]
+    with CpuWindow(s, d.pid, [cl.procs[node].pid for node in nodes]) as w:
+        ev = s.publish(b.author(0), kind="post", payload=PAYLOAD)
+        b.wait_done([ev], timeout=3600)
     tot = {"entries": 0, "distinct": 0, "duplicates": 0, "outside": 0,
            "first_ms": None, "last_ms": 0}
     for out in run_per_primary([
@@ -886,33 +990,36 @@ def cluster_run(b, s, cl, nodes, n, layout, node_keys, unlink_all):
                          % (layout, tot, n))
     t_pub = b.created_ms([ev])[ev]
     return {"e2e_s": (tot["last_ms"] - t_pub) / 1000.0,
-            "first_s": (tot["first_ms"] - t_pub) / 1000.0, "cpu_s": cpu,
-            "rss_kib": proc_hwm_kib(d.pid), "node_cpu": ncpu}
+            "first_s": (tot["first_ms"] - t_pub) / 1000.0, "cpu_s": w.fanoutd_cpu,
+            "rss_kib": proc_hwm_kib(d.pid), "bound": w.bound()}
 
 
 def cluster_table(single_res, clusters):
     """Per stream layout of the run, like with like: each cluster's end to end against the
     single node's in the same layout, and against the cluster's own ceiling (full-entry XADD
-    pipelines, one per primary at once, as the single node's ceiling is one)."""
+    pipelines, one per primary at once, as the single node's ceiling is one); and what the
+    fan-out's own processes cost (CpuWindow.bound): their total CPU over the cores is a lower
+    bound on the wall time of any run on this machine, compared with the single node's e2e."""
     rows = ["| Redis | entries | followers | ceiling | end to end | e2e / own ceiling |"
-            " e2e / single node's | fanoutd CPU | fanoutd peak RSS | primaries' CPU |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            " e2e / single node's | fanoutd CPU | fanoutd peak RSS | fanoutd's PostgreSQL"
+            " backends' CPU | redis-server CPU (all threads) | total CPU | CPU lower bound"
+            " (total / %d cores) | lower bound / single node's e2e |" % os.cpu_count(),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for layout, single in single_res.get("layouts", {}).items():
-        rows.append("| single node | %s | %s | %.3f s | %.3f s | %.2f | 1.00 | %.2f s |"
-                    " %.1f MiB | - |" % (
-                        layout, fmt_int(single_res["n"]), single_res["ceiling_s"],
-                        single["e2e_s"], single["e2e_s"] / single_res["ceiling_s"],
-                        single["cpu_s"], single["rss_kib"] / 1024.0))
-        for c in clusters:
-            lay = c["layouts"].get(layout)
-            if not lay:
-                continue
-            rows.append("| cluster, %d primaries | %s | %s | %.3f s | %.3f s | %.2f | %.2f |"
-                        " %.2f s | %.1f MiB | %s s |" % (
-                            c["primaries"], layout, fmt_int(c["n"]), c["ceiling_s"],
-                            lay["e2e_s"], lay["ratio"], lay["e2e_s"] / single["e2e_s"],
-                            lay["cpu_s"], lay["rss_kib"] / 1024.0,
-                            " / ".join("%.2f" % x for x in lay["node_cpu"])))
+        setups = [("single node", single_res["ceiling_s"], single)]
+        setups += [("cluster, %d primaries" % c["primaries"], c["ceiling_s"],
+                    c["layouts"][layout]) for c in clusters if layout in c["layouts"]]
+        for name, ceiling, lay in setups:
+            bound = lay["bound"]
+            cpu = "n/a | n/a | n/a | n/a | n/a" if bound is None else (
+                "%.2f s | %s s | %.2f s | %.2f s | %.2f" % (
+                    bound["pg_fanoutd_cpu_s"],
+                    " / ".join("%.2f" % x for x in bound["redis_server_cpu_s"]),
+                    bound["total_cpu_s"], bound["bound_s"], bound["bound_s"] / single["e2e_s"]))
+            rows.append("| %s | %s | %s | %.3f s | %.3f s | %.2f | %.2f | %.2f s | %.1f MiB |"
+                        " %s |" % (name, layout, fmt_int(single_res["n"]), ceiling, lay["e2e_s"],
+                                   lay["e2e_s"] / ceiling, lay["e2e_s"] / single["e2e_s"],
+                                   lay["cpu_s"], lay["rss_kib"] / 1024.0, cpu))
     return "\n".join(rows)
 
 
@@ -1099,18 +1206,38 @@ def write_results(name, results, m, v, args, chart, clusters=(), cluster_png=Non
                     " machine. A cluster's ceiling is one `redis_ceiling` per primary at once,"
                     " each writing the shards that primary owns (the cluster key layout);"
                     " verified by one `stream_check` per primary.\n\n")
+            f.write("CPU seconds over each fan-out (from just before the publish until the"
+                    " bench sees the job done), from /proc/<pid>/stat: fanoutd, its PostgreSQL"
+                    " backends (the postmaster's children connected as fanoutd's role) and"
+                    " each redis-server (all threads). However they are scheduled, %d cores"
+                    " cannot do that total in less wall time than total / %d: the CPU lower"
+                    " bound of a run that costs this much. Not counted: the bench itself and"
+                    " PostgreSQL's other processes (\"PG other\" per run below). Medians per"
+                    " column, so a total need not be the sum of the medians beside"
+                    " it.\n\n" % (m["cores"], m["cores"]))
             f.write(cluster_table(results[0], clusters) + "\n\n")
             if cluster_png:
                 f.write("![end to end and ceiling, single node and clusters](%s)\n\n"
                         % os.path.basename(cluster_png))
+            f.write("- single node: CPU runs (fanoutd + PostgreSQL + redis-server = total) %s\n"
+                    % cpu_raw(results[0]["layouts"]))
             for c in clusters:
-                f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s\n"
+                f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s;"
+                        " CPU runs (fanoutd + PostgreSQL + each primary = total) %s\n"
                         % (c["primaries"], c["seed_s"], ", ".join("%.3f" % x for x in
                                                                   c["ceilings"]),
                            "; ".join("%s %s s" % (k, ", ".join("%.3f" % x for x in v["e2es"]))
-                                     for k, v in c["layouts"].items())))
+                                     for k, v in c["layouts"].items()),
+                           cpu_raw(c["layouts"])))
         f.write("\nReproduce: `%s`\n" % args.command_line)
     return path
+
+
+def cpu_raw(layouts):
+    """Each run's CPU sum per layout, and PostgreSQL's other processes alongside."""
+    return "; ".join("%s %s" % (k, ", ".join(
+        "n/a" if x is None else "%s (PG other %.2f s)" % (cpu_sum(x), x["pg_other_cpu_s"])
+        for x in v["bounds"])) for k, v in layouts.items())
 
 
 def cluster_chart(name, single_res, clusters):
@@ -1214,79 +1341,32 @@ SMALL_GOALS = [
 BASELINE = os.path.join(HERE, "results", "2026-12-02-small-baseline.json")
 
 
-def postmaster_pid(s):
-    """The throwaway cluster's postmaster (first line of postmaster.pid); None elsewhere."""
-    if isinstance(s, harness.External):
-        return None
-    with open(os.path.join(s.path("pgdata"), "postmaster.pid")) as f:
-        return int(f.readline())
-
-
-def children_cpu_s(ppid):
-    """{pid: utime + stime in seconds} of ppid's children (PostgreSQL's backends)."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[1]) == ppid:
-            out[int(name)] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
-
-
-class CostWindow:
-    """What one measured window cost: CPU seconds of fanoutd and of PostgreSQL's backends
-    (the postmaster's children, /proc/<pid>/stat before and after), split by role through
-    pg_stat_activity into fanoutd's connections, the bench's publisher (role producer) and
-    the rest (the bench's own polling, autovacuum, the WAL writer...); and the statements
-    fanoutd's role ran, from pg_stat_statements reset when the window opens. A backend that
-    exits inside the window takes its CPU with it (fanoutd's connections stay up)."""
+class CostWindow(CpuWindow):
+    """What one measured window cost: CpuWindow's CPU seconds of fanoutd and PostgreSQL's
+    backends, Redis's main thread (INFO cpu) and its commands, and the statements fanoutd's
+    role ran, from pg_stat_statements reset when the window opens."""
 
     def __init__(self, bench):
+        CpuWindow.__init__(self, bench.s, bench.daemon.pid)
         self.b = bench
-        self.postmaster = postmaster_pid(bench.s)
-
-    def _roles(self):
-        return {pid: (user or kind, app or "") for pid, user, app, kind in self.b.s.sql(
-            "/* bench */ SELECT pid, usename, application_name, backend_type"
-            " FROM pg_stat_activity")}
 
     def __enter__(self):
         self.b.pg_reset_statements()
-        self.who = self._roles()
-        self.pg0 = children_cpu_s(self.postmaster) if self.postmaster else {}
-        self.d0 = proc_cpu_s(self.b.daemon.pid)
+        CpuWindow.__enter__(self)
         self.r0 = redis_cpu(self.b.s.redis)
         self.c0 = redis_cmdstats(self.b.s.redis)
-        self.t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc):
         if exc[0] is not None:
             return False
-        self.wall = time.monotonic() - self.t0
-        self.fanoutd_cpu = proc_cpu_s(self.b.daemon.pid) - self.d0
+        CpuWindow.__exit__(self, *exc)
         r1 = redis_cpu(self.b.s.redis)
         self.redis_cpu = sum(r1[k] - self.r0[k] for k in ("used_cpu_user_main_thread",
                                                             "used_cpu_sys_main_thread"))
         c1 = redis_cmdstats(self.b.s.redis)
         self.redis_calls = {k: v[0] - self.c0.get(k, (0, 0))[0] for k, v in c1.items()
                             if v[0] > self.c0.get(k, (0, 0))[0] and k != "info"}
-        pg1 = children_cpu_s(self.postmaster) if self.postmaster else {}
-        self.who.update(self._roles())
-        self.groups = {"fanoutd": 0.0, "publisher": 0.0, "other": 0.0}
-        self.conns = []
-        for pid, cpu in sorted(pg1.items()):
-            d = cpu - self.pg0.get(pid, 0.0)
-            role, app = self.who.get(pid, ("other", ""))
-            group = {"fanoutd": "fanoutd", "producer": "publisher"}.get(role, "other")
-            self.groups[group] += d
-            if group == "fanoutd":
-                self.conns.append({"pid": pid, "application_name": app, "cpu_s": d})
         self.pg = self.b.pg_statements()
         self.top = self.b.pg_top_statements()
         return False
