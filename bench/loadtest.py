@@ -1241,20 +1241,21 @@ def cpu_raw(layouts):
 
 
 def cluster_chart(name, single_res, clusters):
-    """Bars per setup and stream layout: end to end and its own ceiling (seconds), single
-    node vs clusters, the same run."""
+    """Bars per setup and stream layout: end to end, its own ceiling and its CPU lower bound
+    (seconds), single node vs clusters, the same run."""
     if not clusters or not shutil.which("gnuplot"):
         return None
     rows = []
     for layout, single in single_res.get("layouts", {}).items():
-        rows.append(("single-%s" % layout, single["e2e_s"], single_res["ceiling_s"]))
-        rows += [("cluster-%d-%s" % (c["primaries"], layout), c["layouts"][layout]["e2e_s"],
-                  c["ceiling_s"]) for c in clusters if layout in c["layouts"]]
+        rows.append(("single-%s" % layout, single_res["ceiling_s"], single))
+        rows += [("cluster-%d-%s" % (c["primaries"], layout), c["ceiling_s"],
+                  c["layouts"][layout]) for c in clusters if layout in c["layouts"]]
     data = os.path.join(HERE, "results", name + "-cluster.dat")
     png = os.path.join(HERE, "results", name + "-cluster.png")
     with open(data, "w") as f:
-        for label, e2e, ceil in rows:
-            f.write("%s %.4f %.4f\n" % (label, e2e, ceil))
+        for label, ceil, lay in rows:
+            bound = "NaN" if lay["bound"] is None else "%.4f" % lay["bound"]["bound_s"]
+            f.write("%s %.4f %.4f %s\n" % (label, lay["e2e_s"], ceil, bound))
     script = """
 set terminal pngcairo size 1000,540 font ",10" noenhanced
 set output '%s'
@@ -1265,11 +1266,12 @@ set style fill solid 0.8 border -1
 set ylabel 'seconds'
 set yrange [0:*]
 set grid ytics
-set key top right
+set key below
 set xtics rotate by -20
 plot '%s' using 2:xtic(1) title 'fanoutd: publish to last notification', \\
-     '' using 3 title 'ceiling (full-entry XADD pipelines, one per primary at once)'
-""" % (png, fmt_int(single_res["n"]), data)
+     '' using 3 title 'ceiling (full-entry XADD pipelines, one per primary at once)', \\
+     '' using 4 title 'CPU lower bound (fanoutd + its PostgreSQL backends + redis-servers) / %d cores'
+""" % (png, fmt_int(single_res["n"]), data, os.cpu_count())
     r = subprocess.run(["gnuplot"], input=script, text=True, capture_output=True)
     os.unlink(data)
     if r.returncode != 0:
