@@ -9,6 +9,7 @@ never on sleeps; bounds are generous for a loaded 2-core machine.
 
 import collections
 import json
+import os
 import re
 import signal
 import time
@@ -120,11 +121,24 @@ def wrong_typed_shard_stream_waits_then_delivers_once(s):
 
 
 @suite.test
-def wrong_typed_bodies_hash_waits_then_delivers_once(s):
-    """Compact entries: shard 3's bodies hash is a string. The one-page way checks it where a
-    shard gets two entries or more (it does here), so nothing is written until it is gone."""
-    blocked_by_key(s, 22, s.stream_key(3) + ":bodies", "stream",
-                   lambda: sum(s.redis.xlen(s.stream_key(n)) for n in range(16)))
+def wrong_typed_bodies_hash_holds_compact_entries_only(s):
+    """Shard 3's bodies hash is a string. With compact entries the one-page way checks it
+    where a shard gets two entries or more (it does here), so nothing is written until it is
+    gone. Full entries never touch a bodies hash: the event goes out at once, the key left
+    as it is (this file also runs with FO_TEST_STREAM_ENTRIES=full)."""
+    key = s.stream_key(3) + ":bodies"
+    if os.environ.get("FO_TEST_STREAM_ENTRIES") != "full":
+        blocked_by_key(s, 22, key, "stream",
+                       lambda: sum(s.redis.xlen(s.stream_key(n)) for n in range(16)))
+        return
+    n = 100
+    s.seed_followers(22, n)
+    s.redis.set(key, "x")
+    s.start_daemon(**FAST)
+    ev = s.publish(22)
+    s.wait_event_done(ev, timeout=60)
+    exact(s, ev, n, "full entries beside a wrong-typed bodies hash")
+    assert s.redis.get(key) == "x"
 
 
 @suite.test
