@@ -900,7 +900,7 @@ static void close_all(fod_daemon_t *d)
         return;
     d->closed = 1;
     d->closing_parts = 1; /* until every close below has been asked for */
-    send_wholes(d, 1);    /* before the client closes: it answers them with FO_ESTOP */
+    send_wholes(d, 1);    /* before the client closes: each gets its reply or FO_ESTOP */
     uv_timer_t *timers[] = {&d->poll_timer,    &d->tick_timer,  &d->renew_timer, &d->stop_timer,
                             &d->backlog_timer, &d->stats_timer, &d->whole_timer, &d->claim_timer};
     for (size_t i = 0; i < 8; i++) {
