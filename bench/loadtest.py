@@ -51,6 +51,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -590,6 +591,17 @@ END $$;""" % (author, self.page_size)
             self.daemon = None
         self.daemon_env = env
 
+    def parts_timeline(self, events):
+        """The events' jobs (an event split into parts has several): ms from the publish to
+        each job's claim and finish, its followers, attempts; what a slow run is read from."""
+        return [dict(zip(("job", "started_ms", "finished_ms", "delivered", "attempts"), row))
+                for row in self.s.sql(
+                    "/* bench */ SELECT j.id, (extract(epoch FROM j.started_at - e.created_at)"
+                    " * 1000)::bigint, (extract(epoch FROM j.finished_at - e.created_at)"
+                    " * 1000)::bigint, j.delivered, j.attempts FROM fanout.jobs j"
+                    " JOIN fanout.events e ON e.id = j.event_id WHERE j.event_id = ANY(%s)"
+                    " ORDER BY j.started_at", (list(events),))]
+
     def done_ms(self, events):
         """publish -> the last of the events' jobs recorded done, in ms (what a user waits
         for: the job is done only after its last write is durable as configured)."""
@@ -628,6 +640,7 @@ END $$;""" % (author, self.page_size)
                     small = self.steady(events, steady_rate, small_authors)
                 self.wait_done(events + small, timeout=3600)
         pg = self.pg_statements()
+        top = self.pg_top_statements(6)
         checks = [(e, 1, n_each) for e in events] + self.small_checks(small)
         got = self.stream_check(start_ms, checks)
         created = self.created_ms(events + small)
@@ -643,10 +656,11 @@ END $$;""" % (author, self.page_size)
         res = {
             "events": len(events), "notifications": total, "verified": True, "layout": layout,
             "first_s": first / 1000.0, "e2e_s": last / 1000.0,
-            "done_s": self.done_ms(events) / 1000.0,
+            "done_s": self.done_ms(events) / 1000.0, "parts": self.parts_timeline(events),
             "rate": total / (last / 1000.0) if last > 0 else float("inf"),
             "cpu_s": w.fanoutd_cpu, "rss_kib": proc_hwm_kib(d.pid), "pg": pg,
-            "redis": ph.summary(), "bound": w.bound(),
+            "redis": ph.summary(), "bound": w.bound(), "top_statements": top,
+            "redis_cmds": ph.cmds,
         }
         if small:
             lat = sorted(got[e]["last_ms"] - created[e] for e in small)
@@ -1369,6 +1383,7 @@ class CostWindow(CpuWindow):
         c1 = redis_cmdstats(self.b.s.redis)
         self.redis_calls = {k: v[0] - self.c0.get(k, (0, 0))[0] for k, v in c1.items()
                             if v[0] > self.c0.get(k, (0, 0))[0] and k != "info"}
+        self.redis_usec = {k: c1[k][1] - self.c0.get(k, (0, 0))[1] for k in self.redis_calls}
         self.pg = self.b.pg_statements()
         self.top = self.b.pg_top_statements()
         return False
@@ -1378,7 +1393,7 @@ class CostWindow(CpuWindow):
         out = {"window_s": w, "fanoutd_cpu_s": self.fanoutd_cpu,
                "fanoutd_cpu_pct": 100.0 * self.fanoutd_cpu / w,
                "redis_main_cpu_s": self.redis_cpu, "redis_main_cpu_pct": 100.0 * self.redis_cpu / w,
-               "redis_calls": self.redis_calls,
+               "redis_calls": self.redis_calls, "redis_usec": self.redis_usec,
                "redis_calls_per_event": sum(self.redis_calls.values()) / float(max(events, 1))}
         if self.postmaster:
             out.update({"pg_fanoutd_cpu_s": self.groups["fanoutd"],
@@ -1447,9 +1462,17 @@ def small_drain(b, events, authors):
                             " FROM generate_series(0, %s - 1) g",
                             (b.small_author(0), authors, PAYLOAD, events))
                 ids = [row[0] for row in cur.fetchall()]
+            perf = None
+            if os.environ.get("BENCH_PERF"):  # a system-wide `perf record` of the drain, there
+                perf = subprocess.Popen(["perf", "record", "-a", "-F", "1999", "-o",
+                                         os.environ["BENCH_PERF"]], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
             conn.commit()
             t_commit = time.time()
             wait_small_done(b, ids)
+            if perf:
+                perf.send_signal(signal.SIGINT)
+                perf.wait()
     finally:
         conn.close()
     got, tot = check_small(b, start_ms, ids)
@@ -1501,6 +1524,20 @@ def small_mixed(b, n, rate, authors, layout):
     alone = b.fanout_run(n, 1, layout=layout)
     mixed = b.fanout_run(n, 1, steady_rate=rate, small_authors=authors, layout=layout)
     sm = mixed["small"]
+    for name, run in (("alone", alone), ("with small events", mixed)):
+        bd = run.get("bound") or {}
+        log("   mixed, %s: e2e %.3f s; CPU fanoutd %.2f s, its PostgreSQL backends %.2f s,"
+            " Redis %.2f s; parts (start-finish ms, followers): %s" % (
+                name, run["e2e_s"], bd.get("fanoutd_cpu_s", 0), bd.get("pg_fanoutd_cpu_s", 0),
+                sum(bd.get("redis_server_cpu_s") or [0]), ", ".join(
+                    "%s-%s %s" % (p["started_ms"], p["finished_ms"], p["delivered"])
+                    for p in run["parts"])))
+        log("     Redis (calls, ms): %s" % ", ".join(
+            "%s %d %.0f" % (k, v[0], v[1] / 1000.0) for k, v in
+            sorted(run["redis_cmds"].items(), key=lambda kv: -kv[1][1])[:8]))
+        log("     PostgreSQL (calls, rows, ms): %s" % "; ".join(
+            "%d %d %.0f %s" % (t["calls"], t["rows"], t["ms"], t["query"][:50])
+            for t in run["top_statements"]))
     return {"followers": n, "alone_s": alone["e2e_s"], "with_small_s": mixed["e2e_s"],
             "ratio": mixed["e2e_s"] / alone["e2e_s"] if alone["e2e_s"] > 0 else float("inf"),
             "small_events": sm["count"], "rate": rate, "achieved_rate": sm["achieved"],
@@ -1737,11 +1774,19 @@ def small_tables(res):
                                                      c["cpu_s"], c["cpu_pct"])
             for c in conns) or "n/a")]
         calls = run.get("redis_calls") or {}
+        usec = run.get("redis_usec") or {}
         if calls:
             lines.append("")
             lines.append("%s (median run): Redis commands per event: %s" % (p, ", ".join(
                 "%s %.2f" % (k, v / float(run["events"]))
                 for k, v in sorted(calls.items(), key=lambda kv: -kv[1]))))
+        if usec:
+            # INFO commandstats' usec: time inside each command, a script's including the
+            # commands it calls; the rest of the main thread's CPU is I/O, parsing and AOF.
+            lines.append("")
+            lines.append("%s (median run): Redis command time per event (µs): %s" % (
+                p, ", ".join("%s %.1f" % (k, v / float(run["events"]))
+                             for k, v in sorted(usec.items(), key=lambda kv: -kv[1]) if v)))
         if run.get("top_statements"):
             lines.append("")
             lines.append("| calls | per event | rows | time | statement (fanoutd's role) |")
