@@ -34,6 +34,37 @@ void fo_buf_puts(fo_buf_t *b, const char *s)
     fo_buf_put(b, s, strlen(s));
 }
 
+size_t fo_fmt_i64(char *out, int64_t v)
+{
+    char tmp[FO_I64_MAX_LEN];
+    size_t n = 0;
+    /* Negate in unsigned arithmetic so INT64_MIN does not overflow. */
+    uint64_t u = v < 0 ? 0u - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10u);
+        u /= 10u;
+    } while (u);
+    size_t len = 0;
+    if (v < 0)
+        out[len++] = '-';
+    while (n)
+        out[len++] = tmp[--n];
+    return len;
+}
+
+void fo_buf_arr_i64(fo_buf_t *b, int64_t v)
+{
+    char s[FO_I64_MAX_LEN + 1];
+    s[0] = b->len ? ',' : '{';
+    fo_buf_put(b, s, 1 + fo_fmt_i64(s + 1, v));
+}
+
+const char *fo_buf_arr_end(fo_buf_t *b)
+{
+    fo_buf_puts(b, b->len ? "}" : "{}");
+    return b->p;
+}
+
 void fo_buf_printf(fo_buf_t *b, const char *fmt, ...)
 {
     va_list ap;

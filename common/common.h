@@ -135,6 +135,15 @@ typedef struct fo_buf {
 void fo_buf_put(fo_buf_t *b, const char *s, size_t n);
 void fo_buf_puts(fo_buf_t *b, const char *s);
 void fo_buf_printf(fo_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A PostgreSQL array literal of integers, "{1,2,3}", for the batched statements' parameters:
+ * fo_buf_arr_i64 per element (no printf: a claim lists every job held), then fo_buf_arr_end
+ * (an empty array too), which returns the literal. */
+void fo_buf_arr_i64(fo_buf_t *b, int64_t v);
+const char *fo_buf_arr_end(fo_buf_t *b);
+
+/* Writes v in decimal at out (at most FO_I64_MAX_LEN bytes, no NUL); returns the length. */
+#define FO_I64_MAX_LEN 20
+size_t fo_fmt_i64(char *out, int64_t v);
 void fo_buf_free(fo_buf_t *b);
 
 #endif

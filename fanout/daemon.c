@@ -230,7 +230,8 @@ static void record_outcome(fod_daemon_t *d, fod_job_t *j, uint64_t started_ms)
                        .delivered = fod_job_delivered(j),
                        .started_ms = started_ms,
                        .error = fod_job_error(j),
-                       .fatal = fod_job_fatal(j)};
+                       .fatal = fod_job_fatal(j),
+                       .parted = fod_job_parted(j)};
     switch (fod_job_state(j)) {
     case FOD_JOB_DONE:
         o.kind = FOD_OUTCOME_DONE;
@@ -810,7 +811,8 @@ static void claim_now(fod_daemon_t *d, int urgent)
         return;
     fod_held_t held[d->njobs > 0 ? d->njobs : 1];
     for (int i = 0; i < d->njobs; i++)
-        held[i] = (fod_held_t){fod_job_id(d->jobs[i]), fod_job_event_id(d->jobs[i])};
+        held[i] = (fod_held_t){fod_job_id(d->jobs[i]), fod_job_event_id(d->jobs[i]),
+                               fod_job_parted(d->jobs[i])};
     d->claim_ms = now;
     fod_store_claim(d->store, d->worker_id, held, (size_t)d->njobs, free_slots);
 }

@@ -109,6 +109,9 @@ fod_job_state_t fod_job_state(const fod_job_t *j);
 const char *fod_job_state_name(fod_job_state_t s);
 int64_t fod_job_id(const fod_job_t *j);
 int64_t fod_job_event_id(const fod_job_t *j);
+/* Whether other jobs of its event may exist: it is a range of a split event, or asked to
+ * split (only a split makes a second job of an event). */
+int fod_job_parted(const fod_job_t *j);
 int64_t fod_job_token(const fod_job_t *j);
 /* Redis-confirmed progress: the last follower id written and the entries written. */
 int64_t fod_job_cursor(const fod_job_t *j);
@@ -146,6 +149,7 @@ typedef struct fod_store_events {
 /* A job this worker holds (running here): never claimed again while held. */
 typedef struct fod_held {
     int64_t job_id, event_id;
+    int parted; /* fod_job_parted */
 } fod_held_t;
 
 /* What a finished job left: recorded with its token, retried until written. */
@@ -156,6 +160,7 @@ typedef struct fod_outcome {
     uint64_t started_ms;
     const char *error; /* FAILED: why (copied) */
     int fatal;         /* FAILED: dead at once, until fanoutctl retry */
+    int parted;        /* fod_job_parted */
 } fod_outcome_t;
 
 /* Registers the store's statements on ctl (before it starts). reader serves the split's

@@ -59,9 +59,10 @@ struct fod_job {
     int have_base;   /* counted holds the mark found by the first fence (earlier owners') */
     int64_t pg_progress, pg_delivered; /* PostgreSQL's checkpoint at the claim */
     int pg_marked;                     /* PostgreSQL knows the mark exists */
-    int split_candidate;     /* a full first page asks whether to split (fod_job_io_t.split) */
-    int early;               /* EARLY_*: the first page read while the fence is out */
-    size_t early_n;          /* EARLY_HELD: its ids in the buffer */
+    int split_candidate; /* a full first page asks whether to split (fod_job_io_t.split) */
+    int split_asked; /* a split's answer is awaited or unknown: other jobs of its event may exist */
+    int early;       /* EARLY_*: the first page read while the fence is out */
+    size_t early_n;  /* EARLY_HELD: its ids in the buffer */
     unsigned early_epoch;    /* EARLY_READING: the epoch its answer belongs to, once fenced */
     int whole;               /* WHOLE_*: a fresh job's one-page way (fod_job_start) */
     ntf_progress_t fenced;   /* the mark a fence found, while that is recorded */
@@ -415,6 +416,7 @@ static void on_split(int status, int64_t range_hi, void *data)
     j->reading = 0;
     if (status == 0) {
         j->range_hi = range_hi;
+        j->split_asked = 0; /* the answer is known: split (the range says so) or not */
         if (current && j->state == FOD_JOB_RUNNING) {
             size_t keep = 0;
             while (keep < n && j->page[keep] <= range_hi)
@@ -447,6 +449,7 @@ static void ask_split(fod_job_t *j, size_t n)
         page_ready(j, n); /* not asked: the job runs whole */
         return;
     }
+    j->split_asked = 1;
     j->outstanding++;
     j->reading = 1; /* the buffer is taken until the answer */
 }
@@ -845,6 +848,11 @@ int64_t fod_job_id(const fod_job_t *j)
 int64_t fod_job_event_id(const fod_job_t *j)
 {
     return j->event_id;
+}
+
+int fod_job_parted(const fod_job_t *j)
+{
+    return j->range_lo != 0 || j->range_hi != INT64_MAX || j->split_asked;
 }
 
 int64_t fod_job_token(const fod_job_t *j)

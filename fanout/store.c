@@ -65,6 +65,7 @@ struct store_rec {
     int sending;
     int solo;    /* REC_FINISH refused in a batch: sent alone from now on */
     int fatal;   /* REC_FAIL: dead at once */
+    int parted;  /* other jobs of its event may exist (fod_job_parted) */
     char *error; /* REC_FAIL, REC_DEAD */
 };
 
@@ -110,7 +111,9 @@ struct fod_store {
  * with its own, higher limit, reset by progress (SQL_RENEW): a healthy job survives any
  * number of crashes that let it move on, while one that kills every worker holding it, at
  * the same place, is declared dead after max_lease_losses.
- * $1 worker, $2 lease ms, $3 job ids running here, $4 their event ids, $5 max attempts,
+ * $1 worker, $2 lease ms, $3 job ids held here (a lease of one may have run out while it
+ * runs: never claimed again here meanwhile), $4 the events of those that share their event
+ * with other jobs (split ones), $5 max attempts,
  * $6 max lease losses, $7 how many jobs at most (ordered as one at a time would be), $8
  * whether to look for this worker's own jobs that it does not hold.
  */
@@ -124,7 +127,7 @@ static const char SQL_CLAIM[] =
     " expired AS ("
     " SELECT " CLAIM_COLS ", true AS lost FROM fanout.jobs"
     " WHERE state = 'running' AND lease_until < now() AND next_attempt_at <= now()"
-    "   AND NOT (event_id = ANY ($4::bigint[]))"
+    "   AND NOT (id = ANY ($3::bigint[])) AND NOT (event_id = ANY ($4::bigint[]))"
     " ORDER BY next_attempt_at, id FOR UPDATE SKIP LOCKED LIMIT $7::int),"
     " mine AS ("
     " SELECT " CLAIM_COLS ", true AS lost FROM fanout.jobs"
@@ -155,7 +158,11 @@ static const char SQL_CLAIM[] =
     "   attempts = CASE WHEN c.dead OR c.lost THEN j.attempts ELSE j.attempts + 1 END,"
     "   lease_losses = CASE WHEN c.lost THEN j.lease_losses + 1 ELSE j.lease_losses END,"
     "   started_at = coalesce(j.started_at, now())"
-    " FROM c, fanout.events e WHERE j.id = c.id AND e.id = j.event_id"
+    /* the ids again as an array: the jobs are then found by their primary key. A join on
+     * c alone let the generic plan (plan_cache_mode) hash the whole jobs table on every claim
+     * while it held some ten thousand rows (it guesses c holds a tenth of the pending jobs) */
+    " FROM c, fanout.events e WHERE j.id = c.id AND j.id = ANY (ARRAY(SELECT id FROM c))"
+    "   AND e.id = j.event_id"
     " RETURNING j.id, j.event_id, e.author, e.kind, e.payload::text,"
     /* the server stamps created_at (sql/008); a row from before that may hold 'infinity' */
     "   to_char(CASE WHEN isfinite(e.created_at) THEN e.created_at ELSE j.created_at END"
@@ -446,12 +453,7 @@ static void on_rec(int status, const PGresult *res, void *data)
     rec_settle(r, res, PQntuples(res) > 0 ? 0 : -1, rows_changed(res) > 0);
 }
 
-/* --- arrays for the batched statements ("{1,2,3}", text elements quoted) --- */
-
-static void arr_i64(fo_buf_t *b, int64_t v)
-{
-    fo_buf_printf(b, "%s%" PRId64, b->len ? "," : "{", v);
-}
+/* --- text arrays for the batched statements (elements quoted; integers: fo_buf_arr_i64) --- */
 
 static void arr_text(fo_buf_t *b, const char *v)
 {
@@ -467,13 +469,6 @@ static void arr_text(fo_buf_t *b, const char *v)
         fo_buf_put(b, p, 1);
     }
     fo_buf_puts(b, "\"");
-}
-
-/* Closes an array (an empty one too) so that b->p is the parameter. */
-static const char *arr_end(fo_buf_t *b)
-{
-    fo_buf_puts(b, b->len ? "}" : "{}");
-    return b->p;
 }
 
 /* The row of res whose first column is id, or -1 (the batches return their ids). */
@@ -553,13 +548,13 @@ static void finish_flush(fod_store_t *s, int all)
         if (r->kind != REC_FINISH || r->solo || r->sending || now < r->retry_at)
             continue;
         b->recs[b->n++] = r;
-        arr_i64(&ids, r->job_id);
-        arr_i64(&tokens, r->token);
-        arr_i64(&cursors, r->cursor);
-        arr_i64(&delivered, r->delivered);
+        fo_buf_arr_i64(&ids, r->job_id);
+        fo_buf_arr_i64(&tokens, r->token);
+        fo_buf_arr_i64(&cursors, r->cursor);
+        fo_buf_arr_i64(&delivered, r->delivered);
     }
-    const char *params[] = {arr_end(&ids), arr_end(&tokens), arr_end(&cursors),
-                            arr_end(&delivered)};
+    const char *params[] = {fo_buf_arr_end(&ids), fo_buf_arr_end(&tokens), fo_buf_arr_end(&cursors),
+                            fo_buf_arr_end(&delivered)};
     if (pgc_conn_exec(s->ctl, "fo_finish_many", 4, params, 0, on_finish_batch, b) == 0) {
         s->finishing = 1;
         for (size_t i = 0; i < b->n; i++)
@@ -608,6 +603,7 @@ void fod_store_record(fod_store_t *s, const fod_outcome_t *o)
     if (o->error)
         r->error = fo_xstrdup(o->error);
     r->fatal = o->fatal;
+    r->parted = o->parted;
     r->next = s->recs;
     s->recs = r;
     if (r->kind == REC_FINISH)
@@ -850,17 +846,21 @@ static void on_claim(int status, const PGresult *res, void *data)
     s->ev.settled(s->ev.ctx, more); /* a stop waiting for this claim may complete now */
 }
 
-/* "{1,2,3}": a bigint[] literal of the jobs (or their events) this worker holds: running
- * here, or finished with their outcome not yet written (claiming one of those again would
- * count an attempt that did not fail, or lose the outcome). */
+/* "{1,2,3}": a bigint[] literal of the jobs this worker holds: running here, or finished
+ * with their outcome not yet written (claiming one of those again would count an attempt
+ * that did not fail, or lose the outcome); or of the events of those that other jobs share
+ * (split events): the claim compares every row it reads with this list, and all but a big
+ * fan-out's jobs are the only job of their event. */
 static char *held_array(const fod_store_t *s, const fod_held_t *held, size_t nheld, int events)
 {
     fo_buf_t b = {0};
     for (size_t i = 0; i < nheld; i++)
-        arr_i64(&b, events ? held[i].event_id : held[i].job_id);
+        if (!events || held[i].parted)
+            fo_buf_arr_i64(&b, events ? held[i].event_id : held[i].job_id);
     for (store_rec_t *r = s->recs; r; r = r->next)
-        arr_i64(&b, events ? r->event_id : r->job_id);
-    arr_end(&b);
+        if (!events || r->parted)
+            fo_buf_arr_i64(&b, events ? r->event_id : r->job_id);
+    fo_buf_arr_end(&b);
     return b.p;
 }
 
@@ -953,14 +953,14 @@ static void mark_flush(fod_store_t *s)
     mark_call_t **tail = &s->marks;
     fo_buf_t ids = {0}, tokens = {0};
     for (int n = 0; *tail && n < s->cfg->claim_batch; n++, tail = &(*tail)->next) {
-        arr_i64(&ids, (*tail)->job_id);
-        arr_i64(&tokens, (*tail)->token);
+        fo_buf_arr_i64(&ids, (*tail)->job_id);
+        fo_buf_arr_i64(&tokens, (*tail)->token);
     }
     s->marks = *tail; /* the rest waits for the next batch */
     *tail = NULL;
     if (!s->marks)
         s->marks_tail = &s->marks;
-    const char *params[] = {arr_end(&ids), arr_end(&tokens)};
+    const char *params[] = {fo_buf_arr_end(&ids), fo_buf_arr_end(&tokens)};
     if (pgc_conn_exec(s->ctl, "fo_marked", 2, params, 0, on_marked, b) == 0) {
         s->marking = 1;
     } else {
@@ -1010,16 +1010,17 @@ void fod_store_renew(fod_store_t *s, const fod_renewal_t *jobs, size_t n)
         return;
     fo_buf_t ids = {0}, tokens = {0}, cursors = {0}, delivered = {0}, waiting = {0};
     for (size_t i = 0; i < n; i++) {
-        arr_i64(&ids, jobs[i].job_id);
-        arr_i64(&tokens, jobs[i].token);
-        arr_i64(&cursors, jobs[i].cursor);
-        arr_i64(&delivered, jobs[i].delivered);
+        fo_buf_arr_i64(&ids, jobs[i].job_id);
+        fo_buf_arr_i64(&tokens, jobs[i].token);
+        fo_buf_arr_i64(&cursors, jobs[i].cursor);
+        fo_buf_arr_i64(&delivered, jobs[i].delivered);
         arr_text(&waiting, jobs[i].waiting);
     }
     char lease[16];
     I64(lease, s->cfg->lease_ms);
-    const char *params[] = {arr_end(&ids),     arr_end(&tokens),    lease,
-                            arr_end(&cursors), arr_end(&delivered), arr_end(&waiting)};
+    const char *params[] = {
+        fo_buf_arr_end(&ids),     fo_buf_arr_end(&tokens),    lease,
+        fo_buf_arr_end(&cursors), fo_buf_arr_end(&delivered), fo_buf_arr_end(&waiting)};
     renew_call_t *rc = fo_xmalloc(sizeof *rc + n * sizeof rc->jobs[0]);
     rc->s = s;
     rc->n = n;

@@ -132,24 +132,6 @@ void ntf__keys_free(ntf_keys_t *k)
     memset(k, 0, sizeof *k);
 }
 
-size_t ntf__fmt_i64(char *out, int64_t v)
-{
-    char tmp[NTF_I64_MAX_LEN];
-    size_t n = 0;
-    /* Negate in unsigned arithmetic so INT64_MIN does not overflow. */
-    uint64_t u = v < 0 ? 0u - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10u);
-        u /= 10u;
-    } while (u);
-    size_t len = 0;
-    if (v < 0)
-        out[len++] = '-';
-    while (n)
-        out[len++] = tmp[--n];
-    return len;
-}
-
 ntf_layout_t ntf__layout_of(const cfg_t *cfg)
 {
     return (ntf_layout_t){.mask = cfg->layout_mask ? cfg->layout_mask : CFG_LAYOUT_STREAM,
@@ -214,7 +196,7 @@ static void put_str(ntf_enc_t *e, const char *s)
 
 static char *put_i64_at(ntf_enc_t *e, char *pos, size_t slot, int64_t v)
 {
-    size_t len = ntf__fmt_i64(pos, v);
+    size_t len = fo_fmt_i64(pos, v);
     pos[len] = '\0';
     e->argv[slot] = pos;
     e->argvlen[slot] = len;
@@ -234,7 +216,7 @@ static char *put_mark(ntf_enc_t *e, char *pos, const char *mark, int64_t job)
     size_t mlen = strlen(mark);
     char *start = pos;
     memcpy(pos, mark, mlen);
-    size_t len = mlen + ntf__fmt_i64(pos + mlen, job);
+    size_t len = mlen + fo_fmt_i64(pos + mlen, job);
     start[len] = '\0';
     put_ref(e, start, len);
     return start + len + 1;
@@ -375,7 +357,7 @@ static char *put_inbox_key_at(ntf_enc_t *e, char *pos, size_t slot, const char *
 {
     memcpy(pos, prefix, plen);
     memcpy(pos + plen, ":inbox:", 7);
-    size_t len = plen + 7 + ntf__fmt_i64(pos + plen + 7, id);
+    size_t len = plen + 7 + fo_fmt_i64(pos + plen + 7, id);
     pos[len] = '\0';
     e->argv[slot] = pos;
     e->argvlen[slot] = len;

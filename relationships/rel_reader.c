@@ -531,10 +531,10 @@ static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
         rel__bucket_take(&r->bucket, q->limit);
         if (b) {
             b->reqs[i] = q;
-            fo_buf_printf(&authors, "%s%" PRId64, i ? "," : "{", q->author);
-            fo_buf_printf(&afters, "%s%" PRId64, i ? "," : "{", q->after);
-            fo_buf_printf(&uptos, "%s%" PRId64, i ? "," : "{", q->upto);
-            fo_buf_printf(&limits, "%s%d", i ? "," : "{", q->limit);
+            fo_buf_arr_i64(&authors, q->author);
+            fo_buf_arr_i64(&afters, q->after);
+            fo_buf_arr_i64(&uptos, q->upto);
+            fo_buf_arr_i64(&limits, q->limit);
         }
     }
     if (!r->head)
@@ -543,11 +543,8 @@ static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
     int rc;
     if (b) {
         *b = (batch_t){.r = r, .replica = replica, .slot = slot, .n = n};
-        fo_buf_puts(&authors, "}");
-        fo_buf_puts(&afters, "}");
-        fo_buf_puts(&uptos, "}");
-        fo_buf_puts(&limits, "}");
-        const char *params[] = {authors.p, afters.p, uptos.p, limits.p};
+        const char *params[] = {fo_buf_arr_end(&authors), fo_buf_arr_end(&afters),
+                                fo_buf_arr_end(&uptos), fo_buf_arr_end(&limits)};
         rc = pgc_conn_exec(p->conns[slot], PAGES_STMT, 4, params, 1, on_pages, b);
     } else {
         char author[24], after[24], upto[24], limit[16];

@@ -326,5 +326,46 @@ def a_job_stopped_before_its_first_page_still_splits(s):
     assert s.sql_value("SELECT count(*) FROM fanout.jobs WHERE event_id = %s", (ev,)) == 3
 
 
+@suite.test
+def a_job_whose_lease_ran_out_here_is_not_claimed_again_here(s):
+    """A job running here whose lease ran out (its renewal is late) must not be claimed by this
+    worker's own next claim: the claim leaves out the jobs held here by id. The events of
+    held jobs that share no event with another job (unsplit) are no longer in the claim's
+    list of events, so that list no longer covers this case."""
+    s.seed_followers(9, 40)
+    s.seed_followers(10, 3)
+    ev = s.publish(9)
+    # renewals every lease_ms / 3 = 20 s: none within this test; 20 rows/s: 2 s of reading
+    d = s.start_daemon(FANOUT_PAGE_SIZE=5, FANOUT_READ_BUDGET_ROWS_S=20, FANOUT_LEASE_MS=60000,
+                       FANOUT_POLL_MS=100, FANOUT_SPLIT_MIN_SPAN=0, FANOUT_LOG_LEVEL="debug")
+    deadline = time.monotonic() + 30
+    while s.sql_value("SELECT delivered FROM fanout.jobs WHERE event_id = %s", (ev,)) == 0 and \
+            not s.recipients_of(ev):
+        assert time.monotonic() < deadline, d.log_tail()
+        time.sleep(0.02)
+    # the renewal is late: a trigger keeps the lease in the past (the job waits for the read
+    # budget, and each change in the jobs waiting renews at once)
+    s.sql("CREATE FUNCTION pg_temp_late() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+          " IF NEW.state = 'running' AND OLD.lease_until < now() THEN"
+          " NEW.lease_until := OLD.lease_until; END IF; RETURN NEW; END $$")
+    s.sql("CREATE TRIGGER late BEFORE UPDATE ON fanout.jobs FOR EACH ROW"
+          " WHEN (OLD.event_id = %d) EXECUTE FUNCTION pg_temp_late()" % ev)
+    job = s.sql_value("UPDATE fanout.jobs SET lease_until = now() - interval '1 second'"
+                      " WHERE event_id = %s AND state = 'running' RETURNING id", (ev,))
+    assert job is not None, "the job was not running any more:\n%s" % d.log_tail()
+    other = s.publish(10)  # a wake-up: a claim runs while the lease is over
+    wait_done(s, [other])
+    assert s.sql_value("SELECT lease_until < now() FROM fanout.jobs WHERE id = %s", (job,)), \
+        "the lease was renewed: the claim may not have met it expired"
+    s.sql("DROP TRIGGER late ON fanout.jobs")
+    wait_done(s, [ev])
+    claimed = [x for x in log_lines(d, "job claimed") if x[1] == job]
+    assert len(claimed) == 1, "job %d claimed %d times:\n%s" % (job, len(claimed), d.log_tail())
+    row = s.sql("SELECT token, lease_losses, attempts FROM fanout.jobs WHERE id = %s", (job,))[0]
+    assert row == (1, 0, 1), row
+    assert sorted(s.recipients_of(ev)) == list(range(1, 41))
+    assert sorted(s.recipients_of(other)) == list(range(1, 4))
+
+
 if __name__ == "__main__":
     suite.main()

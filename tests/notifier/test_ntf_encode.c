@@ -69,7 +69,7 @@ static void test_fmt_i64(void **state)
                  {INT64_MAX, "9223372036854775807"},
                  {INT64_MIN, "-9223372036854775808"}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        size_t n = ntf__fmt_i64(buf, cases[i].v);
+        size_t n = fo_fmt_i64(buf, cases[i].v);
         buf[n] = '\0';
         assert_string_equal(buf, cases[i].s);
     }
