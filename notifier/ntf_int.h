@@ -139,7 +139,6 @@ int ntf__encode_whole(ntf_enc_t *e, const ntf_keys_t *keys, const ntf_layout_t *
  * 0, or FO_EREDIS for an error or malformed reply (st and p are then unset). */
 int ntf__parse_whole(const redisReply *r, size_t nitems, int *st, ntf_progress_t *p);
 
-
 /*
  * Maps a fence or page script reply to 0 (applied), NTF_EMOVED, FO_EFENCED, NTF_ENOMARK or
  * FO_EREDIS (an error reply, or anything malformed: wrong types, short arrays, bad
