@@ -116,6 +116,8 @@ int64_t fod_job_token(const fod_job_t *j);
 /* Redis-confirmed progress: the last follower id written and the entries written. */
 int64_t fod_job_cursor(const fod_job_t *j);
 int64_t fod_job_delivered(const fod_job_t *j);
+/* 1 while a long fan-out streams: the job runs and has a full page or more written. */
+int fod_job_streaming(const fod_job_t *j);
 /* Why a FAILED job failed (a copy of the server's message), else NULL. */
 const char *fod_job_error(const fod_job_t *j);
 /* 1 when a FAILED job must not be claimed again before an operator's fanoutctl retry. */

@@ -870,6 +870,11 @@ int64_t fod_job_delivered(const fod_job_t *j)
     return j->delivered;
 }
 
+int fod_job_streaming(const fod_job_t *j)
+{
+    return !terminal(j->state) && j->delivered >= j->page_size;
+}
+
 const char *fod_job_error(const fod_job_t *j)
 {
     return j->error;
