@@ -195,6 +195,14 @@ def free_cluster_port(taken=()):
                 continue
 
 
+def printed_json(path):
+    """The JSON lines a process printed to the file at path, finished lines only: one still
+    running may have written part of its last line (a gate run read one)."""
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]  # what follows the last newline is unfinished
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def http_get(port, path, timeout=10):
     """GET http://127.0.0.1:port/path; returns (status, Content-Type, body text)."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)

@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import harness
-from harness import SOURCE_DIR, Suite, free_port, http_get, shard_tag
+from harness import SOURCE_DIR, Suite, free_port, http_get, printed_json, shard_tag
 
 suite = Suite("test_cluster")
 CLUSTER = dict(cluster=True)
@@ -219,11 +219,6 @@ def run_consumer(s, lang, name, out_path, stall_after=0):
         err.close()
 
 
-def handled(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def cluster_consumer_reads_everything_once(s, lang):
     """Consumer A is SIGKILLed holding a batch it partly handled; B takes its entries over
     (XAUTOCLAIM), drops those A handled (the dedupe marks) and reads the rest: every
@@ -248,7 +243,7 @@ def cluster_consumer_reads_everything_once(s, lang):
     try:
         deadline = time.monotonic() + 90
         while True:
-            got = handled(a_out) + handled(b_out)
+            got = printed_json(a_out) + printed_json(b_out)
             pending = sum(s.redis.xpending(k, "app")["pending"] for k in s.stream_keys())
             if len({x["id"] for x in got}) >= n and pending == 0:
                 break
@@ -261,7 +256,7 @@ def cluster_consumer_reads_everything_once(s, lang):
     counts = collections.Counter(int(x["recipient"]) for x in got if x["event"] == str(ev))
     assert set(counts) == set(range(1, n + 1)), len(counts)
     assert max(counts.values()) == 1, [r for r, c in counts.items() if c > 1][:10]
-    assert len(handled(a_out)) == 40
+    assert len(printed_json(a_out)) == 40
 
 
 @suite.test(servers=CLUSTER)

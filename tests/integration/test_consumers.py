@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 
-from harness import FANOUTCTL, SOURCE_DIR, Suite, parse_logfmt
+from harness import FANOUTCTL, SOURCE_DIR, Suite, parse_logfmt, printed_json
 
 suite = Suite("test_consumers")
 
@@ -91,12 +91,7 @@ class Consumer:
 
     def handled(self):
         """[(notification id, payload)] of every line printed so far."""
-        out = []
-        with open(self.out_path) as f:
-            for line in f:
-                note = json.loads(line)
-                out.append((note["id"], note["payload"]))
-        return out
+        return [(note["id"], note["payload"]) for note in printed_json(self.out_path)]
 
     def wait_stderr(self, pattern, timeout=60):
         rx = re.compile(pattern)
