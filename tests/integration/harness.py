@@ -434,6 +434,26 @@ def _spawn_redis(cmd, log_path, keep=False):
         log.close()
 
 
+def wait_redis_up(client, proc, log_path, timeout=20):
+    """Waits until the redis-server `proc` (started with _spawn_redis) answers `client`'s
+    PING: a listening socket, not a socket file (which exists from bind(), before listen()).
+    HarnessError, with its log's tail, once it exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.ping():
+                return
+        except redis.exceptions.RedisError:
+            pass
+        if proc is None or proc.poll() is not None:
+            raise HarnessError("redis-server exited with %s; log tail:\n%s"
+                               % (proc and proc.returncode, _tail(log_path)))
+        if time.monotonic() > deadline:
+            raise HarnessError("redis-server did not answer within %ss:\n%s"
+                               % (timeout, _tail(log_path)))
+        time.sleep(0.05)
+
+
 class RedisReplica:
     """A redis-server replicating a Servers' Redis (start_redis_replica). .port, .client
     (redis-py, str replies); promote() makes it a primary (REPLICAOF NO ONE)."""
@@ -623,18 +643,7 @@ class RedisCluster:
             self.ports.append(port)
 
     def _wait_ping(self, port, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.client(port).ping():
-                    return
-            except redis.exceptions.RedisError:
-                pass
-            proc = self.procs.get(port)
-            if proc is None or proc.poll() is not None or time.monotonic() > deadline:
-                raise HarnessError("cluster node %d did not answer:\n%s"
-                                   % (port, _tail(self.log_path(port))))
-            time.sleep(0.05)
+        wait_redis_up(self.client(port), self.procs.get(port), self.log_path(port), timeout)
 
     def close(self):
         if self._closed:
@@ -1317,23 +1326,9 @@ class Servers:
                "--appendonly", "yes" if self.aof else "no", "--appendfsync", self.appendfsync,
                "--logfile", ""]
         self._redis_proc = _spawn_redis(cmd, self.redis_log_path, self.keep)
-        deadline = time.monotonic() + timeout
         probe = redis.Redis(host="127.0.0.1", port=self.redis_port, socket_timeout=2)
         try:
-            while True:
-                try:
-                    if probe.ping():
-                        return
-                except redis.exceptions.RedisError:
-                    pass
-                if self._redis_proc.poll() is not None:
-                    raise HarnessError("redis-server exited with %s; log tail:\n%s"
-                                       % (self._redis_proc.returncode,
-                                          _tail(self.redis_log_path)))
-                if time.monotonic() > deadline:
-                    raise HarnessError("redis-server did not answer within %ss:\n%s"
-                                       % (timeout, _tail(self.redis_log_path)))
-                time.sleep(0.05)
+            wait_redis_up(probe, self._redis_proc, self.redis_log_path, timeout)
         finally:
             probe.close()
 

@@ -6,9 +6,8 @@ import json
 import os
 import re
 import subprocess
-import time
 
-from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, _spawn_redis, free_cluster_port, free_port
+from harness import FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, _spawn_redis, free_cluster_port, free_port, wait_redis_up
 
 suite = Suite("test_fanoutctl")
 
@@ -378,15 +377,7 @@ def a_cluster_that_stays_down_is_one_line_after_the_deadline(s):
     try:
         import redis as redis_py
         r = redis_py.Redis(host="127.0.0.1", port=port, decode_responses=True)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                r.ping()
-                break
-            except redis_py.exceptions.ConnectionError:
-                assert time.monotonic() < deadline and proc.poll() is None, \
-                    "redis did not start: %s" % open(s.path("lone-cluster.log")).read()[-2000:]
-                time.sleep(0.05)
+        wait_redis_up(r, proc, s.path("lone-cluster.log"))
         from redis.crc import key_slot
         r.execute_command("CLUSTER", "ADDSLOTS", key_slot(s.stream_key(0, 1).encode()))
         c = s.fanoutctl("trim", FANOUT_SHARDS=1, FANOUT_REDIS_CLUSTER="127.0.0.1:%d,127.0.0.1:%d"

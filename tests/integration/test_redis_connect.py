@@ -9,12 +9,11 @@ every Redis write can only have gone through those settings.
 """
 import json
 import os
-import subprocess
 import time
 
 import redis as redis_py
 
-from harness import Suite, HarnessError, _spawn_redis, _tail
+from harness import Suite, _spawn_redis, wait_redis_up
 
 suite = Suite("test_redis_connect")
 
@@ -31,17 +30,7 @@ def start_socket_redis(s):
                          "--save", "", "--appendonly", "no", "--logfile", ""], log)
     s._unix_redis = proc
     admin = redis_py.Redis(unix_socket_path=sock, decode_responses=True)
-    # until it answers: the socket file exists from bind(), before listen() (a gate run
-    # connected in between and was refused)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            admin.ping()
-            break
-        except redis_py.exceptions.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise HarnessError("unix-socket redis did not start:\n" + _tail(log))
-            time.sleep(0.05)
+    wait_redis_up(admin, proc, log)
     # exactly what docs/configuration.md ("Reaching Redis") tells operators to grant
     admin.execute_command("ACL", "SETUSER", "fanout", "on", ">pw-fanout", "~fanout:*",
                           "~queues", "~queue:*", "+@read", "+@write", "+@stream",
