@@ -5,7 +5,8 @@
  * cfg->replica_dsn, as many to a hot standby. Each connection runs at most one page query
  * at a time, so max_page_queries caps the follower queries fanoutd runs on each server.
  * Requests wait in one FIFO queue (at most one per job: a job reads one page at a time), so
- * jobs share the connections in arrival order.
+ * jobs share the connections in arrival order. A fetch is sent from an idle handle, not at
+ * once, so that the reads asked for in one turn of the loop share one statement.
  *
  * The budget is a token bucket of cfg->read_budget_rows_s rows per second, shared by every
  * job. A page query may start when the bucket is not in debt; it reserves `limit` rows at
@@ -161,7 +162,8 @@ struct rel_reader {
     req_t *head, *tail;
     rel_bucket_t bucket;
     uv_timer_t budget_timer, lag_timer;
-    int open_parts; /* timers and connections not closed yet, once closing */
+    uv_idle_t gather; /* active while fetches of this loop turn wait to be sent together */
+    int open_parts;   /* handles and connections not closed yet, once closing */
     int closing;
     fo_closed_cb on_closed;
     void *closed_data;
@@ -576,6 +578,15 @@ static void on_budget_timer(uv_timer_t *t)
     dispatch(t->data);
 }
 
+/* The fetches made in one turn of the loop (a claim's jobs ask for their pages from one
+ * callback) go out together: sent at once, the first would take the idle connection alone
+ * and the rest wait for it, two statements where one serves (and two page writes). */
+static void on_gather(uv_idle_t *h)
+{
+    uv_idle_stop(h);
+    dispatch(h->data);
+}
+
 static void dispatch(rel_reader_t *r)
 {
     while (r->head && !r->closing) {
@@ -621,7 +632,8 @@ rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state
     rel__bucket_init(&r->bucket, cfg->read_budget_rows_s, fo_now_ms());
     uv_timer_init(loop, &r->budget_timer);
     uv_timer_init(loop, &r->lag_timer);
-    r->budget_timer.data = r->lag_timer.data = r;
+    uv_idle_init(loop, &r->gather);
+    r->budget_timer.data = r->lag_timer.data = r->gather.data = r;
     pool_open(r, &r->primary, cfg->pg_dsn, "fanoutd-pages");
     if (cfg->replica_dsn[0])
         pool_open(r, &r->replica, cfg->replica_dsn, "fanoutd-replica");
@@ -662,7 +674,7 @@ int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upt
     else
         r->head = q;
     r->tail = q;
-    dispatch(r);
+    uv_idle_start(&r->gather, on_gather); /* no-op while already started */
     return 0;
 }
 
@@ -677,7 +689,7 @@ void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out)
     *out = r->stats;
 }
 
-/* One timer or connection closed; the last one frees the reader and reports. */
+/* One handle or connection closed; the last one frees the reader and reports. */
 static void on_part_closed(void *data)
 {
     rel_reader_t *r = data;
@@ -694,7 +706,7 @@ static void on_part_closed(void *data)
         on_closed(closed_data);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void on_handle_closed(uv_handle_t *h)
 {
     on_part_closed(h->data);
 }
@@ -706,7 +718,7 @@ void rel_reader_close(rel_reader_t *r, fo_closed_cb on_closed, void *data)
     r->closing = 1;
     r->on_closed = on_closed;
     r->closed_data = data;
-    r->open_parts = 2 + r->primary.n + r->replica.n;
+    r->open_parts = 3 + r->primary.n + r->replica.n;
     const rel_reader_stats_t *s = &r->stats;
     fo_log(FO_LOG_INFO, "follower reads",
            "rows=%" PRIu64 " primary_pages=%" PRIu64 " replica_pages=%" PRIu64
@@ -717,8 +729,9 @@ void rel_reader_close(rel_reader_t *r, fo_closed_cb on_closed, void *data)
         pgc_conn_close(r->primary.conns[i], on_part_closed, r);
     for (int i = 0; i < r->replica.n; i++)
         pgc_conn_close(r->replica.conns[i], on_part_closed, r);
-    uv_close((uv_handle_t *)&r->budget_timer, on_timer_closed);
-    uv_close((uv_handle_t *)&r->lag_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&r->budget_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&r->lag_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&r->gather, on_handle_closed);
 }
 
 int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
