@@ -136,12 +136,13 @@ def proc_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def machine_busy_s():
-    """CPU seconds every core of the machine spent busy since boot (/proc/stat's first line:
-    all but idle and iowait)."""
+def machine_cpu_s():
+    """(busy, steal): CPU seconds every core of the machine spent busy since boot, and those
+    the hypervisor took for other guests (/proc/stat's first line: user, nice, system, irq
+    and softirq are busy; steal is neither work done here nor idle, so it is kept apart)."""
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / TICK
+    return (sum(ticks[:8]) - ticks[3] - ticks[4] - ticks[7]) / TICK, ticks[7] / TICK
 
 
 def proc_hwm_kib(pid):
@@ -201,7 +202,7 @@ class CpuWindow:
         self.pg0 = children_cpu_s(self.postmaster) if self.postmaster else {}
         self.d0 = proc_cpu_s(self.daemon_pid)
         self.rs0 = [proc_cpu_s(pid) for pid in self.redis_pids]
-        self.m0 = machine_busy_s()
+        self.m0, self.steal0 = machine_cpu_s()
         self.t0 = time.monotonic()
         return self
 
@@ -209,7 +210,8 @@ class CpuWindow:
         if exc[0] is not None:
             return False
         self.wall = time.monotonic() - self.t0
-        self.machine_cpu = machine_busy_s() - self.m0
+        busy, steal = machine_cpu_s()
+        self.machine_cpu, self.machine_steal = busy - self.m0, steal - self.steal0
         self.fanoutd_cpu = proc_cpu_s(self.daemon_pid) - self.d0
         self.redis_server_cpu = [proc_cpu_s(pid) - c0
                                  for pid, c0 in zip(self.redis_pids, self.rs0)]
@@ -671,11 +673,13 @@ END $$;""" % (author, self.page_size)
             "cpu_s": w.fanoutd_cpu, "rss_kib": proc_hwm_kib(d.pid), "pg": pg,
             "redis": ph.summary(), "bound": w.bound(), "top_statements": top,
             "redis_cmds": ph.cmds, "machine_cpu_s": w.machine_cpu, "window_s": w.wall,
+            "machine_steal_s": w.machine_steal,
         }
         if small:
             lat = sorted(got[e]["last_ms"] - created[e] for e in small)
             res["small"] = {"count": len(lat), "rate": steady_rate,
                             "achieved": self.steady_achieved,
+                            "publisher_cpu_s": self.steady_publisher_cpu,
                             "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
                             "p99_ms": pct(lat, 99), "max_ms": lat[-1]}
         return res
@@ -690,6 +694,7 @@ END $$;""" % (author, self.page_size)
         finally:
             ids = pub.stop()
         self.steady_achieved = pub.achieved
+        self.steady_publisher_cpu = pub.backend_cpu
         return ids
 
 
@@ -709,11 +714,15 @@ class SteadyPublisher:
     its own (the producer role): every `tick` seconds one statement publishes the events due
     by then, so the rate holds even when one statement takes longer than 1/rate. Round robin
     over the first `authors` small authors. stop() returns the event ids; `achieved` is the
-    rate it held (events / seconds from start to stop)."""
+    rate it held (events / seconds from start to stop); `backend_cpu` the CPU seconds its
+    PostgreSQL backend used from start to stop (None where the server is not local). Read
+    here, before the connection closes: a CpuWindow around it loses a backend that exits
+    inside the window."""
 
     def __init__(self, bench, rate, authors, tick=0.005):
         self.b, self.rate, self.authors, self.tick = bench, rate, authors, tick
         self.ids, self.error, self.achieved, self.backend_pid = [], None, 0.0, None
+        self.backend_cpu = self._cpu0 = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._conn = bench.s.connect(None if bench.external else "producer")
@@ -721,7 +730,16 @@ class SteadyPublisher:
             cur.execute("/* bench */ SELECT pg_backend_pid()")
             self.backend_pid = cur.fetchone()[0]
 
+    def _backend_cpu_s(self):
+        if self.b.external:
+            return None
+        try:
+            return proc_cpu_s(self.backend_pid)
+        except OSError:  # not a local server after all
+            return None
+
     def start(self):
+        self._cpu0 = self._backend_cpu_s()
         self._t0 = time.monotonic()
         self._thread.start()
         return self
@@ -748,6 +766,9 @@ class SteadyPublisher:
         self._stop.set()
         self._thread.join()
         elapsed = time.monotonic() - self._t0
+        cpu1 = self._backend_cpu_s()
+        if cpu1 is not None and self._cpu0 is not None:
+            self.backend_cpu = cpu1 - self._cpu0
         self._conn.close()
         if self.error is not None:
             raise BenchError("the steady publisher failed: %s" % self.error)
@@ -1525,6 +1546,8 @@ def small_steady(b, rate, seconds, authors):
            "exact": True}
     res.update(latency_figures([got[e]["last_ms"] - created[e] for e in ids]))
     res.update(w.summary(len(ids)))
+    if pub.backend_cpu is not None:  # its backend exited inside the window: w lost it
+        res["pg_publisher_cpu_s"] = pub.backend_cpu
     return res
 
 
@@ -1537,16 +1560,20 @@ def small_mixed(b, n, rate, authors, layout):
     cores = os.cpu_count()
     # What the whole machine did (every process: the servers, fanoutd, the publisher and this
     # bench): the run with small events cannot take less than its CPU seconds over all cores,
-    # so over the time alone that is a floor under the ratio that no schedule beats.
+    # so over the time alone that is a floor under the ratio that no schedule beats. Steal
+    # (the hypervisor running other guests) is not in it; it is logged beside it.
     floor = mixed["machine_cpu_s"] / (cores * alone["e2e_s"]) if alone["e2e_s"] > 0 else 0
     for name, run in (("alone", alone), ("with small events", mixed)):
         bd = run.get("bound") or {}
         log("   mixed, %s: e2e %.3f s; CPU fanoutd %.2f s, its PostgreSQL backends %.2f s,"
-            " Redis %.2f s, the machine %.2f s in %.2f s (%.2f of %d cores); parts"
+            " Redis %.2f s, the machine %.2f s in %.2f s (%.2f of %d cores; steal %.2f s);"
+            " publisher's backend %s; parts"
             " (start-finish ms, followers): %s" % (
                 name, run["e2e_s"], bd.get("fanoutd_cpu_s", 0), bd.get("pg_fanoutd_cpu_s", 0),
                 sum(bd.get("redis_server_cpu_s") or [0]), run["machine_cpu_s"],
-                run["window_s"], run["machine_cpu_s"] / run["window_s"], cores, ", ".join(
+                run["window_s"], run["machine_cpu_s"] / run["window_s"], cores,
+                run["machine_steal_s"], "%.2f s" % run["small"]["publisher_cpu_s"]
+                if run.get("small", {}).get("publisher_cpu_s") is not None else "n/a", ", ".join(
                     "%s-%s %s" % (p["started_ms"], p["finished_ms"], p["delivered"])
                     for p in run["parts"])))
         log("     Redis (calls, ms): %s" % ", ".join(
@@ -1562,6 +1589,9 @@ def small_mixed(b, n, rate, authors, layout):
             "small_p99_ms": sm["p99_ms"], "small_max_ms": sm["max_ms"], "exact": True,
             "machine_cpu_alone_s": alone["machine_cpu_s"],
             "machine_cpu_with_small_s": mixed["machine_cpu_s"], "ratio_cpu_floor": floor,
+            "machine_steal_alone_s": alone["machine_steal_s"],
+            "machine_steal_with_small_s": mixed["machine_steal_s"],
+            "publisher_cpu_with_small_s": sm["publisher_cpu_s"],
             "fanoutd_cpu_alone_s": alone["cpu_s"], "fanoutd_cpu_with_small_s": mixed["cpu_s"],
             "statements_alone": (alone["pg"] or {}).get("statements"),
             "statements_with_small": (mixed["pg"] or {}).get("statements")}
@@ -1767,6 +1797,13 @@ def small_tables(res):
                         " / cores / time alone) | %.2f | %s |" % (
                             mx["ratio_cpu_floor"],
                             ", ".join("%.2f" % r["ratio_cpu_floor"] for r in x["runs"])))
+        if "machine_steal_with_small_s" in mx:
+            rows.append("| | | CPU the hypervisor stole, alone / with small events (not in"
+                        " the floor) | %.2f / %.2f s | %s |" % (
+                            mx["machine_steal_alone_s"], mx["machine_steal_with_small_s"],
+                            ", ".join("%.2f/%.2f" % (r["machine_steal_alone_s"],
+                                                     r["machine_steal_with_small_s"])
+                                      for r in x["runs"])))
         rows.append("| | | small events' rate held | %.0f/s | |" % mx["achieved_rate"])
         for k in ("small_p50_ms", "small_p99_ms", "small_max_ms"):
             rows.append("| | | small events' %s | %d ms | %s |" % (
