@@ -45,7 +45,9 @@ typedef struct mark_call mark_call_t;
 #define REC_RETRY_MAX_MS 5000 /* up to this */
 #define REC_LOG_MS 30000      /* at most one "not written" line per record in this time */
 #define REC_GIVE_UP_LEASES 10 /* refused this many lease_ms in a row: the job is dead */
-#define PLANS_MS 10000        /* the control connection's generic plans are made again */
+#define PLANS_MS 10000        /* the control connection's generic plans are made again, */
+#define PLANS_BUSY_MS 1000    /* or this soon after PLANS_BUSY_JOBS claimed jobs (the table grew) */
+#define PLANS_BUSY_JOBS 1000
 
 struct mark_call {
     mark_call_t *next;
@@ -87,6 +89,7 @@ struct fod_store {
     unsigned mine_searched;  /* pgc_conn_connects when a claim last looked for own jobs */
     uint64_t claim_retry_at; /* no claim before this (after such a refusal) */
     uint64_t plans_at;       /* when the generic plans were last discarded (PLANS_MS) */
+    uint64_t plans_claimed;  /* jobs claimed since then */
 };
 
 /*
@@ -212,14 +215,16 @@ static const char SQL_RENEW[] =
     " waiting_reason = u.waiting"
     " FROM unnest($1::bigint[], $2::bigint[], $4::bigint[], $5::bigint[], $6::text[])"
     "   AS u(id, token, progress, delivered, waiting)"
-    " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running' RETURNING j.id";
+    " WHERE j.id = ANY ($1::bigint[]) AND j.id = u.id AND j.token = u.token"
+    "   AND j.state = 'running' RETURNING j.id";
 
 /* The jobs' progress marks exist in Redis: before their first page (see fod_job_io_t).
  * $1 job ids, $2 their tokens; returns the ids recorded. */
 static const char SQL_MARKED[] =
     "UPDATE fanout.jobs j SET mark_created = true"
     " FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)"
-    " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running' RETURNING j.id";
+    " WHERE j.id = ANY ($1::bigint[]) AND j.id = u.id AND j.token = u.token"
+    "   AND j.state = 'running' RETURNING j.id";
 
 /* The jobs of a finished job's event: 1 for a job of the whole range (an event that was
  * never split has one job, and a split gives the first job its range_hi), else counted. */
@@ -235,7 +240,8 @@ static const char SQL_FINISH_MANY[] =
     " waiting_reason = NULL"
     " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])"
     "   AS u(id, token, progress, delivered)"
-    " WHERE j.id = u.id AND j.token = u.token AND j.state = 'running'"
+    " WHERE j.id = ANY ($1::bigint[]) AND j.id = u.id AND j.token = u.token"
+    "   AND j.state = 'running'"
     " RETURNING j.id, extract(epoch FROM j.finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = j.event_id"
     "    AND isfinite(e.created_at)))::float8,"
@@ -297,9 +303,13 @@ fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *c
      * events, and PostgreSQL's default would plan the array ones anew on every call (their
      * custom plans look cheaper), which cost as much CPU as running them. Their generic plans
      * are the same index lookups, once fanout.jobs holds a few thousand rows; a plan made while
-     * it was smaller (a hash join over a sequential scan) would stay until the table's next
-     * ANALYZE, so fod_store_retry discards them every PLANS_MS and they are made again from
-     * the table's size then. */
+     * it was smaller (a sequential scan) would stay until the table's next ANALYZE, so
+     * fod_store_retry discards them every PLANS_MS, and every PLANS_BUSY_MS while jobs are
+     * claimed by the thousand (a flood fills the table in seconds: each done record scanned
+     * all of it until the next discard), and they are made again from the table's size then.
+     * The array statements also name their ids as "j.id = ANY ($1)": joined on the unnest
+     * alone (a hundred rows, the planner guesses), a generic plan hashed a sequential scan of
+     * the table even at 45,000 rows. */
     pgc_conn_setup(ctl, "SET plan_cache_mode = force_generic_plan");
     pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 8);
     pgc_conn_prepare(ctl, "fo_renew", SQL_RENEW, 6);
@@ -619,9 +629,13 @@ static void on_discarded(int status, const PGresult *res, void *data)
 
 void fod_store_retry(fod_store_t *s, uint64_t now)
 {
-    if (now - s->plans_at >= PLANS_MS && pgc_conn_ready(s->ctl) &&
-        pgc_conn_query(s->ctl, "DISCARD PLANS", 0, NULL, on_discarded, NULL) == 0)
+    uint64_t age = now - s->plans_at;
+    if ((age >= PLANS_MS || (age >= PLANS_BUSY_MS && s->plans_claimed >= PLANS_BUSY_JOBS)) &&
+        pgc_conn_ready(s->ctl) &&
+        pgc_conn_query(s->ctl, "DISCARD PLANS", 0, NULL, on_discarded, NULL) == 0) {
         s->plans_at = now;
+        s->plans_claimed = 0;
+    }
     for (store_rec_t *r = s->recs; r; r = r->next)
         if (!r->sending && now >= r->retry_at && (r->kind != REC_FINISH || r->solo))
             rec_send(r);
@@ -815,6 +829,7 @@ static int claim_result(fod_store_t *s, int status, const PGresult *res, int ask
     int again = s->claim_again;
     s->claim_again = 0;
     int n = PQntuples(res);
+    s->plans_claimed += (uint64_t)n;
     for (int i = 0; i < n; i++)
         claim_row(s, res, i);
     /* a full batch of candidates (some left for being of an event taken): maybe more */
