@@ -8,7 +8,7 @@
  * in one page never pays for that question.
  *
  * Batches: what many jobs need from fanout.jobs at about the same time goes in one statement
- * over arrays (unnest), each row with the same token check its single-job form has: the done
+ * over arrays (AT_JOB), each row with the same token check its single-job form has: the done
  * records, the marks' records and the lease renewals. One batch of a kind is out at a time;
  * what arrives meanwhile goes in the next one, so a lone job waits for nothing and a flood
  * costs one statement per batch. Done records, which nothing waits for (the job's slot is
@@ -204,26 +204,31 @@ static const char SQL_SPLIT[] =
     " SELECT (SELECT range_hi FROM me), (SELECT count(*) FROM ins),"
     "        (SELECT count(pg_notify('fanout_events', event_id::text)) FROM me)";
 
+/* The batched statements below find their jobs by primary key from $1 (job ids, each once)
+ * and read a job's values at its position there: "($2::bigint[])" AT_JOB is its element of
+ * $2. No join: joined on an unnest, a generic plan hashed a sequential scan of fanout.jobs
+ * (planned when it was small), or rescanned the unnest for every job (n x n rows). */
+#define AT_JOB "[array_position($1::bigint[], j.id)]"
+
 /* Every lease this worker holds, in one statement. Progress since the last checkpoint
  * clears the count of vanished holders (SQL_CLAIM). $1 job ids, $2 their tokens, $3 lease
  * ms, $4 cursors, $5 delivered counts, $6 why each waits (NULL: it does not), for fanoutctl
  * status. Returns the ids renewed: a job missing from them lost its lease. */
 static const char SQL_RENEW[] =
     "UPDATE fanout.jobs j SET lease_until = now() + $3::bigint * interval '1 millisecond',"
-    " lease_losses = CASE WHEN u.progress > j.progress THEN 0 ELSE j.lease_losses END,"
-    " progress = greatest(j.progress, u.progress), delivered = greatest(j.delivered, u.delivered),"
-    " waiting_reason = u.waiting"
-    " FROM unnest($1::bigint[], $2::bigint[], $4::bigint[], $5::bigint[], $6::text[])"
-    "   AS u(id, token, progress, delivered, waiting)"
-    " WHERE j.id = ANY ($1::bigint[]) AND j.id = u.id AND j.token = u.token"
+    " lease_losses = CASE WHEN ($4::bigint[])" AT_JOB " > j.progress THEN 0"
+    "                ELSE j.lease_losses END,"
+    " progress = greatest(j.progress, ($4::bigint[])" AT_JOB "),"
+    " delivered = greatest(j.delivered, ($5::bigint[])" AT_JOB "),"
+    " waiting_reason = ($6::text[])" AT_JOB
+    " WHERE j.id = ANY ($1::bigint[]) AND j.token = ($2::bigint[])" AT_JOB
     "   AND j.state = 'running' RETURNING j.id";
 
 /* The jobs' progress marks exist in Redis: before their first page (see fod_job_io_t).
  * $1 job ids, $2 their tokens; returns the ids recorded. */
 static const char SQL_MARKED[] =
     "UPDATE fanout.jobs j SET mark_created = true"
-    " FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)"
-    " WHERE j.id = ANY ($1::bigint[]) AND j.id = u.id AND j.token = u.token"
+    " WHERE j.id = ANY ($1::bigint[]) AND j.token = ($2::bigint[])" AT_JOB
     "   AND j.state = 'running' RETURNING j.id";
 
 /* The jobs of a finished job's event: 1 for a job of the whole range (an event that was
@@ -235,12 +240,11 @@ static const char SQL_MARKED[] =
 /* Done records of many jobs: $1 ids, $2 tokens, $3 cursors, $4 delivered counts. Returns, per
  * job written, its id, the seconds from publish to done and the jobs of its event. */
 static const char SQL_FINISH_MANY[] =
-    "UPDATE fanout.jobs j SET state = 'done', progress = u.progress, delivered = u.delivered,"
+    "UPDATE fanout.jobs j SET state = 'done', progress = ($3::bigint[])" AT_JOB ","
+    " delivered = ($4::bigint[])" AT_JOB ","
     " finished_at = now(), lease_owner = NULL, lease_until = NULL, last_error = NULL,"
     " waiting_reason = NULL"
-    " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])"
-    "   AS u(id, token, progress, delivered)"
-    " WHERE j.id = ANY ($1::bigint[]) AND j.id = u.id AND j.token = u.token"
+    " WHERE j.id = ANY ($1::bigint[]) AND j.token = ($2::bigint[])" AT_JOB
     "   AND j.state = 'running'"
     " RETURNING j.id, extract(epoch FROM j.finished_at -"
     "   (SELECT e.created_at FROM fanout.events e WHERE e.id = j.event_id"
@@ -307,9 +311,7 @@ fod_store_t *fod_store_new(pgc_conn_t *ctl, rel_reader_t *reader, const cfg_t *c
      * fod_store_retry discards them every PLANS_MS, and every PLANS_BUSY_MS while jobs are
      * claimed by the thousand (a flood fills the table in seconds: each done record scanned
      * all of it until the next discard), and they are made again from the table's size then.
-     * The array statements also name their ids as "j.id = ANY ($1)": joined on the unnest
-     * alone (a hundred rows, the planner guesses), a generic plan hashed a sequential scan of
-     * the table even at 45,000 rows. */
+     * The array statements find their jobs by "j.id = ANY ($1)", with no join (AT_JOB). */
     pgc_conn_setup(ctl, "SET plan_cache_mode = force_generic_plan");
     pgc_conn_prepare(ctl, "fo_claim", SQL_CLAIM, 8);
     pgc_conn_prepare(ctl, "fo_renew", SQL_RENEW, 6);
