@@ -158,7 +158,10 @@ def manual_failover_mid_fanout_exact(s):
           flush=True)
     s.wait_event_done(ev, timeout=120)
     assert_exactly_once(s, ev, range(1, n + 1))
-    assert "redis cluster MOVED" in d.log(), d.log_tail()
+    # the failover reached the writer: as MOVED from the demoted primary, or, when the
+    # primary closed its connections first, as the node lost (both seen under ASan timing)
+    log = d.log()
+    assert "redis cluster MOVED" in log or "redis cluster node lost" in log, d.log_tail()
 
 
 @suite.test(servers=CLUSTER)
