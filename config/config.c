@@ -61,7 +61,12 @@ static const cfg_row_t rows[] = {
     {"page_batch", INT(page_batch), 1, 1024, "64", 0,
      "page reads of different jobs (first in, first served) one follower query serves at most"},
     {"max_page_queries", INT(max_page_queries), 1, 64, "1", 0,
-     "follower page queries at once (one PostgreSQL connection each, per server)"},
+     "follower page queries at once (one PostgreSQL connection each, per server); jobs' first "
+     "pages have their own (first_page_queries)"},
+    {"first_page_queries", INT(first_page_queries), 0, 64, "1", 0,
+     "follower queries at once for jobs' first pages, on connections of their own (per server), "
+     "so that small fan-outs never wait behind a long one's pages; 0: they share the page "
+     "connections"},
     {"replica_dsn", STR(replica_dsn), 0, 0, "", 2,
      "hot standby for follower pages (libpq conninfo); empty: read from the primary"},
     {"replica_max_lag_ms", INT(replica_max_lag_ms), 100, 3600000, "10000", 0,

@@ -34,6 +34,7 @@ typedef struct cfg {
      * of follower page queries at once (one connection each). */
     int read_budget_rows_s;
     int max_page_queries;
+    int first_page_queries; /* connections of their own for jobs' first pages (0: none) */
     /* Optional hot standby for follower pages; empty: none. Used while its replay lag stays
      * within replica_max_lag_ms, otherwise pages come from the primary. */
     char *replica_dsn; /* secret: printed with its password hidden */

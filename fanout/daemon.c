@@ -104,13 +104,13 @@ static void check_stopped(fod_daemon_t *d);
 
 /* --- job I/O, bound to this daemon's connections --- */
 
-static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
-                    rel_page_cb cb, void *data)
+static int io_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int first,
+                    int64_t *out, rel_page_cb cb, void *data)
 {
     fod_daemon_t *d = ctx;
     if (!d->reader || d->contract != CONTRACT_OK)
         return FO_EPG; /* paused: the job waits, its attempt kept */
-    return rel_reader_fetch(d->reader, author, after, upto, limit, out, cb, data);
+    return rel_reader_fetch(d->reader, author, after, upto, limit, first, out, cb, data);
 }
 
 static int io_fence(void *ctx, const ntf_job_t *job, int64_t start, ntf_progress_cb cb, void *data)
@@ -891,9 +891,9 @@ void fod_daemon_start(fod_daemon_t *d)
                        (uint64_t)cfg->backlog_check_ms);
     fo_log(FO_LOG_INFO, "fanoutd started",
            "worker=%s max_jobs=%d page_size=%d window=%d read_budget_rows_s=%d"
-           " max_page_queries=%d replica=%s",
+           " max_page_queries=%d first_page_queries=%d replica=%s",
            d->worker_id, cfg->max_jobs, cfg->page_size, cfg->window, cfg->read_budget_rows_s,
-           cfg->max_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
+           cfg->max_page_queries, cfg->first_page_queries, cfg->replica_dsn[0] ? "yes" : "no");
 }
 
 /* One timer or connection finished closing; after the last, the stop is complete. */

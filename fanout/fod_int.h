@@ -50,8 +50,8 @@ typedef struct fod_job fod_job_t;
 typedef void (*fod_split_cb)(int status, int64_t range_hi, void *data);
 
 typedef struct fod_job_io {
-    int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int64_t *out,
-                 rel_page_cb cb, void *data);
+    int (*fetch)(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int first,
+                 int64_t *out, rel_page_cb cb, void *data);
     int (*fence)(void *ctx, const ntf_job_t *job, int64_t start_cursor, ntf_progress_cb cb,
                  void *data);
     int (*write)(void *ctx, const ntf_job_t *job, int64_t expect_cursor, const int64_t *ids,

@@ -535,8 +535,8 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
 static void start_read(fod_job_t *j)
 {
     job_call_t *c = call_new(j);
-    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size, j->page,
-                         on_page, c);
+    int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size,
+                         j->read_cursor == j->range_lo, j->page, on_page, c);
     if (rc < 0) {
         free(c);
         go_wait(j, "postgresql not ready");
@@ -775,8 +775,8 @@ static void read_early(fod_job_t *j)
 {
     job_call_t *c = call_new(j);
     c->early = 1;
-    if (j->io.fetch(j->io.ctx, j->author, j->range_lo, j->range_hi, j->page_size, j->page, on_page,
-                    c) < 0) {
+    if (j->io.fetch(j->io.ctx, j->author, j->range_lo, j->range_hi, j->page_size, 1, j->page,
+                    on_page, c) < 0) {
         free(c); /* read after the fence, as any page */
         return;
     }

@@ -1,12 +1,21 @@
 /*
  * rel_reader.c: where follower pages are read, how many at once and how fast.
  *
- * The reader owns cfg->max_page_queries read-only connections to the primary and, with
+ * The reader owns cfg->max_page_queries read-only connections to the primary for the pages
+ * of long fan-outs and cfg->first_page_queries more for jobs' first pages, and, with
  * cfg->replica_dsn, as many to a hot standby. Each connection runs at most one page query
- * at a time, so max_page_queries caps the follower queries fanoutd runs on each server.
- * Requests wait in one FIFO queue (at most one per job: a job reads one page at a time), so
- * jobs share the connections in arrival order. A fetch is sent from an idle handle, not at
- * once, so that the reads asked for in one turn of the loop share one statement.
+ * at a time, so the two settings together cap the follower queries fanoutd runs on each
+ * server. Requests wait in two FIFO queues, first pages and the others (at most one request
+ * per job: a job reads one page at a time), so jobs share each kind of connection in arrival
+ * order. A fetch is sent from an idle handle, not at once, so that the reads asked for in one
+ * turn of the loop share one statement.
+ *
+ * Why first pages have connections of their own: most fan-outs end with their first page (an
+ * author with few followers), and while a 1M fan-out streams, its next pages are always
+ * queued. Sharing one connection, every small fan-out's read waited behind a 1,000-row page
+ * and each small read lengthened the long fan-out's run, whose pages go through that one
+ * connection one after the other (bench/loadtest --small, mixed phase). With
+ * first_page_queries 0, first pages share the page connections, as they did before.
  *
  * The budget is a token bucket of cfg->read_budget_rows_s rows per second, shared by every
  * job. A page query may start when the bucket is not in debt; it reserves `limit` rows at
@@ -141,16 +150,22 @@ typedef struct req {
     rel_page_cb cb;
     void *data;
     int replica, slot;
-    int solo; /* its batch was refused: read alone, so that a bad read fails alone */
+    int solo;  /* its batch was refused: read alone, so that a bad read fails alone */
+    int first; /* a job's first page: queued and sent apart from the others */
     uint64_t queued_ns, sent_ns; /* fetch called; query sent (after the budget, a slot) */
     char why[160];               /* a message of our own, when err is not the server's */
 } req_t;
 
+/* Connections [0, pages) of a pool take the pages queue; [pages, n) the first-page queue. */
 typedef struct pool {
     pgc_conn_t **conns;
     int *busy;
-    int n;
+    int n, pages;
 } pool_t;
+
+typedef struct queue {
+    req_t *head, *tail;
+} queue_t;
 
 struct rel_reader {
     uv_loop_t *loop;
@@ -158,8 +173,8 @@ struct rel_reader {
     rel_reader_state_cb on_state;
     void *data;
     pool_t primary, replica;
-    int reported_up; /* the last usable() given to on_state */
-    req_t *head, *tail;
+    int reported_up;       /* the last usable() given to on_state */
+    queue_t pages, firsts; /* what waits for a page connection, and for a first-page one */
     rel_bucket_t bucket;
     uv_timer_t budget_timer, lag_timer;
     uv_idle_t gather; /* active while fetches of this loop turn wait to be sent together */
@@ -188,14 +203,6 @@ static int pool_ready(const pool_t *p)
         if (pgc_conn_ready(p->conns[i]))
             return 1;
     return 0;
-}
-
-static int pool_idle(const pool_t *p)
-{
-    for (int i = 0; i < p->n; i++)
-        if (!p->busy[i] && pgc_conn_ready(p->conns[i]))
-            return i;
-    return -1;
 }
 
 static int check_interval_ms(const cfg_t *cfg)
@@ -310,16 +317,41 @@ static void on_lag_timer(uv_timer_t *t)
     judge_replica(r);
 }
 
+/* The queue q waits in: first pages wait apart when connections of their own serve them. */
+static queue_t *queue_of(rel_reader_t *r, const req_t *q)
+{
+    return q->first && r->cfg->first_page_queries > 0 ? &r->firsts : &r->pages;
+}
+
+/* The queue connection `slot` of p serves. */
+static queue_t *queue_for(rel_reader_t *r, const pool_t *p, int slot)
+{
+    return slot < p->pages ? &r->pages : &r->firsts;
+}
+
+static void queue_push(queue_t *qu, req_t *q)
+{
+    q->next = NULL;
+    if (qu->tail)
+        qu->tail->next = q;
+    else
+        qu->head = q;
+    qu->tail = q;
+}
+
 /* Fails the queued requests (none is on the wire) with status. */
 static void fail_queued(rel_reader_t *r, int status)
 {
-    req_t *list = r->head;
-    r->head = r->tail = NULL;
-    while (list) {
-        req_t *q = list;
-        list = q->next;
-        q->cb(status, q->out, 0, NULL, q->data);
-        free(q);
+    queue_t *queues[] = {&r->pages, &r->firsts};
+    for (int k = 0; k < 2; k++) {
+        req_t *list = queues[k]->head;
+        queues[k]->head = queues[k]->tail = NULL;
+        while (list) {
+            req_t *q = list;
+            list = q->next;
+            q->cb(status, q->out, 0, NULL, q->data);
+            free(q);
+        }
     }
 }
 
@@ -479,12 +511,13 @@ static void on_pages(int status, const PGresult *res, void *data)
          * read alone can say: back to the head of the queue, each to be read alone */
         for (int i = b->n - 1; i >= 0; i--) {
             req_t *q = b->reqs[i];
+            queue_t *qu = queue_of(r, q);
             rel__bucket_give(&r->bucket, q->limit);
             q->solo = 1;
-            q->next = r->head;
-            r->head = q;
-            if (!r->tail)
-                r->tail = q;
+            q->next = qu->head;
+            qu->head = q;
+            if (!qu->tail)
+                qu->tail = q;
         }
     } else {
         for (int i = 0; i < b->n; i++) {
@@ -502,16 +535,16 @@ static void on_pages(int status, const PGresult *res, void *data)
         dispatch(r);
 }
 
-/* Sends the reads at the head of the queue that one query serves (up to page_batch; a read
- * whose batch was refused goes alone) on connection `slot` of p. */
-static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
+/* Sends the reads at the head of qu that one query serves (up to page_batch; a read whose
+ * batch was refused goes alone) on connection `slot` of p. */
+static void send_reads(rel_reader_t *r, queue_t *qu, pool_t *p, int replica, int slot)
 {
     /* with a read budget, a batch takes reads only while the bucket still holds rows for
      * them: the first may overdraw, as a lone read does, but one statement must not draw
      * page_batch pages of budget at once */
     int n = 0;
     double left = r->bucket.tokens;
-    for (req_t *q = r->head; q && n < r->cfg->page_batch && !(n > 0 && q->solo); q = q->next) {
+    for (req_t *q = qu->head; q && n < r->cfg->page_batch && !(n > 0 && q->solo); q = q->next) {
         if (n > 0 && r->bucket.rate > 0 && left <= 0)
             break;
         left -= q->limit;
@@ -519,13 +552,13 @@ static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
         if (q->solo)
             break;
     }
-    req_t *first = r->head;
+    req_t *first = qu->head;
     uint64_t now = uv_hrtime();
     batch_t *b = n > 1 ? fo_xmalloc(sizeof *b + (size_t)n * sizeof b->reqs[0]) : NULL;
     fo_buf_t authors = {0}, afters = {0}, uptos = {0}, limits = {0};
     for (int i = 0; i < n; i++) {
-        req_t *q = r->head;
-        r->head = q->next;
+        req_t *q = qu->head;
+        qu->head = q->next;
         q->next = NULL;
         q->replica = replica;
         q->slot = slot;
@@ -539,8 +572,8 @@ static void send_reads(rel_reader_t *r, pool_t *p, int replica, int slot)
             fo_buf_arr_i64(&limits, q->limit);
         }
     }
-    if (!r->head)
-        r->tail = NULL;
+    if (!qu->head)
+        qu->tail = NULL;
     p->busy[slot] = 1;
     int rc;
     if (b) {
@@ -587,9 +620,32 @@ static void on_gather(uv_idle_t *h)
     dispatch(h->data);
 }
 
+/* Whether a connection of p that serves qu is up. */
+static int kind_ready(rel_reader_t *r, const pool_t *p, const queue_t *qu)
+{
+    for (int i = 0; i < p->n; i++)
+        if (queue_for(r, p, i) == qu && pgc_conn_ready(p->conns[i]))
+            return 1;
+    return 0;
+}
+
+/* What idle connection `slot` of p sends now: its own queue's head, or the other queue's
+ * while no connection of the other kind is up (a lost first-page connection must not leave
+ * small fan-outs waiting while a page connection is idle); NULL: nothing. */
+static queue_t *serves(rel_reader_t *r, const pool_t *p, int slot)
+{
+    if (p->busy[slot] || !pgc_conn_ready(p->conns[slot]))
+        return NULL;
+    queue_t *own = queue_for(r, p, slot);
+    queue_t *other = own == &r->pages ? &r->firsts : &r->pages;
+    if (own->head)
+        return own;
+    return other->head && !kind_ready(r, p, other) ? other : NULL;
+}
+
 static void dispatch(rel_reader_t *r)
 {
-    while (r->head && !r->closing) {
+    while ((r->pages.head || r->firsts.head) && !r->closing) {
         uint64_t wait = rel__bucket_wait_ms(&r->bucket, fo_now_ms());
         if (wait > 0) {
             if (!uv_is_active((uv_handle_t *)&r->budget_timer))
@@ -598,20 +654,32 @@ static void dispatch(rel_reader_t *r)
         }
         int replica = r->replica_usable == 1 && pool_ready(&r->replica);
         pool_t *p = replica ? &r->replica : &r->primary;
-        int slot = pool_idle(p);
+        /* the oldest read first, whichever its queue: under a read budget, the reads the
+         * budget lets through go in the order they were asked for, so a long fan-out whose
+         * next page is always queued does not take every row of it */
+        int slot = -1;
+        for (int i = 0; i < p->n; i++) {
+            const queue_t *qu = serves(r, p, i);
+            if (qu && (slot < 0 || qu->head->queued_ns < serves(r, p, slot)->head->queued_ns))
+                slot = i;
+        }
         if (slot < 0)
-            return; /* all busy: the next page to arrive dispatches again */
-        send_reads(r, p, replica, slot);
+            return; /* busy, or down: the next page to arrive (or connection up) dispatches */
+        send_reads(r, serves(r, p, slot), p, replica, slot);
     }
 }
 
-static void pool_open(rel_reader_t *r, pool_t *p, const char *dsn, const char *name)
+/* name names the page connections, first_name the first-page ones (application_name). */
+static void pool_open(rel_reader_t *r, pool_t *p, const char *dsn, const char *name,
+                      const char *first_name)
 {
-    p->n = r->cfg->max_page_queries;
+    p->pages = r->cfg->max_page_queries;
+    p->n = p->pages + r->cfg->first_page_queries;
     p->conns = fo_xcalloc((size_t)p->n, sizeof *p->conns);
     p->busy = fo_xcalloc((size_t)p->n, sizeof *p->busy);
     for (int i = 0; i < p->n; i++) {
-        p->conns[i] = pgc_conn_new(r->loop, r->cfg, dsn, name, on_conn_state, NULL, r);
+        p->conns[i] = pgc_conn_new(r->loop, r->cfg, dsn, i < p->pages ? name : first_name,
+                                   on_conn_state, NULL, r);
         pgc_conn_setup_limits(p->conns[i], r->cfg);
         pgc_conn_setup(p->conns[i], "SET default_transaction_read_only = on");
         pgc_conn_prepare_view(p->conns[i], PAGE_STMT, REL_PAGE_SQL_FMT, 4, r->cfg);
@@ -634,9 +702,9 @@ rel_reader_t *rel_reader_new(uv_loop_t *loop, const cfg_t *cfg, rel_reader_state
     uv_timer_init(loop, &r->lag_timer);
     uv_idle_init(loop, &r->gather);
     r->budget_timer.data = r->lag_timer.data = r->gather.data = r;
-    pool_open(r, &r->primary, cfg->pg_dsn, "fanoutd-pages");
+    pool_open(r, &r->primary, cfg->pg_dsn, "fanoutd-pages", "fanoutd-first-pages");
     if (cfg->replica_dsn[0])
-        pool_open(r, &r->replica, cfg->replica_dsn, "fanoutd-replica");
+        pool_open(r, &r->replica, cfg->replica_dsn, "fanoutd-replica", "fanoutd-replica-first");
     return r;
 }
 
@@ -655,7 +723,7 @@ void rel_reader_start(rel_reader_t *r)
 }
 
 int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upto, int limit,
-                     int64_t *out, rel_page_cb cb, void *data)
+                     int first, int64_t *out, rel_page_cb cb, void *data)
 {
     if (r->closing || !usable(r))
         return FO_EPG;
@@ -665,15 +733,12 @@ int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upt
                  .after = after,
                  .upto = upto,
                  .limit = limit,
+                 .first = first,
                  .out = out,
                  .cb = cb,
                  .data = data,
                  .queued_ns = uv_hrtime()};
-    if (r->tail)
-        r->tail->next = q;
-    else
-        r->head = q;
-    r->tail = q;
+    queue_push(queue_of(r, q), q);
     uv_idle_start(&r->gather, on_gather); /* no-op while already started */
     return 0;
 }

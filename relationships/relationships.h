@@ -30,11 +30,12 @@ typedef void (*rel_page_cb)(int status, const int64_t *ids, size_t n, const char
 
 /*
  * rel_reader_t owns the connections follower pages are read on: cfg->max_page_queries
- * read-only connections to the primary (application_name fanoutd-pages) and, with
- * cfg->replica_dsn, as many to a hot standby (fanoutd-replica), used while its lag stays
- * within cfg->replica_max_lag_ms. Page reads queue in FIFO order, run at most one per
- * connection, and are paced by a token bucket of cfg->read_budget_rows_s rows per second
- * shared by all jobs (0: unlimited).
+ * read-only connections to the primary (application_name fanoutd-pages) and
+ * cfg->first_page_queries more for jobs' first pages (fanoutd-first-pages), and, with
+ * cfg->replica_dsn, as many to a hot standby (fanoutd-replica, fanoutd-replica-first), used
+ * while its lag stays within cfg->replica_max_lag_ms. Page reads queue in FIFO order, first
+ * pages apart, run at most one per connection, and are paced by a token bucket of
+ * cfg->read_budget_rows_s rows per second shared by all jobs (0: unlimited).
  */
 typedef struct rel_reader rel_reader_t;
 
@@ -57,13 +58,14 @@ void rel_reader_start(rel_reader_t *r);
 
 /*
  * Reads up to `limit` follower ids of `author` in (after, upto], ascending, into out[] (room
- * for limit ids), on whichever connection the reader picks, once the budget allows.
+ * for limit ids), on whichever connection the reader picks, once the budget allows. first:
+ * the first page of a job's range (read on a first-page connection, if there is one).
  * Returns 0 (cb runs later, never before the call returns) or FO_EPG when no
  * connection is up (cb never runs). cb gets FO_EPG if the connection is lost meanwhile and
  * FO_ESTOP if the reader closes first.
  */
 int rel_reader_fetch(rel_reader_t *r, int64_t author, int64_t after, int64_t upto, int limit,
-                     int64_t *out, rel_page_cb cb, void *data);
+                     int first, int64_t *out, rel_page_cb cb, void *data);
 
 void rel_reader_stats(const rel_reader_t *r, rel_reader_stats_t *out);
 

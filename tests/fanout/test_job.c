@@ -24,6 +24,7 @@ typedef struct call {
     call_kind_t kind;
     int64_t after, upto, expect, start;
     int limit, last;
+    int first;         /* C_FETCH: flagged as the first page of the job's range */
     int mark_required; /* C_FENCE: what the job asked for */
     size_t n;
     int64_t ids[16];
@@ -44,16 +45,18 @@ typedef struct fake {
     /* the simulated follower list and Redis mark */
     int64_t followers[64];
     int nfollowers;
+    int64_t range_lo; /* of the job started last: a fetch from there is its first page */
 } fake_t;
 
 static fake_t F;
 static cfg_t cfg;
 
-static int fake_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit,
+static int fake_fetch(void *ctx, int64_t author, int64_t after, int64_t upto, int limit, int first,
                       int64_t *out, rel_page_cb cb, void *data)
 {
     call_t *c = &F.calls[F.ncalls++];
     *c = (call_t){.kind = C_FETCH,
+                  .first = first,
                   .after = after,
                   .upto = upto,
                   .limit = limit,
@@ -204,6 +207,7 @@ static void answer_fetch(void)
     call_t *c = next_call(C_FETCH);
     assert_non_null(c);
     c->answered = 1;
+    assert_int_equal(c->first, c->after == F.range_lo);
     size_t n = 0;
     for (int i = 0; i < F.nfollowers && n < (size_t)c->limit; i++)
         if (F.followers[i] > c->after && F.followers[i] <= c->upto)
@@ -275,6 +279,7 @@ static fod_job_t *start_claimed(int64_t range_lo, int64_t pg_progress, int64_t p
                          .kind = "post",
                          .payload = "{}",
                          .created_at = "2026-11-27T00:00:00.000000Z"};
+    F.range_lo = range_lo;
     fod_job_t *j = fod_job_new(&io, &cfg, &claim);
     fod_job_start(j, 0);
     drop_early_read();
@@ -614,6 +619,7 @@ static void test_range_bounds_are_passed_to_reads(void **state)
                          .kind = "k",
                          .payload = "{}",
                          .created_at = "t"};
+    F.range_lo = 20;
     fod_job_t *j = fod_job_new(&io, &cfg, &claim);
     fod_job_start(j, 0);
     call_t *fe = next_call(C_FENCE);

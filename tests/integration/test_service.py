@@ -270,8 +270,8 @@ def metrics_move_during_a_fanout_and_end_at_the_delivered_count(s):
             assert time.monotonic() < deadline, "stream lengths sum to %s" % total
             time.sleep(0.2)
         assert len([k for k in m if k.startswith("fanout_stream_length{")]) == 16
-        # libpq notices reach the same log, as logfmt lines
-        assert re.search(r'level=info msg="postgresql notice" conn=fanoutd-pages '
+        # libpq notices reach the same log, as logfmt lines (the first page's connection)
+        assert re.search(r'level=info msg="postgresql notice" conn=fanoutd-first-pages '
                          r'notice="NOTICE:  gate: first follower read', d.log()), d.log_tail()
         # other paths and methods
         assert http_get(port, "/nope")[0] == 404

@@ -408,5 +408,81 @@ def a_flood_into_an_empty_table_does_not_scan_it(s):
           % (len(events), read - read0))
     assert read - read0 <= 30 * len(events), read - read0
 
+
+# A contract view that stops author 5's fan-out past follower 500 while the test holds
+# advisory lock 4243: the long fan-out's page query then waits on its connection for as long
+# as the test wants, and no other author's read is held.
+HELD_SQL = """
+CREATE SCHEMA IF NOT EXISTS held;
+CREATE OR REPLACE FUNCTION held.pass(a bigint, f bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF a = 5 AND f > 500 THEN PERFORM pg_advisory_xact_lock_shared(4243); END IF;
+    RETURN true;
+END $$;
+CREATE OR REPLACE VIEW held.recipients AS
+    SELECT author, follower FROM relationships.notification_recipients
+    WHERE held.pass(author, follower);
+GRANT USAGE ON SCHEMA held TO fanout_worker;
+GRANT SELECT ON held.recipients TO fanout_worker;
+"""
+
+
+def page_queries_held(s):
+    """fanoutd's queries waiting on the lock: the long fan-out's page (the harness's DSN
+    names every connection, so they are told apart by what they wait on)."""
+    return s.sql_value("SELECT count(*) FROM pg_stat_activity WHERE usename = 'fanoutd'"
+                       " AND wait_event_type = 'Lock' AND wait_event = 'advisory'")
+
+
+@suite.test
+def small_fanouts_do_not_wait_behind_a_long_ones_page(s):
+    """A long fan-out's page query that does not answer (here: held on a lock) holds only
+    its page connection: small events' first pages go on the first-page connection and are
+    delivered meanwhile. With first_page_queries=0 (one connection for every page) they wait
+    behind it, which shows what this test tells apart."""
+    s.sql(HELD_SQL)
+    s.seed_followers(5, 3000)
+    authors = list(range(14, 26))
+    seed(s, authors)
+    hold = s.connect(autocommit=False)
+    try:
+        for lane in (0, 1):
+            with hold.cursor() as cur:
+                cur.execute("SELECT pg_advisory_lock(4243)")
+            d = s.start_daemon(FANOUT_PAGE_SIZE=100, FANOUT_SPLIT_MIN_SPAN=0,
+                               FANOUT_FIRST_PAGE_QUERIES=lane, FANOUT_STATEMENT_TIMEOUT_MS=0,
+                               FANOUT_CONTRACT_SCHEMA="held", FANOUT_CONTRACT_VIEW="recipients",
+                               **FAST)
+            d.wait_log("contract ok", timeout=30)
+            big = s.publish(5)
+            deadline = time.monotonic() + 30
+            while page_queries_held(s) != 1:
+                assert time.monotonic() < deadline, d.log_tail()
+                time.sleep(0.02)
+            events = publish_all(s, authors)
+            if lane:
+                wait_done(s, events, timeout=60)
+                # the long fan-out is still held where it was
+                assert page_queries_held(s) == 1
+                assert s.job_states(big) == {"running": 1}
+            else:
+                # they queue behind the held page (they cannot be done while it waits)
+                time.sleep(1.0)
+                assert s.sql_value("SELECT count(*) FROM fanout.jobs WHERE event_id = ANY(%s)"
+                                   " AND state = 'done'", (list(events),)) == 0
+            with hold.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(4243)")
+            hold.commit()
+            wait_done(s, events, timeout=60)
+            s.wait_event_done(big, timeout=60)
+            assert d.stop() == 0
+            by = entries_by_event(s)
+            assert_each_exactly_once(s, events, by)
+            got = collections.Counter(by[big])
+            assert sorted(got) == list(range(1, 3001)) and max(got.values()) == 1
+    finally:
+        hold.close()
+
+
 if __name__ == "__main__":
     suite.main()
