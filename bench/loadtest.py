@@ -2041,14 +2041,12 @@ def main(argv):
     t_sweep = {}
     for n, mode in plan:
         if n == 10000000 and args.sweep:
-            r1 = next(r for r in results if r["n"] == 1000000 and r["mode"] == ("single",))
             est = 10 * (t_sweep[(1000000, ("single",))]) * 1.2
             if est > args.max_minutes * 60:
                 log("\n== 10,000,000 followers skipped: the 1M size took %.0f s, so 10M would"
                     " take about %.0f min (> --max-minutes %.0f)" % (
                         t_sweep[(1000000, ("single",))], est / 60, args.max_minutes))
                 continue
-            del r1
         t0 = time.monotonic()
         if external:
             s = harness.External()
