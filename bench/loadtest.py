@@ -914,8 +914,8 @@ def bench_cluster(args, n, primaries, runs):
                         cluster=True, cluster_primaries=primaries, cluster_replicas=0)
     with s:
         b = Bench(s, args)
-        log("\n== %s followers on a Redis Cluster of %d primaries: seeding" % (fmt_int(n),
-                                                                            primaries))
+        log("\n== %s followers on a Redis Cluster of %s: seeding"
+            % (fmt_int(n), primaries_text(primaries)))
         seed_s = b.seed(n, 1, int(n * args.noise))
         cl = s.cluster
         shards = b.shards
@@ -1052,7 +1052,7 @@ def cluster_table(single_res, clusters):
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for layout, single in single_res.get("layouts", {}).items():
         setups = [("single node", single_res["ceiling_s"], single)]
-        setups += [("cluster, %d primaries" % c["primaries"], c["ceiling_s"],
+        setups += [("cluster, %s" % primaries_text(c["primaries"]), c["ceiling_s"],
                     c["layouts"][layout]) for c in clusters if layout in c["layouts"]]
         for name, ceiling, lay in setups:
             bound = lay["bound"]
@@ -1071,6 +1071,10 @@ def cluster_table(single_res, clusters):
 # ------------------------------------------------------------------------------------------
 # reporting
 # ------------------------------------------------------------------------------------------
+
+def primaries_text(k):
+    return "1 primary" if k == 1 else "%d primaries" % k
+
 
 def fmt_int(n):
     return "{:,}".format(n)
@@ -1267,10 +1271,10 @@ def write_results(name, results, m, v, args, chart, clusters=(), cluster_png=Non
             f.write("- single node: CPU runs (fanoutd + PostgreSQL + redis-server = total) %s\n"
                     % cpu_raw(results[0]["layouts"]))
             for c in clusters:
-                f.write("- %d primaries: seed %.1f s; ceiling runs %s s; end-to-end runs %s;"
+                f.write("- %s: seed %.1f s; ceiling runs %s s; end-to-end runs %s;"
                         " CPU runs (fanoutd + PostgreSQL + each primary = total) %s\n"
-                        % (c["primaries"], c["seed_s"], ", ".join("%.3f" % x for x in
-                                                                  c["ceilings"]),
+                        % (primaries_text(c["primaries"]), c["seed_s"],
+                           ", ".join("%.3f" % x for x in c["ceilings"]),
                            "; ".join("%s %s s" % (k, ", ".join("%.3f" % x for x in v["e2es"]))
                                      for k, v in c["layouts"].items()),
                            cpu_raw(c["layouts"])))
