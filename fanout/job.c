@@ -287,17 +287,36 @@ static void resume_from(fod_job_t *j, const ntf_progress_t *p)
 
 /* --- writes --- */
 
-static void on_write(int status, const ntf_progress_t *p, void *data)
+/* A page or whole write answered: its time and, unless the answer is one the job handles
+ * (moved, fenced, stopping, a refused key), a Redis error in the metrics. Returns the
+ * seconds since it was sent (call is freed by call_done after). */
+static double write_answered(fod_job_t *j, const job_call_t *call, int status)
 {
-    job_call_t *call = data;
-    fod_job_t *j = call->job;
-    double ms = seconds_since(call->sent_ns) * 1000.0; /* call is freed by call_done */
+    double s = seconds_since(call->sent_ns);
     if (j->io.metrics) {
-        met_hist_observe(&j->io.metrics->redis_write, ms / 1000.0);
+        met_hist_observe(&j->io.metrics->redis_write, s);
         if (status != 0 && status != NTF_EMOVED && status != FO_EFENCED && status != FO_ESTOP &&
             status != NTF_EKEY)
             j->io.metrics->errors[MET_REDIS]++;
     }
+    return s;
+}
+
+/* A write applied: Redis holds the job's entries up to p->cursor. */
+static void write_applied(fod_job_t *j, const ntf_progress_t *p)
+{
+    j->acked_cursor = p->cursor;
+    j->delivered = p->delivered;
+    note_delivered(j, p->delivered);
+    j->failures = 0;
+    stop_waiting(j);
+}
+
+static void on_write(int status, const ntf_progress_t *p, void *data)
+{
+    job_call_t *call = data;
+    fod_job_t *j = call->job;
+    double ms = write_answered(j, call, status) * 1000.0;
     int current = call_done(data, &j);
     if (current && j->state != FOD_JOB_WAITING) {
         j->inflight--;
@@ -307,11 +326,7 @@ static void on_write(int status, const ntf_progress_t *p, void *data)
                    "job=%" PRId64 " cursor=%" PRId64 " delivered=%" PRId64
                    " done=%d inflight=%d ms=%.1f",
                    j->job_id, p->cursor, p->delivered, p->done, j->inflight, ms);
-            j->acked_cursor = p->cursor;
-            j->delivered = p->delivered;
-            note_delivered(j, p->delivered);
-            j->failures = 0;
-            stop_waiting(j);
+            write_applied(j, p);
             if (p->done)
                 j->state = FOD_JOB_DONE;
             break;
@@ -600,12 +615,7 @@ static void on_whole(int status, const ntf_progress_t *p, void *data)
 {
     job_call_t *call = data;
     fod_job_t *j = call->job;
-    double s = seconds_since(call->sent_ns); /* call is freed by call_done */
-    if (j->io.metrics) {
-        met_hist_observe(&j->io.metrics->redis_write, s);
-        if (status != 0 && status != FO_EFENCED && status != FO_ESTOP && status != NTF_EKEY)
-            j->io.metrics->errors[MET_REDIS]++;
-    }
+    (void)write_answered(j, call, status);
     int current = call_done(data, &j);
     if (current && j->state == FOD_JOB_FENCING && j->whole == WHOLE_WRITING) {
         j->whole = WHOLE_NONE;
@@ -614,11 +624,7 @@ static void on_whole(int status, const ntf_progress_t *p, void *data)
             /* what an earlier attempt wrote is not this process's work (note_delivered) */
             j->have_base = 1;
             j->counted = p->prior;
-            note_delivered(j, p->delivered);
-            j->acked_cursor = p->cursor;
-            j->delivered = p->delivered;
-            j->failures = 0;
-            stop_waiting(j);
+            write_applied(j, p);
             j->state = FOD_JOB_DONE;
             break;
         default:
