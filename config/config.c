@@ -65,7 +65,7 @@ static const cfg_row_t rows[] = {
      "pages have their own (first_page_queries)"},
     {"first_page_queries", INT(first_page_queries), 0, 64, "1", 0,
      "follower queries at once for jobs' first pages, on connections of their own (per server), "
-     "so that small fan-outs never wait behind a long one's pages; 0: they share the page "
+     "so that small fan-outs do not wait behind a long one's pages; 0: they share the page "
      "connections"},
     {"replica_dsn", STR(replica_dsn), 0, 0, "", 2,
      "hot standby for follower pages (libpq conninfo); empty: read from the primary"},

@@ -547,11 +547,20 @@ static void on_page(int status, const int64_t *ids, size_t n, const char *err, v
     maybe_finish(j);
 }
 
+/* The next read is the first page of an event's whole audience, which for most events is all
+ * of it: the reader sends it on a first-page connection (rel_reader_fetch). A part of a split
+ * event starts inside a long list, so its first page is a full one, read as the long
+ * fan-out's pages are. */
+static int first_page(const fod_job_t *j)
+{
+    return !fod_job_parted(j) && j->read_cursor == j->range_lo;
+}
+
 static void start_read(fod_job_t *j)
 {
     job_call_t *c = call_new(j);
     int rc = j->io.fetch(j->io.ctx, j->author, j->read_cursor, j->range_hi, j->page_size,
-                         j->read_cursor == j->range_lo, j->page, on_page, c);
+                         first_page(j), j->page, on_page, c);
     if (rc < 0) {
         free(c);
         go_wait(j, "postgresql not ready");
@@ -781,8 +790,8 @@ static void read_early(fod_job_t *j)
 {
     job_call_t *c = call_new(j);
     c->early = 1;
-    if (j->io.fetch(j->io.ctx, j->author, j->range_lo, j->range_hi, j->page_size, 1, j->page,
-                    on_page, c) < 0) {
+    if (j->io.fetch(j->io.ctx, j->author, j->range_lo, j->range_hi, j->page_size, first_page(j),
+                    j->page, on_page, c) < 0) {
         free(c); /* read after the fence, as any page */
         return;
     }

@@ -629,18 +629,20 @@ static int kind_ready(rel_reader_t *r, const pool_t *p, const queue_t *qu)
     return 0;
 }
 
-/* What idle connection `slot` of p sends now: its own queue's head, or the other queue's
- * while no connection of the other kind is up (a lost first-page connection must not leave
- * small fan-outs waiting while a page connection is idle); NULL: nothing. */
+/* What idle connection `slot` of p sends now: its own queue's head or, while no connection
+ * of the other kind is up, whichever of the two heads is older (a first-page connection that
+ * cannot connect, a role's CONNECTION LIMIT say, must not leave small fan-outs waiting for as
+ * long as a long one keeps its next page queued); NULL: nothing. */
 static queue_t *serves(rel_reader_t *r, const pool_t *p, int slot)
 {
     if (p->busy[slot] || !pgc_conn_ready(p->conns[slot]))
         return NULL;
     queue_t *own = queue_for(r, p, slot);
     queue_t *other = own == &r->pages ? &r->firsts : &r->pages;
-    if (own->head)
-        return own;
-    return other->head && !kind_ready(r, p, other) ? other : NULL;
+    if (other->head && !kind_ready(r, p, other) &&
+        (!own->head || other->head->queued_ns < own->head->queued_ns))
+        return other;
+    return own->head ? own : NULL;
 }
 
 static void dispatch(rel_reader_t *r)

@@ -484,5 +484,54 @@ def small_fanouts_do_not_wait_behind_a_long_ones_page(s):
         hold.close()
 
 
+
+@suite.test
+def a_first_page_connection_that_cannot_connect_leaves_no_read_waiting(s):
+    """The first-page connection is lost and cannot come back (the role's CONNECTION LIMIT
+    is reached): the page connection takes the small events' first pages too, in the order
+    they were asked for, while a long fan-out keeps its next page always queued under a read
+    budget. They are delivered long before the long fan-out could end (3,000 followers at
+    100 rows/s: 30 s), which is what tells this apart from their waiting behind it."""
+    s.seed_followers(5, 3000)
+    authors = list(range(14, 26))
+    seed(s, authors)
+    # a DSN without application_name, so that the sessions carry fanoutd's own names
+    dsn = "host=127.0.0.1 port=%d dbname=fanout user=fanoutd" % s.pg_port
+    d = s.start_daemon(FANOUT_PG_DSN=dsn, FANOUT_READ_BUDGET_ROWS_S=100, FANOUT_PAGE_SIZE=10,
+                       FANOUT_SPLIT_MIN_SPAN=0, **FAST)
+    d.wait_log("contract ok", timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while s.sql_value("SELECT count(*) FROM pg_stat_activity WHERE usename = 'fanoutd'"
+                          " AND application_name = 'fanoutd-first-pages'") != 1:
+            assert time.monotonic() < deadline, d.log_tail()
+            time.sleep(0.05)
+        # the two others stay; the first-page one goes and is refused from now on
+        s.sql("ALTER ROLE fanoutd CONNECTION LIMIT 2")
+        s.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'fanoutd'"
+              " AND application_name = 'fanoutd-first-pages'")
+        d.wait_log(r"conn=fanoutd-first-pages .*too many connections", timeout=30)
+        big = s.publish(5)
+        deadline = time.monotonic() + 30
+        while s.sql_value("SELECT coalesce(sum(delivered), 0) FROM fanout.jobs"
+                          " WHERE event_id = %s", (big,)) == 0 and not s.recipients_of(big):
+            assert time.monotonic() < deadline, d.log_tail()
+            time.sleep(0.05)
+        events = publish_all(s, authors)
+        wait_done(s, events, timeout=60)
+        assert s.job_states(big) == {"running": 1}, s.job_states(big)
+    finally:
+        s.sql("ALTER ROLE fanoutd CONNECTION LIMIT -1")
+    assert d.stop() == 0
+    # the rest of the long fan-out without the budget
+    d2 = s.start_daemon(FANOUT_SPLIT_MIN_SPAN=0, **FAST)
+    s.wait_event_done(big, timeout=60)
+    assert d2.stop() == 0
+    by = entries_by_event(s)
+    assert_each_exactly_once(s, events, by)
+    got = collections.Counter(by[big])
+    assert sorted(got) == list(range(1, 3001)) and max(got.values()) == 1
+
+
 if __name__ == "__main__":
     suite.main()
