@@ -427,6 +427,14 @@ GRANT SELECT ON held.recipients TO fanout_worker;
 """
 
 
+def assert_long_and_small_exact(s, big, n, events):
+    """The long fan-out's followers 1..n and every small event's, each exactly once."""
+    by = entries_by_event(s)
+    assert_each_exactly_once(s, events, by)
+    got = collections.Counter(by[big])
+    assert sorted(got) == list(range(1, n + 1)) and max(got.values()) == 1
+
+
 def page_queries_held(s):
     """fanoutd's queries waiting on the lock: the long fan-out's page (the harness's DSN
     names every connection, so they are told apart by what they wait on)."""
@@ -476,10 +484,7 @@ def small_fanouts_do_not_wait_behind_a_long_ones_page(s):
             wait_done(s, events, timeout=60)
             s.wait_event_done(big, timeout=60)
             assert d.stop() == 0
-            by = entries_by_event(s)
-            assert_each_exactly_once(s, events, by)
-            got = collections.Counter(by[big])
-            assert sorted(got) == list(range(1, 3001)) and max(got.values()) == 1
+            assert_long_and_small_exact(s, big, 3000, events)
     finally:
         hold.close()
 
@@ -527,10 +532,7 @@ def a_first_page_connection_that_cannot_connect_leaves_no_read_waiting(s):
     d2 = s.start_daemon(FANOUT_SPLIT_MIN_SPAN=0, **FAST)
     s.wait_event_done(big, timeout=60)
     assert d2.stop() == 0
-    by = entries_by_event(s)
-    assert_each_exactly_once(s, events, by)
-    got = collections.Counter(by[big])
-    assert sorted(got) == list(range(1, 3001)) and max(got.values()) == 1
+    assert_long_and_small_exact(s, big, 3000, events)
 
 
 if __name__ == "__main__":
