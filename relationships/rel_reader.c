@@ -660,14 +660,17 @@ static void dispatch(rel_reader_t *r)
          * budget lets through go in the order they were asked for, so a long fan-out whose
          * next page is always queued does not take every row of it */
         int slot = -1;
+        queue_t *best = NULL;
         for (int i = 0; i < p->n; i++) {
-            const queue_t *qu = serves(r, p, i);
-            if (qu && (slot < 0 || qu->head->queued_ns < serves(r, p, slot)->head->queued_ns))
+            queue_t *qu = serves(r, p, i);
+            if (qu && (!best || qu->head->queued_ns < best->head->queued_ns)) {
                 slot = i;
+                best = qu;
+            }
         }
-        if (slot < 0)
+        if (!best)
             return; /* busy, or down: the next page to arrive (or connection up) dispatches */
-        send_reads(r, serves(r, p, slot), p, replica, slot);
+        send_reads(r, best, p, replica, slot);
     }
 }
 
