@@ -586,8 +586,8 @@ class RedisCluster:
         try:
             for _ in range(self.n_primaries * (1 + self.n_replicas)):
                 self._start_node(self._free_unused_port())
-            for p in self.ports:
-                self._wait_ping(p, timeout)
+            for i in range(len(self.ports)):
+                self._wait_ping_or_move(i, timeout)
             if self.n_primaries < 3:
                 self._assemble_small()  # redis-cli --cluster create wants 3 primaries
                 self.wait_stable(timeout)
@@ -644,6 +644,28 @@ class RedisCluster:
 
     def _wait_ping(self, port, timeout):
         wait_redis_up(self.client(port), self.procs.get(port), self.log_path(port), timeout)
+
+    # a port free when picked may be taken before the node binds it (another test's server,
+    # a client's ephemeral port): before the cluster is made, such a node moves to another
+    _MOVES = 5
+
+    def _wait_ping_or_move(self, i, timeout):
+        for attempt in range(self._MOVES + 1):
+            port = self.ports[i]
+            try:
+                return self._wait_ping(port, timeout)
+            except HarnessError:
+                with open(self.log_path(port), errors="replace") as f:
+                    taken = "Address already in use" in f.read()
+                if not taken or attempt == self._MOVES:
+                    raise
+            del self.procs[port]
+            c = self._clients.pop(port, None)
+            if c:
+                c.close()
+            new = self._free_unused_port()
+            self.ports[i] = new
+            self._start_node(new)
 
     def close(self):
         if self._closed:
