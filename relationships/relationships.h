@@ -59,7 +59,8 @@ void rel_reader_start(rel_reader_t *r);
 /*
  * Reads up to `limit` follower ids of `author` in (after, upto], ascending, into out[] (room
  * for limit ids), on whichever connection the reader picks, once the budget allows. first:
- * the first page of a job's range (read on a first-page connection, if there is one).
+ * the first page of an unsplit job, which for most events is all of it (read on a
+ * first-page connection, if there is one).
  * Returns 0 (cb runs later, never before the call returns) or FO_EPG when no
  * connection is up (cb never runs). cb gets FO_EPG if the connection is lost meanwhile and
  * FO_ESTOP if the reader closes first.
