@@ -205,6 +205,25 @@ static int pool_ready(const pool_t *p)
     return 0;
 }
 
+/* The connection of p a side query (the split's bounds, the lag check) goes on: an idle one,
+ * else a first-page one, else any that is up; NULL when none is. A side query is a few index
+ * probes, but queued behind a long fan-out's page it would wait as long as that page does
+ * (a split question then holds its job's first page for a whole page read). */
+static pgc_conn_t *side_conn(const pool_t *p)
+{
+    int best = -1, best_rank = -1;
+    for (int i = 0; i < p->n; i++) {
+        if (!pgc_conn_ready(p->conns[i]))
+            continue;
+        int rank = 2 * !p->busy[i] + (i >= p->pages);
+        if (rank > best_rank) {
+            best = i;
+            best_rank = rank;
+        }
+    }
+    return best < 0 ? NULL : p->conns[best];
+}
+
 static int check_interval_ms(const cfg_t *cfg)
 {
     int ms = cfg->replica_max_lag_ms / 4;
@@ -297,23 +316,14 @@ static void on_replica_lsn(int status, const PGresult *res, void *data)
 static void on_lag_timer(uv_timer_t *t)
 {
     rel_reader_t *r = t->data;
-    if (!r->lag_primary_busy && pool_ready(&r->primary)) {
-        int i = 0;
-        while (!pgc_conn_ready(r->primary.conns[i]))
-            i++;
-        if (pgc_conn_query(r->primary.conns[i], "SELECT pg_current_wal_lsn()::text", 0, NULL,
-                           on_primary_lsn, r) == 0)
-            r->lag_primary_busy = 1;
-    }
-    if (!r->lag_replica_busy && pool_ready(&r->replica)) {
-        int i = 0;
-        while (!pgc_conn_ready(r->replica.conns[i]))
-            i++;
-        if (pgc_conn_query(r->replica.conns[i],
-                           "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text", 0, NULL,
-                           on_replica_lsn, r) == 0)
-            r->lag_replica_busy = 1;
-    }
+    pgc_conn_t *c = r->lag_primary_busy ? NULL : side_conn(&r->primary);
+    if (c &&
+        pgc_conn_query(c, "SELECT pg_current_wal_lsn()::text", 0, NULL, on_primary_lsn, r) == 0)
+        r->lag_primary_busy = 1;
+    c = r->lag_replica_busy ? NULL : side_conn(&r->replica);
+    if (c && pgc_conn_query(c, "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text", 0,
+                            NULL, on_replica_lsn, r) == 0)
+        r->lag_replica_busy = 1;
     judge_replica(r);
 }
 
@@ -808,9 +818,6 @@ int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
                           const char *const *params, pgc_result_cb cb, void *data)
 {
     /* the primary: the freshest answer, and no budget (a query of a few index probes) */
-    for (int i = 0; i < r->primary.n; i++)
-        if (pgc_conn_ready(r->primary.conns[i]))
-            return pgc_conn_query_view(r->primary.conns[i], sql_fmt, r->cfg, nparams, params, cb,
-                                       data);
-    return FO_EPG;
+    pgc_conn_t *c = side_conn(&r->primary);
+    return c ? pgc_conn_query_view(c, sql_fmt, r->cfg, nparams, params, cb, data) : FO_EPG;
 }

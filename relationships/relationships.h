@@ -77,10 +77,11 @@ typedef void (*rel_timing_cb)(double wait_s, double query_s, void *data);
 void rel_reader_set_timing(rel_reader_t *r, rel_timing_cb cb, void *data);
 
 /*
- * Runs one other read of the contract view (pgc_conn_query_view) on a read-only page
- * connection to the primary, queued behind its page query if one is running. For small
+ * Runs one other read of the contract view (pgc_conn_query_view) on a read-only connection
+ * to the primary: an idle one, else a first-page one, queued behind the read it runs (so it
+ * does not wait behind a long fan-out's page while another connection is free). For small
  * reads only (they bypass the read budget). Returns 0 (cb runs later) or FO_EPG when no
- * primary page connection is up (cb never runs).
+ * primary connection of the reader is up (cb never runs).
  */
 int rel_reader_query_view(rel_reader_t *r, const char *sql_fmt, int nparams,
                           const char *const *params, pgc_result_cb cb, void *data);

@@ -442,6 +442,21 @@ def page_queries_held(s):
                        " AND wait_event_type = 'Lock' AND wait_event = 'advisory'")
 
 
+def start_held(s, **env):
+    """fanoutd on the held view (the test holds lock 4243), and author 5's fan-out published
+    and held at its page past follower 500; returns (daemon, that event)."""
+    d = s.start_daemon(FANOUT_PAGE_SIZE=100, FANOUT_STATEMENT_TIMEOUT_MS=0,
+                       FANOUT_CONTRACT_SCHEMA="held", FANOUT_CONTRACT_VIEW="recipients",
+                       **FAST, **env)
+    d.wait_log("contract ok", timeout=30)
+    ev = s.publish(5)
+    deadline = time.monotonic() + 30
+    while page_queries_held(s) != 1:
+        assert time.monotonic() < deadline, d.log_tail()
+        time.sleep(0.02)
+    return d, ev
+
+
 @suite.test
 def small_fanouts_do_not_wait_behind_a_long_ones_page(s):
     """A long fan-out's page query that does not answer (here: held on a lock) holds only
@@ -457,16 +472,7 @@ def small_fanouts_do_not_wait_behind_a_long_ones_page(s):
         for lane in (0, 1):
             with hold.cursor() as cur:
                 cur.execute("SELECT pg_advisory_lock(4243)")
-            d = s.start_daemon(FANOUT_PAGE_SIZE=100, FANOUT_SPLIT_MIN_SPAN=0,
-                               FANOUT_FIRST_PAGE_QUERIES=lane, FANOUT_STATEMENT_TIMEOUT_MS=0,
-                               FANOUT_CONTRACT_SCHEMA="held", FANOUT_CONTRACT_VIEW="recipients",
-                               **FAST)
-            d.wait_log("contract ok", timeout=30)
-            big = s.publish(5)
-            deadline = time.monotonic() + 30
-            while page_queries_held(s) != 1:
-                assert time.monotonic() < deadline, d.log_tail()
-                time.sleep(0.02)
+            d, big = start_held(s, FANOUT_SPLIT_MIN_SPAN=0, FANOUT_FIRST_PAGE_QUERIES=lane)
             events = publish_all(s, authors)
             if lane:
                 wait_done(s, events, timeout=60)
@@ -488,6 +494,42 @@ def small_fanouts_do_not_wait_behind_a_long_ones_page(s):
     finally:
         hold.close()
 
+
+
+@suite.test
+def a_split_question_does_not_wait_behind_a_long_ones_page(s):
+    """The split's bounds query is a few index probes: it goes on a free connection, not
+    behind a long fan-out's page that does not answer (held on a lock here, on page
+    connection 0). So a big fan-out published meanwhile is split and delivered, all while the
+    long one's page is still held. Before, it went on the first connection up, connection 0,
+    and its first page waited for the held page."""
+    # author 5's followers 501..999 are held; its highest (1000) is not, so its own bounds
+    # query answers (its span, 999, is below split_min_span: it is not split)
+    s.sql(HELD_SQL.replace("f > 500", "f > 500 AND f < 1000"))
+    s.seed_followers(5, 1000)
+    s.seed_followers(6, 3000)
+    hold = s.connect(autocommit=False)
+    try:
+        with hold.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(4243)")
+        d, long_ev = start_held(s, FANOUT_SPLIT_MIN_SPAN=2000, FANOUT_SPLIT_PARTS=2,
+                                FANOUT_MAX_PAGE_QUERIES=2)
+        big = s.publish(6)
+        s.wait_event_done(big, timeout=60)
+        # split, delivered, and the long fan-out is still held where it was
+        assert s.sql_value("SELECT count(*) FROM fanout.jobs WHERE event_id = %s", (big,)) == 2
+        assert page_queries_held(s) == 1
+        assert s.job_states(long_ev) == {"running": 1}
+        with hold.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(4243)")
+        hold.commit()
+        s.wait_event_done(long_ev, timeout=60)
+        assert d.stop() == 0
+    finally:
+        hold.close()
+    for ev, n in ((long_ev, 1000), (big, 3000)):
+        got = s.recipients_of(ev)
+        assert sorted(got) == list(range(1, n + 1)), (ev, len(got))
 
 
 @suite.test
