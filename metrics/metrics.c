@@ -217,7 +217,9 @@ void met_render(const met_t *m, fo_buf_t *b)
     counter(b, "fanout_config_reload_errors_total", "SIGHUP reloads refused (bad settings).",
             m->reload_errors);
     gauge(b, "fanout_jobs_running", "Jobs this fanoutd runs now.", (double)m->jobs_running);
-    gauge(b, "fanout_pages_in_flight", "Page and fence scripts sent to Redis, not yet answered.",
+    gauge(b, "fanout_pages_in_flight",
+          "Jobs' writes sent to Redis, not yet answered (page and fence scripts, whole-job runs' "
+          "jobs).",
           (double)m->pages_in_flight);
     gauge(b, "fanout_paused_by_backpressure", "1 while fan-out is paused because consumers lag.",
           (double)m->paused_backpressure);

@@ -65,7 +65,7 @@ typedef struct met {
 
     /* gauges, refreshed by their owner */
     int64_t jobs_running;
-    int64_t pages_in_flight;         /* page and fence scripts sent to Redis, not yet answered */
+    int64_t pages_in_flight;         /* jobs' writes sent to Redis, not yet answered */
     int64_t paused_backpressure;     /* 1 while fan-out is paused because consumers lag */
     int64_t jobs_waiting;            /* jobs waiting to retry (Redis refused, a wrong-typed key) */
     char waiting_reason[256];        /* why one of them waits ("" when none) */

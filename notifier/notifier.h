@@ -90,7 +90,8 @@ typedef struct ntf_cluster_stats {
 } ntf_cluster_stats_t;
 void ntf_client_cluster_stats(const ntf_client_t *c, ntf_cluster_stats_t *out);
 
-/* Commands sent and not yet answered. */
+/* Jobs' writes sent and not yet answered: fence and page scripts (and the WAITs behind them),
+ * and each job of a whole-job run. */
 size_t ntf_client_inflight(const ntf_client_t *c);
 
 /*

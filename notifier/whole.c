@@ -121,7 +121,7 @@ static int single_write(ntf_client_t *c, const ntf_whole_t *w, size_t n)
         run->job[t].cb = w[take[t]].cb;
         run->job[t].data = w[take[t]].data;
     }
-    int rc = ntf__command(c, argc, e.argv, e.argvlen, on_run, run);
+    int rc = ntf__command_writes(c, items, argc, e.argv, e.argvlen, on_run, run);
     ntf__enc_free(&e);
     free(take);
     if (rc != 0) {

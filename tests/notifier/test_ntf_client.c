@@ -409,6 +409,19 @@ static long long sync_integer(int port, const char *cmd)
 
 /* ---- scenarios ---- */
 
+/* Three jobs' writes sent (res[0..2]): in flight until they answer, then each answered once,
+ * applied. */
+static void three_answered(tctx_t *t)
+{
+    assert_int_equal(ntf_client_inflight(t->c), 3);
+    assert_true(run_until(t, &t->res[2].calls, 1, 3000));
+    assert_int_equal(ntf_client_inflight(t->c), 0);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(t->res[i].calls, 1);
+        assert_int_equal(t->res[i].status, 0);
+    }
+}
+
 static void test_fence_and_pipelined_pages(void **state)
 {
     (void)state;
@@ -428,14 +441,7 @@ static void test_fence_and_pipelined_pages(void **state)
     assert_int_equal(ntf_write_page(t->c, &job, 0, p1, 5, 0, on_progress, &t->res[0]), 0);
     assert_int_equal(ntf_write_page(t->c, &job, 8, p2, 4, 0, on_progress, &t->res[1]), 0);
     assert_int_equal(ntf_write_page(t->c, &job, 55, p3, 3, 1, on_progress, &t->res[2]), 0);
-    assert_int_equal(ntf_client_inflight(t->c), 3);
-    assert_true(run_until(t, &t->res[2].calls, 1, 3000));
-    assert_int_equal(ntf_client_inflight(t->c), 0);
-
-    for (int i = 0; i < 3; i++) {
-        assert_int_equal(t->res[i].calls, 1);
-        assert_int_equal(t->res[i].status, 0);
-    }
+    three_answered(t);
     assert_true(t->res[0].p.cursor == 8 && t->res[0].p.delivered == 5 && !t->res[0].p.done);
     assert_true(t->res[1].p.cursor == 55 && t->res[1].p.delivered == 9 && !t->res[1].p.done);
     assert_true(t->res[2].p.cursor == 9007199254740993LL);
@@ -451,6 +457,27 @@ static void test_fence_and_pipelined_pages(void **state)
     snprintf(cmdline, sizeof cmdline, "TTL %s", key_of("t1", 3, 1));
     long long ttl = sync_integer(shared_port, cmdline);
     assert_true(ttl > 0 && ttl <= 60);
+    ctx_free(t);
+}
+
+/* A whole-job run counts each of its jobs in flight until it answers, as fence and page
+ * scripts do (the gauge fanout_pages_in_flight). */
+static void test_whole_run_counts_in_flight(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new(shared_port, "tw", NULL);
+    connect_ready(t);
+    assert_true(ntf_whole_supported(&t->cfg));
+    ntf_job_t jobs[3] = {make_job(31, 1), make_job(32, 1), make_job(33, 1)};
+    const int64_t ids[3][2] = {{1, 2}, {3, 4}, {5, 6}};
+    ntf_whole_t w[3];
+    for (int i = 0; i < 3; i++)
+        w[i] = (ntf_whole_t){
+            .job = &jobs[i], .ids = ids[i], .n = 2, .cb = on_progress, .data = &t->res[i]};
+    assert_int_equal(ntf_write_whole(t->c, w, 3), 0);
+    three_answered(t);
+    for (int i = 0; i < 3; i++)
+        assert_true(t->res[i].p.done && t->res[i].p.delivered == 2);
     ctx_free(t);
 }
 
@@ -968,6 +995,7 @@ int main(void)
     fo_log_init(FO_LOG_INFO);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fence_and_pipelined_pages),
+        cmocka_unit_test(test_whole_run_counts_in_flight),
         cmocka_unit_test(test_repeated_page_is_moved),
         cmocka_unit_test(test_lower_token_is_fenced),
         cmocka_unit_test(test_refused_connect),
