@@ -10,7 +10,6 @@ container through nsenter into the namespaces of its PID 1.
 
 import fcntl
 import glob
-import json
 import os
 import re
 import shutil

@@ -18,7 +18,7 @@ import subprocess
 import time
 import uuid
 
-from harness import BUILD_DIR, FANOUTCTL, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get, parse_logfmt
+from harness import BUILD_DIR, FANOUTD, SOURCE_DIR, SUPERUSER, Suite, free_port, http_get, parse_logfmt
 
 suite = Suite("test_service")
 
