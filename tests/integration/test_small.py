@@ -345,11 +345,11 @@ def a_job_whose_lease_ran_out_here_is_not_claimed_again_here(s):
         time.sleep(0.02)
     # the renewal is late: a trigger keeps the lease in the past (the job waits for the read
     # budget, and each change in the jobs waiting renews at once)
-    s.sql("CREATE FUNCTION pg_temp_late() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+    s.sql("CREATE FUNCTION public.test_late_lease() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
           " IF NEW.state = 'running' AND OLD.lease_until < now() THEN"
           " NEW.lease_until := OLD.lease_until; END IF; RETURN NEW; END $$")
     s.sql("CREATE TRIGGER late BEFORE UPDATE ON fanout.jobs FOR EACH ROW"
-          " WHEN (OLD.event_id = %d) EXECUTE FUNCTION pg_temp_late()" % ev)
+          " WHEN (OLD.event_id = %d) EXECUTE FUNCTION public.test_late_lease()" % ev)
     job = s.sql_value("UPDATE fanout.jobs SET lease_until = now() - interval '1 second'"
                       " WHERE event_id = %s AND state = 'running' RETURNING id", (ev,))
     assert job is not None, "the job was not running any more:\n%s" % d.log_tail()
@@ -358,6 +358,7 @@ def a_job_whose_lease_ran_out_here_is_not_claimed_again_here(s):
     assert s.sql_value("SELECT lease_until < now() FROM fanout.jobs WHERE id = %s", (job,)), \
         "the lease was renewed: the claim may not have met it expired"
     s.sql("DROP TRIGGER late ON fanout.jobs")
+    s.sql("DROP FUNCTION public.test_late_lease()")
     wait_done(s, [ev])
     claimed = [x for x in log_lines(d, "job claimed") if x[1] == job]
     assert len(claimed) == 1, "job %d claimed %d times:\n%s" % (job, len(claimed), d.log_tail())
