@@ -82,7 +82,6 @@ typedef struct ntf_req {
     void *data;
     int64_t job_id;   /* for log lines */
     uint64_t sent_ms; /* for the command deadline */
-    size_t writes;    /* REQ_RAW: jobs' writes it carries, counted in inflight until it answers */
     int held_status;  /* REQ_WAIT: the script's outcome, reported once WAIT confirms it */
     ntf_progress_t held;
 } ntf_req_t;
@@ -755,7 +754,6 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     if (r->kind == REQ_RAW) {
         ntf_raw_cb cb = r->raw_cb;
         void *data = r->data;
-        c->inflight -= r->writes;
         free(r);
         int st = reply ? 0 : c->state == ST_CLOSED ? FO_ESTOP : FO_EREDIS;
         if (!reply && st == FO_EREDIS)
@@ -940,26 +938,28 @@ void ntf_client_close(ntf_client_t *c, fo_closed_cb on_closed, void *data)
     }
 }
 
-int ntf__command_writes(ntf_client_t *c, size_t writes, int argc, const char **argv,
-                        const size_t *argvlen, ntf_raw_cb cb, void *data)
+int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
+                 void *data)
 {
     if (c->cw)
         return FO_EREDIS; /* no single connection on a cluster */
     if (c->state != ST_READY)
         return FO_EREDIS;
     int rc = send_req(c, REQ_RAW, NULL, data, 0, argc, argv, argvlen);
-    if (rc == 0) { /* send_req appended it */
-        c->tail->raw_cb = cb;
-        c->tail->writes = writes;
-        c->inflight += writes;
-    }
+    if (rc == 0)
+        c->tail->raw_cb = cb; /* send_req appended it */
     return rc;
 }
 
-int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
-                 void *data)
+void ntf__client_writes_sent(ntf_client_t *c, size_t n)
 {
-    return ntf__command_writes(c, 0, argc, argv, argvlen, cb, data);
+    c->inflight += n;
+}
+
+void ntf__client_writes_answered(ntf_client_t *c, size_t n)
+{
+    assert(c->inflight >= n);
+    c->inflight -= n;
 }
 
 void ntf__client_set_key_refusal(ntf_client_t *c, const char *text)

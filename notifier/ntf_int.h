@@ -156,10 +156,11 @@ int ntf__parse_reply(const redisReply *r, ntf_progress_t *p);
 typedef void (*ntf_raw_cb)(int status, const redisReply *reply, void *data);
 int ntf__command(ntf_client_t *c, int argc, const char **argv, const size_t *argvlen, ntf_raw_cb cb,
                  void *data);
-/* The same for a command that writes for `writes` jobs (a whole-job run): they count in
- * ntf_client_inflight until it answers, as fence and page scripts do. */
-int ntf__command_writes(ntf_client_t *c, size_t writes, int argc, const char **argv,
-                        const size_t *argvlen, ntf_raw_cb cb, void *data);
+/* n jobs' writes sent through ntf__command (a whole-job run): they count in
+ * ntf_client_inflight from sent until their callbacks run (after the WAIT behind the run, if
+ * any), as a cluster's operations and a single Redis's fence and page scripts do. */
+void ntf__client_writes_sent(ntf_client_t *c, size_t n);
+void ntf__client_writes_answered(ntf_client_t *c, size_t n);
 const cfg_t *ntf__client_cfg(const ntf_client_t *c);
 const ntf_keys_t *ntf__client_keys(const ntf_client_t *c);
 

@@ -56,6 +56,7 @@ typedef struct whole_run {
 
 static void run_report(whole_run_t *run)
 {
+    ntf__client_writes_answered(run->c, run->n);
     for (size_t i = 0; i < run->n; i++) {
         int st = run->status ? run->status : run->job[i].st;
         /* a fenced job stays fenced whatever WAIT says: it wrote nothing */
@@ -121,13 +122,14 @@ static int single_write(ntf_client_t *c, const ntf_whole_t *w, size_t n)
         run->job[t].cb = w[take[t]].cb;
         run->job[t].data = w[take[t]].data;
     }
-    int rc = ntf__command_writes(c, items, argc, e.argv, e.argvlen, on_run, run);
+    int rc = ntf__command(c, argc, e.argv, e.argvlen, on_run, run);
     ntf__enc_free(&e);
     free(take);
     if (rc != 0) {
         free(run);
         return FO_EREDIS;
     }
+    ntf__client_writes_sent(c, items);
     if (cfg->redis_min_replicas > 0) {
         char k[16], ms[16];
         snprintf(k, sizeof k, "%d", cfg->redis_min_replicas);

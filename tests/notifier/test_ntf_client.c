@@ -481,6 +481,33 @@ static void test_whole_run_counts_in_flight(void **state)
     ctx_free(t);
 }
 
+/* With redis_min_replicas, a whole-job run's jobs stay in flight until the WAIT behind it
+ * answers (here after its 2 s timeout: no replica), not only until the script does. */
+static void test_whole_run_counts_until_wait_answers(void **state)
+{
+    (void)state;
+    tctx_t *t = ctx_new(shared_port, "tw2", NULL);
+    t->cfg.redis_min_replicas = 1;
+    connect_ready(t);
+    ntf_job_t jobs[3] = {make_job(41, 1), make_job(42, 1), make_job(43, 1)};
+    const int64_t ids[3][1] = {{1}, {2}, {3}};
+    ntf_whole_t w[3];
+    for (int i = 0; i < 3; i++)
+        w[i] = (ntf_whole_t){
+            .job = &jobs[i], .ids = ids[i], .n = 1, .cb = on_progress, .data = &t->res[i]};
+    assert_int_equal(ntf_write_whole(t->c, w, 3), 0);
+    /* the script answers at once; WAIT only after NTF_WAIT_MS */
+    assert_false(run_until(t, &t->res[0].calls, 1, NTF_WAIT_MS / 4));
+    assert_int_equal(ntf_client_inflight(t->c), 3);
+    assert_true(run_until(t, &t->res[2].calls, 1, 3 * NTF_WAIT_MS));
+    assert_int_equal(ntf_client_inflight(t->c), 0);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(t->res[i].calls, 1);
+        assert_int_equal(t->res[i].status, NTF_EREPLICAS);
+    }
+    ctx_free(t);
+}
+
 static void test_repeated_page_is_moved(void **state)
 {
     (void)state;
@@ -996,6 +1023,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fence_and_pipelined_pages),
         cmocka_unit_test(test_whole_run_counts_in_flight),
+        cmocka_unit_test(test_whole_run_counts_until_wait_answers),
         cmocka_unit_test(test_repeated_page_is_moved),
         cmocka_unit_test(test_lower_token_is_fenced),
         cmocka_unit_test(test_refused_connect),
