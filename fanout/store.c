@@ -180,7 +180,8 @@ static const char SQL_CLAIM[] =
  * finds its mark at the start: an earlier holder may have been stopped or killed before it
  * wrote anything, so not only token 1) whose first page came back full may be split into
  * follower-id ranges. Its first page gives the author's lowest follower; the highest is read
- * through the contract view on a read-only page connection (every read of the view is read-only);
+ * through the contract view on a read-only reader connection (rel_reader_query_view: every read
+ * of the view is read-only);
  * then, when they span at least split_min_span ids, one statement on the control connection cuts
  * (lo, hi] into split_parts ranges of equal span: this job keeps the first, the others become
  * pending jobs, and a NOTIFY wakes the other workers. One statement, so a crash splits all or

@@ -206,9 +206,11 @@ static int pool_ready(const pool_t *p)
 }
 
 /* The connection of p a side query (the split's bounds, the lag check) goes on: an idle one,
- * else a first-page one, else any that is up; NULL when none is. A side query is a few index
- * probes, but queued behind a long fan-out's page it would wait as long as that page does
- * (a split question then holds its job's first page for a whole page read). */
+ * first-page ones first, else a first-page one, else any that is up; NULL when none is. A
+ * side query is a few index probes, but queued behind a long fan-out's page it would wait as
+ * long as that page does (a split question then holds its job's first page for a whole page
+ * read). busy[] counts page reads only, so a side query's connection still looks idle: the
+ * next first pages may queue behind it there, which costs them one short query. */
 static pgc_conn_t *side_conn(const pool_t *p)
 {
     int best = -1, best_rank = -1;

@@ -78,8 +78,9 @@ void rel_reader_set_timing(rel_reader_t *r, rel_timing_cb cb, void *data);
 
 /*
  * Runs one other read of the contract view (pgc_conn_query_view) on a read-only connection
- * to the primary: an idle one, else a first-page one, queued behind the read it runs (so it
- * does not wait behind a long fan-out's page while another connection is free). For small
+ * to the primary: an idle one, else a first-page one, else any that is up, queued behind the
+ * read it runs (so it does not wait behind a long fan-out's page while a connection is idle
+ * or serves first pages). For small
  * reads only (they bypass the read budget). Returns 0 (cb runs later) or FO_EPG when no
  * primary connection of the reader is up (cb never runs).
  */
